@@ -1,0 +1,66 @@
+// CPU kernel plumbing shared by the families: OpenMP loops, dtype dispatch, and stream normals in chunks.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "../array.h"
+#include "../common/normal.h"
+
+namespace gk {
+namespace cpu {
+
+// Elements per chunk: the chunk's normals stay in L1 between generation and use.
+constexpr int64_t kChunk = 1024;
+
+template <typename Fn>
+void parallel_for(int64_t n, Fn fn) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+// Calls fn<T>() with T = float or double; the CPU kernels take no half types.
+template <template <typename> class Kernel, typename Args>
+void dispatch_float(DType dtype, const Args& args) {
+  switch (dtype) {
+    case DType::float32: Kernel<float>::run(args); return;
+    case DType::float64: Kernel<double>::run(args); return;
+    default:
+      throw TypeError(std::string("the cpu backend computes in float32 or float64, got ") + dtype_name(dtype));
+  }
+}
+
+// out[0, count) = stream normals of flat elements [start, start + count), count <= kChunk.
+// Whole Philox blocks are generated in a loop the compiler vectorises, then the window is copied out.
+inline void stream_normals_span(uint64_t seed, uint64_t offset, int64_t start, int64_t count, float* out) {
+  alignas(64) float buffer[kChunk + 8];
+  const int64_t first_block = start >> 2;
+  const int64_t blocks = ((start + count + 3) >> 2) - first_block;
+#pragma omp simd
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Normal4 n = stream_normals(seed, offset, static_cast<uint64_t>(first_block + b));
+    buffer[4 * b + 0] = n.z[0];
+    buffer[4 * b + 1] = n.z[1];
+    buffer[4 * b + 2] = n.z[2];
+    buffer[4 * b + 3] = n.z[3];
+  }
+  std::copy(buffer + (start & 3), buffer + (start & 3) + count, out);
+}
+
+// eps for flat elements [start, start + count): read from the given array, or drawn from the stream.
+template <typename T>
+inline void load_eps(const T* eps, uint64_t seed, uint64_t offset, int64_t start, int64_t count, T* out) {
+  if (eps) {
+    std::copy(eps + start, eps + start + count, out);
+    return;
+  }
+  if constexpr (sizeof(T) == sizeof(float)) {
+    stream_normals_span(seed, offset, start, count, out);
+  } else {
+    alignas(64) float normals[kChunk];
+    stream_normals_span(seed, offset, start, count, normals);
+    std::copy(normals, normals + count, out);
+  }
+}
+
+}  // namespace cpu
+}  // namespace gk

@@ -1,0 +1,1 @@
+"""Triton kernels of genkern: the genkern random stream and the reparam family (shared/math.md)."""

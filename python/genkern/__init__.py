@@ -1,0 +1,23 @@
+"""genkern: compiled kernels for the hot computations of generative models.
+
+Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
+"""
+from . import random
+from .backend import backends, get_backend, set_backend
+from .random import randn
+from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backends",
+    "gaussian_kl",
+    "gaussian_log_prob",
+    "get_backend",
+    "iwae_bound",
+    "randn",
+    "random",
+    "reparameterize",
+    "reparameterize_kl",
+    "set_backend",
+]

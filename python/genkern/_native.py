@@ -1,0 +1,77 @@
+"""The bridge to the compiled core: torch tensors (or numpy arrays) become `_C.Array` descriptions.
+
+The core never sees a torch object: it gets (pointer, shape, strides, dtype, device) and, for CUDA,
+the current stream, so it works with any torch version and with numpy.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - only when the extension was not built
+    _C = None
+    IMPORT_ERROR: Exception | None = exc
+else:
+    IMPORT_ERROR = None
+
+_TORCH_DTYPES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.uint32: "uint32",
+    torch.int64: "int64",
+}
+_NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.uint32): "uint32"}
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def with_cuda() -> bool:
+    return _C is not None and bool(_C.with_cuda)
+
+
+def array(x):
+    """Describe a tensor or ndarray for the core (None stays None)."""
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        if x.dtype not in _NUMPY_DTYPES:
+            raise TypeError(f"unsupported numpy dtype {x.dtype}")
+        strides = [s // x.itemsize for s in x.strides]
+        return _C.Array(x.ctypes.data, list(x.shape), strides, getattr(_C.DType, _NUMPY_DTYPES[x.dtype]), _C.Device.cpu, 0)
+    if x.dtype not in _TORCH_DTYPES:
+        raise TypeError(f"unsupported dtype {x.dtype}")
+    device = _C.Device.cuda if x.device.type == "cuda" else _C.Device.cpu
+    return _C.Array(
+        x.data_ptr(), list(x.shape), list(x.stride()), getattr(_C.DType, _TORCH_DTYPES[x.dtype]), device,
+        x.device.index or 0,
+    )
+
+
+def call(name: str, *args):
+    """Run `_C.<name>` on tensors (converted to descriptions) and plain values, on the current stream."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    described = [array(a) if isinstance(a, (torch.Tensor, np.ndarray)) or a is None else a for a in args]
+    fn = getattr(_C, name)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            fn(*described, stream=torch.cuda.current_stream(device).cuda_stream)
+    else:
+        fn(*described)
+
+
+class Family:
+    """A family's native kernels under the names the Triton modules use: `Family("reparam").sample(...)`."""
+
+    def __init__(self, prefix: str):
+        self._prefix = prefix
+
+    def __getattr__(self, name: str):
+        return functools.partial(call, f"{self._prefix}_{name}")

@@ -1,0 +1,122 @@
+"""Backends and dispatch: which implementation runs an op.
+
+`cpu` (C++), `cuda` (CUDA C++), `triton` and `reference` (eager PyTorch, the spec). `backend=None` picks the
+fastest one available for the tensors' device and dtype, unless `set_backend` chose one for the process.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+
+import torch
+
+from . import _native
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+_FLOAT_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+_process_backend: str | None = None
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (how CI tests them without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("genkern.kernels.triton.random")
+    except Exception:  # noqa: BLE001 - any failure means the backend is unusable
+        return False
+    return True
+
+
+def is_available(name: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return _native.available()
+    if name == "cuda":
+        return _native.with_cuda() and torch.cuda.is_available()
+    if name == "triton":
+        return _triton_importable() and (torch.cuda.is_available() or triton_interpreted())
+    return False
+
+
+def backends() -> list[str]:
+    """The backends usable in this process."""
+    return [b for b in BACKENDS if is_available(b)]
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+class set_backend(contextlib.ContextDecorator):
+    """Choose the backend for the whole process: `genkern.set_backend("triton")`, or scoped:
+    `with genkern.set_backend("reference"): ...` (the previous choice comes back on exit). None restores auto."""
+
+    def __init__(self, name: str | None):
+        if name is not None:
+            _check_name(name)
+        global _process_backend
+        self._previous = _process_backend
+        _process_backend = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _process_backend
+        _process_backend = self._previous
+        return False
+
+
+def get_backend() -> str | None:
+    return _process_backend
+
+
+def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether backend `name` can run an op on tensors of this device and dtype."""
+    if dtype not in _FLOAT_DTYPES[name] or not is_available(name):
+        return False
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        if device.type == "cpu":
+            return triton_interpreted() and dtype != torch.bfloat16  # numpy has no bfloat16
+        return device.type == "cuda"
+    return True
+
+
+def auto(device: torch.device, dtype: torch.dtype) -> str:
+    """The fastest backend for this device and dtype."""
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    return next(b for b in order if runs_on(b, device, dtype))
+
+
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend an op runs on: the argument, else the process choice, else automatic. Raises ValueError
+    when the chosen backend is unknown or cannot run on this device and dtype."""
+    name = backend if backend is not None else _process_backend
+    if name is None:
+        return auto(device, dtype)
+    _check_name(name)
+    if not is_available(name):
+        raise ValueError(f"backend {name!r} is not available here (available: {backends()})")
+    if not runs_on(name, device, dtype):
+        raise ValueError(f"backend {name!r} cannot run on {device.type} tensors of dtype {dtype}")
+    return name

@@ -1,0 +1,350 @@
+"""The reparam family as torch ops: registration (`genkern::`), fake implementations, autograd.
+
+Each op takes an explicit backend name, resolved by the public functions in genkern.reparam. Kernel
+backends get contiguous inputs and preallocated outputs; reductions see their input as (outer, dim, inner)
+over the reduced dims [start, end). Random ops carry (seed, offset) as int64 and regenerate their noise in
+backward instead of saving it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import reduce_shape
+from ..reference import reparam as ref
+from ._backends import kernels, to_unsigned
+
+
+def _contig(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.contiguous()
+
+
+def _reduced(shape, start: int, end: int) -> list[int]:
+    return list(shape[:start]) + list(shape[end:])
+
+
+def _zeros_if_none(grads, like):
+    return [torch.zeros_like(x) if g is None and x is not None else g for g, x in zip(grads, like)]
+
+
+def _sample_shape(mu: Tensor, num_samples: int) -> list[int]:
+    return list(mu.shape) if num_samples == 0 else [num_samples, *mu.shape]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reparameterize: z = mu + exp(logvar / 2) * eps
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkern::reparameterize", mutates_args=())
+def reparameterize(
+    mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: int, offset: int, num_samples: int, backend: str
+) -> Tensor:
+    seed, offset = to_unsigned(seed), to_unsigned(offset)
+    if backend == "reference":
+        return ref.reparameterize(mu, logvar, eps, seed, offset, num_samples or None)
+    z = mu.new_empty(_sample_shape(mu, num_samples))
+    kernels("reparam", backend).sample(mu.contiguous(), logvar.contiguous(), _contig(eps), z, seed, offset)
+    return z
+
+
+@reparameterize.register_fake
+def _(mu, logvar, eps, seed, offset, num_samples, backend):
+    return mu.new_empty(_sample_shape(mu, num_samples))
+
+
+@torch.library.custom_op("genkern::reparameterize_backward", mutates_args=())
+def reparameterize_backward(
+    grad_z: Tensor, mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: int, offset: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    seed, offset = to_unsigned(seed), to_unsigned(offset)
+    if backend == "reference":
+        num_samples = grad_z.shape[0] if grad_z.dim() > mu.dim() else None
+        fn = lambda m, lv: ref.reparameterize(m, lv, eps, seed, offset, num_samples)  # noqa: E731
+        return tuple(_zeros_if_none(ref.vjp(fn, (mu, logvar), (grad_z,)), (mu, logvar)))
+    grad_mu, grad_logvar = torch.empty_like(mu, memory_format=torch.contiguous_format), torch.empty_like(
+        logvar, memory_format=torch.contiguous_format
+    )
+    kernels("reparam", backend).sample_backward(
+        grad_z.contiguous(), mu.contiguous(), logvar.contiguous(), _contig(eps), grad_mu, grad_logvar, seed, offset
+    )
+    return grad_mu, grad_logvar
+
+
+@reparameterize_backward.register_fake
+def _(grad_z, mu, logvar, eps, seed, offset, backend):
+    return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+def _reparameterize_setup(ctx, inputs, output):
+    mu, logvar, eps, seed, offset, num_samples, backend = inputs
+    ctx.save_for_backward(mu, logvar, eps)
+    ctx.seed, ctx.offset, ctx.backend = seed, offset, backend
+
+
+def _reparameterize_grad(ctx, grad_z):
+    mu, logvar, eps = ctx.saved_tensors
+    grad_mu, grad_logvar = reparameterize_backward(grad_z, mu, logvar, eps, ctx.seed, ctx.offset, ctx.backend)
+    grad_eps = grad_z * torch.exp(0.5 * logvar) if eps is not None and ctx.needs_input_grad[2] else None
+    return grad_mu, grad_logvar, grad_eps, None, None, None, None
+
+
+reparameterize.register_autograd(_reparameterize_grad, setup_context=_reparameterize_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gaussian_kl: sum over dims [start, end) of KL(N(mu, exp(logvar)) || N(0, 1))
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkern::gaussian_kl", mutates_args=())
+def gaussian_kl(mu: Tensor, logvar: Tensor, start: int, end: int, backend: str) -> Tensor:
+    if backend == "reference":
+        return ref.gaussian_kl(mu, logvar, tuple(range(start, end)))
+    out = mu.new_empty(_reduced(mu.shape, start, end))
+    kernels("reparam", backend).kl(mu.contiguous(), logvar.contiguous(), out, *reduce_shape(mu.shape, start, end))
+    return out
+
+
+@gaussian_kl.register_fake
+def _(mu, logvar, start, end, backend):
+    return mu.new_empty(_reduced(mu.shape, start, end))
+
+
+@torch.library.custom_op("genkern::gaussian_kl_backward", mutates_args=())
+def gaussian_kl_backward(
+    grad_kl: Tensor, mu: Tensor, logvar: Tensor, start: int, end: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    if backend == "reference":
+        fn = lambda m, lv: ref.gaussian_kl(m, lv, tuple(range(start, end)))  # noqa: E731
+        return tuple(_zeros_if_none(ref.vjp(fn, (mu, logvar), (grad_kl,)), (mu, logvar)))
+    grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    grad_logvar = torch.empty_like(grad_mu)
+    kernels("reparam", backend).kl_backward(
+        grad_kl.contiguous(), mu.contiguous(), logvar.contiguous(), grad_mu, grad_logvar,
+        *reduce_shape(mu.shape, start, end),
+    )
+    return grad_mu, grad_logvar
+
+
+@gaussian_kl_backward.register_fake
+def _(grad_kl, mu, logvar, start, end, backend):
+    return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+def _kl_setup(ctx, inputs, output):
+    mu, logvar, start, end, backend = inputs
+    ctx.save_for_backward(mu, logvar)
+    ctx.start, ctx.end, ctx.backend = start, end, backend
+
+
+def _kl_grad(ctx, grad_kl):
+    mu, logvar = ctx.saved_tensors
+    grad_mu, grad_logvar = gaussian_kl_backward(grad_kl, mu, logvar, ctx.start, ctx.end, ctx.backend)
+    return grad_mu, grad_logvar, None, None, None
+
+
+gaussian_kl.register_autograd(_kl_grad, setup_context=_kl_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reparameterize_kl: (z, kl) in one pass
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkern::reparameterize_kl", mutates_args=())
+def reparameterize_kl(
+    mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: int, offset: int, start: int, end: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    seed, offset = to_unsigned(seed), to_unsigned(offset)
+    if backend == "reference":
+        return ref.reparameterize_kl(mu, logvar, eps, seed, offset, tuple(range(start, end)))
+    z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    kl = mu.new_empty(_reduced(mu.shape, start, end))
+    kernels("reparam", backend).sample_kl(
+        mu.contiguous(), logvar.contiguous(), _contig(eps), z, kl, *reduce_shape(mu.shape, start, end), seed, offset
+    )
+    return z, kl
+
+
+@reparameterize_kl.register_fake
+def _(mu, logvar, eps, seed, offset, start, end, backend):
+    return torch.empty_like(mu), mu.new_empty(_reduced(mu.shape, start, end))
+
+
+@torch.library.custom_op("genkern::reparameterize_kl_backward", mutates_args=())
+def reparameterize_kl_backward(
+    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
+    seed: int, offset: int, start: int, end: int, backend: str,
+) -> tuple[Tensor, Tensor]:
+    seed, offset = to_unsigned(seed), to_unsigned(offset)
+    if backend == "reference":
+        fn = lambda m, lv: ref.reparameterize_kl(m, lv, eps, seed, offset, tuple(range(start, end)))  # noqa: E731
+        return tuple(_zeros_if_none(ref.vjp(fn, (mu, logvar), (grad_z, grad_kl)), (mu, logvar)))
+    grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    grad_logvar = torch.empty_like(grad_mu)
+    kernels("reparam", backend).sample_kl_backward(
+        _contig(grad_z), _contig(grad_kl), mu.contiguous(), logvar.contiguous(), _contig(eps), grad_mu, grad_logvar,
+        *reduce_shape(mu.shape, start, end), seed, offset,
+    )
+    return grad_mu, grad_logvar
+
+
+@reparameterize_kl_backward.register_fake
+def _(grad_z, grad_kl, mu, logvar, eps, seed, offset, start, end, backend):
+    return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+def _reparameterize_kl_setup(ctx, inputs, output):
+    mu, logvar, eps, seed, offset, start, end, backend = inputs
+    ctx.save_for_backward(mu, logvar, eps)
+    ctx.args = (seed, offset, start, end, backend)
+
+
+def _reparameterize_kl_grad(ctx, grad_z, grad_kl):
+    mu, logvar, eps = ctx.saved_tensors
+    grad_mu, grad_logvar = reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, *ctx.args)
+    grad_eps = None
+    if eps is not None and ctx.needs_input_grad[2] and grad_z is not None:
+        grad_eps = grad_z * torch.exp(0.5 * logvar)
+    return grad_mu, grad_logvar, grad_eps, None, None, None, None, None
+
+
+reparameterize_kl.register_autograd(_reparameterize_kl_grad, setup_context=_reparameterize_kl_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gaussian_log_prob: sum over dims [start, end) of log N(z; mu, exp(logvar))
+# mu and logvar (each optional) have z's shape or a suffix of it: z = (prefix..., *mu.shape).
+# ---------------------------------------------------------------------------------------------------------
+def _param_outer(z: Tensor, param: Optional[Tensor], start: int, end: int) -> int:
+    """How many rows of the (outer, dim, inner) view the parameters have (they repeat over the rest)."""
+    if param is None:
+        return 1
+    outer, dim, inner = reduce_shape(z.shape, start, end)
+    return param.numel() // max(dim * inner, 1) if dim * inner else outer
+
+
+@torch.library.custom_op("genkern::gaussian_log_prob", mutates_args=())
+def gaussian_log_prob(
+    z: Tensor, mu: Optional[Tensor], logvar: Optional[Tensor], start: int, end: int, backend: str
+) -> Tensor:
+    if backend == "reference":
+        return ref.gaussian_log_prob(z, mu, logvar, tuple(range(start, end)))
+    out = z.new_empty(_reduced(z.shape, start, end))
+    param = mu if mu is not None else logvar
+    kernels("reparam", backend).log_prob(
+        z.contiguous(), _contig(mu), _contig(logvar), out, *reduce_shape(z.shape, start, end),
+        _param_outer(z, param, start, end),
+    )
+    return out
+
+
+@gaussian_log_prob.register_fake
+def _(z, mu, logvar, start, end, backend):
+    return z.new_empty(_reduced(z.shape, start, end))
+
+
+@torch.library.custom_op("genkern::gaussian_log_prob_backward", mutates_args=())
+def gaussian_log_prob_backward(
+    grad_out: Tensor, z: Tensor, mu: Optional[Tensor], logvar: Optional[Tensor], start: int, end: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Per-element gradients at z's shape: (d/dz, d/dlogvar); d/dmu is -d/dz. The second is empty without logvar."""
+    grad_logvar = torch.empty(z.shape if logvar is not None else (0,), dtype=z.dtype, device=z.device)
+    if backend == "reference":
+        params = [p.expand(z.shape) if p is not None else None for p in (mu, logvar)]
+        fn = lambda zz, lv: ref.gaussian_log_prob(zz, params[0], lv, tuple(range(start, end)))  # noqa: E731
+        grad_z, grad_lv = ref.vjp(fn, (z, params[1]), (grad_out,))
+        return grad_z if grad_z is not None else torch.zeros_like(z), grad_lv if grad_lv is not None else grad_logvar
+    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    param = mu if mu is not None else logvar
+    kernels("reparam", backend).log_prob_backward(
+        grad_out.contiguous(), z.contiguous(), _contig(mu), _contig(logvar), grad_z,
+        grad_logvar if logvar is not None else None, *reduce_shape(z.shape, start, end),
+        _param_outer(z, param, start, end),
+    )
+    return grad_z, grad_logvar
+
+
+@gaussian_log_prob_backward.register_fake
+def _(grad_out, z, mu, logvar, start, end, backend):
+    return torch.empty_like(z), z.new_empty(z.shape if logvar is not None else (0,))
+
+
+def _log_prob_setup(ctx, inputs, output):
+    z, mu, logvar, start, end, backend = inputs
+    ctx.save_for_backward(z, mu, logvar)
+    ctx.args = (start, end, backend)
+
+
+def _sum_to(grad: Tensor, param: Tensor) -> Tensor:
+    """Sum a gradient at z's shape over the leading dims the parameter was repeated along."""
+    lead = grad.dim() - param.dim()
+    return grad.sum(dim=tuple(range(lead))) if lead else grad
+
+
+def _log_prob_grad(ctx, grad_out):
+    z, mu, logvar = ctx.saved_tensors
+    grad_z, grad_logvar = gaussian_log_prob_backward(grad_out, z, mu, logvar, *ctx.args)
+    grad_mu = _sum_to(-grad_z, mu) if mu is not None and ctx.needs_input_grad[1] else None
+    grad_lv = _sum_to(grad_logvar, logvar) if logvar is not None and ctx.needs_input_grad[2] else None
+    return grad_z, grad_mu, grad_lv, None, None, None
+
+
+gaussian_log_prob.register_autograd(_log_prob_grad, setup_context=_log_prob_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# iwae_bound: logsumexp_k(log p(x|z_k) + log p(z_k) - log q(z_k|x)) - log K, with the log-weights
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkern::iwae_bound", mutates_args=())
+def iwae_bound(log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "reference":
+        log_w = ref.iwae_log_weights(log_px_z, z, mu, logvar)
+        return ref.iwae_bound(log_px_z, z, mu, logvar), log_w.to(z.dtype)
+    bound = z.new_empty(z.shape[1:2])
+    log_w = z.new_empty(z.shape[:2])
+    kernels("reparam", backend).iwae(
+        log_px_z.contiguous(), z.contiguous(), mu.contiguous(), logvar.contiguous(), bound, log_w
+    )
+    return bound, log_w
+
+
+@iwae_bound.register_fake
+def _(log_px_z, z, mu, logvar, backend):
+    return z.new_empty(z.shape[1:2]), z.new_empty(z.shape[:2])
+
+
+@torch.library.custom_op("genkern::iwae_bound_backward", mutates_args=())
+def iwae_bound_backward(
+    grad_bound: Tensor, log_w: Tensor, bound: Tensor, log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "reference":
+        grads = ref.vjp(ref.iwae_bound, (log_px_z, z, mu, logvar), (grad_bound,))
+        return tuple(_zeros_if_none(grads, (log_px_z, z, mu, logvar)))
+    grad_log_px_z = torch.empty(log_w.shape, dtype=z.dtype, device=z.device)
+    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    grad_mu = torch.empty(mu.shape, dtype=z.dtype, device=z.device)
+    grad_logvar = torch.empty_like(grad_mu)
+    kernels("reparam", backend).iwae_backward(
+        grad_bound.contiguous(), log_w.contiguous(), bound.contiguous(), z.contiguous(), mu.contiguous(),
+        logvar.contiguous(), grad_log_px_z, grad_z, grad_mu, grad_logvar,
+    )
+    return grad_log_px_z, grad_z, grad_mu, grad_logvar
+
+
+@iwae_bound_backward.register_fake
+def _(grad_bound, log_w, bound, log_px_z, z, mu, logvar, backend):
+    return torch.empty_like(log_px_z), torch.empty_like(z), torch.empty_like(mu), torch.empty_like(logvar)
+
+
+def _iwae_setup(ctx, inputs, output):
+    log_px_z, z, mu, logvar, backend = inputs
+    bound, log_w = output
+    ctx.save_for_backward(log_w, bound, log_px_z, z, mu, logvar)
+    ctx.backend = backend
+
+
+def _iwae_grad(ctx, grad_bound, _grad_log_w):
+    grads = iwae_bound_backward(grad_bound, *ctx.saved_tensors, ctx.backend)
+    return (*grads, None)
+
+
+iwae_bound.register_autograd(_iwae_grad, setup_context=_iwae_setup)

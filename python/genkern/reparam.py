@@ -1,0 +1,147 @@
+"""Reparameterized Gaussian sampling for VAEs and latent-variable models: the public functions.
+
+    z = genkern.reparameterize(mu, logvar, seed=0)                 # mu + exp(logvar / 2) * eps
+    z, kl = genkern.reparameterize_kl(mu, logvar, seed=0)         # and KL(q || N(0, I)), in one pass
+    bound = genkern.iwae_bound(log_px_z, z, mu, logvar)           # importance-weighted bound
+
+Every function checks its arguments, picks a backend (see genkern.backend) and calls its `genkern::` op,
+so it works under autograd and torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from . import backend as _backend
+from .ops import reparam as _ops
+from .ops._backends import to_signed
+from .random import check_offset, resolve_seed
+
+
+def _noise_args(eps, seed, offset, eps_shape, mu) -> tuple[int, int]:
+    """(seed, offset) for the op: only drawn when the kernel makes the noise itself."""
+    if eps is not None:
+        _checks.like("eps", eps, "mu", mu, shape=eps_shape)
+        return 0, 0
+    return to_signed(resolve_seed(seed)), to_signed(check_offset(offset))
+
+
+def _mu_logvar(mu, logvar) -> None:
+    _checks.float_tensor("mu", mu)
+    _checks.like("logvar", logvar, "mu", mu)
+
+
+def _dim_range(name: str, dim, ndim: int) -> tuple[int, int, tuple[int, ...] | None]:
+    """The reduced dims as a contiguous range [start, end), and the permutation that makes them one when
+    they are not (the op then reduces the trailing dims of the permuted tensor)."""
+    dims = _checks.reduced_dims(name, dim, ndim)
+    if not dims:
+        raise ValueError(f"{name} must name at least one dimension")
+    if dims[-1] - dims[0] + 1 == len(dims):
+        return dims[0], dims[-1] + 1, None
+    kept = [d for d in range(ndim) if d not in dims]
+    return len(kept), ndim, (*kept, *dims)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None, seed: int | None = None,
+                   offset: int = 0, num_samples: int | None = None, backend: str | None = None) -> Tensor:
+    """z = mu + exp(logvar / 2) * eps.
+
+    eps is drawn inside the kernel from the genkern stream for (seed, offset) unless given. With
+    `num_samples=K`, z has shape (K, *mu.shape), sample k using stream elements k*mu.numel() + j, and mu is
+    never copied K times. Differentiable w.r.t. mu and logvar (and eps when given).
+    """
+    _mu_logvar(mu, logvar)
+    if num_samples is not None:
+        num_samples = _checks.integer("num_samples", num_samples, low=1)
+    shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
+    seed, offset = _noise_args(eps, seed, offset, shape, mu)
+    name = _backend.resolve(backend, mu.device, mu.dtype)
+    return torch.ops.genkern.reparameterize(mu, logvar, eps, seed, offset, num_samples or 0, name)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, dim=-1, *, backend: str | None = None) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over `dim` (an int, a tuple of ints, or None for all)."""
+    _mu_logvar(mu, logvar)
+    start, end, perm = _dim_range("dim", dim, mu.dim())
+    if perm is not None:
+        mu, logvar = mu.permute(perm), logvar.permute(perm)
+    name = _backend.resolve(backend, mu.device, mu.dtype)
+    return torch.ops.genkern.gaussian_kl(mu, logvar, start, end, name)
+
+
+def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None, seed: int | None = None,
+                      offset: int = 0, dim=-1, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """(z, kl) in one pass over memory: z as `reparameterize` gives for the same (seed, offset), and
+    `gaussian_kl(mu, logvar, dim)`."""
+    _mu_logvar(mu, logvar)
+    start, end, perm = _dim_range("dim", dim, mu.dim())
+    seed, offset = _noise_args(eps, seed, offset, tuple(mu.shape), mu)
+    name = _backend.resolve(backend, mu.device, mu.dtype)
+    if perm is not None:
+        # The stream follows z's own element order, so z is made in place and only the KL is permuted.
+        z = torch.ops.genkern.reparameterize(mu, logvar, eps, seed, offset, 0, name)
+        return z, torch.ops.genkern.gaussian_kl(mu.permute(perm), logvar.permute(perm), start, end, name)
+    return torch.ops.genkern.reparameterize_kl(mu, logvar, eps, seed, offset, start, end, name)
+
+
+def _broadcast_param(name: str, p: Tensor | None, z: Tensor, start: int) -> Tensor | None:
+    """A parameter as the op takes it: z's shape, or a suffix of it that covers the reduced dims."""
+    if p is None:
+        return None
+    _checks.float_tensor(name, p)
+    _checks.same_place(name, p, "z", z)
+    lead = z.dim() - p.dim()
+    if lead >= 0 and tuple(p.shape) == tuple(z.shape[lead:]) and lead <= start:
+        return p
+    try:
+        return p.expand(z.shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(p.shape)} does not broadcast to z of shape {tuple(z.shape)}") from None
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None, dim=-1, *,
+                      backend: str | None = None) -> Tensor:
+    """log N(z; mu, exp(logvar)) summed over `dim`; mu = 0 and logvar = 0 when None (standard normal).
+
+    mu and logvar broadcast to z; leading dims that z has and they lack (K samples of a batch of
+    parameters) cost nothing, other broadcasts are expanded."""
+    _checks.float_tensor("z", z)
+    start, end, perm = _dim_range("dim", dim, z.dim())
+    if perm is not None:
+        z = z.permute(perm)
+        mu = mu.expand_as(z.permute(_inverse(perm))).permute(perm) if mu is not None else None
+        logvar = logvar.expand_as(z.permute(_inverse(perm))).permute(perm) if logvar is not None else None
+    mu = _broadcast_param("mu", mu, z, start)
+    logvar = _broadcast_param("logvar", logvar, z, start)
+    if mu is not None and logvar is not None and mu.shape != logvar.shape:
+        mu, logvar = mu.expand(z.shape), logvar.expand(z.shape)
+    name = _backend.resolve(backend, z.device, z.dtype)
+    return torch.ops.genkern.gaussian_log_prob(z, mu, logvar, start, end, name)
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def iwae_bound(log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, backend: str | None = None) -> Tensor:
+    """The importance-weighted bound per example, in one streaming pass:
+    logsumexp_k(log p(x|z_k) + log N(z_k; 0, I) - log N(z_k; mu, exp(logvar))) - log K.
+
+    z: (K, B, *event), log_px_z: (K, B), mu and logvar: (B, *event). Returns (B,)."""
+    _checks.float_tensor("z", z)
+    if z.dim() < 3:
+        raise ValueError(f"z must have shape (K, B, *event) with at least 3 dims, got {tuple(z.shape)}")
+    if z.shape[0] < 1:
+        raise ValueError("z must hold at least one sample (K >= 1)")
+    _checks.like("log_px_z", log_px_z, "z", z, shape=z.shape[:2])
+    _checks.like("mu", mu, "z", z, shape=z.shape[1:])
+    _checks.like("logvar", logvar, "z", z, shape=z.shape[1:])
+    k, b = z.shape[:2]
+    name = _backend.resolve(backend, z.device, z.dtype)
+    bound, _ = torch.ops.genkern.iwae_bound(log_px_z, z.reshape(k, b, -1), mu.reshape(b, -1), logvar.reshape(b, -1), name)
+    return bound
