@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 
 #include "common/normal.h"
 #include "common/reparam.h"
@@ -193,17 +192,11 @@ struct SampleKlBackwardOp {
 };
 
 // Parameter index of element (o, d, i) when parameters of shape (param_outer, dim, inner) broadcast over o.
+// The bindings make param_outer divide outer, so it is at least 1 whenever a kernel runs.
 __device__ __forceinline__ int64_t param_index(const Coord& c, int64_t param_outer, const ReduceShape& sh) {
   int64_t q, po;
   divmod(c.o, param_outer, q, po);
   return (po * sh.dim + c.d) * sh.inner + c.i;
-}
-
-// With neither mu nor logvar there is nothing to broadcast and param_outer is not used.
-int64_t checked_param_outer(const void* mu, const void* logvar, int64_t param_outer, const char* op) {
-  if (!mu && !logvar) return 1;
-  if (param_outer <= 0) throw ValueError(std::string(op) + ": param_outer must be positive");
-  return param_outer;
 }
 
 template <typename S>
@@ -406,7 +399,7 @@ struct KlOp {
   }
 };
 
-// Writes z as it goes: each element's z and KL term come from the same thread.
+// Writes z as it goes: each element's z and KL term come from one sample_and_kl call (one shared exp).
 template <typename S>
 struct SampleKlOp {
   using C = compute_t<S>;
@@ -426,8 +419,9 @@ struct SampleKlOp {
     eps4(eps, seed, offset, base, count, e);
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
-      zs[l] = sample(m[l], lv[l], e[l]);
-      t[0][l] = kl(m[l], lv[l]);
+      const SampleKl<C> r = sample_and_kl(m[l], lv[l], e[l]);
+      zs[l] = r.z;
+      t[0][l] = r.kl;
     }
     gpu::store4(z, base, count, zs);
   }
@@ -705,13 +699,12 @@ void sample_kl_backward_cuda(const SampleKlBackwardArgs& a, void* stream) {
 void log_prob_cuda(const LogProbArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "reparam.log_prob", [&](auto type) {
     using S = typename decltype(type)::type;
-    const int64_t param_outer = checked_param_outer(a.mu, a.logvar, a.param_outer, "reparam.log_prob");
     const LogProbOp<S> op{a.shape,
                           {static_cast<S*>(a.out)},
                           static_cast<const S*>(a.z),
                           static_cast<const S*>(a.mu),
                           static_cast<const S*>(a.logvar),
-                          param_outer};
+                          a.param_outer};
     launch_reduce(op, static_cast<cudaStream_t>(stream), "reparam.log_prob");
   });
 }
@@ -719,8 +712,6 @@ void log_prob_cuda(const LogProbArgs& a, void* stream) {
 void log_prob_backward_cuda(const LogProbBackwardArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "reparam.log_prob_backward", [&](auto type) {
     using S = typename decltype(type)::type;
-    const int64_t param_outer =
-        checked_param_outer(a.mu, a.logvar, a.param_outer, "reparam.log_prob_backward");
     const LogProbBackwardOp<S> op{a.shape,
                                   static_cast<const S*>(a.grad_out),
                                   static_cast<const S*>(a.z),
@@ -728,7 +719,7 @@ void log_prob_backward_cuda(const LogProbBackwardArgs& a, void* stream) {
                                   static_cast<const S*>(a.logvar),
                                   static_cast<S*>(a.grad_z),
                                   static_cast<S*>(a.grad_logvar),
-                                  param_outer};
+                                  a.param_outer};
     launch_elementwise(op, static_cast<cudaStream_t>(stream), "reparam.log_prob_backward");
   });
 }

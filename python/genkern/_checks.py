@@ -43,7 +43,9 @@ def same_place(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def integer(name: str, x, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    if not isinstance(x, int):
         if isinstance(x, torch.Tensor) or not hasattr(x, "__index__"):
             raise TypeError(f"{name} must be an int, got {type(x).__name__}")
         x = x.__index__()

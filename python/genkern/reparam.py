@@ -9,6 +9,8 @@ so it works under autograd and torch.compile.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -142,6 +144,7 @@ def iwae_bound(log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, backe
     _checks.like("mu", mu, "z", z, shape=z.shape[1:])
     _checks.like("logvar", logvar, "z", z, shape=z.shape[1:])
     k, b = z.shape[:2]
+    d = math.prod(z.shape[2:])
     name = _backend.resolve(backend, z.device, z.dtype)
-    bound, _ = torch.ops.genkern.iwae_bound(log_px_z, z.reshape(k, b, -1), mu.reshape(b, -1), logvar.reshape(b, -1), name)
+    bound, _ = torch.ops.genkern.iwae_bound(log_px_z, z.reshape(k, b, d), mu.reshape(b, d), logvar.reshape(b, d), name)
     return bound

@@ -25,10 +25,6 @@ def _reduced(shape, start: int, end: int) -> list[int]:
     return list(shape[:start]) + list(shape[end:])
 
 
-def _zeros_if_none(grads, like):
-    return [torch.zeros_like(x) if g is None and x is not None else g for g, x in zip(grads, like)]
-
-
 def _sample_shape(mu: Tensor, num_samples: int) -> list[int]:
     return list(mu.shape) if num_samples == 0 else [num_samples, *mu.shape]
 
@@ -59,9 +55,7 @@ def reparameterize_backward(
 ) -> tuple[Tensor, Tensor]:
     seed, offset = to_unsigned(seed), to_unsigned(offset)
     if backend == "reference":
-        num_samples = grad_z.shape[0] if grad_z.dim() > mu.dim() else None
-        fn = lambda m, lv: ref.reparameterize(m, lv, eps, seed, offset, num_samples)  # noqa: E731
-        return tuple(_zeros_if_none(ref.vjp(fn, (mu, logvar), (grad_z,)), (mu, logvar)))
+        return ref.reparameterize_backward(grad_z, mu, logvar, eps, seed, offset)
     grad_mu, grad_logvar = torch.empty_like(mu, memory_format=torch.contiguous_format), torch.empty_like(
         logvar, memory_format=torch.contiguous_format
     )
@@ -114,8 +108,7 @@ def gaussian_kl_backward(
     grad_kl: Tensor, mu: Tensor, logvar: Tensor, start: int, end: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     if backend == "reference":
-        fn = lambda m, lv: ref.gaussian_kl(m, lv, tuple(range(start, end)))  # noqa: E731
-        return tuple(_zeros_if_none(ref.vjp(fn, (mu, logvar), (grad_kl,)), (mu, logvar)))
+        return ref.gaussian_kl_backward(grad_kl, mu, logvar, tuple(range(start, end)))
     grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     grad_logvar = torch.empty_like(grad_mu)
     kernels("reparam", backend).kl_backward(
@@ -175,8 +168,7 @@ def reparameterize_kl_backward(
 ) -> tuple[Tensor, Tensor]:
     seed, offset = to_unsigned(seed), to_unsigned(offset)
     if backend == "reference":
-        fn = lambda m, lv: ref.reparameterize_kl(m, lv, eps, seed, offset, tuple(range(start, end)))  # noqa: E731
-        return tuple(_zeros_if_none(ref.vjp(fn, (mu, logvar), (grad_z, grad_kl)), (mu, logvar)))
+        return ref.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, offset, tuple(range(start, end)))
     grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     grad_logvar = torch.empty_like(grad_mu)
     kernels("reparam", backend).sample_kl_backward(
@@ -248,10 +240,8 @@ def gaussian_log_prob_backward(
     """Per-element gradients at z's shape: (d/dz, d/dlogvar); d/dmu is -d/dz. The second is empty without logvar."""
     grad_logvar = torch.empty(z.shape if logvar is not None else (0,), dtype=z.dtype, device=z.device)
     if backend == "reference":
-        params = [p.expand(z.shape) if p is not None else None for p in (mu, logvar)]
-        fn = lambda zz, lv: ref.gaussian_log_prob(zz, params[0], lv, tuple(range(start, end)))  # noqa: E731
-        grad_z, grad_lv = ref.vjp(fn, (z, params[1]), (grad_out,))
-        return grad_z if grad_z is not None else torch.zeros_like(z), grad_lv if grad_lv is not None else grad_logvar
+        grad_z, grad_lv = ref.gaussian_log_prob_backward(grad_out, z, mu, logvar, tuple(range(start, end)))
+        return grad_z.contiguous(), grad_lv.contiguous() if logvar is not None else grad_logvar
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     param = mu if mu is not None else logvar
     kernels("reparam", backend).log_prob_backward(
@@ -317,8 +307,7 @@ def iwae_bound_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == "reference":
-        grads = ref.vjp(ref.iwae_bound, (log_px_z, z, mu, logvar), (grad_bound,))
-        return tuple(_zeros_if_none(grads, (log_px_z, z, mu, logvar)))
+        return ref.iwae_bound_backward(grad_bound, log_px_z, z, mu, logvar)
     grad_log_px_z = torch.empty(log_w.shape, dtype=z.dtype, device=z.device)
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     grad_mu = torch.empty(mu.shape, dtype=z.dtype, device=z.device)

@@ -1,0 +1,409 @@
+"""The benchmark engine behind `genkern bench`: each op against eager PyTorch and torch.compile.
+
+An op enters the benchmark as a `BenchCase` (genkern.bench_cases holds them, one module per family); the
+engine knows nothing about particular ops. For every case and size it times
+
+    eager            the plain PyTorch code a user would write (the case's `eager` function)
+    compile          torch.compile of that same function, compiled and warmed up outside the timing
+    genkern:<name>   each genkern backend that runs on the device
+
+and reports the median time, the speedups, and the achieved bandwidth next to the device's copy bandwidth,
+measured in the same run: the ops are memory-bound, so "% of copy" says how close each one gets to the
+limit of the hardware it ran on. Only the forward pass is timed.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import backend as _backend
+
+WARMUP = 3  # calls before timing: first calls pay for lazy imports, allocator growth and thread start-up
+PASS = "forward"
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmarked op. A family adds cases in genkern/bench_cases/<family>.py; the engine is untouched.
+
+    make_inputs(size, device, dtype) -> the positional args of both calls, `size` elements in the op's
+        main tensor (see `matrix_shape`).
+    genkern(*args, backend=name) runs the genkern op on one backend.
+    eager(*args) is the baseline: the PyTorch code a user writes, and what torch.compile is given.
+    shape(size) is the main tensor's shape, for the report.
+    bytes_moved(size, dtype) is the least memory traffic any implementation needs: every input read once
+        and every output written once. Achieved GB/s is computed from it.
+    default: whether a plain `genkern bench` (no --ops) includes the case.
+    """
+
+    name: str
+    family: str
+    make_inputs: Callable[[int, torch.device, torch.dtype], tuple]
+    genkern: Callable[..., Any]
+    eager: Callable[..., Any]
+    shape: Callable[[int], tuple[int, ...]]
+    bytes_moved: Callable[[int, torch.dtype], int]
+    default: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizes and shapes
+# ---------------------------------------------------------------------------------------------------------
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """An element count: 65536, 64K, 1M, 16M (binary units, so 1M = 1024 x 1024)."""
+    match = re.fullmatch(r"(\d+)([KMG]?)", text.strip().upper())
+    if not match or int(match[1]) == 0:
+        raise ValueError(f"bad size {text!r}: expected a positive count such as 65536, 64K, 1M or 16M")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def format_size(size: int) -> str:
+    for unit in ("G", "M", "K"):
+        if size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
+def matrix_shape(size: int) -> tuple[int, int]:
+    """(rows, cols) holding `size` elements; ops reduce over cols. Rows are 1024 long, 4096 from 16M on,
+    so large sizes are not dominated by many short reductions."""
+    cols = 4096 if size >= 16 * _UNITS["M"] else 1024
+    if size % cols:
+        raise ValueError(f"size {format_size(size)} is not a multiple of the row length {cols}")
+    return size // cols, cols
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device and implementations
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: torch.device
+    name: str  # CPU model and core count, or the GPU's name
+    threads: int  # torch's intra-op threads (what CPU kernels get)
+    slug: str  # for file names: cpu-intel-xeon-processor-2-50ghz-2threads, cuda-nvidia-h100-80gb-hbm3
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """The requested device, else cuda when there is one, else cpu."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {requested!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def describe_device(device: torch.device) -> DeviceInfo:
+    threads = torch.get_num_threads()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return DeviceInfo(device, name, threads, f"cuda-{_slug(name)}")
+    model = _cpu_model()
+    # Thread count is in the slug: CPU results from the same model with other thread counts are not comparable.
+    return DeviceInfo(device, f"{model} ({os.cpu_count()} cores)", threads, f"cpu-{_slug(model)}-{threads}threads")
+
+
+def genkern_backends(device: torch.device, dtype: torch.dtype, requested: Sequence[str] | None = None) -> list[str]:
+    """The genkern backends to time. By default every one that runs on this device and dtype, except
+    `reference` (the eager baseline already is the reference) and `triton` on CPU (its interpreter is for
+    testing, not speed). A backend asked for by name that cannot run here is an error, not a silent skip."""
+    if requested is None:
+        candidates = [b for b in _backend.backends() if b != "reference"]
+        return [b for b in candidates if _runs_fast(b, device, dtype)]
+    for name in requested:
+        if name not in _backend.BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; genkern has {', '.join(_backend.BACKENDS)}")
+        if not _runs_fast(name, device, dtype):
+            raise ValueError(f"backend {name!r} cannot be benchmarked on {device.type} with {dtype} here "
+                             f"(available: {', '.join(_backend.backends())})")
+    return list(requested)
+
+
+def _runs_fast(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    if name == "triton" and device.type == "cpu":
+        return False
+    return _backend.runs_on(name, device, dtype)
+
+
+def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None) -> list[BenchCase]:
+    """Cases by op or family name, in registry order; the default cases when `names` is None."""
+    if names is None:
+        return [c for c in cases if c.default]
+    names = list(names)
+    known = {c.name for c in cases} | {c.family for c in cases}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown op {', '.join(unknown)}; known ops: {', '.join(c.name for c in cases)} "
+                         f"(or a family: {', '.join(sorted({c.family for c in cases}))})")
+    return [c for c in cases if c.name in names or c.family in names]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(case: BenchCase) -> Callable[..., Any]:
+    """torch.compile of the case's eager function, one per op for the whole run. dynamic=False gives each
+    size its own specialised graph, as a fixed-shape training loop gets; by default the second size would
+    be recompiled with dynamic shapes, and a generic kernel timed instead."""
+    return torch.compile(case.eager, dynamic=False)
+
+
+def implementations(case: BenchCase, backends: Sequence[str], use_compile: bool) -> list[tuple[str, Callable]]:
+    """(label, function of the case's args) for each implementation timed, eager first."""
+    impls = [("eager", case.eager)]
+    if use_compile:
+        impls.append(("compile", compiled(case)))
+    impls += [(f"genkern:{b}", functools.partial(case.genkern, backend=b)) for b in backends]
+    return impls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _times_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    """Per-call times of `repeats` calls: CUDA events on the GPU (kernel time on the stream, launches
+    included), wall clock on the CPU, where calls are synchronous."""
+    times = []
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        return times
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = WARMUP) -> float:
+    """Median time of one call after `warmup` untimed calls; the median shrugs off runs hit by other load."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    return statistics.median(_times_ms(fn, device, repeats))
+
+
+def copy_bandwidth_gbps(size: int, device: torch.device, repeats: int) -> float:
+    """What a plain copy of `size` float32 elements achieves: one read and one write of every byte. The
+    ceiling a memory-bound op can hope for on this device, with this thread count, in this run."""
+    src = torch.randn(size, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats)
+    return gbps(2 * src.nbytes, ms)
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    device: torch.device
+    cases: Sequence[BenchCase]
+    sizes: Sequence[int]
+    dtype: torch.dtype
+    backends: Sequence[str]
+    repeats: int
+    use_compile: bool = True
+    command: Sequence[str] = ()
+
+
+def _measure(label: str, fn: Callable, args: tuple, device: torch.device, repeats: int) -> dict:
+    """{time_ms} of one implementation, plus compile_s for torch.compile (its first call, compilation
+    included), or {error} when it fails: one broken implementation must not end the whole run."""
+    result: dict[str, Any] = {}
+    try:
+        if label == "compile":
+            start = time.perf_counter()
+            fn(*args)
+            _sync(device)
+            result["compile_s"] = round(time.perf_counter() - start, 3)
+        result["time_ms"] = median_ms(lambda: fn(*args), device, repeats)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, the run goes on
+        result = {"error": f"{type(exc).__name__}: {exc}".strip()}
+    return result
+
+
+def _row(case: BenchCase, size: int, dtype: torch.dtype, label: str, measured: dict) -> dict:
+    return {
+        "op": case.name,
+        "family": case.family,
+        "size": size,
+        "shape": list(case.shape(size)),
+        "dtype": str(dtype).removeprefix("torch."),
+        "impl": label,
+        "bytes": case.bytes_moved(size, dtype),
+        "time_ms": measured.get("time_ms"),
+        **{k: v for k, v in measured.items() if k != "time_ms"},
+    }
+
+
+def _add_ratios(rows: list[dict], copy_gbps: float) -> None:
+    """Speedups against the eager and compile rows of the same op and size, and bandwidth figures."""
+    for row in rows:
+        same = {r["impl"]: r.get("time_ms") for r in rows if (r["op"], r["size"]) == (row["op"], row["size"])}
+        ms = row["time_ms"]
+        row["speedup_vs_eager"] = _ratio(same.get("eager"), ms)
+        row["speedup_vs_compile"] = _ratio(same.get("compile"), ms)
+        row["gbps"] = gbps(row["bytes"], ms) if ms else None
+        row["pct_copy_bandwidth"] = 100.0 * row["gbps"] / copy_gbps if ms else None
+
+
+def _ratio(baseline_ms: float | None, ms: float | None) -> float | None:
+    return baseline_ms / ms if baseline_ms and ms else None
+
+
+def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
+    """Time every case x size x implementation of `config`; returns the report (see `write_json`)."""
+    say = progress or (lambda message: None)
+    info = describe_device(config.device)
+    say(f"[copy] {format_size(max(config.sizes))} float32 copy bandwidth on {info.name}")
+    copy_gbps = copy_bandwidth_gbps(max(config.sizes), config.device, config.repeats)
+
+    impls_per_case = 1 + config.use_compile + len(config.backends)
+    total, step, rows = len(config.cases) * len(config.sizes) * impls_per_case, 0, []
+    for size in config.sizes:
+        for case in config.cases:
+            args = case.make_inputs(size, config.device, config.dtype)
+            for label, fn in implementations(case, config.backends, config.use_compile):
+                step += 1
+                say(f"[{step}/{total}] {case.name} {format_size(size)} {label}")
+                rows.append(_row(case, size, config.dtype, label, _measure(label, fn, args, config.device, config.repeats)))
+            del args  # free the inputs before the next case allocates its own
+    _add_ratios(rows, copy_gbps)
+    return _report(config, info, copy_gbps, rows)
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from . import __version__
+
+    found = {"genkern": __version__, "torch": torch.__version__, "python": platform.python_version(),
+             "numpy": numpy.__version__}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - triton is optional
+        pass
+    return found
+
+
+def _report(config: Config, info: DeviceInfo, copy_gbps: float, rows: list[dict]) -> dict:
+    return {
+        "device": info.name,
+        "device_kind": config.device.type,
+        "device_slug": info.slug,
+        "threads": info.threads,
+        "copy_bandwidth_gbps": copy_gbps,
+        "pass": PASS,
+        "timing": f"median of {config.repeats} runs after {WARMUP} warmup runs",
+        "repeats": config.repeats,
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(config.command),
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------
+def default_output_path(slug: str) -> Path:
+    """benchmarks/results/<slug>.json when run from a checkout (the directory exists), else in cwd."""
+    results = Path("benchmarks") / "results"
+    return results / f"{slug}.json" if results.is_dir() else Path(f"genkern-bench-{slug}.json")
+
+
+def _cells(row: dict) -> list[str]:
+    size = format_size(row["size"])
+    if row.get("error"):
+        return [row["op"], size, row["impl"], f"failed: {_short(row['error'])}", "", "", "", ""]
+
+    def x(v):
+        return f"{v:.2f}x" if v is not None else "-"
+
+    return [row["op"], size, row["impl"], f"{row['time_ms']:.3f}", x(row["speedup_vs_eager"]),
+            x(row["speedup_vs_compile"]), f"{row['gbps']:.2f}", f"{row['pct_copy_bandwidth']:.0f}%"]
+
+
+def _short(error: str, limit: int = 60) -> str:
+    first = error.splitlines()[0] if error else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def format_table(report: dict) -> str:
+    header = ["op", "size", "impl", "time (ms)", "vs eager", "vs compile", "GB/s", "% copy"]
+    body = [_cells(r) for r in report["rows"]]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    left = {0, 1, 2}  # text columns; numbers are right-aligned
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    dtypes = sorted({r["dtype"] for r in report["rows"]})
+    lines = [
+        f"genkern bench: {report['pass']} pass only, {', '.join(dtypes)}, {report['timing']}",
+        f"device: {report['device']} [{report['device_kind']}], torch threads: {report['threads']}",
+        f"copy bandwidth: {report['copy_bandwidth_gbps']:.2f} GB/s (dst.copy_(src), read + write)",
+        "",
+        fmt(header),
+        fmt(["-" * w for w in widths]),
+    ]
+    previous = None
+    for row, cells in zip(report["rows"], body):
+        if previous is not None and (row["op"], row["size"]) != previous:
+            lines.append("")
+        previous = (row["op"], row["size"])
+        lines.append(fmt(cells))
+    compile_times = [f"{r['op']} {format_size(r['size'])} {r['compile_s']:.1f}s"
+                     for r in report["rows"] if r.get("compile_s") is not None]
+    if compile_times:
+        lines += ["", "torch.compile time (first call, not in the timings): " + ", ".join(compile_times)]
+    return "\n".join(lines)

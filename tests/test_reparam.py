@@ -1,0 +1,372 @@
+"""The reparam family: every kernel backend against the reference and against torch.distributions,
+forward and backward, across dtypes, shapes and layouts; gradcheck, opcheck, torch.compile, bad input."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import genkern
+from genkern.reference import reparam as ref
+from conftest import TOLERANCE, assert_close, backend_dtype_params, device_for, interpreted, KERNEL_BACKENDS
+
+SHAPES = [(0,), (1,), (7,), (3, 5), (4, 0), (2, 3, 129)]
+BIG_SHAPE = (37, 4099)  # odd sizes crossing every chunk boundary of the CPU and GPU kernels
+
+
+def make(shape, dtype, device, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(shape, generator=g, dtype=torch.float64)
+    logvar = torch.randn(shape, generator=g, dtype=torch.float64) * 0.5
+    return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (mu, logvar)]
+
+
+def shapes_for(backend):
+    return SHAPES if interpreted(backend) else SHAPES + [BIG_SHAPE]
+
+
+def noise_tol(dtype):
+    """Kernel noise is float32 (a few ulp from exact Box-Muller): compare float64 results at float32 tolerance."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def as_compute(*xs):
+    """Tensors as the kernels compute them: float32 for half types."""
+    return [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs]
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_reparameterize_with_eps_is_exactly_the_formula(backend, dtype):
+    device = device_for(backend)
+    for shape in shapes_for(backend):
+        mu, logvar = make(shape, dtype, device)
+        eps = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
+        z = genkern.reparameterize(mu, logvar, eps=eps, backend=backend)
+        m, lv, e = as_compute(mu, logvar, eps)
+        assert z.shape == mu.shape and z.dtype == dtype
+        assert_close(z, m + torch.exp(0.5 * lv) * e, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_reparameterize_draws_the_stream(backend, dtype):
+    device = device_for(backend)
+    for shape in shapes_for(backend):
+        mu, logvar = make(shape, dtype, device)
+        z = genkern.reparameterize(mu, logvar, seed=17, offset=3, backend=backend)
+        expected = ref.reparameterize(mu.cpu(), logvar.cpu(), seed=17, offset=3)
+        assert_close(z.cpu(), expected, noise_tol(dtype))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_num_samples(backend, dtype):
+    device = device_for(backend)
+    mu, logvar = make((3, 7), dtype, device)
+    z = genkern.reparameterize(mu, logvar, seed=5, num_samples=4, backend=backend)
+    assert z.shape == (4, 3, 7)
+    eps = genkern.randn((4, 3, 7), seed=5, dtype=torch.float64)  # sample k uses elements k*21 ...
+    m, lv = as_compute(mu.cpu(), logvar.cpu())
+    assert_close(z.cpu(), m + torch.exp(0.5 * lv) * eps.to(m.dtype), dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    device = device_for(backend)
+    base_mu, base_lv = make((9, 14), torch.float32, device)
+    for view in (lambda t: t.t(), lambda t: t[::2, 1::3], lambda t: t.unsqueeze(0).expand(3, 9, 14)[1]):
+        mu, logvar = view(base_mu), view(base_lv)
+        z = genkern.reparameterize(mu, logvar, seed=1, backend=backend)
+        assert_close(z.cpu(), ref.reparameterize(mu.cpu().contiguous(), logvar.cpu().contiguous(), seed=1), torch.float32)
+        z, kl = genkern.reparameterize_kl(mu, logvar, seed=1, dim=0, backend=backend)
+        assert_close(kl.cpu(), ref.gaussian_kl(mu.cpu(), logvar.cpu(), 0), torch.float32, scale=10)
+
+
+DIMS = [-1, 0, (1, 2), None, (0, 2), 1]
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_gaussian_kl_matches_torch_distributions(backend, dtype):
+    device = device_for(backend)
+    shape = (5, 6, 7) if interpreted(backend) else (5, 66, 1031)
+    mu, logvar = make(shape, dtype, device)
+    m, lv = (t.cpu().double() for t in (mu, logvar))
+    for dim in DIMS:
+        kl = genkern.gaussian_kl(mu, logvar, dim=dim, backend=backend)
+        dims = tuple(range(3)) if dim is None else dim
+        expected = kl_divergence(Normal(m, torch.exp(0.5 * lv)), Normal(0.0, 1.0)).sum(dims)
+        assert kl.shape == expected.shape and kl.dtype == dtype
+        n = math.prod(shape) // max(expected.numel(), 1)
+        assert_close(kl.cpu(), expected, dtype, scale=max(1.0, math.sqrt(n)))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_gaussian_kl_edge_shapes(backend, dtype):
+    device = device_for(backend)
+    for shape, dim in [((0, 4), -1), ((4, 0), -1), ((1,), -1), ((3, 1), 0), ((2, 3, 1), 2), ((1, 2000), -1)]:
+        mu, logvar = make(shape, dtype, device)
+        kl = genkern.gaussian_kl(mu, logvar, dim=dim, backend=backend)
+        assert_close(kl.cpu(), ref.gaussian_kl(mu.cpu(), logvar.cpu(), dim), dtype, scale=50)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_reparameterize_kl_is_both_ops_in_one(backend, dtype):
+    device = device_for(backend)
+    for shape in shapes_for(backend):
+        if len(shape) < 1 or 0 in shape[:-1]:
+            continue
+        mu, logvar = make(shape, dtype, device)
+        for dim in (-1, 0):
+            z, kl = genkern.reparameterize_kl(mu, logvar, seed=9, offset=2, dim=dim, backend=backend)
+            assert torch.equal(z, genkern.reparameterize(mu, logvar, seed=9, offset=2, backend=backend))
+            n = shape[dim]
+            assert_close(kl.cpu(), ref.gaussian_kl(mu.cpu(), logvar.cpu(), dim), dtype, scale=max(1, math.sqrt(n)) * 4)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_gaussian_log_prob_matches_torch_distributions(backend, dtype):
+    device = device_for(backend)
+    z, mu = make((4, 3, 33), dtype, device, seed=1)
+    logvar = make((4, 3, 33), dtype, device, seed=2)[1]
+    zc, m, lv = (t.cpu().double() for t in (z, mu, logvar))
+    for dim in (-1, (1, 2), 0):
+        got = genkern.gaussian_log_prob(z, mu, logvar, dim=dim, backend=backend)
+        expected = Normal(m, torch.exp(0.5 * lv)).log_prob(zc).sum(dim)
+        assert_close(got.cpu(), expected, dtype, scale=30)
+        got = genkern.gaussian_log_prob(z, dim=dim, backend=backend)
+        assert_close(got.cpu(), Normal(0.0, 1.0).log_prob(zc).sum(dim), dtype, scale=30)
+    got = genkern.gaussian_log_prob(z, mu, None, backend=backend)
+    assert_close(got.cpu(), Normal(m, 1.0).log_prob(zc).sum(-1), dtype, scale=30)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_gaussian_log_prob_broadcasts_parameters(backend, dtype):
+    device = device_for(backend)
+    z = make((5, 3, 17), dtype, device, seed=3)[0]
+    mu, logvar = make((3, 17), dtype, device, seed=4)
+    expected = Normal(mu.cpu().double(), torch.exp(0.5 * logvar.cpu().double())).log_prob(z.cpu().double()).sum(-1)
+    assert_close(genkern.gaussian_log_prob(z, mu, logvar, backend=backend).cpu(), expected, dtype, scale=30)
+    one = make((1, 17), dtype, device, seed=5)[0]  # a broadcast that needs expanding
+    expected = Normal(one.cpu().double(), 1.0).log_prob(z.cpu().double()).sum(-1)
+    assert_close(genkern.gaussian_log_prob(z, one, backend=backend).cpu(), expected, dtype, scale=30)
+
+
+def _iwae_inputs(k, b, d, dtype, device, seed=0):
+    mu, logvar = make((b, d), dtype, device, seed=seed)
+    z = genkern.reparameterize(mu, logvar, seed=seed, num_samples=k, backend="reference")
+    log_px_z = make((k, b), dtype, device, seed=seed + 1)[0] * 3 - 20
+    return log_px_z, z, mu, logvar
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_iwae_bound(backend, dtype):
+    device = device_for(backend)
+    for k, b, d in [(1, 3, 4), (5, 2, 7), (64, 3, 33), (3, 0, 5), (2, 4, 0)]:
+        log_px_z, z, mu, logvar = _iwae_inputs(k, b, d, dtype, device)
+        got = genkern.iwae_bound(log_px_z, z, mu, logvar, backend=backend)
+        lp, zz, m, lv = (t.cpu().double() for t in (log_px_z, z, mu, logvar))
+        q = Normal(m, torch.exp(0.5 * lv))
+        log_w = lp + Normal(0.0, 1.0).log_prob(zz).sum(-1) - q.log_prob(zz).sum(-1)
+        expected = torch.logsumexp(log_w, 0) - math.log(k)
+        assert got.shape == (b,)
+        assert_close(got.cpu(), expected, dtype, scale=30)
+
+
+def test_iwae_with_one_sample_is_the_elbo_term():
+    log_px_z, z, mu, logvar = _iwae_inputs(1, 4, 6, torch.float64, "cpu")
+    elbo = log_px_z[0] + genkern.gaussian_log_prob(z[0]) - genkern.gaussian_log_prob(z[0], mu, logvar)
+    torch.testing.assert_close(genkern.iwae_bound(log_px_z, z, mu, logvar), elbo)
+
+
+def test_iwae_event_dims_are_flattened():
+    log_px_z, z, mu, logvar = _iwae_inputs(3, 2, 12, torch.float64, "cpu")
+    flat = genkern.iwae_bound(log_px_z, z, mu, logvar)
+    torch.testing.assert_close(genkern.iwae_bound(log_px_z, z.reshape(3, 2, 3, 4), mu.reshape(2, 3, 4), logvar.reshape(2, 3, 4)), flat)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+def _grads(fn, inputs, backend):
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    outputs = fn(*inputs, backend=backend)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    g = torch.Generator().manual_seed(1)
+    seeds = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outputs]
+    torch.autograd.backward(outputs, seeds)
+    return [x.grad for x in inputs]
+
+
+BACKWARD_CASES = {
+    "reparameterize": (lambda mu, lv, backend: genkern.reparameterize(mu, lv, seed=3, offset=1, backend=backend), 2),
+    "reparameterize_k": (lambda mu, lv, backend: genkern.reparameterize(mu, lv, seed=3, num_samples=3, backend=backend), 2),
+    "reparameterize_eps": (lambda mu, lv, eps, backend: genkern.reparameterize(mu, lv, eps=eps, backend=backend), 3),
+    "gaussian_kl": (lambda mu, lv, backend: genkern.gaussian_kl(mu, lv, backend=backend), 2),
+    "gaussian_kl_dim0": (lambda mu, lv, backend: genkern.gaussian_kl(mu, lv, dim=0, backend=backend), 2),
+    "reparameterize_kl": (lambda mu, lv, backend: genkern.reparameterize_kl(mu, lv, seed=4, backend=backend), 2),
+    "reparameterize_kl_dim0": (lambda mu, lv, backend: genkern.reparameterize_kl(mu, lv, seed=4, dim=0, backend=backend), 2),
+    "log_prob": (lambda z, mu, lv, backend: genkern.gaussian_log_prob(z, mu, lv, backend=backend), 3),
+    "log_prob_std": (lambda z, backend: genkern.gaussian_log_prob(z, backend=backend), 1),
+    "log_prob_broadcast": (lambda z, mu, lv, backend: genkern.gaussian_log_prob(z.reshape(2, 6, 7), mu, lv, backend=backend), 3),
+}
+
+
+def _case_inputs(name, dtype, device):
+    a, b = make((6, 7), dtype, device, seed=1)
+    c = make((6, 7), dtype, device, seed=2)[0]
+    if name == "log_prob_broadcast":
+        z = make((12, 7), dtype, device, seed=3)[0]
+        return [z, a, b]
+    return [a, b, c][: BACKWARD_CASES[name][1]]
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
+def test_backward_matches_reference(backend, dtype, case):
+    fn, _ = BACKWARD_CASES[case]
+    inputs = _case_inputs(case, dtype, device_for(backend))
+    got = _grads(fn, inputs, backend)
+    expected = _grads(fn, [x.cpu() for x in inputs], "reference")
+    random = case.startswith("reparameterize") and not case.endswith("eps")
+    for g, e in zip(got, expected):
+        assert_close(g.cpu(), e, noise_tol(dtype) if random else dtype, scale=10)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_iwae_backward_matches_reference(backend, dtype):
+    inputs = _iwae_inputs(4, 3, 5, dtype, device_for(backend))
+    got = _grads(genkern.iwae_bound, inputs, backend)
+    expected = _grads(genkern.iwae_bound, [x.cpu() for x in inputs], "reference")
+    for g, e in zip(got, expected):
+        assert_close(g.cpu(), e, dtype, scale=10)
+
+
+def test_reparameterize_gradient_is_the_analytic_one():
+    mu, logvar = make((50,), torch.float64, "cpu", requires_grad=True)
+    z = genkern.reparameterize(mu, logvar, seed=1)
+    z.sum().backward()
+    torch.testing.assert_close(mu.grad, torch.ones_like(mu))
+    torch.testing.assert_close(logvar.grad, 0.5 * (z - mu).detach())  # d z / d logvar = (z - mu) / 2
+
+
+GRADCHECK_BACKENDS = [b for b in ("cpu", "reference") if b in genkern.backends()]
+
+
+@pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
+@pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
+def test_gradcheck_float64(backend, case):
+    fn, _ = BACKWARD_CASES[case]
+    inputs = [x.requires_grad_(True) for x in _case_inputs(case, torch.float64, "cpu")]
+    assert torch.autograd.gradcheck(lambda *xs: fn(*xs, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
+def test_gradcheck_iwae(backend):
+    inputs = [x.requires_grad_(True) for x in _iwae_inputs(4, 3, 5, torch.float64, "cpu")]
+    assert torch.autograd.gradcheck(lambda *xs: genkern.iwae_bound(*xs, backend=backend), inputs)
+
+
+# ------------------------------------------------------------------------------------- torch integration
+
+
+def _opcheck_samples(backend, device):
+    mu, lv = make((4, 6), torch.float32, device, requires_grad=True)
+    z3 = make((2, 4, 6), torch.float32, device, seed=3, requires_grad=True)[0]
+    lp = make((2, 4), torch.float32, device, seed=4, requires_grad=True)[0]
+    ops = torch.ops.genkern
+    return [
+        (ops.reparameterize, (mu, lv, None, 1, 2, 0, backend)),
+        (ops.reparameterize, (mu, lv, None, -5, 2**40, 3, backend)),
+        (ops.reparameterize, (mu, lv, torch.randn(4, 6, device=device), 0, 0, 0, backend)),
+        (ops.gaussian_kl, (mu, lv, 1, 2, backend)),
+        (ops.gaussian_kl, (mu, lv, 0, 1, backend)),
+        (ops.reparameterize_kl, (mu, lv, None, 7, 0, 1, 2, backend)),
+        (ops.gaussian_log_prob, (z3, mu, lv, 2, 3, backend)),
+        (ops.gaussian_log_prob, (z3, None, None, 1, 3, backend)),
+        (ops.iwae_bound, (lp, z3, mu, lv, backend)),
+        (ops.randn, ([3, 5], 1, 2, torch.float32, torch.device(device), backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", [b for b in genkern.backends()])
+def test_opcheck(backend):
+    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    for op, args in _opcheck_samples(backend, device):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_vae_loss():
+    def loss(mu, logvar, x):
+        z, kl = genkern.reparameterize_kl(mu, logvar, seed=3, offset=1)
+        recon = genkern.gaussian_log_prob(x, z)
+        return (kl - recon).mean()
+
+    mu, logvar = make((8, 16), torch.float32, "cpu", requires_grad=True)
+    x = torch.randn(8, 16)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    out = compiled(mu, logvar, x)
+    out.backward()
+    grads = mu.grad.clone(), logvar.grad.clone()
+    mu.grad = logvar.grad = None
+    expected = loss(mu, logvar, x)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, (mu.grad, logvar.grad))
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_rejected_before_any_kernel():
+    mu, logvar = make((3, 4), torch.float32, "cpu")
+    cases = [
+        (lambda: genkern.reparameterize(mu, logvar[:, :3]), ValueError, "logvar"),
+        (lambda: genkern.reparameterize(mu, logvar.double()), TypeError, "logvar"),
+        (lambda: genkern.reparameterize(mu, logvar.to("meta")), ValueError, "logvar"),
+        (lambda: genkern.reparameterize(mu.long(), logvar), TypeError, "mu"),
+        (lambda: genkern.reparameterize(mu, logvar, num_samples=0), ValueError, "num_samples"),
+        (lambda: genkern.reparameterize(mu, logvar, num_samples=2.0), TypeError, "num_samples"),
+        (lambda: genkern.reparameterize(mu, logvar, num_samples=True), TypeError, "num_samples"),
+        (lambda: genkern.reparameterize(mu, logvar, eps=torch.randn(2, 4)), ValueError, "eps"),
+        (lambda: genkern.reparameterize(mu, logvar, seed=-1), ValueError, "seed"),
+        (lambda: genkern.reparameterize(mu, logvar, backend="tpu"), ValueError, "backend"),
+        (lambda: genkern.reparameterize(mu.half(), logvar.half(), backend="cpu"), ValueError, "cpu"),
+        (lambda: genkern.reparameterize([1.0], logvar), TypeError, "mu"),
+        (lambda: genkern.gaussian_kl(mu, logvar, dim=2), ValueError, "dim"),
+        (lambda: genkern.gaussian_kl(mu, logvar, dim=(0, 0)), ValueError, "dim"),
+        (lambda: genkern.gaussian_kl(mu, logvar, dim=()), ValueError, "dim"),
+        (lambda: genkern.reparameterize_kl(mu, logvar.int()), TypeError, "logvar"),
+        (lambda: genkern.gaussian_log_prob(mu, torch.randn(5)), ValueError, "mu"),
+        (lambda: genkern.gaussian_log_prob(mu.int()), TypeError, "z"),
+        (lambda: genkern.iwae_bound(torch.randn(2, 3), torch.randn(2, 3), mu, logvar), ValueError, "z"),
+        (lambda: genkern.iwae_bound(torch.randn(2, 4), torch.randn(2, 3, 4), mu, logvar), ValueError, "log_px_z"),
+        (lambda: genkern.iwae_bound(torch.randn(2, 3), torch.randn(2, 3, 4), mu[:2], logvar), ValueError, "mu"),
+        (lambda: genkern.iwae_bound(torch.randn(0, 3), torch.randn(0, 3, 4), mu, logvar), ValueError, "K"),
+    ]
+    for fn, error, word in cases:
+        with pytest.raises(error, match=word):
+            fn()
+
+
+def test_set_backend_process_wide_and_as_context():
+    mu, logvar = make((3, 4), torch.float32, "cpu")
+    assert genkern.get_backend() is None
+    with genkern.set_backend("reference"):
+        assert genkern.get_backend() == "reference"
+        with pytest.raises(ValueError, match="cpu"):
+            genkern.reparameterize(mu.half(), logvar.half(), seed=0, backend="cpu")
+        genkern.reparameterize(mu.half(), logvar.half(), seed=0)  # the reference runs half on CPU
+    assert genkern.get_backend() is None
+    genkern.set_backend("reference")
+    try:
+        assert genkern.get_backend() == "reference"
+    finally:
+        genkern.set_backend(None)
+    with pytest.raises(ValueError):
+        genkern.set_backend("fast")
+
+
+def test_auto_backend_is_the_compiled_one_on_cpu():
+    assert genkern.backend.resolve(None, torch.device("cpu"), torch.float32) == "cpu"
+    assert genkern.backend.resolve(None, torch.device("cpu"), torch.float16) == "reference"
