@@ -35,29 +35,37 @@ GK_HD float log_core(float f, float e) {
   return fma32(e, 0.693359375f, f + y);
 }
 
-// Natural log of a positive, normal, finite float.
-GK_HD float log(float x) {
+// log x = log(1 + f) + e ln2 with 1 + f in [sqrt(1/2), sqrt(2)): the reduction of a positive, normal float.
+struct LogArg {
+  float f, e;
+};
+
+GK_HD LogArg log_reduce(float x) {
   const uint32_t bits = float_to_bits(x);
   const float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
   const bool big = m > 1.41421356f;
   // Selects of plain values only (no calls in either arm), so the vectoriser can if-convert.
-  const float m_reduced = big ? 0.5f * m : m;                          // [sqrt(1/2), sqrt(2)), exact
+  const float m_reduced = big ? 0.5f * m : m;  // exact
   const int32_t e = static_cast<int32_t>(bits >> 23) - 127 + (big ? 1 : 0);
-  return log_core(m_reduced - 1.0f, static_cast<float>(e));
+  return LogArg{m_reduced - 1.0f, static_cast<float>(e)};
+}
+
+// Natural log of a positive, normal, finite float.
+GK_HD float log(float x) {
+  const LogArg a = log_reduce(x);
+  return log_core(a.f, a.e);
 }
 
 // log(((k + 0.5) * 2^-24)) for a 24-bit k: the log of a genkern uniform, evaluated on the exact value.
 // Above 1/2 the uniform has no float32 representation, but 1 - u does, so log1p(-(1 - u)) is used there.
 GK_HD float log_uniform24(uint32_t k) {
   const bool upper = k >= (1u << 23);
-  const float w = static_cast<float>(2u * ((1u << 24) - k) - 1u) * 0x1p-25f;   // 1 - u, exact (upper only)
+  const float w = static_cast<float>(2u * ((1u << 24) - k) - 1u) * 0x1p-25f;  // 1 - u, exact (upper only)
   const bool near_one = w <= 0.29289321881f;
-  const float f_upper = near_one ? -w : 1.0f - 2.0f * w;                      // exact either way
+  const float f_upper = near_one ? -w : 1.0f - 2.0f * w;                     // exact either way
   const float e_upper = near_one ? 0.0f : -1.0f;
-  const float u_lower = static_cast<float>(2u * k + 1u) * 0x1p-25f;            // exact below 1/2
-  const float log_upper = log_core(f_upper, e_upper);
-  const float log_lower = gk::log(u_lower);
-  return upper ? log_upper : log_lower;
+  const LogArg lower = log_reduce(static_cast<float>(2u * k + 1u) * 0x1p-25f);  // u exact below 1/2
+  return log_core(upper ? f_upper : lower.f, upper ? e_upper : lower.e);
 }
 
 // e^x for float32, correct overflow to inf, gradual underflow, NaN preserved (Cephes expf polynomial).

@@ -5,6 +5,7 @@
 
 #include "../array.h"
 #include "../common/normal.h"
+#include "philox_blocks.h"
 
 namespace gk {
 namespace cpu {
@@ -30,18 +31,19 @@ void dispatch_float(DType dtype, const Args& args) {
 }
 
 // out[0, count) = stream normals of flat elements [start, start + count), count <= kChunk.
-// Whole Philox blocks are generated in a loop the compiler vectorises, then the window is copied out.
+// Whole Philox blocks are generated, Box-Muller runs over them in a vectorised loop, and the window is
+// copied out.
 inline void stream_normals_span(uint64_t seed, uint64_t offset, int64_t start, int64_t count, float* out) {
-  alignas(64) float buffer[kChunk + 8];
+  constexpr int64_t kBlocks = kChunk / 4 + 2;
+  alignas(64) uint32_t x0[kBlocks], x1[kBlocks], x2[kBlocks], x3[kBlocks];
+  alignas(64) float buffer[4 * kBlocks];
   const int64_t first_block = start >> 2;
   const int64_t blocks = ((start + count + 3) >> 2) - first_block;
+  philox_blocks(seed, offset, static_cast<uint64_t>(first_block), blocks, x0, x1, x2, x3);
 #pragma omp simd
   for (int64_t b = 0; b < blocks; ++b) {
-    const Normal4 n = stream_normals(seed, offset, static_cast<uint64_t>(first_block + b));
-    buffer[4 * b + 0] = n.z[0];
-    buffer[4 * b + 1] = n.z[1];
-    buffer[4 * b + 2] = n.z[2];
-    buffer[4 * b + 3] = n.z[3];
+    box_muller(x0[b], x1[b], &buffer[4 * b + 0], &buffer[4 * b + 1]);
+    box_muller(x2[b], x3[b], &buffer[4 * b + 2], &buffer[4 * b + 3]);
   }
   std::copy(buffer + (start & 3), buffer + (start & 3) + count, out);
 }
