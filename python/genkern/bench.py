@@ -8,8 +8,9 @@ engine knows nothing about particular ops. For every case and size it times
     genkern:<name>   each genkern backend that runs on the device
 
 and reports the median time, the speedups, and the achieved bandwidth next to the device's copy bandwidth,
-measured in the same run: the ops are memory-bound, so "% of copy" says how close each one gets to the
-limit of the hardware it ran on. Only the forward pass is timed.
+measured in the same run. For a memory-bound op "% of copy" says how close it gets to the limit of the
+hardware it ran on; a low figure means compute (drawing noise, say) is the bottleneck instead. Only the
+forward pass is timed.
 """
 from __future__ import annotations
 
@@ -299,8 +300,10 @@ def _ratio(baseline_ms: float | None, ms: float | None) -> float | None:
 
 
 def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
-    """Time every case x size x implementation of `config`; returns the report (see `write_json`)."""
+    """Time every case x size x implementation of `config`. Returns the report that `genkern bench`
+    writes as JSON: run-level facts (device, copy bandwidth, versions, ...) and one row per measurement."""
     say = progress or (lambda message: None)
+    started = time.perf_counter()
     info = describe_device(config.device)
     say(f"[copy] {format_size(max(config.sizes))} float32 copy bandwidth on {info.name}")
     copy_gbps = copy_bandwidth_gbps(max(config.sizes), config.device, config.repeats)
@@ -313,10 +316,11 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
             for label, fn in implementations(case, config.backends, config.use_compile):
                 step += 1
                 say(f"[{step}/{total}] {case.name} {format_size(size)} {label}")
-                rows.append(_row(case, size, config.dtype, label, _measure(label, fn, args, config.device, config.repeats)))
+                measured = _measure(label, fn, args, config.device, config.repeats)
+                rows.append(_row(case, size, config.dtype, label, measured))
             del args  # free the inputs before the next case allocates its own
     _add_ratios(rows, copy_gbps)
-    return _report(config, info, copy_gbps, rows)
+    return _report(config, info, copy_gbps, rows, elapsed_s=time.perf_counter() - started)
 
 
 def versions() -> dict[str, str]:
@@ -335,7 +339,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _report(config: Config, info: DeviceInfo, copy_gbps: float, rows: list[dict]) -> dict:
+def _report(config: Config, info: DeviceInfo, copy_gbps: float, rows: list[dict], elapsed_s: float) -> dict:
     return {
         "device": info.name,
         "device_kind": config.device.type,
@@ -348,6 +352,7 @@ def _report(config: Config, info: DeviceInfo, copy_gbps: float, rows: list[dict]
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": list(config.command),
+        "elapsed_s": round(elapsed_s, 1),  # the whole run, compilation included
         "rows": rows,
     }
 
@@ -385,7 +390,8 @@ def format_table(report: dict) -> str:
     left = {0, 1, 2}  # text columns; numbers are right-aligned
 
     def fmt(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
 
     dtypes = sorted({r["dtype"] for r in report["rows"]})
     lines = [
@@ -402,8 +408,17 @@ def format_table(report: dict) -> str:
             lines.append("")
         previous = (row["op"], row["size"])
         lines.append(fmt(cells))
-    compile_times = [f"{r['op']} {format_size(r['size'])} {r['compile_s']:.1f}s"
-                     for r in report["rows"] if r.get("compile_s") is not None]
-    if compile_times:
-        lines += ["", "torch.compile time (first call, not in the timings): " + ", ".join(compile_times)]
-    return "\n".join(lines)
+    return "\n".join(lines + _compile_times(report["rows"]))
+
+
+def _compile_times(rows: list[dict]) -> list[str]:
+    """One line per op: how long torch.compile's first call took at each size (left out of the timings)."""
+    per_op: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("compile_s") is not None:
+            per_op.setdefault(r["op"], []).append(f"{format_size(r['size'])} {r['compile_s']:.1f}s")
+    if not per_op:
+        return []
+    width = max(map(len, per_op))
+    return ["", "torch.compile time (first call per shape, not in the timings):",
+            *(f"  {op.ljust(width)}  {', '.join(times)}" for op, times in per_op.items())]

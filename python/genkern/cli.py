@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                                    f"(default: {DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda)")
     b.add_argument("--backends", help="comma-separated genkern backends (default: all that run on the device)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    b.add_argument("--repeats", type=int, help="timed runs per measurement, the median is reported "
-                                              f"(default: {DEFAULT_REPEATS['cpu']} on cpu, {DEFAULT_REPEATS['cuda']} on cuda)")
+    b.add_argument("--repeats", type=int, help="timed runs per measurement, the median is reported (default: "
+                                              f"{DEFAULT_REPEATS['cpu']} on cpu, {DEFAULT_REPEATS['cuda']} on cuda)")
     b.add_argument("--output", help="JSON path (default: benchmarks/results/<device>.json when that "
                                     "directory exists, else ./genkern-bench-<device>.json)")
     b.add_argument("--no-compile", dest="use_compile", action="store_false", help="skip torch.compile")
