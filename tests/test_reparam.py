@@ -370,3 +370,15 @@ def test_set_backend_process_wide_and_as_context():
 def test_auto_backend_is_the_compiled_one_on_cpu():
     assert genkern.backend.resolve(None, torch.device("cpu"), torch.float32) == "cpu"
     assert genkern.backend.resolve(None, torch.device("cpu"), torch.float16) == "reference"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_iwae_non_finite_weights_follow_logsumexp(backend):
+    log_px_z, z, mu, logvar = _iwae_inputs(3, 4, 5, torch.float32, device_for(backend))
+    log_px_z = log_px_z.clone()
+    log_px_z[:, 0] = -math.inf  # every weight zero: the bound is -inf
+    log_px_z[1, 1] = math.nan  # a NaN weight poisons its example
+    log_px_z[0, 2] = math.inf
+    got = genkern.iwae_bound(log_px_z, z, mu, logvar, backend=backend).cpu()
+    expected = ref.iwae_bound(log_px_z.cpu(), z.cpu(), mu.cpu(), logvar.cpu())
+    torch.testing.assert_close(got, expected, equal_nan=True)

@@ -210,7 +210,9 @@ struct IwaeKernel {
         for (int64_t d = 0; d < D; ++d) latent += iwae_latent_term(zk[d], m[d], lv[d]);
         const T lw = log_px_z[k * B + b] + latent;
         log_w[k * B + b] = lw;
-        if (lw > running_max) {
+        if (lw != lw) {  // NaN poisons the bound, as in torch.logsumexp
+          running_max = lw;
+        } else if (lw > running_max) {
           running_sum = running_sum * std::exp(running_max - lw) + T(1);
           running_max = lw;
         } else {
