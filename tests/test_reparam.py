@@ -379,6 +379,7 @@ def test_iwae_non_finite_weights_follow_logsumexp(backend):
     log_px_z[:, 0] = -math.inf  # every weight zero: the bound is -inf
     log_px_z[1, 1] = math.nan  # a NaN weight poisons its example
     log_px_z[0, 2] = math.inf
+    log_px_z[0, 3] = -math.inf  # a zero weight among finite ones
     got = genkern.iwae_bound(log_px_z, z, mu, logvar, backend=backend).cpu()
     expected = ref.iwae_bound(log_px_z.cpu(), z.cpu(), mu.cpu(), logvar.cpu())
     torch.testing.assert_close(got, expected, equal_nan=True)

@@ -212,6 +212,8 @@ struct IwaeKernel {
         log_w[k * B + b] = lw;
         if (lw != lw) {  // NaN poisons the bound, as in torch.logsumexp
           running_max = lw;
+        } else if (lw == -std::numeric_limits<T>::infinity()) {
+          continue;  // a zero weight adds nothing (and -inf - -inf must not reach exp)
         } else if (lw > running_max) {
           running_sum = running_sum * std::exp(running_max - lw) + T(1);
           running_max = lw;

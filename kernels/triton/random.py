@@ -8,6 +8,8 @@ Triton, CPU and CUDA backends give the same bits:
 * Normals by Box-Muller on lane pairs (0, 1) and (2, 3), with gk::log_uniform24 and
   gk::sincos_2pi_uniform24 ported exactly (same integer reductions, same polynomials, explicit fma).
 * exp_f32 / log_f32 are gk::exp / gk::log (Cephes), not tl.exp / tl.log, so all backends agree to the ulp.
+  (float64 has no port: gk::exp(double) is libm's exp, here tl.exp, i.e. libdevice on GPUs and numpy under
+  the interpreter, which differs from glibc by an ulp now and then.)
 
 Kernels are launched with enable_fp_fusion=False: the C++ side compiles with FP contraction off, and a
 fused multiply-add that the C++ does not do would change the last bit.
@@ -33,7 +35,7 @@ TWO_M25 = tl.constexpr(2.0**-25)  # 0x1p-25f
 BLOCK = 1024
 NUM_WARPS = 4
 
-# Where a launch's key arguments start: (seed_lo, seed_hi, offset_lo, offset_hi), all int32.
+# The kernels' key arguments, int32 halves of seed and offset (see key_args): never specialised.
 KEY_ARGS = ["seed_lo", "seed_hi", "off_lo", "off_hi"]
 
 
@@ -102,14 +104,22 @@ def log_core(f, e):
 
 
 @triton.jit
-def log_f32(x):
-    """Natural log of a positive, normal, finite float32 (gk::log)."""
+def log_reduce(x):
+    """(f, e) with log x = log(1 + f) + e*ln2 and 1 + f in [sqrt(1/2), sqrt(2)), for a positive normal
+    float32 x (gk::log_reduce)."""
     bits = x.to(tl.uint32, bitcast=True)
-    e = (bits >> 23).to(tl.int32) - 127
     m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # [1, 2)
     big = m > 1.41421356
-    f = tl.where(big, tl.fma(m, 0.5, -1.0), m - 1.0)
-    return log_core(f, (e + big.to(tl.int32)).to(tl.float32))
+    m_reduced = tl.where(big, 0.5 * m, m)  # exact
+    e = (bits >> 23).to(tl.int32) - 127 + big.to(tl.int32)
+    return m_reduced - 1.0, e.to(tl.float32)
+
+
+@triton.jit
+def log_f32(x):
+    """Natural log of a positive, normal, finite float32 (gk::log)."""
+    f, e = log_reduce(x)
+    return log_core(f, e)
 
 
 @triton.jit
@@ -120,10 +130,11 @@ def log_uniform24(k):
     # Above 1/2 the uniform has no float32 representation but 1 - u does: log1p(-(1 - u)) there.
     w = ((1 << 25) - 2 * ki - 1).to(tl.float32) * TWO_M25  # 1 - u, exact (upper only)
     near_one = w <= 0.29289321881
-    f_upper = tl.where(near_one, -w, tl.fma(w, -2.0, 1.0))
+    f_upper = tl.where(near_one, -w, 1.0 - 2.0 * w)  # exact either way
     e_upper = tl.where(near_one, 0.0, -1.0)
-    u_lower = (2 * ki + 1).to(tl.float32) * TWO_M25  # exact below 1/2
-    return tl.where(upper, log_core(f_upper, e_upper), log_f32(u_lower))
+    f_lower, e_lower = log_reduce((2 * ki + 1).to(tl.float32) * TWO_M25)  # u exact below 1/2
+    # One polynomial for both halves: select its arguments, not two results.
+    return log_core(tl.where(upper, f_upper, f_lower), tl.where(upper, e_upper, e_lower))
 
 
 @triton.jit
@@ -158,7 +169,8 @@ def sincos_2pi_uniform24(k):
 @triton.jit
 def exp_f32(x):
     """e^x for float32 (gk::exp, Cephes expf): overflow to inf, gradual underflow, NaN preserved."""
-    xc = tl.where(x > 88.8, 88.8, tl.where(x < -104.0, -104.0, x))
+    xc = tl.where(x > 88.8, 88.8, x)
+    xc = tl.where(xc < -104.0, -104.0, xc)
     n = tl.floor(tl.fma(xc, 1.44269504088896341, 0.5))
     r = tl.fma(n, -0.693359375, xc)
     r = tl.fma(n, 2.12194440e-4, r)
@@ -168,11 +180,11 @@ def exp_f32(x):
     p = tl.fma(p, r, 1.6666665459e-1)
     p = tl.fma(p, r, 5.0000001201e-1)
     y = tl.fma(p, r * r, r) + 1.0
-    # 2^n as two factors so that n in [-150, 129] needs no special cases. NaN x gives garbage n here,
-    # discarded by the final select; the split n1 = trunc(n / 2) matches the C++ integer division.
-    ni = tl.where(x != x, 0.0, n).to(tl.int32)
-    n1 = tl.where(ni < 0, -((-ni) >> 1), ni >> 1)
-    n2 = ni - n1
+    # 2^n in two factors so that n in [-150, 128] needs no special cases. A NaN x would make n NaN, whose
+    # int conversion LLVM leaves undefined: use 0 there (the final select returns x anyway).
+    n = tl.where(x != x, 0.0, n)
+    n1 = (n * 0.5).to(tl.int32)  # truncates toward zero, as the C++ cast
+    n2 = n.to(tl.int32) - n1
     s1 = ((n1 + 127) << 23).to(tl.float32, bitcast=True)
     s2 = ((n2 + 127) << 23).to(tl.float32, bitcast=True)
     result = y * s1 * s2
@@ -201,7 +213,8 @@ def log_t(x):
 
 @triton.jit
 def to_dtype(x, dtype: tl.constexpr):
-    """x (float32 or float64) rounded to nearest-even in `dtype`, for stores.
+    """x (float32 or float64) rounded to nearest-even in `dtype`, for stores (float64 reaches bfloat16
+    through float32; the reparam kernels never ask for that, computing in float64 only for float64 outputs).
 
     bfloat16 is rounded by hand: the same result as the GPU's cvt.rn.bf16.f32, but also right under
     TRITON_INTERPRET=1, whose float32 -> bfloat16 cast truncates."""

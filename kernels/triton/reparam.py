@@ -25,6 +25,9 @@ LOG_2PI = tl.constexpr(1.8378770664093454835606594728112)  # gk::reparam::kLog2P
 
 BLOCK = 1024  # elements per program of the elementwise kernels (a multiple of 4)
 TILE = 2048  # elements per [BLOCK_D, BLOCK_R] tile of the reduction kernels
+# Kernels that draw a normal per element (a Philox call and a Box-Muller each) use half-size blocks/tiles:
+# at 16 elements a thread they needed over 200 registers on sm_90, at 8 under 100 (no spills either way).
+RANDOM_SHRINK = 2
 NUM_WARPS = 4
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -116,15 +119,18 @@ def _tile(base, rmask, d0, dim, inner, BLOCK_D: tl.constexpr, INNER_ONE: tl.cons
     return offs, rmask[None, :] & (d < dim)[:, None]
 
 
-def _reduce_config(outer, dim, inner):
-    """(grid, BLOCK_R, BLOCK_D, INNER_ONE) for an (outer, dim, inner) reduction tiled as in the docstring."""
+def _reduce_config(outer, dim, inner, random=False):
+    """(grid, BLOCK_R, BLOCK_D, INNER_ONE) for an (outer, dim, inner) reduction tiled as in the docstring.
+
+    random: the kernel draws normals per element (smaller tiles)."""
+    tile = TILE // RANDOM_SHRINK if random else TILE
     if inner == 1:
         block_d = min(triton.next_power_of_2(max(dim, 1)), 512)
-        block_r = min(triton.next_power_of_2(outer), max(1, TILE // block_d))
+        block_r = min(triton.next_power_of_2(outer), max(1, tile // block_d))
         grid = (triton.cdiv(outer, block_r),)
     else:
         block_r = min(triton.next_power_of_2(inner), 256)
-        block_d = min(triton.next_power_of_2(max(dim, 1)), max(1, TILE // block_r))
+        block_d = min(triton.next_power_of_2(max(dim, 1)), max(1, tile // block_r))
         grid = (outer * triton.cdiv(inner, block_r),)
     return grid, block_r, block_d, inner == 1
 
@@ -156,12 +162,15 @@ def _launch(kernel, grid, *args, **meta):
 
 @triton.jit(do_not_specialize=KEY_ARGS)
 def _sample_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, n, total, seed_lo, seed_hi, off_lo, off_hi,
-                   HAS_EPS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+                   ONE_SAMPLE: tl.constexpr, HAS_EPS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     start = pid * BLOCK  # flat index k * n + j of z, which is also its stream index
     offs = start + tl.arange(0, BLOCK)
     mask = offs < total
-    j = offs % n
+    if ONE_SAMPLE:
+        j = offs  # skip the 64-bit modulo (a slow software sequence on GPUs)
+    else:
+        j = offs % n
     mu = tl.load(mu_ptr + j, mask=mask).to(CT)
     lv = tl.load(lv_ptr + j, mask=mask).to(CT)
     if HAS_EPS:
@@ -182,7 +191,8 @@ def sample(mu, logvar, eps, z, seed, offset):
         return z
     grid = (triton.cdiv(total, BLOCK),)
     _launch(_sample_kernel, grid, mu, logvar, eps if eps is not None else z, z, n, total,
-            *key_args(seed, offset), HAS_EPS=eps is not None, CT=_compute_type(mu), BLOCK=BLOCK)
+            *key_args(seed, offset), ONE_SAMPLE=total == n, HAS_EPS=eps is not None, CT=_compute_type(mu),
+            BLOCK=BLOCK)
     return z
 
 
@@ -221,10 +231,11 @@ def sample_backward(grad_z, mu, logvar, eps, grad_mu, grad_logvar, seed, offset)
     if n == 0:
         return grad_mu, grad_logvar
     samples = grad_z.numel() // n
-    grid = (triton.cdiv(n, BLOCK),)
+    block = BLOCK // RANDOM_SHRINK if eps is None else BLOCK
+    grid = (triton.cdiv(n, block),)
     _launch(_sample_backward_kernel, grid, grad_z, logvar, eps if eps is not None else grad_z,
             grad_mu, grad_logvar, n, samples, *key_args(seed, offset),
-            HAS_EPS=eps is not None, CT=_compute_type(mu), BLOCK=BLOCK)
+            HAS_EPS=eps is not None, CT=_compute_type(mu), BLOCK=block)
     return grad_mu, grad_logvar
 
 
@@ -245,15 +256,20 @@ def _sample_kl_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, outer, dim, inner,
         offs, mask = _tile(base, rmask, d0, dim, inner, BLOCK_D, INNER_ONE)
         mu = tl.load(mu_ptr + offs, mask=mask).to(CT)
         lv = tl.load(lv_ptr + offs, mask=mask).to(CT)
-        acc += tl.where(mask, _kl_term(mu, lv), 0.0)
         if WRITE_Z:
             if HAS_EPS:
                 eps = tl.load(eps_ptr + offs, mask=mask).to(CT)
             else:
                 # the flat offset is the stream index; a tile row is not whole Philox blocks in general
                 eps = stream_normal(seed_lo, seed_hi, off_lo, off_hi, offs).to(CT)
-            z = mu + exp_t(0.5 * lv) * eps
+            # gk::reparam::sample_and_kl: one exp serves z and the KL term (sigma^2 for exp(logvar))
+            sigma = exp_t(0.5 * lv)
+            z = mu + sigma * eps
             tl.store(z_ptr + offs, to_dtype(z, z_ptr.dtype.element_ty), mask=mask)
+            term = 0.5 * (mu * mu + sigma * sigma - 1.0 - lv)
+        else:
+            term = _kl_term(mu, lv)
+        acc += tl.where(mask, term, 0.0)
     tl.store(kl_ptr + o * inner + i, to_dtype(tl.sum(acc, axis=0), kl_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -274,7 +290,7 @@ def sample_kl(mu, logvar, eps, z, kl, outer, dim, inner, seed, offset):
     _check(mu.dtype, mu=mu, logvar=logvar, eps=eps, z=z, kl=kl)
     if outer * inner == 0:
         return z, kl
-    grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
+    grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner, random=eps is None)
     _launch(_sample_kl_kernel, grid, mu, logvar, eps if eps is not None else mu, z, kl,
             outer, dim, inner, *key_args(seed, offset),
             WRITE_Z=True, HAS_EPS=eps is not None, CT=_compute_type(mu),
@@ -333,7 +349,8 @@ def _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, 
                         seed, offset):
     if outer * dim * inner == 0:
         return grad_mu, grad_logvar
-    grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
+    random = grad_z is not None and eps is None
+    grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner, random=random)
     _launch(_sample_kl_backward_kernel, grid,
             grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
             mu, logvar, eps if eps is not None else mu, grad_mu, grad_logvar,
@@ -448,17 +465,17 @@ def _iwae_kernel(lpx_ptr, z_ptr, mu_ptr, lv_ptr, bound_ptr, lw_ptr, samples, bat
             acc += tl.where(mask, _iwae_latent_term(z, mu, lv), 0.0)
         lw = tl.load(lpx_ptr + row, mask=bmask).to(CT) + tl.sum(acc, axis=0)
         tl.store(lw_ptr + row, to_dtype(lw, lw_ptr.dtype.element_ty), mask=bmask)
-        # Streaming logsumexp; while every log_w so far is -inf, shift by 0 so that no inf - inf appears.
-        m_new = tl.maximum(m, lw)
+        # Streaming logsumexp. NaN poisons the max (and so the bound), as in torch.logsumexp; while the max
+        # is -inf, shift by 0 so that no inf - inf appears.
+        m_new = tl.maximum(m, lw, propagate_nan=tl.PropagateNan.ALL)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * exp_t(m - shift) + exp_t(lw - shift)
         m = m_new
         row += batch
-    log_k = log_t(samples.to(CT))
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    bound = shift + log_t(s) - log_k
-    # s == 0 only when every log_w is -inf: the bound is -inf then (log_t needs a positive argument).
-    bound = tl.where(s > 0.0, bound, float("-inf"))
+    # A max of -inf (all weights -inf), +inf or NaN is the bound itself, as logsumexp gives.
+    finite = tl.abs(m) < float("inf")
+    log_s = log_t(tl.where(finite, s, 1.0))  # s >= 1 when finite; log_t needs a positive argument
+    bound = tl.where(finite, m + log_s - log_t(samples.to(CT)), m)
     tl.store(bound_ptr + b, to_dtype(bound, bound_ptr.dtype.element_ty), mask=bmask)
 
 
@@ -531,8 +548,10 @@ def iwae_backward(grad_bound, log_w, bound, z, mu, logvar, grad_log_px_z, grad_z
     samples, batch, dim = _iwae_shape(z)
     if batch == 0 or samples == 0:
         return grad_log_px_z, grad_z, grad_mu, grad_logvar
+    # half-size tiles: mu, logvar and two accumulators stay live across the k loop (~175 registers at
+    # 16 elements a thread on sm_90, ~96 at 8)
     block_d = min(triton.next_power_of_2(max(dim, 1)), 256)
-    block_b = min(triton.next_power_of_2(batch), max(1, TILE // block_d))
+    block_b = min(triton.next_power_of_2(batch), max(1, TILE // 2 // block_d))
     d_blocks = max(1, triton.cdiv(dim, block_d))
     grid = (triton.cdiv(batch, block_b) * d_blocks,)
     _launch(_iwae_backward_kernel, grid, grad_bound, log_w, bound, z, mu, logvar,
