@@ -3,7 +3,13 @@
 
 #include <pybind11/stl.h>
 
+#include "cpu/memory.h"
+
 namespace gk {
+
+void prepare_output(const Array& out) {
+  if (out.device == Device::cpu) cpu::advise_huge_pages(out.raw(), out.numel() * dtype_size(out.dtype));
+}
 
 [[noreturn]] void throw_no_cuda() {
   throw ValueError("genkern was built without CUDA kernels (no CUDA compiler at build time)");

@@ -36,6 +36,12 @@ struct Checked {
 
 [[noreturn]] void throw_no_cuda();
 
+// Call on each large output before a CPU kernel writes it (see cpu/memory.h).
+void prepare_output(const Array& out);
+inline void prepare_output(const OptArray& out) {
+  if (out) prepare_output(*out);
+}
+
 // The CUDA version of a kernel, or nullptr in a build without CUDA.
 #ifdef GENKERN_WITH_CUDA
 #define GK_CUDA(fn) (fn)

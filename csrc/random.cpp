@@ -14,6 +14,7 @@ void stream_bits(const Array& out, uint64_t seed, uint64_t offset, uintptr_t str
   check_dtype(out, DType::uint32, "out");
   const random::StreamArgs args{out.raw(), out.numel(), seed, offset, out.dtype};
   if (args.n == 0) return;
+  prepare_output(out);
   run_on_device(out, args, stream, random::bits_cpu, GK_CUDA(random::bits_cuda));
 }
 
@@ -22,6 +23,7 @@ void stream_normal(const Array& out, uint64_t seed, uint64_t offset, uintptr_t s
   check_float(out, "out");
   const random::StreamArgs args{out.raw(), out.numel(), seed, offset, out.dtype};
   if (args.n == 0) return;
+  prepare_output(out);
   run_on_device(out, args, stream, random::normal_cpu, GK_CUDA(random::normal_cuda));
 }
 

@@ -27,6 +27,7 @@ void sample(const Array& mu, const Array& logvar, const OptArray& eps, const Arr
   if (eps) check_numel(*eps, z.numel(), "eps");
   if (z.numel() == 0) return;
   const SampleArgs args{mu.raw(), logvar.raw(), data_or_null(eps), z.raw(), n, z.numel() / n, seed, offset, mu.dtype};
+  prepare_output(z);
   run_on_device(mu, args, stream, sample_cpu, GK_CUDA(sample_cuda));
 }
 
@@ -43,6 +44,8 @@ void sample_backward(const Array& grad_z, const Array& mu, const Array& logvar, 
   const SampleBackwardArgs args{grad_z.raw(), mu.raw(),      logvar.raw(),         data_or_null(eps), grad_mu.raw(),
                                 grad_logvar.raw(), n,        grad_z.numel() / n,   seed,              offset,
                                 mu.dtype};
+  prepare_output(grad_mu);
+  prepare_output(grad_logvar);
   run_on_device(mu, args, stream, sample_backward_cpu, GK_CUDA(sample_backward_cuda));
 }
 
@@ -66,6 +69,8 @@ void kl_backward(const Array& grad_kl, const Array& mu, const Array& logvar, con
   check_numel(grad_kl, s.rows(), "grad_kl");
   if (s.numel() == 0) return;
   const KlBackwardArgs args{grad_kl.raw(), mu.raw(), logvar.raw(), grad_mu.raw(), grad_logvar.raw(), s, mu.dtype};
+  prepare_output(grad_mu);
+  prepare_output(grad_logvar);
   run_on_device(mu, args, stream, kl_backward_cpu, GK_CUDA(kl_backward_cuda));
 }
 
@@ -78,6 +83,7 @@ void sample_kl(const Array& mu, const Array& logvar, const OptArray& eps, const 
   check_numel(out, s.rows(), "kl");
   if (s.rows() == 0) return;
   const SampleKlArgs args{mu.raw(), logvar.raw(), data_or_null(eps), z.raw(), out.raw(), s, seed, offset, mu.dtype};
+  prepare_output(z);
   run_on_device(mu, args, stream, sample_kl_cpu, GK_CUDA(sample_kl_cuda));
 }
 
@@ -96,6 +102,8 @@ void sample_kl_backward(const OptArray& grad_z, const OptArray& grad_kl, const A
   const SampleKlBackwardArgs args{data_or_null(grad_z), data_or_null(grad_kl), mu.raw(), logvar.raw(), data_or_null(eps),
                                   grad_mu.raw(),        grad_logvar.raw(),     s,        seed,         offset,
                                   mu.dtype};
+  prepare_output(grad_mu);
+  prepare_output(grad_logvar);
   run_on_device(mu, args, stream, sample_kl_backward_cpu, GK_CUDA(sample_kl_backward_cuda));
 }
 
@@ -135,6 +143,8 @@ void log_prob_backward(const Array& grad_out, const Array& z, const OptArray& mu
   if (s.numel() == 0) return;
   const LogProbBackwardArgs args{grad_out.raw(), z.raw(), data_or_null(mu), data_or_null(logvar), grad_z.raw(),
                                  data_or_null(grad_logvar), s, param_outer, z.dtype};
+  prepare_output(grad_z);
+  prepare_output(grad_logvar);
   run_on_device(z, args, stream, log_prob_backward_cpu, GK_CUDA(log_prob_backward_cuda));
 }
 
@@ -181,6 +191,7 @@ void iwae_backward(const Array& grad_bound, const Array& log_w, const Array& bou
   const IwaeBackwardArgs args{grad_bound.raw(), log_w.raw(),   bound.raw(),       z.raw(), mu.raw(),
                               logvar.raw(),     grad_log_px_z.raw(), grad_z.raw(), grad_mu.raw(), grad_logvar.raw(),
                               s.samples,        s.batch,       s.dim,             z.dtype};
+  prepare_output(grad_z);
   run_on_device(z, args, stream, iwae_backward_cpu, GK_CUDA(iwae_backward_cuda));
 }
 
