@@ -147,6 +147,9 @@ def test_gaussian_log_prob_broadcasts_parameters(backend, dtype):
     mu, logvar = make((3, 17), dtype, device, seed=4)
     expected = Normal(mu.cpu().double(), torch.exp(0.5 * logvar.cpu().double())).log_prob(z.cpu().double()).sum(-1)
     assert_close(genkern.gaussian_log_prob(z, mu, logvar, backend=backend).cpu(), expected, dtype, scale=30)
+    for dim in ((0, 2), 0):  # reduced dims that are not the trailing ones
+        expected = Normal(mu.cpu().double(), torch.exp(0.5 * logvar.cpu().double())).log_prob(z.cpu().double()).sum(dim)
+        assert_close(genkern.gaussian_log_prob(z, mu, logvar, dim=dim, backend=backend).cpu(), expected, dtype, scale=30)
     one = make((1, 17), dtype, device, seed=5)[0]  # a broadcast that needs expanding
     expected = Normal(one.cpu().double(), 1.0).log_prob(z.cpu().double()).sum(-1)
     assert_close(genkern.gaussian_log_prob(z, one, backend=backend).cpu(), expected, dtype, scale=30)
@@ -296,7 +299,8 @@ def test_opcheck(backend):
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_vae_loss():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_vae_loss(compiler):
     def loss(mu, logvar, x):
         z, kl = genkern.reparameterize_kl(mu, logvar, seed=3, offset=1)
         recon = genkern.gaussian_log_prob(x, z)
@@ -304,7 +308,7 @@ def test_torch_compile_fullgraph_vae_loss():
 
     mu, logvar = make((8, 16), torch.float32, "cpu", requires_grad=True)
     x = torch.randn(8, 16)
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(loss, fullgraph=True, backend=compiler)
     out = compiled(mu, logvar, x)
     out.backward()
     grads = mu.grad.clone(), logvar.grad.clone()

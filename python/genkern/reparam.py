@@ -97,6 +97,11 @@ def _broadcast_param(name: str, p: Tensor | None, z: Tensor, start: int) -> Tens
     lead = z.dim() - p.dim()
     if lead >= 0 and tuple(p.shape) == tuple(z.shape[lead:]) and lead <= start:
         return p
+    return _expanded(name, p, z)
+
+
+def _expanded(name: str, p: Tensor, z: Tensor) -> Tensor:
+    _checks.float_tensor(name, p)
     try:
         return p.expand(z.shape)
     except RuntimeError:
@@ -112,22 +117,15 @@ def gaussian_log_prob(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None
     _checks.float_tensor("z", z)
     start, end, perm = _dim_range("dim", dim, z.dim())
     if perm is not None:
+        mu = _expanded("mu", mu, z).permute(perm) if mu is not None else None
+        logvar = _expanded("logvar", logvar, z).permute(perm) if logvar is not None else None
         z = z.permute(perm)
-        mu = mu.expand_as(z.permute(_inverse(perm))).permute(perm) if mu is not None else None
-        logvar = logvar.expand_as(z.permute(_inverse(perm))).permute(perm) if logvar is not None else None
     mu = _broadcast_param("mu", mu, z, start)
     logvar = _broadcast_param("logvar", logvar, z, start)
     if mu is not None and logvar is not None and mu.shape != logvar.shape:
         mu, logvar = mu.expand(z.shape), logvar.expand(z.shape)
     name = _backend.resolve(backend, z.device, z.dtype)
     return torch.ops.genkern.gaussian_log_prob(z, mu, logvar, start, end, name)
-
-
-def _inverse(perm):
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
 
 
 def iwae_bound(log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, backend: str | None = None) -> Tensor:
