@@ -8,7 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 import genkern
 from genkern.reference import reparam as ref
-from conftest import TOLERANCE, assert_close, backend_dtype_params, device_for, interpreted, KERNEL_BACKENDS
+from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, dtypes_for, interpreted
 
 SHAPES = [(0,), (1,), (7,), (3, 5), (4, 0), (2, 3, 129)]
 BIG_SHAPE = (37, 4099)  # odd sizes crossing every chunk boundary of the CPU and GPU kernels
@@ -55,9 +55,10 @@ def test_reparameterize_draws_the_stream(backend, dtype):
     device = device_for(backend)
     for shape in shapes_for(backend):
         mu, logvar = make(shape, dtype, device)
-        z = genkern.reparameterize(mu, logvar, seed=17, offset=3, backend=backend)
-        expected = ref.reparameterize(mu.cpu(), logvar.cpu(), seed=17, offset=3)
-        assert_close(z.cpu(), expected, noise_tol(dtype))
+        for seed, offset in ((17, 3), (2**63 + 5, 2**64 - 1)):
+            z = genkern.reparameterize(mu, logvar, seed=seed, offset=offset, backend=backend)
+            expected = ref.reparameterize(mu.cpu(), logvar.cpu(), seed=seed, offset=offset)
+            assert_close(z.cpu(), expected, noise_tol(dtype))
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
@@ -211,15 +212,15 @@ BACKWARD_CASES = {
     "reparameterize_kl_dim0": (lambda mu, lv, backend: genkern.reparameterize_kl(mu, lv, seed=4, dim=0, backend=backend), 2),
     "log_prob": (lambda z, mu, lv, backend: genkern.gaussian_log_prob(z, mu, lv, backend=backend), 3),
     "log_prob_std": (lambda z, backend: genkern.gaussian_log_prob(z, backend=backend), 1),
-    "log_prob_broadcast": (lambda z, mu, lv, backend: genkern.gaussian_log_prob(z.reshape(2, 6, 7), mu, lv, backend=backend), 3),
+    "log_prob_broadcast": (lambda z, mu, lv, backend: genkern.gaussian_log_prob(z.reshape(2, *mu.shape), mu, lv, backend=backend), 3),
 }
 
 
-def _case_inputs(name, dtype, device):
-    a, b = make((6, 7), dtype, device, seed=1)
-    c = make((6, 7), dtype, device, seed=2)[0]
+def _case_inputs(name, dtype, device, cols=7):
+    a, b = make((6, cols), dtype, device, seed=1)
+    c = make((6, cols), dtype, device, seed=2)[0]
     if name == "log_prob_broadcast":
-        z = make((12, 7), dtype, device, seed=3)[0]
+        z = make((12, cols), dtype, device, seed=3)[0]
         return [z, a, b]
     return [a, b, c][: BACKWARD_CASES[name][1]]
 
@@ -245,6 +246,47 @@ def test_iwae_backward_matches_reference(backend, dtype):
         assert_close(g.cpu(), e, dtype, scale=10)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("used", ["z", "kl"])
+def test_reparameterize_kl_with_one_output_used(backend, used):
+    mu, logvar = make((5, 9), torch.float64 if backend != "triton" else torch.float32, device_for(backend))
+
+    def loss(m, lv, b):
+        z, kl = genkern.reparameterize_kl(m, lv, seed=2, backend=b)
+        return (z if used == "z" else kl).pow(2).sum()
+
+    got = _grads(lambda m, lv, backend: loss(m, lv, backend), [mu, logvar], backend)
+    expected = _grads(lambda m, lv, backend: loss(m, lv, backend), [mu.cpu(), logvar.cpu()], "reference")
+    for g, e in zip(got, expected):
+        assert_close(g.cpu(), e, torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if torch.float16 in dtypes_for(b)] or ["reference"])
+def test_iwae_half_precision_gradients_at_realistic_log_likelihoods(backend):
+    # log p(x|z) around -1000 (a decoder over hundreds of pixels): the softmax weights must still be right.
+    log_px_z, z, mu, logvar = _iwae_inputs(8, 3, 6, torch.float32, "cpu")
+    log_px_z = log_px_z * 20 - 1000
+    inputs = [t.to(device_for(backend), torch.float16) for t in (log_px_z, z, mu, logvar)]
+    got = _grads(genkern.iwae_bound, inputs, backend)
+    expected = _grads(genkern.iwae_bound, [t.cpu().double() for t in inputs], "reference")
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu().double(), e, atol=2e-3, rtol=2e-2)
+
+
+def test_zero_dimensional_tensors():
+    mu, logvar = torch.tensor(0.3, dtype=torch.float64), torch.tensor(-0.2, dtype=torch.float64)
+    for backend in GRADCHECK_BACKENDS:
+        kl = genkern.gaussian_kl(mu, logvar, dim=None, backend=backend)
+        assert kl.shape == ()
+        torch.testing.assert_close(kl, 0.5 * (mu * mu + logvar.exp() - 1 - logvar))
+        z, kl2 = genkern.reparameterize_kl(mu, logvar, seed=1, backend=backend)
+        assert z.shape == () and kl2.shape == ()
+        assert genkern.gaussian_log_prob(z, mu, logvar, backend=backend).shape == ()
+        assert torch.autograd.gradcheck(
+            lambda m, lv: genkern.gaussian_kl(m, lv, dim=None, backend=backend),
+            (mu.clone().requires_grad_(), logvar.clone().requires_grad_()))
+
+
 def test_reparameterize_gradient_is_the_analytic_one():
     mu, logvar = make((50,), torch.float64, "cpu", requires_grad=True)
     z = genkern.reparameterize(mu, logvar, seed=1)
@@ -253,20 +295,23 @@ def test_reparameterize_gradient_is_the_analytic_one():
     torch.testing.assert_close(logvar.grad, 0.5 * (z - mu).detach())  # d z / d logvar = (z - mu) / 2
 
 
-GRADCHECK_BACKENDS = [b for b in ("cpu", "reference") if b in genkern.backends()]
+# float64: cpu and reference, and triton where it runs float64 (on a GPU, or under the interpreter).
+GRADCHECK_BACKENDS = [b for b in ("cpu", "triton", "reference") if b in genkern.backends()]
 
 
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 @pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
 def test_gradcheck_float64(backend, case):
     fn, _ = BACKWARD_CASES[case]
-    inputs = [x.requires_grad_(True) for x in _case_inputs(case, torch.float64, "cpu")]
+    cols = 1 if interpreted(backend) else 7  # the interpreter pays per launch: fewer perturbations
+    inputs = [x.requires_grad_(True) for x in _case_inputs(case, torch.float64, device_for(backend), cols)]
     assert torch.autograd.gradcheck(lambda *xs: fn(*xs, backend=backend), inputs)
 
 
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 def test_gradcheck_iwae(backend):
-    inputs = [x.requires_grad_(True) for x in _iwae_inputs(4, 3, 5, torch.float64, "cpu")]
+    k, b, d = (2, 2, 2) if interpreted(backend) else (4, 3, 5)
+    inputs = [x.requires_grad_(True) for x in _iwae_inputs(k, b, d, torch.float64, device_for(backend))]
     assert torch.autograd.gradcheck(lambda *xs: genkern.iwae_bound(*xs, backend=backend), inputs)
 
 
@@ -275,19 +320,32 @@ def test_gradcheck_iwae(backend):
 
 def _opcheck_samples(backend, device):
     mu, lv = make((4, 6), torch.float32, device, requires_grad=True)
+    mu_t, lv_t = (t.detach().t().requires_grad_(True) for t in make((6, 4), torch.float32, device, seed=7))
+    mu4, lv4 = (t.to(memory_format=torch.channels_last).requires_grad_(True)
+                for t in make((2, 3, 4, 5), torch.float32, device, seed=8))
     z3 = make((2, 4, 6), torch.float32, device, seed=3, requires_grad=True)[0]
     lp = make((2, 4), torch.float32, device, seed=4, requires_grad=True)[0]
+    g = make((4, 6), torch.float32, device, seed=5)[0]
     ops = torch.ops.genkern
     return [
         (ops.reparameterize, (mu, lv, None, 1, 2, 0, backend)),
-        (ops.reparameterize, (mu, lv, None, -5, 2**40, 3, backend)),
-        (ops.reparameterize, (mu, lv, torch.randn(4, 6, device=device), 0, 0, 0, backend)),
+        (ops.reparameterize, (mu_t, lv_t, None, -5, 2**40, 3, backend)),
+        (ops.reparameterize, (mu, lv, torch.randn(4, 6, device=device, requires_grad=True), 0, 0, 0, backend)),
+        (ops.reparameterize_backward, (g.t().contiguous().t(), mu_t.detach(), lv_t.detach(), None, 1, 2, backend)),
         (ops.gaussian_kl, (mu, lv, 1, 2, backend)),
-        (ops.gaussian_kl, (mu, lv, 0, 1, backend)),
+        (ops.gaussian_kl, (mu_t, lv_t, 0, 1, backend)),
+        (ops.gaussian_kl, (mu4, lv4, 1, 4, backend)),
+        (ops.gaussian_kl_backward, (torch.randn(2, device=device), mu4.detach(), lv4.detach(), 1, 4, backend)),
         (ops.reparameterize_kl, (mu, lv, None, 7, 0, 1, 2, backend)),
+        (ops.reparameterize_kl, (mu4, lv4, None, 7, 3, 1, 4, backend)),
+        (ops.reparameterize_kl_backward,
+         (None, torch.randn(2, device=device), mu4.detach(), lv4.detach(), None, 7, 3, 1, 4, backend)),
         (ops.gaussian_log_prob, (z3, mu, lv, 2, 3, backend)),
-        (ops.gaussian_log_prob, (z3, None, None, 1, 3, backend)),
+        (ops.gaussian_log_prob, (z3.transpose(0, 1), None, None, 1, 3, backend)),
+        (ops.gaussian_log_prob_backward,
+         (torch.randn(2, 4, device=device), z3.detach(), mu.detach(), lv.detach(), 2, 3, backend)),
         (ops.iwae_bound, (lp, z3, mu, lv, backend)),
+        (ops.iwae_bound, (lp.t().contiguous().t(), z3, mu_t.detach().contiguous(), lv_t.detach().contiguous(), backend)),
         (ops.randn, ([3, 5], 1, 2, torch.float32, torch.device(device), backend)),
     ]
 
@@ -351,6 +409,31 @@ def test_bad_input_is_rejected_before_any_kernel():
     for fn, error, word in cases:
         with pytest.raises(error, match=word):
             fn()
+
+
+def test_bad_input_never_reaches_a_kernel(monkeypatch):
+    from genkern.ops import _backends
+
+    def no_kernels(*args):
+        raise AssertionError("a kernel was asked for despite bad input")
+
+    monkeypatch.setattr(_backends, "kernels", no_kernels)
+    mu, logvar = make((3, 4), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="logvar"):
+        genkern.reparameterize_kl(mu, logvar[:2], seed=0)
+    with pytest.raises(TypeError, match="dim"):
+        genkern.gaussian_kl(mu, logvar, dim=1.5)
+    with pytest.raises(TypeError, match="mu"):
+        genkern.gaussian_kl(mu.to(torch.float8_e4m3fn), logvar)
+    # The ops themselves check what the kernels rely on, whoever calls them.
+    with pytest.raises(ValueError, match="logvar"):
+        torch.ops.genkern.reparameterize(mu, torch.zeros(5), None, 1, 0, 0, "cpu")
+    with pytest.raises(ValueError, match="eps"):
+        torch.ops.genkern.reparameterize(mu, logvar, torch.zeros(2), 1, 0, 0, "cpu")
+    with pytest.raises(ValueError, match="mu"):
+        torch.ops.genkern.gaussian_log_prob(torch.zeros(5, 3, 4), torch.zeros(2, 4), None, 2, 3, "cpu")
+    with pytest.raises(ValueError, match="reduced dims"):
+        torch.ops.genkern.gaussian_kl(mu, logvar, 1, 0, "reference")
 
 
 def test_set_backend_process_wide_and_as_context():

@@ -13,9 +13,10 @@ namespace cpu {
 // Elements per chunk: the chunk's normals stay in L1 between generation and use.
 constexpr int64_t kChunk = 1024;
 
+// A single item runs on the calling thread: waking the pool costs more than a small kernel.
 template <typename Fn>
 void parallel_for(int64_t n, Fn fn) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 1)
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 

@@ -15,20 +15,20 @@ def tensor(name: str, x) -> torch.Tensor:
     return x
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def float_tensor(name: str, x) -> torch.Tensor:
     tensor(name, x)
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}")
     return x
 
 
 def like(name: str, x, ref_name: str, ref: torch.Tensor, *, shape: Sequence[int] | None = None) -> torch.Tensor:
     """x is a float tensor with ref's dtype and device, and the given shape (ref's shape by default)."""
     float_tensor(name, x)
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}")
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    same_place(name, x, ref_name, ref)
     expected = tuple(ref.shape) if shape is None else tuple(shape)
     if tuple(x.shape) != expected:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {expected}")
@@ -58,7 +58,12 @@ def reduced_dims(name: str, dim, ndim: int) -> tuple[int, ...]:
     """Normalise `dim` (an int, a sequence of ints, or None for all) to sorted, distinct, non-negative dims."""
     if dim is None:
         return tuple(range(ndim))
-    dims = [dim] if isinstance(dim, int) and not isinstance(dim, bool) else list(dim)
+    if isinstance(dim, (list, tuple)):
+        dims = list(dim)
+    elif hasattr(dim, "__index__") and not isinstance(dim, (bool, torch.Tensor)):
+        dims = [dim]
+    else:
+        raise TypeError(f"{name} must be an int, a sequence of ints or None, got {type(dim).__name__}")
     out = []
     for d in dims:
         d = integer(name, d)

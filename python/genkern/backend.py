@@ -5,7 +5,6 @@ fastest one available for the tensors' device and dtype, unless `set_backend` ch
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
@@ -63,7 +62,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
-class set_backend(contextlib.ContextDecorator):
+class set_backend:
     """Choose the backend for the whole process: `genkern.set_backend("triton")`, or scoped:
     `with genkern.set_backend("reference"): ...` (the previous choice comes back on exit). None restores auto."""
 
@@ -105,7 +104,10 @@ def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
 def auto(device: torch.device, dtype: torch.dtype) -> str:
     """The fastest backend for this device and dtype."""
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-    return next(b for b in order if runs_on(b, device, dtype))
+    for name in order:
+        if runs_on(name, device, dtype):
+            return name
+    raise ValueError(f"no genkern backend runs on {device.type} tensors of dtype {dtype}")
 
 
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:

@@ -16,7 +16,6 @@ from . import _checks, _native
 from . import backend as _backend
 from .ops import random as _ops
 
-UINT64_MAX = _checks.UINT64_MAX
 
 
 def philox4x32_10(counter, key) -> np.ndarray:
@@ -38,35 +37,46 @@ def resolve_seed(seed) -> int:
         # Two 32-bit draws: torch's random_() on int64 stops short of 2^63.
         hi, lo = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
         return (hi << 32) | lo
-    return _checks.integer("seed", seed, low=0, high=UINT64_MAX)
+    return _checks.integer("seed", seed, low=0, high=_checks.UINT64_MAX)
 
 
 def check_offset(offset) -> int:
-    return _checks.integer("offset", offset, low=0, high=UINT64_MAX)
+    return _checks.integer("offset", offset, low=0, high=_checks.UINT64_MAX)
 
 
 def _shape(shape) -> tuple[int, ...]:
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    for s in shape:
-        _checks.integer("shape", s, low=0)
-    return shape
+    if hasattr(shape, "__index__") and not isinstance(shape, torch.Tensor):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__}") from None
+    return tuple(_checks.integer("shape", s, low=0) for s in shape)
+
+
+def _device(device) -> torch.device:
+    try:
+        return torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {exc}") from None
 
 
 def randn(shape, *, seed=None, offset=0, device=None, dtype=torch.float32, backend=None) -> torch.Tensor:
-    """Standard normals of the stream for (seed, offset), element i from stream element i."""
+    """Standard normals of the stream for (seed, offset), element i from stream element i. (Under
+    torch.compile(fullgraph=True), pass an explicit seed.)"""
     shape = _shape(shape)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    seed, offset = resolve_seed(seed), check_offset(offset)
+    device = _device(device)
     name = _backend.resolve(backend, device, dtype)
+    seed, offset = resolve_seed(seed), check_offset(offset)
     return torch.ops.genkern.randn(list(shape), _ops.to_signed(seed), _ops.to_signed(offset), dtype, device, name)
 
 
 def bits(shape, *, seed=None, offset=0, device=None, backend=None) -> torch.Tensor:
     """The raw uint32 stream for (seed, offset), as a torch.uint32 tensor."""
     shape = _shape(shape)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    seed, offset = resolve_seed(seed), check_offset(offset)
+    device = _device(device)
     name = _backend.resolve(backend, device, torch.float32)
+    seed, offset = resolve_seed(seed), check_offset(offset)
     return _ops.bits(math.prod(shape), seed, offset, device, name).reshape(shape)

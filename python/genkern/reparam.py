@@ -22,11 +22,17 @@ from .random import check_offset, resolve_seed
 
 
 def _noise_args(eps, seed, offset, eps_shape, mu) -> tuple[int, int]:
-    """(seed, offset) for the op: only drawn when the kernel makes the noise itself."""
+    """(seed, offset) for the op: a seed is only drawn when the kernel makes the noise itself.
+
+    Under torch.compile(fullgraph=True) pass an explicit seed: drawing one from torch's generator reads a
+    tensor value on the host, which is a graph break."""
+    offset = check_offset(offset)
     if eps is not None:
         _checks.like("eps", eps, "mu", mu, shape=eps_shape)
+        if seed is not None:
+            resolve_seed(seed)  # still validated, though unused
         return 0, 0
-    return to_signed(resolve_seed(seed)), to_signed(check_offset(offset))
+    return to_signed(resolve_seed(seed)), to_signed(offset)
 
 
 def _mu_logvar(mu, logvar) -> None:
@@ -38,12 +44,19 @@ def _dim_range(name: str, dim, ndim: int) -> tuple[int, int, tuple[int, ...] | N
     """The reduced dims as a contiguous range [start, end), and the permutation that makes them one when
     they are not (the op then reduces the trailing dims of the permuted tensor)."""
     dims = _checks.reduced_dims(name, dim, ndim)
+    if ndim == 0:
+        return 0, 1, None  # a 0-d tensor is reduced as a 1-element vector (see _as_vector)
     if not dims:
         raise ValueError(f"{name} must name at least one dimension")
     if dims[-1] - dims[0] + 1 == len(dims):
         return dims[0], dims[-1] + 1, None
     kept = [d for d in range(ndim) if d not in dims]
     return len(kept), ndim, (*kept, *dims)
+
+
+def _as_vector(*tensors):
+    """0-d tensors as 1-element vectors: the ops reduce over a dim, and a reduction of one element is it."""
+    return [t.reshape(1) if t is not None and t.dim() == 0 else t for t in tensors]
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None, seed: int | None = None,
@@ -58,8 +71,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None, see
     if num_samples is not None:
         num_samples = _checks.integer("num_samples", num_samples, low=1)
     shape = tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
-    seed, offset = _noise_args(eps, seed, offset, shape, mu)
     name = _backend.resolve(backend, mu.device, mu.dtype)
+    seed, offset = _noise_args(eps, seed, offset, shape, mu)
     return torch.ops.genkern.reparameterize(mu, logvar, eps, seed, offset, num_samples or 0, name)
 
 
@@ -67,6 +80,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, dim=-1, *, backend: str | None = Non
     """KL(N(mu, exp(logvar)) || N(0, I)), summed over `dim` (an int, a tuple of ints, or None for all)."""
     _mu_logvar(mu, logvar)
     start, end, perm = _dim_range("dim", dim, mu.dim())
+    mu, logvar = _as_vector(mu, logvar)
     if perm is not None:
         mu, logvar = mu.permute(perm), logvar.permute(perm)
     name = _backend.resolve(backend, mu.device, mu.dtype)
@@ -79,13 +93,16 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None, 
     `gaussian_kl(mu, logvar, dim)`."""
     _mu_logvar(mu, logvar)
     start, end, perm = _dim_range("dim", dim, mu.dim())
-    seed, offset = _noise_args(eps, seed, offset, tuple(mu.shape), mu)
     name = _backend.resolve(backend, mu.device, mu.dtype)
+    seed, offset = _noise_args(eps, seed, offset, tuple(mu.shape), mu)
     if perm is not None:
         # The stream follows z's own element order, so z is made in place and only the KL is permuted.
         z = torch.ops.genkern.reparameterize(mu, logvar, eps, seed, offset, 0, name)
         return z, torch.ops.genkern.gaussian_kl(mu.permute(perm), logvar.permute(perm), start, end, name)
-    return torch.ops.genkern.reparameterize_kl(mu, logvar, eps, seed, offset, start, end, name)
+    shape = mu.shape
+    mu, logvar, eps = _as_vector(mu, logvar, eps)
+    z, kl = torch.ops.genkern.reparameterize_kl(mu, logvar, eps, seed, offset, start, end, name)
+    return z.reshape(shape), kl
 
 
 def _broadcast_param(name: str, p: Tensor | None, z: Tensor, start: int) -> Tensor | None:
@@ -116,6 +133,9 @@ def gaussian_log_prob(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None
     parameters) cost nothing, other broadcasts are expanded."""
     _checks.float_tensor("z", z)
     start, end, perm = _dim_range("dim", dim, z.dim())
+    if z.dim() == 0:
+        mu, logvar = (_expanded(n, p, z) if p is not None else None for n, p in (("mu", mu), ("logvar", logvar)))
+        z, mu, logvar = _as_vector(z, mu, logvar)
     if perm is not None:
         mu = _expanded("mu", mu, z).permute(perm) if mu is not None else None
         logvar = _expanded("logvar", logvar, z).permute(perm) if logvar is not None else None
@@ -144,5 +164,10 @@ def iwae_bound(log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, backe
     k, b = z.shape[:2]
     d = math.prod(z.shape[2:])
     name = _backend.resolve(backend, z.device, z.dtype)
+    dtype = z.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # The weights exp(log w - bound) of the backward need the log-weights at float32 precision: with
+        # |log p(x|z)| in the thousands, half-precision rounding of log w alone moves them by tens of percent.
+        log_px_z, z, mu, logvar = (t.float() for t in (log_px_z, z, mu, logvar))
     bound, _ = torch.ops.genkern.iwae_bound(log_px_z, z.reshape(k, b, d), mu.reshape(b, d), logvar.reshape(b, d), name)
-    return bound
+    return bound.to(dtype)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import functools
 import importlib
 
-from .. import _native
+import torch
 
-U64 = (1 << 64) - 1
+from .. import _native
+from .._checks import UINT64_MAX
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -15,8 +17,27 @@ def kernels(family: str, backend: str):
     if backend in ("cpu", "cuda"):
         return _native.Family(family)
     if backend == "triton":
-        return importlib.import_module(f"genkern.kernels.triton.{family}")
+        return _OnTensorsDevice(importlib.import_module(f"genkern.kernels.triton.{family}"))
     raise ValueError(f"no {family} kernels for backend {backend!r}")
+
+
+class _OnTensorsDevice:
+    """Triton launches on the current CUDA device: make that the device of the call's tensors."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._module, name)
+
+        def launch(*args):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            if device.type != "cuda":
+                return fn(*args)
+            with torch.cuda.device(device):
+                return fn(*args)
+
+        return launch
 
 
 def to_signed(x: int) -> int:
@@ -25,4 +46,4 @@ def to_signed(x: int) -> int:
 
 
 def to_unsigned(x: int) -> int:
-    return x & U64
+    return x & UINT64_MAX

@@ -68,8 +68,8 @@ def iwae_bound(log_px_z, z, mu, logvar):
 
 def _unsqueeze(g, dims, ndim):
     """A reduced gradient with the reduced dims put back as size 1, to broadcast over them."""
-    for d in sorted(x % ndim for x in dims):
-        g = g.unsqueeze(d)
+    for d in sorted(x % max(ndim, 1) for x in dims):
+        g = g.unsqueeze(d) if ndim else g
     return g
 
 
