@@ -2,7 +2,7 @@
 
 Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
 """
-from . import random
+from . import random, schedules
 from .backend import backends, get_backend, set_backend
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
@@ -19,5 +19,6 @@ __all__ = [
     "random",
     "reparameterize",
     "reparameterize_kl",
+    "schedules",
     "set_backend",
 ]
