@@ -376,7 +376,7 @@ def _log_prob_kernel(z_ptr, mu_ptr, lv_ptr, out_ptr, outer, dim, inner, param_ou
         offs, mask = _tile(base, rmask, d0, dim, inner, BLOCK_D, INNER_ONE)
         poffs, _ = _tile(pbase, rmask, d0, dim, inner, BLOCK_D, INNER_ONE)
         z = tl.load(z_ptr + offs, mask=mask).to(CT)
-        mu = z  # placeholder when absent (unused by the term)
+        mu = z  # a value of the right type; the term ignores it when the parameter is absent
         lv = z
         if HAS_MU:
             mu = tl.load(mu_ptr + poffs, mask=mask).to(CT)
