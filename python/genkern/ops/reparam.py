@@ -22,9 +22,9 @@ def _contig(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.contiguous()
 
 
-def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+def _empty(shape, like: Tensor) -> Tensor:
     """A fresh contiguous output: what the kernels write and what the fake implementations promise."""
-    return torch.empty(list(shape), dtype=dtype or like.dtype, device=like.device)
+    return torch.empty(list(shape), dtype=like.dtype, device=like.device)
 
 
 def _fresh(*outputs: Tensor):
@@ -48,9 +48,10 @@ def _check_range(x: Tensor, start: int, end: int) -> None:
     _require(0 <= start < end <= max(x.dim(), 1), f"reduced dims [{start}, {end}) out of range for {x.dim()} dims")
 
 
-def _check_eps(eps: Optional[Tensor], shape) -> None:
+def _check_eps(eps: Optional[Tensor], shape, mu: Tensor) -> None:
     if eps is not None:
         _require(tuple(eps.shape) == tuple(shape), f"eps has shape {tuple(eps.shape)}, expected {tuple(shape)}")
+        _require(eps.dtype == mu.dtype and eps.device == mu.device, "eps differs from mu in dtype or device")
 
 
 def _reduced(shape, start: int, end: int) -> list[int]:
@@ -70,7 +71,7 @@ def reparameterize(
 ) -> Tensor:
     _check_pair(mu, logvar)
     _require(num_samples >= 0, "num_samples must be >= 0 (0: no sample dimension)")
-    _check_eps(eps, _sample_shape(mu, num_samples))
+    _check_eps(eps, _sample_shape(mu, num_samples), mu)
     seed, offset = to_unsigned(seed), to_unsigned(offset)
     if backend == "reference":
         return _fresh(ref.reparameterize(mu, logvar, eps, seed, offset, num_samples or None))
@@ -91,7 +92,7 @@ def reparameterize_backward(
     _check_pair(mu, logvar)
     _require(grad_z.shape[grad_z.dim() - mu.dim():] == mu.shape and grad_z.dim() - mu.dim() in (0, 1),
              f"grad_z has shape {tuple(grad_z.shape)}, expected (K, *{tuple(mu.shape)}) or {tuple(mu.shape)}")
-    _check_eps(eps, grad_z.shape)
+    _check_eps(eps, grad_z.shape, mu)
     seed, offset = to_unsigned(seed), to_unsigned(offset)
     if backend == "reference":
         return _fresh(*ref.reparameterize_backward(grad_z, mu, logvar, eps, seed, offset))
@@ -194,7 +195,7 @@ def reparameterize_kl(
 ) -> tuple[Tensor, Tensor]:
     _check_pair(mu, logvar)
     _check_range(mu, start, end)
-    _check_eps(eps, mu.shape)
+    _check_eps(eps, mu.shape, mu)
     seed, offset = to_unsigned(seed), to_unsigned(offset)
     if backend == "reference":
         return _fresh(*ref.reparameterize_kl(mu, logvar, eps, seed, offset, tuple(range(start, end))))
@@ -217,7 +218,7 @@ def reparameterize_kl_backward(
 ) -> tuple[Tensor, Tensor]:
     _check_pair(mu, logvar)
     _check_range(mu, start, end)
-    _check_eps(eps, mu.shape)
+    _check_eps(eps, mu.shape, mu)
     if grad_z is not None:
         _require(grad_z.shape == mu.shape, f"grad_z has shape {tuple(grad_z.shape)}, expected {tuple(mu.shape)}")
     if grad_kl is not None:
