@@ -72,4 +72,5 @@ PYBIND11_MODULE(_C, m) {
 
   gk::bind_random(m);
   gk::bind_reparam(m);
+  gk::bind_diffusion(m);
 }

@@ -123,14 +123,16 @@ def test_table_layout_and_cache(final_alpha_one):
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         table = s.table(device)
-        assert table.dtype == torch.float32 and table.shape == (21,) and table.device.type == device
-        assert table[0].item() == (1.0 if final_alpha_one else s.alphas_cumprod[0].float().item())
-        assert torch.equal(table[1:].cpu(), s.alphas_cumprod.float())
+        assert table.dtype == torch.float32 and table.shape == (21, 4) and table.device.type == device
+        assert table[0, 0].item() == (1.0 if final_alpha_one else s.alphas_cumprod[0].float().item())
+        ab = s.alphas_cumprod
+        expected = torch.stack((ab, 1 - ab, ab.sqrt(), (1 - ab).sqrt()), 1).float()
+        assert torch.equal(table[1:].cpu(), expected)
         assert s.table(device) is table  # cached per device
         assert s.table(torch.device(device)) is table
         # index with t + 1, t in [-1, T)
         t = torch.tensor([-1, 0, 7, 19], device=device)
-        assert torch.equal(table[t + 1].cpu(), s.alpha_cumprod(t).float().cpu())
+        assert torch.equal(table[t + 1, 0].cpu(), s.alpha_cumprod(t).float().cpu())
     assert s.table() is s.table("cpu")
 
 

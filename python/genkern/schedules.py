@@ -212,12 +212,14 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------------------------------ lookups
 
-    def table(self, device=None) -> torch.Tensor:
-        """float32 [alpha-bar_prev(-1), alpha-bar_0, ..., alpha-bar_{T-1}] on `device` (length T + 1).
+    # Columns of `table`: what the kernels need of alpha-bar, each computed in float64 before rounding, so
+    # that 1 - alpha-bar near t = 0 (about 1e-4) keeps its float32 precision instead of losing 3 digits.
+    TABLE_COLUMNS = ("alpha_bar", "one_minus_alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar")
 
-        Entry t + 1 is alpha-bar_t, entry 0 the final alpha (1, or alpha-bar_0 when final_alpha_one is
-        False), so a kernel reads alpha-bar of any t in [-1, T) as table[t + 1]. Made once per device and
-        cached: treat it as read-only.
+    def table(self, device=None) -> torch.Tensor:
+        """float32 (T + 1, 4) on `device`: row t + 1 describes alpha-bar_t, row 0 the final alpha (1, or
+        alpha-bar_0 when final_alpha_one is False), so a kernel reads any t in [-1, T) at row t + 1 without a
+        host synchronisation. Columns: TABLE_COLUMNS. Made once per device and cached: treat it as read-only.
         """
         device = _normalize_device(device)
         table = self._tables.get(device)
@@ -225,7 +227,9 @@ class NoiseSchedule:
             with self._lock:
                 table = self._tables.get(device)
                 if table is None:
-                    table = self._extended.to(torch.float32).to(device)
+                    ab = self._extended
+                    columns = (ab, 1.0 - ab, ab.sqrt(), (1.0 - ab).sqrt())
+                    table = torch.stack(columns, dim=1).to(torch.float32).to(device)
                     self._tables[device] = table
         return table
 

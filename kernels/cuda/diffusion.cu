@@ -1,0 +1,324 @@
+// The diffusion family's training side on CUDA: q_sample, the simplified loss and its gradient. All
+// per-element math comes from common/diffusion.h; this file maps elements to threads. Arrays are (batch, n),
+// element (b, j) being flat element b * n + j, which is also its index in the noise stream.
+//   q_sample / loss_backward  a thread per 4 consecutive flat elements, i.e. per Philox block of eps (a
+//                             sample boundary may fall inside a group when n % 4 != 0: each element then
+//                             takes its own sample's coefficients);
+//   loss                      a team of threads per sample (or per segment of a long sample, the segment
+//                             sums then added in order by a second kernel): deterministic, no atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/diffusion.h"
+#include "common/normal.h"
+#include "diffusion.h"
+#include "dtype.cuh"
+
+namespace gk {
+namespace diffusion {
+namespace {
+
+using gpu::ceil_div;
+using gpu::compute_t;
+using gpu::load;
+using gpu::store;
+
+constexpr int kThreads = 256;
+
+// Loss segmentation, a function of (batch, n) only so that results do not depend on the device: samples
+// of at least kMinSegmented elements in batches too small to fill a GPU are split into segments of at
+// least kSegmentMin elements, about kTargetItems (sample, segment) items in all.
+constexpr int64_t kMinSegmented = 1 << 16;
+constexpr int64_t kSegmentMin = 1 << 15;
+constexpr int64_t kTargetItems = 1024;
+
+// q = a / b, r = a % b (a >= 0, b > 0) in 32-bit arithmetic when that suffices.
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (((a | b) >> 32) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+    q = q32;
+    r = static_cast<uint32_t>(a) - q32 * static_cast<uint32_t>(b);
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
+// The schedule row of sample b (clamped into the table, see level_clamped).
+__device__ __forceinline__ Level level_of(const float* table, int64_t rows, const int64_t* t, int64_t b) {
+  return level_clamped(table, rows, t[b]);
+}
+
+__device__ __forceinline__ float lane_of(const Normal4& z, int lane) {
+  return lane == 0 ? z.z[0] : lane == 1 ? z.z[1] : lane == 2 ? z.z[2] : z.z[3];
+}
+
+// eps of flat elements base .. base + count - 1, all inside Philox block base >> 2.
+template <typename S>
+__device__ __forceinline__ void eps4(const S* noise, uint64_t seed, uint64_t offset, int64_t base, int count,
+                                     compute_t<S> (&e)[4]) {
+  using C = compute_t<S>;
+  if (noise) {
+    gpu::load4(noise, base, count, e);
+    return;
+  }
+  const Normal4 z = stream_normals(seed, offset, static_cast<uint64_t>(base) >> 2);
+  const int first = static_cast<int>(base & 3);
+  if (first == 0) {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) e[l] = C(z.z[l]);
+    return;
+  }
+#pragma unroll
+  for (int l = 0; l < 4; ++l) e[l] = l < count ? C(lane_of(z, (first + l) & 3)) : C(0);
+}
+
+// Samples of flat elements base .. base + 3 (n > 0) and their levels; lanes from count on repeat the last
+// valid one (so nothing past the batch is read).
+__device__ __forceinline__ void levels4(const float* table, int64_t rows, const int64_t* t, int64_t base, int count, int64_t n,
+                                        int64_t (&b)[4], Level (&lv)[4]) {
+  int64_t s, j;
+  divmod(base, n, s, j);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    b[l] = s;
+    if (++j == n) {
+      j = 0;
+      ++s;
+    }
+  }
+  lv[0] = level_of(table, rows, t, b[0]);
+#pragma unroll
+  for (int l = 1; l < 4; ++l) {
+    if (l >= count) b[l] = b[l - 1];
+    lv[l] = b[l] != b[l - 1] ? level_of(table, rows, t, b[l]) : lv[l - 1];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Element-wise kernels
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) q_sample_kernel(QSampleArgs a) {
+  using C = compute_t<S>;
+  const S* x0 = static_cast<const S*>(a.x0);
+  const S* noise = static_cast<const S*>(a.noise);
+  S* x_t = static_cast<S*>(a.x_t);
+  const int64_t total = a.batch * a.n, groups = ceil_div(total, 4);
+  for (int64_t g = gpu::thread_index(); g < groups; g += gpu::thread_count()) {
+    const int64_t base = 4 * g;
+    const int count = static_cast<int>(min(int64_t(4), total - base));
+    int64_t b[4];
+    Level lv[4];
+    levels4(a.table, a.table_rows, a.t, base, count, a.n, b, lv);
+    C x[4], e[4], out[4];
+    gpu::load4(x0, base, count, x);
+    eps4(noise, a.seed, a.offset, base, count, e);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = q_sample(x[l], e[l], lv[l]);
+    gpu::store4(x_t, base, count, out);
+  }
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) loss_backward_kernel(LossBackwardArgs a) {
+  using C = compute_t<S>;
+  const S* grad_loss = static_cast<const S*>(a.grad_loss);
+  const S* m = static_cast<const S*>(a.model_output);
+  const S* x0 = static_cast<const S*>(a.x0);
+  const S* noise = static_cast<const S*>(a.noise);
+  S* grad = static_cast<S*>(a.grad_model_output);
+  const int64_t total = a.batch * a.n, groups = ceil_div(total, 4);
+  const C n_c = C(a.n);
+  for (int64_t g = gpu::thread_index(); g < groups; g += gpu::thread_count()) {
+    const int64_t base = 4 * g;
+    const int count = static_cast<int>(min(int64_t(4), total - base));
+    int64_t b[4];
+    Level lv[4];
+    levels4(a.table, a.table_rows, a.t, base, count, a.n, b, lv);
+    C coef[4];
+    coef[0] = load(grad_loss, b[0]) * C(min_snr_weight(lv[0], a.snr_gamma, a.prediction)) / n_c;
+#pragma unroll
+    for (int l = 1; l < 4; ++l)
+      coef[l] = b[l] != b[l - 1]
+                    ? load(grad_loss, b[l]) * C(min_snr_weight(lv[l], a.snr_gamma, a.prediction)) / n_c
+                    : coef[l - 1];
+    C x[4], mo[4], e[4], out[4];
+    gpu::load4(x0, base, count, x);
+    gpu::load4(m, base, count, mo);
+    eps4(noise, a.seed, a.offset, base, count, e);
+    // (grad_loss * weight) / n, then times 2 (m - target): the order of the reference's autograd.
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = coef[l] * (C(2) * (mo[l] - loss_target(x[l], e[l], lv[l], a.prediction)));
+    gpu::store4(grad, base, count, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The loss
+
+template <typename C>
+__device__ __forceinline__ C warp_sum(C v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32), returned to every thread.
+template <typename C>
+__device__ __forceinline__ C block_sum(C v) {
+  __shared__ C warp_totals[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // the previous call's readers are done with warp_totals
+  if (lane == 0) warp_totals[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x >> 5) ? warp_totals[lane] : C(0);
+  return warp_sum(v);
+}
+
+// Sum over a team of `team` threads (a power of two, uniform over the block).
+template <typename C>
+__device__ __forceinline__ C team_sum(C v, int team) {
+  if (team > 32) return block_sum(v);
+  for (int off = team >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// loss[b] = weight * (sum / n), the order the reference uses (mean, then weight); n == 0 gives 0.
+template <typename S>
+__device__ __forceinline__ void finish_loss(const LossArgs& a, int64_t b, compute_t<S> sum) {
+  using C = compute_t<S>;
+  const Level l = level_of(a.table, a.table_rows, a.t, b);
+  const C w = C(min_snr_weight(l, a.snr_gamma, a.prediction));
+  store(static_cast<S*>(a.loss), b, a.n > 0 ? (sum / C(a.n)) * w : C(0));
+}
+
+// A team of `team` threads per item; item = (sample, segment) with `segs` segments of `seg_len` elements
+// per sample. The team takes its range in the groups of 4 that the flat index defines (a range may start
+// mid-group), so a stream eps costs one Philox block per group. With `partial` null (segs == 1) the team
+// writes the loss; otherwise the segment sum goes to partial[item].
+template <typename S>
+__global__ void __launch_bounds__(kThreads) loss_kernel(LossArgs a, int team, int64_t segs, int64_t seg_len,
+                                                        compute_t<S>* partial) {
+  using C = compute_t<S>;
+  const S* m = static_cast<const S*>(a.model_output);
+  const S* x0 = static_cast<const S*>(a.x0);
+  const S* noise = static_cast<const S*>(a.noise);
+  const int64_t n = a.n, items = a.batch * segs;
+  const int member = threadIdx.x % team;
+  const int64_t teams = blockDim.x / team;
+  for (int64_t first = int64_t(blockIdx.x) * teams; first < items; first += int64_t(gridDim.x) * teams) {
+    const int64_t item = first + threadIdx.x / team;
+    int64_t b = 0, s = 0;
+    C acc = 0;
+    if (item < items) {
+      divmod(item, segs, b, s);
+      const Level l = level_of(a.table, a.table_rows, a.t, b);
+      const int64_t lo = b * n + s * seg_len, hi = b * n + min(n, (s + 1) * seg_len);
+      for (int64_t g = (lo >> 2) + member; 4 * g < hi; g += team) {
+        const int64_t base = max(4 * g, lo);
+        const int count = static_cast<int>(min(4 * g + 4, hi) - base);
+        C x[4], mo[4], e[4];
+        gpu::load4(x0, base, count, x);
+        gpu::load4(m, base, count, mo);
+        eps4(noise, a.seed, a.offset, base, count, e);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (k < count) {
+            const C d = loss_target(x[k], e[k], l, a.prediction) - mo[k];
+            acc += d * d;
+          }
+        }
+      }
+    }
+    const C total = team_sum(acc, team);
+    if (member == 0 && item < items) {
+      if (partial)
+        partial[item] = total;
+      else
+        finish_loss<S>(a, b, total);
+    }
+  }
+}
+
+// loss[b] from the segment sums of sample b, added in order.
+template <typename S>
+__global__ void __launch_bounds__(kThreads) loss_finish_kernel(LossArgs a, int64_t segs,
+                                                               const compute_t<S>* partial) {
+  using C = compute_t<S>;
+  for (int64_t b = gpu::thread_index(); b < a.batch; b += gpu::thread_count()) {
+    C acc = 0;
+    for (int64_t s = 0; s < segs; ++s) acc += partial[b * segs + s];
+    finish_loss<S>(a, b, acc);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// Entry points
+
+void q_sample_cuda(const QSampleArgs& a, void* stream) {
+  const int64_t total = a.batch * a.n;
+  if (total == 0) return;
+  gpu::dispatch_float(a.dtype, "diffusion.q_sample", [&](auto type) {
+    using S = typename decltype(type)::type;
+    q_sample_kernel<S><<<gpu::grid_for(ceil_div(ceil_div(total, 4), kThreads)), kThreads, 0,
+                         static_cast<cudaStream_t>(stream)>>>(a);
+    gpu::check_launch("diffusion.q_sample");
+  });
+}
+
+void loss_backward_cuda(const LossBackwardArgs& a, void* stream) {
+  const int64_t total = a.batch * a.n;
+  if (total == 0) return;
+  gpu::dispatch_float(a.dtype, "diffusion.loss_backward", [&](auto type) {
+    using S = typename decltype(type)::type;
+    loss_backward_kernel<S><<<gpu::grid_for(ceil_div(ceil_div(total, 4), kThreads)), kThreads, 0,
+                              static_cast<cudaStream_t>(stream)>>>(a);
+    gpu::check_launch("diffusion.loss_backward");
+  });
+}
+
+void loss_cuda(const LossArgs& a, void* stream) {
+  if (a.batch == 0) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  gpu::dispatch_float(a.dtype, "diffusion.loss", [&](auto type) {
+    using S = typename decltype(type)::type;
+    using C = compute_t<S>;
+    const int64_t n = a.n;
+    int64_t segs = 1, seg_len = std::max<int64_t>(n, 1);
+    if (n >= kMinSegmented && a.batch < kTargetItems) {
+      segs = std::min(ceil_div(kTargetItems, a.batch), ceil_div(n, kSegmentMin));
+      seg_len = ceil_div(ceil_div(n, segs), 4) * 4;
+      segs = ceil_div(n, seg_len);
+    }
+    // Per item, about one group of 4 per team member, up to a whole block.
+    const int64_t len = segs > 1 ? seg_len : n;
+    int team = 1;
+    while (team < kThreads && 4 * team < len) team *= 2;
+    const int threads = team > 32 ? team : kThreads;
+    const unsigned grid = gpu::grid_for(ceil_div(a.batch * segs, threads / team));
+    if (segs == 1) {
+      loss_kernel<S><<<grid, threads, 0, s>>>(a, team, 1, seg_len, nullptr);
+      gpu::check_launch("diffusion.loss");
+      return;
+    }
+    // Stream-ordered scratch for the segment sums: no host synchronisation.
+    C* partial = nullptr;
+    gpu::check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&partial), sizeof(C) * a.batch * segs, s),
+                    "diffusion.loss: cudaMallocAsync");
+    loss_kernel<S><<<grid, threads, 0, s>>>(a, team, segs, seg_len, partial);
+    gpu::check_launch("diffusion.loss");
+    loss_finish_kernel<S><<<gpu::grid_for(ceil_div(a.batch, kThreads)), kThreads, 0, s>>>(a, segs, partial);
+    gpu::check_launch("diffusion.loss (finish)");
+    gpu::check_cuda(cudaFreeAsync(partial, s), "diffusion.loss: cudaFreeAsync");
+  });
+}
+
+}  // namespace diffusion
+}  // namespace gk

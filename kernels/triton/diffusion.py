@@ -1,0 +1,339 @@
+"""The diffusion family's training side (shared/math.md, section 3) in Triton: q_sample, the loss, and its
+backward.
+
+The wrappers mirror the Args structs of csrc/diffusion.h (whose comments define each op): every tensor is
+contiguous, outputs are preallocated by the caller, and all floating tensors of a call share one dtype.
+x0 (and model_output, noise, x_t, grad_model_output) are viewed as (batch, n) with batch = x0.shape[0];
+`t` is an int64 (batch,) tensor and `table` the float32 (T + 1, 4) NoiseSchedule.table, both on the data's
+device, so no timestep or coefficient passes through the host. The per-element terms are those of
+csrc/common/diffusion.h, written in the same operation order: the schedule coefficients are the float32
+table entries (widened to float64 for float64 data), and the min-SNR weight is always computed in float32.
+
+Compute type: float64 for float64 tensors, float32 otherwise (as reparam.py). Noise element (b, j) is
+stream element b * n + j (the flat index), unless `noise` is given.
+
+Tiling: (batch, n) is cut into [BLOCK_D, BLOCK_R] tiles, j along axis 0 (the contiguous one) and rows b
+along axis 1, so per-row values (t, the table row, the weight, grad_loss) are loaded once per row of a tile.
+The elementwise kernels (q_sample, loss_backward) run one program per tile; the loss runs one program per
+BLOCK_R rows, walking n. Grids are 1-D. Divisions are tl.div_rn in float32 (Triton's `/` is the
+approximate div.full.f32 on NVIDIA GPUs; the C++ divides correctly rounded).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .random import KEY_ARGS, key_args, stream_normal, stream_normals, to_dtype
+
+EPSILON = tl.constexpr(0)  # gk::diffusion::kEpsilon
+V_PREDICTION = tl.constexpr(1)  # kVPrediction
+SAMPLE = tl.constexpr(2)  # kSample
+PREDICTIONS = (0, 1, 2)
+TABLE_COLUMNS = 4  # gk::diffusion::kTableColumns
+
+BLOCK = 1024  # elements per tile of the elementwise kernels (a power of 2, at least 4)
+TILE = 2048  # elements per [BLOCK_D, BLOCK_R] tile of the loss kernel
+RANDOM_SHRINK = 2  # tiles that draw normals are half-size (register pressure, as in reparam.py)
+NUM_WARPS = 4
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-element terms (csrc/common/diffusion.h)
+
+
+@triton.jit
+def _div(a, b):
+    """a / b correctly rounded: tl.div_rn for float32, the (IEEE) float64 division otherwise."""
+    if a.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def _level(table_ptr, t_ptr, b, bmask, rows):
+    """The table row of t[b] (gk::diffusion::level_at), row index t + 1 clamped into [0, rows) for memory
+    safety: (alpha_bar, one_minus_alpha_bar, signal, noise), float32, each shaped like b."""
+    t = tl.load(t_ptr + b, mask=bmask, other=0)
+    r = t + 1
+    r = tl.where(r < 0, 0, r)
+    r = tl.where(r >= rows, rows - 1, r)
+    row = table_ptr + r * 4
+    ab = tl.load(row, mask=bmask, other=1.0)
+    omab = tl.load(row + 1, mask=bmask, other=0.0)
+    signal = tl.load(row + 2, mask=bmask, other=1.0)
+    noise = tl.load(row + 3, mask=bmask, other=0.0)
+    return ab, omab, signal, noise
+
+
+@triton.jit
+def _min_snr_weight(ab, omab, gamma, PREDICTION: tl.constexpr, WEIGHTED: tl.constexpr):
+    """gk::diffusion::min_snr_weight in float32 (WEIGHTED: gamma > 0; otherwise 1)."""
+    if WEIGHTED:
+        if PREDICTION == EPSILON:
+            ratio = _div(gamma * omab, ab)  # gamma / snr
+            w = tl.where((ab > 0.0) & (ratio < 1.0), ratio, 1.0)
+        else:
+            snr = _div(ab, omab)
+            clipped = tl.where(snr < gamma, snr, gamma)
+            if PREDICTION == V_PREDICTION:
+                w = _div(clipped, snr + 1.0)
+            else:
+                w = clipped
+    else:
+        w = tl.full(ab.shape, 1.0, tl.float32)
+    return w
+
+
+@triton.jit
+def _loss_target(x0, eps, signal, noise, PREDICTION: tl.constexpr):
+    """gk::diffusion::loss_target: eps, signal * eps - noise * x0, or x0."""
+    if PREDICTION == EPSILON:
+        y = eps
+    elif PREDICTION == V_PREDICTION:
+        y = signal * eps - noise * x0
+    else:
+        y = x0
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiling and noise
+
+
+@triton.jit
+def _tile_offsets(b, d, n):
+    """Flat offsets b * n + d of a [BLOCK_D, BLOCK_R] tile (d along axis 0, b along axis 1). They are also
+    the stream indices of the tile's noise."""
+    return (b * n)[None, :] + d[:, None]
+
+
+@triton.jit
+def _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
+                HAS_EPS: tl.constexpr, RUNS: tl.constexpr, CT: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The tile's noise in CT: loaded, or stream elements `offs`.
+
+    RUNS (n % 4 == 0, BLOCK_D % 4 == 0, d0 % BLOCK_D == 0): each row's part of the tile is a run of whole
+    Philox blocks, so one Philox call and two Box-Mullers give four elements; otherwise one of each per
+    element (gk::stream_normal)."""
+    if HAS_EPS:
+        eps = tl.load(eps_ptr + offs, mask=mask).to(CT)
+    elif RUNS:
+        q = tl.arange(0, BLOCK_D // 4).to(tl.int64)
+        block = ((b * n + d0) // 4)[None, :] + q[:, None]  # [BLOCK_D / 4, BLOCK_R]
+        z0, z1, z2, z3 = stream_normals(seed_lo, seed_hi, off_lo, off_hi, block)
+        # [q, r, k, l] = z_{2k + l}[q, r] (see random.interleave4); element 4q + 2k + l of the row's run
+        z = tl.join(tl.join(z0, z2), tl.join(z1, z3))
+        z = tl.reshape(tl.permute(z, (0, 2, 3, 1)), [BLOCK_D, BLOCK_R])
+        eps = z.to(CT)
+    else:
+        eps = stream_normal(seed_lo, seed_hi, off_lo, off_hi, offs).to(CT)
+    return eps
+
+
+def _compute_type(t):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _check(dtype, **tensors):
+    """All given tensors contiguous and of one floating dtype (None entries are skipped)."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"unsupported dtype {dtype}")
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
+
+
+def _check_schedule(t, table, batch):
+    if not t.is_contiguous() or t.dtype != torch.int64 or t.numel() != batch:
+        raise ValueError(f"t must be a contiguous int64 tensor of {batch} elements")
+    if (not table.is_contiguous() or table.dtype != torch.float32 or table.dim() != 2
+            or table.shape[1] != TABLE_COLUMNS or table.shape[0] < 1):
+        raise ValueError("table must be a contiguous float32 (T + 1, 4) tensor, as NoiseSchedule.table gives")
+
+
+def _check_prediction(prediction):
+    prediction = int(prediction)
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {prediction}")
+    return prediction
+
+
+def _shape(x0):
+    if x0.dim() < 1:
+        raise ValueError("x0 must have a batch dimension")
+    batch = x0.shape[0]
+    return batch, (x0.numel() // batch if batch else 0)
+
+
+def _elementwise_config(batch, n, random):
+    """(grid, BLOCK_R, BLOCK_D, d_blocks): one program per [BLOCK_D, BLOCK_R] tile of (batch, n)."""
+    block = BLOCK // RANDOM_SHRINK if random else BLOCK
+    block_d = min(triton.next_power_of_2(n), block)
+    block_r = min(triton.next_power_of_2(batch), max(1, block // block_d))
+    d_blocks = triton.cdiv(n, block_d)
+    return (triton.cdiv(batch, block_r) * d_blocks,), block_r, block_d, d_blocks
+
+
+def _runs(n, block_d, has_noise):
+    return not has_noise and n % 4 == 0 and block_d % 4 == 0
+
+
+def _launch(kernel, grid, *args, **meta):
+    kernel[grid](*args, **meta, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# q_sample: x_t[b, j] = signal(t[b]) x0[b, j] + noise(t[b]) eps[b, j]
+
+
+@triton.jit
+def _tile_coords(batch, n, d_blocks, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's tile of an elementwise kernel: (b, bmask, d0, d, offs, mask)."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_r = pid // d_blocks
+    d0 = (pid % d_blocks) * BLOCK_D
+    b = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    bmask = b < batch
+    mask = bmask[None, :] & (d < n)[:, None]
+    return b, bmask, d0, d, _tile_offsets(b, d, n), mask
+
+
+@triton.jit(do_not_specialize=KEY_ARGS)
+def _q_sample_kernel(x0_ptr, eps_ptr, t_ptr, table_ptr, xt_ptr, batch, n, rows, d_blocks,
+                     seed_lo, seed_hi, off_lo, off_hi,
+                     HAS_EPS: tl.constexpr, RUNS: tl.constexpr, CT: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    b, bmask, d0, d, offs, mask = _tile_coords(batch, n, d_blocks, BLOCK_D, BLOCK_R)
+    _, _, signal, noise = _level(table_ptr, t_ptr, b, bmask, rows)
+    x0 = tl.load(x0_ptr + offs, mask=mask).to(CT)
+    eps = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
+                      HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+    xt = signal.to(CT)[None, :] * x0 + noise.to(CT)[None, :] * eps
+    tl.store(xt_ptr + offs, to_dtype(xt, xt_ptr.dtype.element_ty), mask=mask)
+
+
+def q_sample(x0, noise, t, table, x_t, seed, offset):
+    """x_t[b, j] = sqrt(ab) x0[b, j] + sqrt(1 - ab) eps[b, j], ab = alpha-bar at t[b] (table row t[b] + 1);
+    eps = noise, or stream element b * n + j when noise is None."""
+    _check(x0.dtype, x0=x0, noise=noise, x_t=x_t)
+    batch, n = _shape(x0)
+    _check_schedule(t, table, batch)
+    if x0.numel() == 0:
+        return x_t
+    grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=noise is None)
+    _launch(_q_sample_kernel, grid, x0, noise if noise is not None else x0, t, table, x_t,
+            batch, n, table.shape[0], d_blocks, *key_args(seed, offset),
+            HAS_EPS=noise is not None, RUNS=_runs(n, block_d, noise is not None), CT=_compute_type(x0),
+            BLOCK_D=block_d, BLOCK_R=block_r)
+    return x_t
+
+
+# --------------------------------------------------------------------------------------------------
+# loss[b] = w(b) * mean_j (target - model_output)^2
+
+
+@triton.jit(do_not_specialize=["n"] + KEY_ARGS)
+def _loss_kernel(m_ptr, x0_ptr, eps_ptr, t_ptr, table_ptr, loss_ptr, batch, n, rows, snr_gamma,
+                 seed_lo, seed_hi, off_lo, off_hi,
+                 PREDICTION: tl.constexpr, WEIGHTED: tl.constexpr, HAS_EPS: tl.constexpr, RUNS: tl.constexpr,
+                 CT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    bmask = b < batch
+    ab, omab, signal, noise = _level(table_ptr, t_ptr, b, bmask, rows)
+    signal = signal.to(CT)[None, :]
+    noise = noise.to(CT)[None, :]
+    acc = tl.zeros([BLOCK_D, BLOCK_R], CT)
+    for d0 in range(0, n, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        offs = _tile_offsets(b, d, n)
+        mask = bmask[None, :] & (d < n)[:, None]
+        m = tl.load(m_ptr + offs, mask=mask).to(CT)
+        x0 = tl.load(x0_ptr + offs, mask=mask).to(CT)
+        eps = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
+                          HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+        diff = _loss_target(x0, eps, signal, noise, PREDICTION) - m
+        acc += tl.where(mask, diff * diff, 0.0)
+    mean = _div(tl.sum(acc, axis=0), tl.zeros([BLOCK_R], CT) + n.to(CT))
+    w = _min_snr_weight(ab, omab, snr_gamma, PREDICTION, WEIGHTED).to(CT)
+    tl.store(loss_ptr + b, to_dtype(mean * w, loss_ptr.dtype.element_ty), mask=bmask)  # (sum / n) * w
+
+
+def loss(model_output, x0, noise, t, table, loss, prediction, snr_gamma, seed, offset):
+    """loss[b] = min_snr_weight(b) * mean_j (loss_target(x0, eps, level) - model_output)^2 (0 when n == 0);
+    eps as in q_sample, so the same (seed, offset) regenerate the noise of the x_t the model saw.
+
+    prediction: 0 epsilon, 1 v_prediction, 2 sample; snr_gamma <= 0: unweighted."""
+    _check(x0.dtype, model_output=model_output, x0=x0, noise=noise, loss=loss)
+    prediction = _check_prediction(prediction)
+    batch, n = _shape(x0)
+    _check_schedule(t, table, batch)
+    if batch == 0:
+        return loss
+    if n == 0:
+        return loss.zero_()
+    random = noise is None
+    block_d = min(triton.next_power_of_2(n), 512)
+    tile = TILE // RANDOM_SHRINK if random else TILE
+    block_r = min(triton.next_power_of_2(batch), max(1, tile // block_d))
+    grid = (triton.cdiv(batch, block_r),)
+    gamma = float(snr_gamma)
+    _launch(_loss_kernel, grid, model_output, x0, noise if noise is not None else x0, t, table, loss,
+            batch, n, table.shape[0], gamma, *key_args(seed, offset),
+            PREDICTION=prediction, WEIGHTED=gamma > 0.0, HAS_EPS=not random,
+            RUNS=_runs(n, block_d, not random), CT=_compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------------
+# grad_model_output[b, j] = grad_loss[b] * w(b) * 2 (model_output - target) / n
+
+
+@triton.jit(do_not_specialize=["n"] + KEY_ARGS)
+def _loss_backward_kernel(g_ptr, m_ptr, x0_ptr, eps_ptr, t_ptr, table_ptr, gm_ptr, batch, n, rows, d_blocks,
+                          snr_gamma, seed_lo, seed_hi, off_lo, off_hi,
+                          PREDICTION: tl.constexpr, WEIGHTED: tl.constexpr, HAS_EPS: tl.constexpr,
+                          RUNS: tl.constexpr, CT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    b, bmask, d0, d, offs, mask = _tile_coords(batch, n, d_blocks, BLOCK_D, BLOCK_R)
+    ab, omab, signal, noise = _level(table_ptr, t_ptr, b, bmask, rows)
+    w = _min_snr_weight(ab, omab, snr_gamma, PREDICTION, WEIGHTED).to(CT)
+    g = tl.load(g_ptr + b, mask=bmask).to(CT)
+    # (grad_loss * weight) / n, then times 2 (m - target): the order of the C++ kernels (and of the
+    # reference's autograd)
+    coef = _div(g * w, tl.zeros([BLOCK_R], CT) + n.to(CT))[None, :]
+    m = tl.load(m_ptr + offs, mask=mask).to(CT)
+    x0 = tl.load(x0_ptr + offs, mask=mask).to(CT)
+    eps = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
+                      HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+    target = _loss_target(x0, eps, signal.to(CT)[None, :], noise.to(CT)[None, :], PREDICTION)
+    grad = coef * (2.0 * (m - target))
+    tl.store(gm_ptr + offs, to_dtype(grad, gm_ptr.dtype.element_ty), mask=mask)
+
+
+def loss_backward(grad_loss, model_output, x0, noise, t, table, grad_model_output, prediction, snr_gamma,
+                  seed, offset):
+    """grad_model_output[b, j] = grad_loss[b] * weight(b) * 2 (model_output - target) / n, evaluated as
+    ((grad_loss * weight) / n) * (2 (model_output - target)); eps regenerated as loss() drew it."""
+    _check(x0.dtype, grad_loss=grad_loss, model_output=model_output, x0=x0, noise=noise,
+           grad_model_output=grad_model_output)
+    prediction = _check_prediction(prediction)
+    batch, n = _shape(x0)
+    _check_schedule(t, table, batch)
+    if x0.numel() == 0:
+        return grad_model_output
+    grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=noise is None)
+    gamma = float(snr_gamma)
+    _launch(_loss_backward_kernel, grid, grad_loss, model_output, x0, noise if noise is not None else x0, t,
+            table, grad_model_output, batch, n, table.shape[0], d_blocks, gamma, *key_args(seed, offset),
+            PREDICTION=prediction, WEIGHTED=gamma > 0.0, HAS_EPS=noise is not None,
+            RUNS=_runs(n, block_d, noise is not None), CT=_compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
+    return grad_model_output
