@@ -35,20 +35,6 @@ void with_prediction(int32_t prediction, Fn fn) {
   }
 }
 
-// Splits the flat range [start, start + len) at sample boundaries (n > 0) and calls fn(t0, b, cnt):
-// elements t0 .. t0 + cnt of the range belong to sample b.
-template <typename Fn>
-inline void for_each_sample(int64_t start, int64_t len, int64_t n, Fn fn) {
-  int64_t b = start / n, j = start - b * n, t = 0;
-  while (t < len) {
-    const int64_t cnt = std::min(len - t, n - j);
-    fn(t, b, cnt);
-    t += cnt;
-    ++b;
-    j = 0;
-  }
-}
-
 template <typename T>
 struct QSampleKernel {
   static void run(const QSampleArgs& a) {
@@ -61,7 +47,8 @@ struct QSampleKernel {
       alignas(64) T e[kChunk];
       const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
       cpu::load_eps(noise, a.seed, a.offset, start, len, e);
-      for_each_sample(start, len, a.n, [&](int64_t t0, int64_t b, int64_t cnt) {
+      cpu::for_each_periodic(start, len, a.n, [&](int64_t t0, int64_t, int64_t cnt) {
+        const int64_t b = (start + t0) / a.n;  // the sample of this run
         const Level l = level_of(a.table, a.table_rows, a.t, b);
         const T* x = x0 + start + t0;
         const T* ep = e + t0;
@@ -158,7 +145,8 @@ struct LossBackwardKernel {
         alignas(64) T e[kChunk];
         const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
         cpu::load_eps(noise, a.seed, a.offset, start, len, e);
-        for_each_sample(start, len, a.n, [&](int64_t t0, int64_t b, int64_t cnt) {
+        cpu::for_each_periodic(start, len, a.n, [&](int64_t t0, int64_t, int64_t cnt) {
+        const int64_t b = (start + t0) / a.n;  // the sample of this run
           const Level l = level_of(a.table, a.table_rows, a.t, b);
           const float w = min_snr_weight(l, a.snr_gamma, a.prediction);
           // (grad_loss * weight) / n, then times 2 (m - target): the order of the reference's autograd.

@@ -65,5 +65,18 @@ inline void load_eps(const T* eps, uint64_t seed, uint64_t offset, int64_t start
   }
 }
 
+// Splits the flat range [start, start + len) into pieces that are contiguous modulo `period` and calls
+// fn(t0, j0, n): elements t0 .. t0 + n of the range map to j0 .. j0 + n of the periodic array.
+template <typename Fn>
+inline void for_each_periodic(int64_t start, int64_t len, int64_t period, Fn fn) {
+  int64_t t = 0;
+  while (t < len) {
+    const int64_t j = (start + t) % period;
+    const int64_t n = std::min(len - t, period - j);
+    fn(t, j, n);
+    t += n;
+  }
+}
+
 }  // namespace cpu
 }  // namespace gk

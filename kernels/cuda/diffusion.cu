@@ -16,6 +16,7 @@
 #include "common/normal.h"
 #include "diffusion.h"
 #include "dtype.cuh"
+#include "reduce.cuh"
 
 namespace gk {
 namespace diffusion {
@@ -160,33 +161,9 @@ __global__ void __launch_bounds__(kThreads) loss_backward_kernel(LossBackwardArg
 // ---------------------------------------------------------------------------------------------------------
 // The loss
 
-template <typename C>
-__device__ __forceinline__ C warp_sum(C v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32), returned to every thread.
-template <typename C>
-__device__ __forceinline__ C block_sum(C v) {
-  __shared__ C warp_totals[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // the previous call's readers are done with warp_totals
-  if (lane == 0) warp_totals[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x >> 5) ? warp_totals[lane] : C(0);
-  return warp_sum(v);
-}
-
-// Sum over a team of `team` threads (a power of two, uniform over the block).
-template <typename C>
-__device__ __forceinline__ C team_sum(C v, int team) {
-  if (team > 32) return block_sum(v);
-  for (int off = team >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
+using gpu::block_sum;
+using gpu::team_sum;
+using gpu::warp_sum;
 
 // loss[b] = weight * (sum / n), the order the reference uses (mean, then weight); n == 0 gives 0.
 template <typename S>

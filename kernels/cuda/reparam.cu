@@ -14,6 +14,7 @@
 #include "common/normal.h"
 #include "common/reparam.h"
 #include "dtype.cuh"
+#include "reduce.cuh"
 #include "reparam.h"
 
 namespace gk {
@@ -249,34 +250,9 @@ void launch_elementwise(const Op& op, cudaStream_t s, const char* name) {
 //   terms(base, c, count, t): t[k][l] the k-th summand of element base + l, c the coordinates of base.
 // The count elements are consecutive in memory and, for every op but SampleBackwardOp, in the parameters.
 
-template <typename C>
-__device__ __forceinline__ C warp_sum(C v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32), returned to every thread.
-template <typename C>
-__device__ __forceinline__ C block_sum(C v) {
-  __shared__ C warp_totals[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // the previous call's readers are done with warp_totals
-  if (lane == 0) warp_totals[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x >> 5) ? warp_totals[lane] : C(0);
-  return warp_sum(v);
-}
-
-// Sum over a team of `team` threads (a power of two, uniform over the block): a shuffle tree within a
-// warp, the whole block beyond. Every member gets the total.
-template <typename C>
-__device__ __forceinline__ C team_sum(C v, int team) {
-  if (team > 32) return block_sum(v);
-  for (int off = team >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
+using gpu::block_sum;
+using gpu::team_sum;
+using gpu::warp_sum;
 
 // A team of `team` threads per row: up to 32 share a warp (adjacent rows, so short rows still coalesce),
 // more take the whole block. A team takes its row in the groups of 4 that the flat index defines (a row

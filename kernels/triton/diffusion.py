@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import check, compute_type, launch
 from .random import KEY_ARGS, key_args, stream_normal, stream_normals, to_dtype
 
 EPSILON = tl.constexpr(0)  # gk::diffusion::kEpsilon
@@ -33,9 +34,7 @@ TABLE_COLUMNS = 4  # gk::diffusion::kTableColumns
 BLOCK = 1024  # elements per tile of the elementwise kernels (a power of 2, at least 4)
 TILE = 2048  # elements per [BLOCK_D, BLOCK_R] tile of the loss kernel
 RANDOM_SHRINK = 2  # tiles that draw normals are half-size (register pressure, as in reparam.py)
-NUM_WARPS = 4
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,23 +133,6 @@ def _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
     return eps
 
 
-def _compute_type(t):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _check(dtype, **tensors):
-    """All given tensors contiguous and of one floating dtype (None entries are skipped)."""
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"unsupported dtype {dtype}")
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
-
-
 def _check_schedule(t, table, batch):
     if not t.is_contiguous() or t.dtype != torch.int64 or t.numel() != batch:
         raise ValueError(f"t must be a contiguous int64 tensor of {batch} elements")
@@ -184,10 +166,6 @@ def _elementwise_config(batch, n, random):
 
 def _runs(n, block_d, has_noise):
     return not has_noise and n % 4 == 0 and block_d % 4 == 0
-
-
-def _launch(kernel, grid, *args, **meta):
-    kernel[grid](*args, **meta, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,15 +202,15 @@ def _q_sample_kernel(x0_ptr, eps_ptr, t_ptr, table_ptr, xt_ptr, batch, n, rows, 
 def q_sample(x0, noise, t, table, x_t, seed, offset):
     """x_t[b, j] = sqrt(ab) x0[b, j] + sqrt(1 - ab) eps[b, j], ab = alpha-bar at t[b] (table row t[b] + 1);
     eps = noise, or stream element b * n + j when noise is None."""
-    _check(x0.dtype, x0=x0, noise=noise, x_t=x_t)
+    check(x0.dtype, x0=x0, noise=noise, x_t=x_t)
     batch, n = _shape(x0)
     _check_schedule(t, table, batch)
     if x0.numel() == 0:
         return x_t
     grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=noise is None)
-    _launch(_q_sample_kernel, grid, x0, noise if noise is not None else x0, t, table, x_t,
+    launch(_q_sample_kernel, grid, x0, noise if noise is not None else x0, t, table, x_t,
             batch, n, table.shape[0], d_blocks, *key_args(seed, offset),
-            HAS_EPS=noise is not None, RUNS=_runs(n, block_d, noise is not None), CT=_compute_type(x0),
+            HAS_EPS=noise is not None, RUNS=_runs(n, block_d, noise is not None), CT=compute_type(x0),
             BLOCK_D=block_d, BLOCK_R=block_r)
     return x_t
 
@@ -273,7 +251,7 @@ def loss(model_output, x0, noise, t, table, loss, prediction, snr_gamma, seed, o
     eps as in q_sample, so the same (seed, offset) regenerate the noise of the x_t the model saw.
 
     prediction: 0 epsilon, 1 v_prediction, 2 sample; snr_gamma <= 0: unweighted."""
-    _check(x0.dtype, model_output=model_output, x0=x0, noise=noise, loss=loss)
+    check(x0.dtype, model_output=model_output, x0=x0, noise=noise, loss=loss)
     prediction = _check_prediction(prediction)
     batch, n = _shape(x0)
     _check_schedule(t, table, batch)
@@ -287,10 +265,10 @@ def loss(model_output, x0, noise, t, table, loss, prediction, snr_gamma, seed, o
     block_r = min(triton.next_power_of_2(batch), max(1, tile // block_d))
     grid = (triton.cdiv(batch, block_r),)
     gamma = float(snr_gamma)
-    _launch(_loss_kernel, grid, model_output, x0, noise if noise is not None else x0, t, table, loss,
+    launch(_loss_kernel, grid, model_output, x0, noise if noise is not None else x0, t, table, loss,
             batch, n, table.shape[0], gamma, *key_args(seed, offset),
             PREDICTION=prediction, WEIGHTED=gamma > 0.0, HAS_EPS=not random,
-            RUNS=_runs(n, block_d, not random), CT=_compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
+            RUNS=_runs(n, block_d, not random), CT=compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
     return loss
 
 
@@ -323,7 +301,7 @@ def loss_backward(grad_loss, model_output, x0, noise, t, table, grad_model_outpu
                   seed, offset):
     """grad_model_output[b, j] = grad_loss[b] * weight(b) * 2 (model_output - target) / n, evaluated as
     ((grad_loss * weight) / n) * (2 (model_output - target)); eps regenerated as loss() drew it."""
-    _check(x0.dtype, grad_loss=grad_loss, model_output=model_output, x0=x0, noise=noise,
+    check(x0.dtype, grad_loss=grad_loss, model_output=model_output, x0=x0, noise=noise,
            grad_model_output=grad_model_output)
     prediction = _check_prediction(prediction)
     batch, n = _shape(x0)
@@ -332,8 +310,8 @@ def loss_backward(grad_loss, model_output, x0, noise, t, table, grad_model_outpu
         return grad_model_output
     grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=noise is None)
     gamma = float(snr_gamma)
-    _launch(_loss_backward_kernel, grid, grad_loss, model_output, x0, noise if noise is not None else x0, t,
+    launch(_loss_backward_kernel, grid, grad_loss, model_output, x0, noise if noise is not None else x0, t,
             table, grad_model_output, batch, n, table.shape[0], d_blocks, gamma, *key_args(seed, offset),
             PREDICTION=prediction, WEIGHTED=gamma > 0.0, HAS_EPS=noise is not None,
-            RUNS=_runs(n, block_d, noise is not None), CT=_compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
+            RUNS=_runs(n, block_d, noise is not None), CT=compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
     return grad_model_output

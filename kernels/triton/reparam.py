@@ -15,10 +15,10 @@ Reductions view their input as (outer, dim, inner) and reduce over dim. A progra
 Either way the pointer arithmetic tells the compiler which axis is contiguous, and the whole grid is 1-D
 (a 2-D grid's second axis is limited to 65535 programs).
 """
-import torch
 import triton
 import triton.language as tl
 
+from .launch import check, compute_type, launch
 from .random import KEY_ARGS, exp_t, key_args, log_t, stream_normal, stream_normals_run, to_dtype
 
 LOG_2PI = tl.constexpr(1.8378770664093454835606594728112)  # gk::reparam::kLog2Pi
@@ -28,9 +28,7 @@ TILE = 2048  # elements per [BLOCK_D, BLOCK_R] tile of the reduction kernels
 # Kernels that draw a normal per element (a Philox call and a Box-Muller each) use half-size blocks/tiles:
 # at 16 elements a thread they needed over 200 registers on sm_90, at 8 under 100 (no spills either way).
 RANDOM_SHRINK = 2
-NUM_WARPS = 4
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,27 +133,6 @@ def _reduce_config(outer, dim, inner, random=False):
     return grid, block_r, block_d, inner == 1
 
 
-def _compute_type(t):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _check(dtype, **tensors):
-    """All given tensors contiguous and of one floating dtype (None entries are skipped)."""
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"unsupported dtype {dtype}")
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-        if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
-
-
-def _launch(kernel, grid, *args, **meta):
-    kernel[grid](*args, **meta, num_warps=NUM_WARPS, enable_fp_fusion=False)
-
-
 # --------------------------------------------------------------------------------------------------
 # sample: z[k, j] = mu[j] + exp(logvar[j] / 2) * eps[k, j]
 
@@ -185,13 +162,13 @@ def sample(mu, logvar, eps, z, seed, offset):
     """z[k, j] = mu[j] + exp(logvar[j] / 2) * eps[k, j]; eps (z's shape) from the stream when None.
 
     n = mu.numel(), samples = z.numel() // n; element (k, j) uses stream element k * n + j."""
-    _check(mu.dtype, mu=mu, logvar=logvar, eps=eps, z=z)
+    check(mu.dtype, mu=mu, logvar=logvar, eps=eps, z=z)
     n, total = mu.numel(), z.numel()
     if n == 0 or total == 0:
         return z
     grid = (triton.cdiv(total, BLOCK),)
-    _launch(_sample_kernel, grid, mu, logvar, eps if eps is not None else z, z, n, total,
-            *key_args(seed, offset), ONE_SAMPLE=total == n, HAS_EPS=eps is not None, CT=_compute_type(mu),
+    launch(_sample_kernel, grid, mu, logvar, eps if eps is not None else z, z, n, total,
+            *key_args(seed, offset), ONE_SAMPLE=total == n, HAS_EPS=eps is not None, CT=compute_type(mu),
             BLOCK=BLOCK)
     return z
 
@@ -226,16 +203,16 @@ def sample_backward(grad_z, mu, logvar, eps, grad_mu, grad_logvar, seed, offset)
     """grad_mu[j] = sum_k grad_z[k, j]; grad_logvar[j] = sum_k grad_z[k, j] * exp(logvar[j] / 2) * eps[k, j] / 2.
 
     eps None: regenerated from (seed, offset) exactly as sample() drew it."""
-    _check(mu.dtype, grad_z=grad_z, mu=mu, logvar=logvar, eps=eps, grad_mu=grad_mu, grad_logvar=grad_logvar)
+    check(mu.dtype, grad_z=grad_z, mu=mu, logvar=logvar, eps=eps, grad_mu=grad_mu, grad_logvar=grad_logvar)
     n = mu.numel()
     if n == 0:
         return grad_mu, grad_logvar
     samples = grad_z.numel() // n
     block = BLOCK // RANDOM_SHRINK if eps is None else BLOCK
     grid = (triton.cdiv(n, block),)
-    _launch(_sample_backward_kernel, grid, grad_z, logvar, eps if eps is not None else grad_z,
+    launch(_sample_backward_kernel, grid, grad_z, logvar, eps if eps is not None else grad_z,
             grad_mu, grad_logvar, n, samples, *key_args(seed, offset),
-            HAS_EPS=eps is not None, CT=_compute_type(mu), BLOCK=block)
+            HAS_EPS=eps is not None, CT=compute_type(mu), BLOCK=block)
     return grad_mu, grad_logvar
 
 
@@ -275,25 +252,25 @@ def _sample_kl_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, outer, dim, inner,
 
 def kl(mu, logvar, kl, outer, dim, inner):
     """kl[o, i] = sum_d KL(N(mu, exp(logvar)) || N(0, 1)) of element (o, d, i). dim == 0 writes zeros."""
-    _check(mu.dtype, mu=mu, logvar=logvar, kl=kl)
+    check(mu.dtype, mu=mu, logvar=logvar, kl=kl)
     if outer * inner == 0:
         return kl
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
-    _launch(_sample_kl_kernel, grid, mu, logvar, mu, kl, kl, outer, dim, inner, *key_args(0, 0),
-            WRITE_Z=False, HAS_EPS=False, CT=_compute_type(mu),
+    launch(_sample_kl_kernel, grid, mu, logvar, mu, kl, kl, outer, dim, inner, *key_args(0, 0),
+            WRITE_Z=False, HAS_EPS=False, CT=compute_type(mu),
             BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
     return kl
 
 
 def sample_kl(mu, logvar, eps, z, kl, outer, dim, inner, seed, offset):
     """z as sample() with one draw (stream index = flat index o*dim*inner + d*inner + i) and kl as kl()."""
-    _check(mu.dtype, mu=mu, logvar=logvar, eps=eps, z=z, kl=kl)
+    check(mu.dtype, mu=mu, logvar=logvar, eps=eps, z=z, kl=kl)
     if outer * inner == 0:
         return z, kl
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner, random=eps is None)
-    _launch(_sample_kl_kernel, grid, mu, logvar, eps if eps is not None else mu, z, kl,
+    launch(_sample_kl_kernel, grid, mu, logvar, eps if eps is not None else mu, z, kl,
             outer, dim, inner, *key_args(seed, offset),
-            WRITE_Z=True, HAS_EPS=eps is not None, CT=_compute_type(mu),
+            WRITE_Z=True, HAS_EPS=eps is not None, CT=compute_type(mu),
             BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
     return z, kl
 
@@ -332,14 +309,14 @@ def _sample_kl_backward_kernel(gz_ptr, gkl_ptr, mu_ptr, lv_ptr, eps_ptr, gmu_ptr
 
 def kl_backward(grad_kl, mu, logvar, grad_mu, grad_logvar, outer, dim, inner):
     """grad_mu = grad_kl[o, i] * mu; grad_logvar = grad_kl[o, i] * (exp(logvar) - 1) / 2, at mu's shape."""
-    _check(mu.dtype, grad_kl=grad_kl, mu=mu, logvar=logvar, grad_mu=grad_mu, grad_logvar=grad_logvar)
+    check(mu.dtype, grad_kl=grad_kl, mu=mu, logvar=logvar, grad_mu=grad_mu, grad_logvar=grad_logvar)
     return _sample_kl_backward(None, grad_kl, mu, logvar, None, grad_mu, grad_logvar, outer, dim, inner, 0, 0)
 
 
 def sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner,
                        seed, offset):
     """Gradients of sample_kl: grad_z / grad_kl None mean that output was unused (zero gradient)."""
-    _check(mu.dtype, grad_z=grad_z, grad_kl=grad_kl, mu=mu, logvar=logvar, eps=eps, grad_mu=grad_mu,
+    check(mu.dtype, grad_z=grad_z, grad_kl=grad_kl, mu=mu, logvar=logvar, eps=eps, grad_mu=grad_mu,
            grad_logvar=grad_logvar)
     return _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner,
                                seed, offset)
@@ -351,12 +328,12 @@ def _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, 
         return grad_mu, grad_logvar
     random = grad_z is not None and eps is None
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner, random=random)
-    _launch(_sample_kl_backward_kernel, grid,
+    launch(_sample_kl_backward_kernel, grid,
             grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
             mu, logvar, eps if eps is not None else mu, grad_mu, grad_logvar,
             outer, dim, inner, *key_args(seed, offset),
             HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None, HAS_EPS=eps is not None,
-            CT=_compute_type(mu), BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
+            CT=compute_type(mu), BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
     return grad_mu, grad_logvar
 
 
@@ -388,13 +365,13 @@ def _log_prob_kernel(z_ptr, mu_ptr, lv_ptr, out_ptr, outer, dim, inner, param_ou
 
 def log_prob(z, mu, logvar, out, outer, dim, inner, param_outer):
     """out[o, i] = sum_d log N(z[o, d, i]; mu, exp(logvar)); mu, logvar (None: 0) at [o % param_outer, d, i]."""
-    _check(z.dtype, z=z, mu=mu, logvar=logvar, out=out)
+    check(z.dtype, z=z, mu=mu, logvar=logvar, out=out)
     if outer * inner == 0:
         return out
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
-    _launch(_log_prob_kernel, grid, z, mu if mu is not None else z, logvar if logvar is not None else z,
+    launch(_log_prob_kernel, grid, z, mu if mu is not None else z, logvar if logvar is not None else z,
             out, outer, dim, inner, max(int(param_outer), 1),
-            HAS_MU=mu is not None, HAS_LV=logvar is not None, CT=_compute_type(z),
+            HAS_MU=mu is not None, HAS_LV=logvar is not None, CT=compute_type(z),
             BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
     return out
 
@@ -428,15 +405,15 @@ def log_prob_backward(grad_out, z, mu, logvar, grad_z, grad_logvar, outer, dim, 
     """Per-element gradients at z's shape: grad_z = g * d/dz and (when not None) grad_logvar = g * d/dlogvar.
 
     d/dmu = -grad_z; the caller sums over broadcast dimensions."""
-    _check(z.dtype, grad_out=grad_out, z=z, mu=mu, logvar=logvar, grad_z=grad_z, grad_logvar=grad_logvar)
+    check(z.dtype, grad_out=grad_out, z=z, mu=mu, logvar=logvar, grad_z=grad_z, grad_logvar=grad_logvar)
     if outer * dim * inner == 0:
         return grad_z, grad_logvar
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
-    _launch(_log_prob_backward_kernel, grid, grad_out, z, mu if mu is not None else z,
+    launch(_log_prob_backward_kernel, grid, grad_out, z, mu if mu is not None else z,
             logvar if logvar is not None else z, grad_z, grad_logvar if grad_logvar is not None else grad_z,
             outer, dim, inner, max(int(param_outer), 1),
             HAS_MU=mu is not None, HAS_LV=logvar is not None, HAS_GLV=grad_logvar is not None,
-            CT=_compute_type(z), BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
+            CT=compute_type(z), BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
     return grad_z, grad_logvar
 
 
@@ -487,7 +464,7 @@ def _iwae_shape(z):
 
 def iwae(log_px_z, z, mu, logvar, bound, log_w):
     """IWAE bound: log_px_z (K, B), z (K, B, D), mu and logvar (B, D) -> bound (B,), log_w (K, B)."""
-    _check(z.dtype, log_px_z=log_px_z, z=z, mu=mu, logvar=logvar, bound=bound, log_w=log_w)
+    check(z.dtype, log_px_z=log_px_z, z=z, mu=mu, logvar=logvar, bound=bound, log_w=log_w)
     samples, batch, dim = _iwae_shape(z)
     if batch == 0:
         return bound, log_w
@@ -496,8 +473,8 @@ def iwae(log_px_z, z, mu, logvar, bound, log_w):
     block_d = min(triton.next_power_of_2(max(dim, 1)), 512)
     block_b = min(triton.next_power_of_2(batch), max(1, TILE // block_d))
     grid = (triton.cdiv(batch, block_b),)
-    _launch(_iwae_kernel, grid, log_px_z, z, mu, logvar, bound, log_w, samples, batch, dim,
-            CT=_compute_type(z), BLOCK_B=block_b, BLOCK_D=block_d)
+    launch(_iwae_kernel, grid, log_px_z, z, mu, logvar, bound, log_w, samples, batch, dim,
+            CT=compute_type(z), BLOCK_B=block_b, BLOCK_D=block_d)
     return bound, log_w
 
 
@@ -543,7 +520,7 @@ def _iwae_backward_kernel(gb_ptr, lw_ptr, bound_ptr, z_ptr, mu_ptr, lv_ptr,
 def iwae_backward(grad_bound, log_w, bound, z, mu, logvar, grad_log_px_z, grad_z, grad_mu, grad_logvar):
     """With w[k, b] = exp(log_w - bound - log K): grad_log_px_z = g_b w, grad_z = g_b w d(latent)/dz,
     grad_mu and grad_logvar = sum_k g_b w d(latent)/d(mu, logvar)."""
-    _check(z.dtype, grad_bound=grad_bound, log_w=log_w, bound=bound, z=z, mu=mu, logvar=logvar,
+    check(z.dtype, grad_bound=grad_bound, log_w=log_w, bound=bound, z=z, mu=mu, logvar=logvar,
            grad_log_px_z=grad_log_px_z, grad_z=grad_z, grad_mu=grad_mu, grad_logvar=grad_logvar)
     samples, batch, dim = _iwae_shape(z)
     if batch == 0 or samples == 0:
@@ -554,7 +531,7 @@ def iwae_backward(grad_bound, log_w, bound, z, mu, logvar, grad_log_px_z, grad_z
     block_b = min(triton.next_power_of_2(batch), max(1, TILE // 2 // block_d))
     d_blocks = max(1, triton.cdiv(dim, block_d))
     grid = (triton.cdiv(batch, block_b) * d_blocks,)
-    _launch(_iwae_backward_kernel, grid, grad_bound, log_w, bound, z, mu, logvar,
+    launch(_iwae_backward_kernel, grid, grad_bound, log_w, bound, z, mu, logvar,
             grad_log_px_z, grad_z, grad_mu, grad_logvar, samples, batch, dim, d_blocks,
-            CT=_compute_type(z), BLOCK_B=block_b, BLOCK_D=block_d)
+            CT=compute_type(z), BLOCK_B=block_b, BLOCK_D=block_d)
     return grad_log_px_z, grad_z, grad_mu, grad_logvar
