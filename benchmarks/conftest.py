@@ -39,7 +39,10 @@ def pytest_generate_tests(metafunc):
 
 
 def _implementation(case: bench.BenchCase, impl: str):
-    return dict(bench.implementations(case, BACKENDS, use_compile=True))[impl]
+    impls = dict(bench.implementations(case, BACKENDS, use_compile=True))
+    if impl not in impls:
+        pytest.skip(f"{case.name} has no {impl} implementation (case.compile is False)")
+    return impls[impl]
 
 
 @pytest.fixture

@@ -88,6 +88,58 @@ void loss_backward_entry(const Array& grad_loss, const Array& model_output, cons
   run_on_device(x0, args, stream, loss_backward_cpu, GK_CUDA(loss_backward_cuda));
 }
 
+// A per-sample float32 array (guidance rescale factors, dynamic thresholds) on the data's device.
+void check_per_sample(const OptArray& a, const Array& ref, int64_t batch, const char* name) {
+  if (!a) return;
+  check_contiguous(*a, name);
+  check_dtype(*a, DType::float32, name);
+  check_numel(*a, batch, name);
+  if (a->device != ref.device || a->device_index != ref.device_index)
+    throw ValueError(std::string(name) + " must be on the device of the data");
+}
+
+void step_entry(const Array& model_output, const Array& sample, const OptArray& noise, const Array& t,
+                const OptArray& prev_t, const Array& table, const OptArray& guidance_rescale,
+                const OptArray& dynamic_threshold, const Array& prev_sample, const OptArray& pred_original,
+                int64_t kind, int64_t prediction, int64_t variance, bool guided, double guidance_scale, double clip,
+                double eta, bool use_clipped_model_output, uint64_t seed, uint64_t offset, uintptr_t stream) {
+  Checked(sample, "sample")(model_output, "model_output")(noise, "noise")(prev_sample, "prev_sample")(
+      pred_original, "pred_original");
+  if (kind != kDdpm && kind != kDdim) throw ValueError("kind must be 0 (DDPM) or 1 (DDIM)");
+  if (variance < kFixedSmall || variance > kLearnedRange) throw ValueError("unknown variance type");
+  const int64_t batch = batch_of(sample, "sample");
+  const int64_t n = batch ? sample.numel() / batch : 0;
+  const int64_t per_sample = variance == kLearnedRange ? 2 * n : n;
+  check_numel(model_output, (guided ? 2 : 1) * batch * per_sample, "model_output");
+  check_numel(prev_sample, sample.numel(), "prev_sample");
+  if (pred_original) check_numel(*pred_original, sample.numel(), "pred_original");
+  if (noise) check_numel(*noise, sample.numel(), "noise");
+  check_schedule(t, table, sample, batch);
+  if (prev_t) {
+    check_contiguous(*prev_t, "prev_t");
+    check_dtype(*prev_t, DType::int64, "prev_t");
+    check_numel(*prev_t, batch, "prev_t");
+    if (prev_t->device != sample.device || prev_t->device_index != sample.device_index)
+      throw ValueError("prev_t must be on the device of the data");
+  }
+  check_per_sample(guidance_rescale, sample, batch, "guidance_rescale");
+  check_per_sample(dynamic_threshold, sample, batch, "dynamic_threshold");
+  if (guidance_rescale && !guided) throw ValueError("guidance_rescale needs guidance");
+  if (!(eta >= 0.0)) throw ValueError("eta must be non-negative");
+  if (sample.numel() == 0) return;
+  prepare_output(prev_sample);
+  prepare_output(pred_original);
+  const StepArgs args{model_output.raw(), sample.raw(), data_or_null(noise), t.ptr<const int64_t>(),
+                      prev_t ? prev_t->ptr<const int64_t>() : nullptr, table.ptr<const float>(), table.shape[0],
+                      guidance_rescale ? guidance_rescale->ptr<const float>() : nullptr,
+                      dynamic_threshold ? dynamic_threshold->ptr<const float>() : nullptr, prev_sample.raw(),
+                      data_or_null(pred_original), batch, n, static_cast<int32_t>(kind), check_prediction(prediction),
+                      static_cast<int32_t>(variance), guided ? 1 : 0, static_cast<float>(guidance_scale),
+                      static_cast<float>(clip), static_cast<float>(eta), use_clipped_model_output ? 1 : 0, seed,
+                      offset, sample.dtype};
+  run_on_device(sample, args, stream, step_cpu, GK_CUDA(step_cuda));
+}
+
 }  // namespace
 
 void bind_diffusion(py::module_& m) {
@@ -99,6 +151,10 @@ void bind_diffusion(py::module_& m) {
   m.def("diffusion_loss_backward", &loss_backward_entry, arg("grad_loss"), arg("model_output"), arg("x0"), arg("noise"),
         arg("t"), arg("table"), arg("grad_model_output"), arg("prediction"), arg("snr_gamma"), arg("seed"),
         arg("offset"), arg("stream") = 0);
+  m.def("diffusion_step", &step_entry, arg("model_output"), arg("sample"), arg("noise"), arg("t"), arg("prev_t"),
+        arg("table"), arg("guidance_rescale"), arg("dynamic_threshold"), arg("prev_sample"), arg("pred_original"),
+        arg("kind"), arg("prediction"), arg("variance"), arg("guided"), arg("guidance_scale"), arg("clip"), arg("eta"),
+        arg("use_clipped_model_output"), arg("seed"), arg("offset"), arg("stream") = 0);
 }
 
 }  // namespace gk

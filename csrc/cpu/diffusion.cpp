@@ -1,9 +1,10 @@
-// CPU kernels of the diffusion family (training side): indexing, chunking and threading around
+// CPU kernels of the diffusion family (training and sampling): indexing, chunking and threading around
 // csrc/common/diffusion.h. Arrays are (batch, n); element (b, j) is flat element b * n + j, which is also its
 // index in the noise stream.
 #include "../diffusion.h"
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -163,11 +164,102 @@ struct LossBackwardKernel {
   }
 };
 
+// Calls fn(kind constant, prediction constant) so that step_element's branches on them fold.
+template <typename Fn>
+void with_step_kind(int32_t kind, int32_t prediction, Fn fn) {
+  with_prediction(prediction, [&](auto pc) {
+    if (kind == kDdpm)
+      fn(std::integral_constant<int32_t, kDdpm>{}, pc);
+    else
+      fn(std::integral_constant<int32_t, kDdim>{}, pc);
+  });
+}
+
+template <typename T>
+struct StepKernel {
+  static void run(const StepArgs& a) {
+    const T* mo = static_cast<const T*>(a.model_output);
+    const T* sample = static_cast<const T*>(a.sample);
+    const T* noise = static_cast<const T*>(a.noise);
+    T* prev = static_cast<T*>(a.prev_sample);
+    T* pred_original = static_cast<T*>(a.pred_original);
+    const int64_t B = a.batch, n = a.n, total = B * n;
+    if (total == 0) return;
+    const int64_t stride = a.variance == kLearnedRange ? 2 * n : n;  // model_output per sample
+    const bool guided = a.guided != 0;
+    const T scale = T(a.guidance_scale);
+    with_step_kind(a.kind, a.prediction, [&](auto kc, auto pc) {
+      constexpr int32_t Kind = decltype(kc)::value, P = decltype(pc)::value;
+      cpu::parallel_for((total + kChunk - 1) / kChunk, [&](int64_t chunk) {
+        alignas(64) T z[kChunk], guided_m[kChunk], x0_scratch[kChunk];
+        const int64_t start = chunk * kChunk, len = std::min(kChunk, total - start);
+        // The chunk's noise, drawn once if any of its samples adds noise.
+        bool any_noisy = Kind == kDdim ? a.eta > 0.0f : false;
+        if (Kind == kDdpm)
+          for (int64_t b = start / n; b <= (start + len - 1) / n && !any_noisy; ++b) any_noisy = a.t[b] > 0;
+        if (any_noisy) cpu::load_eps(noise, a.seed, a.offset, start, len, z);
+        cpu::for_each_periodic(start, len, n, [&](int64_t t0, int64_t j0, int64_t cnt) {
+          const int64_t b = (start + t0) / n;
+          const StepCoefficients<T> c = step_coefficients<T>(a.table, a.table_rows, a.t, a.prev_t, b, Kind,
+                                                             a.variance, T(a.eta));
+          // Thresholding: dynamic (clamp to +-q, divide by q), clip, or none (+inf).
+          T limit = std::numeric_limits<T>::infinity();
+          const bool divide = a.dynamic_threshold != nullptr;
+          if (divide)
+            limit = T(a.dynamic_threshold[b]);
+          else if (a.clip > 0.0f)
+            limit = T(a.clip);
+          const T* m = mo + b * stride + j0;
+          const T* v = mo + ((guided ? B + b : b) * stride + n + j0);  // learned_range only
+          if (guided) {
+            const T* uncond = m;
+            const T* cond = mo + (B + b) * stride + j0;
+            const T k = a.guidance_rescale ? T(a.guidance_rescale[b]) : T(1);
+#pragma omp simd
+            for (int64_t i = 0; i < cnt; ++i) guided_m[i] = guide(uncond[i], cond[i], scale, k);
+            m = guided_m;
+          }
+          const T* x = sample + start + t0;
+          const T* zr = z + t0;
+          T* out = prev + start + t0;
+          T* x0 = pred_original ? pred_original + start + t0 : x0_scratch;
+          const bool clipped_eps = a.use_clipped_model_output != 0;
+          auto loop = [&](auto noisy_c, auto learned_c, auto divide_c) {
+            constexpr bool kNoisy = decltype(noisy_c)::value, kLearned = decltype(learned_c)::value;
+            constexpr bool kDivide = decltype(divide_c)::value;
+            StepCoefficients<T> cc = c;
+            cc.noisy = kNoisy;
+#pragma omp simd
+            for (int64_t i = 0; i < cnt; ++i)
+              out[i] = step_element(m[i], x[i], kLearned ? v[i] : T(0), kNoisy ? zr[i] : T(0), cc, Kind, P,
+                                    kLearned ? int32_t(kLearnedRange) : int32_t(kFixedSmall), limit, kDivide,
+                                    clipped_eps, x0[i]);
+          };
+          using yes = std::true_type;
+          using no = std::false_type;
+          const bool noisy = c.noisy && any_noisy;
+          const bool learned = Kind == kDdpm && a.variance == kLearnedRange && noisy;
+          if (divide) {
+            if (learned) loop(yes{}, yes{}, yes{});
+            else if (noisy) loop(yes{}, no{}, yes{});
+            else loop(no{}, no{}, yes{});
+          } else {
+            if (learned) loop(yes{}, yes{}, no{});
+            else if (noisy) loop(yes{}, no{}, no{});
+            else loop(no{}, no{}, no{});
+          }
+        });
+      });
+    });
+  }
+};
+
 }  // namespace
 
 void q_sample_cpu(const QSampleArgs& a) { cpu::dispatch_float<QSampleKernel>(a.dtype, a); }
 void loss_cpu(const LossArgs& a) { cpu::dispatch_float<LossKernel>(a.dtype, a); }
 void loss_backward_cpu(const LossBackwardArgs& a) { cpu::dispatch_float<LossBackwardKernel>(a.dtype, a); }
+void step_cpu(const StepArgs& a) { cpu::dispatch_float<StepKernel>(a.dtype, a); }
 
 }  // namespace diffusion
 }  // namespace gk

@@ -1,16 +1,21 @@
-// The diffusion family's training side on CUDA: q_sample, the simplified loss and its gradient. All
-// per-element math comes from common/diffusion.h; this file maps elements to threads. Arrays are (batch, n),
-// element (b, j) being flat element b * n + j, which is also its index in the noise stream.
+// The diffusion family on CUDA: q_sample, the simplified loss and its gradient (training), and the DDPM /
+// DDIM step (sampling). All per-element math comes from common/diffusion.h; this file maps elements to
+// threads. Arrays are (batch, n), element (b, j) being flat element b * n + j, which is also its index in the
+// noise stream.
 //   q_sample / loss_backward  a thread per 4 consecutive flat elements, i.e. per Philox block of eps (a
 //                             sample boundary may fall inside a group when n % 4 != 0: each element then
 //                             takes its own sample's coefficients);
 //   loss                      a team of threads per sample (or per segment of a long sample, the segment
-//                             sums then added in order by a second kernel): deterministic, no atomics.
+//                             sums then added in order by a second kernel): deterministic, no atomics;
+//   step (DDPM / DDIM)        as q_sample, a thread per group of 4, taken as one run of elements per sample
+//                             in it (one run unless a sample boundary falls inside the group).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/diffusion.h"
 #include "common/normal.h"
@@ -234,6 +239,84 @@ __global__ void __launch_bounds__(kThreads) loss_finish_kernel(LossArgs a, int64
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The denoising step
+
+// What one sample contributes to its elements' step: coefficients, thresholding limit, guidance rescale.
+template <typename C>
+struct SampleStep {
+  StepCoefficients<C> c;
+  C limit;    // +inf: no thresholding
+  C rescale;  // k of guide; 1 without guidance_rescale
+};
+
+template <typename C, int32_t Kind>
+__device__ __forceinline__ SampleStep<C> sample_step(const StepArgs& a, int64_t b) {
+  SampleStep<C> s;
+  s.c = step_coefficients<C>(a.table, a.table_rows, a.t, a.prev_t, b, Kind, a.variance, C(a.eta));
+  if (a.dynamic_threshold)
+    s.limit = C(a.dynamic_threshold[b]);
+  else
+    s.limit = a.clip > 0.0f ? C(a.clip) : C(CUDART_INF_F);
+  s.rescale = a.guidance_rescale ? C(a.guidance_rescale[b]) : C(1);
+  return s;
+}
+
+// Flat elements first .. first + count - 1 (count <= 4), all of sample b and inside one Philox block.
+template <typename S, int32_t Kind, int32_t P>
+__device__ __forceinline__ void step_run(const StepArgs& a, int64_t first, int count, int64_t b) {
+  using C = compute_t<S>;
+  const S* mo = static_cast<const S*>(a.model_output);
+  const int64_t n = a.n, stride = a.variance == kLearnedRange ? 2 * n : n;
+  const int64_t m_at = first + b * (stride - n);   // model_output (b, j) is at b * stride + j
+  const int64_t cond_at = m_at + a.batch * stride;  // guidance: the conditional half follows
+  const bool guided = a.guided != 0;
+  const SampleStep<C> s = sample_step<C, Kind>(a, b);
+  C x[4], m[4], z[4] = {}, v[4] = {};
+  gpu::load4(static_cast<const S*>(a.sample), first, count, x);
+  gpu::load4(mo, m_at, count, m);
+  if (guided) {
+    C cond[4];
+    gpu::load4(mo, cond_at, count, cond);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) m[l] = guide(m[l], cond[l], C(a.guidance_scale), s.rescale);
+  }
+  // The normals cost more than the rest of the step: drawn only where they are added (DDPM t > 0, DDIM
+  // eta > 0); which elements draw never changes a value, z of (b, j) being stream element b * n + j.
+  if (s.c.noisy) {
+    eps4(static_cast<const S*>(a.noise), a.seed, a.offset, first, count, z);
+    // The learned variance (DDPM only: DDIM ignores it) is the second half of the conditional output.
+    if (Kind == kDdpm && a.variance == kLearnedRange) gpu::load4(mo, (guided ? cond_at : m_at) + n, count, v);
+  }
+  const C limit = s.limit;
+  const bool divide = a.dynamic_threshold != nullptr, clipped_eps = a.use_clipped_model_output != 0;
+  C out[4], x0[4];
+#pragma unroll
+  for (int l = 0; l < 4; ++l)
+    out[l] = step_element(m[l], x[l], v[l], z[l], s.c, Kind, P, a.variance, limit, divide, clipped_eps, x0[l]);
+  gpu::store4(static_cast<S*>(a.prev_sample), first, count, out);
+  if (a.pred_original) gpu::store4(static_cast<S*>(a.pred_original), first, count, x0);
+}
+
+// A thread per group of 4 flat elements. Kind and P are template constants so that step_element's branches
+// on them fold; the other options are uniform per launch and stay runtime branches.
+template <typename S, int32_t Kind, int32_t P>
+__global__ void __launch_bounds__(kThreads) step_kernel(StepArgs a) {
+  const int64_t n = a.n, total = a.batch * n, groups = ceil_div(total, 4);
+  for (int64_t g = gpu::thread_index(); g < groups; g += gpu::thread_count()) {
+    const int64_t base = 4 * g, end = min(base + 4, total);
+    // One run per sample in the group: the whole group unless a sample boundary falls inside it (n % 4 != 0).
+    // A loop, not unrolled lanes, so that the per-sample coefficients are computed by one copy of the code.
+    int64_t b, j;
+    divmod(base, n, b, j);
+    for (int64_t first = base; first < end; ++b, j = 0) {
+      const int count = static_cast<int>(min(end - first, n - j));
+      step_run<S, Kind, P>(a, first, count, b);
+      first += count;
+    }
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -294,6 +377,30 @@ void loss_cuda(const LossArgs& a, void* stream) {
     loss_finish_kernel<S><<<gpu::grid_for(ceil_div(a.batch, kThreads)), kThreads, 0, s>>>(a, segs, partial);
     gpu::check_launch("diffusion.loss (finish)");
     gpu::check_cuda(cudaFreeAsync(partial, s), "diffusion.loss: cudaFreeAsync");
+  });
+}
+
+void step_cuda(const StepArgs& a, void* stream) {
+  const int64_t total = a.batch * a.n;
+  if (total == 0) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const unsigned grid = gpu::grid_for(ceil_div(ceil_div(total, 4), kThreads));
+  gpu::dispatch_float(a.dtype, "diffusion.step", [&](auto type) {
+    using S = typename decltype(type)::type;
+    // The entry point has validated kind and prediction.
+    auto launch = [&](auto kind_c) {
+      constexpr int32_t Kind = decltype(kind_c)::value;
+      switch (a.prediction) {
+        case kEpsilon: step_kernel<S, Kind, kEpsilon><<<grid, kThreads, 0, s>>>(a); break;
+        case kVPrediction: step_kernel<S, Kind, kVPrediction><<<grid, kThreads, 0, s>>>(a); break;
+        default: step_kernel<S, Kind, kSample><<<grid, kThreads, 0, s>>>(a); break;
+      }
+    };
+    if (a.kind == kDdpm)
+      launch(std::integral_constant<int32_t, kDdpm>{});
+    else
+      launch(std::integral_constant<int32_t, kDdim>{});
+    gpu::check_launch("diffusion.step");
   });
 }
 

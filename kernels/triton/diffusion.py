@@ -1,5 +1,5 @@
-"""The diffusion family's training side (shared/math.md, section 3) in Triton: q_sample, the loss, and its
-backward.
+"""The diffusion family (shared/math.md, section 3) in Triton: q_sample, the loss and its backward
+(training), and the DDPM / DDIM denoising step (sampling).
 
 The wrappers mirror the Args structs of csrc/diffusion.h (whose comments define each op): every tensor is
 contiguous, outputs are preallocated by the caller, and all floating tensors of a call share one dtype.
@@ -16,14 +16,19 @@ Tiling: (batch, n) is cut into [BLOCK_D, BLOCK_R] tiles, j along axis 0 (the con
 along axis 1, so per-row values (t, the table row, the weight, grad_loss) are loaded once per row of a tile.
 The elementwise kernels (q_sample, loss_backward) run one program per tile; the loss runs one program per
 BLOCK_R rows, walking n. Grids are 1-D. Divisions are tl.div_rn in float32 (Triton's `/` is the
-approximate div.full.f32 on NVIDIA GPUs; the C++ divides correctly rounded).
+approximate div.full.f32 on NVIDIA GPUs; the C++ divides correctly rounded), square roots tl.sqrt_rn.
+
+The step computes each sample's coefficients (gk::diffusion::step_coefficients) once per row of a tile, in
+the compute type from the float32 table rows of t[b] and prev_t[b]; the float arguments (guidance_scale,
+clip, eta) are rounded to float32 first, as StepArgs holds them. The learned_range logs are tl.log (per-sample
+values), the per-element exp is gk::exp (random.exp_t).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .launch import check, compute_type, launch
-from .random import KEY_ARGS, key_args, stream_normal, stream_normals, to_dtype
+from .random import KEY_ARGS, exp_t, key_args, stream_normal, stream_normals, to_dtype
 
 EPSILON = tl.constexpr(0)  # gk::diffusion::kEpsilon
 V_PREDICTION = tl.constexpr(1)  # kVPrediction
@@ -315,3 +320,285 @@ def loss_backward(grad_loss, model_output, x0, noise, t, table, grad_model_outpu
             PREDICTION=prediction, WEIGHTED=gamma > 0.0, HAS_EPS=noise is not None,
             RUNS=_runs(n, block_d, noise is not None), CT=compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
     return grad_model_output
+
+
+# --------------------------------------------------------------------------------------------------
+# step: one denoising step t -> prev_t (DDPM or DDIM), csrc/common/diffusion.h step_coefficients, guide,
+# step_element; indexing as gk::diffusion::StepArgs and the CPU StepKernel.
+
+DDPM = tl.constexpr(0)  # gk::diffusion::kDdpm
+DDIM = tl.constexpr(1)  # kDdim
+FIXED_LARGE = tl.constexpr(1)  # gk::diffusion::kFixedLarge
+VARIANCES = (0, 1, 2)  # kFixedSmall, kFixedLarge, kLearnedRange
+LEARNED_RANGE = 2
+# gk::diffusion::kMinVariance, 1e-20f: the float32 value, also where it is widened to float64
+MIN_VARIANCE = tl.constexpr(float(torch.tensor(1e-20, dtype=torch.float32).item()))
+CLIP = tl.constexpr(1)  # the THRESHOLD modes of the step kernel: 0 none, CLIP (clip > 0), DYNAMIC
+DYNAMIC = tl.constexpr(2)
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded sqrt (sqrtf / sqrt): tl.sqrt_rn for float32 (tl.sqrt may be approximate on GPUs);
+    float64's tl.sqrt is the IEEE sqrt.rn.f64."""
+    if x.dtype == tl.float64:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
+def _level_of(table_ptr, t, rows):
+    """gk::diffusion::level_clamped: the table row of timesteps t (any shape), t clamped into [-1, rows - 2]
+    (row t + 1 into [0, rows)), so every lane reads inside the table. float32 (alpha_bar,
+    one_minus_alpha_bar, signal, noise)."""
+    r = t + 1
+    r = tl.where(r < 0, 0, r)
+    r = tl.where(r >= rows, rows - 1, r)
+    row = table_ptr + r * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def _step_beta(ab_t, omab_t, ab_p, omab_p, CT: tl.constexpr):
+    """gk::diffusion::step_beta: (ab_prev - ab_t) / ab_prev, the difference from 1 - ab where ab_t > 1/2."""
+    diff = tl.where(ab_t > 0.5, omab_t.to(CT) - omab_p.to(CT), ab_p.to(CT) - ab_t.to(CT))
+    return _div(diff, ab_p.to(CT))
+
+
+@triton.jit
+def _step_coefficients(table_ptr, t_ptr, pt_ptr, b, bmask, rows, eta,
+                       KIND: tl.constexpr, VARIANCE: tl.constexpr, LEARNED: tl.constexpr,
+                       HAS_PREV_T: tl.constexpr, CT: tl.constexpr):
+    """gk::diffusion::step_coefficients for rows b ([BLOCK_R]), in CT: (signal, noise, x0_coef, other_coef,
+    sigma, log_var_large, log_var_small, noisy); the logs are 0 unless LEARNED, noisy is DDPM's t > 0 (DDIM's
+    eta > 0 is the kernel's NOISY). Masked lanes read the rows of t = 0, prev_t = -1 (finite values)."""
+    t = tl.load(t_ptr + b, mask=bmask, other=0)
+    if HAS_PREV_T:
+        pt = tl.load(pt_ptr + b, mask=bmask, other=-1)
+    else:
+        pt = t - 1
+    ab_t, omab_t, signal_t, noise_t = _level_of(table_ptr, t, rows)
+    ab_p, omab_p, signal_p, noise_p = _level_of(table_ptr, pt, rows)
+    beta = _step_beta(ab_t, omab_t, ab_p, omab_p, CT)
+    beta_t = omab_t.to(CT)
+    beta_prev = omab_p.to(CT)
+    zero = tl.zeros(beta.shape, CT)
+    log_var_large = zero
+    log_var_small = zero
+    if KIND == DDPM:
+        # ddpm_coefficients
+        alpha = _div(ab_t.to(CT), ab_p.to(CT))
+        var_small = _div(beta_prev, beta_t) * beta
+        var_small = tl.where(var_small > MIN_VARIANCE, var_small, MIN_VARIANCE)
+        x0_coef = _div(signal_p.to(CT) * beta, beta_t)
+        other_coef = _div(_sqrt(alpha) * beta_prev, beta_t)
+        if VARIANCE == FIXED_LARGE:
+            sigma = _sqrt(beta)
+        else:
+            sigma = _sqrt(var_small)
+        if LEARNED:
+            log_var_large = tl.log(beta)
+            log_var_small = tl.log(var_small)
+        noisy = t > 0
+    else:
+        # ddim_coefficients
+        variance = _div(beta_prev, beta_t) * beta
+        sigma = eta * _sqrt(variance)
+        direction = beta_prev - sigma * sigma
+        x0_coef = signal_p.to(CT)
+        other_coef = _sqrt(tl.where(direction > 0.0, direction, zero))
+        noisy = t == t  # unused: DDIM's noise depends on eta alone
+    return signal_t.to(CT), noise_t.to(CT), x0_coef, other_coef, sigma, log_var_large, log_var_small, noisy
+
+
+@triton.jit
+def _predict_x0(m, x, signal, noise, PREDICTION: tl.constexpr):
+    """gk::diffusion::predict_x0: (x - noise m) / signal, m, or signal x - noise m."""
+    if PREDICTION == EPSILON:
+        y = _div(x - noise * m, signal)
+    elif PREDICTION == SAMPLE:
+        y = m
+    else:
+        y = signal * x - noise * m
+    return y
+
+
+@triton.jit
+def _predict_eps(m, x, signal, noise, PREDICTION: tl.constexpr):
+    """gk::diffusion::predict_eps: m, (x - signal m) / noise, or signal m + noise x."""
+    if PREDICTION == EPSILON:
+        y = m
+    elif PREDICTION == SAMPLE:
+        y = _div(x - signal * m, noise)
+    else:
+        y = signal * m + noise * x
+    return y
+
+
+@triton.jit
+def _threshold_x0(x0, limit, DIVIDE: tl.constexpr):
+    """gk::diffusion::threshold_x0: clamp to [-limit, limit] (NaN passes), then / limit if DIVIDE."""
+    y = tl.where(x0 < -limit, -limit, tl.where(x0 > limit, limit, x0))
+    if DIVIDE:
+        y = _div(y, limit)
+    return y
+
+
+@triton.jit(do_not_specialize=KEY_ARGS)
+def _step_kernel(m_ptr, x_ptr, eps_ptr, t_ptr, pt_ptr, table_ptr, k_ptr, q_ptr, prev_ptr, x0_ptr,
+                 batch, n, stride, rows, d_blocks, scale, clip, eta, seed_lo, seed_hi, off_lo, off_hi,
+                 KIND: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, LEARNED: tl.constexpr,
+                 GUIDED: tl.constexpr, RESCALE: tl.constexpr, THRESHOLD: tl.constexpr, HAS_PREV_T: tl.constexpr,
+                 NOISY: tl.constexpr, HAS_EPS: tl.constexpr, RUNS: tl.constexpr, CLIPPED_EPS: tl.constexpr,
+                 WRITE_X0: tl.constexpr, CT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    b, bmask, d0, d, offs, mask = _tile_coords(batch, n, d_blocks, BLOCK_D, BLOCK_R)
+    signal, noise, x0_coef, other_coef, sigma, lv_large, lv_small, noisy = _step_coefficients(
+        table_ptr, t_ptr, pt_ptr, b, bmask, rows, tl.zeros([BLOCK_R], CT) + eta, KIND, VARIANCE, LEARNED,
+        HAS_PREV_T, CT)
+    signal = signal[None, :]
+    noise = noise[None, :]
+    x0_coef = x0_coef[None, :]
+    other_coef = other_coef[None, :]
+    sigma = sigma[None, :]
+
+    # The model output: sample b's prediction at b * stride + j; guided: u + s (c - u) (times k), the
+    # unconditional half first, the conditional sample b at (batch + b) * stride (int64: b is).
+    m_offs = (b * stride)[None, :] + d[:, None]
+    m = tl.load(m_ptr + m_offs, mask=mask).to(CT)
+    if GUIDED:
+        cond_offs = ((b + batch) * stride)[None, :] + d[:, None]
+        cond = tl.load(m_ptr + cond_offs, mask=mask).to(CT)
+        m = m + (tl.zeros([1, BLOCK_R], CT) + scale) * (cond - m)  # guide(uncond, cond, scale, k)
+        if RESCALE:
+            k = tl.load(k_ptr + b, mask=bmask, other=1.0).to(CT)
+            m = m * k[None, :]  # (without rescale k = 1: the product is m itself)
+    x = tl.load(x_ptr + offs, mask=mask).to(CT)
+
+    x0 = _predict_x0(m, x, signal, noise, PREDICTION)
+    if THRESHOLD == DYNAMIC:
+        q = tl.load(q_ptr + b, mask=bmask, other=1.0).to(CT)
+        x0 = _threshold_x0(x0, q[None, :], True)
+    elif THRESHOLD == CLIP:
+        x0 = _threshold_x0(x0, tl.zeros([1, BLOCK_R], CT) + clip, False)
+    if WRITE_X0:
+        tl.store(x0_ptr + offs, to_dtype(x0, x0_ptr.dtype.element_ty), mask=mask)
+
+    if KIND == DDPM:
+        out = x0_coef * x0 + other_coef * x
+        # Noise only for the rows with t > 0 (its values elsewhere are never used).
+        row_noisy = noisy[None, :]
+        z = _noise_tile(eps_ptr, offs, mask & row_noisy, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
+                        HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+        if LEARNED:
+            # the variance output: the second n elements of the sample's stride (of the conditional half
+            # under guidance)
+            if GUIDED:
+                v_offs = cond_offs + n
+            else:
+                v_offs = m_offs + n
+            v = tl.load(m_ptr + v_offs, mask=mask & row_noisy, other=0.0).to(CT)
+            f = (v + 1.0) * 0.5  # (v + 1) / 2: exact either way
+            log_var = f * lv_large[None, :] + (1.0 - f) * lv_small[None, :]
+            std = exp_t(0.5 * log_var)
+            out = tl.where(row_noisy, out + std * z, out)
+        else:
+            out = tl.where(row_noisy, out + sigma * z, out)
+    else:
+        if CLIPPED_EPS:
+            eps = _div(x - signal * x0, noise)
+        else:
+            eps = _predict_eps(m, x, signal, noise, PREDICTION)
+        out = x0_coef * x0 + other_coef * eps
+        if NOISY:
+            z = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
+                            HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+            out = out + sigma * z
+    tl.store(prev_ptr + offs, to_dtype(out, prev_ptr.dtype.element_ty), mask=mask)
+
+
+def _float32(x):
+    """x rounded to float32 (static_cast<float>: out-of-range values become +-inf), as a Python float: the
+    kernels widen the scalar arguments as tl.zeros(..., CT) + x, exact for float32 values whether the launch
+    passes them as float32 (compiled) or as Python floats (interpreter)."""
+    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item())
+
+
+def _check_per_sample(name, a, ref, batch):
+    if a is None:
+        return
+    if a.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {a.dtype}, expected torch.float32")
+    if not a.is_contiguous() or a.numel() != batch or a.device != ref.device:
+        raise ValueError(f"{name} must be a contiguous tensor of {batch} elements on the data's device")
+
+
+def _check_numel(name, a, numel):
+    if a.numel() != numel:
+        raise ValueError(f"{name} must have {numel} elements, got {a.numel()}")
+
+
+def step(model_output, sample, noise, t, prev_t, table, guidance_rescale, dynamic_threshold, prev_sample,
+         pred_original, kind, prediction, variance, guided, guidance_scale, clip, eta, use_clipped_model_output,
+         seed, offset):
+    """One denoising step t[b] -> prev_t[b] (t[b] - 1 when prev_t is None) of every sample b, as
+    _C.diffusion_step (gk::diffusion::StepArgs): writes prev_sample and, unless it is None, pred_original.
+
+    kind: 0 DDPM, 1 DDIM; prediction: 0 epsilon, 1 v_prediction, 2 sample; variance (DDPM): 0 fixed_small,
+    1 fixed_large, 2 learned_range (model_output holds 2n elements per sample: the prediction, then the
+    variance output). guided: model_output holds 2 * batch samples, the unconditional half first, combined
+    as u + s (c - u), times guidance_rescale[b] when given; learned_range's variance comes from the
+    conditional half. x0_hat is clamped to +-dynamic_threshold[b] and divided by it when given, else
+    clamped to +-clip when clip > 0. Noise (DDPM rows with t[b] > 0, DDIM when eta > 0) is `noise` or
+    stream element b * n + j for (seed, offset)."""
+    check(sample.dtype, model_output=model_output, sample=sample, noise=noise, prev_sample=prev_sample,
+          pred_original=pred_original)
+    kind = int(kind)
+    if kind not in (0, 1):
+        raise ValueError("kind must be 0 (DDPM) or 1 (DDIM)")
+    variance = int(variance)
+    if variance not in VARIANCES:
+        raise ValueError("unknown variance type")
+    prediction = _check_prediction(prediction)
+    guided = bool(guided)
+    batch, n = _shape(sample)
+    stride = 2 * n if variance == LEARNED_RANGE else n  # model_output per sample
+    _check_numel("model_output", model_output, (2 if guided else 1) * batch * stride)
+    _check_numel("prev_sample", prev_sample, sample.numel())
+    if pred_original is not None:
+        _check_numel("pred_original", pred_original, sample.numel())
+    if noise is not None:
+        _check_numel("noise", noise, sample.numel())
+    _check_schedule(t, table, batch)
+    if prev_t is not None:
+        if prev_t.dtype != torch.int64:
+            raise TypeError(f"prev_t has dtype {prev_t.dtype}, expected torch.int64")
+        if not prev_t.is_contiguous() or prev_t.numel() != batch or prev_t.device != sample.device:
+            raise ValueError(f"prev_t must be a contiguous tensor of {batch} elements on the data's device")
+    _check_per_sample("guidance_rescale", guidance_rescale, sample, batch)
+    _check_per_sample("dynamic_threshold", dynamic_threshold, sample, batch)
+    if guidance_rescale is not None and not guided:
+        raise ValueError("guidance_rescale needs guidance")
+    if not float(eta) >= 0.0:
+        raise ValueError("eta must be non-negative")
+    if sample.numel() == 0:
+        return prev_sample, pred_original
+    scale, clip, eta = _float32(guidance_scale), _float32(clip), _float32(eta)
+    # thresholding: dynamic (clamp to +-q, divide by q), clip, or none (limit +inf: skipped)
+    threshold = 2 if dynamic_threshold is not None else (1 if clip > 0.0 else 0)
+    noisy = kind == 0 or eta > 0.0  # DDPM: per row (t > 0), in the kernel
+    random = noisy and noise is None
+    grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=random)
+    launch(_step_kernel, grid, model_output, sample, noise if noise is not None else sample, t,
+           prev_t if prev_t is not None else t, table,
+           guidance_rescale if guidance_rescale is not None else table,
+           dynamic_threshold if dynamic_threshold is not None else table,
+           prev_sample, pred_original if pred_original is not None else prev_sample,
+           batch, n, stride, table.shape[0], d_blocks, scale, clip, eta, *key_args(seed, offset),
+           KIND=kind, PREDICTION=prediction, VARIANCE=variance, LEARNED=kind == 0 and variance == LEARNED_RANGE,
+           GUIDED=guided, RESCALE=guidance_rescale is not None, THRESHOLD=threshold, HAS_PREV_T=prev_t is not None,
+           NOISY=noisy, HAS_EPS=noise is not None, RUNS=_runs(n, block_d, noise is not None),
+           CLIPPED_EPS=bool(use_clipped_model_output), WRITE_X0=pred_original is not None,
+           CT=compute_type(sample), BLOCK_D=block_d, BLOCK_R=block_r)
+    return prev_sample, pred_original

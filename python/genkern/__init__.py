@@ -4,7 +4,7 @@ Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager Py
 """
 from . import random, schedules
 from .backend import backends, get_backend, set_backend
-from .diffusion import diffusion_loss, q_sample
+from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
 
@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backends",
+    "ddim_step",
+    "ddpm_step",
     "diffusion_loss",
     "gaussian_kl",
     "gaussian_log_prob",

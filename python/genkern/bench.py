@@ -46,6 +46,8 @@ class BenchCase:
     bytes_moved(size, dtype) is the least memory traffic any implementation needs: every input read once
         and every output written once. Achieved GB/s is computed from it.
     default: whether a plain `genkern bench` (no --ops) includes the case.
+    compile: whether torch.compile of `eager` is timed too (not for baselines that are whole Python loops
+        over another library's objects, which it does not capture).
     """
 
     name: str
@@ -56,6 +58,7 @@ class BenchCase:
     shape: Callable[[int], tuple[int, ...]]
     bytes_moved: Callable[[int, torch.dtype], int]
     default: bool = True
+    compile: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def compiled(case: BenchCase) -> Callable[..., Any]:
 def implementations(case: BenchCase, backends: Sequence[str], use_compile: bool) -> list[tuple[str, Callable]]:
     """(label, function of the case's args) for each implementation timed, eager first."""
     impls = [("eager", case.eager)]
-    if use_compile:
+    if use_compile and case.compile:
         impls.append(("compile", compiled(case)))
     impls += [(f"genkern:{b}", functools.partial(case.genkern, backend=b)) for b in backends]
     return impls
@@ -308,8 +311,8 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
     say(f"[copy] {format_size(max(config.sizes))} float32 copy bandwidth on {info.name}")
     copy_gbps = copy_bandwidth_gbps(max(config.sizes), config.device, config.repeats)
 
-    impls_per_case = 1 + config.use_compile + len(config.backends)
-    total, step, rows = len(config.cases) * len(config.sizes) * impls_per_case, 0, []
+    impls_per_case = [1 + (config.use_compile and c.compile) + len(config.backends) for c in config.cases]
+    total, step, rows = sum(impls_per_case) * len(config.sizes), 0, []
     for size in config.sizes:
         for case in config.cases:
             args = case.make_inputs(size, config.device, config.dtype)

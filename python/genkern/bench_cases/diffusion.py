@@ -1,10 +1,18 @@
-"""Benchmark cases of the diffusion family's training ops, forward pass.
+"""Benchmark cases of the diffusion family: the training ops, the sampling steps, and a sampling loop.
 
 Inputs are image batches: a size N is (N / 3072) samples of 3 x 32 x 32 with per-sample timesteps. The eager
 baselines are the code a PyTorch user writes: noise from torch.randn_like, coefficients gathered from the
-schedule's alphas_cumprod per sample, and the loss recomputing the target from that noise.
+schedule's alphas_cumprod per sample, the loss recomputing the target from that noise, and a step written
+out as diffusers' schedulers compute it (epsilon prediction, both outputs returned).
+
+`ddim_loop` is different: a whole 50-step DDIM sampling run at batch 1 on a (1, 4, 64, 64) latent with a
+trivial denoiser, to expose per-step overhead; its baseline is the same loop driven by diffusers'
+DDIMScheduler (needs diffusers, a test extra), and it ignores the size. genkern runs it with DDIMSampler
+(on CUDA with the whole loop captured in a CUDA graph).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -53,6 +61,79 @@ def eager_diffusion_loss(model_output, x0, t):
     return ((noise - model_output) ** 2).mean()
 
 
+def _alpha_bars(t, x):
+    """alpha-bar at t (-1: 1) per sample, shaped to broadcast over x."""
+    extended = torch.cat([torch.ones(1, dtype=torch.float64), _SCHEDULE.alphas_cumprod])
+    return extended.to(device=x.device, dtype=x.dtype)[t + 1].reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _step_inputs(size, device, dtype):
+    """(model_output, sample, t, prev_t): per-sample strided steps, as in a 50-step DDPM or DDIM run."""
+    sample, t = _x0_t(size, device, dtype)
+    t = t.clamp(min=20)
+    return torch.randn_like(sample), sample, t, t - 20
+
+
+def eager_ddpm_step(model_output, sample, t, prev_t):
+    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
+    alpha = ab_t / ab_prev
+    beta_t, beta_prev, beta = 1 - ab_t, 1 - ab_prev, 1 - alpha
+    x0 = (sample - beta_t.sqrt() * model_output) / ab_t.sqrt()
+    mean = (ab_prev.sqrt() * beta / beta_t) * x0 + (alpha.sqrt() * beta_prev / beta_t) * sample
+    std = (beta_prev / beta_t * beta).clamp(min=1e-20).sqrt()
+    return mean + std * torch.randn_like(sample), x0
+
+
+def eager_ddim_step(model_output, sample, t, prev_t):
+    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
+    x0 = (sample - (1 - ab_t).sqrt() * model_output) / ab_t.sqrt()
+    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * model_output, x0
+
+
+def genkern_ddpm_step(model_output, sample, t, prev_t, backend=None):
+    return genkern.ddpm_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, backend=backend)
+
+
+def genkern_ddim_step(model_output, sample, t, prev_t, backend=None):
+    return genkern.ddim_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, backend=backend)
+
+
+_LOOP_SHAPE = (1, 4, 64, 64)
+_LOOP_STEPS = 50
+
+
+def _trivial_denoiser(x, t):
+    return 0.1 * x
+
+
+def _loop_inputs(size, device, dtype):
+    return (genkern.randn(_LOOP_SHAPE, seed=0, device=device, dtype=dtype),)
+
+
+def diffusers_ddim_loop(x):
+    from diffusers import DDIMScheduler  # a test extra: without it this baseline reports an ImportError
+
+    scheduler = _diffusers_scheduler(DDIMScheduler)
+    for t in scheduler.timesteps:
+        x = scheduler.step(_trivial_denoiser(x, t), t, x).prev_sample
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _diffusers_scheduler(cls):
+    scheduler = cls(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    scheduler.set_timesteps(_LOOP_STEPS)
+    return scheduler
+
+
+def genkern_ddim_loop(x, backend=None):
+    from ..diffusion import DDIMSampler
+
+    sampler = DDIMSampler(_SCHEDULE, backend=backend)
+    return sampler.sample(_trivial_denoiser, x.shape, _LOOP_STEPS, x_T=x, device=x.device, dtype=x.dtype,
+                          cuda_graph=x.device.type == "cuda")
+
+
 def genkern_q_sample(x0, t, backend=None):
     return genkern.q_sample(x0, t, _SCHEDULE, backend=backend)
 
@@ -73,5 +154,22 @@ CASES = (
         eager=eager_diffusion_loss, shape=_shape,
         # reads model_output and x0 (the noise is regenerated, the target never stored)
         bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddpm_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddpm_step,
+        eager=eager_ddpm_step, shape=_shape,
+        # reads model_output and sample, writes prev_sample and pred_original (the noise is generated)
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddim_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddim_step,
+        eager=eager_ddim_step, shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddim_loop", family=FAMILY, make_inputs=_loop_inputs, genkern=genkern_ddim_loop,
+        eager=diffusers_ddim_loop, shape=lambda n: _LOOP_SHAPE, compile=False,
+        # per step: reads the model output and the sample, writes the next sample (the denoiser excluded)
+        bytes_moved=lambda n, dt: _LOOP_STEPS * 3 * _itemsize(dt) * 4 * 64 * 64,
     ),
 )

@@ -1,4 +1,5 @@
-"""The diffusion family as torch ops (training side): `genkern::q_sample` and `genkern::diffusion_loss`.
+"""The diffusion family as torch ops: `genkern::q_sample` and `genkern::diffusion_loss` (training),
+`genkern::ddpm_step` and `genkern::ddim_step` (sampling).
 
 Each op takes the per-sample timesteps as an int64 (B,) tensor and the schedule as its float32 table
 (NoiseSchedule.table: rows t + 1, columns alpha-bar, 1 - alpha-bar and their square roots) on the data's
@@ -7,11 +8,13 @@ given tensor or the genkern stream for (seed, offset) over x0's shape; the loss 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..reference import diffusion as ref
 from ..reference import random as ref_random
 from ._backends import kernels, to_unsigned
 
@@ -186,3 +189,175 @@ def _loss_grad(ctx, grad_loss):
 
 
 diffusion_loss.register_autograd(_loss_grad, setup_context=_loss_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ddpm_step, ddim_step: one denoising step t -> prev_t; (prev_sample, pred_original_sample)
+# ---------------------------------------------------------------------------------------------------------
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # the kernels' codes 0, 1, 2
+DDPM, DDIM = 0, 1  # gk::diffusion::StepKind
+
+
+def _alpha_bars(table: Tensor, t: Tensor) -> Tensor:
+    """Float64 alpha-bars of table rows t + 1, each taken from the column that holds its digits (1 - (1 - ab)
+    where ab > 1/2), as the kernels' step_beta does."""
+    rows = table[t + 1].double()
+    return torch.where(rows[:, 0] > 0.5, 1.0 - rows[:, 1], rows[:, 0])
+
+
+def _per_sample(x: Tensor, batch: int) -> Tensor:
+    return x.reshape(batch, -1)
+
+
+def _guided_prediction(model_output: Tensor, batch: int, learned: bool, guidance_scale: float) -> tuple[Tensor, Tensor]:
+    """(u + s (c - u), c), the prediction part of each sample as (B, n) in the compute dtype."""
+    mo = _per_sample(model_output.to(_compute_dtype(model_output)), 2 * batch)
+    if learned:
+        mo = mo[:, : mo.shape[1] // 2]
+    uncond, cond = mo[:batch], mo[batch:]
+    return uncond + guidance_scale * (cond - uncond), cond
+
+
+def _rescale_factors(model_output: Tensor, batch: int, learned: bool, guidance_scale: float,
+                     guidance_rescale: float) -> Tensor:
+    """Each sample's guidance rescale factor k = phi std(c)/std(m) + 1 - phi (Lin et al. 2023), float32 (B,):
+    the kernel multiplies the guided prediction by it. A pre-pass: the stds need the whole sample."""
+    m, cond = _guided_prediction(model_output, batch, learned, guidance_scale)
+    ratio = cond.std(dim=1, correction=0) / m.std(dim=1, correction=0)
+    return (guidance_rescale * ratio + (1.0 - guidance_rescale)).float().contiguous()
+
+
+def _quantile_rows(x: Tensor, q: float) -> Tensor:
+    """torch.quantile(x, q, dim=1) (linear interpolation) by two selections, without quantile's size limit."""
+    n = x.shape[1]
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    below = torch.kthvalue(x, lo + 1, dim=1).values
+    above = torch.kthvalue(x, hi + 1, dim=1).values if hi != lo else below
+    return torch.lerp(below, above, pos - lo)
+
+
+def _dynamic_thresholds(model_output: Tensor, sample: Tensor, t: Tensor, table: Tensor, prediction: int,
+                        learned: bool, guidance_scale: Optional[float], rescale: Optional[Tensor], ratio: float,
+                        max_value: float) -> Tensor:
+    """Imagen's per-sample threshold q = clamp(quantile(|x0_hat|, ratio), 1, max_value), float32 (B,): a
+    pre-pass computing x0_hat as the kernel does (prediction, guidance, rescale) before thresholding."""
+    B = sample.shape[0]
+    ct = _compute_dtype(sample)
+    x = _per_sample(sample.to(ct), B)
+    if guidance_scale is not None:
+        m, _ = _guided_prediction(model_output, B, learned, guidance_scale)
+        if rescale is not None:
+            m = m * rescale.to(ct)[:, None]
+    else:
+        m = _per_sample(model_output.to(ct), B)
+        m = m[:, : m.shape[1] // 2] if learned else m
+    levels = table[t + 1].to(ct)
+    signal, noise = levels[:, 2:3], levels[:, 3:4]
+    x0 = ((x - noise * m) / signal if prediction == 0 else m if prediction == 2 else signal * x - noise * m)
+    if x0.shape[1] == 0:
+        return torch.ones(B, dtype=torch.float32, device=sample.device)
+    q = _quantile_rows(x0.abs(), ratio).clamp(min=1.0, max=max_value)
+    return q.float().contiguous()
+
+
+def _check_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
+                noise: Optional[Tensor], guided: bool, learned: bool) -> None:
+    _check(sample, t, table, noise)
+    if prev_t is not None and (prev_t.dtype != torch.int64 or tuple(prev_t.shape) != (sample.shape[0],)
+                               or prev_t.device != sample.device):
+        raise ValueError(f"prev_t must be an int64 tensor of shape ({sample.shape[0]},) on {sample.device}")
+    expected = [sample.shape[0] * (2 if guided else 1), *sample.shape[1:]]
+    if learned:
+        if sample.dim() < 2:
+            raise ValueError("learned_range needs a channel dimension (dim 1) in sample")
+        expected[1] *= 2
+    if (tuple(model_output.shape) != tuple(expected) or model_output.dtype != sample.dtype
+            or model_output.device != sample.device):
+        raise ValueError(f"model_output must have shape {tuple(expected)} and sample's dtype and device")
+
+
+def _step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
+          noise: Optional[Tensor], seed: int, offset: int, prediction: int, variance: int, eta: float,
+          use_clipped_model_output: bool, clip: Optional[float], dynamic_ratio: Optional[float], dynamic_max: float,
+          guidance_scale: Optional[float], guidance_rescale: float, backend: str,
+          return_pred_original: bool) -> tuple[Tensor, Tensor]:
+    guided, learned = guidance_scale is not None, variance == 2
+    _check_step(model_output, sample, t, prev_t, table, noise, guided, learned)
+    seed, offset = to_unsigned(seed), to_unsigned(offset)
+    dynamic = None if dynamic_ratio is None else (dynamic_ratio, dynamic_max)
+    if backend == "reference":
+        kwargs = dict(prediction_type=PREDICTIONS[prediction], clip_sample=clip, dynamic_threshold=dynamic,
+                      noise=noise, seed=seed, offset=offset, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale)
+        prev_rows = t - 1 if prev_t is None else prev_t
+        ab_t, ab_prev = _alpha_bars(table, t), _alpha_bars(table, prev_rows)
+        if kind == DDPM:
+            prev, x0 = ref.ddpm_update(model_output, sample, ab_t, ab_prev, t > 0, variance_type=VARIANCES[variance],
+                                       **kwargs)
+        else:
+            prev, x0 = ref.ddim_update(model_output, sample, ab_t, ab_prev, eta=eta,
+                                       use_clipped_model_output=use_clipped_model_output, **kwargs)
+        x0 = x0.contiguous() if return_pred_original else sample.new_empty(0)
+        return prev.contiguous(), x0
+    B = sample.shape[0]
+    rescale = None
+    if guided and guidance_rescale != 0.0 and sample.numel():
+        rescale = _rescale_factors(model_output, B, learned, guidance_scale, guidance_rescale)
+    thresholds = None
+    if dynamic is not None and sample.numel():
+        thresholds = _dynamic_thresholds(model_output, sample, t, table, prediction, learned, guidance_scale, rescale,
+                                         dynamic_ratio, dynamic_max)
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=sample.device)
+    noise = None if noise is None else noise.contiguous()
+    kernels("diffusion", backend).step(
+        model_output.contiguous(), sample.contiguous(), noise, t.contiguous(),
+        None if prev_t is None else prev_t.contiguous(), table.contiguous(), rescale, thresholds, prev,
+        x0 if return_pred_original else None, kind, prediction, variance, guided,
+        0.0 if guidance_scale is None else float(guidance_scale), 0.0 if clip is None else float(clip), float(eta),
+        use_clipped_model_output, seed, offset)
+    return prev, x0
+
+
+def _step_fake(sample: Tensor, return_pred_original: bool) -> tuple[Tensor, Tensor]:
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=sample.device)
+    return prev, x0
+
+
+@torch.library.custom_op("genkern::ddpm_step", mutates_args=())
+def ddpm_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
+              noise: Optional[Tensor], seed: int, offset: int, prediction: int, variance: int, clip: Optional[float],
+              dynamic_ratio: Optional[float], dynamic_max: float, guidance_scale: Optional[float],
+              guidance_rescale: float, backend: str, return_pred_original: bool) -> tuple[Tensor, Tensor]:
+    """prev_t None: t - 1. clip None: no clipping; dynamic_ratio None: no dynamic thresholding. guidance_scale
+    None: model_output has batch B, else 2B (unconditional half first). pred_original is empty (0,) unless
+    return_pred_original."""
+    return _step(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, variance, 0.0, False,
+                 clip, dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend, return_pred_original)
+
+
+@ddpm_step.register_fake
+def _(model_output, sample, t, prev_t, table, noise, seed, offset, prediction, variance, clip, dynamic_ratio,
+      dynamic_max, guidance_scale, guidance_rescale, backend, return_pred_original):
+    return _step_fake(sample, return_pred_original)
+
+
+@torch.library.custom_op("genkern::ddim_step", mutates_args=())
+def ddim_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, table: Tensor, noise: Optional[Tensor],
+              seed: int, offset: int, prediction: int, eta: float, use_clipped_model_output: bool,
+              clip: Optional[float], dynamic_ratio: Optional[float], dynamic_max: float,
+              guidance_scale: Optional[float], guidance_rescale: float, backend: str,
+              return_pred_original: bool) -> tuple[Tensor, Tensor]:
+    """As ddpm_step, with prev_t required and eta >= 0 (noise is drawn only when eta > 0)."""
+    return _step(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, 0, eta,
+                 use_clipped_model_output, clip, dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale,
+                 backend, return_pred_original)
+
+
+@ddim_step.register_fake
+def _(model_output, sample, t, prev_t, table, noise, seed, offset, prediction, eta, use_clipped_model_output, clip,
+      dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend, return_pred_original):
+    return _step_fake(sample, return_pred_original)

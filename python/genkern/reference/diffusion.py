@@ -67,7 +67,7 @@ __all__ = [
     "check_q_sample_args", "check_velocity_args", "check_loss_args", "check_ddpm_args", "check_ddim_args",
     "alpha_bar", "predict_x0_eps", "eps_from_x0", "loss_target", "snr", "min_snr_weight",
     "threshold_x0", "clip_x0", "dynamic_threshold_x0", "guide", "rescale_guidance",
-    "ddpm_coefficients", "ddim_coefficients",
+    "ddpm_coefficients", "ddim_coefficients", "ddpm_update", "ddim_update",
 ]
 
 
@@ -343,6 +343,8 @@ def clip_x0(x0: Tensor, r: float) -> Tensor:
 def dynamic_threshold_x0(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     """Imagen's dynamic thresholding: q = quantile(|x0| per sample, ratio) (linear interpolation),
     q <- min(max(q, 1), max_value), x0 <- clamp(x0, -q, q) / q."""
+    if x0.numel() == 0:  # torch.quantile rejects empty input; there is nothing to threshold
+        return x0
     q = torch.quantile(_per_sample(x0).abs(), ratio, dim=1)
     q = torch.clamp(q, min=1.0, max=max_value)
     q = q.reshape(-1, *([1] * (x0.dim() - 1)))
@@ -494,6 +496,20 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     """
     check_ddpm_args(model_output, t, sample, schedule, prev_t, variance_type, prediction_type, clip_sample,
                     dynamic_threshold, noise, seed, offset, guidance_scale, guidance_rescale)
+    t = _timestep(t, sample.device)
+    prev_t = t - 1 if prev_t is None else _timestep(prev_t, sample.device)
+    return ddpm_update(model_output, sample, alpha_bar(schedule, t), alpha_bar(schedule, prev_t), t > 0,
+                       variance_type=variance_type, prediction_type=prediction_type, clip_sample=clip_sample,
+                       dynamic_threshold=dynamic_threshold, noise=noise, seed=seed, offset=offset,
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+
+
+def ddpm_update(model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, noisy: Tensor, *,
+                variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample=None,
+                dynamic_threshold=None, noise: Tensor | None = None, seed: int = 0, offset: int = 0,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+    """ddpm_step given the step's float64 alpha-bars (shape () or (B,)) and which samples get noise (t > 0),
+    instead of timesteps and a schedule; arguments unchecked."""
     dtype, x, m = sample.dtype, _compute(sample), _compute(model_output)
     C = x.shape[1] if variance_type == "learned_range" else None
     if guidance_scale is not None:
@@ -501,13 +517,9 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     predicted_variance = None
     if C is not None:
         m, predicted_variance = m[:, :C], m[:, C:]
+    coef = ddpm_coefficients(alpha_t, alpha_prev)
 
-    t = _timestep(t, x.device)
-    prev_t = t - 1 if prev_t is None else _timestep(prev_t, x.device)
-    ab_t, ab_prev = alpha_bar(schedule, t), alpha_bar(schedule, prev_t)
-    coef = ddpm_coefficients(ab_t, ab_prev)
-
-    x0, _ = predict_x0_eps(m, x, ab_t, prediction_type)
+    x0, _ = predict_x0_eps(m, x, alpha_t, prediction_type)
     x0 = threshold_x0(x0, clip_sample, dynamic_threshold)
     mean = _coef(coef["x0_coef"], x) * x0 + _coef(coef["xt_coef"], x) * x
 
@@ -520,7 +532,7 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
         log_var = f * _coef(coef["var_large"].log(), x) + (1.0 - f) * _coef(coef["var_small"].log(), x)
         std = torch.exp(0.5 * log_var)
     z = _noise(noise, seed, offset, x.shape, x)
-    noisy = t > 0
+    noisy = noisy.to(x.device)
     noisy = noisy.reshape(-1, *([1] * (x.dim() - 1))) if noisy.dim() == 1 else noisy
     prev = torch.where(noisy, mean + std * z, mean)
     return prev.to(dtype), x0.to(dtype)
@@ -545,12 +557,24 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     """
     check_ddim_args(model_output, t, sample, schedule, prev_t, eta, prediction_type, clip_sample, dynamic_threshold,
                     use_clipped_model_output, noise, seed, offset, guidance_scale, guidance_rescale)
+    ab_t = alpha_bar(schedule, _timestep(t, sample.device))
+    ab_prev = alpha_bar(schedule, _timestep(prev_t, sample.device))
+    return ddim_update(model_output, sample, ab_t, ab_prev, eta=eta, prediction_type=prediction_type,
+                       clip_sample=clip_sample, dynamic_threshold=dynamic_threshold,
+                       use_clipped_model_output=use_clipped_model_output, noise=noise, seed=seed, offset=offset,
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+
+
+def ddim_update(model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, *, eta: float = 0.0,
+                prediction_type: str = "epsilon", clip_sample=None, dynamic_threshold=None,
+                use_clipped_model_output: bool = False, noise: Tensor | None = None, seed: int = 0, offset: int = 0,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+    """ddim_step given the step's float64 alpha-bars (shape () or (B,)) instead of timesteps and a schedule;
+    arguments unchecked."""
     dtype, x, m = sample.dtype, _compute(sample), _compute(model_output)
     if guidance_scale is not None:
         m = guide(m, float(guidance_scale), float(guidance_rescale))
-
-    ab_t = alpha_bar(schedule, _timestep(t, x.device))
-    ab_prev = alpha_bar(schedule, _timestep(prev_t, x.device))
+    ab_t, ab_prev = alpha_t, alpha_prev
     coef = ddim_coefficients(ab_t, ab_prev, float(eta))
 
     x0, eps = predict_x0_eps(m, x, ab_t, prediction_type)

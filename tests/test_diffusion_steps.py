@@ -1,0 +1,238 @@
+"""Fused DDPM and DDIM steps on every kernel backend against genkern.reference.diffusion (itself tested
+against diffusers in test_diffusion_reference.py)."""
+import itertools
+
+import pytest
+import torch
+
+import genkern
+from genkern.reference import diffusion as ref
+from genkern.schedules import NoiseSchedule
+from conftest import TOLERANCE, KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
+
+SCHEDULE = NoiseSchedule("cosine", num_train_timesteps=1000)
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+# The kernels compute the step's coefficients in float32 from the float32 table (float64 data too), and a
+# strided step's beta' = (ab_prev - ab_t) / ab_prev loses a few bits to the difference: results agree with
+# the float64 reference to a few float32 ulps of the largest term, hence the scale.
+SCALE = 40
+
+
+def table_tol(dtype):
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def make(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def step_timesteps(batch, device, strided=True):
+    """Per-sample (t, prev_t): both ends of the schedule, a strided step and the last step to -1."""
+    pairs = [(0, -1), (999, 979), (500, 499), (1, 0), (250, 120), (10, -1)]
+    pairs = [pairs[i % len(pairs)] for i in range(batch)]
+    t = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=device)
+    prev = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=device)
+    return t, (prev if strided else None)
+
+
+def shapes_for(backend):
+    small = [(1, 1), (3, 5), (2, 3, 4, 5), (4, 3, 3, 3), (0, 3)]
+    return small if interpreted(backend) else small + [(3, 4, 33, 31), (2, 70001)]
+
+
+def model_output_for(sample, guided, learned, seed=1):
+    shape = list(sample.shape)
+    shape[0] *= 2 if guided else 1
+    if learned:
+        shape[1] *= 2
+    m = make(shape, sample.dtype, sample.device, seed)
+    if learned:  # the variance half lies in [-1, 1]
+        C = sample.shape[1]
+        m[:, C:] = torch.tanh(m[:, C:])
+    return m
+
+
+def check_step(backend, dtype, fn_name, shape, **kwargs):
+    device = device_for(backend)
+    sample = make(shape, dtype, device)
+    guided = kwargs.get("guidance_scale") is not None
+    learned = kwargs.get("variance_type") == "learned_range"
+    m = model_output_for(sample, guided, learned)
+    strided = kwargs.pop("strided", True)
+    t, prev_t = step_timesteps(shape[0], device, strided)
+    if fn_name == "ddim_step" and prev_t is None:
+        prev_t = t - 1
+    got = getattr(genkern, fn_name)(m, t, sample, SCHEDULE, prev_t=prev_t, seed=5, offset=3, backend=backend,
+                                    **kwargs)
+    expected = getattr(ref, fn_name)(m.cpu(), t.cpu(), sample.cpu(), SCHEDULE,
+                                     prev_t=None if prev_t is None else prev_t.cpu(), seed=5, offset=3, **kwargs)
+    for g, e in zip(got, expected):
+        assert g.shape == sample.shape and g.dtype == dtype and g.device == sample.device
+        # NaN where the reference has NaN too: guidance rescale of a one-element sample is 0/0 (std 0).
+        atol, rtol = TOLERANCE[table_tol(dtype)]
+        scale = SCALE * max(1.0, float(e.nan_to_num(0.0).abs().max()) if e.numel() else 1.0)
+        torch.testing.assert_close(g.cpu().double(), e.double(), atol=atol * scale, rtol=rtol * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddim_step_matches_reference(backend, dtype, prediction_type):
+    options = [
+        dict(),
+        dict(eta=1.0),
+        dict(eta=0.3, clip_sample=1.0, use_clipped_model_output=True),
+        dict(dynamic_threshold=(0.9, 3.0)),
+        dict(guidance_scale=4.0),
+        dict(guidance_scale=7.5, guidance_rescale=0.7, eta=0.5),
+        dict(guidance_scale=2.0, dynamic_threshold=(0.95, 2.0), use_clipped_model_output=True),
+    ]
+    for shape, kwargs in itertools.product(shapes_for(backend), options):
+        check_step(backend, dtype, "ddim_step", shape, prediction_type=prediction_type, **kwargs)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_ddpm_step_matches_reference(backend, dtype, variance_type):
+    options = [
+        dict(strided=False),
+        dict(prediction_type="v_prediction"),
+        dict(prediction_type="sample", clip_sample=1.0),
+        dict(dynamic_threshold=(0.9, 3.0), strided=False),
+        dict(guidance_scale=3.0, prediction_type="v_prediction"),
+        dict(guidance_scale=5.0, guidance_rescale=0.5, clip_sample=2.0),
+    ]
+    shapes = [s for s in shapes_for(backend) if len(s) > 1]
+    for shape, kwargs in itertools.product(shapes, options):
+        check_step(backend, dtype, "ddpm_step", shape, variance_type=variance_type, **kwargs)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_given_noise_equals_the_stream(backend):
+    device = device_for(backend)
+    x, m = make((3, 2, 5), torch.float32, device), make((3, 2, 5), torch.float32, device, 1)
+    t, prev = step_timesteps(3, device)
+    z = genkern.randn((3, 2, 5), seed=8, offset=2, device=device)
+    for fn, kwargs in ((genkern.ddpm_step, {}), (genkern.ddim_step, dict(eta=0.7))):
+        a = fn(m, t, x, SCHEDULE, prev_t=prev, seed=8, offset=2, backend=backend, **kwargs)
+        b = fn(m, t, x, SCHEDULE, prev_t=prev, noise=z, backend=backend, **kwargs)
+        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_noise_only_where_the_step_is_stochastic(backend):
+    device = device_for(backend)
+    x, m = make((4, 6), torch.float32, device), make((4, 6), torch.float32, device, 1)
+    t = torch.tensor([0, 0, 5, 5], device=device)
+    a, _ = genkern.ddpm_step(m, t, x, SCHEDULE, seed=1, backend=backend)
+    b, _ = genkern.ddpm_step(m, t, x, SCHEDULE, seed=2, backend=backend)
+    assert torch.equal(a[:2], b[:2])  # t = 0: the posterior mean, no noise
+    assert not torch.equal(a[2:], b[2:])
+    prev = t - 1
+    a, _ = genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev, seed=1, backend=backend)
+    b, _ = genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev, seed=2, backend=backend)
+    assert torch.equal(a, b)  # eta = 0 is deterministic
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_without_pred_original(backend):
+    device = device_for(backend)
+    x, m = make((2, 3, 4), torch.float32, device), make((2, 3, 4), torch.float32, device, 1)
+    t, prev = step_timesteps(2, device)
+    full = genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev, eta=0.5, seed=1, backend=backend)
+    prev_only, none = genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev, eta=0.5, seed=1, backend=backend,
+                                        return_pred_original=False)
+    assert none is None
+    torch.testing.assert_close(prev_only, full[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scalar_timesteps_and_non_contiguous_inputs(backend):
+    device = device_for(backend)
+    x = make((3, 5, 4), torch.float32, device).transpose(1, 2)
+    m = make((3, 5, 4), torch.float32, device, 1).transpose(1, 2)
+    got = genkern.ddim_step(m, 700, x, SCHEDULE, prev_t=torch.tensor(600), eta=0.5, seed=2, backend=backend)
+    expected = ref.ddim_step(m.cpu(), 700, x.cpu(), SCHEDULE, prev_t=600, eta=0.5, seed=2)
+    for g, e in zip(got, expected):
+        assert_close(g.cpu(), e, torch.float32, scale=SCALE)
+
+
+def test_diffusers_ddim_loop_agrees():
+    """A whole 10-step DDIM loop (eta = 0, leading spacing, epsilon) against diffusers' scheduler."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                        clip_sample=False, set_alpha_to_one=True)
+    scheduler.set_timesteps(10)
+    timesteps, prev_timesteps = SCHEDULE.timesteps(10, spacing="leading")
+    assert timesteps.tolist() == scheduler.timesteps.tolist()
+
+    def model(x, t):  # a fixed smooth function of (x, t)
+        return torch.tanh(x) * (1.0 + float(t) / 1000.0)
+
+    x_ours = x_theirs = make((2, 3, 8, 8), torch.float32, "cpu")
+    for t, prev in zip(timesteps.tolist(), prev_timesteps.tolist()):
+        x_ours, _ = genkern.ddim_step(model(x_ours, t), t, x_ours, SCHEDULE, prev_t=prev, backend="cpu")
+        x_theirs = scheduler.step(model(x_theirs, t), t, x_theirs).prev_sample
+    # diffusers' alpha-bars are a float32 cumulative product: agreement to float32 precision of the schedule.
+    torch.testing.assert_close(x_ours, x_theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", genkern.backends())
+def test_opcheck(backend):
+    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    x = make((2, 3, 4), torch.float32, device)
+    m, m2 = make((2, 3, 4), torch.float32, device, 1), make((4, 6, 4), torch.float32, device, 2).tanh()
+    t, prev = step_timesteps(2, device)
+    table = SCHEDULE.table(device)
+    ops = torch.ops.genkern
+    for op, args in [
+        (ops.ddim_step, (m, x, t, prev, table, None, 3, 1, 0, 0.0, False, None, None, 1.0, None, 0.0, backend, True)),
+        (ops.ddim_step, (m, x, t, prev, table, None, 3, 1, 1, 0.5, True, 1.0, None, 1.0, None, 0.0, backend, False)),
+        (ops.ddim_step, (m2[:, :3], x, t, prev, table, None, 3, 1, 0, 0.0, False, None, 0.9, 2.0, 3.0, 0.5, backend,
+                         True)),
+        (ops.ddpm_step, (m, x, t, None, table, None, 3, 1, 0, 0, None, None, 1.0, None, 0.0, backend, True)),
+        (ops.ddpm_step, (m2, x, t, prev, table, None, -3, 2**40, 2, 2, 1.0, None, 1.0, 2.0, 0.3, backend, True)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_sampling_step():
+    x, m = make((2, 3, 4), torch.float32, "cpu"), make((2, 3, 4), torch.float32, "cpu", 1)
+
+    def step(x, m, t, prev):
+        x, _ = genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev, eta=0.5, seed=3, return_pred_original=False)
+        return x
+
+    t, prev = step_timesteps(2, "cpu")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, m, t, prev), step(x, m, t, prev))
+
+
+def test_bad_input_is_rejected():
+    x, m = make((2, 3), torch.float32, "cpu"), make((2, 3), torch.float32, "cpu", 1)
+    t = torch.tensor([5, 6])
+    cases = [
+        (lambda: genkern.ddpm_step(m, 1000, x, SCHEDULE), ValueError, "t"),
+        (lambda: genkern.ddpm_step(m, torch.tensor([5, -1]), x, SCHEDULE), ValueError, "t"),
+        (lambda: genkern.ddpm_step(m, torch.tensor([5.0, 6.0]), x, SCHEDULE), TypeError, "t"),
+        (lambda: genkern.ddpm_step(m, t, x, SCHEDULE, prev_t=torch.tensor([5, 2])), ValueError, "prev_t"),
+        (lambda: genkern.ddpm_step(m, t, x, SCHEDULE, prev_t=-2), ValueError, "prev_t"),
+        (lambda: genkern.ddim_step(m, t, x, SCHEDULE), ValueError, "prev_t"),
+        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, eta=-0.1), ValueError, "eta"),
+        (lambda: genkern.ddim_step(m[:, :2], t, x, SCHEDULE, prev_t=t - 1), ValueError, "model_output"),
+        (lambda: genkern.ddim_step(torch.cat([m, m, m]), t, x, SCHEDULE, prev_t=t - 1, guidance_scale=2.0),
+         ValueError, "model_output"),
+        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, guidance_scale=2.0), ValueError, "model_output"),
+        (lambda: genkern.ddpm_step(m, t, x, SCHEDULE, variance_type="learned_range"), ValueError, "model_output"),
+        (lambda: genkern.ddpm_step(m, t, x, SCHEDULE, variance_type="fixed"), ValueError, "variance_type"),
+        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, prediction_type="x0"), ValueError,
+         "prediction_type"),
+        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, clip_sample=1.0, dynamic_threshold=(0.9, 2.0)),
+         ValueError, "clip_sample"),
+        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, guidance_rescale=0.5), ValueError,
+         "guidance_rescale"),
+        (lambda: genkern.ddim_step(m.double(), t, x, SCHEDULE, prev_t=t - 1), TypeError, "dtype"),
+    ]
+    for fn, error, word in cases:
+        with pytest.raises(error, match=word):
+            fn()
