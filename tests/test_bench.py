@@ -77,7 +77,7 @@ def test_cases_agree_with_reference(case):
     torch.manual_seed(0)
     args = case.make_inputs(SMALL, torch.device("cpu"), torch.float32)
     ours, eager = case.genkern(*args, backend="cpu"), case.eager(*args)
-    if case.name == "reparameterize_kl":
+    if case.name in ("reparameterize_kl", "ddpm_step"):  # the deterministic output
         ours, eager = ours[1], eager[1]
     if case.name in ("reparameterize", "q_sample", "diffusion_loss"):  # different noise: shapes only
         ours, eager = ours.shape, eager.shape

@@ -2,7 +2,7 @@
 
 Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
 """
-from . import random, schedules
+from . import models, random, schedules
 from .backend import backends, get_backend, set_backend
 from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample
 from .random import randn
@@ -19,6 +19,7 @@ __all__ = [
     "gaussian_log_prob",
     "get_backend",
     "iwae_bound",
+    "models",
     "q_sample",
     "randn",
     "random",

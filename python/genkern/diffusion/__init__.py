@@ -26,6 +26,10 @@ from ..ops._backends import to_signed
 from ..random import check_offset, resolve_seed
 from ..reference import diffusion as _spec
 from ..schedules import NoiseSchedule
+from .samplers import DDIMSampler, DDPMSampler
+from .training import training_loss
+
+__all__ = ["DDIMSampler", "DDPMSampler", "ddim_step", "ddpm_step", "diffusion_loss", "q_sample", "training_loss"]
 
 
 def _timesteps(t, batch: int, device: torch.device) -> Tensor:

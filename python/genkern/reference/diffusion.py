@@ -64,7 +64,8 @@ MIN_VARIANCE = 1e-20  # fixed_small's floor (diffusers' clamp), also under learn
 
 __all__ = [
     "q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step",
-    "check_q_sample_args", "check_velocity_args", "check_loss_args", "check_ddpm_args", "check_ddim_args",
+    "check_q_sample_args", "check_velocity_args", "check_schedule", "check_choice", "check_threshold",
+    "check_guidance", "check_loss_args", "check_ddpm_args", "check_ddim_args",
     "alpha_bar", "predict_x0_eps", "eps_from_x0", "loss_target", "snr", "min_snr_weight",
     "threshold_x0", "clip_x0", "dynamic_threshold_x0", "guide", "rescale_guidance",
     "ddpm_coefficients", "ddim_coefficients", "ddpm_update", "ddim_update",
@@ -85,7 +86,7 @@ def _real(name: str, x) -> float:
     return x
 
 
-def _choice(name: str, x, choices) -> str:
+def check_choice(name: str, x, choices) -> str:
     if not isinstance(x, str):
         raise TypeError(f"{name} must be a str, got {type(x).__name__}")
     if x not in choices:
@@ -93,7 +94,7 @@ def _choice(name: str, x, choices) -> str:
     return x
 
 
-def _check_schedule(schedule) -> NoiseSchedule:
+def check_schedule(schedule) -> NoiseSchedule:
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a genkern.schedules.NoiseSchedule, got {type(schedule).__name__}")
     return schedule
@@ -140,7 +141,7 @@ def _check_noise(noise, seed, offset, ref_name: str, ref: Tensor) -> None:
     _checks.integer("offset", offset, low=0, high=_checks.UINT64_MAX)
 
 
-def _check_threshold(clip_sample, dynamic_threshold) -> None:
+def check_threshold(clip_sample, dynamic_threshold) -> None:
     if clip_sample is not None and dynamic_threshold is not None:
         raise ValueError("give at most one of clip_sample and dynamic_threshold")
     if clip_sample is not None and _real("clip_sample", clip_sample) <= 0:
@@ -157,7 +158,7 @@ def _check_threshold(clip_sample, dynamic_threshold) -> None:
             raise ValueError(f"dynamic_threshold max_value must be positive, got {max_value}")
 
 
-def _check_guidance(guidance_scale, guidance_rescale) -> bool:
+def check_guidance(guidance_scale, guidance_rescale) -> bool:
     """Whether guidance is on."""
     if guidance_scale is not None:
         _real("guidance_scale", guidance_scale)
@@ -191,7 +192,7 @@ def _check_model_output(model_output, sample, guided: bool, learned: bool) -> No
 def check_q_sample_args(x0, t, schedule, noise=None, seed=0, offset=0, *, check_values: bool = True) -> None:
     """Arguments of q_sample (and get_velocity): x0 float (B, ...); t in [0, T); noise like x0 or (seed, offset)."""
     _check_batched("x0", x0)
-    schedule = _check_schedule(schedule)
+    schedule = check_schedule(schedule)
     _check_timestep("t", t, x0.shape[0], 0, schedule.num_train_timesteps - 1, check_values)
     _check_noise(noise, seed, offset, "x0", x0)
 
@@ -205,25 +206,25 @@ def check_loss_args(model_output, x0, t, schedule, noise=None, seed=0, offset=0,
     snr_gamma None or > 0, reduction 'mean' or 'none'."""
     check_q_sample_args(x0, t, schedule, noise, seed, offset, check_values=check_values)
     _checks.like("model_output", model_output, "x0", x0)
-    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if snr_gamma is not None and _real("snr_gamma", snr_gamma) <= 0:
         raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
-    _choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
 
 
 def _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample,
                      dynamic_threshold, noise, seed, offset, guidance_scale, guidance_rescale,
                      learned: bool, check_values: bool) -> None:
     _check_batched("sample", sample)
-    schedule = _check_schedule(schedule)
-    guided = _check_guidance(guidance_scale, guidance_rescale)
+    schedule = check_schedule(schedule)
+    guided = check_guidance(guidance_scale, guidance_rescale)
     _check_model_output(model_output, sample, guided, learned)
     T, B = schedule.num_train_timesteps, sample.shape[0]
     _check_timestep("t", t, B, 0, T - 1, check_values)
     if prev_t is not None:
         _check_prev_t(prev_t, t, B, T, check_values)
-    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    _check_threshold(clip_sample, dynamic_threshold)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_threshold(clip_sample, dynamic_threshold)
     _check_noise(noise, seed, offset, "sample", sample)
 
 
@@ -232,7 +233,7 @@ def check_ddpm_args(model_output, t, sample, schedule, prev_t=None, variance_typ
                     offset=0, guidance_scale=None, guidance_rescale=0.0, *, check_values: bool = True) -> None:
     """Arguments of ddpm_step: sample float (B, ...); model_output of sample's dtype and device with batch B
     (2B with guidance) and C channels (2C for learned_range); t in [0, T); prev_t (default t - 1) in [-1, t)."""
-    learned = _choice("variance_type", variance_type, VARIANCE_TYPES) == "learned_range"
+    learned = check_choice("variance_type", variance_type, VARIANCE_TYPES) == "learned_range"
     _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample, dynamic_threshold,
                      noise, seed, offset, guidance_scale, guidance_rescale, learned, check_values)
 
