@@ -236,3 +236,35 @@ def test_bad_input_is_rejected():
     for fn, error, word in cases:
         with pytest.raises(error, match=word):
             fn()
+
+
+@pytest.mark.parametrize("backend", genkern.backends())
+def test_out_buffers_and_in_place(backend):
+    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    x, m = make((3, 2, 5), torch.float32, device), make((3, 2, 5), torch.float32, device, 1)
+    t, prev_t = step_timesteps(3, device)
+    for fn, kwargs in ((genkern.ddpm_step, dict(seed=4)), (genkern.ddim_step, dict(eta=0.5, seed=4))):
+        expected = fn(m, t, x, SCHEDULE, prev_t=prev_t, backend=backend, **kwargs)
+        prev, x0 = torch.empty_like(x), torch.empty_like(x)
+        got = fn(m, t, x, SCHEDULE, prev_t=prev_t, backend=backend, out=(prev, x0), **kwargs)
+        assert got[0] is prev and got[1] is x0
+        torch.testing.assert_close(prev, expected[0], atol=0, rtol=0)
+        torch.testing.assert_close(x0, expected[1], atol=0, rtol=0)
+        got = fn(m, t, x, SCHEDULE, prev_t=prev_t, backend=backend, out=(prev, None), **kwargs)
+        assert got[1] is None
+        y = x.clone()  # in place: prev_sample is the sample itself
+        fn(m, t, y, SCHEDULE, prev_t=prev_t, backend=backend, out=y, return_pred_original=False, **kwargs)
+        torch.testing.assert_close(y, expected[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out prev_sample"):
+        genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev_t, out=torch.empty(3, 10, device=device), backend=backend)
+    with pytest.raises(ValueError, match="contiguous"):
+        genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev_t, out=torch.empty(3, 5, 2, device=device).transpose(1, 2),
+                          backend=backend)
+    with pytest.raises(TypeError, match="out"):
+        genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev_t, out=[1, 2, 3], backend=backend)
+    table = SCHEDULE.table(device)
+    torch.library.opcheck(torch.ops.genkern.ddim_step_out, (m, x, t, prev_t, table, None, 3, 1, 0, 0.5, False, None,
+                                                            None, 1.0, None, 0.0, backend, torch.empty_like(x),
+                                                            torch.empty_like(x)))
+    torch.library.opcheck(torch.ops.genkern.ddpm_step_out, (m, x, t, None, table, None, 3, 1, 0, 0, None, None, 1.0,
+                                                            None, 0.0, backend, torch.empty_like(x), None))

@@ -46,13 +46,18 @@ def array(x):
             raise TypeError(f"unsupported numpy dtype {x.dtype}")
         strides = [s // x.itemsize for s in x.strides]
         return _C.Array(x.ctypes.data, list(x.shape), strides, getattr(_C.DType, _NUMPY_DTYPES[x.dtype]), _C.Device.cpu, 0)
-    if x.dtype not in _TORCH_DTYPES:
+    dtype = _dtype_enums().get(x.dtype)
+    if dtype is None:
         raise TypeError(f"unsupported dtype {x.dtype}")
-    device = _C.Device.cuda if x.device.type == "cuda" else _C.Device.cpu
-    return _C.Array(
-        x.data_ptr(), list(x.shape), list(x.stride()), getattr(_C.DType, _TORCH_DTYPES[x.dtype]), device,
-        x.device.index or 0,
-    )
+    # The cheapest accessors: this runs for every tensor of every call, so it is most of a small call's cost.
+    if x.is_cuda:
+        return _C.Array(x.data_ptr(), x.shape, x.stride(), dtype, _C.Device.cuda, x.get_device())
+    return _C.Array(x.data_ptr(), x.shape, x.stride(), dtype, _C.Device.cpu, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_enums() -> dict:
+    return {t: getattr(_C.DType, name) for t, name in _TORCH_DTYPES.items()}
 
 
 def call(name: str, *args):

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     b = commands.add_parser("bench", help="time the ops against eager PyTorch and torch.compile",
                             description="Time each op (forward pass) against eager PyTorch and torch.compile.")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    b.add_argument("--ops", help="comma-separated op or family names (default: the reparam ops)")
+    b.add_argument("--ops", help="comma-separated op or family names (default: every op of every family)")
     b.add_argument("--sizes", help="comma-separated element counts such as 1M,16M "
                                    f"(default: {DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda)")
     b.add_argument("--backends", help="comma-separated genkern backends (default: all that run on the device)")

@@ -3,7 +3,9 @@
 Inputs are image batches: a size N is (N / 3072) samples of 3 x 32 x 32 with per-sample timesteps. The eager
 baselines are the code a PyTorch user writes: noise from torch.randn_like, coefficients gathered from the
 schedule's alphas_cumprod per sample, the loss recomputing the target from that noise, and a step written
-out as diffusers' schedulers compute it (epsilon prediction, both outputs returned).
+out as diffusers' schedulers compute it (epsilon prediction, both outputs returned). The `_out` variants of
+the steps write into preallocated outputs (`out=`; the eager code's last ops take `out=` too), as a sampling
+loop reusing its buffers does: on the CPU a fresh 64 MB output costs page faults worth as much as the step.
 
 `ddim_loop` is different: a whole 50-step DDIM sampling run at batch 1 on a (1, 4, 64, 64) latent with a
 trivial denoiser, to expose per-step overhead; its baseline is the same loop driven by diffusers'
@@ -98,6 +100,36 @@ def genkern_ddim_step(model_output, sample, t, prev_t, backend=None):
     return genkern.ddim_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, backend=backend)
 
 
+def _step_out_inputs(size, device, dtype):
+    """_step_inputs plus preallocated (prev_sample, pred_original), as a sampling loop reuses its buffers."""
+    model_output, sample, t, prev_t = _step_inputs(size, device, dtype)
+    return model_output, sample, t, prev_t, torch.empty_like(sample), torch.empty_like(sample)
+
+
+def eager_ddpm_step_out(model_output, sample, t, prev_t, prev, x0):
+    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
+    alpha = ab_t / ab_prev
+    beta_t, beta_prev, beta = 1 - ab_t, 1 - ab_prev, 1 - alpha
+    torch.div(sample - beta_t.sqrt() * model_output, ab_t.sqrt(), out=x0)
+    mean = (ab_prev.sqrt() * beta / beta_t) * x0 + (alpha.sqrt() * beta_prev / beta_t) * sample
+    std = (beta_prev / beta_t * beta).clamp(min=1e-20).sqrt()
+    return torch.add(mean, std * torch.randn_like(sample), out=prev), x0
+
+
+def eager_ddim_step_out(model_output, sample, t, prev_t, prev, x0):
+    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
+    torch.div(sample - (1 - ab_t).sqrt() * model_output, ab_t.sqrt(), out=x0)
+    return torch.add(ab_prev.sqrt() * x0, (1 - ab_prev).sqrt() * model_output, out=prev), x0
+
+
+def genkern_ddpm_step_out(model_output, sample, t, prev_t, prev, x0, backend=None):
+    return genkern.ddpm_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=(prev, x0), backend=backend)
+
+
+def genkern_ddim_step_out(model_output, sample, t, prev_t, prev, x0, backend=None):
+    return genkern.ddim_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=(prev, x0), backend=backend)
+
+
 _LOOP_SHAPE = (1, 4, 64, 64)
 _LOOP_STEPS = 50
 
@@ -164,6 +196,16 @@ CASES = (
     BenchCase(
         name="ddim_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddim_step,
         eager=eager_ddim_step, shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddpm_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddpm_step_out,
+        eager=eager_ddpm_step_out, shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddim_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddim_step_out,
+        eager=eager_ddim_step_out, shape=_shape,
         bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
     ),
     BenchCase(

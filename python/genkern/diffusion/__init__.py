@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _checks
 from .. import backend as _backend
 from ..ops import diffusion as _ops  # noqa: F401  (registers the genkern:: ops)
 from ..ops._backends import to_signed
@@ -109,20 +110,42 @@ def _step_noise_args(noise, seed, offset, noisy: bool) -> tuple[int, int]:
     return _noise_args(noise, seed, offset)
 
 
+def _check_out(out, sample: Tensor, return_pred_original: bool) -> tuple[Tensor, Tensor | None]:
+    """(prev_sample, pred_original) buffers from `out`: a tensor (pred_original then new, if returned), or a
+    pair whose second entry may be None (not written)."""
+    if isinstance(out, Tensor):
+        prev = out
+        x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_pred_original else None
+    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
+        prev, x0 = out
+    else:
+        raise TypeError("out must be a tensor or a pair (prev_sample, pred_original or None)")
+    for name, x in (("out prev_sample", prev), ("out pred_original", x0)):
+        if x is not None:
+            _checks.like(name, x, "sample", sample)
+            if not x.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+    if x0 is not None and x0.numel() and x0.data_ptr() == prev.data_ptr():
+        raise ValueError("out prev_sample and pred_original must be different tensors")
+    return prev, x0
+
+
 def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None,
               variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample: float | None = None,
               dynamic_threshold: tuple[float, float] | None = None, noise: Tensor | None = None,
               seed: int | None = None, offset: int = 0, guidance_scale: float | None = None,
-              guidance_rescale: float = 0.0, return_pred_original: bool = True, backend: str | None = None
-              ) -> tuple[Tensor, Tensor | None]:
+              guidance_rescale: float = 0.0, return_pred_original: bool = True, out=None,
+              backend: str | None = None) -> tuple[Tensor, Tensor | None]:
     """One ancestral DDPM step x_t -> x_prev in one pass; returns (prev_sample, pred_original_sample).
 
     prev_t defaults to t - 1 (strided steps: alpha' = ab_t / ab_prev); variance_type fixed_small, fixed_large
     or learned_range (model_output has 2C channels, the second half interpolating log sigma^2); no noise
     where t = 0. With guidance_scale, model_output has batch 2B (unconditional half first) and the kernel
     combines u + s (c - u); guidance_rescale and dynamic_threshold take a per-sample pre-pass.
-    return_pred_original=False skips writing x0_hat (returns None in its place). See
-    genkern.reference.diffusion.ddpm_step for the definition."""
+    return_pred_original=False skips writing x0_hat (returns None in its place). `out`: a tensor for
+    prev_sample, or a pair (prev_sample, pred_original) (pred_original may be None), contiguous, of sample's
+    shape, dtype and device, written instead of new tensors; prev_sample may be `sample` itself (an in-place
+    update). See genkern.reference.diffusion.ddpm_step for the definition."""
     _spec.check_ddpm_args(model_output, t, sample, schedule, prev_t, variance_type, prediction_type, clip_sample,
                           dynamic_threshold, noise, 0 if seed is None else seed, offset, guidance_scale,
                           guidance_rescale, check_values=_check_values(t) and _check_values(prev_t))
@@ -130,10 +153,14 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     seed, offset = _noise_args(noise, seed, offset)
     o = _step_options(schedule, sample, t, prev_t, prediction_type, clip_sample, dynamic_threshold, guidance_scale,
                       guidance_rescale)
-    prev, x0 = torch.ops.genkern.ddpm_step(
-        model_output, sample, o["t"], o["prev_t"], o["table"], noise, seed, offset, o["prediction"],
-        _ops.VARIANCES.index(variance_type), o["clip"], o["dynamic_ratio"], o["dynamic_max"], o["guidance_scale"],
-        o["guidance_rescale"], name, bool(return_pred_original))
+    args = (model_output, sample, o["t"], o["prev_t"], o["table"], noise, seed, offset, o["prediction"],
+            _ops.VARIANCES.index(variance_type), o["clip"], o["dynamic_ratio"], o["dynamic_max"],
+            o["guidance_scale"], o["guidance_rescale"], name)
+    if out is not None:
+        prev, x0 = _check_out(out, sample, return_pred_original)
+        torch.ops.genkern.ddpm_step_out(*args, prev, x0)
+        return prev, x0
+    prev, x0 = torch.ops.genkern.ddpm_step(*args, bool(return_pred_original))
     return prev, (x0 if return_pred_original else None)
 
 
@@ -142,13 +169,13 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
               dynamic_threshold: tuple[float, float] | None = None, use_clipped_model_output: bool = False,
               noise: Tensor | None = None, seed: int | None = None, offset: int = 0,
               guidance_scale: float | None = None, guidance_rescale: float = 0.0, return_pred_original: bool = True,
-              backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+              out=None, backend: str | None = None) -> tuple[Tensor, Tensor | None]:
     """One DDIM step x_t -> x_prev (Song et al. 2021, eq. 12) in one pass; returns (prev_sample,
     pred_original_sample).
 
     prev_t is required: the next entry of the inference timesteps, schedule.timesteps(N, spacing)[1][i]
     (-1 after the last step). Noise (eta > 0 only) is `noise` or the genkern stream for (seed, offset).
-    Guidance, thresholding and return_pred_original as in ddpm_step. See genkern.reference.diffusion.ddim_step
+    Guidance, thresholding, return_pred_original and `out` as in ddpm_step. See genkern.reference.diffusion.ddim_step
     for the definition and where diffusers' DDIMScheduler differs."""
     _spec.check_ddim_args(model_output, t, sample, schedule, prev_t, eta, prediction_type, clip_sample,
                           dynamic_threshold, use_clipped_model_output, noise, 0 if seed is None else seed, offset,
@@ -157,8 +184,12 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     seed, offset = _step_noise_args(noise, seed, offset, float(eta) > 0)
     o = _step_options(schedule, sample, t, prev_t, prediction_type, clip_sample, dynamic_threshold, guidance_scale,
                       guidance_rescale)
-    prev, x0 = torch.ops.genkern.ddim_step(
-        model_output, sample, o["t"], o["prev_t"], o["table"], noise, seed, offset, o["prediction"], float(eta),
-        bool(use_clipped_model_output), o["clip"], o["dynamic_ratio"], o["dynamic_max"], o["guidance_scale"],
-        o["guidance_rescale"], name, bool(return_pred_original))
+    args = (model_output, sample, o["t"], o["prev_t"], o["table"], noise, seed, offset, o["prediction"], float(eta),
+            bool(use_clipped_model_output), o["clip"], o["dynamic_ratio"], o["dynamic_max"], o["guidance_scale"],
+            o["guidance_rescale"], name)
+    if out is not None:
+        prev, x0 = _check_out(out, sample, return_pred_original)
+        torch.ops.genkern.ddim_step_out(*args, prev, x0)
+        return prev, x0
+    prev, x0 = torch.ops.genkern.ddim_step(*args, bool(return_pred_original))
     return prev, (x0 if return_pred_original else None)

@@ -150,14 +150,17 @@ class _Loop:
 
     def __call__(self, x: Tensor, model_kwargs: dict) -> Tensor:
         sampler = self.sampler
+        # One buffer for the whole run, updated in place by every step (out=x): no allocation per step, and
+        # the caller's x_T is left alone.
+        x = x.clone(memory_format=torch.contiguous_format)
         for i in range(self.t.shape[0]):
             x_in = torch.cat([x, x]) if self.guidance_scale is not None else x
             model_output = self.model(x_in, self.t_model[i], **model_kwargs)
-            x, _ = self.step(model_output, self.t[i], x, sampler.schedule, prev_t=self.prev_t[i],
-                             prediction_type=sampler.prediction_type, clip_sample=sampler.clip_sample,
-                             dynamic_threshold=sampler.dynamic_threshold, seed=self.seed, offset=i + 1,
-                             guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
-                             **self.step_kwargs, **self.fused_kwargs)
+            self.step(model_output, self.t[i], x, sampler.schedule, prev_t=self.prev_t[i],
+                      prediction_type=sampler.prediction_type, clip_sample=sampler.clip_sample,
+                      dynamic_threshold=sampler.dynamic_threshold, seed=self.seed, offset=i + 1,
+                      guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale, out=x,
+                      **self.step_kwargs, **self.fused_kwargs)
         return x
 
 

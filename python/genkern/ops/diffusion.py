@@ -281,12 +281,18 @@ def _check_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optiona
 def _step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
           noise: Optional[Tensor], seed: int, offset: int, prediction: int, variance: int, eta: float,
           use_clipped_model_output: bool, clip: Optional[float], dynamic_ratio: Optional[float], dynamic_max: float,
-          guidance_scale: Optional[float], guidance_rescale: float, backend: str,
-          return_pred_original: bool) -> tuple[Tensor, Tensor]:
+          guidance_scale: Optional[float], guidance_rescale: float, backend: str, return_pred_original: bool,
+          prev: Optional[Tensor] = None, x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The steps' implementation, into `prev` and `x0` when given (the _out ops), else into new tensors."""
     guided, learned = guidance_scale is not None, variance == 2
     _check_step(model_output, sample, t, prev_t, table, noise, guided, learned)
     seed, offset = to_unsigned(seed), to_unsigned(offset)
     dynamic = None if dynamic_ratio is None else (dynamic_ratio, dynamic_max)
+    out_prev, out_x0 = prev, x0
+    for name, out in (("prev_sample", out_prev), ("pred_original", out_x0)):
+        if out is not None and (out.shape != sample.shape or out.dtype != sample.dtype or out.device != sample.device
+                                or not out.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous tensor of sample's shape, dtype and device")
     if backend == "reference":
         kwargs = dict(prediction_type=PREDICTIONS[prediction], clip_sample=clip, dynamic_threshold=dynamic,
                       noise=noise, seed=seed, offset=offset, guidance_scale=guidance_scale,
@@ -294,13 +300,17 @@ def _step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Op
         prev_rows = t - 1 if prev_t is None else prev_t
         ab_t, ab_prev = _alpha_bars(table, t), _alpha_bars(table, prev_rows)
         if kind == DDPM:
-            prev, x0 = ref.ddpm_update(model_output, sample, ab_t, ab_prev, t > 0, variance_type=VARIANCES[variance],
+            prev_ref, x0_ref = ref.ddpm_update(model_output, sample, ab_t, ab_prev, t > 0, variance_type=VARIANCES[variance],
                                        **kwargs)
         else:
-            prev, x0 = ref.ddim_update(model_output, sample, ab_t, ab_prev, eta=eta,
+            prev_ref, x0_ref = ref.ddim_update(model_output, sample, ab_t, ab_prev, eta=eta,
                                        use_clipped_model_output=use_clipped_model_output, **kwargs)
-        x0 = x0.contiguous() if return_pred_original else sample.new_empty(0)
-        return prev.contiguous(), x0
+        if out_prev is not None:
+            out_prev.copy_(prev_ref)
+            if out_x0 is not None:
+                out_x0.copy_(x0_ref)
+            return out_prev, out_x0
+        return prev_ref.contiguous(), (x0_ref.contiguous() if return_pred_original else sample.new_empty(0))
     B = sample.shape[0]
     rescale = None
     if guided and guidance_rescale != 0.0 and sample.numel():
@@ -309,13 +319,14 @@ def _step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Op
     if dynamic is not None and sample.numel():
         thresholds = _dynamic_thresholds(model_output, sample, t, table, prediction, learned, guidance_scale, rescale,
                                          dynamic_ratio, dynamic_max)
-    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
-    x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=sample.device)
+    if prev is None:
+        prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+        x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=sample.device)
     noise = None if noise is None else noise.contiguous()
     kernels("diffusion", backend).step(
         model_output.contiguous(), sample.contiguous(), noise, t.contiguous(),
         None if prev_t is None else prev_t.contiguous(), table.contiguous(), rescale, thresholds, prev,
-        x0 if return_pred_original else None, kind, prediction, variance, guided,
+        x0 if return_pred_original and x0 is not None and x0.numel() else None, kind, prediction, variance, guided,
         0.0 if guidance_scale is None else float(guidance_scale), 0.0 if clip is None else float(clip), float(eta),
         use_clipped_model_output, seed, offset)
     return prev, x0
@@ -361,3 +372,38 @@ def ddim_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, t
 def _(model_output, sample, t, prev_t, table, noise, seed, offset, prediction, eta, use_clipped_model_output, clip,
       dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend, return_pred_original):
     return _step_fake(sample, return_pred_original)
+
+
+# The same steps into given outputs (`out=` of the public functions): a sampling loop reuses its buffers
+# instead of allocating (and, on the CPU, page-faulting) two fresh outputs per step. prev_sample may be the
+# sample itself: each element is read before it is written.
+@torch.library.custom_op("genkern::ddpm_step_out", mutates_args=("prev_sample", "pred_original"))
+def ddpm_step_out(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
+                  noise: Optional[Tensor], seed: int, offset: int, prediction: int, variance: int,
+                  clip: Optional[float], dynamic_ratio: Optional[float], dynamic_max: float,
+                  guidance_scale: Optional[float], guidance_rescale: float, backend: str, prev_sample: Tensor,
+                  pred_original: Optional[Tensor]) -> None:
+    _step(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, variance, 0.0, False, clip,
+          dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend, pred_original is not None,
+          prev_sample, pred_original)
+
+
+@torch.library.custom_op("genkern::ddim_step_out", mutates_args=("prev_sample", "pred_original"))
+def ddim_step_out(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, table: Tensor,
+                  noise: Optional[Tensor], seed: int, offset: int, prediction: int, eta: float,
+                  use_clipped_model_output: bool, clip: Optional[float], dynamic_ratio: Optional[float],
+                  dynamic_max: float, guidance_scale: Optional[float], guidance_rescale: float, backend: str,
+                  prev_sample: Tensor, pred_original: Optional[Tensor]) -> None:
+    _step(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, 0, eta,
+          use_clipped_model_output, clip, dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend,
+          pred_original is not None, prev_sample, pred_original)
+
+
+@ddpm_step_out.register_fake
+def _(*args):
+    return None
+
+
+@ddim_step_out.register_fake
+def _(*args):
+    return None
