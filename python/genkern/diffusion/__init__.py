@@ -193,3 +193,40 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
         return prev, x0
     prev, x0 = torch.ops.genkern.ddim_step(*args, bool(return_pred_original))
     return prev, (x0 if return_pred_original else None)
+
+
+def _prepared_step(kind: str, model_output: Tensor, sample: Tensor, schedule: NoiseSchedule, *, seed: int,
+                   prediction_type: str, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
+                   backend: str | None, **kind_options):
+    """A sampling loop's step with every argument checked once, from the first step's tensors: returns
+    step(model_output, sample, t, prev_t, offset) -> prev_sample, which calls the op directly. The loop's
+    later steps have the same shapes, dtypes and options, and timesteps taken from the schedule, so the
+    public functions' per-call checks (about half of a small step's cost on the CPU) would only repeat."""
+    t0 = torch.zeros(sample.shape[0], dtype=torch.int64, device=sample.device)
+    options = dict(prediction_type=prediction_type, clip_sample=clip_sample, dynamic_threshold=dynamic_threshold,
+                   seed=seed, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+    if kind == "ddpm":
+        _spec.check_ddpm_args(model_output, t0, sample, schedule, None, kind_options["variance_type"], **options,
+                              check_values=False)
+    else:
+        _spec.check_ddim_args(model_output, t0, sample, schedule, t0 - 1, kind_options["eta"], prediction_type,
+                              clip_sample, dynamic_threshold, kind_options["use_clipped_model_output"], None, seed,
+                              0, guidance_scale, guidance_rescale, check_values=False)
+    name = _backend.resolve(backend, sample.device, sample.dtype)
+    o = _step_options(schedule, sample, t0, None, prediction_type, clip_sample, dynamic_threshold, guidance_scale,
+                      guidance_rescale)
+    shared = (o["table"], None, to_signed(seed))
+    tail = (o["clip"], o["dynamic_ratio"], o["dynamic_max"], o["guidance_scale"], o["guidance_rescale"], name, False)
+    if kind == "ddpm":
+        variance = _ops.VARIANCES.index(kind_options["variance_type"])
+
+        def step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, offset: int) -> Tensor:
+            return torch.ops.genkern.ddpm_step(model_output, sample, t, prev_t, *shared, offset, o["prediction"],
+                                               variance, *tail)[0]
+    else:
+        eta, clipped = float(kind_options["eta"]), bool(kind_options["use_clipped_model_output"])
+
+        def step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, offset: int) -> Tensor:
+            return torch.ops.genkern.ddim_step(model_output, sample, t, prev_t, *shared, offset, o["prediction"], eta,
+                                               clipped, *tail)[0]
+    return step

@@ -37,14 +37,6 @@ from ..schedules import NoiseSchedule
 DDIM_DEFAULT_STEPS = 50
 
 
-def _step_functions() -> dict:
-    """The fused steps of genkern.diffusion, looked up when a loop is built, so that genkern.diffusion may
-    import this module at any point of its own initialisation."""
-    from . import ddim_step, ddpm_step
-
-    return {"ddpm": ddpm_step, "ddim": ddim_step}
-
-
 def _check_shape(shape) -> tuple[int, ...]:
     if isinstance(shape, (str, bytes, Tensor)) or not hasattr(shape, "__iter__"):
         raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
@@ -140,8 +132,6 @@ class _Loop:
     def __init__(self, sampler: _Sampler, model, step_kwargs: dict, timesteps: Tensor, prev_timesteps: Tensor,
                  batch: int, device: torch.device, guidance_scale, guidance_rescale, seed: int):
         self.sampler, self.model, self.step_kwargs, self.seed = sampler, model, step_kwargs, seed
-        self.step = _step_functions()[sampler.kind]
-        self.fused_kwargs = {"backend": sampler.backend, "return_pred_original": False}
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         # Row i: step i's timestep for every sample (contiguous (B,) rows, indexed without reading them).
         self.t = timesteps.to(device)[:, None].expand(-1, batch).contiguous()
@@ -149,18 +139,19 @@ class _Loop:
         self.t_model = self.t.repeat(1, 2) if guidance_scale is not None else self.t
 
     def __call__(self, x: Tensor, model_kwargs: dict) -> Tensor:
-        sampler = self.sampler
-        # One buffer for the whole run, updated in place by every step (out=x): no allocation per step, and
-        # the caller's x_T is left alone.
-        x = x.clone(memory_format=torch.contiguous_format)
+        from . import _prepared_step  # genkern.diffusion imports this module during its own initialisation
+
+        sampler, step = self.sampler, None
         for i in range(self.t.shape[0]):
             x_in = torch.cat([x, x]) if self.guidance_scale is not None else x
             model_output = self.model(x_in, self.t_model[i], **model_kwargs)
-            self.step(model_output, self.t[i], x, sampler.schedule, prev_t=self.prev_t[i],
-                      prediction_type=sampler.prediction_type, clip_sample=sampler.clip_sample,
-                      dynamic_threshold=sampler.dynamic_threshold, seed=self.seed, offset=i + 1,
-                      guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale, out=x,
-                      **self.step_kwargs, **self.fused_kwargs)
+            if step is None:  # every argument checked once, against the first model output
+                step = _prepared_step(sampler.kind, model_output, x, sampler.schedule, seed=self.seed,
+                                      prediction_type=sampler.prediction_type, clip_sample=sampler.clip_sample,
+                                      dynamic_threshold=sampler.dynamic_threshold,
+                                      guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
+                                      backend=sampler.backend, **self.step_kwargs)
+            x = step(model_output, x, self.t[i], self.prev_t[i], i + 1)
         return x
 
 
