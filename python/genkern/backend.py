@@ -22,6 +22,12 @@ _FLOAT_DTYPES = {
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 
+# Families whose kernels only some backends have (every backend runs every other family). A backend
+# missing here for a family is never chosen automatically for it: GPU tensors fall to `reference`.
+_FAMILY_BACKENDS = {
+    "causal_conv1d": ("cpu", "reference"),
+}
+
 _process_backend: str | None = None
 
 
@@ -86,9 +92,14 @@ def get_backend() -> str | None:
     return _process_backend
 
 
-def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether backend `name` can run an op on tensors of this device and dtype."""
-    if dtype not in _FLOAT_DTYPES[name] or not is_available(name):
+def has_kernels(name: str, family: str | None) -> bool:
+    """Whether backend `name` implements `family` (None: any op every backend has)."""
+    return family is None or name in _FAMILY_BACKENDS.get(family, BACKENDS)
+
+
+def runs_on(name: str, device: torch.device, dtype: torch.dtype, family: str | None = None) -> bool:
+    """Whether backend `name` can run an op (of `family`) on tensors of this device and dtype."""
+    if dtype not in _FLOAT_DTYPES[name] or not is_available(name) or not has_kernels(name, family):
         return False
     if name == "cpu":
         return device.type == "cpu"
@@ -101,24 +112,30 @@ def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def auto(device: torch.device, dtype: torch.dtype) -> str:
-    """The fastest backend for this device and dtype."""
+def auto(device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
+    """The fastest backend for this device and dtype (that has `family`'s kernels)."""
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
-        if runs_on(name, device, dtype):
+        if runs_on(name, device, dtype, family):
             return name
     raise ValueError(f"no genkern backend runs on {device.type} tensors of dtype {dtype}")
 
 
-def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
     """The backend an op runs on: the argument, else the process choice, else automatic. Raises ValueError
-    when the chosen backend is unknown or cannot run on this device and dtype."""
+    when the chosen backend is unknown or cannot run on this device and dtype. A process-wide choice that
+    lacks `family`'s kernels gives way to the automatic one for that family's ops (so set_backend("triton")
+    still runs a model that uses them); an explicit argument that lacks them is an error."""
     name = backend if backend is not None else _process_backend
+    if name is not None and backend is None and not has_kernels(name, family):
+        name = None
     if name is None:
-        return auto(device, dtype)
+        return auto(device, dtype, family)
     _check_name(name)
+    if not has_kernels(name, family):
+        raise ValueError(f"backend {name!r} has no {family} kernels (available for it: {_FAMILY_BACKENDS[family]})")
     if not is_available(name):
         raise ValueError(f"backend {name!r} is not available here (available: {backends()})")
-    if not runs_on(name, device, dtype):
+    if not runs_on(name, device, dtype, family):
         raise ValueError(f"backend {name!r} cannot run on {device.type} tensors of dtype {dtype}")
     return name
