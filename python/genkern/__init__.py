@@ -4,6 +4,7 @@ Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager Py
 """
 from . import models, random, schedules
 from .backend import backends, get_backend, set_backend
+from .causal_conv1d import causal_conv1d, causal_conv1d_update, gated_activation
 from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
@@ -12,11 +13,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backends",
+    "causal_conv1d",
+    "causal_conv1d_update",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
     "gaussian_kl",
     "gaussian_log_prob",
+    "gated_activation",
     "get_backend",
     "iwae_bound",
     "models",
