@@ -3,6 +3,7 @@
 // The convolution sums are the kernels' job; these are what they apply to each sum.
 #pragma once
 #include <cmath>
+#include <type_traits>
 
 #include "fastmath.h"
 
@@ -26,25 +27,35 @@ GK_HD float tanh(float z) {
 
 GK_HD double tanh(double z) { return ::tanh(z); }
 
-template <typename T>
-GK_HD T activate(T z, int activation) {
-  if (activation == kSilu) return z * sigmoid(z);
-  if (activation == kTanh) return causal_conv1d::tanh(z);
+// The activation as a template argument: a runtime switch inside a vector loop would make every lane
+// evaluate every activation's exp and divisions and blend the results.
+template <int Act, typename T>
+GK_HD T activate(T z) {
+  if constexpr (Act == kSilu) return z * sigmoid(z);
+  if constexpr (Act == kTanh) return causal_conv1d::tanh(z);
   return z;
 }
 
 // d activate / dz at the pre-activation z.
-template <typename T>
-GK_HD T activate_grad(T z, int activation) {
-  if (activation == kSilu) {
+template <int Act, typename T>
+GK_HD T activate_grad(T z) {
+  if constexpr (Act == kSilu) {
     const T s = sigmoid(z);
     return s * (T(1) + z * (T(1) - s));
   }
-  if (activation == kTanh) {
+  if constexpr (Act == kTanh) {
     const T t = causal_conv1d::tanh(z);
     return T(1) - t * t;
   }
   return T(1);
+}
+
+// fn(std::integral_constant<int, Act>{}) for the runtime activation code (checked by the bindings).
+template <typename Fn>
+void with_activation(int activation, Fn fn) {
+  if (activation == kSilu) return fn(std::integral_constant<int, kSilu>{});
+  if (activation == kTanh) return fn(std::integral_constant<int, kTanh>{});
+  return fn(std::integral_constant<int, kNone>{});
 }
 
 template <typename T>

@@ -4,7 +4,7 @@
 #include "../causal_conv1d.h"
 
 #include <algorithm>
-#include <vector>
+#include <memory>
 
 #include "../common/causal_conv1d.h"
 #include "parallel.h"
@@ -50,9 +50,10 @@ struct ConvKernel {
       const int64_t row = item / nt, l0 = (item % nt) * kChunk, l1 = std::min(s.length, l0 + kChunk);
       conv_tile(s, x, w, bias, row / s.c_out, row % s.c_out, l0, l1, acc);
       T* out = y + row * s.length;
-      const int act = a.activation;
+      with_activation(a.activation, [&](auto act) {
 #pragma omp simd
-      for (int64_t l = l0; l < l1; ++l) out[l] = activate(acc[l - l0], act);
+        for (int64_t l = l0; l < l1; ++l) out[l] = activate<decltype(act)::value>(acc[l - l0]);
+      });
     });
   }
 };
@@ -65,22 +66,23 @@ struct ConvBackwardKernel {
     const T* w = static_cast<const T*>(a.w);
     const int64_t ny = s.batch * s.c_out * s.length;
     // gz = dL/d(pre-activation); with an activation the pre-activation is recomputed tile by tile.
-    std::vector<T> scratch;
+    std::unique_ptr<T[]> scratch;  // not a vector: zero-filling it first would cost a pass over memory
     const T* gz = static_cast<const T*>(a.grad_y);
     if (a.activation != kNone && ny > 0) {
-      scratch.resize(ny);
+      scratch.reset(new T[ny]);
       const int64_t nt = tiles(s.length);
       cpu::parallel_for(s.batch * s.c_out * nt, [&](int64_t item) {
         alignas(64) T acc[kChunk];
         const int64_t row = item / nt, l0 = (item % nt) * kChunk, l1 = std::min(s.length, l0 + kChunk);
         conv_tile(s, x, w, static_cast<const T*>(a.bias), row / s.c_out, row % s.c_out, l0, l1, acc);
         const T* g = gz + row * s.length;
-        T* out = scratch.data() + row * s.length;
-        const int act = a.activation;
+        T* out = scratch.get() + row * s.length;
+        with_activation(a.activation, [&](auto act) {
 #pragma omp simd
-        for (int64_t l = l0; l < l1; ++l) out[l] = g[l] * activate_grad(acc[l - l0], act);
+          for (int64_t l = l0; l < l1; ++l) out[l] = g[l] * activate_grad<decltype(act)::value>(acc[l - l0]);
+        });
       });
-      gz = scratch.data();
+      gz = scratch.get();
     }
     grad_bias(a, gz);
     grad_weight(a, gz, x);
@@ -178,7 +180,7 @@ struct UpdateKernel {
         for (int64_t k = 0; k + 1 < s.k; ++k) acc += wrow[k] * past[W - (s.k - 1 - k) * s.dilation];
         acc += wrow[s.k - 1] * x[b * s.c_in + i];
       }
-      y[row] = activate(acc, a.activation);
+      with_activation(a.activation, [&](auto act) { y[row] = activate<decltype(act)::value>(acc); });
     });
     if (W == 0) return;
     cpu::parallel_for(s.batch * s.c_in, [&](int64_t row) {
