@@ -188,7 +188,9 @@ def implementations(case: BenchCase, backends: Sequence[str], use_compile: bool)
     impls = [("eager", case.eager)]
     if use_compile and case.compile:
         impls.append(("compile", compiled(case)))
-    impls += [(f"genkern:{b}", functools.partial(case.genkern, backend=b)) for b in backends]
+    # A family without kernels on some backend (see genkern.backend) is timed on the others.
+    impls += [(f"genkern:{b}", functools.partial(case.genkern, backend=b)) for b in backends
+              if _backend.has_kernels(b, case.family)]
     return impls
 
 
@@ -311,7 +313,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
     say(f"[copy] {format_size(max(config.sizes))} float32 copy bandwidth on {info.name}")
     copy_gbps = copy_bandwidth_gbps(max(config.sizes), config.device, config.repeats)
 
-    impls_per_case = [1 + (config.use_compile and c.compile) + len(config.backends) for c in config.cases]
+    impls_per_case = [len(implementations(c, config.backends, config.use_compile)) for c in config.cases]
     total, step, rows = sum(impls_per_case) * len(config.sizes), 0, []
     for size in config.sizes:
         for case in config.cases:
