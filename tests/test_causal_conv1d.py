@@ -245,6 +245,33 @@ def test_opcheck(backend):
         torch.library.opcheck(op, args)
 
 
+def test_torch_compile_fullgraph_wavenet_block():
+    def block(x, w, b, w_out):
+        h = genkern.gated_activation(genkern.causal_conv1d(x, w, b, dilation=2))
+        return (x + genkern.causal_conv1d(h, w_out, activation="tanh")).square().mean()
+
+    x, w, b = make_case((2, 4, 8, 9, 2, 2), torch.float32, "cpu")
+    w_out = torch.randn(4, 4, 1)
+    for t in (x, w, b, w_out):
+        t.requires_grad_(True)
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, w, b, w_out)
+    grads = torch.autograd.grad(out, (x, w, b, w_out))
+    expected = block(x, w, b, w_out)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (x, w, b, w_out)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_tensors_run_on_the_reference():
+    x, w, b = make_case((2, 3, None, 7, 3, 2), torch.float32, "cuda")
+    y = genkern.causal_conv1d(x, w, b, dilation=2, activation="silu")
+    assert y.device.type == "cuda"
+    torch.testing.assert_close(y.cpu(), ref.causal_conv1d(x.cpu(), w.cpu(), b.cpu(), 2, "silu"))
+    state = torch.zeros(2, 3, 4, device="cuda")
+    genkern.causal_conv1d_update(x[:, :, 0], state, w, b, dilation=2)
+    assert genkern.gated_activation(y).device.type == "cuda"
+
+
 def test_cuda_tensors_route_to_the_reference():
     for device in (torch.device("cuda"), torch.device("cuda", 0)):
         assert gk_backend.auto(device, torch.float32, FAMILY) == "reference"
