@@ -22,6 +22,11 @@ _FLOAT_DTYPES = {
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 
+# Families whose kernels cover only some backends (every other family has all of them). A backend a family
+# lacks is never picked automatically for it; a process-wide choice of one falls back to the automatic pick
+# for that family, and an explicit `backend=` argument naming one is an error.
+_FAMILY_BACKENDS = {"masked_conv": ("cpu", "reference")}
+
 _process_backend: str | None = None
 
 
@@ -52,9 +57,14 @@ def is_available(name: str) -> bool:
     return False
 
 
-def backends() -> list[str]:
-    """The backends usable in this process."""
-    return [b for b in BACKENDS if is_available(b)]
+def has_family(name: str, family: str | None) -> bool:
+    """Whether backend `name` has kernels for `family` (None: any family)."""
+    return family is None or name in _FAMILY_BACKENDS.get(family, BACKENDS)
+
+
+def backends(family: str | None = None) -> list[str]:
+    """The backends usable in this process (for `family`'s ops, when given)."""
+    return [b for b in BACKENDS if is_available(b) and has_family(b, family)]
 
 
 def _check_name(name: str) -> None:
@@ -86,9 +96,9 @@ def get_backend() -> str | None:
     return _process_backend
 
 
-def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether backend `name` can run an op on tensors of this device and dtype."""
-    if dtype not in _FLOAT_DTYPES[name] or not is_available(name):
+def runs_on(name: str, device: torch.device, dtype: torch.dtype, family: str | None = None) -> bool:
+    """Whether backend `name` can run an op (of `family`) on tensors of this device and dtype."""
+    if dtype not in _FLOAT_DTYPES[name] or not is_available(name) or not has_family(name, family):
         return False
     if name == "cpu":
         return device.type == "cpu"
@@ -101,24 +111,29 @@ def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def auto(device: torch.device, dtype: torch.dtype) -> str:
-    """The fastest backend for this device and dtype."""
+def auto(device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
+    """The fastest backend for this device and dtype (among those with `family`'s kernels)."""
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
-        if runs_on(name, device, dtype):
+        if runs_on(name, device, dtype, family):
             return name
     raise ValueError(f"no genkern backend runs on {device.type} tensors of dtype {dtype}")
 
 
-def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend an op runs on: the argument, else the process choice, else automatic. Raises ValueError
-    when the chosen backend is unknown or cannot run on this device and dtype."""
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
+    """The backend an op (of `family`) runs on: the argument, else the process choice, else automatic.
+    Raises ValueError when the chosen backend is unknown, has no kernels for the family, or cannot run on
+    this device and dtype."""
     name = backend if backend is not None else _process_backend
+    if backend is None and name is not None and not has_family(name, family):
+        name = None
     if name is None:
-        return auto(device, dtype)
+        return auto(device, dtype, family)
     _check_name(name)
     if not is_available(name):
         raise ValueError(f"backend {name!r} is not available here (available: {backends()})")
+    if not has_family(name, family):
+        raise ValueError(f"backend {name!r} has no {family} kernels (available for {family}: {backends(family)})")
     if not runs_on(name, device, dtype):
         raise ValueError(f"backend {name!r} cannot run on {device.type} tensors of dtype {dtype}")
     return name
