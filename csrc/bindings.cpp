@@ -73,4 +73,5 @@ PYBIND11_MODULE(_C, m) {
   gk::bind_random(m);
   gk::bind_reparam(m);
   gk::bind_diffusion(m);
+  gk::bind_masked_conv(m);
 }

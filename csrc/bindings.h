@@ -70,5 +70,6 @@ void run_on_device(const Array& where, const Args& args, uintptr_t stream, void 
 void bind_random(py::module_& m);
 void bind_reparam(py::module_& m);
 void bind_diffusion(py::module_& m);
+void bind_masked_conv(py::module_& m);
 
 }  // namespace gk

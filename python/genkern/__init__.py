@@ -2,9 +2,10 @@
 
 Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
 """
-from . import models, random, schedules
+from . import models, nn, random, schedules
 from .backend import backends, get_backend, set_backend
 from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample
+from .masked_conv import masked_conv2d
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
 
@@ -19,7 +20,9 @@ __all__ = [
     "gaussian_log_prob",
     "get_backend",
     "iwae_bound",
+    "masked_conv2d",
     "models",
+    "nn",
     "q_sample",
     "randn",
     "random",
