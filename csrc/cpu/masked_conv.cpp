@@ -4,7 +4,7 @@
 // tiles, so the inner loops need no bounds tests and never read outside an array. Forward and grad_input
 // are one kernel: a block of output channels times a tile of a row accumulates in registers over (kept
 // tap, input channel), with the weights packed per block so that entries masked by a colour group are
-// zeros and whole masked taps are not visited at all. grad_weight gives each task one input channel and
+// zeros and whole masked taps are not visited at all. grad_weight gives each task a few input channels and
 // one block of output channels, and sums over (image, row, column) in a fixed order: no atomics, and the
 // same bits whatever the thread count.
 #include "../masked_conv.h"
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "../common/masked_conv.h"
@@ -38,9 +39,54 @@ struct Simd {
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// Below this many multiply-adds (or copied elements) a call runs on one thread: waking the pool costs more,
+// and calls this small come in long sequences (gradcheck, sampling loops at batch 1).
+constexpr int64_t kSerialWork = int64_t(1) << 16;
+
+template <typename Fn>
+void parallel_for_work(int64_t n, int64_t work, Fn fn) {
+  if (work < kSerialWork) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  cpu::parallel_for(n, fn);
+}
+
+// Scratch memory aligned to a vector.
+struct AlignedDelete {
+  void operator()(void* p) const { ::operator delete[](p, std::align_val_t(kVectorBytes)); }
+};
+template <typename T>
+using Buffer = std::unique_ptr<T[], AlignedDelete>;
+
+template <typename T>
+Buffer<T> allocate(int64_t n) {
+  const size_t bytes = sizeof(T) * static_cast<size_t>(std::max<int64_t>(n, 1));
+  return Buffer<T>(static_cast<T*>(::operator new[](bytes, std::align_val_t(kVectorBytes))));
+}
+
+// The padded copies are as large as the inputs, and fresh memory page-faults on its first write (dearly in
+// a VM), so each calling thread keeps one buffer per slot, grown as needed, for its next calls. Calls on one
+// thread never overlap; the pool threads only write into what the calling thread handed them.
+enum Slot { kInputSlot = 0, kGradSlot = 1 };
+
+template <typename T>
+T* scratch(Slot slot, int64_t n) {
+  thread_local Buffer<unsigned char> memory[2];
+  thread_local int64_t capacity[2] = {0, 0};
+  const int64_t bytes = static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(n, 1);
+  if (bytes > capacity[slot]) {
+    memory[slot].reset();  // the old buffer goes first: never both at once
+    capacity[slot] = 0;
+    memory[slot] = allocate<unsigned char>(bytes);
+    capacity[slot] = bytes;
+  }
+  return reinterpret_cast<T*>(memory[slot].get());
+}
+
 // Where the padded buffers put things, and which taps any output channel reads.
 struct Geometry {
-  int64_t pad, tile, tiled_width, padded_width, padded_rows;
+  int64_t pad, left, tile, tiled_width, padded_width, padded_rows;  // left: column where the image starts
   std::vector<int64_t> ky, kx;  // the visited taps, raster order
 
   Geometry(const ConvShape& s, int64_t lanes) {
@@ -48,6 +94,7 @@ struct Geometry {
     pad = s.dilation * c;
     tile = kTiles * lanes;
     tiled_width = round_up(std::max<int64_t>(s.width, 1), tile);
+    left = pad;
     padded_width = tiled_width + 2 * pad;
     padded_rows = s.height + pad;  // masked taps never look below the centre row, nor the transposed above
     for (int64_t y = 0; y <= c; ++y)
@@ -66,13 +113,13 @@ struct Geometry {
 // dst[p] (rows_out x width_out) = src[p] (height x width) placed at (top, left), zero elsewhere; planes
 // beyond `planes` (up to `planes_out`) are all zero.
 template <typename T>
-std::unique_ptr<T[]> padded(const T* src, int64_t images, int64_t channels, int64_t channels_out, int64_t height,
+const T* padded(Slot slot, const T* src, int64_t images, int64_t channels, int64_t channels_out, int64_t height,
                             int64_t width, int64_t top, int64_t left, int64_t rows_out, int64_t width_out) {
   const int64_t plane = rows_out * width_out;
-  std::unique_ptr<T[]> dst(new T[images * channels_out * plane]);
-  cpu::parallel_for(images * channels_out, [&](int64_t p) {
+  T* dst = scratch<T>(slot, images * channels_out * plane);
+  parallel_for_work(images * channels_out, images * channels_out * plane, [&](int64_t p) {
     const int64_t b = p / channels_out, ch = p % channels_out;
-    T* d = dst.get() + p * plane;
+    T* d = dst + p * plane;
     if (ch >= channels) {
       std::fill(d, d + plane, T(0));
       return;
@@ -94,7 +141,7 @@ std::unique_ptr<T[]> padded(const T* src, int64_t images, int64_t channels, int6
 // range [lo, hi) outside which every entry is zero (the loops skip it).
 template <typename T>
 struct Packed {
-  std::unique_ptr<T[]> w;
+  Buffer<T> w;
   std::vector<int64_t> lo, hi;
 };
 
@@ -102,7 +149,7 @@ struct Packed {
 template <typename T, typename Kept, typename Value>
 Packed<T> pack(int64_t outputs, int64_t inputs, int64_t taps, Kept kept, Value value) {
   const int64_t blocks = (outputs + kBlock - 1) / kBlock;
-  Packed<T> p{std::unique_ptr<T[]>(new T[std::max<int64_t>(blocks * taps * inputs * kBlock, 1)]),
+  Packed<T> p{allocate<T>(blocks * taps * inputs * kBlock),
               std::vector<int64_t>(blocks * taps, 0), std::vector<int64_t>(blocks * taps, 0)};
   for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t t = 0; t < taps; ++t) {
@@ -139,7 +186,8 @@ struct Direct {
     constexpr int64_t L = S::kLanes;
     const int64_t taps = static_cast<int64_t>(offset->size());
     const int64_t blocks = (outputs + kBlock - 1) / kBlock;
-    cpu::parallel_for(images * blocks * height, [&](int64_t task) {
+    const int64_t work = images * outputs * height * width * inputs * taps;
+    parallel_for_work(images * blocks * height, work, [&](int64_t task) {
       const int64_t i = task % height, blk = (task / height) % blocks, b = task / (height * blocks);
       const T* in_row = in + b * image_stride + i * row_stride;
       for (int64_t j0 = 0; j0 < width; j0 += kTiles * L) {
@@ -172,25 +220,38 @@ struct Direct {
   }
 };
 
+// x padded for forward and grad_weight: rows above, columns both sides.
+template <typename T>
+const T* padded_input(const T* x, const ConvShape& s, const Geometry& g) {
+  return padded(kInputSlot, x, s.batch, s.in_channels, s.in_channels, s.height, s.width, g.pad, g.left, g.padded_rows,
+                g.padded_width);
+}
+
+// Where, from output (i, j) at padded (i, j), tap t reads x.
+std::vector<int64_t> input_offsets(const ConvShape& s, const Geometry& g) {
+  std::vector<int64_t> offset(g.taps());
+  for (int64_t t = 0; t < g.taps(); ++t)
+    offset[t] = s.dilation * g.ky[t] * g.padded_width + g.left - g.pad + s.dilation * g.kx[t];
+  return offset;
+}
+
 template <typename T>
 struct ForwardKernel {
   static void run(const ForwardArgs& a) {
     const ConvShape& s = a.s;
     const Geometry g(s, Simd<T>::kLanes);
     const T* w = static_cast<const T*>(a.weight);
-    const int64_t k = s.kernel_size, d = s.dilation;
+    const int64_t k = s.kernel_size;
     const Packed<T> pk = pack<T>(
         s.out_channels, s.in_channels, g.taps(),
         [&](int64_t oc, int64_t ic, int64_t t) {
           return ic < in_channel_end(g.ky[t], g.kx[t], oc, k, s.mask_b, s.in_channels, s.out_channels, s.groups);
         },
         [&](int64_t oc, int64_t ic, int64_t t) { return w[((oc * s.in_channels + ic) * k + g.ky[t]) * k + g.kx[t]]; });
-    const auto x = padded(static_cast<const T*>(a.x), s.batch, s.in_channels, s.in_channels, s.height, s.width, g.pad,
-                          g.pad, g.padded_rows, g.padded_width);
-    std::vector<int64_t> offset(g.taps());
-    for (int64_t t = 0; t < g.taps(); ++t) offset[t] = d * g.ky[t] * g.padded_width + d * g.kx[t];
+    const auto x = padded_input(static_cast<const T*>(a.x), s, g);
+    const std::vector<int64_t> offset = input_offsets(s, g);
     const int64_t plane = g.padded_rows * g.padded_width;
-    Direct<T>{x.get(), s.in_channels * plane, plane, g.padded_width, s.in_channels, &pk, &offset,
+    Direct<T>{x, s.in_channels * plane, plane, g.padded_width, s.in_channels, &pk, &offset,
               static_cast<const T*>(a.bias), static_cast<T*>(a.y), s.batch, s.out_channels, s.height, s.width}
         .run();
   }
@@ -199,8 +260,8 @@ struct ForwardKernel {
 // grad_y padded for both backward kernels: rows below (the transposed taps look down), columns both sides,
 // and output channels rounded up to a whole block of zero planes (grad_weight reads whole blocks).
 template <typename T>
-std::unique_ptr<T[]> padded_grad(const T* grad_y, const ConvShape& s, const Geometry& g) {
-  return padded(grad_y, s.batch, s.out_channels, round_up(s.out_channels, kBlock), s.height, s.width, 0, g.pad,
+const T* padded_grad(const T* grad_y, const ConvShape& s, const Geometry& g) {
+  return padded(kGradSlot, grad_y, s.batch, s.out_channels, round_up(s.out_channels, kBlock), s.height, s.width, 0, g.left,
                 g.padded_rows, g.padded_width);
 }
 
@@ -220,16 +281,19 @@ struct GradInputKernel {
     const auto gy = padded_grad(static_cast<const T*>(a.grad_y), s, g);
     std::vector<int64_t> offset(g.taps());
     for (int64_t t = 0; t < g.taps(); ++t)
-      offset[t] = d * (c - g.ky[t]) * g.padded_width + g.pad + d * (c - g.kx[t]);
+      offset[t] = d * (c - g.ky[t]) * g.padded_width + g.left + d * (c - g.kx[t]);
     const int64_t plane = g.padded_rows * g.padded_width;
-    Direct<T>{gy.get(), round_up(s.out_channels, kBlock) * plane, plane, g.padded_width, s.out_channels, &pk, &offset,
+    Direct<T>{gy, round_up(s.out_channels, kBlock) * plane, plane, g.padded_width, s.out_channels, &pk, &offset,
               nullptr, static_cast<T*>(a.grad_x), s.batch, s.in_channels, s.height, s.width}
         .run();
   }
 };
 
 // Rows of an image per step of grad_weight: their grad_y rows stay in L1 while every tap passes over them.
-constexpr int64_t kRows = 4;
+constexpr int64_t kRows = 8;
+// Input channels per grad_weight task: each grad_y row brought into L1 serves all of them, so grad_y is
+// streamed from L2 once per chunk instead of once per channel.
+constexpr int64_t kInputs = 4;
 
 template <typename T>
 struct GradWeightKernel {
@@ -239,63 +303,68 @@ struct GradWeightKernel {
     constexpr int64_t L = S::kLanes;
     const ConvShape& s = a.s;
     const Geometry g(s, L);
-    const int64_t k = s.kernel_size, d = s.dilation, taps = g.taps();
+    const int64_t k = s.kernel_size, taps = g.taps();
     const int64_t plane = g.padded_rows * g.padded_width;
-    const auto x = padded(static_cast<const T*>(a.x), s.batch, s.in_channels, s.in_channels, s.height, s.width, g.pad,
-                          g.pad, g.padded_rows, g.padded_width);
+    const auto x = padded_input(static_cast<const T*>(a.x), s, g);
     const int64_t gy_planes = round_up(s.out_channels, kBlock);
     const auto gy = padded_grad(static_cast<const T*>(a.grad_y), s, g);
-    std::vector<int64_t> offset(taps);
-    for (int64_t t = 0; t < taps; ++t) offset[t] = d * g.ky[t] * g.padded_width + d * g.kx[t];
+    const std::vector<int64_t> offset = input_offsets(s, g);
     T* gw = static_cast<T*>(a.grad_weight);
-    const int64_t blocks = gy_planes / kBlock;
-    cpu::parallel_for(blocks * s.in_channels, [&](int64_t task) {
-      const int64_t blk = task / s.in_channels, ic = task % s.in_channels;
-      // Taps where some output of the block reads this input channel.
-      std::vector<int64_t> live;
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t last = std::min(s.out_channels, (blk + 1) * kBlock) - 1;  // ends grow with oc
-        if (ic < in_channel_end(g.ky[t], g.kx[t], last, k, s.mask_b, s.in_channels, s.out_channels, s.groups))
-          live.push_back(t);
-      }
-      std::vector<vec> acc(taps * kBlock, vec{});
+    const int64_t blocks = gy_planes / kBlock, chunks = (s.in_channels + kInputs - 1) / kInputs;
+    auto end = [&](int64_t t, int64_t oc) {
+      return in_channel_end(g.ky[t], g.kx[t], oc, k, s.mask_b, s.in_channels, s.out_channels, s.groups);
+    };
+    const int64_t work = s.batch * s.height * g.tiled_width * gy_planes * s.in_channels * taps;
+    parallel_for_work(blocks * chunks, work, [&](int64_t task) {
+      const int64_t blk = task / chunks, ic0 = (task % chunks) * kInputs;
+      const int64_t inputs = std::min(kInputs, s.in_channels - ic0);
+      const int64_t last = std::min(s.out_channels, (blk + 1) * kBlock) - 1;  // ends grow with oc
+      // Per input of the chunk, the taps where some output of the block reads it.
+      std::vector<int64_t> live[kInputs];
+      for (int64_t q = 0; q < inputs; ++q)
+        for (int64_t t = 0; t < taps; ++t)
+          if (ic0 + q < end(t, last)) live[q].push_back(t);
+      std::vector<vec> acc(kInputs * taps * kBlock, vec{});
       for (int64_t b = 0; b < s.batch; ++b)
         for (int64_t i0 = 0; i0 < s.height; i0 += kRows) {
           const int64_t rows = std::min(kRows, s.height - i0);
-          const T* g0 = gy.get() + (b * gy_planes + blk * kBlock) * plane + i0 * g.padded_width + g.pad;
-          const T* x0 = x.get() + (b * s.in_channels + ic) * plane + i0 * g.padded_width;
-          for (int64_t t : live) {
-            vec sum[kBlock];
-            for (int o = 0; o < kBlock; ++o) sum[o] = acc[t * kBlock + o];
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t j = 0; j < g.tiled_width; j += L) {
-                const vec xv = S::load(x0 + offset[t] + r * g.padded_width + j);
-                for (int o = 0; o < kBlock; ++o) sum[o] += S::load(g0 + o * plane + r * g.padded_width + j) * xv;
-              }
-            for (int o = 0; o < kBlock; ++o) acc[t * kBlock + o] = sum[o];
+          const T* g0 = gy + (b * gy_planes + blk * kBlock) * plane + i0 * g.padded_width + g.left;
+          for (int64_t q = 0; q < inputs; ++q) {
+            const T* x0 = x + (b * s.in_channels + ic0 + q) * plane + i0 * g.padded_width;
+            for (int64_t t : live[q]) {
+              vec* a_t = &acc[(q * taps + t) * kBlock];
+              vec sum[kBlock];
+              for (int o = 0; o < kBlock; ++o) sum[o] = a_t[o];
+              for (int64_t r = 0; r < rows; ++r)
+                for (int64_t j = 0; j < g.tiled_width; j += L) {
+                  const vec xv = S::load(x0 + offset[t] + r * g.padded_width + j);
+                  for (int o = 0; o < kBlock; ++o) sum[o] += S::load(g0 + o * plane + r * g.padded_width + j) * xv;
+                }
+              for (int o = 0; o < kBlock; ++o) a_t[o] = sum[o];
+            }
           }
         }
-      for (int o = 0; o < kBlock; ++o) {
-        const int64_t oc = blk * kBlock + o;
-        if (oc >= s.out_channels) break;
-        T* dst = gw + (oc * s.in_channels + ic) * k * k;
-        std::fill(dst, dst + k * k, T(0));  // masked taps: zero gradient
-        for (int64_t t : live) {
-          if (ic >= in_channel_end(g.ky[t], g.kx[t], oc, k, s.mask_b, s.in_channels, s.out_channels, s.groups))
-            continue;
-          alignas(kVectorBytes) T lanes[L];
-          std::memcpy(lanes, &acc[t * kBlock + o], sizeof lanes);
-          T total = 0;
-          for (int64_t l = 0; l < L; ++l) total += lanes[l];
-          dst[g.ky[t] * k + g.kx[t]] = total;
+      for (int64_t q = 0; q < inputs; ++q)
+        for (int o = 0; o < kBlock; ++o) {
+          const int64_t oc = blk * kBlock + o, ic = ic0 + q;
+          if (oc >= s.out_channels) break;
+          T* dst = gw + (oc * s.in_channels + ic) * k * k;
+          std::fill(dst, dst + k * k, T(0));  // masked taps: zero gradient
+          for (int64_t t : live[q]) {
+            if (ic >= end(t, oc)) continue;
+            alignas(kVectorBytes) T lanes[L];
+            std::memcpy(lanes, &acc[(q * taps + t) * kBlock + o], sizeof lanes);
+            T total = 0;
+            for (int64_t l = 0; l < L; ++l) total += lanes[l];
+            dst[g.ky[t] * k + g.kx[t]] = total;
+          }
         }
-      }
     });
     if (a.grad_bias) {
       const T* grad_y = static_cast<const T*>(a.grad_y);
       T* gb = static_cast<T*>(a.grad_bias);
       const int64_t hw = s.height * s.width;
-      cpu::parallel_for(s.out_channels, [&](int64_t oc) {
+      parallel_for_work(s.out_channels, s.out_channels * s.batch * hw, [&](int64_t oc) {
         T total = 0;
         for (int64_t b = 0; b < s.batch; ++b) {
           const T* src = grad_y + (b * s.out_channels + oc) * hw;
