@@ -331,16 +331,28 @@ struct GradWeightKernel {
           const T* g0 = gy + (b * gy_planes + blk * kBlock) * plane + i0 * g.padded_width + g.left;
           for (int64_t q = 0; q < inputs; ++q) {
             const T* x0 = x + (b * s.in_channels + ic0 + q) * plane + i0 * g.padded_width;
-            for (int64_t t : live[q]) {
-              vec* a_t = &acc[(q * taps + t) * kBlock];
-              vec sum[kBlock];
-              for (int o = 0; o < kBlock; ++o) sum[o] = a_t[o];
+            // Taps in pairs: each grad_y vector loaded feeds two multiply-adds.
+            const std::vector<int64_t>& ts = live[q];
+            const int64_t n_live = static_cast<int64_t>(ts.size());
+            for (int64_t n = 0; n < n_live; n += 2) {
+              const int64_t t0 = ts[n], t1 = n + 1 < n_live ? ts[n + 1] : ts[n];
+              vec* a0 = &acc[(q * taps + t0) * kBlock];
+              vec* a1 = &acc[(q * taps + t1) * kBlock];
+              vec s0[kBlock], s1[kBlock];
+              for (int o = 0; o < kBlock; ++o) s0[o] = a0[o], s1[o] = a1[o];
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t j = 0; j < g.tiled_width; j += L) {
-                  const vec xv = S::load(x0 + offset[t] + r * g.padded_width + j);
-                  for (int o = 0; o < kBlock; ++o) sum[o] += S::load(g0 + o * plane + r * g.padded_width + j) * xv;
+                  const vec x0v = S::load(x0 + offset[t0] + r * g.padded_width + j);
+                  const vec x1v = S::load(x0 + offset[t1] + r * g.padded_width + j);
+                  for (int o = 0; o < kBlock; ++o) {
+                    const vec gv = S::load(g0 + o * plane + r * g.padded_width + j);
+                    s0[o] += gv * x0v;
+                    s1[o] += gv * x1v;
+                  }
                 }
-              for (int o = 0; o < kBlock; ++o) a_t[o] = sum[o];
+              for (int o = 0; o < kBlock; ++o) a0[o] = s0[o];
+              if (t1 != t0)  // an odd tap out pairs with itself, and its second sum is dropped
+                for (int o = 0; o < kBlock; ++o) a1[o] = s1[o];
             }
           }
         }
