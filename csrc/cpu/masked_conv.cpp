@@ -209,11 +209,10 @@ struct Direct {
         const int64_t n = std::min<int64_t>(kTiles * L, width - j0);
         for (int o = 0; o < kBlock && blk * kBlock + o < outputs; ++o) {
           const int64_t oc = blk * kBlock + o;
-          alignas(kVectorBytes) T row[kTiles * L];
-          std::memcpy(row, acc[o], sizeof row);
-          const T b0 = bias ? bias[oc] : T(0);
-          T* dst = out + ((b * outputs + oc) * height + i) * width + j0;
-          for (int64_t j = 0; j < n; ++j) dst[j] = row[j] + b0;
+          if (bias)
+            for (int u = 0; u < kTiles; ++u) acc[o][u] += bias[oc];
+          // The row's tail tile stores only its n real columns: a vector copy either way.
+          std::memcpy(out + ((b * outputs + oc) * height + i) * width + j0, acc[o], n * sizeof(T));
         }
       }
     });
@@ -289,88 +288,103 @@ struct GradInputKernel {
   }
 };
 
-// Rows of an image per step of grad_weight: their grad_y rows stay in L1 while every tap passes over them.
-constexpr int64_t kRows = 8;
-// Input channels per grad_weight task: each grad_y row brought into L1 serves all of them, so grad_y is
-// streamed from L2 once per chunk instead of once per channel.
-constexpr int64_t kInputs = 4;
+// grad_weight with output channels along the vector lanes: grad_y is transposed to (B, H, W, C_out) so one
+// pixel's block of outputs is two vectors, and each input channel's pixel value is a broadcast. A task owns
+// a block of outputs and a block of kInputs inputs; its accumulators for every tap live in memory and are
+// brought into registers for kRows rows of one image at a time, while those rows sit in L1.
+constexpr int64_t kRows = 4;
+constexpr int kInputs = 8;
+constexpr int kOutVecs = 2;
+
+template <typename T, int NI>
+struct GradWeightRows {
+  using S = Simd<T>;
+  using vec = typename S::vec;
+  // acc[NI][kOutVecs] += x[q](pixel + offset) * gyt[pixel], over `rows` rows of `width` pixels.
+  static void run(vec* acc, const T* x0, int64_t plane, int64_t row_stride, int64_t offset, const T* g0,
+                  int64_t g_stride, int64_t rows, int64_t width) {
+    vec sum[NI][kOutVecs];
+    for (int q = 0; q < NI; ++q)
+      for (int v = 0; v < kOutVecs; ++v) sum[q][v] = acc[q * kOutVecs + v];
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x0 + r * row_stride + offset;
+      const T* gr = g0 + r * width * g_stride;
+      for (int64_t j = 0; j < width; ++j) {
+        vec gv[kOutVecs];
+        for (int v = 0; v < kOutVecs; ++v) gv[v] = S::load(gr + j * g_stride + v * S::kLanes);
+        for (int q = 0; q < NI; ++q) {
+          const T xs = xr[q * plane + j];
+          for (int v = 0; v < kOutVecs; ++v) sum[q][v] += xs * gv[v];
+        }
+      }
+    }
+    for (int q = 0; q < NI; ++q)
+      for (int v = 0; v < kOutVecs; ++v) acc[q * kOutVecs + v] = sum[q][v];
+  }
+};
 
 template <typename T>
 struct GradWeightKernel {
   static void run(const GradWeightArgs& a) {
     using S = Simd<T>;
     using vec = typename S::vec;
-    constexpr int64_t L = S::kLanes;
+    constexpr int64_t L = S::kLanes, kOuts = kOutVecs * L;
     const ConvShape& s = a.s;
     const Geometry g(s, L);
-    const int64_t k = s.kernel_size, taps = g.taps();
+    const int64_t k = s.kernel_size, taps = g.taps(), hw = s.height * s.width;
     const int64_t plane = g.padded_rows * g.padded_width;
-    const auto x = padded_input(static_cast<const T*>(a.x), s, g);
-    const int64_t gy_planes = round_up(s.out_channels, kBlock);
-    const auto gy = padded_grad(static_cast<const T*>(a.grad_y), s, g);
+    const T* x = padded_input(static_cast<const T*>(a.x), s, g);
     const std::vector<int64_t> offset = input_offsets(s, g);
+    // grad_y transposed to (B, H, W, C_out rounded up to whole blocks), zero beyond C_out.
+    const int64_t outs = round_up(s.out_channels, kOuts);
+    T* gyt = scratch<T>(kGradSlot, s.batch * hw * outs);
+    const T* grad_y = static_cast<const T*>(a.grad_y);
+    parallel_for_work(s.batch * s.height, s.batch * hw * outs, [&](int64_t bi) {
+      const int64_t b = bi / s.height, i = bi % s.height;
+      T* dst = gyt + bi * s.width * outs;
+      for (int64_t j = 0; j < s.width; ++j) {
+        for (int64_t oc = 0; oc < s.out_channels; ++oc) dst[j * outs + oc] = grad_y[((b * s.out_channels + oc) * s.height + i) * s.width + j];
+        std::fill(dst + j * outs + s.out_channels, dst + (j + 1) * outs, T(0));
+      }
+    });
     T* gw = static_cast<T*>(a.grad_weight);
-    const int64_t blocks = gy_planes / kBlock, chunks = (s.in_channels + kInputs - 1) / kInputs;
-    auto end = [&](int64_t t, int64_t oc) {
-      return in_channel_end(g.ky[t], g.kx[t], oc, k, s.mask_b, s.in_channels, s.out_channels, s.groups);
-    };
-    const int64_t work = s.batch * s.height * g.tiled_width * gy_planes * s.in_channels * taps;
-    parallel_for_work(blocks * chunks, work, [&](int64_t task) {
-      const int64_t blk = task / chunks, ic0 = (task % chunks) * kInputs;
-      const int64_t inputs = std::min(kInputs, s.in_channels - ic0);
-      const int64_t last = std::min(s.out_channels, (blk + 1) * kBlock) - 1;  // ends grow with oc
-      // Per input of the chunk, the taps where some output of the block reads it.
-      std::vector<int64_t> live[kInputs];
-      for (int64_t q = 0; q < inputs; ++q)
-        for (int64_t t = 0; t < taps; ++t)
-          if (ic0 + q < end(t, last)) live[q].push_back(t);
-      std::vector<vec> acc(kInputs * taps * kBlock, vec{});
+    const int64_t out_blocks = outs / kOuts, in_blocks = (s.in_channels + kInputs - 1) / kInputs;
+    const int64_t work = s.batch * hw * outs * s.in_channels * taps;
+    parallel_for_work(out_blocks * in_blocks, work, [&](int64_t task) {
+      const int64_t ob = task / in_blocks, ic0 = (task % in_blocks) * kInputs;
+      const int64_t inputs = std::min<int64_t>(kInputs, s.in_channels - ic0);
+      std::vector<vec> acc(taps * kInputs * kOutVecs, vec{});
       for (int64_t b = 0; b < s.batch; ++b)
         for (int64_t i0 = 0; i0 < s.height; i0 += kRows) {
           const int64_t rows = std::min(kRows, s.height - i0);
-          const T* g0 = gy + (b * gy_planes + blk * kBlock) * plane + i0 * g.padded_width + g.left;
-          for (int64_t q = 0; q < inputs; ++q) {
-            const T* x0 = x + (b * s.in_channels + ic0 + q) * plane + i0 * g.padded_width;
-            // Taps in pairs: each grad_y vector loaded feeds two multiply-adds.
-            const std::vector<int64_t>& ts = live[q];
-            const int64_t n_live = static_cast<int64_t>(ts.size());
-            for (int64_t n = 0; n < n_live; n += 2) {
-              const int64_t t0 = ts[n], t1 = n + 1 < n_live ? ts[n + 1] : ts[n];
-              vec* a0 = &acc[(q * taps + t0) * kBlock];
-              vec* a1 = &acc[(q * taps + t1) * kBlock];
-              vec s0[kBlock], s1[kBlock];
-              for (int o = 0; o < kBlock; ++o) s0[o] = a0[o], s1[o] = a1[o];
-              for (int64_t r = 0; r < rows; ++r)
-                for (int64_t j = 0; j < g.tiled_width; j += L) {
-                  const vec x0v = S::load(x0 + offset[t0] + r * g.padded_width + j);
-                  const vec x1v = S::load(x0 + offset[t1] + r * g.padded_width + j);
-                  for (int o = 0; o < kBlock; ++o) {
-                    const vec gv = S::load(g0 + o * plane + r * g.padded_width + j);
-                    s0[o] += gv * x0v;
-                    s1[o] += gv * x1v;
-                  }
-                }
-              for (int o = 0; o < kBlock; ++o) a0[o] = s0[o];
-              if (t1 != t0)  // an odd tap out pairs with itself, and its second sum is dropped
-                for (int o = 0; o < kBlock; ++o) a1[o] = s1[o];
+          const T* g0 = gyt + ((b * s.height + i0) * s.width) * outs + ob * kOuts;
+          for (int64_t q0 = 0; q0 < inputs; q0 += (inputs == kInputs ? kInputs : 1)) {
+            const T* x0 = x + (b * s.in_channels + ic0 + q0) * plane + i0 * g.padded_width;
+            for (int64_t t = 0; t < taps; ++t) {
+              vec* acc_t = &acc[(t * kInputs + q0) * kOutVecs];
+              if (inputs == kInputs)
+                GradWeightRows<T, kInputs>::run(acc_t, x0, plane, g.padded_width, offset[t], g0, outs, rows, s.width);
+              else  // a partial block of inputs goes one channel at a time
+                GradWeightRows<T, 1>::run(acc_t, x0, plane, g.padded_width, offset[t], g0, outs, rows, s.width);
             }
           }
         }
-      for (int64_t q = 0; q < inputs; ++q)
-        for (int o = 0; o < kBlock; ++o) {
-          const int64_t oc = blk * kBlock + o, ic = ic0 + q;
+      for (int64_t q = 0; q < inputs; ++q) {
+        const int64_t ic = ic0 + q;
+        for (int64_t o = 0; o < kOuts; ++o) {
+          const int64_t oc = ob * kOuts + o;
           if (oc >= s.out_channels) break;
           T* dst = gw + (oc * s.in_channels + ic) * k * k;
           std::fill(dst, dst + k * k, T(0));  // masked taps: zero gradient
-          for (int64_t t : live[q]) {
-            if (ic >= end(t, oc)) continue;
+          for (int64_t t = 0; t < taps; ++t) {
+            if (ic >= in_channel_end(g.ky[t], g.kx[t], oc, k, s.mask_b, s.in_channels, s.out_channels, s.groups))
+              continue;
             alignas(kVectorBytes) T lanes[L];
-            std::memcpy(lanes, &acc[(q * taps + t) * kBlock + o], sizeof lanes);
-            T total = 0;
-            for (int64_t l = 0; l < L; ++l) total += lanes[l];
-            dst[g.ky[t] * k + g.kx[t]] = total;
+            std::memcpy(lanes, &acc[(t * kInputs + q) * kOutVecs + o / L], sizeof lanes);
+            dst[g.ky[t] * k + g.kx[t]] = lanes[o % L];
           }
         }
+      }
     });
     if (a.grad_bias) {
       const T* grad_y = static_cast<const T*>(a.grad_y);
