@@ -323,6 +323,34 @@ struct GradWeightRows {
   }
 };
 
+// The same sums for one input channel and NT taps at once (few input channels, as in a first layer on
+// pixels): the grad_y vectors of a pixel serve every tap. acc of tap n is acc + n * acc_stride.
+template <typename T, int NT>
+struct GradWeightTaps {
+  using S = Simd<T>;
+  using vec = typename S::vec;
+  static void run(vec* acc, int64_t acc_stride, const T* x0, int64_t row_stride, const int64_t* offset, const T* g0,
+                  int64_t g_stride, int64_t rows, int64_t width) {
+    vec sum[NT][kOutVecs];
+    for (int n = 0; n < NT; ++n)
+      for (int v = 0; v < kOutVecs; ++v) sum[n][v] = acc[n * acc_stride + v];
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x0 + r * row_stride;
+      const T* gr = g0 + r * width * g_stride;
+      for (int64_t j = 0; j < width; ++j) {
+        vec gv[kOutVecs];
+        for (int v = 0; v < kOutVecs; ++v) gv[v] = S::load(gr + j * g_stride + v * S::kLanes);
+        for (int n = 0; n < NT; ++n) {
+          const T xs = xr[offset[n] + j];
+          for (int v = 0; v < kOutVecs; ++v) sum[n][v] += xs * gv[v];
+        }
+      }
+    }
+    for (int n = 0; n < NT; ++n)
+      for (int v = 0; v < kOutVecs; ++v) acc[n * acc_stride + v] = sum[n][v];
+  }
+};
+
 template <typename T>
 struct GradWeightKernel {
   static void run(const GradWeightArgs& a) {
@@ -342,10 +370,12 @@ struct GradWeightKernel {
     parallel_for_work(s.batch * s.height, s.batch * hw * outs, [&](int64_t bi) {
       const int64_t b = bi / s.height, i = bi % s.height;
       T* dst = gyt + bi * s.width * outs;
-      for (int64_t j = 0; j < s.width; ++j) {
-        for (int64_t oc = 0; oc < s.out_channels; ++oc) dst[j * outs + oc] = grad_y[((b * s.out_channels + oc) * s.height + i) * s.width + j];
-        std::fill(dst + j * outs + s.out_channels, dst + (j + 1) * outs, T(0));
+      // Reads along rows, writes within this row's small (W x outs) tile: both stay in cache.
+      for (int64_t oc = 0; oc < s.out_channels; ++oc) {
+        const T* src = grad_y + ((b * s.out_channels + oc) * s.height + i) * s.width;
+        for (int64_t j = 0; j < s.width; ++j) dst[j * outs + oc] = src[j];
       }
+      for (int64_t j = 0; j < s.width; ++j) std::fill(dst + j * outs + s.out_channels, dst + (j + 1) * outs, T(0));
     });
     T* gw = static_cast<T*>(a.grad_weight);
     const int64_t out_blocks = outs / kOuts, in_blocks = (s.in_channels + kInputs - 1) / kInputs;
@@ -358,15 +388,24 @@ struct GradWeightKernel {
         for (int64_t i0 = 0; i0 < s.height; i0 += kRows) {
           const int64_t rows = std::min(kRows, s.height - i0);
           const T* g0 = gyt + ((b * s.height + i0) * s.width) * outs + ob * kOuts;
-          for (int64_t q0 = 0; q0 < inputs; q0 += (inputs == kInputs ? kInputs : 1)) {
-            const T* x0 = x + (b * s.in_channels + ic0 + q0) * plane + i0 * g.padded_width;
-            for (int64_t t = 0; t < taps; ++t) {
-              vec* acc_t = &acc[(t * kInputs + q0) * kOutVecs];
-              if (inputs == kInputs)
-                GradWeightRows<T, kInputs>::run(acc_t, x0, plane, g.padded_width, offset[t], g0, outs, rows, s.width);
-              else  // a partial block of inputs goes one channel at a time
-                GradWeightRows<T, 1>::run(acc_t, x0, plane, g.padded_width, offset[t], g0, outs, rows, s.width);
-            }
+          if (inputs == kInputs) {
+            const T* x0 = x + (b * s.in_channels + ic0) * plane + i0 * g.padded_width;
+            for (int64_t t = 0; t < taps; ++t)
+              GradWeightRows<T, kInputs>::run(&acc[t * kInputs * kOutVecs], x0, plane, g.padded_width, offset[t], g0,
+                                              outs, rows, s.width);
+            continue;
+          }
+          // A partial block of inputs: one channel at a time, taps in groups.
+          constexpr int64_t stride = kInputs * kOutVecs;
+          for (int64_t q = 0; q < inputs; ++q) {
+            const T* x0 = x + (b * s.in_channels + ic0 + q) * plane + i0 * g.padded_width;
+            int64_t t = 0;
+            for (; t + kInputs <= taps; t += kInputs)
+              GradWeightTaps<T, kInputs>::run(&acc[(t * kInputs + q) * kOutVecs], stride, x0, g.padded_width,
+                                              &offset[t], g0, outs, rows, s.width);
+            for (; t < taps; ++t)
+              GradWeightTaps<T, 1>::run(&acc[(t * kInputs + q) * kOutVecs], stride, x0, g.padded_width, &offset[t], g0,
+                                        outs, rows, s.width);
           }
         }
       for (int64_t q = 0; q < inputs; ++q) {
