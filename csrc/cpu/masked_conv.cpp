@@ -4,9 +4,10 @@
 // tiles, so the inner loops need no bounds tests and never read outside an array. Forward and grad_input
 // are one kernel: a block of output channels times a tile of a row accumulates in registers over (kept
 // tap, input channel), with the weights packed per block so that entries masked by a colour group are
-// zeros and whole masked taps are not visited at all. grad_weight gives each task a few input channels and
-// one block of output channels, and sums over (image, row, column) in a fixed order: no atomics, and the
-// same bits whatever the thread count.
+// zeros and whole masked taps are not visited at all. grad_weight puts output channels along the vector
+// lanes (grad_y transposed to channels-last) and broadcasts input pixels; each task owns a block of
+// (output, input) pairs and sums over (image, row, column) in a fixed order: no atomics, and the same bits
+// whatever the thread count.
 #include "../masked_conv.h"
 
 #include <algorithm>
@@ -256,11 +257,10 @@ struct ForwardKernel {
   }
 };
 
-// grad_y padded for both backward kernels: rows below (the transposed taps look down), columns both sides,
-// and output channels rounded up to a whole block of zero planes (grad_weight reads whole blocks).
+// grad_y padded for grad_input: rows below (the transposed taps look down), columns both sides.
 template <typename T>
 const T* padded_grad(const T* grad_y, const ConvShape& s, const Geometry& g) {
-  return padded(kGradSlot, grad_y, s.batch, s.out_channels, round_up(s.out_channels, kBlock), s.height, s.width, 0, g.left,
+  return padded(kGradSlot, grad_y, s.batch, s.out_channels, s.out_channels, s.height, s.width, 0, g.left,
                 g.padded_rows, g.padded_width);
 }
 
@@ -282,7 +282,7 @@ struct GradInputKernel {
     for (int64_t t = 0; t < g.taps(); ++t)
       offset[t] = d * (c - g.ky[t]) * g.padded_width + g.left + d * (c - g.kx[t]);
     const int64_t plane = g.padded_rows * g.padded_width;
-    Direct<T>{gy, round_up(s.out_channels, kBlock) * plane, plane, g.padded_width, s.out_channels, &pk, &offset,
+    Direct<T>{gy, s.out_channels * plane, plane, g.padded_width, s.out_channels, &pk, &offset,
               nullptr, static_cast<T*>(a.grad_x), s.batch, s.in_channels, s.height, s.width}
         .run();
   }
