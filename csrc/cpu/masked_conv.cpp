@@ -187,6 +187,18 @@ struct Direct {
     constexpr int64_t L = S::kLanes;
     const int64_t taps = static_cast<int64_t>(offset->size());
     const int64_t blocks = (outputs + kBlock - 1) / kBlock;
+    // Per block, the (input offset, weight) pairs of its kept (tap, input) steps, flattened: the inner
+    // loop is one pass over them whatever the kernel size or channel count.
+    std::vector<int64_t> first(blocks + 1, 0), src_at, w_at;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      first[blk] = static_cast<int64_t>(src_at.size());
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = pk->lo[blk * taps + t]; c < pk->hi[blk * taps + t]; ++c) {
+          src_at.push_back((*offset)[t] + c * plane);
+          w_at.push_back(((blk * taps + t) * inputs + c) * kBlock);
+        }
+    }
+    first[blocks] = static_cast<int64_t>(src_at.size());
     const int64_t work = images * outputs * height * width * inputs * taps;
     parallel_for_work(images * blocks * height, work, [&](int64_t task) {
       const int64_t i = task % height, blk = (task / height) % blocks, b = task / (height * blocks);
@@ -195,17 +207,14 @@ struct Direct {
         vec acc[kBlock][kTiles];
         for (int o = 0; o < kBlock; ++o)
           for (int u = 0; u < kTiles; ++u) acc[o][u] = vec{};
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t lo = pk->lo[blk * taps + t], hi = pk->hi[blk * taps + t];
-          const T* src = in_row + (*offset)[t] + j0;
-          const T* w = pk->w.get() + (blk * taps + t) * inputs * kBlock;
-          for (int64_t c = lo; c < hi; ++c) {
-            vec x[kTiles];
-            for (int u = 0; u < kTiles; ++u) x[u] = S::load(src + c * plane + u * L);
-            const T* wc = w + c * kBlock;
-            for (int o = 0; o < kBlock; ++o)
-              for (int u = 0; u < kTiles; ++u) acc[o][u] += wc[o] * x[u];
-          }
+        const T* src = in_row + j0;
+        const T* w = pk->w.get();
+        for (int64_t n = first[blk]; n < first[blk + 1]; ++n) {
+          vec x[kTiles];
+          for (int u = 0; u < kTiles; ++u) x[u] = S::load(src + src_at[n] + u * L);
+          const T* wc = w + w_at[n];
+          for (int o = 0; o < kBlock; ++o)
+            for (int u = 0; u < kTiles; ++u) acc[o][u] += wc[o] * x[u];
         }
         const int64_t n = std::min<int64_t>(kTiles * L, width - j0);
         for (int o = 0; o < kBlock && blk * kBlock + o < outputs; ++o) {
