@@ -27,6 +27,12 @@ constexpr int64_t kVectorBytes = 64;
 constexpr int kBlock = 8;  // output channels per register block
 constexpr int kTiles = 2;  // vectors along a row per register block: 8 x 2 accumulators
 
+// Without AVX-512 (a portable build) GCC warns that returning a 64-byte vector changes the ABI; these
+// helpers have internal linkage and inline away, so no ABI is ever crossed.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(kVectorBytes)));
