@@ -74,4 +74,5 @@ PYBIND11_MODULE(_C, m) {
   gk::bind_reparam(m);
   gk::bind_diffusion(m);
   gk::bind_causal_conv1d(m);
+  gk::bind_masked_conv(m);
 }

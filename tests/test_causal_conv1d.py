@@ -11,7 +11,7 @@ from genkern.reference import causal_conv1d as ref
 from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for
 
 FAMILY = "causal_conv1d"
-CONV_BACKENDS = [b for b in KERNEL_BACKENDS if gk_backend.has_kernels(b, FAMILY)]
+CONV_BACKENDS = [b for b in KERNEL_BACKENDS if gk_backend.has_family(b, FAMILY)]
 ALL_BACKENDS = CONV_BACKENDS + ["reference"]  # 'reference' too runs through the op
 PARAMS = backend_dtype_params(CONV_BACKENDS) + backend_dtype_params(["reference"])
 ACTIVATIONS = [None, "silu", "tanh"]

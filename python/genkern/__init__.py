@@ -2,10 +2,11 @@
 
 Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
 """
-from . import models, random, schedules
+from . import models, nn, random, schedules
 from .backend import backends, get_backend, set_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_update, gated_activation
 from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample
+from .masked_conv import masked_conv2d
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
 
@@ -23,7 +24,9 @@ __all__ = [
     "gated_activation",
     "get_backend",
     "iwae_bound",
+    "masked_conv2d",
     "models",
+    "nn",
     "q_sample",
     "randn",
     "random",

@@ -22,10 +22,12 @@ _FLOAT_DTYPES = {
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 
-# Families whose kernels only some backends have (every backend runs every other family). A backend
-# missing here for a family is never chosen automatically for it: GPU tensors fall to `reference`.
+# Families whose kernels cover only some backends (every other family has all of them). A backend a family
+# lacks is never picked automatically for it; a process-wide choice of one falls back to the automatic pick
+# for that family, and an explicit `backend=` argument naming one is an error.
 _FAMILY_BACKENDS = {
     "causal_conv1d": ("cpu", "reference"),
+    "masked_conv": ("cpu", "reference"),
 }
 
 _process_backend: str | None = None
@@ -58,9 +60,14 @@ def is_available(name: str) -> bool:
     return False
 
 
-def backends() -> list[str]:
-    """The backends usable in this process."""
-    return [b for b in BACKENDS if is_available(b)]
+def has_family(name: str, family: str | None) -> bool:
+    """Whether backend `name` has kernels for `family` (None: any family)."""
+    return family is None or name in _FAMILY_BACKENDS.get(family, BACKENDS)
+
+
+def backends(family: str | None = None) -> list[str]:
+    """The backends usable in this process (for `family`'s ops, when given)."""
+    return [b for b in BACKENDS if is_available(b) and has_family(b, family)]
 
 
 def _check_name(name: str) -> None:
@@ -92,14 +99,9 @@ def get_backend() -> str | None:
     return _process_backend
 
 
-def has_kernels(name: str, family: str | None) -> bool:
-    """Whether backend `name` implements `family` (None: any op every backend has)."""
-    return family is None or name in _FAMILY_BACKENDS.get(family, BACKENDS)
-
-
 def runs_on(name: str, device: torch.device, dtype: torch.dtype, family: str | None = None) -> bool:
     """Whether backend `name` can run an op (of `family`) on tensors of this device and dtype."""
-    if dtype not in _FLOAT_DTYPES[name] or not is_available(name) or not has_kernels(name, family):
+    if dtype not in _FLOAT_DTYPES[name] or not is_available(name) or not has_family(name, family):
         return False
     if name == "cpu":
         return device.type == "cpu"
@@ -113,7 +115,7 @@ def runs_on(name: str, device: torch.device, dtype: torch.dtype, family: str | N
 
 
 def auto(device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
-    """The fastest backend for this device and dtype (that has `family`'s kernels)."""
+    """The fastest backend for this device and dtype (among those with `family`'s kernels)."""
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
         if runs_on(name, device, dtype, family):
@@ -122,20 +124,19 @@ def auto(device: torch.device, dtype: torch.dtype, family: str | None = None) ->
 
 
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
-    """The backend an op runs on: the argument, else the process choice, else automatic. Raises ValueError
-    when the chosen backend is unknown or cannot run on this device and dtype. A process-wide choice that
-    lacks `family`'s kernels gives way to the automatic one for that family's ops (so set_backend("triton")
-    still runs a model that uses them); an explicit argument that lacks them is an error."""
+    """The backend an op (of `family`) runs on: the argument, else the process choice, else automatic.
+    Raises ValueError when the chosen backend is unknown, has no kernels for the family, or cannot run on
+    this device and dtype."""
     name = backend if backend is not None else _process_backend
-    if name is not None and backend is None and not has_kernels(name, family):
+    if backend is None and name is not None and not has_family(name, family):
         name = None
     if name is None:
         return auto(device, dtype, family)
     _check_name(name)
-    if not has_kernels(name, family):
-        raise ValueError(f"backend {name!r} has no {family} kernels (available for it: {_FAMILY_BACKENDS[family]})")
+    if not has_family(name, family):
+        raise ValueError(f"backend {name!r} has no {family} kernels (available for {family}: {backends(family)})")
     if not is_available(name):
         raise ValueError(f"backend {name!r} is not available here (available: {backends()})")
-    if not runs_on(name, device, dtype, family):
+    if not runs_on(name, device, dtype):
         raise ValueError(f"backend {name!r} cannot run on {device.type} tensors of dtype {dtype}")
     return name

@@ -190,7 +190,7 @@ def implementations(case: BenchCase, backends: Sequence[str], use_compile: bool)
         impls.append(("compile", compiled(case)))
     # A family without kernels on some backend (see genkern.backend) is timed on the others.
     impls += [(f"genkern:{b}", functools.partial(case.genkern, backend=b)) for b in backends
-              if _backend.has_kernels(b, case.family)]
+              if _backend.has_family(b, case.family)]
     return impls
 
 

@@ -1,0 +1,281 @@
+"""The masked_conv family: every backend with its kernels against the reference (forward and backward),
+the mask against hand-written cases, masked weights ignored, causality by perturbation, gradcheck,
+opcheck, the module, backend routing and bad input."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genkern
+from genkern import backend as gk_backend
+from genkern.reference import masked_conv as ref
+
+BACKENDS = [b for b in genkern.backends("masked_conv") if b != "reference"]
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
+def make(b, c_in, c_out, k, h, w, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c_in, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64) / (c_in * k)
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_(requires_grad) for t in (x, weight, bias)]
+
+
+def grads(fn, x, weight, bias, seed=1):
+    y = fn(x, weight, bias)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    return (y, *torch.autograd.grad(y, inputs, g))
+
+
+# (k, dilation, color_groups, mask_type): every combination, on a small odd image
+CASES = list(itertools.product([1, 3, 5, 7], [1, 2], [1, 3], "AB"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference_forward_and_backward(backend, dtype):
+    for k, d, groups, mask_type in CASES:
+        c_in, c_out = 3 * groups, 2 * groups + 3 * (groups == 1)  # C_out = 5 (one partial block) or 6
+        x, w, b = make(2, c_in, c_out, k, 5, 7, dtype, seed=k * 10 + d, requires_grad=True)
+        got = grads(lambda *a: genkern.masked_conv2d(*a, mask_type=mask_type, color_groups=groups, dilation=d,
+                                                     backend=backend), x, w, b)
+        want = grads(lambda *a: ref.masked_conv2d(*a, mask_type, groups, d), x, w, b)
+        for name, g, e in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
+            assert g.dtype == dtype and g.shape == e.shape, name
+            torch.testing.assert_close(g, e, **TOL[dtype], msg=lambda m: f"{name} k={k} d={d} G={groups} {mask_type}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pixelcnn_shapes_and_tiles(backend):
+    # 28 x 28 (a whole tile plus a partial one), a row longer than two tiles, 16 output channels (two
+    # whole blocks), bias None.
+    for (b, c_in, c_out, k, h, w, mask_type) in [(2, 1, 16, 7, 28, 28, "A"), (1, 4, 16, 3, 3, 70, "B")]:
+        x, weight, _ = make(b, c_in, c_out, k, h, w, torch.float32, requires_grad=True)
+        got = grads(lambda *a: genkern.masked_conv2d(*a, mask_type=mask_type, backend=backend), x, weight, None)
+        want = grads(lambda *a: ref.masked_conv2d(*a, mask_type), x, weight, None)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_non_contiguous_input(backend):
+    x, w, b = make(0, 3, 6, 3, 5, 7, requires_grad=True)
+    y, gx, gw, gb = grads(lambda *a: genkern.masked_conv2d(*a, mask_type="B", color_groups=3, backend=backend), x, w, b)
+    assert y.shape == (0, 6, 5, 7) and gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+    base, w, b = make(3, 7, 6, 3, 9, 5, seed=3)
+    for x in (base.transpose(2, 3), base[:, 1:7:2], base[::2, :3], base.to(memory_format=torch.channels_last)[:, :3]):
+        w_x = w[:, : x.shape[1]]
+        got = genkern.masked_conv2d(x, w_x.transpose(2, 3), b, mask_type="A", backend=backend)
+        want = ref.masked_conv2d(x, w_x.transpose(2, 3).contiguous(), b, "A")
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_mask_by_hand():
+    # 3 x 3, 3 colour groups of one channel each: rows above and the left tap everywhere; at the centre
+    # output g sees inputs h < g (A) or h <= g (B).
+    spatial = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.float32)
+    for mask_type, centre in (("A", [[0, 0, 0], [1, 0, 0], [1, 1, 0]]), ("B", [[1, 0, 0], [1, 1, 0], [1, 1, 1]])):
+        m = ref.mask(3, mask_type, 3, 3, 3)
+        expected = spatial.repeat(3, 3, 1, 1)
+        expected[:, :, 1, 1] = torch.tensor(centre, dtype=torch.float32)
+        assert torch.equal(m, expected), mask_type
+    # Groups of two channels: the centre's pattern is the 3 x 3 one with every entry a 2 x 2 block.
+    m = ref.mask(3, "B", 6, 6, 3)
+    assert torch.equal(m[:, :, 1, 1], torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]]).repeat_interleave(2, 0)
+                       .repeat_interleave(2, 1).float())
+    assert torch.equal(ref.mask(1, "A", 2, 2, 1), torch.zeros(2, 2, 1, 1))
+    assert torch.equal(ref.mask(5, "B", 1, 1, 1)[0, 0], torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_masked_weights_are_ignored_and_get_zero_gradient(backend):
+    for k, groups, mask_type in [(3, 3, "A"), (5, 1, "B"), (1, 3, "B")]:
+        x, w, b = make(2, 3, 6, k, 5, 7)
+        m = ref.mask(k, mask_type, x.shape[1], 6, groups, dtype=w.dtype).bool()
+        garbage = torch.where(m, w, torch.tensor(float("nan"), dtype=w.dtype))
+        garbage[~m & (torch.rand(w.shape) < 0.5)] = float("inf")
+        clean = (w * m).requires_grad_(True)
+        garbage.requires_grad_(True)
+        fn = lambda wt: genkern.masked_conv2d(x, wt, b, mask_type=mask_type, color_groups=groups, backend=backend)
+        y_clean, y_garbage = fn(clean), fn(garbage)
+        assert torch.isfinite(y_garbage).all()
+        torch.testing.assert_close(y_garbage, y_clean, **TOL[torch.float64])
+        (gw,) = torch.autograd.grad(y_garbage.sum(), garbage)
+        assert torch.equal(gw[~m], torch.zeros_like(gw[~m]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_a_is_causal(backend):
+    # The output at pixel p of a mask-A layer (one colour group) does not move when x changes at or after p
+    # in raster order, and does move when its left (or upper) neighbour changes.
+    x, w, b = make(1, 2, 4, 5, 6, 7, seed=5)
+    y = genkern.masked_conv2d(x, w, b, mask_type="A", dilation=1, backend=backend)
+    for p in [(0, 0), (2, 3), (5, 6), (3, 0)]:
+        order = p[0] * 7 + p[1]
+        for q in range(order, 6 * 7, 5):  # positions at or after p
+            x2 = x.clone()
+            x2[0, :, q // 7, q % 7] += 10.0
+            y2 = genkern.masked_conv2d(x2, w, b, mask_type="A", backend=backend)
+            assert torch.equal(y2[0, :, p[0], p[1]], y[0, :, p[0], p[1]]), (p, q)
+        if order > 0:
+            x2 = x.clone()
+            x2[0, :, p[0] - (p[1] == 0), p[1] - (p[1] > 0)] += 10.0  # the pixel left of p, or above it
+            assert not torch.equal(genkern.masked_conv2d(x2, w, b, mask_type="A", backend=backend)[0, :, p[0], p[1]],
+                                   y[0, :, p[0], p[1]])
+    # With colour groups, channel group g at p does not see groups >= g of p itself (A), but sees < g.
+    x, w, b = make(1, 3, 3, 3, 4, 4, seed=6)
+    y = genkern.masked_conv2d(x, w, b, mask_type="A", color_groups=3, backend=backend)
+    for h in range(3):
+        x2 = x.clone()
+        x2[0, h, 2, 2] += 10.0
+        y2 = genkern.masked_conv2d(x2, w, b, mask_type="A", color_groups=3, backend=backend)
+        changed = [not torch.equal(y2[0, g, 2, 2], y[0, g, 2, 2]) for g in range(3)]
+        assert changed == [g > h for g in range(3)], (h, changed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_gradcheck_float64(backend):
+    for k, d, groups, mask_type in [(3, 1, 3, "A"), (3, 2, 1, "B")]:
+        inputs = make(1, 3, 3 * groups if groups > 1 else 2, k, 4, 5, seed=k, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda *a: genkern.masked_conv2d(*a, mask_type=mask_type, color_groups=groups, dilation=d, backend=backend),
+            inputs)
+
+
+@pytest.mark.parametrize("backend", genkern.backends("masked_conv"))
+def test_opcheck(backend):
+    x, w, b = make(2, 3, 6, 3, 5, 7, torch.float32, requires_grad=True)
+    gy = torch.randn(2, 6, 5, 7)
+    ops = torch.ops.genkern
+    samples = [
+        (ops.masked_conv2d, (x, w, b, "A", 3, 1, backend)),
+        (ops.masked_conv2d, (x.detach().transpose(2, 3).requires_grad_(True), w, None, "B", 1, 2, backend)),
+        (ops.masked_conv2d_grad_input, (gy, w.detach(), "B", 3, 1, backend)),
+        (ops.masked_conv2d_grad_weight, (gy.transpose(2, 3).contiguous().transpose(2, 3), x.detach(), 3, "A", 1, 2,
+                                         backend)),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def test_module():
+    torch.manual_seed(0)
+    layer = genkern.nn.MaskedConv2d(3, 6, 5, "A", color_groups=3)
+    conv = torch.nn.Conv2d(3, 6, 5)
+    assert layer.weight.shape == conv.weight.shape and layer.bias.shape == conv.bias.shape
+    bound = 1 / (3 * 25) ** 0.5
+    assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+    x = torch.randn(2, 3, 7, 7)
+    y = layer(x)
+    torch.testing.assert_close(y, ref.masked_conv2d(x, layer.weight, layer.bias, "A", 3), **TOL[torch.float32])
+    y.sum().backward()
+    masked = ~ref.mask(5, "A", 3, 6, 3).bool()
+    assert torch.equal(layer.weight.grad[masked], torch.zeros_like(layer.weight.grad[masked]))
+    assert genkern.nn.MaskedConv2d(4, 4, 3, "B", bias=False, dilation=2)(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
+    assert "mask_type='A'" in repr(layer)
+    with pytest.raises(ValueError, match="kernel_size"):
+        genkern.nn.MaskedConv2d(3, 6, 4, "A")
+    with pytest.raises(ValueError, match="color_groups"):
+        genkern.nn.MaskedConv2d(4, 6, 3, "B", color_groups=3)
+
+
+def test_backend_routing():
+    # Only cpu and reference have masked_conv kernels: automatic choice and a process-wide choice of
+    # another backend fall back to them; naming one explicitly is an error.
+    assert genkern.backends("masked_conv") == [b for b in ("cpu", "reference") if gk_backend.is_available(b)]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert gk_backend.resolve(None, cpu, torch.float32, family="masked_conv") == "cpu"
+    assert gk_backend.resolve(None, cpu, torch.float16, family="masked_conv") == "reference"
+    assert gk_backend.auto(cuda, torch.float32, family="masked_conv") == "reference"
+    assert not gk_backend.has_family("triton", "masked_conv") and not gk_backend.has_family("cuda", "masked_conv")
+    assert gk_backend.has_family("triton", "reparam") and gk_backend.has_family("triton", None)
+    x, w, b = make(1, 2, 2, 3, 4, 4, torch.float32)
+    with genkern.set_backend("reference"):
+        assert gk_backend.resolve(None, cpu, torch.float32, family="masked_conv") == "reference"
+    for other in ("cuda", "triton"):
+        if gk_backend.is_available(other):
+            with pytest.raises(ValueError, match="masked_conv"):
+                genkern.masked_conv2d(x, w, b, backend=other)
+
+
+def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
+    from genkern.ops import _backends
+
+    def no_kernels(*args):
+        raise AssertionError("a kernel was asked for despite bad input")
+
+    monkeypatch.setattr(_backends, "kernels", no_kernels)
+    x, w, b = make(2, 3, 6, 3, 5, 5, torch.float32)
+    mc = genkern.masked_conv2d
+    cases = [
+        (lambda: mc(x, torch.randn(6, 3, 4, 4)), ValueError, "odd"),
+        (lambda: mc(x, torch.randn(6, 3, 3, 5)), ValueError, "square"),
+        (lambda: mc(x, w, color_groups=2), ValueError, "color_groups"),
+        (lambda: mc(x, w, color_groups=0), ValueError, "color_groups"),
+        (lambda: mc(x, w, color_groups=1.5), TypeError, "color_groups"),
+        (lambda: mc(x[0], w), ValueError, "x"),
+        (lambda: mc(x, w[0]), ValueError, "weight"),
+        (lambda: mc(x, w[:, :2]), ValueError, "input channels"),
+        (lambda: mc(x.long(), w), TypeError, "x"),
+        (lambda: mc(x, w.double()), TypeError, "weight"),
+        (lambda: mc(x, w, b[:5]), ValueError, "bias"),
+        (lambda: mc(x, w, b.double()), TypeError, "bias"),
+        (lambda: mc(x, w, mask_type="C"), ValueError, "mask_type"),
+        (lambda: mc(x, w, dilation=0), ValueError, "dilation"),
+        (lambda: mc(x, w, backend="tpu"), ValueError, "backend"),
+        (lambda: mc(x.half(), w.half(), backend="cpu"), ValueError, "cpu"),
+        (lambda: mc([1.0], w), TypeError, "x"),
+        (lambda: mc(x, w.to("meta")), ValueError, "weight"),
+    ]
+    for fn, error, word in cases:
+        with pytest.raises(error, match=word):
+            fn()
+    # The ops themselves check what the kernels rely on, whoever calls them.
+    with pytest.raises(ValueError, match="odd"):
+        torch.ops.genkern.masked_conv2d(x, torch.randn(6, 3, 2, 2), None, "A", 1, 1, "cpu")
+    with pytest.raises(ValueError, match="color_groups"):
+        torch.ops.genkern.masked_conv2d_grad_input(torch.randn(2, 6, 5, 5), w, "A", 4, 1, "cpu")
+    with pytest.raises(ValueError, match="grad_y"):
+        torch.ops.genkern.masked_conv2d_grad_weight(torch.randn(2, 6, 4, 5), x, 3, "A", 1, 1, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_native_entry_points_check_shapes(backend):
+    from genkern import _native
+
+    x, w, _ = make(1, 2, 4, 3, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="y"):
+        _native.call("masked_conv_forward", x, w, None, torch.empty(1, 4, 4, 3), False, 1, 1)
+    with pytest.raises(ValueError, match="odd"):
+        _native.call("masked_conv_forward", x, torch.randn(4, 2, 2, 2), None, torch.empty(1, 4, 4, 4), False, 1, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        _native.call("masked_conv_grad_input", torch.randn(1, 4, 4, 4), w, torch.empty(1, 2, 4, 4).transpose(2, 3),
+                     False, 1, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_are_deterministic(backend):
+    # grad_weight sums in a fixed order (no atomics): repeated calls give the same bits.
+    x, w, b = make(4, 16, 16, 5, 9, 11, torch.float32, seed=9, requires_grad=True)
+    runs = [grads(lambda *a: genkern.masked_conv2d(*a, mask_type="B", backend=backend), x, w, b) for _ in range(3)]
+    for other in runs[1:]:
+        for g, e in zip(other, runs[0]):
+            assert torch.equal(g, e)
+
+
+def test_torch_compile_fullgraph():
+    layer = genkern.nn.MaskedConv2d(3, 6, 3, "B", color_groups=3)
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    compiled = torch.compile(lambda t: layer(t).square().sum(), fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out, x)
+    expected = layer(x).square().sum()
+    (ex,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(gx, ex)
