@@ -76,58 +76,39 @@ def _step_inputs(size, device, dtype):
     return torch.randn_like(sample), sample, t, t - 20
 
 
-def eager_ddpm_step(model_output, sample, t, prev_t):
+# The steps write into `prev` and `x0` when given (the _out cases; torch ops take out=None as "allocate").
+def eager_ddpm_step(model_output, sample, t, prev_t, prev=None, x0=None):
     ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
     alpha = ab_t / ab_prev
     beta_t, beta_prev, beta = 1 - ab_t, 1 - ab_prev, 1 - alpha
-    x0 = (sample - beta_t.sqrt() * model_output) / ab_t.sqrt()
+    x0 = torch.div(sample - beta_t.sqrt() * model_output, ab_t.sqrt(), out=x0)
     mean = (ab_prev.sqrt() * beta / beta_t) * x0 + (alpha.sqrt() * beta_prev / beta_t) * sample
     std = (beta_prev / beta_t * beta).clamp(min=1e-20).sqrt()
-    return mean + std * torch.randn_like(sample), x0
+    return torch.add(mean, std * torch.randn_like(sample), out=prev), x0
 
 
-def eager_ddim_step(model_output, sample, t, prev_t):
+def eager_ddim_step(model_output, sample, t, prev_t, prev=None, x0=None):
     ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
-    x0 = (sample - (1 - ab_t).sqrt() * model_output) / ab_t.sqrt()
-    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * model_output, x0
+    x0 = torch.div(sample - (1 - ab_t).sqrt() * model_output, ab_t.sqrt(), out=x0)
+    return torch.add(ab_prev.sqrt() * x0, (1 - ab_prev).sqrt() * model_output, out=prev), x0
 
 
-def genkern_ddpm_step(model_output, sample, t, prev_t, backend=None):
-    return genkern.ddpm_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, backend=backend)
+def _out(prev, x0):
+    return None if prev is None else (prev, x0)
 
 
-def genkern_ddim_step(model_output, sample, t, prev_t, backend=None):
-    return genkern.ddim_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, backend=backend)
+def genkern_ddpm_step(model_output, sample, t, prev_t, prev=None, x0=None, backend=None):
+    return genkern.ddpm_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=_out(prev, x0), backend=backend)
+
+
+def genkern_ddim_step(model_output, sample, t, prev_t, prev=None, x0=None, backend=None):
+    return genkern.ddim_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=_out(prev, x0), backend=backend)
 
 
 def _step_out_inputs(size, device, dtype):
     """_step_inputs plus preallocated (prev_sample, pred_original), as a sampling loop reuses its buffers."""
     model_output, sample, t, prev_t = _step_inputs(size, device, dtype)
     return model_output, sample, t, prev_t, torch.empty_like(sample), torch.empty_like(sample)
-
-
-def eager_ddpm_step_out(model_output, sample, t, prev_t, prev, x0):
-    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
-    alpha = ab_t / ab_prev
-    beta_t, beta_prev, beta = 1 - ab_t, 1 - ab_prev, 1 - alpha
-    torch.div(sample - beta_t.sqrt() * model_output, ab_t.sqrt(), out=x0)
-    mean = (ab_prev.sqrt() * beta / beta_t) * x0 + (alpha.sqrt() * beta_prev / beta_t) * sample
-    std = (beta_prev / beta_t * beta).clamp(min=1e-20).sqrt()
-    return torch.add(mean, std * torch.randn_like(sample), out=prev), x0
-
-
-def eager_ddim_step_out(model_output, sample, t, prev_t, prev, x0):
-    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
-    torch.div(sample - (1 - ab_t).sqrt() * model_output, ab_t.sqrt(), out=x0)
-    return torch.add(ab_prev.sqrt() * x0, (1 - ab_prev).sqrt() * model_output, out=prev), x0
-
-
-def genkern_ddpm_step_out(model_output, sample, t, prev_t, prev, x0, backend=None):
-    return genkern.ddpm_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=(prev, x0), backend=backend)
-
-
-def genkern_ddim_step_out(model_output, sample, t, prev_t, prev, x0, backend=None):
-    return genkern.ddim_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=(prev, x0), backend=backend)
 
 
 _LOOP_SHAPE = (1, 4, 64, 64)
@@ -199,13 +180,13 @@ CASES = (
         bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
     ),
     BenchCase(
-        name="ddpm_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddpm_step_out,
-        eager=eager_ddpm_step_out, shape=_shape,
+        name="ddpm_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddpm_step,
+        eager=eager_ddpm_step, shape=_shape,
         bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
     ),
     BenchCase(
-        name="ddim_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddim_step_out,
-        eager=eager_ddim_step_out, shape=_shape,
+        name="ddim_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddim_step,
+        eager=eager_ddim_step, shape=_shape,
         bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
     ),
     BenchCase(
