@@ -28,6 +28,7 @@ _FLOAT_DTYPES = {
 _FAMILY_BACKENDS = {
     "causal_conv1d": ("cpu", "reference"),
     "masked_conv": ("cpu", "reference"),
+    "pixelcnn_sampling": ("cpu", "reference"),
 }
 
 _process_backend: str | None = None

@@ -1,4 +1,6 @@
-"""Small reference models that exercise genkern's ops end to end (denoisers for the diffusion family)."""
+"""Models on genkern's ops: denoisers for the diffusion family, autoregressive image models."""
+from .gated_pixelcnn import GatedPixelCNN
+from .pixelcnn import PixelCNN
 from .unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["GatedPixelCNN", "PixelCNN", "UNet"]

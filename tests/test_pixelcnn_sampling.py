@@ -1,0 +1,183 @@
+"""The pixelcnn_sampling family: Gumbel-max draws on the genkern stream and the cached sampler's program
+runner, compiled (cpu) against the reference."""
+import math
+
+import pytest
+import torch
+
+import genkern
+from genkern.pixelcnn_sampling import Program, draw_base, gumbel_argmax
+from genkern.reference import pixelcnn_sampling as ref
+
+SAMPLER_BACKENDS = genkern.backends("pixelcnn_sampling")
+KERNELS = [b for b in SAMPLER_BACKENDS if b != "reference"]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("levels", [1, 2, 3, 7, 256])
+def test_gumbel_argmax_matches_the_reference(backend, dtype, levels):
+    g = torch.Generator().manual_seed(levels)
+    logits = torch.randn(300, levels, generator=g, dtype=dtype) * 3
+    base = torch.randint(0, 1 << 40, (300,), generator=g)
+    got = gumbel_argmax(logits, base, seed=11, offset=5, backend=backend)
+    want = ref.gumbel_argmax(logits, base, 11, 5)
+    # The kernel adds noise in float32 with a few-ulp log: a draw may differ only at a near-tie.
+    differ = got != want
+    assert differ.float().mean() <= 0.01
+    noise = ref.gumbel(base[:, None] + torch.arange(levels), 11, 5)
+    scores = logits.double() + noise
+    rows = differ.nonzero().flatten()
+    gap = (scores[rows, want[rows]] - scores[rows, got[rows]]).abs()
+    assert bool((gap < 1e-4).all())
+
+
+def test_gumbel_argmax_empty_and_single_level():
+    assert gumbel_argmax(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), seed=1).shape == (0,)
+    assert gumbel_argmax(torch.zeros(5, 1), torch.arange(5), seed=1).tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("backend", SAMPLER_BACKENDS)
+def test_gumbel_argmax_draws_follow_the_softmax(backend):
+    """Chi-square goodness of fit of 40000 draws from 5 levels (rows at disjoint stream elements). The
+    threshold is the 0.999999 quantile of chi2 with 4 degrees of freedom: a false failure once in 10^6."""
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
+    n = 40000
+    draws = gumbel_argmax(logits.expand(n, 5).contiguous(), torch.arange(n) * 5, seed=3, backend=backend)
+    counts = torch.bincount(draws, minlength=5).double()
+    expected = torch.softmax(logits.double(), 0) * n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 33.4
+
+
+def test_gumbel_argmax_depends_on_seed_offset_and_base():
+    logits = torch.zeros(2000, 8)
+    base = torch.arange(2000) * 8
+    a = gumbel_argmax(logits, base, seed=1)
+    assert torch.equal(a, gumbel_argmax(logits, base, seed=1))
+    assert not torch.equal(a, gumbel_argmax(logits, base, seed=2))
+    assert not torch.equal(a, gumbel_argmax(logits, base, seed=1, offset=1))
+    assert not torch.equal(a, gumbel_argmax(logits, base + 8, seed=1))
+    # a row's draw depends on its own base only
+    assert torch.equal(a[100:200], gumbel_argmax(logits[100:200], base[100:200], seed=1))
+
+
+def test_gumbel_argmax_is_an_op():
+    logits, base = torch.randn(7, 5), torch.arange(7) * 5
+    for backend in SAMPLER_BACKENDS:
+        torch.library.opcheck(torch.ops.genkern.gumbel_argmax.default, (logits, base, 3, 0, backend))
+
+
+@pytest.mark.parametrize("logits, base, kwargs, error, match", [
+    (torch.zeros(3), torch.zeros(3, dtype=torch.int64), {}, ValueError, "logits must have shape"),
+    (torch.zeros(3, 0), torch.zeros(3, dtype=torch.int64), {}, ValueError, "logits must have shape"),
+    (torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), {}, TypeError, "logits"),
+    (torch.zeros(3, 2), torch.zeros(3), {}, TypeError, "base must be an int64"),
+    (torch.zeros(3, 2), torch.zeros(4, dtype=torch.int64), {}, ValueError, "base must have shape"),
+    (torch.zeros(3, 2), -torch.ones(3, dtype=torch.int64), {}, ValueError, "base must be non-negative"),
+    (torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), {"seed": -1}, ValueError, "seed"),
+    (torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), {"backend": "cuda"}, ValueError, "backend"),
+])
+def test_gumbel_argmax_bad_arguments(logits, base, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gumbel_argmax(logits, base, **{"seed": 0, **kwargs})
+
+
+def test_draw_base_keys_sample_position_and_level():
+    base = draw_base(5, 3, dims=10, position=4, levels=7, device="cpu")
+    assert base.tolist() == [(s * 10 + 4) * 7 for s in (5, 6, 7)]
+
+
+# -------------------------------------------------------------------------------------------------------
+# The program runner: a hand-written program against the reference, and the contract checks.
+# -------------------------------------------------------------------------------------------------------
+def small_program(batch, colors=2, levels=3, hidden=6, seed=0):
+    """Row node (vertical conv + gate) feeding pixel nodes (masked conv, link, gate, residual), head."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.5  # noqa: E731
+    p = Program(colors)
+    v_pre, v = p.cache(2 * hidden), p.cache(hidden)
+    p.conv(0, v_pre, rnd(2 * hidden, colors, 2, 3), anchor=(2, 1), bias=rnd(2 * hidden), row_level=True)
+    p.gate(v_pre, v, row_level=True)
+    h = p.cache(2 * hidden)
+    keep = torch.ones(2 * hidden, colors, 2, 3)
+    keep[:, :, 1, 1:] = 0  # the current pixel and the right of it: never seen
+    p.conv(0, h, rnd(2 * hidden, colors, 2, 3), keep, anchor=(1, 1), bias=rnd(2 * hidden),
+           cond=rnd(batch, 2 * hidden))
+    p.conv(v, h, rnd(2 * hidden, hidden, 1, 1), accumulate=True)
+    gated = p.cache(hidden)
+    p.gate(h, gated)
+    res = p.cache(hidden)
+    p.conv(gated, res, rnd(hidden, hidden, 1, 1), residual=gated, relu_input=True)
+    p.logits = p.cache(colors * levels)
+    p.conv(res, p.logits, rnd(colors * levels, hidden, 1, 1) * 4, bias=rnd(colors * levels))
+    return p
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("batch", [1, 5, 9])
+def test_program_runner_matches_the_reference(backend, batch):
+    levels = 3
+    p = small_program(batch, levels=levels)
+    kwargs = dict(levels=levels, scale=0.7, shift=-0.3, seed=4, offset=2, first_sample=3)
+    got = p.run(torch.zeros(batch, 2, 4, 5, dtype=torch.int64), backend=backend, **kwargs)
+    want = p.run(torch.zeros(batch, 2, 4, 5, dtype=torch.int64), backend="reference", **kwargs)
+    assert torch.equal(got, want)
+    assert got.unique().numel() == levels  # the test is not trivial
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_program_runner_empty_batch(backend):
+    p = small_program(0)
+    out = p.run(torch.zeros(0, 2, 4, 5, dtype=torch.int64), levels=3, scale=1.0, shift=0.0, seed=0, offset=0,
+                first_sample=0, backend=backend)
+    assert out.shape == (0, 2, 4, 5)
+
+
+def run_raw(nodes, caches=None, out=None, logits=2, levels=2):
+    out = torch.zeros(2, 1, 3, 3, dtype=torch.int64) if out is None else out
+    caches = caches or [torch.zeros(2, 3, 3, 1), torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 2)]
+    genkern._native._C.pixelcnn_sampling_sample([genkern._native.array(c) for c in caches],
+                                                [tuple(genkern._native.array(v) if isinstance(v, torch.Tensor) else v
+                                                       for v in n) for n in nodes],
+                                                genkern._native.array(out), logits, levels, 1.0, 0.0, 0, 0, 0)
+
+
+def conv_node(src, dst, c_in, c_out, dy=(-1,), dx=(0,), row=False, accumulate=False, residual=-1):
+    return (0, row, src, dst, residual, False, accumulate, list(dy), list(dx), torch.zeros(len(dy), c_in, c_out),
+            None, None)
+
+
+@pytest.mark.skipif("cpu" not in KERNELS, reason="the compiled runner's own checks")
+@pytest.mark.parametrize("nodes, match", [
+    ([conv_node(0, 1, 1, 4), conv_node(1, 2, 4, 2, dy=(0,), dx=(1,))], "not computed yet"),
+    ([conv_node(0, 1, 1, 4, dy=(0,), dx=(0,), row=True)], "not computed yet"),
+    ([conv_node(1, 2, 4, 2)], "reads a cache no earlier node writes"),
+    ([conv_node(0, 1, 1, 4, accumulate=True)], "cannot accumulate"),
+    ([conv_node(0, 1, 1, 3)], "weight must have shape"),
+    ([conv_node(0, 5, 1, 4)], "cache index out of range"),
+    ([conv_node(0, 0, 1, 1)], "cache index out of range"),
+    ([conv_node(0, 1, 1, 4, dy=(), dx=())], "same taps"),
+    ([(1, False, 1, 2, -1, False, False, [], [], None, None, None)], "reads a cache no earlier node writes"),
+    ([conv_node(0, 1, 1, 4), (1, False, 1, 2, -1, False, False, [], [], None, None, None)], None),
+    ([conv_node(0, 1, 1, 4), conv_node(1, 2, 4, 2, row=True), conv_node(1, 2, 4, 2)], "both row and pixel"),
+])
+def test_program_contract_is_checked(nodes, match):
+    if match is None:  # a valid program: a gate halving 4 channels into the 2 logits
+        run_raw(nodes)
+        return
+    with pytest.raises(ValueError, match=match):
+        run_raw(nodes)
+
+
+@pytest.mark.skipif("cpu" not in KERNELS, reason="the compiled runner's own checks")
+def test_program_arrays_are_checked():
+    nodes = [conv_node(0, 1, 1, 4), conv_node(1, 2, 4, 2)]
+    with pytest.raises(ValueError, match=r"caches\[1\] must have shape"):
+        run_raw(nodes, caches=[torch.zeros(2, 3, 3, 1), torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 3, 2)])
+    with pytest.raises(ValueError, match="input, must have"):
+        run_raw(nodes, out=torch.zeros(2, 2, 3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="logits must name"):
+        run_raw(nodes, levels=3)
+    with pytest.raises(TypeError, match="out"):
+        run_raw(nodes, out=torch.zeros(2, 1, 3, 3))
