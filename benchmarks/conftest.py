@@ -68,8 +68,13 @@ def run_case(benchmark):
         nbytes = case.bytes_moved(size, DTYPE)
         benchmark.extra_info.update(
             {"shape": list(case.shape(size)), "bytes": nbytes, "impl": impl, "pass": bench.PASS})
+        if case.items is not None:
+            benchmark.extra_info.update({"items": case.items(size), "item_unit": case.item_unit})
+        if impl == "eager" and case.eager_scale is not None:
+            # the eager baseline ran a fraction of its loop: its full time is this many times the measured one
+            benchmark.extra_info["extrapolated_by"] = case.eager_scale(size)
         benchmark(call)
-        if benchmark.stats:  # None under --benchmark-disable, where the call runs once untimed
+        if benchmark.stats and nbytes:  # no stats under --benchmark-disable (one untimed call)
             benchmark.extra_info["gbps"] = bench.gbps(nbytes, benchmark.stats.stats.median * 1e3)
 
     return run

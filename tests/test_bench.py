@@ -9,6 +9,7 @@ import torch
 import genkern
 from genkern import bench
 from genkern.bench_cases import CASES
+from genkern.bench_cases import pixelcnn_sampling as sampling_cases
 from genkern.cli import main
 from genkern.reference import reparam as ref
 
@@ -70,7 +71,35 @@ def test_sizes():
     assert bench.matrix_shape(1 << 20) == (1024, 1024) and bench.matrix_shape(16 << 20) == (4096, 4096)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_sampling_case_reports_images_per_second(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(["bench", "--device", "cpu", "--ops", "pixelcnn_sample_b1", "--repeats", "1", "--output", out,
+                 "--quiet"]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"eager", "genkern:cpu"} == rows.keys()  # no torch.compile of a Python sampling loop
+    naive, cached = rows["eager"], rows["genkern:cpu"]
+    assert naive["extrapolated_by"] == sampling_cases.DIMS / sampling_cases.NAIVE_STEPS
+    assert naive["time_ms"] == pytest.approx(naive["measured_ms"] * naive["extrapolated_by"])
+    for row in (naive, cached):
+        assert row["items"] == 1 and row["item_unit"] == "img" and row["gbps"] is None
+        assert row["items_per_s"] == pytest.approx(1e3 / row["time_ms"])
+    assert cached["speedup_vs_eager"] == pytest.approx(naive["time_ms"] / cached["time_ms"])
+    printed = capsys.readouterr().out
+    assert "img/s" in printed and "* extrapolated" in printed
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.family == "pixelcnn_sampling" and c.items(0) <= 4],
+                         ids=lambda c: c.name)
+def test_sampling_cases_draw_the_same_pixels(case):
+    """Naive (eager, extrapolated) and cached sampling draw the same first pixels from the same stream."""
+    model, x = case.make_inputs(SMALL, torch.device("cpu"), torch.float32)
+    ours = case.genkern(model, x.clone(), backend="cpu")
+    eager = case.eager(model, x.clone())
+    steps = sampling_cases.NAIVE_STEPS
+    assert torch.equal(ours[:, 0, 0, :steps], eager[:, 0, 0, :steps])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.family != "pixelcnn_sampling"], ids=lambda c: c.name)
 def test_cases_agree_with_reference(case):
     """Each case's genkern call and eager baseline compute the same thing, so the benchmark compares like
     with like. Random ops draw different noise, so only their deterministic parts are compared."""

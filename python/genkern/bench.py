@@ -48,6 +48,13 @@ class BenchCase:
     default: whether a plain `genkern bench` (no --ops) includes the case.
     compile: whether torch.compile of `eager` is timed too (not for baselines that are whole Python loops
         over another library's objects, which it does not capture).
+    items(size) -> how many things one call produces (images for a sampler), for a throughput column;
+        item_unit names them ("img").
+    eager_scale(size): the eager baseline is a long loop of identical steps (naive autoregressive sampling
+        runs the network once per dimension) of which `eager` runs only a fraction; its time is multiplied
+        by this factor (whole work / measured work) and the row is marked extrapolated.
+    max_repeats caps the timed runs (and cuts warmup to one call) for cases that take seconds per call.
+    A case with bytes_moved 0 is not memory-bound: it gets no bandwidth figures.
     """
 
     name: str
@@ -59,6 +66,10 @@ class BenchCase:
     bytes_moved: Callable[[int, torch.dtype], int]
     default: bool = True
     compile: bool = True
+    items: Callable[[int], int] | None = None
+    item_unit: str = ""
+    eager_scale: Callable[[int], float] | None = None
+    max_repeats: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,24 +270,32 @@ class Config:
     command: Sequence[str] = ()
 
 
-def _measure(label: str, fn: Callable, args: tuple, device: torch.device, repeats: int) -> dict:
+def _measure(case: BenchCase, size: int, label: str, fn: Callable, args: tuple, device: torch.device,
+             repeats: int) -> dict:
     """{time_ms} of one implementation, plus compile_s for torch.compile (its first call, compilation
     included), or {error} when it fails: one broken implementation must not end the whole run."""
     result: dict[str, Any] = {}
+    warmup = WARMUP
+    if case.max_repeats is not None:
+        repeats, warmup = min(repeats, case.max_repeats), 1
     try:
         if label == "compile":
             start = time.perf_counter()
             fn(*args)
             _sync(device)
             result["compile_s"] = round(time.perf_counter() - start, 3)
-        result["time_ms"] = median_ms(lambda: fn(*args), device, repeats)
+        result["time_ms"] = median_ms(lambda: fn(*args), device, repeats, warmup)
+        if label == "eager" and case.eager_scale is not None:
+            scale = case.eager_scale(size)
+            result["measured_ms"], result["extrapolated_by"] = result["time_ms"], scale
+            result["time_ms"] *= scale
     except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, the run goes on
         result = {"error": f"{type(exc).__name__}: {exc}".strip()}
     return result
 
 
 def _row(case: BenchCase, size: int, dtype: torch.dtype, label: str, measured: dict) -> dict:
-    return {
+    row = {
         "op": case.name,
         "family": case.family,
         "size": size,
@@ -287,6 +306,11 @@ def _row(case: BenchCase, size: int, dtype: torch.dtype, label: str, measured: d
         "time_ms": measured.get("time_ms"),
         **{k: v for k, v in measured.items() if k != "time_ms"},
     }
+    if case.items is not None:
+        row["items"], row["item_unit"] = case.items(size), case.item_unit
+        ms = measured.get("time_ms")
+        row["items_per_s"] = row["items"] / (ms * 1e-3) if ms else None
+    return row
 
 
 def _add_ratios(rows: list[dict], copy_gbps: float) -> None:
@@ -296,8 +320,9 @@ def _add_ratios(rows: list[dict], copy_gbps: float) -> None:
         ms = row["time_ms"]
         row["speedup_vs_eager"] = _ratio(same.get("eager"), ms)
         row["speedup_vs_compile"] = _ratio(same.get("compile"), ms)
-        row["gbps"] = gbps(row["bytes"], ms) if ms else None
-        row["pct_copy_bandwidth"] = 100.0 * row["gbps"] / copy_gbps if ms else None
+        bandwidth = ms and row["bytes"]
+        row["gbps"] = gbps(row["bytes"], ms) if bandwidth else None
+        row["pct_copy_bandwidth"] = 100.0 * row["gbps"] / copy_gbps if bandwidth else None
 
 
 def _ratio(baseline_ms: float | None, ms: float | None) -> float | None:
@@ -321,7 +346,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
             for label, fn in implementations(case, config.backends, config.use_compile):
                 step += 1
                 say(f"[{step}/{total}] {case.name} {format_size(size)} {label}")
-                measured = _measure(label, fn, args, config.device, config.repeats)
+                measured = _measure(case, size, label, fn, args, config.device, config.repeats)
                 rows.append(_row(case, size, config.dtype, label, measured))
             del args  # free the inputs before the next case allocates its own
     _add_ratios(rows, copy_gbps)
@@ -374,13 +399,18 @@ def default_output_path(slug: str) -> Path:
 def _cells(row: dict) -> list[str]:
     size = format_size(row["size"])
     if row.get("error"):
-        return [row["op"], size, row["impl"], f"failed: {_short(row['error'])}", "", "", "", ""]
+        return [row["op"], size, row["impl"], f"failed: {_short(row['error'])}", "", "", "", "", ""]
 
     def x(v):
         return f"{v:.2f}x" if v is not None else "-"
 
-    return [row["op"], size, row["impl"], f"{row['time_ms']:.3f}", x(row["speedup_vs_eager"]),
-            x(row["speedup_vs_compile"]), f"{row['gbps']:.2f}", f"{row['pct_copy_bandwidth']:.0f}%"]
+    def maybe(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    time_ms = f"{row['time_ms']:.3f}" + ("*" if row.get("extrapolated_by") else "")
+    rate = f"{row['items_per_s']:.3g} {row['item_unit']}/s" if row.get("items_per_s") else "-"
+    return [row["op"], size, row["impl"], time_ms, x(row["speedup_vs_eager"]), x(row["speedup_vs_compile"]),
+            maybe(row["gbps"], ".2f"), maybe(row["pct_copy_bandwidth"], ".0f") + ("%" if row["gbps"] else ""), rate]
 
 
 def _short(error: str, limit: int = 60) -> str:
@@ -389,7 +419,7 @@ def _short(error: str, limit: int = 60) -> str:
 
 
 def format_table(report: dict) -> str:
-    header = ["op", "size", "impl", "time (ms)", "vs eager", "vs compile", "GB/s", "% copy"]
+    header = ["op", "size", "impl", "time (ms)", "vs eager", "vs compile", "GB/s", "% copy", "rate"]
     body = [_cells(r) for r in report["rows"]]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     left = {0, 1, 2}  # text columns; numbers are right-aligned
@@ -413,7 +443,11 @@ def format_table(report: dict) -> str:
             lines.append("")
         previous = (row["op"], row["size"])
         lines.append(fmt(cells))
-    return "\n".join(lines + _compile_times(report["rows"]))
+    notes = []
+    if any(r.get("extrapolated_by") for r in report["rows"]):
+        notes = ["", "* extrapolated: a fraction of a long loop of identical steps was timed and scaled "
+                     "(see the row's measured_ms and extrapolated_by in the JSON)"]
+    return "\n".join(lines + notes + _compile_times(report["rows"]))
 
 
 def _compile_times(rows: list[dict]) -> list[str]:
