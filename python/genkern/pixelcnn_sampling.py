@@ -71,7 +71,7 @@ class Program:
              row_level: bool = False) -> None:
         weight = weight.detach().to(torch.float32)
         if keep is not None:
-            weight = weight * keep.to(weight)
+            weight = torch.where(keep.to(weight.device) != 0, weight, 0.0)  # masked entries may hold anything
             used = keep.flatten(0, 1).ne(0).any(0)
         else:
             used = torch.ones(weight.shape[2:], dtype=torch.bool)
