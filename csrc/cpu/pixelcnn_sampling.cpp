@@ -14,9 +14,11 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include "../common/categorical.h"
 #include "parallel.h"
+#include "philox_blocks.h"
 
 namespace gk {
 namespace pixelcnn_sampling {
@@ -126,6 +128,9 @@ class SliceSampler {
     }
     rows_ = allocate(kSampleBlock * rows);
     result_ = allocate(kSampleBlock * padded);
+    const int64_t blocks = a.levels / 4 + 2;  // a draw's levels span at most this many Philox blocks
+    for (auto& w : words_) w.assign(blocks, 0u);
+    noise_.assign(4 * blocks, 0.0f);
   }
 
   void run() {
@@ -203,10 +208,36 @@ class SliceSampler {
     for (int64_t b = first_; b < last_; ++b) {
       const float* logits = g_.at(a_.caches[a_.logits], a_.colors * a_.levels, b, i, j) + c * a_.levels;
       const uint64_t base = (static_cast<uint64_t>(a_.first_sample + b) * dims + position) * a_.levels;
-      const int64_t level = categorical::gumbel_argmax(logits, 1, a_.levels, a_.seed, a_.offset, base);
+      const int64_t level = gumbel_argmax_row(logits, base);
       a_.out[((b * a_.colors + c) * a_.height + i) * a_.width + j] = level;
       g_.at(a_.caches[0], a_.colors, b, i, j)[c] = a_.scale * static_cast<float>(level) + a_.shift;
     }
+  }
+
+  // categorical::gumbel_argmax with the noise of the whole row made at once: the Philox blocks by the
+  // vectorised generator, the Gumbel transform in a simd loop (the same values, element by element).
+  int64_t gumbel_argmax_row(const float* logits, uint64_t base) {
+    const uint64_t first_block = base >> 2;
+    const int64_t blocks = static_cast<int64_t>(((base + a_.levels + 3) >> 2) - first_block);
+    cpu::philox_blocks(a_.seed, a_.offset, first_block, blocks, words_[0].data(), words_[1].data(), words_[2].data(),
+                  words_[3].data());
+    float* noise = noise_.data();
+    for (int lane = 0; lane < 4; ++lane) {
+      const uint32_t* w = words_[lane].data();
+#pragma omp simd
+      for (int64_t k = 0; k < blocks; ++k) noise[4 * k + lane] = categorical::gumbel(w[k]);
+    }
+    noise += base & 3u;
+    int64_t best = 0;
+    float best_score = logits[0] + noise[0];
+    for (int64_t k = 1; k < a_.levels; ++k) {
+      const float score = logits[k] + noise[k];
+      if (score > best_score) {
+        best = k;
+        best_score = score;
+      }
+    }
+    return best;
   }
 
   const SampleArgs& a_;
@@ -214,6 +245,8 @@ class SliceSampler {
   Geometry g_;
   int64_t first_, last_;
   Buffer rows_, result_;
+  std::vector<uint32_t> words_[4];  // Philox words of a draw's blocks
+  std::vector<float> noise_;
 };
 
 }  // namespace
