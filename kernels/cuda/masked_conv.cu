@@ -40,6 +40,35 @@ constexpr int kThreads = 256;
 __device__ __forceinline__ float mad(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double mad(double a, double b, double c) { return fma(a, b, c); }
 
+// N consecutive elements of shared memory in 16-byte loads (one 8-byte load for two floats); p must be
+// aligned to the smaller of 16 bytes and N elements.
+template <typename C>
+struct alignas(16) Shared16 {
+  C v[16 / sizeof(C)];
+};
+template <typename C>
+struct alignas(8) Shared8 {
+  C v[8 / sizeof(C)];
+};
+template <int N, typename C>
+__device__ __forceinline__ void load_shared(const C* p, C (&out)[N]) {
+  constexpr int bytes = N * sizeof(C);
+  static_assert(bytes == 8 || bytes % 16 == 0, "8 bytes or whole 16-byte words");
+  if constexpr (bytes == 8) {
+    const Shared8<C> w = *reinterpret_cast<const Shared8<C>*>(p);
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = w.v[e];
+  } else {
+    constexpr int per = 16 / sizeof(C);
+#pragma unroll
+    for (int i = 0; i < N / per; ++i) {
+      const Shared16<C> w = reinterpret_cast<const Shared16<C>*>(p)[i];
+#pragma unroll
+      for (int e = 0; e < per; ++e) out[i * per + e] = w.v[e];
+    }
+  }
+}
+
 // Taps visited, in raster order: every tap a mask keeps is one of the first c * k + c + 1 (rows above the
 // centre, then the centre row up to the centre), tap t being (t / k, t % k). The centre is visited for
 // mask B, and for mask A too when colour groups let later groups see earlier ones there.
@@ -105,6 +134,9 @@ __global__ void __launch_bounds__(kThreads, 2) direct_tiled_kernel(Direct<S> a) 
   const int weight_count = taps * a.stage * kBlockOut;
   const int plane = a.halo_h * a.halo_w;
   const int halo_count = a.stage * plane;
+  // kThreads elements on in the halo: step_q planes, step_y rows (< halo_h) and step_x columns (< halo_w).
+  const int step_x = kThreads % a.halo_w, step_y = kThreads / a.halo_w % a.halo_h, step_q = kThreads / plane;
+  const int first_x = tid % a.halo_w, first_y = tid / a.halo_w % a.halo_h, first_q = tid / plane;
   const int64_t hw = a.height * a.width;
   for (int64_t b = blockIdx.z; b < a.images; b += gridDim.z)
     for (int64_t i0 = blockIdx.y * int64_t(kTileH); i0 < a.height; i0 += gridDim.y * int64_t(kTileH))
@@ -125,13 +157,19 @@ __global__ void __launch_bounds__(kThreads, 2) direct_tiled_kernel(Direct<S> a) 
             const int o = e % kBlockOut, q = e / kBlockOut % a.stage, t = e / (kBlockOut * a.stage);
             w_s[e] = masked_weight<Transposed>(a, o0 + o, q0 + q, t / k, t % k);
           }
+          // Element e = (q * halo_h + y) * halo_w + x, its coordinates stepped along with e (no divisions).
+          int x_h = first_x, y_h = first_y, q = first_q;
           for (int e = tid; e < halo_count; e += kThreads) {
-            const int x_h = e % a.halo_w, y_h = e / a.halo_w % a.halo_h, q = e / plane;
             const int64_t gi = top + y_h, gj = left + x_h;
             C v = C(0);
             if (q0 + q < a.inputs && gi >= 0 && gi < a.height && gj >= 0 && gj < a.width)
               v = load(in_b, (q0 + q) * hw + gi * a.width + gj);
             in_s[e] = v;
+            x_h += step_x;
+            y_h += step_y;
+            q += step_q;
+            if (x_h >= a.halo_w) x_h -= a.halo_w, ++y_h;
+            if (y_h >= a.halo_h) y_h -= a.halo_h, ++q;
           }
           __syncthreads();
           for (int t = 0; t < taps; ++t) {
@@ -143,8 +181,7 @@ __global__ void __launch_bounds__(kThreads, 2) direct_tiled_kernel(Direct<S> a) 
 #pragma unroll 1
             for (int q = 0; q < a.stage; ++q) {
               C wv[Oct], xv[kRows];
-#pragma unroll
-              for (int o = 0; o < Oct; ++o) wv[o] = wt[q * kBlockOut + o];
+              load_shared(wt + q * kBlockOut, wv);  // the warp's weights: a broadcast
 #pragma unroll
               for (int r = 0; r < kRows; ++r) xv[r] = xt[q * plane + r * a.halo_w];
 #pragma unroll
@@ -245,11 +282,12 @@ void launch_direct(Direct<S> a, cudaStream_t stream, const char* what) {
     kernel<<<grid, kThreads, shared, stream>>>(a);
     gpu::check_launch(what);
   };
-  // Few output channels (a last layer to RGB logits, say) would leave most of a 32-channel block idle.
+  // Few output channels (a last layer to RGB logits, say) would leave most of a 32-channel block idle;
+  // float64 accumulators take two registers each, so there a thread keeps 4 channels, not 8.
   if (a.outputs <= 2 * kOutGroups)
     run(std::integral_constant<int, 2>{});
   else
-    run(std::integral_constant<int, 8>{});
+    run(std::integral_constant<int, sizeof(C) == 8 ? 4 : 8>{});
 }
 
 // The kernels index channels, taps and groups in 32 bits.
@@ -310,11 +348,13 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGrad<S> a) 
   using C = compute_t<S>;
   static_assert(kThreads == kGemmK * (kGemmM / kGemmSub) && kThreads == (kGemmM / kGemmSub) * (kGemmN / kGemmSub),
                 "one element of each tile per thread and step");
-  // Rows padded by one: the loads write along the pixel axis, 16 rows apart.
-  __shared__ C gy_s[kGemmK][kGemmM + 1];
-  __shared__ C x_s[kGemmK][kGemmN + 1];
+  // Rows padded by 4 elements: the loads write along the pixel axis, 16 rows apart (at most 2-way bank
+  // conflicts), and each row stays 16-byte aligned for the compute loop's vector loads.
+  __shared__ __align__(16) C gy_s[kGemmK][kGemmM + 4];
+  __shared__ __align__(16) C x_s[kGemmK][kGemmN + 4];
   const int tid = threadIdx.x;
-  const int tm = tid / (kGemmN / kGemmSub), tn = tid % (kGemmN / kGemmSub);  // outputs (tm + 16 r, tn + 16 s)
+  // This thread's outputs: 4 consecutive rows from 4 * tm times 4 consecutive columns from 4 * tn.
+  const int tm = tid / (kGemmN / kGemmSub), tn = tid % (kGemmN / kGemmSub);
   const int lk = tid % kGemmK, lrow = tid / kGemmK;  // loads: pixel lk of the step, rows lrow + 16 r
   constexpr int kStride = kGemmM / kGemmSub;
   const int64_t hw = a.height * a.width, c = a.kernel_size / 2;
@@ -366,10 +406,8 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGrad<S> a) 
 #pragma unroll 4
       for (int kk = 0; kk < kGemmK; ++kk) {
         C gv[kGemmSub], xv[kGemmSub];
-#pragma unroll
-        for (int r = 0; r < kGemmSub; ++r) gv[r] = gy_s[kk][tm + kStride * r];
-#pragma unroll
-        for (int s = 0; s < kGemmSub; ++s) xv[s] = x_s[kk][tn + kStride * s];
+        load_shared(&gy_s[kk][tm * kGemmSub], gv);
+        load_shared(&x_s[kk][tn * kGemmSub], xv);
 #pragma unroll
         for (int r = 0; r < kGemmSub; ++r)
 #pragma unroll
@@ -380,12 +418,12 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGrad<S> a) 
     }
 #pragma unroll
     for (int r = 0; r < kGemmSub; ++r) {
-      const int64_t m = m0 + tm + kStride * r;
+      const int64_t m = m0 + tm * kGemmSub + r;
       if (m >= a.out_channels) continue;
       C* row = a.partial + (chunk * a.out_channels + m) * a.columns;
 #pragma unroll
       for (int s = 0; s < kGemmSub; ++s) {
-        const int64_t n = n0 + tn + kStride * s;
+        const int64_t n = n0 + tn * kGemmSub + s;
         if (n < a.columns) row[n] = acc[r][s];
       }
     }
