@@ -94,9 +94,8 @@ struct Direct {
   int in_channels, out_channels, groups;  // the convolution's, for the mask
   int kernel_size, taps;
   bool mask_b;
-  // The tiled kernel only: input channels per stage, halo extent, tiles along a row times output blocks.
+  // The tiled kernel only: input channels per stage, halo extent, tiles along a row, output blocks.
   int stage, halo_h, halo_w, tiles_w, out_blocks;
-  int64_t tiles_h;
 };
 
 // W(o, q) at tap (ky, kx), zero where the mask drops it (or o, q lie beyond the channels): never read then.
@@ -111,7 +110,7 @@ __device__ __forceinline__ compute_t<S> masked_weight(const Direct<S>& a, int o,
 
 constexpr int kTileW = 32;                     // a warp's lanes: one column each
 constexpr int kRows = 4;                       // rows per thread
-constexpr int kTileH = 2 * kRows;              // two warps per row band
+constexpr int kTileH = 2 * kRows;              // two warps of kRows rows each
 constexpr int kOutGroups = kThreads / (kTileW * kTileH / kRows);  // 4 groups of Oct output channels
 constexpr int kMaxStage = 8;                   // input channels per shared-memory stage, at most
 constexpr size_t kDefaultSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in
@@ -271,13 +270,12 @@ void launch_direct(Direct<S> a, cudaStream_t stream, const char* what) {
     a.halo_w = static_cast<int>(kTileW + 2 * pad);
     a.tiles_w = static_cast<int>(tiles_w);
     a.out_blocks = static_cast<int>(out_blocks);
-    a.tiles_h = ceil_div(a.height, kTileH);
     const size_t shared = static_cast<size_t>(bytes(stage));
     auto kernel = direct_tiled_kernel<S, Oct, Transposed>;
     if (shared > kDefaultSharedBytes)
       gpu::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
                       what);
-    const dim3 grid(grid_dim(tiles_w * out_blocks, INT32_MAX), grid_dim(a.tiles_h, kMaxGridYZ),
+    const dim3 grid(grid_dim(tiles_w * out_blocks, INT32_MAX), grid_dim(ceil_div(a.height, kTileH), kMaxGridYZ),
                     grid_dim(a.images, kMaxGridYZ));
     kernel<<<grid, kThreads, shared, stream>>>(a);
     gpu::check_launch(what);
