@@ -45,7 +45,7 @@ void forward(const Array& x, const Array& weight, const OptArray& bias, const Ar
   if (y.numel() == 0) return;
   prepare_output(y);
   run_on_device(x, ForwardArgs{x.raw(), weight.raw(), data_or_null(bias), y.raw(), s, x.dtype}, stream, forward_cpu,
-                nullptr);
+                GK_CUDA(forward_cuda));
 }
 
 void grad_input(const Array& grad_y, const Array& weight, const Array& grad_x, bool mask_b, int64_t groups,
@@ -56,7 +56,7 @@ void grad_input(const Array& grad_y, const Array& weight, const Array& grad_x, b
   if (grad_x.numel() == 0) return;
   prepare_output(grad_x);
   run_on_device(grad_x, GradInputArgs{grad_y.raw(), weight.raw(), grad_x.raw(), s, grad_x.dtype}, stream,
-                grad_input_cpu, nullptr);
+                grad_input_cpu, GK_CUDA(grad_input_cuda));
 }
 
 void grad_weight(const Array& grad_y, const Array& x, const Array& grad_weight_out, const OptArray& grad_bias,
@@ -67,12 +67,11 @@ void grad_weight(const Array& grad_y, const Array& x, const Array& grad_weight_o
   if (grad_bias) check_numel(*grad_bias, s.out_channels, "grad_bias");
   // No early return on an empty batch: the gradients are then zeros, and the kernel writes them.
   run_on_device(x, GradWeightArgs{grad_y.raw(), x.raw(), grad_weight_out.raw(), data_or_null(grad_bias), s, x.dtype},
-                stream, grad_weight_cpu, nullptr);
+                stream, grad_weight_cpu, GK_CUDA(grad_weight_cuda));
 }
 
 }  // namespace
 
-// CPU kernels only so far: on a CUDA array run_on_device raises rather than launch anything.
 void bind_masked_conv(py::module_& m) {
   using py::arg;
   m.def("masked_conv_forward", &forward, arg("x"), arg("weight"), arg("bias"), arg("y"), arg("mask_b"),

@@ -47,5 +47,11 @@ void forward_cpu(const ForwardArgs& a);
 void grad_input_cpu(const GradInputArgs& a);
 void grad_weight_cpu(const GradWeightArgs& a);
 
+#ifdef GENKERN_WITH_CUDA
+void forward_cuda(const ForwardArgs& a, void* stream);
+void grad_input_cuda(const GradInputArgs& a, void* stream);
+void grad_weight_cuda(const GradWeightArgs& a, void* stream);
+#endif
+
 }  // namespace masked_conv
 }  // namespace gk

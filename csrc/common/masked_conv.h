@@ -11,17 +11,20 @@
 namespace gk {
 namespace masked_conv {
 
-GK_HD bool tap_kept(int64_t ky, int64_t kx, int64_t kernel_size, bool mask_b) {
-  const int64_t c = kernel_size / 2;
+// Templates on the index type: the CPU passes int64_t, the CUDA kernels int (32-bit division is a few
+// instructions there, 64-bit a long routine).
+template <typename I>
+GK_HD bool tap_kept(I ky, I kx, I kernel_size, bool mask_b) {
+  const I c = kernel_size / 2;
   return ky < c || (ky == c && (kx < c || (kx == c && mask_b)));
 }
 
 // Output channel oc at tap (ky, kx) reads input channels [0, end); end == 0 when the tap is masked.
-GK_HD int64_t in_channel_end(int64_t ky, int64_t kx, int64_t oc, int64_t kernel_size, bool mask_b,
-                             int64_t in_channels, int64_t out_channels, int64_t groups) {
-  const int64_t c = kernel_size / 2;
+template <typename I>
+GK_HD I in_channel_end(I ky, I kx, I oc, I kernel_size, bool mask_b, I in_channels, I out_channels, I groups) {
+  const I c = kernel_size / 2;
   if (ky == c && kx == c) {
-    const int64_t group = oc / (out_channels / groups);
+    const I group = oc / (out_channels / groups);
     return (group + (mask_b ? 1 : 0)) * (in_channels / groups);
   }
   return tap_kept(ky, kx, kernel_size, mask_b) ? in_channels : 0;

@@ -27,7 +27,6 @@ _FLOAT_DTYPES = {
 # for that family, and an explicit `backend=` argument naming one is an error.
 _FAMILY_BACKENDS = {
     "causal_conv1d": ("cpu", "reference"),
-    "masked_conv": ("cpu", "reference"),
     "pixelcnn_sampling": ("cpu", "reference"),
 }
 

@@ -3,7 +3,7 @@
     y = genkern.masked_conv2d(x, weight, bias, mask_type="A", color_groups=3)
 
 The weight's masked taps are ignored (they need not be zero) and get zero gradient. The function checks
-its arguments, picks a backend (see genkern.backend; the cpu kernels and the reference so far) and calls the
+its arguments, picks a backend (see genkern.backend: cpu, cuda, triton or the reference) and calls the
 `genkern::masked_conv2d` op, so it works under autograd and torch.compile.
 """
 from __future__ import annotations
