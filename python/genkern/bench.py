@@ -54,6 +54,7 @@ class BenchCase:
         runs the network once per dimension) of which `eager` runs only a fraction; its time is multiplied
         by this factor (whole work / measured work) and the row is marked extrapolated.
     max_repeats caps the timed runs (and cuts warmup to one call) for cases that take seconds per call.
+    timed says what one call does when it is not just the op's forward pass ("forward+backward").
     A case with bytes_moved 0 is not memory-bound: it gets no bandwidth figures.
     """
 
@@ -70,6 +71,7 @@ class BenchCase:
     item_unit: str = ""
     eager_scale: Callable[[int], float] | None = None
     max_repeats: int | None = None
+    timed: str = PASS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,6 +304,7 @@ def _row(case: BenchCase, size: int, dtype: torch.dtype, label: str, measured: d
         "shape": list(case.shape(size)),
         "dtype": str(dtype).removeprefix("torch."),
         "impl": label,
+        "pass": case.timed,
         "bytes": case.bytes_moved(size, dtype),
         "time_ms": measured.get("time_ms"),
         **{k: v for k, v in measured.items() if k != "time_ms"},
@@ -430,7 +433,7 @@ def format_table(report: dict) -> str:
 
     dtypes = sorted({r["dtype"] for r in report["rows"]})
     lines = [
-        f"genkern bench: {report['pass']} pass only, {', '.join(dtypes)}, {report['timing']}",
+        f"genkern bench: {_passes(report['rows'])}, {', '.join(dtypes)}, {report['timing']}",
         f"device: {report['device']} [{report['device_kind']}], torch threads: {report['threads']}",
         f"copy bandwidth: {report['copy_bandwidth_gbps']:.2f} GB/s (dst.copy_(src), read + write)",
         "",
@@ -448,6 +451,14 @@ def format_table(report: dict) -> str:
         notes = ["", "* extrapolated: a fraction of a long loop of identical steps was timed and scaled "
                      "(see the row's measured_ms and extrapolated_by in the JSON)"]
     return "\n".join(lines + notes + _compile_times(report["rows"]))
+
+
+def _passes(rows: list[dict]) -> str:
+    """What a timed call does: the forward pass, unless a case says otherwise."""
+    other = {r["op"]: r["pass"] for r in rows if r.get("pass", PASS) != PASS}
+    if not other:
+        return f"{PASS} pass only"
+    return f"{PASS} pass, except " + ", ".join(f"{op}: {what}" for op, what in other.items())
 
 
 def _compile_times(rows: list[dict]) -> list[str]:

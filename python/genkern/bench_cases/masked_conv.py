@@ -66,7 +66,7 @@ def _layer(c_in: int, k: int, mask_type: str):
 def _case(name: str, c_in: int, k: int, mask_type: str) -> BenchCase:
     make_inputs, eager, ours, shape, bytes_moved = _layer(c_in, k, mask_type)
     return BenchCase(name=name, family=FAMILY, make_inputs=make_inputs, genkern=ours, eager=eager, shape=shape,
-                     bytes_moved=bytes_moved)
+                     bytes_moved=bytes_moved, timed="forward+backward")
 
 
 CASES = (
