@@ -18,7 +18,8 @@ Work per program:
 * weight and bias gradients are sums over the B * L positions. These are cut into segments that depend on
   the shapes only; a program per (channel or weight tile, segment) writes partial sums, and a second kernel
   adds the segments in order. No atomics: the same inputs give the same bits on every run;
-* the update computes BLOCK outputs (b, o); a second kernel shifts the state rows;
+* the update computes BLOCK outputs (b, o), adding the past taps' products BLOCK_K at a time; a second
+  kernel shifts the state rows;
 * the gate runs over [BLOCK_R, BLOCK_J] tiles of x viewed as (outer, 2, inner).
 All indices are int64.
 """
@@ -36,12 +37,13 @@ SILU = tl.constexpr(1)  # kSilu
 TANH = tl.constexpr(2)  # kTanh
 ACTIVATIONS = (0, 1, 2)
 
-Sizes = namedtuple("Sizes", "tile block_l reduce_l weight_l")
+Sizes = namedtuple("Sizes", "tile block_l reduce_l reduce_c weight_l gate")
 # tile: elements per convolution tile; block_l: positions per convolution tile, at most; reduce_l and
-# weight_l: positions per step of the per-channel and of the full weight-gradient sums. On CPU tensors
-# (the interpreter, where every operation costs far more than its elements) the tiles are larger.
-GPU_SIZES = Sizes(tile=2048, block_l=512, reduce_l=256, weight_l=32)
-INTERPRETER_SIZES = Sizes(tile=8192, block_l=1024, reduce_l=1024, weight_l=256)
+# weight_l: positions per step of the per-channel and of the full weight-gradient sums; reduce_c: channels
+# per program of the per-channel sums, at most; gate: elements per tile of the gate. On CPU tensors (the
+# interpreter, where every operation costs far more than its elements) the tiles are larger.
+GPU_SIZES = Sizes(tile=2048, block_l=512, reduce_l=256, reduce_c=1, weight_l=32, gate=1024)
+INTERPRETER_SIZES = Sizes(tile=8192, block_l=1024, reduce_l=1024, reduce_c=64, weight_l=256, gate=8192)
 FULL_BLOCK_Q = 32  # output channels per full-convolution tile, at most
 WEIGHT_TILE = 16  # (o, pair) tile of the full weight gradient
 TAPS_BLOCK = 16  # taps per program of the per-channel gradient sums, at most
@@ -50,8 +52,9 @@ TAPS_BLOCK = 16  # taps per program of the per-channel gradient sums, at most
 TARGET_PROGRAMS = 1024
 SEGMENT_MIN = 1024
 UPDATE_BLOCK = 128
+UPDATE_TAPS = 16  # past taps per step of the update, at most
 SHIFT_TILE = 1024
-GATE_BLOCK = 1024
+SUM_BLOCK = 1024  # outputs per program of the segment sums
 
 ConvShape = namedtuple("ConvShape", "batch c_in c_out length taps dilation depthwise")
 
@@ -60,26 +63,28 @@ ConvShape = namedtuple("ConvShape", "batch c_in c_out length taps dilation depth
 # Per-element terms (csrc/common/causal_conv1d.h); z is in the compute type.
 
 
-@triton.jit
-def _div(a, b):
-    """a / b correctly rounded: tl.div_rn for float32 (Triton's `/` is approximate there on GPUs)."""
-    if a.dtype == tl.float64:
-        q = a / b
-    else:
-        q = tl.div_rn(a, b)
-    return q
+# Divisions are correctly rounded: tl.div_rn for float32 (Triton's `/` is approximate there on GPUs). They
+# are written out in each helper rather than in a helper of their own: under the interpreter every nested
+# jit call costs milliseconds.
 
 
 @triton.jit
 def _sigmoid(z):
     one = tl.zeros_like(z) + 1.0
-    return _div(one, one + exp_t(-z))
+    if z.dtype == tl.float64:
+        s = one / (one + exp_t(-z))
+    else:
+        s = tl.div_rn(one, one + exp_t(-z))
+    return s
 
 
 @triton.jit
 def _tanh(z):
     e = exp_t(-2.0 * tl.abs(z))  # in (0, 1]: no overflow
-    t = _div(1.0 - e, 1.0 + e)
+    if z.dtype == tl.float64:
+        t = (1.0 - e) / (1.0 + e)
+    else:
+        t = tl.div_rn(1.0 - e, 1.0 + e)
     return tl.where(z < 0.0, -t, t)
 
 
@@ -292,39 +297,43 @@ def _segments(n, tiles):
 @triton.jit
 def _channel_grad_kernel(gz_ptr, x_ptr, pw_ptr, pb_ptr, channels, length, taps, dilation, n, seg_len, segs,
                          k_blocks, HAS_TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Program (c, segment, tap block): pw[seg, c, k] = sum over the segment's flat positions b * L + l of
-    gz[b, c, l] x[b, c, l - shift_k]; pb[seg, c] = sum of gz[b, c, l] (tap block 0 writes it)."""
+                         BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Program (channel block, segment, tap block): pw[seg, c, k] = sum over the segment's flat positions
+    b * L + l of gz[b, c, l] x[b, c, l - shift_k]; pb[seg, c] = sum of gz[b, c, l] (tap block 0 writes it).
+    Tiles are [BLOCK_C channels, BLOCK_K taps, BLOCK_L positions]."""
     pid = tl.program_id(0).to(tl.int64)
     kb = pid % k_blocks
     rest = pid // k_blocks
     seg = rest % segs
-    c = rest // segs
+    c = (rest // segs) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = c < channels
     start = seg * seg_len
     end = tl.minimum(start + seg_len, n)
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     kmask = k < taps
     shift = (taps - 1 - k) * dilation
-    acc = tl.zeros([BLOCK_K, BLOCK_L], CT)
-    acc_b = tl.zeros([BLOCK_L], CT)
+    acc = tl.zeros([BLOCK_C, BLOCK_K, BLOCK_L], CT)
+    acc_b = tl.zeros([BLOCK_C, BLOCK_L], CT)
     for q0 in range(start, end, BLOCK_L):
         q = q0 + tl.arange(0, BLOCK_L).to(tl.int64)
         qmask = q < end
         b = q // length
         l = q - b * length
-        row = (b * channels + c) * length
-        g = tl.load(gz_ptr + row + l, mask=qmask, other=0.0).to(CT)
+        rows = (b[None, :] * channels + c[:, None]) * length  # [BLOCK_C, BLOCK_L]
+        gmask = cmask[:, None] & qmask[None, :]
+        g = tl.load(gz_ptr + rows + l[None, :], mask=gmask, other=0.0).to(CT)
         if HAS_BIAS:
             acc_b += g
         if HAS_TAPS:
-            src = l[None, :] - shift[:, None]
-            m = kmask[:, None] & qmask[None, :] & (src >= 0)
-            xv = tl.load(x_ptr + row[None, :] + src, mask=m, other=0.0).to(CT)
-            acc += g[None, :] * xv
+            src = l[None, :] - shift[:, None]  # [BLOCK_K, BLOCK_L]
+            m = gmask[:, None, :] & (kmask[:, None] & (src >= 0))[None, :, :]
+            xv = tl.load(x_ptr + rows[:, None, :] + src[None, :, :], mask=m, other=0.0).to(CT)
+            acc += g[:, None, :] * xv
     if HAS_TAPS:
-        tl.store(pw_ptr + (seg * channels + c) * taps + k, tl.sum(acc, axis=1), mask=kmask)
+        tl.store(pw_ptr + ((seg * channels + c) * taps)[:, None] + k[None, :], tl.sum(acc, axis=2),
+                 mask=cmask[:, None] & kmask[None, :])
     if HAS_BIAS:
-        tl.store(pb_ptr + seg * channels + c, tl.sum(acc_b, axis=0), mask=kb == 0)
+        tl.store(pb_ptr + seg * channels + c, tl.sum(acc_b, axis=1), mask=cmask & ((c * 0 + kb) == 0))
 
 
 @triton.jit
@@ -376,7 +385,7 @@ def _sum_segments_kernel(partial_ptr, out_ptr, count, segs, BLOCK: tl.constexpr)
 
 def _sum_segments(partial, segs, out):
     count = out.numel()
-    launch(_sum_segments_kernel, (triton.cdiv(count, GATE_BLOCK),), partial, out, count, segs, BLOCK=GATE_BLOCK)
+    launch(_sum_segments_kernel, (triton.cdiv(count, SUM_BLOCK),), partial, out, count, segs, BLOCK=SUM_BLOCK)
 
 
 def _weight_grads(s, gz, x, grad_w, grad_b, ct):
@@ -396,12 +405,14 @@ def _weight_grads(s, gz, x, grad_w, grad_b, ct):
         segs, seg_len = _segments(n, s.c_out)
         block_k = min(triton.next_power_of_2(max(taps, 1)), TAPS_BLOCK)
         k_blocks = triton.cdiv(max(taps, 1), block_k)
+        block_l = min(triton.next_power_of_2(seg_len), sizes.reduce_l)
+        block_c = min(triton.next_power_of_2(s.c_out), sizes.reduce_c)
         pw = torch.empty((segs, s.c_out, taps), dtype=dtype, device=x.device) if taps else None
         pb = torch.empty((segs, s.c_out), dtype=dtype, device=x.device) if grad_b is not None else None
-        launch(_channel_grad_kernel, (s.c_out * segs * k_blocks,), gz, x, pw if pw is not None else pb,
-               pb if pb is not None else pw, s.c_out, s.length, max(taps, 1), s.dilation, n, seg_len, segs, k_blocks,
-               HAS_TAPS=taps > 0, HAS_BIAS=grad_b is not None, CT=ct, BLOCK_K=block_k,
-               BLOCK_L=min(triton.next_power_of_2(seg_len), sizes.reduce_l))
+        launch(_channel_grad_kernel, (triton.cdiv(s.c_out, block_c) * segs * k_blocks,), gz, x,
+               pw if pw is not None else pb, pb if pb is not None else pw, s.c_out, s.length, max(taps, 1), s.dilation,
+               n, seg_len, segs, k_blocks, HAS_TAPS=taps > 0, HAS_BIAS=grad_b is not None, CT=ct, BLOCK_C=block_c,
+               BLOCK_K=block_k, BLOCK_L=block_l)
         if pw is not None:
             _sum_segments(pw, segs, grad_w)
         if pb is not None:
@@ -447,34 +458,37 @@ def backward(grad_y, x, weight, bias, grad_x, grad_weight, grad_bias, dilation, 
 @triton.jit
 def _update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, rows, c_in, c_out, taps, dilation, width,
                    DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CT: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[b, o] = act(bias[o] + sum_j (sum_{k < K-1} w[o, j, k] state[b, i, W - shift_k] + w[o, j, K-1] x[b, i]))
-    in the CPU kernel's order (i = o depthwise, else j)."""
+    with i = o depthwise, else j: BLOCK outputs, the past taps BLOCK_K at a time."""
     row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = row < rows
     b = row // c_out
     o = row - b * c_out
+    kk = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros([BLOCK], CT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=mask, other=0.0).to(CT)
     if DEPTHWISE:
-        past = (b * c_in + o) * width + width
-        w_row = o * taps
-        for k in range(taps - 1):
-            wk = tl.load(w_ptr + w_row + k, mask=mask, other=0.0).to(CT)
-            acc += wk * tl.load(state_ptr + past - tl.cast(taps - 1 - k, tl.int64) * dilation, mask=mask, other=0.0).to(CT)
-        wk = tl.load(w_ptr + w_row + taps - 1, mask=mask, other=0.0).to(CT)
-        acc += wk * tl.load(x_ptr + b * c_in + o, mask=mask, other=0.0).to(CT)
+        inputs = 1
     else:
-        for j in range(c_in):
-            past = (b * c_in + j) * width + width
+        inputs = c_in
+    for j in range(inputs):
+        if DEPTHWISE:
+            in_row = b * c_in + o
+            w_row = o * taps
+        else:
+            in_row = b * c_in + j
             w_row = (o * c_in + j) * taps
-            for k in range(taps - 1):
-                wk = tl.load(w_ptr + w_row + k, mask=mask, other=0.0).to(CT)
-                acc += wk * tl.load(state_ptr + past - tl.cast(taps - 1 - k, tl.int64) * dilation, mask=mask,
-                                    other=0.0).to(CT)
-            wk = tl.load(w_ptr + w_row + taps - 1, mask=mask, other=0.0).to(CT)
-            acc += wk * tl.load(x_ptr + b * c_in + j, mask=mask, other=0.0).to(CT)
+        past = in_row * width + width
+        for k0 in range(0, taps - 1, BLOCK_K):
+            k = k0 + kk
+            m = mask[:, None] & (k < taps - 1)[None, :]
+            wv = tl.load(w_ptr + w_row[:, None] + k[None, :], mask=m, other=0.0).to(CT)
+            pv = tl.load(state_ptr + past[:, None] - ((taps - 1 - k) * dilation)[None, :], mask=m, other=0.0)
+            acc += tl.sum(wv * pv.to(CT), axis=1)
+        w_last = tl.load(w_ptr + w_row + taps - 1, mask=mask, other=0.0).to(CT)
+        acc += w_last * tl.load(x_ptr + in_row, mask=mask, other=0.0).to(CT)
     tl.store(y_ptr + row, to_dtype(_activate(acc, ACT), y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -519,7 +533,7 @@ def update(x, state, weight, bias, y, dilation, activation):
         launch(_update_kernel, (triton.cdiv(rows, UPDATE_BLOCK),), x, state, weight,
                bias if bias is not None else weight, y, rows, s.c_in, s.c_out, s.taps, s.dilation, width,
                DEPTHWISE=s.depthwise, HAS_BIAS=bias is not None, ACT=activation, CT=compute_type(x),
-               BLOCK=UPDATE_BLOCK)
+               BLOCK=UPDATE_BLOCK, BLOCK_K=min(triton.next_power_of_2(max(s.taps - 1, 1)), UPDATE_TAPS))
     rows = s.batch * s.c_in
     if rows > 0 and width > 0:
         block_w = min(triton.next_power_of_2(width), SHIFT_TILE)
@@ -533,9 +547,10 @@ def update(x, state, weight, bias, y, dilation, activation):
 # The gate: y[o, j] = tanh(x[o, 0, j]) sigmoid(x[o, 1, j]) over x viewed as (outer, 2, inner)
 
 
-def _gate_config(outer, inner):
-    block_j = min(triton.next_power_of_2(inner), GATE_BLOCK)
-    block_r = min(triton.next_power_of_2(outer), max(1, GATE_BLOCK // block_j))
+def _gate_config(outer, inner, x):
+    tile = _sizes(x).gate
+    block_j = min(triton.next_power_of_2(inner), tile)
+    block_r = min(triton.next_power_of_2(outer), max(1, tile // block_j))
     j_blocks = triton.cdiv(inner, block_j)
     return (triton.cdiv(outer, block_r) * j_blocks,), block_r, block_j, j_blocks
 
@@ -589,7 +604,7 @@ def gated(x, y, outer, inner):
     _check_numel("y", y, outer * inner)
     if y.numel() == 0:
         return y
-    grid, block_r, block_j, j_blocks = _gate_config(outer, inner)
+    grid, block_r, block_j, j_blocks = _gate_config(outer, inner, x)
     launch(_gated_kernel, grid, x, y, outer, inner, j_blocks, CT=compute_type(x), BLOCK_R=block_r, BLOCK_J=block_j)
     return y
 
@@ -603,7 +618,7 @@ def gated_backward(grad_y, x, grad_x, outer, inner):
     _check_numel("grad_y", grad_y, outer * inner)
     if x.numel() == 0:
         return grad_x
-    grid, block_r, block_j, j_blocks = _gate_config(outer, inner)
+    grid, block_r, block_j, j_blocks = _gate_config(outer, inner, x)
     launch(_gated_backward_kernel, grid, grad_y, x, grad_x, outer, inner, j_blocks, CT=compute_type(x),
            BLOCK_R=block_r, BLOCK_J=block_j)
     return grad_x
