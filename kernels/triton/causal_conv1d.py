@@ -42,7 +42,7 @@ Sizes = namedtuple("Sizes", "tile block_l reduce_l reduce_c weight_l gate")
 # weight_l: positions per step of the per-channel and of the full weight-gradient sums; reduce_c: channels
 # per program of the per-channel sums, at most; gate: elements per tile of the gate. On CPU tensors (the
 # interpreter, where every operation costs far more than its elements) the tiles are larger.
-GPU_SIZES = Sizes(tile=2048, block_l=512, reduce_l=256, reduce_c=1, weight_l=32, gate=1024)
+GPU_SIZES = Sizes(tile=2048, block_l=512, reduce_l=256, reduce_c=1, weight_l=16, gate=1024)
 INTERPRETER_SIZES = Sizes(tile=8192, block_l=1024, reduce_l=1024, reduce_c=64, weight_l=256, gate=8192)
 FULL_BLOCK_Q = 32  # output channels per full-convolution tile, at most
 WEIGHT_TILE = 16  # (o, pair) tile of the full weight gradient
