@@ -74,11 +74,6 @@ __device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t
   }
 }
 
-// How far back tap k reaches.
-__host__ __device__ __forceinline__ int64_t tap_shift(int64_t k, int64_t taps, int64_t dilation) {
-  return (taps - 1 - k) * dilation;
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // What the convolution kernels do with the finished sum z of output element idx.
 
