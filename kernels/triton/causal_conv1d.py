@@ -12,12 +12,13 @@ Compute type: float64 for float64 tensors, float32 otherwise; backward keeps dL/
 recomputed) in the compute type.
 
 Work per program:
-* the convolution (forward, and grad_x as the transposed convolution) computes a [BLOCK_Q channels,
-  BLOCK_L positions] tile of one sample; each sum starts from the bias and adds (input channel, tap)
-  terms in ascending order, as the CPU kernels do;
+* the convolution (forward, and grad_x as the transposed convolution) computes a [BLOCK_Q rows,
+  BLOCK_L positions] tile: any consecutive (b, c) rows depthwise, channels of one sample otherwise (they
+  share the input rows); each sum starts from the bias and adds (input channel, tap) terms in ascending
+  order, as the CPU kernels do, skipping taps that reach only the zero padding;
 * weight and bias gradients are sums over the B * L positions. These are cut into segments that depend on
-  the shapes only; a program per (channel or weight tile, segment) writes partial sums, and a second kernel
-  adds the segments in order. No atomics: the same inputs give the same bits on every run;
+  the shapes only; a program per (channel block or weight tile, segment) writes partial sums, and a second
+  kernel adds the segments in order. No atomics: the same inputs give the same bits on every run;
 * the update computes BLOCK outputs (b, o), adding the past taps' products BLOCK_K at a time; a second
   kernel shifts the state rows;
 * the gate runs over [BLOCK_R, BLOCK_J] tiles of x viewed as (outer, 2, inner).
