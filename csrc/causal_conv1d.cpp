@@ -1,5 +1,5 @@
-// Entry points of the causal_conv1d family: shape, dtype and device checks, then the kernels of
-// causal_conv1d.h. Only CPU kernels exist so far; the Python layer routes GPU tensors to the reference.
+// Entry points of the causal_conv1d family: shape, dtype and device checks, then the CPU or CUDA kernels
+// of causal_conv1d.h.
 #include "causal_conv1d.h"
 
 #include <pybind11/stl.h>
@@ -15,10 +15,6 @@ namespace gk {
 using namespace causal_conv1d;
 
 namespace {
-
-void check_cpu(const Array& a) {
-  if (a.device != Device::cpu) throw ValueError("the causal_conv1d family has cpu kernels only (use backend='reference')");
-}
 
 int check_activation(int64_t activation) {
   if (activation < kNone || activation > kTanh) throw ValueError("activation must be 0 (none), 1 (silu) or 2 (tanh)");
@@ -54,10 +50,9 @@ void conv_entry(const Array& x, const Array& w, const OptArray& bias, const Arra
   if (bias) check_numel(*bias, s.c_out, "bias");
   check_numel(y, s.batch * s.c_out * s.length, "y");
   const ConvArgs args{x.raw(), w.raw(), data_or_null(bias), y.raw(), s, check_activation(activation), x.dtype};
-  check_cpu(x);
   if (y.numel() == 0) return;
   prepare_output(y);
-  run_on_device(x, args, stream, conv_cpu, nullptr);
+  run_on_device(x, args, stream, conv_cpu, GK_CUDA(conv_cuda));
 }
 
 void conv_backward_entry(const Array& grad_y, const Array& x, const Array& w, const OptArray& bias, const Array& grad_x,
@@ -73,10 +68,9 @@ void conv_backward_entry(const Array& grad_y, const Array& x, const Array& w, co
   check_numel(grad_w, w.numel(), "grad_weight");
   const ConvBackwardArgs args{grad_y.raw(), x.raw(), w.raw(), data_or_null(bias), grad_x.raw(), grad_w.raw(),
                               data_or_null(grad_bias), s, check_activation(activation), x.dtype};
-  check_cpu(x);
   prepare_output(grad_x);
-  // Empty batch or length still owes zero weight and bias gradients: the kernel writes them.
-  run_on_device(x, args, stream, conv_backward_cpu, nullptr);
+  // Empty batch or length still owes zero weight and bias gradients: the kernels write them.
+  run_on_device(x, args, stream, conv_backward_cpu, GK_CUDA(conv_backward_cuda));
 }
 
 void update_entry(const Array& x, const Array& state, const Array& w, const OptArray& bias, const Array& y,
@@ -91,9 +85,8 @@ void update_entry(const Array& x, const Array& state, const Array& w, const OptA
   check_numel(y, s.batch * s.c_out, "y");
   const UpdateArgs args{x.raw(), state.raw(), w.raw(), data_or_null(bias), y.raw(), s, state_len,
                         check_activation(activation), x.dtype};
-  check_cpu(x);
   if (s.batch == 0) return;
-  run_on_device(x, args, stream, update_cpu, nullptr);
+  run_on_device(x, args, stream, update_cpu, GK_CUDA(update_cuda));
 }
 
 void check_gated_shape(int64_t outer, int64_t inner) {
@@ -105,10 +98,9 @@ void gated_entry(const Array& x, const Array& y, int64_t outer, int64_t inner, u
   check_gated_shape(outer, inner);
   check_numel(x, outer * 2 * inner, "x");
   check_numel(y, outer * inner, "y");
-  check_cpu(x);
   if (y.numel() == 0) return;
   prepare_output(y);
-  run_on_device(x, GatedArgs{x.raw(), y.raw(), outer, inner, x.dtype}, stream, gated_cpu, nullptr);
+  run_on_device(x, GatedArgs{x.raw(), y.raw(), outer, inner, x.dtype}, stream, gated_cpu, GK_CUDA(gated_cuda));
 }
 
 void gated_backward_entry(const Array& grad_y, const Array& x, const Array& grad_x, int64_t outer, int64_t inner,
@@ -118,11 +110,10 @@ void gated_backward_entry(const Array& grad_y, const Array& x, const Array& grad
   check_numel(x, outer * 2 * inner, "x");
   check_numel(grad_x, outer * 2 * inner, "grad_x");
   check_numel(grad_y, outer * inner, "grad_y");
-  check_cpu(x);
   if (x.numel() == 0) return;
   prepare_output(grad_x);
   const GatedBackwardArgs args{grad_y.raw(), x.raw(), grad_x.raw(), outer, inner, x.dtype};
-  run_on_device(x, args, stream, gated_backward_cpu, nullptr);
+  run_on_device(x, args, stream, gated_backward_cpu, GK_CUDA(gated_backward_cuda));
 }
 
 }  // namespace

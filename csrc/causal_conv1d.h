@@ -77,5 +77,12 @@ void update_cpu(const UpdateArgs& a);
 void gated_cpu(const GatedArgs& a);
 void gated_backward_cpu(const GatedBackwardArgs& a);
 
+// CUDA versions (kernels/cuda/causal_conv1d.cu): device pointers, launched on `stream`.
+void conv_cuda(const ConvArgs& a, void* stream);
+void conv_backward_cuda(const ConvBackwardArgs& a, void* stream);
+void update_cuda(const UpdateArgs& a, void* stream);
+void gated_cuda(const GatedArgs& a, void* stream);
+void gated_backward_cuda(const GatedBackwardArgs& a, void* stream);
+
 }  // namespace causal_conv1d
 }  // namespace gk

@@ -1,8 +1,9 @@
 // Per-element math of the causal_conv1d family (shared/math.md, section 4), for T = float or double:
-// the output activations and the gated unit tanh(a) * sigmoid(b) of WaveNet / Gated PixelCNN.
-// The convolution sums are the kernels' job; these are what they apply to each sum.
+// the output activations and the gated unit tanh(a) * sigmoid(b) of WaveNet / Gated PixelCNN, and where
+// each tap reads. The convolution sums are the kernels' job; these are what they apply to each sum.
 #pragma once
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 #include "fastmath.h"
@@ -11,6 +12,9 @@ namespace gk {
 namespace causal_conv1d {
 
 enum Activation : int { kNone = 0, kSilu = 1, kTanh = 2 };
+
+// How far back tap k of `taps` reads: output l sees input l - tap_shift(k) (zero before position 0).
+GK_HD int64_t tap_shift(int64_t k, int64_t taps, int64_t dilation) { return (taps - 1 - k) * dilation; }
 
 // 1 / (1 + e^-z): e^-z overflows to inf for very negative z, and 1 / inf is the right limit 0.
 template <typename T>

@@ -28,7 +28,7 @@ void conv_tile(const ConvShape& s, const T* x, const T* w, const T* bias, int64_
     const T* xrow = x + (b * s.c_in + s.input_of(o, j)) * s.length;
     const T* wrow = w + s.w_row(o, j);
     for (int64_t k = 0; k < s.k; ++k) {
-      const int64_t shift = (s.k - 1 - k) * s.dilation;
+      const int64_t shift = tap_shift(k, s.k, s.dilation);
       const int64_t start = std::max(l0, shift);  // left of `shift` the tap reads the zero padding
       const T wk = wrow[k];
 #pragma omp simd
@@ -118,7 +118,7 @@ struct ConvBackwardKernel {
       const int64_t o = item / per, j = item % per, i = s.input_of(o, j);
       T* out = gw + s.w_row(o, j);
       for (int64_t k = 0; k < s.k; ++k) {
-        const int64_t shift = (s.k - 1 - k) * s.dilation;
+        const int64_t shift = tap_shift(k, s.k, s.dilation);
         T total = 0;
         for (int64_t b = 0; b < s.batch && shift < s.length; ++b) {
           const T* g = gz + (b * s.c_out + o) * s.length;
@@ -148,7 +148,7 @@ struct ConvBackwardKernel {
         const T* g = gz + (b * s.c_out + o) * s.length;
         const T* wrow = w + s.w_row(o, s.depthwise ? 0 : i);
         for (int64_t k = 0; k < s.k; ++k) {
-          const int64_t shift = (s.k - 1 - k) * s.dilation;
+          const int64_t shift = tap_shift(k, s.k, s.dilation);
           if (shift >= s.length) continue;
           const int64_t end = std::min(m1, s.length - shift);  // right of it the tap reads past the output
           const T wk = wrow[k];
@@ -179,7 +179,7 @@ struct UpdateKernel {
         const int64_t i = s.input_of(o, j);
         const T* past = state + (b * s.c_in + i) * W;
         const T* wrow = w + s.w_row(o, j);
-        for (int64_t k = 0; k + 1 < s.k; ++k) acc += wrow[k] * past[W - (s.k - 1 - k) * s.dilation];
+        for (int64_t k = 0; k + 1 < s.k; ++k) acc += wrow[k] * past[W - tap_shift(k, s.k, s.dilation)];
         acc += wrow[s.k - 1] * x[b * s.c_in + i];
       }
       with_activation(a.activation, [&](auto act) { y[row] = activate<decltype(act)::value>(acc); });

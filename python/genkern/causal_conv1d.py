@@ -6,8 +6,8 @@ the public functions.
     h = genkern.gated_activation(y)                                              # tanh(a) * sigmoid(b)
 
 Output l sees inputs l, l - d, ..., l - (K - 1) d only (zeros before the start). A (C, K) weight is
-depthwise, a (C_out, C_in, K) weight a full convolution. Kernels: `cpu`; GPU tensors run the `reference`
-(eager PyTorch) until CUDA and Triton kernels exist for this family (see genkern.backend).
+depthwise, a (C_out, C_in, K) weight a full convolution. Kernels on every backend: `cpu`, `cuda`,
+`triton`, and the `reference` (eager PyTorch, the spec); see genkern.backend.
 """
 from __future__ import annotations
 

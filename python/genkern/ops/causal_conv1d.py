@@ -1,8 +1,8 @@
 """The causal_conv1d family as torch ops: registration (`genkern::`), fake implementations, autograd.
 
 Each op takes an explicit backend name, resolved by the public functions in genkern.causal_conv1d:
-`cpu` (the compiled kernels) or `reference`. Kernel backends get contiguous inputs and preallocated
-outputs. The activation travels as its name ("none", "silu", "tanh"); backward recomputes the
+`cpu` or `cuda` (the compiled kernels), `triton`, or `reference`. Kernel backends get contiguous inputs and
+preallocated outputs. The activation travels as its name ("none", "silu", "tanh"); backward recomputes the
 pre-activation instead of forward saving it.
 """
 from __future__ import annotations
