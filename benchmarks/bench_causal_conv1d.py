@@ -3,7 +3,7 @@ step; eager, torch.compile and each genkern backend, per size.
 
     pytest benchmarks/bench_causal_conv1d.py --benchmark-only
 
-Cases come from genkern.bench_cases.causal_conv1d (the forward ones are shared with `genkern bench`); sizes
+Cases come from genkern.bench_cases.causal_conv1d (shared with `genkern bench`); sizes
 and implementations are parametrized by conftest.py.
 """
 import pytest
@@ -15,8 +15,3 @@ from genkern.bench_cases import causal_conv1d
 def test_causal_conv1d(run_case, case, size, impl):
     run_case(case, size, impl)
 
-
-@pytest.mark.parametrize("case", causal_conv1d.TRAIN_CASES, ids=lambda case: case.name)
-def test_causal_conv1d_train(run_case, benchmark, case, size, impl):
-    run_case(case, size, impl)
-    benchmark.extra_info["pass"] = "forward+backward"  # run_case labels every case a forward pass

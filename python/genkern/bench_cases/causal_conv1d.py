@@ -6,8 +6,8 @@ The eager baselines are what a PyTorch user writes: F.conv1d with left padding a
 the convolution; for the step, the window cat([state, x]) contracted with the taps by einsum, and the state
 rolled in place from that window (genkern's step updates the state in place too).
 
-CASES are forward passes (what `genkern bench` times). TRAIN_CASES time forward and backward together
-(gradients for x, weight and bias from a given grad_y); benchmarks/bench_causal_conv1d.py runs them.
+`causal_conv1d_train` times forward and backward together (gradients for x, weight and bias from a given
+grad_y); plain `genkern bench` leaves it out, `--ops causal_conv1d` and benchmarks/ include it.
 """
 from __future__ import annotations
 
@@ -123,12 +123,9 @@ CASES = (
         make_inputs=_update_inputs, genkern=genkern_causal_conv1d_update, eager=eager_causal_conv1d_update,
         shape=_update_shape, bytes_moved=_update_bytes,
     ),
-)
-
-TRAIN_CASES = (
     BenchCase(
         name="causal_conv1d_train", family=FAMILY,
         make_inputs=_train_inputs, genkern=genkern_causal_conv1d_train, eager=eager_causal_conv1d_train,
-        shape=_shape, bytes_moved=_train_bytes,
+        shape=_shape, bytes_moved=_train_bytes, timed="forward+backward", default=False,
     ),
 )
