@@ -45,20 +45,30 @@ void axpy(T alpha, const T* x, T* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
 }
 
-// out (cols, rows) = in (rows, cols)^T, in square blocks so that both sides move in whole cache lines.
+constexpr int64_t kTransposeBlock = 32;
+
+// Rows [r0, r0 + 32) of out (cols, rows) = in (rows, cols)^T, in square blocks so that both sides move in
+// whole cache lines.
+template <typename T>
+void transpose_rows(const T* in, T* out, int64_t rows, int64_t cols, int64_t r0) {
+  const int64_t r1 = std::min(rows, r0 + kTransposeBlock);
+  for (int64_t c0 = 0; c0 < cols; c0 += kTransposeBlock) {
+    const int64_t c1 = std::min(cols, c0 + kTransposeBlock);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
+  }
+}
+
 template <typename T>
 std::unique_ptr<T[]> transposed(const T* in, int64_t rows, int64_t cols) {
-  constexpr int64_t kBlock = 32;
+  constexpr int64_t kParallelMin = int64_t(1) << 16;  // below, waking the thread pool costs more than the copy
   std::unique_ptr<T[]> out(new T[rows * cols]);
-  const int64_t row_blocks = (rows + kBlock - 1) / kBlock;
-  cpu::parallel_for(row_blocks, [&](int64_t rb) {
-    const int64_t r0 = rb * kBlock, r1 = std::min(rows, r0 + kBlock);
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-      const int64_t c1 = std::min(cols, c0 + kBlock);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
-    }
-  });
+  const int64_t blocks = (rows + kTransposeBlock - 1) / kTransposeBlock;
+  if (rows * cols < kParallelMin) {
+    for (int64_t rb = 0; rb < blocks; ++rb) transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock);
+  } else {
+    cpu::parallel_for(blocks, [&](int64_t rb) { transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock); });
+  }
   return out;
 }
 
@@ -226,7 +236,9 @@ struct LogProbBackwardKernel {
     // The accumulators summed in slot order; grad W^T goes back to (H, D), a block of rows i at a time so that
     // the transposed writes fill whole cache lines.
     constexpr int64_t kRows = 16;
-    cpu::parallel_for((D + kRows - 1) / kRows, [&](int64_t blk) {
+    constexpr int64_t kParallelMin = int64_t(1) << 16;  // values summed; below, one thread is quicker
+    const int64_t blocks = (D + kRows - 1) / kRows;
+    const auto sum_rows = [&](int64_t blk) {
       const int64_t i0 = blk * kRows, i1 = std::min(D, i0 + kRows);
       for (int64_t i = i0; i < i1; ++i) {
         T* gv = grad_v + i * H;
@@ -243,7 +255,12 @@ struct LogProbBackwardKernel {
           grad_w[j * D + i] = gw;
         }
       }
-    });
+    };
+    if (slots * D * H < kParallelMin) {
+      for (int64_t blk = 0; blk < blocks; ++blk) sum_rows(blk);
+    } else {
+      cpu::parallel_for(blocks, sum_rows);
+    }
     const T* gc0 = partial.get() + 2 * D * H + D;
     std::copy(gc0, gc0 + H, grad_c);
     for (int64_t slot = 1; slot < slots; ++slot) axpy(T(1), gc0 + slot * per_slot, grad_c, H);

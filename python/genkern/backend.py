@@ -28,7 +28,6 @@ _FLOAT_DTYPES = {
 _FAMILY_BACKENDS = {
     "causal_conv1d": ("cpu", "reference"),
     "masked_conv": ("cpu", "reference"),
-    "nade": ("cpu", "cuda", "reference"),
 }
 
 _process_backend: str | None = None

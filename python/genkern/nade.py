@@ -36,7 +36,8 @@ def _params(weight, c, v, b) -> tuple[int, int]:
 
 def binary_data(name: str, x, dims: int, weight: Tensor) -> Tensor:
     """x (B, D) of 0/1 values in any real dtype (bool and integers too), as the parameters' dtype. Out of range
-    values are a ValueError (on a GPU this check waits for the data)."""
+    values are a ValueError (on a GPU this check waits for the data). Under torch.compile the values are not
+    checked: a data-dependent branch would break the graph."""
     _checks.tensor(name, x)
     if x.dtype not in _DATA_DTYPES:
         raise TypeError(f"{name} must be a bool, integer or float tensor of 0/1 values, got dtype {x.dtype}")
@@ -44,7 +45,8 @@ def binary_data(name: str, x, dims: int, weight: Tensor) -> Tensor:
         raise ValueError(f"{name} must have shape (B, {dims}), got {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"{name} is on {x.device} but weight is on {weight.device}")
-    if x.dtype != torch.bool and x.numel() and not bool(((x == 0) | (x == 1)).all()):
+    checkable = x.dtype != torch.bool and x.numel() and not torch.compiler.is_compiling()
+    if checkable and not bool(((x == 0) | (x == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1 (binary data)")
     return x.to(weight.dtype)
 
