@@ -186,7 +186,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Net<S> net, const S*
         if (xi != C(0)) add_column(net, u, i, xi, C(1));
       }
 #pragma unroll
-      for (int k = 0; k < u.items; ++k) u.s(k) = C(0);
+      for (int k = 0; k < u.items; ++k)
+        if (unit(k) < H) u.s(k) = C(0);  // units past H would be the next block's scratch
       bool stale = true;
       const C gn = load(grad_out, n);
       // Backwards: s holds sum_{k > i} dL/da_k, which is dL/dW[:, i] / x_i.
