@@ -27,6 +27,9 @@ MIN_PER_GROUP = 2
 MAX_GROUPS = 256
 GROUP_BUDGET_BYTES = 256 << 20
 
+# Never specialised: a size of 1 would become a constexpr, which has no .to(tl.int64) for 64-bit offsets.
+SIZE_ARGS = ["D", "H"]
+
 
 # --------------------------------------------------------------------------------------------------
 # Per-element terms (csrc/common/nade.h)
@@ -62,15 +65,16 @@ def _log_bernoulli(x, l):
 
 
 @triton.jit
-def _logit(v_ptr, b_ptr, i, h, j, mask, H, CT: tl.constexpr):
+def _logit(v_ptr, b_ptr, i, h, j, mask, H64, CT: tl.constexpr):
     """l_i = b_i + V_i . h (a scalar)."""
-    v = tl.load(v_ptr + i * H + j, mask=mask, other=0.0).to(CT)
+    v = tl.load(v_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
     return tl.load(b_ptr + i).to(CT) + tl.sum(v * h, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _log_prob_kernel(x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, CT: tl.constexpr, BLOCK_H: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
+    H64 = H.to(tl.int64)  # offsets i * H + j in 64 bits
     j = tl.arange(0, BLOCK_H)
     mask = j < H
     a = tl.load(c_ptr + j, mask=mask, other=0.0).to(CT)
@@ -78,21 +82,22 @@ def _log_prob_kernel(x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, CT: tl.c
     for i in range(D):
         h = _sigmoid(a)
         xi = tl.load(x_ptr + n * D + i).to(CT)
-        logp += _log_bernoulli(xi, _logit(v_ptr, b_ptr, i, h, j, mask, H, CT))
-        a += xi * tl.load(wt_ptr + i * H + j, mask=mask, other=0.0).to(CT)
+        logp += _log_bernoulli(xi, _logit(v_ptr, b_ptr, i, h, j, mask, H64, CT))
+        a += xi * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
     tl.store(out_ptr + n, to_dtype(logp, out_ptr.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=KEY_ARGS + ["first"])
+@triton.jit(do_not_specialize=KEY_ARGS + SIZE_ARGS + ["first"])
 def _sample_kernel(wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, seed_lo, seed_hi, off_lo, off_hi, first,
                    CT: tl.constexpr, BLOCK_H: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
+    H64 = H.to(tl.int64)
     j = tl.arange(0, BLOCK_H)
     mask = j < H
     a = tl.load(c_ptr + j, mask=mask, other=0.0).to(CT)
     row = (first + n) * D  # stream index of dimension 0 of this sample
     for i in range(D):
-        p = _sigmoid(_logit(v_ptr, b_ptr, i, _sigmoid(a), j, mask, H, CT))
+        p = _sigmoid(_logit(v_ptr, b_ptr, i, _sigmoid(a), j, mask, H64, CT))
         index = row + i + tl.zeros([1], tl.int64)
         x0, x1, x2, x3 = stream_block(seed_lo, seed_hi, off_lo, off_hi, index >> 2)
         lane = index & 3
@@ -101,37 +106,38 @@ def _sample_kernel(wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, seed_lo, seed_hi,
         draw = (2 * (bits >> 8) + 1).to(tl.float64) < p.to(tl.float64) * 33554432.0
         xi = tl.sum(draw.to(CT), axis=0)
         tl.store(out_ptr + n * D + i, to_dtype(xi, out_ptr.dtype.element_ty))
-        a += xi * tl.load(wt_ptr + i * H + j, mask=mask, other=0.0).to(CT)
+        a += xi * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _backward_kernel(g_ptr, x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, part_ptr, B, D, H, groups,
                      CT: tl.constexpr, BLOCK_H: tl.constexpr):
     group = tl.program_id(0).to(tl.int64)
+    D64, H64 = D.to(tl.int64), H.to(tl.int64)
     j = tl.arange(0, BLOCK_H)
     mask = j < H
     # This group's accumulators (zeroed by the wrapper): gv (D, H), gwt (D, H), gb (D), gc (H).
-    gv_ptr = part_ptr + group * (2 * D * H + D + H)
-    gw_ptr = gv_ptr + D * H
-    gb_ptr = gw_ptr + D * H
+    gv_ptr = part_ptr + group * (2 * D64 * H64 + D64 + H64)
+    gw_ptr = gv_ptr + D64 * H64
+    gb_ptr = gw_ptr + D64 * H64
     gc_ptr = gb_ptr + D
     for n in range(group * B // groups, (group + 1) * B // groups):
         # a_{D+1}, in the forward's order.
         a = tl.load(c_ptr + j, mask=mask, other=0.0).to(CT)
         for i in range(D):
-            a += tl.load(x_ptr + n * D + i).to(CT) * tl.load(wt_ptr + i * H + j, mask=mask, other=0.0).to(CT)
+            a += tl.load(x_ptr + n * D + i).to(CT) * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
         s = tl.zeros([BLOCK_H], CT)  # sum over steps k > i of dL/da_k
         g = tl.load(g_ptr + n).to(CT)
         for step in range(D):
             i = D - 1 - step
             xi = tl.load(x_ptr + n * D + i).to(CT)
-            a -= xi * tl.load(wt_ptr + i * H + j, mask=mask, other=0.0).to(CT)  # a_i
+            a -= xi * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)  # a_i
             h = _sigmoid(a)
-            v = tl.load(v_ptr + i * H + j, mask=mask, other=0.0).to(CT)
+            v = tl.load(v_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
             l = tl.load(b_ptr + i).to(CT) + tl.sum(v * h, axis=0)
             delta = g * (xi - _sigmoid(l))
             tl.store(gb_ptr + i, tl.load(gb_ptr + i) + delta)
-            row = i * H + j
+            row = i * H64 + j
             tl.store(gv_ptr + row, tl.load(gv_ptr + row, mask=mask) + delta * h, mask=mask)
             tl.store(gw_ptr + row, tl.load(gw_ptr + row, mask=mask) + xi * s, mask=mask)
             s += delta * v * (h * (1.0 - h))
