@@ -75,5 +75,6 @@ PYBIND11_MODULE(_C, m) {
   gk::bind_diffusion(m);
   gk::bind_causal_conv1d(m);
   gk::bind_masked_conv(m);
+  gk::bind_nade(m);
   gk::bind_pixelcnn_sampling(m);
 }

@@ -72,6 +72,7 @@ void bind_reparam(py::module_& m);
 void bind_diffusion(py::module_& m);
 void bind_causal_conv1d(py::module_& m);
 void bind_masked_conv(py::module_& m);
+void bind_nade(py::module_& m);
 void bind_pixelcnn_sampling(py::module_& m);
 
 }  // namespace gk

@@ -7,6 +7,7 @@ from .backend import backends, get_backend, set_backend
 from .causal_conv1d import causal_conv1d, causal_conv1d_update, gated_activation
 from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample
 from .masked_conv import masked_conv2d
+from .nade import nade_log_prob, nade_sample
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
 
@@ -26,6 +27,8 @@ __all__ = [
     "iwae_bound",
     "masked_conv2d",
     "models",
+    "nade_log_prob",
+    "nade_sample",
     "nn",
     "q_sample",
     "randn",

@@ -3,6 +3,6 @@
 Each kernel backend is tested against these. They favour clarity over speed, compute half types in
 float32 and random numbers in float64 from the exact Philox bits.
 """
-from . import causal_conv1d, diffusion, masked_conv, pixelcnn_sampling, random, reparam
+from . import causal_conv1d, diffusion, masked_conv, nade, pixelcnn_sampling, random, reparam
 
-__all__ = ["causal_conv1d", "diffusion", "masked_conv", "random", "reparam"]
+__all__ = ["causal_conv1d", "diffusion", "masked_conv", "nade", "pixelcnn_sampling", "random", "reparam"]
