@@ -55,6 +55,7 @@ class BenchCase:
         by this factor (whole work / measured work) and the row is marked extrapolated.
     max_repeats caps the timed runs (and cuts warmup to one call) for cases that take seconds per call.
     timed says what one call does when it is not just the op's forward pass ("forward+backward").
+    sized: False for a case whose shape does not follow the size: it runs at the first size only.
     A case with bytes_moved 0 is not memory-bound: it gets no bandwidth figures.
     """
 
@@ -72,6 +73,7 @@ class BenchCase:
     eager_scale: Callable[[int], float] | None = None
     max_repeats: int | None = None
     timed: str = PASS
+    sized: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,17 +343,17 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
     say(f"[copy] {format_size(max(config.sizes))} float32 copy bandwidth on {info.name}")
     copy_gbps = copy_bandwidth_gbps(max(config.sizes), config.device, config.repeats)
 
-    impls_per_case = [len(implementations(c, config.backends, config.use_compile)) for c in config.cases]
-    total, step, rows = sum(impls_per_case) * len(config.sizes), 0, []
-    for size in config.sizes:
-        for case in config.cases:
-            args = case.make_inputs(size, config.device, config.dtype)
-            for label, fn in implementations(case, config.backends, config.use_compile):
-                step += 1
-                say(f"[{step}/{total}] {case.name} {format_size(size)} {label}")
-                measured = _measure(case, size, label, fn, args, config.device, config.repeats)
-                rows.append(_row(case, size, config.dtype, label, measured))
-            del args  # free the inputs before the next case allocates its own
+    runs = [(size, case) for size in config.sizes for case in config.cases if case.sized or size == config.sizes[0]]
+    total = sum(len(implementations(case, config.backends, config.use_compile)) for _, case in runs)
+    step, rows = 0, []
+    for size, case in runs:
+        args = case.make_inputs(size, config.device, config.dtype)
+        for label, fn in implementations(case, config.backends, config.use_compile):
+            step += 1
+            say(f"[{step}/{total}] {case.name} {format_size(size)} {label}")
+            measured = _measure(case, size, label, fn, args, config.device, config.repeats)
+            rows.append(_row(case, size, config.dtype, label, measured))
+        del args  # free the inputs before the next case allocates its own
     _add_ratios(rows, copy_gbps)
     return _report(config, info, copy_gbps, rows, elapsed_s=time.perf_counter() - started)
 

@@ -191,7 +191,7 @@ CASES = (
     ),
     BenchCase(
         name="ddim_loop", family=FAMILY, make_inputs=_loop_inputs, genkern=genkern_ddim_loop,
-        eager=diffusers_ddim_loop, shape=lambda n: _LOOP_SHAPE, compile=False,
+        eager=diffusers_ddim_loop, shape=lambda n: _LOOP_SHAPE, compile=False, sized=False,
         # per step: reads the model output and the sample, writes the next sample (the denoiser excluded)
         bytes_moved=lambda n, dt: _LOOP_STEPS * 3 * _itemsize(dt) * 4 * 64 * 64,
     ),

@@ -61,6 +61,6 @@ CASES = (
     BenchCase(
         name="nade_log_prob", family=FAMILY,
         make_inputs=_inputs, genkern=genkern_nade_log_prob, eager=eager_nade_log_prob,
-        shape=_shape, bytes_moved=_bytes, timed="forward+backward", default=False, max_repeats=3,
+        shape=_shape, bytes_moved=_bytes, timed="forward+backward", default=False, max_repeats=3, sized=False,
     ),
 )

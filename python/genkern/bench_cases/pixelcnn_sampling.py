@@ -59,7 +59,7 @@ CASES = tuple(
         name=f"pixelcnn_sample_b{batch}", family=FAMILY, make_inputs=_inputs(batch), genkern=genkern_cached,
         eager=eager_naive_steps, shape=lambda size, b=batch: (b, 1, SIZE, SIZE), bytes_moved=lambda n, dt: 0,
         default=batch == 64, compile=False, items=lambda size, b=batch: b, item_unit="img",
-        eager_scale=lambda size: DIMS / NAIVE_STEPS, max_repeats=3, timed="whole sampling run",
+        eager_scale=lambda size: DIMS / NAIVE_STEPS, max_repeats=3, timed="whole sampling run", sized=False,
     )
     for batch in BATCHES
 )
