@@ -4,6 +4,7 @@
 #include "../causal_conv1d.h"
 
 #include <algorithm>
+#include <vector>
 #include <memory>
 
 #include "../common/causal_conv1d.h"
@@ -171,6 +172,34 @@ struct UpdateKernel {
     const T* bias = static_cast<const T*>(a.bias);
     T* y = static_cast<T*>(a.y);
     const int64_t W = a.state_len;
+    if (s.depthwise) {
+      // Channel c of image b reads and shifts only its own state row: one pass per image, the activation
+      // chosen once and applied in a vectorised loop (a row is a handful of multiply-adds).
+      std::vector<int64_t> back(s.k);
+      for (int64_t k = 0; k + 1 < s.k; ++k) back[k] = W - tap_shift(k, s.k, s.dilation);
+      const int64_t C = s.c_in;
+      with_activation(a.activation, [&](auto act) {
+        cpu::parallel_for(s.batch, [&](int64_t b) {
+          T* out = y + b * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const T* past = state + (b * C + c) * W;
+            const T* wrow = w + c * s.k;
+            T acc = bias ? bias[c] : T(0);
+            for (int64_t k = 0; k + 1 < s.k; ++k) acc += wrow[k] * past[back[k]];
+            out[c] = acc + wrow[s.k - 1] * x[b * C + c];
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) out[c] = activate<decltype(act)::value>(out[c]);
+          if (W == 0) return;
+          for (int64_t c = 0; c < C; ++c) {
+            T* past = state + (b * C + c) * W;
+            for (int64_t j = 0; j + 1 < W; ++j) past[j] = past[j + 1];
+            past[W - 1] = x[b * C + c];
+          }
+        });
+      });
+      return;
+    }
     // Every output reads the whole old state before any of it shifts: two passes.
     cpu::parallel_for(s.batch * s.c_out, [&](int64_t row) {
       const int64_t b = row / s.c_out, o = row % s.c_out;
