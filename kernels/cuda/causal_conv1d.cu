@@ -29,6 +29,7 @@ namespace causal_conv1d {
 namespace {
 
 using gpu::ceil_div;
+using gpu::divmod;
 using gpu::compute_t;
 using gpu::load;
 using gpu::store;
@@ -61,18 +62,6 @@ constexpr int64_t kSegmentMin = 4096;
 // State shift: elements per thread per stage.
 constexpr int kShiftPer = 4;
 
-// q = a / b, r = a % b (a >= 0, b > 0), in 32-bit arithmetic when that suffices (64-bit division is a
-// long software sequence on GPUs).
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (((a | b) >> 32) == 0) {
-    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-    q = q32;
-    r = static_cast<uint32_t>(a) - q32 * static_cast<uint32_t>(b);
-  } else {
-    q = a / b;
-    r = a - q * b;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // What the convolution kernels do with the finished sum z of output element idx.

@@ -28,6 +28,7 @@ namespace diffusion {
 namespace {
 
 using gpu::ceil_div;
+using gpu::divmod;
 using gpu::compute_t;
 using gpu::load;
 using gpu::store;
@@ -41,17 +42,6 @@ constexpr int64_t kMinSegmented = 1 << 16;
 constexpr int64_t kSegmentMin = 1 << 15;
 constexpr int64_t kTargetItems = 1024;
 
-// q = a / b, r = a % b (a >= 0, b > 0) in 32-bit arithmetic when that suffices.
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (((a | b) >> 32) == 0) {
-    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-    q = q32;
-    r = static_cast<uint32_t>(a) - q32 * static_cast<uint32_t>(b);
-  } else {
-    q = a / b;
-    r = a - q * b;
-  }
-}
 
 // The schedule row of sample b (clamped into the table, see level_clamped).
 __device__ __forceinline__ Level level_of(const float* table, int64_t rows, const int64_t* t, int64_t b) {

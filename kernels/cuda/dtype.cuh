@@ -161,5 +161,18 @@ inline unsigned grid_for(int64_t blocks) {
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// q = a / b, r = a % b (a >= 0, b > 0), in 32-bit arithmetic when that suffices: 64-bit division is a long
+// software sequence on GPUs.
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (((a | b) >> 32) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+    q = q32;
+    r = static_cast<uint32_t>(a) - q32 * static_cast<uint32_t>(b);
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
 }  // namespace gpu
 }  // namespace gk

@@ -22,6 +22,7 @@ namespace reparam {
 namespace {
 
 using gpu::ceil_div;
+using gpu::divmod;
 using gpu::compute_t;
 using gpu::load;
 using gpu::store;
@@ -29,18 +30,6 @@ using gpu::store;
 constexpr int kThreads = 256;
 constexpr int kColX = 32, kColY = 8;  // reduce_cols_kernel and iwae_backward_kernel blocks
 
-// q = a / b, r = a % b (a >= 0, b > 0) in 32-bit arithmetic when that suffices: 64-bit division is a
-// long software routine.
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (((a | b) >> 32) == 0) {
-    const uint32_t q32 = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-    q = q32;
-    r = static_cast<uint32_t>(a) - q32 * static_cast<uint32_t>(b);
-  } else {
-    q = a / b;
-    r = a - q * b;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // eps

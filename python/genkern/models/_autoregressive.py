@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from .. import backend as _backend
-from ..pixelcnn_sampling import FAMILY, Program, draw_base, gumbel_argmax
+from ..pixelcnn_sampling import FAMILY, draw_base, gumbel_argmax
 from ..random import check_offset, resolve_seed
 
 METHODS = ("cached", "naive")
@@ -126,6 +126,3 @@ class AutoregressiveImageModel(nn.Module):
                     base = draw_base(first_sample, n, self.dims, position, self.levels, out.device)
                     out[:, c, i, j] = gumbel_argmax(logits, base, seed=seed, offset=offset, backend=backend)
         return out
-
-    def program(self, n: int, cond: Tensor | None) -> Program:
-        raise NotImplementedError
