@@ -15,7 +15,7 @@ from ..random import check_offset, resolve_seed
 METHODS = ("cached", "naive")
 
 
-def image_size(value) -> tuple[int, int]:
+def _image_size(value) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"image_size must be an int or (H, W), got {value!r}")
@@ -32,7 +32,7 @@ class AutoregressiveImageModel(nn.Module):
         super().__init__()
         self.in_channels = _checks.integer("in_channels", in_channels, low=1)
         self.levels = _checks.integer("levels", levels, low=2)
-        self.image_size = globals()["image_size"](image_size)
+        self.image_size = _image_size(image_size)
         self.cond_channels = _checks.integer("cond_channels", cond_channels, low=0)
         # The network sees levels mapped linearly onto [-1, 1].
         self.input_scale, self.input_shift = 2.0 / (self.levels - 1), -1.0
