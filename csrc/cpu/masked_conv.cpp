@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/masked_conv.h"
+#include "memory.h"
 #include "parallel.h"
 
 namespace gk {
@@ -59,18 +60,9 @@ void parallel_for_work(int64_t n, int64_t work, Fn fn) {
   cpu::parallel_for(n, fn);
 }
 
-// Scratch memory aligned to a vector.
-struct AlignedDelete {
-  void operator()(void* p) const { ::operator delete[](p, std::align_val_t(kVectorBytes)); }
-};
 template <typename T>
-using Buffer = std::unique_ptr<T[], AlignedDelete>;
-
-template <typename T>
-Buffer<T> allocate(int64_t n) {
-  const size_t bytes = sizeof(T) * static_cast<size_t>(std::max<int64_t>(n, 1));
-  return Buffer<T>(static_cast<T*>(::operator new[](bytes, std::align_val_t(kVectorBytes))));
-}
+using Buffer = cpu::AlignedBuffer<T>;
+static_assert(cpu::kScratchAlign == kVectorBytes, "scratch is aligned to a vector");
 
 // The padded copies are as large as the inputs, and fresh memory page-faults on its first write (dearly in
 // a VM), so each calling thread keeps one buffer per slot, grown as needed, for its next calls. Calls on one
@@ -85,7 +77,7 @@ T* scratch(Slot slot, int64_t n) {
   if (bytes > capacity[slot]) {
     memory[slot].reset();  // the old buffer goes first: never both at once
     capacity[slot] = 0;
-    memory[slot] = allocate<unsigned char>(bytes);
+    memory[slot] = cpu::allocate_aligned<unsigned char>(bytes);
     capacity[slot] = bytes;
   }
   return reinterpret_cast<T*>(memory[slot].get());
@@ -156,7 +148,7 @@ struct Packed {
 template <typename T, typename Kept, typename Value>
 Packed<T> pack(int64_t outputs, int64_t inputs, int64_t taps, Kept kept, Value value) {
   const int64_t blocks = (outputs + kBlock - 1) / kBlock;
-  Packed<T> p{allocate<T>(blocks * taps * inputs * kBlock),
+  Packed<T> p{cpu::allocate_aligned<T>(blocks * taps * inputs * kBlock),
               std::vector<int64_t>(blocks * taps, 0), std::vector<int64_t>(blocks * taps, 0)};
   for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t t = 0; t < taps; ++t) {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/categorical.h"
+#include "memory.h"
 #include "parallel.h"
 #include "philox_blocks.h"
 
@@ -35,14 +36,9 @@ constexpr int kVectorBlock = 4;  // output-channel vectors per register block: 4
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-struct AlignedDelete {
-  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
-};
-using Buffer = std::unique_ptr<float[], AlignedDelete>;
+using Buffer = cpu::AlignedBuffer<float>;
 
-Buffer allocate(int64_t n) {
-  return Buffer(static_cast<float*>(::operator new[](sizeof(float) * std::max<int64_t>(n, 1), std::align_val_t(64))));
-}
+Buffer allocate(int64_t n) { return cpu::allocate_aligned<float>(n); }
 
 // A convolution node's weight as (taps * C_in) rows of C_out padded to whole vectors (zeros beyond C_out).
 struct PackedWeight {
