@@ -1,6 +1,5 @@
 // Entry points of the pixelcnn_sampling family: the program and the arrays are checked here, so that the
-// kernels can index without bounds tests beyond the image border. CPU kernels only; the Python layer runs
-// the reference on other devices.
+// kernels (CPU and CUDA) can index without bounds tests beyond the image border.
 #include "pixelcnn_sampling.h"
 
 #include <pybind11/stl.h>
@@ -16,16 +15,16 @@ using namespace pixelcnn_sampling;
 
 namespace {
 
-void check_cpu(const Array& a, const char* name) {
-  if (a.device != Device::cpu)
-    throw ValueError(std::string(name) + ": the pixelcnn_sampling kernels run on the cpu only (use backend='reference')");
+void check_device(const Array& a, const Array& where, const char* name, const char* where_name) {
+  if (a.device != where.device || a.device_index != where.device_index)
+    throw ValueError(std::string(name) + " and " + where_name + " are on different devices");
 }
 
 void gumbel_argmax_entry(const Array& logits, const Array& base, const Array& out, uint64_t seed, uint64_t offset,
-                         uintptr_t /*stream*/) {
+                         uintptr_t stream) {
   check_contiguous(logits, "logits");
   check_float(logits, "logits");
-  if (logits.dtype != DType::float32 && logits.dtype != DType::float64)
+  if (logits.device == Device::cpu && logits.dtype != DType::float32 && logits.dtype != DType::float64)
     throw TypeError("logits: the cpu backend takes float32 or float64");
   if (logits.ndim() != 2) throw ValueError("logits must have shape (N, levels)");
   if (logits.shape[1] < 1) throw ValueError("logits must have at least one level");
@@ -34,27 +33,26 @@ void gumbel_argmax_entry(const Array& logits, const Array& base, const Array& ou
     check_contiguous(*a, name);
     check_dtype(*a, DType::int64, name);
     check_numel(*a, logits.shape[0], name);
-    check_cpu(*a, name);
+    check_device(*a, logits, name, "logits");
   }
-  check_cpu(logits, "logits");
   const GumbelArgmaxArgs args{logits.raw(), base.ptr<int64_t>(), out.ptr<int64_t>(), logits.shape[0],
                               logits.shape[1], seed, offset, logits.dtype};
   if (args.rows == 0) return;
-  py::gil_scoped_release release;
-  gumbel_argmax_cpu(args);
+  run_on_device(logits, args, stream, gumbel_argmax_cpu, GK_CUDA(gumbel_argmax_cuda));
 }
 
-const Array& float_array(const py::handle& h, const char* name) {
+// A float32 array of the program, on out's device.
+const Array& float_array(const py::handle& h, const Array& out, const char* name) {
   const Array& a = py::cast<const Array&>(h);
   check_contiguous(a, name);
   check_dtype(a, DType::float32, name);
-  check_cpu(a, name);
+  check_device(a, out, name, "out");
   return a;
 }
 
 // One node from its Python tuple:
 // (kind, row_level, in, out, residual, relu_input, accumulate, dy, dx, weight, bias, cond).
-Node parse_node(const py::handle& h, const std::vector<int64_t>& channels, int64_t batch, const std::string& where) {
+Node parse_node(const py::handle& h, const std::vector<int64_t>& channels, const Array& out, const std::string& where) {
   const py::tuple t = py::cast<py::tuple>(h);
   if (t.size() != 12) throw ValueError(where + ": a node is a 12-tuple");
   Node n;
@@ -81,18 +79,18 @@ Node parse_node(const py::handle& h, const std::vector<int64_t>& channels, int64
   n.dx = py::cast<std::vector<int64_t>>(t[8]);
   const int64_t taps = static_cast<int64_t>(n.dy.size());
   if (taps < 1 || n.dx.size() != n.dy.size()) throw ValueError(where + ": dy and dx must list the same taps (>= 1)");
-  const Array& w = float_array(t[9], "weight");
+  const Array& w = float_array(t[9], out, "weight");
   if (w.ndim() != 3 || w.shape[0] != taps || w.shape[1] != n.c_in || w.shape[2] != n.c_out)
     throw ValueError(where + ": weight must have shape (taps, C_in, C_out) of its caches");
   n.weight = w.ptr<const float>();
   if (!t[10].is_none()) {
-    const Array& b = float_array(t[10], "bias");
+    const Array& b = float_array(t[10], out, "bias");
     check_numel(b, n.c_out, "bias");
     n.bias = b.ptr<const float>();
   }
   if (!t[11].is_none()) {
-    const Array& c = float_array(t[11], "cond");
-    check_numel(c, batch * n.c_out, "cond");
+    const Array& c = float_array(t[11], out, "cond");
+    check_numel(c, out.shape[0] * n.c_out, "cond");
     n.cond = c.ptr<const float>();
   }
   if (n.residual >= 0 && channels[n.residual] != n.c_out)
@@ -130,10 +128,9 @@ void check_order(const std::vector<Node>& nodes, int caches) {
 }
 
 void sample_entry(const py::list& caches, const py::list& nodes, const Array& out, int logits, int64_t levels,
-                  double scale, double shift, uint64_t seed, uint64_t offset, uint64_t first_sample) {
+                  double scale, double shift, uint64_t seed, uint64_t offset, uint64_t first_sample, uintptr_t stream) {
   check_contiguous(out, "out");
   check_dtype(out, DType::int64, "out");
-  check_cpu(out, "out");
   if (out.ndim() != 4) throw ValueError("out must have shape (B, C, H, W)");
   SampleArgs a;
   a.batch = out.shape[0];
@@ -145,7 +142,7 @@ void sample_entry(const py::list& caches, const py::list& nodes, const Array& ou
   if (!std::isfinite(scale) || !std::isfinite(shift)) throw ValueError("scale and shift must be finite");
   if (caches.size() < 2) throw ValueError("caches: the input cache and at least one more");
   for (size_t k = 0; k < caches.size(); ++k) {
-    const Array& c = float_array(caches[k], "caches");
+    const Array& c = float_array(caches[k], out, "caches");
     if (c.ndim() != 4 || c.shape[0] != a.batch || c.shape[1] != a.height || c.shape[2] != a.width)
       throw ValueError("caches[" + std::to_string(k) + "] must have shape (B, H, W, channels) with out's B, H, W");
     a.caches.push_back(c.ptr<float>());
@@ -155,7 +152,7 @@ void sample_entry(const py::list& caches, const py::list& nodes, const Array& ou
   if (logits < 1 || logits >= static_cast<int>(caches.size()) || a.channels[logits] != a.colors * levels)
     throw ValueError("logits must name a cache with colours * levels channels");
   for (size_t k = 0; k < nodes.size(); ++k)
-    a.nodes.push_back(parse_node(nodes[k], a.channels, a.batch, "nodes[" + std::to_string(k) + "]"));
+    a.nodes.push_back(parse_node(nodes[k], a.channels, out, "nodes[" + std::to_string(k) + "]"));
   check_order(a.nodes, static_cast<int>(caches.size()));
   a.logits = logits;
   a.out = out.ptr<int64_t>();
@@ -165,8 +162,7 @@ void sample_entry(const py::list& caches, const py::list& nodes, const Array& ou
   a.offset = offset;
   a.first_sample = first_sample;
   if (out.numel() == 0) return;
-  py::gil_scoped_release release;
-  sample_cpu(a);
+  run_on_device(out, a, stream, sample_cpu, GK_CUDA(sample_cuda));
 }
 
 }  // namespace
@@ -176,7 +172,7 @@ void bind_pixelcnn_sampling(py::module_& m) {
   m.def("pixelcnn_sampling_gumbel_argmax", &gumbel_argmax_entry, arg("logits"), arg("base"), arg("out"), arg("seed"), arg("offset"),
         arg("stream") = 0);
   m.def("pixelcnn_sampling_sample", &sample_entry, arg("caches"), arg("nodes"), arg("out"), arg("logits"), arg("levels"),
-        arg("scale"), arg("shift"), arg("seed"), arg("offset"), arg("first_sample"));
+        arg("scale"), arg("shift"), arg("seed"), arg("offset"), arg("first_sample"), arg("stream") = 0);
 }
 
 }  // namespace gk

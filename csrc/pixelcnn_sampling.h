@@ -56,5 +56,10 @@ struct SampleArgs {
 void gumbel_argmax_cpu(const GumbelArgmaxArgs& a);
 void sample_cpu(const SampleArgs& a);
 
+#ifdef GENKERN_WITH_CUDA
+void gumbel_argmax_cuda(const GumbelArgmaxArgs& a, void* stream);
+void sample_cuda(const SampleArgs& a, void* stream);
+#endif
+
 }  // namespace pixelcnn_sampling
 }  // namespace gk

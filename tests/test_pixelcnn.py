@@ -12,6 +12,7 @@ from genkern.models import GatedPixelCNN, PixelCNN
 from genkern.nn import GatedMaskedConv2d
 from genkern.pixelcnn_sampling import draw_base, gumbel_argmax
 from genkern.reference.masked_conv import mask
+from conftest import device_for
 
 MODELS = [PixelCNN, GatedPixelCNN]
 SAMPLER_BACKENDS = genkern.backends("pixelcnn_sampling")
@@ -129,7 +130,7 @@ def test_logits_ignore_perturbations_at_and_after_a_dimension(cls, colors):
 @pytest.mark.parametrize("colors", [1, 3])
 @pytest.mark.parametrize("backend", SAMPLER_BACKENDS)
 def test_cached_sampling_equals_naive_sampling(cls, colors, backend):
-    m = randomize(make(cls, colors, levels=5, size=(4, 5), hidden=6, n_layers=3), 0.5)
+    m = randomize(make(cls, colors, levels=5, size=(4, 5), hidden=6, n_layers=3), 0.5).to(device_for(backend))
     cached = m.sample(3, seed=7, offset=1, backend=backend)
     naive = m.sample(3, seed=7, offset=1, method="naive")
     assert torch.equal(cached, naive)
@@ -145,7 +146,8 @@ def test_masked_weights_are_ignored_by_every_sampler():
                         conv.out_channels, conv.color_groups)
             conv.weight.masked_fill_(keep == 0, float("nan"))
     for backend in SAMPLER_BACKENDS:
-        assert torch.equal(m.sample(2, seed=1, backend=backend), want)
+        assert torch.equal(m.to(device_for(backend)).sample(2, seed=1, backend=backend).cpu(), want)
+    m.cpu()
     assert torch.equal(m.sample(2, seed=1, method="naive"), want)
 
 

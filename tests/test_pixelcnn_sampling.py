@@ -1,11 +1,12 @@
 """The pixelcnn_sampling family: Gumbel-max draws on the genkern stream and the cached sampler's program
-runner, compiled (cpu) against the reference."""
+runner, compiled (cpu, cuda) against the reference."""
 import math
 
 import pytest
 import torch
 
 import genkern
+from conftest import device_for, dtypes_for
 from genkern.pixelcnn_sampling import Program, draw_base, gumbel_argmax
 from genkern.reference import pixelcnn_sampling as ref
 
@@ -13,19 +14,19 @@ SAMPLER_BACKENDS = genkern.backends("pixelcnn_sampling")
 KERNELS = [b for b in SAMPLER_BACKENDS if b != "reference"]
 
 
-@pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend, dtype", [(b, d) for b in KERNELS for d in dtypes_for(b)])
 @pytest.mark.parametrize("levels", [1, 2, 3, 7, 256])
 def test_gumbel_argmax_matches_the_reference(backend, dtype, levels):
     g = torch.Generator().manual_seed(levels)
-    logits = torch.randn(300, levels, generator=g, dtype=dtype) * 3
+    logits = (torch.randn(300, levels, generator=g, dtype=torch.float64) * 3).to(dtype)
     base = torch.randint(0, 1 << 40, (300,), generator=g)
+    logits, base = logits.to(device_for(backend)), base.to(device_for(backend))
     got = gumbel_argmax(logits, base, seed=11, offset=5, backend=backend)
     want = ref.gumbel_argmax(logits, base, 11, 5)
     # The kernel adds noise in float32 with a few-ulp log: a draw may differ only at a near-tie.
     differ = got != want
     assert differ.float().mean() <= 0.01
-    noise = ref.gumbel(base[:, None] + torch.arange(levels), 11, 5)
+    noise = ref.gumbel(base[:, None] + torch.arange(levels, device=base.device), 11, 5)
     scores = logits.double() + noise
     rows = differ.nonzero().flatten()
     gap = (scores[rows, want[rows]] - scores[rows, got[rows]]).abs()
@@ -43,7 +44,9 @@ def test_gumbel_argmax_draws_follow_the_softmax(backend):
     threshold is the 0.999999 quantile of chi2 with 4 degrees of freedom: a false failure once in 10^6."""
     logits = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
     n = 40000
-    draws = gumbel_argmax(logits.expand(n, 5).contiguous(), torch.arange(n) * 5, seed=3, backend=backend)
+    device = device_for(backend)
+    draws = gumbel_argmax(logits.expand(n, 5).contiguous().to(device), torch.arange(n, device=device) * 5, seed=3,
+                          backend=backend).cpu()
     counts = torch.bincount(draws, minlength=5).double()
     expected = torch.softmax(logits.double(), 0) * n
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
@@ -65,7 +68,8 @@ def test_gumbel_argmax_depends_on_seed_offset_and_base():
 def test_gumbel_argmax_is_an_op():
     logits, base = torch.randn(7, 5), torch.arange(7) * 5
     for backend in SAMPLER_BACKENDS:
-        torch.library.opcheck(torch.ops.genkern.gumbel_argmax.default, (logits, base, 3, 0, backend))
+        device = device_for(backend)
+        torch.library.opcheck(torch.ops.genkern.gumbel_argmax.default, (logits.to(device), base.to(device), 3, 0, backend))
 
 
 @pytest.mark.parametrize("logits, base, kwargs, error, match", [
@@ -120,7 +124,8 @@ def test_program_runner_matches_the_reference(backend, batch):
     levels = 3
     p = small_program(batch, levels=levels)
     kwargs = dict(levels=levels, scale=0.7, shift=-0.3, seed=4, offset=2, first_sample=3)
-    got = p.run(torch.zeros(batch, 2, 4, 5, dtype=torch.int64), backend=backend, **kwargs)
+    got = p.run(torch.zeros(batch, 2, 4, 5, dtype=torch.int64, device=device_for(backend)), backend=backend,
+                **kwargs).cpu()
     want = p.run(torch.zeros(batch, 2, 4, 5, dtype=torch.int64), backend="reference", **kwargs)
     assert torch.equal(got, want)
     assert got.unique().numel() == levels  # the test is not trivial
@@ -129,7 +134,7 @@ def test_program_runner_matches_the_reference(backend, batch):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_program_runner_empty_batch(backend):
     p = small_program(0)
-    out = p.run(torch.zeros(0, 2, 4, 5, dtype=torch.int64), levels=3, scale=1.0, shift=0.0, seed=0, offset=0,
+    out = p.run(torch.zeros(0, 2, 4, 5, dtype=torch.int64, device=device_for(backend)), levels=3, scale=1.0, shift=0.0, seed=0, offset=0,
                 first_sample=0, backend=backend)
     assert out.shape == (0, 2, 4, 5)
 
@@ -181,3 +186,9 @@ def test_program_arrays_are_checked():
         run_raw(nodes, levels=3)
     with pytest.raises(TypeError, match="out"):
         run_raw(nodes, out=torch.zeros(2, 1, 3, 3))
+    # Arrays on another device than out's: refused before anything reads them (the description alone).
+    w = torch.zeros(1, 1, 4)
+    elsewhere = genkern._native._C.Array(w.data_ptr(), [1, 1, 4], [4, 4, 1], genkern._native._C.DType.float32,
+                                         genkern._native._C.Device.cuda, 0)
+    with pytest.raises(ValueError, match="weight and out are on different devices"):
+        run_raw([(0, False, 0, 1, -1, False, False, [-1], [0], elsewhere, None, None), conv_node(1, 2, 4, 2)])

@@ -26,7 +26,7 @@ _FLOAT_DTYPES = {
 # lacks is never picked automatically for it; a process-wide choice of one falls back to the automatic pick
 # for that family, and an explicit `backend=` argument naming one is an error.
 _FAMILY_BACKENDS = {
-    "pixelcnn_sampling": ("cpu", "reference"),
+    "pixelcnn_sampling": ("cpu", "cuda", "reference"),
 }
 
 _process_backend: str | None = None

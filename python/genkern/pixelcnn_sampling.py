@@ -4,9 +4,9 @@
 
 Cached sampling runs a model as a `Program` (built by the model, see genkern.models.PixelCNN): every layer
 keeps its activations, and each new pixel and colour computes only its own position in every layer, from
-the cached window of earlier positions. The cpu backend runs the whole pixel loop in compiled code; the
-reference runs the same program position by position in torch (any device).
-"""
+the cached window of earlier positions. The cpu backend runs the whole pixel loop in compiled code, the
+cuda backend in one kernel launch (a block per few samples); the reference runs the same program position
+by position in torch (any device)."""
 from __future__ import annotations
 
 import torch

@@ -35,8 +35,13 @@ def sample(caches: list[Tensor], nodes: list[tuple], out: Tensor, logits: int, l
     if backend == "reference":
         ref.sample(caches, nodes, out, logits, levels, scale, shift, seed, offset, first_sample)
         return
-    if backend != "cpu":
+    if backend not in ("cpu", "cuda"):
         raise ValueError(f"the cached sampler has no {backend} kernel")
     described = [tuple(_native.array(v) if isinstance(v, Tensor) else v for v in node) for node in nodes]
-    _native._C.pixelcnn_sampling_sample([_native.array(c) for c in caches], described, _native.array(out), logits,
-                                         levels, scale, shift, seed, offset, first_sample)
+    args = ([_native.array(c) for c in caches], described, _native.array(out), logits, levels, scale, shift, seed,
+            offset, first_sample)
+    if out.is_cuda:
+        with torch.cuda.device(out.device):
+            _native._C.pixelcnn_sampling_sample(*args, stream=torch.cuda.current_stream(out.device).cuda_stream)
+    else:
+        _native._C.pixelcnn_sampling_sample(*args)
