@@ -78,7 +78,7 @@ def test_sampling_case_reports_images_per_second(tmp_path, capsys):
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert {"eager", "genkern:cpu"} == rows.keys()  # no torch.compile of a Python sampling loop
     naive, cached = rows["eager"], rows["genkern:cpu"]
-    assert naive["extrapolated_by"] == sampling_cases.DIMS / sampling_cases.NAIVE_STEPS
+    assert naive["extrapolated_by"] == 28 * 28 / sampling_cases.NAIVE_STEPS
     assert naive["time_ms"] == pytest.approx(naive["measured_ms"] * naive["extrapolated_by"])
     for row in (naive, cached):
         assert row["items"] == 1 and row["item_unit"] == "img" and row["gbps"] is None
@@ -97,6 +97,27 @@ def test_sampling_cases_draw_the_same_pixels(case):
     eager = case.eager(model, x.clone())
     steps = sampling_cases.NAIVE_STEPS
     assert torch.equal(ours[:, 0, 0, :steps], eager[:, 0, 0, :steps])
+
+
+def test_the_rgb_sampling_case_draws_the_colours_in_turn():
+    """The 32x32 RGB case at batch 1: its first NAIVE_STEPS draws run over the colours of a pixel first."""
+    case = next(c for c in CASES if c.name == "pixelcnn_sample_rgb32_b256")
+    model, _ = case.make_inputs(SMALL, torch.device("cpu"), torch.float32)
+    x = torch.zeros(1, 3, 32, 32, dtype=torch.int64)
+    ours = model.sample(1, seed=0, backend="cpu")
+    eager = case.eager(model, x)
+    steps = sampling_cases.NAIVE_STEPS  # raster order, colours inside a pixel
+    order = ours.permute(0, 2, 3, 1).reshape(1, -1)[:, :steps]
+    assert torch.equal(order, eager.permute(0, 2, 3, 1).reshape(1, -1)[:, :steps])
+    assert case.shape(0) == (256, 3, 32, 32) and case.eager_scale(0) == 3 * 32 * 32 / steps
+
+
+def test_default_cases_follow_the_device():
+    cpu = {c.name for c in bench.select_cases(CASES, None, "cpu")}
+    cuda = {c.name for c in bench.select_cases(CASES, None, "cuda")}
+    assert "pixelcnn_sample_b64" in cpu and "pixelcnn_sample_b64" in cuda
+    assert "pixelcnn_sample_rgb32_b256" in cuda and "pixelcnn_sample_rgb32_b256" not in cpu
+    assert "pixelcnn_sample_b256" not in cpu | cuda  # in --ops runs only
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.family != "pixelcnn_sampling"], ids=lambda c: c.name)

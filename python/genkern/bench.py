@@ -45,7 +45,8 @@ class BenchCase:
     shape(size) is the main tensor's shape, for the report.
     bytes_moved(size, dtype) is the least memory traffic any implementation needs: every input read once
         and every output written once. Achieved GB/s is computed from it.
-    default: whether a plain `genkern bench` (no --ops) includes the case.
+    default: whether a plain `genkern bench` (no --ops) includes the case; a device type ("cuda") includes
+        it on that device only (a target shape too slow to time on a CPU).
     compile: whether torch.compile of `eager` is timed too (not for baselines that are whole Python loops
         over another library's objects, which it does not capture).
     items(size) -> how many things one call produces (images for a sampler), for a throughput column;
@@ -66,7 +67,7 @@ class BenchCase:
     eager: Callable[..., Any]
     shape: Callable[[int], tuple[int, ...]]
     bytes_moved: Callable[[int, torch.dtype], int]
-    default: bool = True
+    default: bool | str = True
     compile: bool = True
     items: Callable[[int], int] | None = None
     item_unit: str = ""
@@ -177,10 +178,12 @@ def _runs_fast(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     return _backend.runs_on(name, device, dtype)
 
 
-def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None) -> list[BenchCase]:
-    """Cases by op or family name, in registry order; the default cases when `names` is None."""
+def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None,
+                 device_type: str = "cpu") -> list[BenchCase]:
+    """Cases by op or family name, in registry order; the default cases (for this device type) when `names`
+    is None."""
     if names is None:
-        return [c for c in cases if c.default]
+        return [c for c in cases if c.default is True or c.default == device_type]
     names = list(names)
     known = {c.name for c in cases} | {c.family for c in cases}
     unknown = [n for n in names if n not in known]

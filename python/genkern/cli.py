@@ -65,7 +65,7 @@ def _bench_config(args: argparse.Namespace, command: Sequence[str]) -> bench.Con
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     sizes = [bench.parse_size(s) for s in _split(args.sizes or DEFAULT_SIZES[device.type])]
-    cases = bench.select_cases(CASES, _split(args.ops))
+    cases = bench.select_cases(CASES, _split(args.ops), device.type)
     for case in cases:  # fail before any timing, not halfway through the run
         for size in sizes:
             case.shape(size)

@@ -1,11 +1,16 @@
-"""Benchmark cases of the pixelcnn_sampling family: images/s sampling a 28x28, 256-level PixelCNN (64
-channels, 9 masked layers: a 7x7 mask A, eight residual 3x3 mask B, a 1x1 head) at batch 1 to 256.
+"""Benchmark cases of the pixelcnn_sampling family: images/s sampling a 256-level PixelCNN with 9 masked
+layers (a 7x7 mask A, eight residual 3x3 mask B, a 1x1 head):
+
+- 28x28 grey images, 64 channels, at batch 1 to 256 (the CPU target is batch 64; plain `genkern bench` runs
+  that one);
+- 32x32 RGB images, 96 channels (divisible by the 3 colour groups), at batch 256: the GPU target (plain
+  `genkern bench` runs it on a GPU only).
 
 genkern runs the cached sampler (each position once per layer, the pixel loop in compiled code). The eager
 baseline is naive sampling as a PyTorch user writes it: the whole network (F.conv2d on the masked weights)
-once per pixel, then a Gumbel-max draw. Naive sampling is 784 identical full passes, so the baseline times
-the first NAIVE_STEPS of them and is scaled by 784 / NAIVE_STEPS (marked extrapolated). The sizes are
-ignored; plain `genkern bench` runs batch 64 only (the target shape), `--ops pixelcnn_sampling` all of them.
+once per pixel and colour, then a Gumbel-max draw. Naive sampling is D identical full passes (D = colours x
+height x width), so the baseline times the first NAIVE_STEPS of them and is scaled by D / NAIVE_STEPS
+(marked extrapolated). The sizes are ignored; `--ops pixelcnn_sampling` runs every case.
 """
 from __future__ import annotations
 
@@ -19,34 +24,38 @@ from ..models import PixelCNN
 from ..pixelcnn_sampling import draw_base, gumbel_argmax
 
 FAMILY = "pixelcnn_sampling"
-LEVELS, SIZE, HIDDEN, LAYERS = 256, 28, 64, 9
-DIMS = SIZE * SIZE
+LEVELS, LAYERS = 256, 9
 NAIVE_STEPS = 4
-BATCHES = (1, 4, 16, 64, 256)
+# (name, colours, image side, hidden channels, batch, default)
+SHAPES = (*((f"pixelcnn_sample_b{b}", 1, 28, 64, b, b == 64) for b in (1, 4, 16, 64, 256)),
+          ("pixelcnn_sample_rgb32_b256", 3, 32, 96, 256, "cuda"))
 
 
 @functools.lru_cache(maxsize=None)
-def _model(device: torch.device) -> PixelCNN:
+def _model(colors: int, side: int, hidden: int, device: torch.device) -> PixelCNN:
     torch.manual_seed(0)
-    return PixelCNN(1, LEVELS, SIZE, hidden_channels=HIDDEN, n_layers=LAYERS).to(device).eval()
+    return PixelCNN(colors, LEVELS, side, hidden_channels=hidden, n_layers=LAYERS).to(device).eval()
 
 
-def _inputs(batch: int):
+def _inputs(colors: int, side: int, hidden: int, batch: int):
     def make(size, device, dtype):
-        return _model(device), torch.zeros(batch, 1, SIZE, SIZE, dtype=torch.int64, device=device)
+        x = torch.zeros(batch, colors, side, side, dtype=torch.int64, device=device)
+        return _model(colors, side, hidden, device), x
 
     return make
 
 
 @torch.no_grad()
 def eager_naive_steps(model, x):
-    """The first NAIVE_STEPS pixels of naive sampling, all in eager PyTorch (genkern's reference backend)."""
+    """The first NAIVE_STEPS draws of naive sampling, all in eager PyTorch (genkern's reference backend)."""
+    colors, height, width = x.shape[1:]
     with _backend.set_backend("reference"):
         for d in range(NAIVE_STEPS):
-            i, j = divmod(d, SIZE)
-            logits = model(x)[:, :, 0, i, j].contiguous()
-            base = draw_base(0, x.shape[0], DIMS, d, LEVELS, x.device)
-            x[:, 0, i, j] = gumbel_argmax(logits, base, seed=0)
+            pixel, c = divmod(d, colors)
+            i, j = divmod(pixel, width)
+            logits = model(x)[:, :, c, i, j].contiguous()
+            base = draw_base(0, x.shape[0], model.dims, d, LEVELS, x.device)
+            x[:, c, i, j] = gumbel_argmax(logits, base, seed=0)
     return x
 
 
@@ -56,10 +65,11 @@ def genkern_cached(model, x, backend=None):
 
 CASES = tuple(
     BenchCase(
-        name=f"pixelcnn_sample_b{batch}", family=FAMILY, make_inputs=_inputs(batch), genkern=genkern_cached,
-        eager=eager_naive_steps, shape=lambda size, b=batch: (b, 1, SIZE, SIZE), bytes_moved=lambda n, dt: 0,
-        default=batch == 64, compile=False, items=lambda size, b=batch: b, item_unit="img",
-        eager_scale=lambda size: DIMS / NAIVE_STEPS, max_repeats=3, timed="whole sampling run", sized=False,
+        name=name, family=FAMILY, make_inputs=_inputs(colors, side, hidden, batch), genkern=genkern_cached,
+        eager=eager_naive_steps, shape=lambda size, s=(batch, colors, side, side): s, bytes_moved=lambda n, dt: 0,
+        default=default, compile=False, items=lambda size, b=batch: b, item_unit="img",
+        eager_scale=lambda size, d=colors * side * side: d / NAIVE_STEPS, max_repeats=3, timed="whole sampling run",
+        sized=False,
     )
-    for batch in BATCHES
+    for name, colors, side, hidden, batch, default in SHAPES
 )
