@@ -7,13 +7,15 @@
 // zeros and whole masked taps are not visited at all. grad_weight puts output channels along the vector
 // lanes (grad_y transposed to channels-last) and broadcasts input pixels; each task owns a block of
 // (output, input) pairs and sums over (image, row, column) in a fixed order: no atomics, and the same bits
-// whatever the thread count.
+// whatever the thread count. With few input channels (a first layer on pixels) grad_weight instead puts
+// pixels along the lanes, which needs no transposed copy of grad_y.
 #include "../masked_conv.h"
 
 #include <algorithm>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "../common/masked_conv.h"
@@ -358,6 +360,128 @@ struct GradWeightTaps {
   }
 };
 
+// grad_weight for few input channels (a first layer on pixels), with pixels along the vector lanes: no
+// transposed copy of grad_y, whose size would dwarf the work. A task owns kFewOuts output channels and one
+// input channel. Per image it stages those channels' grad_y planes with rows padded to whole tiles (zeros
+// past the width), then for groups of up to kFewTaps taps keeps kFewOuts x taps vector sums in registers
+// over the image; lanes are added at the end. grad_bias is summed from the staged rows by the tasks of
+// input channel 0, so grad_y is read once. The order of every sum is fixed by the shapes alone.
+constexpr int kFewOuts = 4;
+constexpr int kFewTaps = 6;
+
+template <typename T>
+T lane_sum(const typename Simd<T>::vec& v) {
+  alignas(kVectorBytes) T lanes[Simd<T>::kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  T total = 0;
+  for (int64_t l = 0; l < Simd<T>::kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+template <typename T, int NT>
+struct GradWeightPixelLanes {
+  using S = Simd<T>;
+  using vec = typename S::vec;
+  // acc[o][n] += gys[o](row i, vector v) * x(row i + tap n's offset, vector v) over the image's rows.
+  static void run(vec* acc, const T* gys, int64_t gy_plane, const T* x, const int64_t* offset, int64_t rows,
+                  int64_t row_stride, int64_t tiled_width) {
+    vec sum[kFewOuts][NT];
+    for (int o = 0; o < kFewOuts; ++o)
+      for (int n = 0; n < NT; ++n) sum[o][n] = acc[o * kFewTaps + n];
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < tiled_width; j += S::kLanes) {
+        vec g[kFewOuts];
+        for (int o = 0; o < kFewOuts; ++o) g[o] = S::load(gys + o * gy_plane + i * tiled_width + j);
+        for (int n = 0; n < NT; ++n) {
+          const vec xv = S::load(x + i * row_stride + offset[n] + j);
+          for (int o = 0; o < kFewOuts; ++o) sum[o][n] += g[o] * xv;
+        }
+      }
+    for (int o = 0; o < kFewOuts; ++o)
+      for (int n = 0; n < NT; ++n) acc[o * kFewTaps + n] = sum[o][n];
+  }
+};
+
+template <typename T>
+void grad_weight_pixel_lanes(const GradWeightArgs& a, const Geometry& g, const T* x, const std::vector<int64_t>& offset) {
+  using S = Simd<T>;
+  using vec = typename S::vec;
+  const ConvShape& s = a.s;
+  const int64_t k = s.kernel_size, taps = g.taps(), plane = g.padded_rows * g.padded_width;
+  const int64_t gy_plane = s.height * g.tiled_width;
+  const int64_t out_blocks = (s.out_channels + kFewOuts - 1) / kFewOuts;
+  const int64_t groups = (taps + kFewTaps - 1) / kFewTaps;
+  const T* grad_y = static_cast<const T*>(a.grad_y);
+  T* gw = static_cast<T*>(a.grad_weight);
+  const int64_t work = s.batch * s.height * g.tiled_width * s.out_channels * s.in_channels * taps;
+  parallel_for_work(out_blocks * s.in_channels, work, [&](int64_t task) {
+    const int64_t oc0 = (task / s.in_channels) * kFewOuts, ic = task % s.in_channels;
+    const int64_t outs = std::min<int64_t>(kFewOuts, s.out_channels - oc0);
+    Buffer<T> staged = cpu::allocate_aligned<T>(kFewOuts * gy_plane);
+    std::fill(staged.get(), staged.get() + kFewOuts * gy_plane, T(0));
+    std::vector<vec> acc(groups * kFewOuts * kFewTaps, vec{});
+    const bool bias = a.grad_bias && ic == 0;
+    vec bias_sum[kFewOuts] = {};
+    for (int64_t b = 0; b < s.batch; ++b) {
+      for (int64_t o = 0; o < outs; ++o) {
+        T* plane_o = staged.get() + o * gy_plane;
+        for (int64_t i = 0; i < s.height; ++i) {
+          const T* src = grad_y + ((b * s.out_channels + oc0 + o) * s.height + i) * s.width;
+          std::copy(src, src + s.width, plane_o + i * g.tiled_width);
+        }
+        if (bias)  // the staged plane is whole vectors, zeros past the width
+          for (int64_t e = 0; e < gy_plane; e += S::kLanes) bias_sum[o] += S::load(plane_o + e);
+      }
+      const T* xb = x + (b * s.in_channels + ic) * plane;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        vec* ga = &acc[grp * kFewOuts * kFewTaps];
+        const int64_t* off = &offset[grp * kFewTaps];
+        const auto run = [&](auto nt) {
+          GradWeightPixelLanes<T, decltype(nt)::value>::run(ga, staged.get(), gy_plane, xb, off, s.height,
+                                                             g.padded_width, g.tiled_width);
+        };
+        switch (std::min<int64_t>(kFewTaps, taps - grp * kFewTaps)) {
+          case 6: run(std::integral_constant<int, 6>{}); break;
+          case 5: run(std::integral_constant<int, 5>{}); break;
+          case 4: run(std::integral_constant<int, 4>{}); break;
+          case 3: run(std::integral_constant<int, 3>{}); break;
+          case 2: run(std::integral_constant<int, 2>{}); break;
+          default: run(std::integral_constant<int, 1>{}); break;
+        }
+      }
+    }
+    for (int64_t o = 0; o < outs; ++o) {
+      const int64_t oc = oc0 + o;
+      if (bias) static_cast<T*>(a.grad_bias)[oc] = lane_sum<T>(bias_sum[o]);
+      T* dst = gw + (oc * s.in_channels + ic) * k * k;
+      std::fill(dst, dst + k * k, T(0));  // masked taps: zero gradient
+      for (int64_t t = 0; t < taps; ++t) {
+        if (ic >= in_channel_end(g.ky[t], g.kx[t], oc, k, s.mask_b, s.in_channels, s.out_channels, s.groups)) continue;
+        dst[g.ky[t] * k + g.kx[t]] = lane_sum<T>(acc[(t / kFewTaps * kFewOuts + o) * kFewTaps + t % kFewTaps]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void grad_bias(const GradWeightArgs& a) {
+  const ConvShape& s = a.s;
+  const T* grad_y = static_cast<const T*>(a.grad_y);
+  T* gb = static_cast<T*>(a.grad_bias);
+  const int64_t hw = s.height * s.width;
+  parallel_for_work(s.out_channels, s.out_channels * s.batch * hw, [&](int64_t oc) {
+    T total = 0;
+    for (int64_t b = 0; b < s.batch; ++b) {
+      const T* src = grad_y + (b * s.out_channels + oc) * hw;
+      T part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = 0; j < hw; ++j) part += src[j];
+      total += part;
+    }
+    gb[oc] = total;
+  });
+}
+
 template <typename T>
 struct GradWeightKernel {
   static void run(const GradWeightArgs& a) {
@@ -370,6 +494,11 @@ struct GradWeightKernel {
     const int64_t plane = g.padded_rows * g.padded_width;
     const T* x = padded_input(static_cast<const T*>(a.x), s, g);
     const std::vector<int64_t> offset = input_offsets(s, g);
+    if (s.in_channels < kInputs) {
+      grad_weight_pixel_lanes(a, g, x, offset);
+      return;
+    }
+    if (a.grad_bias) grad_bias<T>(a);
     // grad_y transposed to (B, H, W, C_out rounded up to whole blocks), zero beyond C_out.
     const int64_t outs = round_up(s.out_channels, kOuts);
     T* gyt = scratch<T>(kGradSlot, s.batch * hw * outs);
@@ -432,22 +561,6 @@ struct GradWeightKernel {
         }
       }
     });
-    if (a.grad_bias) {
-      const T* grad_y = static_cast<const T*>(a.grad_y);
-      T* gb = static_cast<T*>(a.grad_bias);
-      const int64_t hw = s.height * s.width;
-      parallel_for_work(s.out_channels, s.out_channels * s.batch * hw, [&](int64_t oc) {
-        T total = 0;
-        for (int64_t b = 0; b < s.batch; ++b) {
-          const T* src = grad_y + (b * s.out_channels + oc) * hw;
-          T part = 0;
-#pragma omp simd reduction(+ : part)
-          for (int64_t j = 0; j < hw; ++j) part += src[j];
-          total += part;
-        }
-        gb[oc] = total;
-      });
-    }
   }
 };
 
