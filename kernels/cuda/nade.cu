@@ -324,6 +324,28 @@ Net<S> transposed_net(const void* w, const void* c, const void* v, const void* b
                 s.hidden};
 }
 
+// What log_prob and sample launch with: W^T, the block shape for H, and global scratch for the units when
+// they do not fit in registers. `kernel(per, launch)` starts the kernel for units-per-thread `per`.
+template <typename S>
+struct ForwardLaunch {
+  Net<S> net;
+  unsigned grid;
+  int threads;
+  compute_t<S>* units;
+};
+
+template <typename S, typename Kernel>
+void run_forward(const void* w, const void* c, const void* v, const void* b, const Shape& s, cudaStream_t st,
+                 const char* what, Kernel kernel) {
+  using C = compute_t<S>;
+  const Scratch wt(s.dims * s.hidden * int64_t(sizeof(S)), st, what);
+  const Config cfg = config_for(s.hidden);
+  const unsigned grid = gpu::grid_for(s.batch);
+  const Scratch units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden * int64_t(sizeof(C)) : 0, st, what);
+  const ForwardLaunch<S> launch{transposed_net<S>(w, c, v, b, s, wt, st), grid, cfg.threads, units.as<C>()};
+  with_per(cfg.per, [&](auto per) { kernel(per, launch); });
+}
+
 }  // namespace
 
 void log_prob_cuda(const LogProbArgs& a, void* stream) {
@@ -332,16 +354,9 @@ void log_prob_cuda(const LogProbArgs& a, void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   gpu::dispatch_float(a.dtype, "nade.log_prob", [&](auto type) {
     using S = typename decltype(type)::type;
-    using C = compute_t<S>;
-    const Scratch wt(s.dims * s.hidden * int64_t(sizeof(S)), st, "nade.log_prob: cudaMallocAsync");
-    const Net<S> net = transposed_net<S>(a.w, a.c, a.v, a.b, s, wt, st);
-    const Config cfg = config_for(s.hidden);
-    const unsigned grid = gpu::grid_for(s.batch);
-    const Scratch units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden * int64_t(sizeof(C)) : 0, st,
-                        "nade.log_prob: cudaMallocAsync");
-    with_per(cfg.per, [&](auto per) {
-      log_prob_kernel<S, decltype(per)::value><<<grid, cfg.threads, 0, st>>>(
-          net, static_cast<const S*>(a.x), static_cast<S*>(a.out), s.batch, units.as<C>());
+    run_forward<S>(a.w, a.c, a.v, a.b, s, st, "nade.log_prob: cudaMallocAsync", [&](auto per, auto launch) {
+      log_prob_kernel<S, decltype(per)::value><<<launch.grid, launch.threads, 0, st>>>(
+          launch.net, static_cast<const S*>(a.x), static_cast<S*>(a.out), s.batch, launch.units);
     });
     gpu::check_launch("nade.log_prob");
   });
@@ -353,16 +368,9 @@ void sample_cuda(const SampleArgs& a, void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   gpu::dispatch_float(a.dtype, "nade.sample", [&](auto type) {
     using S = typename decltype(type)::type;
-    using C = compute_t<S>;
-    const Scratch wt(s.dims * s.hidden * int64_t(sizeof(S)), st, "nade.sample: cudaMallocAsync");
-    const Net<S> net = transposed_net<S>(a.w, a.c, a.v, a.b, s, wt, st);
-    const Config cfg = config_for(s.hidden);
-    const unsigned grid = gpu::grid_for(s.batch);
-    const Scratch units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden * int64_t(sizeof(C)) : 0, st,
-                        "nade.sample: cudaMallocAsync");
-    with_per(cfg.per, [&](auto per) {
-      sample_kernel<S, decltype(per)::value><<<grid, cfg.threads, 0, st>>>(
-          net, static_cast<S*>(a.out), s.batch, a.seed, a.offset, a.first, units.as<C>());
+    run_forward<S>(a.w, a.c, a.v, a.b, s, st, "nade.sample: cudaMallocAsync", [&](auto per, auto launch) {
+      sample_kernel<S, decltype(per)::value><<<launch.grid, launch.threads, 0, st>>>(
+          launch.net, static_cast<S*>(a.out), s.batch, a.seed, a.offset, a.first, launch.units);
     });
     gpu::check_launch("nade.sample");
   });
