@@ -1,6 +1,6 @@
 """pytest-benchmark suites for genkern: `pytest benchmarks/ --benchmark-only`.
 
-Each family has a bench_<family>.py that parametrizes its cases from genkern.bench_cases; this file adds
+bench_ops.py parametrizes every case of genkern.bench.all_cases(); this file adds
 the sizes and implementations, so a suite is a few lines and describes no op twice. Settings:
 
     GENKERN_BENCH_SIZES=1M,16M   element counts (default 1M)

@@ -8,10 +8,11 @@ import torch
 
 import genkern
 from genkern import bench
-from genkern.bench_cases import CASES
-from genkern.bench_cases import pixelcnn_sampling as sampling_cases
+from genkern.autoregressive import bench_cases as sampling_cases
 from genkern.cli import main
-from genkern.reference import reparam as ref
+from genkern.reparam import reference as ref
+
+CASES = bench.all_cases()
 
 SMALL = 64 * 1024
 

@@ -18,7 +18,7 @@ def test_cuda_kernels_built_when_required():
 
 
 def test_triton_kernels_ship_inside_the_package():
-    import genkern.kernels.triton.reparam as triton_reparam
+    import genkern.kernels.reparam.reparam as triton_reparam
 
     package_dir = Path(genkern.__file__).resolve().parent
     assert package_dir in Path(triton_reparam.__file__).resolve().parents

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import genkern
 from genkern import backend as gk_backend
-from genkern.reference import causal_conv1d as ref
+from genkern.autoregressive import reference as ref
 from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 FAMILY = "causal_conv1d"
@@ -355,12 +355,12 @@ def test_every_backend_has_the_family():
 
 
 def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
-    from genkern.ops import _backends
+    from genkern import _kernels as _backends
 
     def no_kernels(*args):
         raise AssertionError("a kernel was asked for despite bad input")
 
-    monkeypatch.setattr(_backends, "kernels", no_kernels)
+    monkeypatch.setattr(_backends.KernelGroup, "on", no_kernels)
     x, w, b = make_case((2, 3, None, 7, 3, 1), torch.float32, "cpu")
     state = torch.zeros(2, 3, 2)
     conv, update = genkern.causal_conv1d, genkern.causal_conv1d_update
@@ -417,7 +417,7 @@ def test_native_checks_guard_the_kernels():
     """The compiled entry points check shapes themselves (they are reachable without the ops)."""
     from genkern import _native
     x, w, b = make_case((2, 3, None, 7, 3, 1), torch.float32, "cpu")
-    fam = _native.Family(FAMILY)
+    fam = _native.Kernels(_native._C.causal_conv1d)
     with pytest.raises(ValueError, match="y"):
         fam.forward(x, w, b, torch.empty(2, 3, 6), 1, 0)
     with pytest.raises(ValueError, match="state"):

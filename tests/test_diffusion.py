@@ -1,12 +1,12 @@
-"""Fused diffusion ops (training side) on every kernel backend against genkern.reference.diffusion."""
+"""Fused diffusion ops (training side) on every kernel backend against genkern.diffusion.reference."""
 import math
 
 import pytest
 import torch
 
 import genkern
-from genkern.reference import diffusion as ref
-from genkern.schedules import NoiseSchedule
+from genkern.diffusion import reference as ref
+from genkern.diffusion.schedules import NoiseSchedule
 from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]

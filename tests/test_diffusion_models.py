@@ -16,8 +16,8 @@ from genkern.diffusion.samplers import DDIMSampler, DDPMSampler
 from genkern.diffusion.training import training_loss
 from genkern.models import UNet
 from genkern.models.unet import timestep_embedding
-from genkern.reference import diffusion as ref
-from genkern.schedules import NoiseSchedule
+from genkern.diffusion import reference as ref
+from genkern.diffusion.schedules import NoiseSchedule
 from conftest import device_for
 from png_writer import SIGNATURE, encode_png, image_grid, save_png
 

@@ -1,5 +1,5 @@
-"""The diffusion reference (genkern.reference.diffusion) against diffusers' DDPMScheduler and DDIMScheduler
-(add_noise, get_velocity, step) and against the definitions of shared/math.md where diffusers is wrong;
+"""The diffusion reference (genkern.diffusion.reference) against diffusers' DDPMScheduler and DDIMScheduler
+(add_noise, get_velocity, step) and against the definitions of docs/math.md where diffusers is wrong;
 the loss against an explicit computation; per-sample timesteps; the noise stream; bad arguments.
 
 For tight comparisons the diffusers schedulers are given our float64 alpha-bar (theirs is float32, see
@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from genkern.reference import diffusion as ref
-from genkern.reference.random import randn
-from genkern.schedules import NoiseSchedule
+from genkern.diffusion import reference as ref
+from genkern.random.reference import randn
+from genkern.diffusion.schedules import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test oracle for the diffusion reference")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402

@@ -1,4 +1,4 @@
-"""Fused DDPM and DDIM steps on every kernel backend against genkern.reference.diffusion (itself tested
+"""Fused DDPM and DDIM steps on every kernel backend against genkern.diffusion.reference (itself tested
 against diffusers in test_diffusion_reference.py)."""
 import itertools
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import genkern
-from genkern.reference import diffusion as ref
-from genkern.schedules import NoiseSchedule
+from genkern.diffusion import reference as ref
+from genkern.diffusion.schedules import NoiseSchedule
 from conftest import TOLERANCE, KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 SCHEDULE = NoiseSchedule("cosine", num_train_timesteps=1000)

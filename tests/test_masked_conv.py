@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import genkern
 from genkern import backend as gk_backend
-from genkern.reference import masked_conv as ref
+from genkern.autoregressive import reference as ref
 from conftest import backend_dtype_params, device_for, interpreted
 
 BACKENDS = [b for b in genkern.backends("masked_conv") if b != "reference"]
@@ -268,12 +268,12 @@ def test_backend_routing():
 
 
 def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
-    from genkern.ops import _backends
+    from genkern import _kernels as _backends
 
     def no_kernels(*args):
         raise AssertionError("a kernel was asked for despite bad input")
 
-    monkeypatch.setattr(_backends, "kernels", no_kernels)
+    monkeypatch.setattr(_backends.KernelGroup, "on", no_kernels)
     x, w, b = make(2, 3, 6, 3, 5, 5, torch.float32)
     mc = genkern.masked_conv2d
     cases = [
@@ -315,12 +315,12 @@ def test_native_entry_points_check_shapes(backend):
     device = device_for(backend)
     x, w, _ = make(1, 2, 4, 3, 4, 4, torch.float32, device=device)
     with pytest.raises(ValueError, match="y"):
-        _native.call("masked_conv_forward", x, w, None, torch.empty(1, 4, 4, 3, device=device), False, 1, 1)
+        _native.call(_native._C.masked_conv.forward, x, w, None, torch.empty(1, 4, 4, 3, device=device), False, 1, 1)
     with pytest.raises(ValueError, match="odd"):
-        _native.call("masked_conv_forward", x, torch.randn(4, 2, 2, 2, device=device), None,
+        _native.call(_native._C.masked_conv.forward, x, torch.randn(4, 2, 2, 2, device=device), None,
                      torch.empty(1, 4, 4, 4, device=device), False, 1, 1)
     with pytest.raises(ValueError, match="contiguous"):
-        _native.call("masked_conv_grad_input", torch.randn(1, 4, 4, 4, device=device), w,
+        _native.call(_native._C.masked_conv.grad_input, torch.randn(1, 4, 4, 4, device=device), w,
                      torch.empty(1, 2, 4, 4, device=device).transpose(2, 3), False, 1, 1)
 
 

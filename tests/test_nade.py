@@ -12,7 +12,7 @@ import torch
 import genkern
 from genkern import backend as gk_backend
 from genkern.models import NADE
-from genkern.reference import nade as ref
+from genkern.autoregressive import reference as ref
 from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 FAMILY = "nade"
@@ -90,14 +90,14 @@ def test_reference_is_the_definition(case):
     batch, dims, hidden = case
     w, c, v, b = make_params(dims, hidden)
     x = make_data(batch, dims)
-    torch.testing.assert_close(ref.log_prob(x, w, c, v, b), by_definition(x, w, c, v, b))
+    torch.testing.assert_close(ref.nade_log_prob(x, w, c, v, b), by_definition(x, w, c, v, b))
 
 
 def test_reference_distribution_sums_to_one():
     dims = 6
     w, c, v, b = make_params(dims, 4)
     states = ((torch.arange(2**dims)[:, None] >> torch.arange(dims)) & 1).double()
-    torch.testing.assert_close(ref.log_prob(states, w, c, v, b).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(ref.nade_log_prob(states, w, c, v, b).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_reference_backward_is_autograd():
@@ -105,14 +105,14 @@ def test_reference_backward_is_autograd():
     x = make_data(5, 11)
     g = torch.randn(5, dtype=torch.float64)
     params = [t.clone().requires_grad_(True) for t in (w, c, v, b)]
-    expected = torch.autograd.grad((ref.log_prob(x, *params) * g).sum(), params)
-    torch.testing.assert_close(ref.log_prob_backward(g, x, w, c, v, b), expected)
+    expected = torch.autograd.grad((ref.nade_log_prob(x, *params) * g).sum(), params)
+    torch.testing.assert_close(ref.nade_log_prob_backward(g, x, w, c, v, b), expected)
 
 
 def test_reference_is_stable_for_large_logits():
     w, c, v, b = make_params(5, 3)
     x = make_data(4, 5)
-    lp = ref.log_prob(x, w, c, v, b + 500.0)
+    lp = ref.nade_log_prob(x, w, c, v, b + 500.0)
     assert torch.isfinite(lp).all()
 
 
@@ -128,7 +128,7 @@ def test_log_prob_matches_reference(backend, dtype):
         x = make_data(batch, dims, dtype, device)
         lp = genkern.nade_log_prob(x, w, c, v, b, backend=backend)
         assert lp.shape == (batch,) and lp.dtype == dtype and lp.device == x.device
-        expected = ref.log_prob(*_as64(x, w, c, v, b))
+        expected = ref.nade_log_prob(*_as64(x, w, c, v, b))
         assert_close(lp.cpu(), expected, dtype, scale=_scale(case))
 
 
@@ -180,7 +180,7 @@ def test_non_contiguous_inputs(backend):
     x_s = x[::2]
     assert not any(t.is_contiguous() for t in (w_t, c_s, v_t, b_s, x_s))
     lp = genkern.nade_log_prob(x_s, w_t, c_s, v_t, b_s, backend=backend)
-    torch.testing.assert_close(lp.cpu(), ref.log_prob(*_as64(x_s, w, c, v, b)))
+    torch.testing.assert_close(lp.cpu(), ref.nade_log_prob(*_as64(x_s, w, c, v, b)))
     got = _grads(x_s, (w_t, c_s, v_t, b_s), backend)
     expected = _grads(x_s.cpu(), _as64(w, c, v, b), "reference")
     for g, e in zip(got, expected):
@@ -195,7 +195,7 @@ def test_extreme_logits_stay_finite(backend):
     x = make_data(2, dims, device=device, dtype=torch.float32)
     for shift in (-200.0, 200.0):
         lp = genkern.nade_log_prob(x, w, c, v, b + shift, backend=backend)
-        expected = ref.log_prob(*_as64(x, w, c, v, b + shift))
+        expected = ref.nade_log_prob(*_as64(x, w, c, v, b + shift))
         assert torch.isfinite(lp).all()
         torch.testing.assert_close(lp.cpu().double(), expected, rtol=1e-6, atol=1e-4)
         for g in _grads(x, (w, c, v, b + shift), backend):
@@ -207,7 +207,7 @@ def test_large_model_cpu_float32():
     w, c, v, b = make_params(784, 500, torch.float32)
     x = make_data(6, 784, torch.float32, p=0.13)
     lp = genkern.nade_log_prob(x, w, c, v, b, backend="cpu")
-    expected = ref.log_prob(*_as64(x, w, c, v, b))
+    expected = ref.nade_log_prob(*_as64(x, w, c, v, b))
     torch.testing.assert_close(lp.double(), expected, rtol=2e-5, atol=1e-3)
     got = _grads(x, (w, c, v, b), "cpu")
     want = _grads(x.double(), _as64(w, c, v, b), "reference")
@@ -243,7 +243,7 @@ def test_log_prob_of_an_example_does_not_depend_on_its_batch():
 
 def _uniforms(num_samples, dims, seed, offset, first=0):
     index = (torch.arange(num_samples, dtype=torch.int64)[:, None] + first) * dims + torch.arange(dims)
-    bits = ref._bits_at(index.reshape(-1), seed, offset).reshape(num_samples, dims)
+    bits = ref.stream_bits_at(index.reshape(-1), seed, offset).reshape(num_samples, dims)
     return ((bits >> 8).double() + 0.5) * 2.0**-24
 
 
@@ -257,7 +257,7 @@ def test_sample_float64_is_the_reference_bit_for_bit(backend):
         w, c, v, b = make_params(dims, hidden, device=device, seed=dims)
         for seed, offset, first in ((0, 0, 0), (123, 7, 5), (2**64 - 1, 2**63 + 3, 2**40)):
             got = genkern.nade_sample(w, c, v, b, n, seed=seed, offset=offset, first=first, backend=backend)
-            expected = ref.sample(n, *_as64(w, c, v, b), seed, offset, first)
+            expected = ref.nade_sample(n, *_as64(w, c, v, b), seed, offset, first)
             assert got.dtype == torch.float64 and got.shape == (n, dims)
             assert torch.equal(got.cpu(), expected)
 
@@ -274,7 +274,7 @@ def test_sample_follows_the_rule(backend, dtype):
     assert x.dtype == dtype and x.shape == (n, dims)
     x = x.cpu().double()
     assert ((x == 0) | (x == 1)).all()
-    p = torch.sigmoid(ref.logits(x, *_as64(w, c, v, b)))
+    p = torch.sigmoid(ref.nade_logits(x, *_as64(w, c, v, b)))
     u = _uniforms(n, dims, seed, offset, first)
     agree = x == (u < p).double()
     assert (agree | ((u - p).abs() < 1e-5)).all()
@@ -319,7 +319,7 @@ def _chi_square_p_value(samples, probs):
 def _enumerated(w, c, v, b):
     dims = w.shape[1]
     states = ((torch.arange(2**dims)[:, None] >> torch.arange(dims)) & 1).double()
-    return ref.log_prob(states, *_as64(w, c, v, b)).exp()
+    return ref.nade_log_prob(states, *_as64(w, c, v, b)).exp()
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -415,12 +415,12 @@ def test_cuda_backward_is_deterministic_and_agrees_with_cpu():
 
 
 def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
-    from genkern.ops import _backends
+    from genkern import _kernels as _backends
 
     def no_kernels(*args):
         raise AssertionError("a kernel was asked for despite bad input")
 
-    monkeypatch.setattr(_backends, "kernels", no_kernels)
+    monkeypatch.setattr(_backends.KernelGroup, "on", no_kernels)
     w, c, v, b = make_params(6, 4, torch.float32)
     x = make_data(3, 6, torch.float32)
     lp, sample = genkern.nade_log_prob, genkern.nade_sample
@@ -473,7 +473,7 @@ def test_native_checks_guard_the_kernels():
     from genkern import _native
     w, c, v, b = make_params(6, 4, torch.float32)
     x = make_data(3, 6, torch.float32)
-    fam = _native.Family(FAMILY)
+    fam = _native.Kernels(_native._C.nade)
     with pytest.raises(ValueError, match="out"):
         fam.log_prob(x, w, c, v, b, torch.empty(2))
     with pytest.raises(ValueError, match="v"):
@@ -511,7 +511,7 @@ def test_module_shapes_and_images():
     assert torch.equal(model.log_prob(flat.bool()), lp)
     assert torch.equal(model.log_prob(flat.to(torch.uint8)), lp)
     torch.testing.assert_close(model.bits_per_dim(images), -lp.mean() / (12 * math.log(2)))
-    torch.testing.assert_close(lp, ref.log_prob(flat, model.W, model.c, model.V, model.b))
+    torch.testing.assert_close(lp, ref.nade_log_prob(flat, model.W, model.c, model.V, model.b))
     s = model.sample(7, seed=1)
     assert s.shape == (7, 12) and s.dtype == torch.float32 and not s.requires_grad
     assert torch.equal(s[3:], model.sample(7, seed=1)[3:])
@@ -521,7 +521,7 @@ def test_module_shapes_and_images():
 def test_module_float64_and_backend():
     model = NADE(5, 3, dtype=torch.float64, backend="reference")
     x = make_data(3, 5)
-    torch.testing.assert_close(model.log_prob(x), ref.log_prob(x, model.W, model.c, model.V, model.b))
+    torch.testing.assert_close(model.log_prob(x), ref.nade_log_prob(x, model.W, model.c, model.V, model.b))
     assert model.sample(2, seed=0).dtype == torch.float64
 
 

@@ -10,8 +10,8 @@ import torch
 import genkern
 from genkern.models import GatedPixelCNN, PixelCNN
 from genkern.nn import GatedMaskedConv2d
-from genkern.pixelcnn_sampling import draw_base, gumbel_argmax
-from genkern.reference.masked_conv import mask
+from genkern.autoregressive import draw_base, gumbel_argmax
+from genkern.autoregressive.reference import mask
 from conftest import device_for
 
 MODELS = [PixelCNN, GatedPixelCNN]

@@ -7,8 +7,8 @@ import torch
 
 import genkern
 from conftest import device_for, dtypes_for
-from genkern.pixelcnn_sampling import Program, draw_base, gumbel_argmax
-from genkern.reference import pixelcnn_sampling as ref
+from genkern.autoregressive import Program, draw_base, gumbel_argmax
+from genkern.autoregressive import reference as ref
 
 SAMPLER_BACKENDS = genkern.backends("pixelcnn_sampling")
 KERNELS = [b for b in SAMPLER_BACKENDS if b != "reference"]
@@ -142,7 +142,7 @@ def test_program_runner_empty_batch(backend):
 def run_raw(nodes, caches=None, out=None, logits=2, levels=2):
     out = torch.zeros(2, 1, 3, 3, dtype=torch.int64) if out is None else out
     caches = caches or [torch.zeros(2, 3, 3, 1), torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 2)]
-    genkern._native._C.pixelcnn_sampling_sample([genkern._native.array(c) for c in caches],
+    genkern._native._C.pixelcnn_sampling.sample([genkern._native.array(c) for c in caches],
                                                 [tuple(genkern._native.array(v) if isinstance(v, torch.Tensor) else v
                                                        for v in n) for n in nodes],
                                                 genkern._native.array(out), logits, levels, 1.0, 0.0, 0, 0, 0)

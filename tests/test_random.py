@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import genkern
-from genkern.reference import random as ref
+from genkern.random import reference as ref
 from conftest import KERNEL_BACKENDS, device_for, interpreted
 
 # Random123's published known-answer vectors for Philox4x32-10: (counter, key, result).

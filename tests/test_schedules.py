@@ -1,4 +1,4 @@
-"""genkern.schedules.NoiseSchedule: betas and alpha-bar against diffusers' schedulers, inference timesteps
+"""genkern.diffusion.schedules.NoiseSchedule: betas and alpha-bar against diffusers' schedulers, inference timesteps
 against their set_timesteps for every spacing and offset, the float32 lookup table, and bad arguments."""
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from genkern.schedules import NoiseSchedule, rescale_zero_terminal_snr
+from genkern.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test oracle for the noise schedules")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402

@@ -1,29 +1,40 @@
 """genkern: compiled kernels for the hot computations of generative models.
 
-Backends: `cpu` (C++/OpenMP), `cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
+Families: `genkern.random` (the Philox stream), `genkern.reparam`, `genkern.diffusion` and
+`genkern.autoregressive`; their public functions are re-exported here. Backends: `cpu` (C++/OpenMP),
+`cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
 """
-from . import models, nn, random, schedules
+from . import autoregressive, diffusion, models, nn, random, reparam
+from .autoregressive import (
+    causal_conv1d,
+    causal_conv1d_update,
+    gated_activation,
+    gumbel_argmax,
+    masked_conv2d,
+    nade_log_prob,
+    nade_sample,
+)
 from .backend import backends, get_backend, set_backend
-from .causal_conv1d import causal_conv1d, causal_conv1d_update, gated_activation
-from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample
-from .masked_conv import masked_conv2d
-from .nade import nade_log_prob, nade_sample
+from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample, schedules
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "autoregressive",
     "backends",
     "causal_conv1d",
     "causal_conv1d_update",
     "ddim_step",
     "ddpm_step",
+    "diffusion",
     "diffusion_loss",
+    "gated_activation",
     "gaussian_kl",
     "gaussian_log_prob",
-    "gated_activation",
     "get_backend",
+    "gumbel_argmax",
     "iwae_bound",
     "masked_conv2d",
     "models",
@@ -33,6 +44,7 @@ __all__ = [
     "q_sample",
     "randn",
     "random",
+    "reparam",
     "reparameterize",
     "reparameterize_kl",
     "schedules",

@@ -60,11 +60,11 @@ def _dtype_enums() -> dict:
     return {t: getattr(_C.DType, name) for t, name in _TORCH_DTYPES.items()}
 
 
-def call(name: str, *args):
-    """Run `_C.<name>` on tensors (converted to descriptions) and plain values, on the current stream."""
+def call(fn, *args):
+    """Run a compiled kernel (a function of `_C.<group>`) on tensors (converted to descriptions) and plain
+    values, on the current stream of the tensors' device."""
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     described = [array(a) if isinstance(a, (torch.Tensor, np.ndarray)) or a is None else a for a in args]
-    fn = getattr(_C, name)
     if device.type == "cuda":
         with torch.cuda.device(device):
             fn(*described, stream=torch.cuda.current_stream(device).cuda_stream)
@@ -72,11 +72,12 @@ def call(name: str, *args):
         fn(*described)
 
 
-class Family:
-    """A family's native kernels under the names the Triton modules use: `Family("reparam").sample(...)`."""
+class Kernels:
+    """One kernel group of the compiled core (`_C.reparam`, `_C.nade`, ...) called on tensors:
+    `Kernels(_C.reparam).sample(mu, logvar, ...)` runs `_C.reparam.sample` through `call`."""
 
-    def __init__(self, prefix: str):
-        self._prefix = prefix
+    def __init__(self, group):
+        self._group = group
 
     def __getattr__(self, name: str):
-        return functools.partial(call, f"{self._prefix}_{name}")
+        return functools.partial(call, getattr(self._group, name))

@@ -1,10 +1,15 @@
 """Backends and dispatch: which implementation runs an op.
 
-`cpu` (C++), `cuda` (CUDA C++), `triton` and `reference` (eager PyTorch, the spec). `backend=None` picks the
-fastest one available for the tensors' device and dtype, unless `set_backend` chose one for the process.
+`cpu` (C++), `cuda` (CUDA C++), `triton` and `reference` (eager PyTorch, the spec). torch's dispatcher picks
+the device (each op registers one kernel for cpu and cuda tensors, its reference for every other device);
+that kernel then picks the backend for the tensors' device and dtype: the scoped choice of this thread or
+context (`scoped`, which the public functions' `backend=` argument uses), else the process-wide one
+(`set_backend`), else the fastest available. See docs/backends.md.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -30,6 +35,8 @@ _FAMILY_BACKENDS = {
 }
 
 _process_backend: str | None = None
+# Per thread and per asyncio task: a scoped choice never leaks into another thread's ops.
+_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("genkern_backend", default=None)
 
 
 def triton_interpreted() -> bool:
@@ -41,7 +48,7 @@ def triton_interpreted() -> bool:
 def _triton_importable() -> bool:
     try:
         importlib.import_module("triton")
-        importlib.import_module("genkern.kernels.triton.random")
+        importlib.import_module("genkern.kernels.random.random")
     except Exception:  # noqa: BLE001 - any failure means the backend is unusable
         return False
     return True
@@ -96,6 +103,38 @@ class set_backend:
 
 def get_backend() -> str | None:
     return _process_backend
+
+
+def scoped_choice() -> str | None:
+    """The backend chosen for this thread or context by `scoped`, if any."""
+    return _scoped_backend.get()
+
+
+@contextlib.contextmanager
+def scoped(name: str | None):
+    """Run this thread's (context's) genkern ops on backend `name` inside the block; None: no scoped choice.
+    A choice the ops cannot honour (unknown, unavailable, or unable to run their tensors) is a ValueError
+    from the op, before any kernel runs."""
+    if name is not None:
+        _check_name(name)
+    token = _scoped_backend.set(name)
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+def call(backend: str | None, op, *args):
+    """op(*args) on `backend` when one is given: the public functions' `backend=` argument."""
+    if backend is None:
+        return op(*args)
+    with scoped(backend):
+        return op(*args)
+
+
+def selected(device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
+    """The backend an op of `family` runs on for tensors of this device and dtype, right now."""
+    return resolve(_scoped_backend.get(), device, dtype, family)
 
 
 def runs_on(name: str, device: torch.device, dtype: torch.dtype, family: str | None = None) -> bool:

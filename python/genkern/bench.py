@@ -1,6 +1,6 @@
 """The benchmark engine behind `genkern bench`: each op against eager PyTorch and torch.compile.
 
-An op enters the benchmark as a `BenchCase` (genkern.bench_cases holds them, one module per family); the
+An op enters the benchmark as a `BenchCase` (each family's bench_cases.py holds them, see all_cases); the
 engine knows nothing about particular ops. For every case and size it times
 
     eager            the plain PyTorch code a user would write (the case's `eager` function)
@@ -36,7 +36,7 @@ PASS = "forward"
 
 @dataclass(frozen=True)
 class BenchCase:
-    """One benchmarked op. A family adds cases in genkern/bench_cases/<family>.py; the engine is untouched.
+    """One benchmarked op. A family adds cases in genkern/<family>/bench_cases.py; the engine is untouched.
 
     make_inputs(size, device, dtype) -> the positional args of both calls, `size` elements in the op's
         main tensor (see `matrix_shape`).
@@ -81,6 +81,20 @@ class BenchCase:
 # Sizes and shapes
 # ---------------------------------------------------------------------------------------------------------
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def all_cases() -> tuple[BenchCase, ...]:
+    """Every family's cases, in the order `genkern bench` runs them. Imported on demand: the case modules
+    import every family's ops and models, which only a benchmark run needs."""
+    from .autoregressive.bench_cases import CASES as autoregressive
+    from .diffusion.bench_cases import CASES as diffusion
+    from .reparam.bench_cases import CASES as reparam
+
+    cases = (*reparam, *diffusion, *autoregressive)
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):  # --ops selects by name, so a repeated name would be ambiguous
+        raise RuntimeError(f"benchmark case names must be unique: {sorted(n for n in names if names.count(n) > 1)}")
+    return cases
 
 
 def parse_size(text: str) -> int:

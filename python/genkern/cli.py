@@ -57,15 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bench_config(args: argparse.Namespace, command: Sequence[str]) -> bench.Config:
     """The run asked for on the command line, with the device's defaults; ValueError on bad values."""
-    from .bench_cases import CASES  # the registry imports every family's ops: only `bench` needs it
-
     device = bench.pick_device(args.device)
     dtype = DTYPES[args.dtype]
     repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS[device.type]
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     sizes = [bench.parse_size(s) for s in _split(args.sizes or DEFAULT_SIZES[device.type])]
-    cases = bench.select_cases(CASES, _split(args.ops), device.type)
+    cases = bench.select_cases(bench.all_cases(), _split(args.ops), device.type)
     for case in cases:  # fail before any timing, not halfway through the run
         for size in sizes:
             case.shape(size)

@@ -1,6 +1,6 @@
 """Fused diffusion ops: noising and the loss for training, DDPM and DDIM steps for sampling.
 
-    schedule = genkern.schedules.NoiseSchedule("cosine")
+    schedule = genkern.diffusion.schedules.NoiseSchedule("cosine")
     t = torch.randint(0, 1000, (B,))
     x_t = genkern.q_sample(x0, t, schedule, seed=s)                        # one pass, noise drawn in-kernel
     loss = genkern.diffusion_loss(model(x_t, t), x0, t, schedule, seed=s)  # regenerates that noise
@@ -13,7 +13,7 @@ Neither the noise nor the target is ever stored: the same (seed, offset) regener
 loss kernel (and its backward). Timesteps are ints or per-sample integer tensors; the coefficients are read
 inside the kernels from the schedule's table on the data's device, so a step never synchronises with the
 host and a captured CUDA graph replays with new timesteps written into its timestep tensors. The readable
-definitions, and where they differ from diffusers, are in genkern.reference.diffusion.
+definitions, and where they differ from diffusers, are in genkern.diffusion.reference.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from torch import Tensor
 
 from .. import _checks
 from .. import backend as _backend
-from ..ops import diffusion as _ops  # noqa: F401  (registers the genkern:: ops)
-from ..ops._backends import to_signed
+from . import _ops
+from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
-from ..reference import diffusion as _spec
-from ..schedules import NoiseSchedule
+from . import reference as _spec
+from .schedules import NoiseSchedule
 from .samplers import DDIMSampler, DDPMSampler
 from .training import training_loss
 
@@ -145,7 +145,7 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     return_pred_original=False skips writing x0_hat (returns None in its place). `out`: a tensor for
     prev_sample, or a pair (prev_sample, pred_original) (pred_original may be None), contiguous, of sample's
     shape, dtype and device, written instead of new tensors; prev_sample may be `sample` itself (an in-place
-    update). See genkern.reference.diffusion.ddpm_step for the definition."""
+    update). See genkern.diffusion.reference.ddpm_step for the definition."""
     _spec.check_ddpm_args(model_output, t, sample, schedule, prev_t, variance_type, prediction_type, clip_sample,
                           dynamic_threshold, noise, 0 if seed is None else seed, offset, guidance_scale,
                           guidance_rescale, check_values=_check_values(t) and _check_values(prev_t))
@@ -175,7 +175,7 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
 
     prev_t is required: the next entry of the inference timesteps, schedule.timesteps(N, spacing)[1][i]
     (-1 after the last step). Noise (eta > 0 only) is `noise` or the genkern stream for (seed, offset).
-    Guidance, thresholding, return_pred_original and `out` as in ddpm_step. See genkern.reference.diffusion.ddim_step
+    Guidance, thresholding, return_pred_original and `out` as in ddpm_step. See genkern.diffusion.reference.ddim_step
     for the definition and where diffusers' DDIMScheduler differs."""
     _spec.check_ddim_args(model_output, t, sample, schedule, prev_t, eta, prediction_type, clip_sample,
                           dynamic_threshold, use_clipped_model_output, noise, 0 if seed is None else seed, offset,

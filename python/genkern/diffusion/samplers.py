@@ -10,12 +10,12 @@
 
 The model is called as model(x, t, **model_kwargs), x (B, ...) and t a (B,) int64 tensor on the device;
 with `guidance_scale` set, as model(cat([x, x]), cat([t, t]), **model_kwargs), and the step combines the two
-halves of its output (u + s (c - u), see genkern.reference.diffusion). The sampler does not change the
+halves of its output (u + s (c - u), see genkern.diffusion.reference). The sampler does not change the
 model's mode: call model.eval() first if it has dropout.
 
 Randomness depends only on `seed`: x_T is the genkern stream's randn(shape) at offset 0 (unless `x_T` is
 given), and step i draws its noise at offset i + 1. An offset selects an independent Philox stream (it is
-counter words 2-3, shared/math.md section 1), so consecutive offsets never overlap.
+counter words 2-3, docs/math.md section 1), so consecutive offsets never overlap.
 
 The loop runs without gradients and without host synchronisation: timesteps are device tensors, never
 read back. `cuda_graph=True` captures the whole loop once per configuration and replays it (see
@@ -31,8 +31,8 @@ from torch import Tensor
 
 from .. import _checks
 from ..random import randn, resolve_seed
-from ..reference import diffusion as _spec
-from ..schedules import NoiseSchedule
+from . import reference as _spec
+from .schedules import NoiseSchedule
 
 DDIM_DEFAULT_STEPS = 50
 

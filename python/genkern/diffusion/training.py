@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..random import resolve_seed
-from ..schedules import NoiseSchedule
+from .schedules import NoiseSchedule
 
 
 def training_loss(model, x0: Tensor, schedule: NoiseSchedule, *, t=None, seed: int | None = None, offset: int = 0,
@@ -45,7 +45,7 @@ def training_loss(model, x0: Tensor, schedule: NoiseSchedule, *, t=None, seed: i
         raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
     if t is None:
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a genkern.schedules.NoiseSchedule, got {type(schedule).__name__}")
+            raise TypeError(f"schedule must be a genkern.diffusion.schedules.NoiseSchedule, got {type(schedule).__name__}")
         t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
     if isinstance(cond_drop_prob, bool) or not isinstance(cond_drop_prob, numbers.Real):
         raise TypeError(f"cond_drop_prob must be a real number, got {type(cond_drop_prob).__name__}")

@@ -1,5 +1,5 @@
 """What PixelCNN and GatedPixelCNN share: level checks, input scaling, exact likelihood, and sampling
-(naive: the whole network per pixel and colour; cached: the model's Program, see genkern.pixelcnn_sampling)."""
+(naive: the whole network per pixel and colour; cached: the model's Program, see genkern.autoregressive)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from .. import backend as _backend
-from ..pixelcnn_sampling import FAMILY, draw_base, gumbel_argmax
+from ..autoregressive import SAMPLING_FAMILY, draw_base, gumbel_argmax
 from ..random import check_offset, resolve_seed
 
 METHODS = ("cached", "naive")
@@ -112,7 +112,7 @@ class AutoregressiveImageModel(nn.Module):
             return out
         if method == "naive":
             return self._sample_naive(out, cond, seed, offset, first_sample, backend)
-        name = _backend.resolve(backend, device, torch.float32, family=FAMILY)
+        name = _backend.resolve(backend, device, torch.float32, family=SAMPLING_FAMILY)
         return self.program(n, cond).run(out, levels=self.levels, scale=self.input_scale, shift=self.input_shift,
                                           seed=seed, offset=offset, first_sample=first_sample, backend=name)
 

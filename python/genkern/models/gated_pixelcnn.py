@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..nn import GatedMaskedConv2d, MaskedConv2d
-from ..pixelcnn_sampling import Program
-from ..reference.masked_conv import mask
+from ..autoregressive import Program
+from ..autoregressive.reference import mask
 from ._autoregressive import AutoregressiveImageModel
 from .pixelcnn import _masked
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..nade import nade_log_prob, nade_sample
+from ..autoregressive import nade_log_prob, nade_sample
 
 
 class NADE(nn.Module):

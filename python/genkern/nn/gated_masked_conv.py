@@ -1,4 +1,4 @@
-"""genkern.nn.GatedMaskedConv2d: the Gated PixelCNN block (van den Oord et al. 2016, shared/math.md §4)."""
+"""genkern.nn.GatedMaskedConv2d: the Gated PixelCNN block (van den Oord et al. 2016, docs/math.md §4)."""
 from __future__ import annotations
 
 import torch
@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from ..causal_conv1d import gated_activation
-from ..masked_conv import masked_conv2d
+from ..autoregressive import gated_activation
+from ..autoregressive import masked_conv2d
 
 
 def _centre_sees(out_channels: int, in_channels: int, groups: int, mask_type: str, out_group_size: int) -> Tensor:

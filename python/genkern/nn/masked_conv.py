@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..masked_conv import masked_conv2d
+from ..autoregressive import masked_conv2d
 
 
 class MaskedConv2d(nn.Module):

@@ -1,0 +1,86 @@
+// Entry points of the masked_conv family: shape, dtype and device checks, then the kernels of masked_conv.h.
+#include "autoregressive/masked_conv.h"
+
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "core/entry.h"
+
+namespace gk {
+
+using namespace masked_conv;
+
+namespace {
+
+// The convolution's shape from x (B, C_in, H, W) and weight (C_out, C_in, k, k); throws on anything the
+// kernels could misread.
+ConvShape conv_shape(const Array& x, const Array& weight, bool mask_b, int64_t groups, int64_t dilation) {
+  if (x.ndim() != 4) throw ValueError("x must have shape (B, C_in, H, W)");
+  if (weight.ndim() != 4) throw ValueError("weight must have shape (C_out, C_in, k, k)");
+  const ConvShape s{x.shape[0],      x.shape[1], weight.shape[0], x.shape[2], x.shape[3],
+                    weight.shape[2], dilation,   groups,          mask_b};
+  if (weight.shape[1] != s.in_channels) throw ValueError("weight's C_in differs from x's channels");
+  if (weight.shape[3] != s.kernel_size || s.kernel_size % 2 == 0)
+    throw ValueError("weight must be a square kernel of odd size k x k");
+  if (s.in_channels < 1 || s.out_channels < 1) throw ValueError("weight needs at least one input and output channel");
+  if (groups < 1 || s.in_channels % groups != 0 || s.out_channels % groups != 0)
+    throw ValueError("color_groups must be >= 1 and divide both channel counts");
+  if (dilation < 1) throw ValueError("dilation must be >= 1");
+  return s;
+}
+
+void check_output(const Array& y, const ConvShape& s, int64_t channels, const char* name) {
+  if (y.ndim() != 4 || y.shape[0] != s.batch || y.shape[1] != channels || y.shape[2] != s.height ||
+      y.shape[3] != s.width)
+    throw ValueError(std::string(name) + " has the wrong shape");
+}
+
+void forward(const Array& x, const Array& weight, const OptArray& bias, const Array& y, bool mask_b, int64_t groups,
+             int64_t dilation, uintptr_t stream) {
+  Checked(x, "x")(weight, "weight")(bias, "bias")(y, "y");
+  const ConvShape s = conv_shape(x, weight, mask_b, groups, dilation);
+  if (bias) check_numel(*bias, s.out_channels, "bias");
+  check_output(y, s, s.out_channels, "y");
+  if (y.numel() == 0) return;
+  prepare_output(y);
+  run_on_device(x, ForwardArgs{x.raw(), weight.raw(), data_or_null(bias), y.raw(), s, x.dtype}, stream, forward_cpu,
+                GK_CUDA(forward_cuda));
+}
+
+void grad_input(const Array& grad_y, const Array& weight, const Array& grad_x, bool mask_b, int64_t groups,
+                int64_t dilation, uintptr_t stream) {
+  Checked(grad_x, "grad_x")(weight, "weight")(grad_y, "grad_y");
+  const ConvShape s = conv_shape(grad_x, weight, mask_b, groups, dilation);
+  check_output(grad_y, s, s.out_channels, "grad_y");
+  if (grad_x.numel() == 0) return;
+  prepare_output(grad_x);
+  run_on_device(grad_x, GradInputArgs{grad_y.raw(), weight.raw(), grad_x.raw(), s, grad_x.dtype}, stream,
+                grad_input_cpu, GK_CUDA(grad_input_cuda));
+}
+
+void grad_weight(const Array& grad_y, const Array& x, const Array& grad_weight_out, const OptArray& grad_bias,
+                 bool mask_b, int64_t groups, int64_t dilation, uintptr_t stream) {
+  Checked(x, "x")(grad_y, "grad_y")(grad_weight_out, "grad_weight")(grad_bias, "grad_bias");
+  const ConvShape s = conv_shape(x, grad_weight_out, mask_b, groups, dilation);
+  check_output(grad_y, s, s.out_channels, "grad_y");
+  if (grad_bias) check_numel(*grad_bias, s.out_channels, "grad_bias");
+  // No early return on an empty batch: the gradients are then zeros, and the kernel writes them.
+  run_on_device(x, GradWeightArgs{grad_y.raw(), x.raw(), grad_weight_out.raw(), data_or_null(grad_bias), s, x.dtype},
+                stream, grad_weight_cpu, GK_CUDA(grad_weight_cuda));
+}
+
+}  // namespace
+
+void bind_masked_conv(py::module_& parent) {
+  py::module_ m = parent.def_submodule("masked_conv", "genkern._C.masked_conv: masked (PixelCNN) convolution kernels");
+  using py::arg;
+  m.def("forward", &forward, arg("x"), arg("weight"), arg("bias"), arg("y"), arg("mask_b"),
+        arg("groups"), arg("dilation"), arg("stream") = 0);
+  m.def("grad_input", &grad_input, arg("grad_y"), arg("weight"), arg("grad_x"), arg("mask_b"),
+        arg("groups"), arg("dilation"), arg("stream") = 0);
+  m.def("grad_weight", &grad_weight, arg("grad_y"), arg("x"), arg("grad_weight"), arg("grad_bias"),
+        arg("mask_b"), arg("groups"), arg("dilation"), arg("stream") = 0);
+}
+
+}  // namespace gk

@@ -1,0 +1,65 @@
+// The pixelcnn_sampling family's kernel entry points: categorical draws by Gumbel-max, and the cached
+// (incremental) sampler of an autoregressive convolution network.
+//
+// The cached sampler runs a small program, built in Python from a model: a list of nodes over activation
+// caches, each cache (B, H, W, C) float32 channels-last. A node is a convolution evaluated at one position
+// (taps given as (dy, dx) offsets, weight packed (taps, C_in, C_out) with masked entries already zero) or a
+// gate tanh(a) * sigmoid(b) over channel halves. Pixel nodes run at every (row, column, colour) step in
+// raster order; row nodes run once per row, for the whole row, before its first pixel (a Gated PixelCNN's
+// vertical stack, which sees only the rows above). After the pixel nodes of a step, the logits cache gives
+// the colour's value by Gumbel-max; it is written to the output and, as scale * level + shift, to cache 0,
+// the network's input.
+#pragma once
+#include <vector>
+
+#include "core/array.h"
+
+namespace gk {
+namespace pixelcnn_sampling {
+
+// out[n] = argmax_k logits[n, k] + gumbel(stream element base[n] + k); logits (N, K), base and out (N,) int64.
+struct GumbelArgmaxArgs {
+  const void* logits;
+  const int64_t* base;
+  int64_t* out;
+  int64_t rows, levels;
+  uint64_t seed, offset;
+  DType dtype;
+};
+
+enum NodeKind : int { kConv = 0, kGate = 1 };
+
+struct Node {
+  int kind = kConv;
+  bool row_level = false;
+  int in = 0, out = 0, residual = -1;  // cache indices; residual: a cache added to the output, or -1
+  bool relu_input = false;               // the convolution reads max(input, 0)
+  bool accumulate = false;               // add to what the output cache holds at the position
+  std::vector<int64_t> dy, dx;           // the taps
+  const float* weight = nullptr;         // (taps, C_in, C_out)
+  const float* bias = nullptr;           // (C_out,) or null
+  const float* cond = nullptr;           // (B, C_out) per-sample bias, or null
+  int64_t c_in = 0, c_out = 0;
+};
+
+struct SampleArgs {
+  std::vector<float*> caches;
+  std::vector<int64_t> channels;  // of each cache
+  std::vector<Node> nodes;
+  int64_t batch, colors, height, width, levels;
+  int logits;         // the cache holding the logits: colour c's are channels [c * levels, (c + 1) * levels)
+  int64_t* out;       // (B, colors, H, W) levels
+  float scale, shift; // cache 0 gets scale * level + shift
+  uint64_t seed, offset, first_sample;
+};
+
+void gumbel_argmax_cpu(const GumbelArgmaxArgs& a);
+void sample_cpu(const SampleArgs& a);
+
+#ifdef GENKERN_WITH_CUDA
+void gumbel_argmax_cuda(const GumbelArgmaxArgs& a, void* stream);
+void sample_cuda(const SampleArgs& a, void* stream);
+#endif
+
+}  // namespace pixelcnn_sampling
+}  // namespace gk

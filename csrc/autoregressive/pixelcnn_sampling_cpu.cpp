@@ -1,0 +1,275 @@
+// CPU kernels of the pixelcnn_sampling family.
+//
+// The cached sampler gives each thread a contiguous slice of the batch and runs the whole pixel loop on it:
+// samples are independent, so no thread ever waits for another. At a position, a convolution node gathers
+// its taps for a block of samples into one row each (taps x C_in, contiguous in the channels-last caches)
+// and multiplies the block by the packed weight, output channels along the vector lanes: a small GEMM whose
+// weights stay in cache across the block.
+#include "autoregressive/pixelcnn_sampling.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "autoregressive/categorical_math.h"
+#include "core/memory.h"
+#include "core/parallel.h"
+#include "core/philox_blocks.h"
+
+namespace gk {
+namespace pixelcnn_sampling {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors in internal helpers only: no ABI is crossed
+#endif
+
+constexpr int64_t kLanes = 16;
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr int kSampleBlock = 4;  // samples sharing each weight load
+constexpr int kVectorBlock = 4;  // output-channel vectors per register block: 4 x 4 accumulators
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+using Buffer = cpu::AlignedBuffer<float>;
+
+Buffer allocate(int64_t n) { return cpu::allocate_aligned<float>(n); }
+
+// A convolution node's weight as (taps * C_in) rows of C_out padded to whole vectors (zeros beyond C_out).
+struct PackedWeight {
+  Buffer w;
+  int64_t rows = 0, padded = 0;
+};
+
+PackedWeight pack(const Node& n) {
+  PackedWeight p;
+  p.rows = static_cast<int64_t>(n.dy.size()) * n.c_in;
+  p.padded = round_up(n.c_out, kLanes);
+  p.w = allocate(p.rows * p.padded);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    std::copy(n.weight + r * n.c_out, n.weight + (r + 1) * n.c_out, p.w.get() + r * p.padded);
+    std::fill(p.w.get() + r * p.padded + n.c_out, p.w.get() + (r + 1) * p.padded, 0.0f);
+  }
+  return p;
+}
+
+vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+// result[s, o .. o + NV * kLanes) = sum_r rows[s, r] * w[r, o ..] for the block's NS samples.
+template <int NS, int NV>
+void multiply_tile(const float* rows, int64_t n_rows, const float* w, int64_t padded, int64_t o, float* result) {
+  vec acc[NS][NV];
+  for (int s = 0; s < NS; ++s)
+    for (int v = 0; v < NV; ++v) acc[s][v] = vec{};
+  for (int64_t r = 0; r < n_rows; ++r) {
+    vec wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + r * padded + o + v * kLanes);
+    for (int s = 0; s < NS; ++s) {
+      const float a = rows[s * n_rows + r];
+      for (int v = 0; v < NV; ++v) acc[s][v] += a * wv[v];
+    }
+  }
+  for (int s = 0; s < NS; ++s)
+    for (int v = 0; v < NV; ++v) store(result + s * padded + o + v * kLanes, acc[s][v]);
+}
+
+template <int NS>
+void multiply(const float* rows, const PackedWeight& p, float* result) {
+  for (int64_t o = 0; o < p.padded; o += kVectorBlock * kLanes) {
+    switch (std::min<int64_t>(kVectorBlock, (p.padded - o) / kLanes)) {
+      case 4: multiply_tile<NS, 4>(rows, p.rows, p.w.get(), p.padded, o, result); break;
+      case 3: multiply_tile<NS, 3>(rows, p.rows, p.w.get(), p.padded, o, result); break;
+      case 2: multiply_tile<NS, 2>(rows, p.rows, p.w.get(), p.padded, o, result); break;
+      default: multiply_tile<NS, 1>(rows, p.rows, p.w.get(), p.padded, o, result); break;
+    }
+  }
+}
+
+void multiply_block(int ns, const float* rows, const PackedWeight& p, float* result) {
+  switch (ns) {
+    case 4: multiply<4>(rows, p, result); break;
+    case 3: multiply<3>(rows, p, result); break;
+    case 2: multiply<2>(rows, p, result); break;
+    default: multiply<1>(rows, p, result); break;
+  }
+}
+
+struct Geometry {
+  int64_t height, width;
+  float* at(float* cache, int64_t channels, int64_t b, int64_t i, int64_t j) const {
+    return cache + ((b * height + i) * width + j) * channels;
+  }
+};
+
+// One thread's share of the batch, with its scratch rows.
+class SliceSampler {
+ public:
+  SliceSampler(const SampleArgs& a, const std::vector<PackedWeight>& packed, int64_t first, int64_t last)
+      : a_(a), packed_(packed), g_{a.height, a.width}, first_(first), last_(last) {
+    int64_t rows = 1, padded = kLanes;
+    for (const PackedWeight& p : packed) {
+      rows = std::max(rows, p.rows);
+      padded = std::max(padded, p.padded);
+    }
+    rows_ = allocate(kSampleBlock * rows);
+    result_ = allocate(kSampleBlock * padded);
+    const int64_t blocks = a.levels / 4 + 2;  // a draw's levels span at most this many Philox blocks
+    for (auto& w : words_) w.assign(blocks, 0u);
+    noise_.assign(4 * blocks, 0.0f);
+  }
+
+  void run() {
+    for (int64_t i = 0; i < a_.height; ++i) {
+      for (size_t n = 0; n < a_.nodes.size(); ++n)
+        if (a_.nodes[n].row_level)
+          for (int64_t j = 0; j < a_.width; ++j) evaluate(n, i, j);
+      for (int64_t j = 0; j < a_.width; ++j)
+        for (int64_t c = 0; c < a_.colors; ++c) {
+          for (size_t n = 0; n < a_.nodes.size(); ++n)
+            if (!a_.nodes[n].row_level) evaluate(n, i, j);
+          draw(i, j, c);
+        }
+    }
+  }
+
+ private:
+  void evaluate(size_t n, int64_t i, int64_t j) {
+    if (a_.nodes[n].kind == kGate)
+      gate(a_.nodes[n], i, j);
+    else
+      convolve(a_.nodes[n], packed_[n], i, j);
+  }
+
+  void convolve(const Node& n, const PackedWeight& p, int64_t i, int64_t j) {
+    const int64_t taps = static_cast<int64_t>(n.dy.size());
+    float* in = a_.caches[n.in];
+    for (int64_t b0 = first_; b0 < last_; b0 += kSampleBlock) {
+      const int ns = static_cast<int>(std::min<int64_t>(kSampleBlock, last_ - b0));
+      for (int s = 0; s < ns; ++s) {
+        float* row = rows_.get() + s * p.rows;
+        for (int64_t t = 0; t < taps; ++t, row += n.c_in) {
+          const int64_t y = i + n.dy[t], x = j + n.dx[t];
+          if (y < 0 || y >= a_.height || x < 0 || x >= a_.width) {
+            std::fill(row, row + n.c_in, 0.0f);
+            continue;
+          }
+          const float* src = g_.at(in, n.c_in, b0 + s, y, x);
+          if (n.relu_input)
+            for (int64_t ch = 0; ch < n.c_in; ++ch) row[ch] = std::max(src[ch], 0.0f);
+          else
+            std::copy(src, src + n.c_in, row);
+        }
+      }
+      multiply_block(ns, rows_.get(), p, result_.get());
+      for (int s = 0; s < ns; ++s) {
+        const int64_t b = b0 + s;
+        const float* r = result_.get() + s * p.padded;
+        float* dst = g_.at(a_.caches[n.out], n.c_out, b, i, j);
+        const float* residual = n.residual >= 0 ? g_.at(a_.caches[n.residual], n.c_out, b, i, j) : nullptr;
+        const float* cond = n.cond ? n.cond + b * n.c_out : nullptr;
+        for (int64_t o = 0; o < n.c_out; ++o) {
+          float v = r[o];
+          if (n.bias) v += n.bias[o];
+          if (cond) v += cond[o];
+          if (residual) v += residual[o];
+          dst[o] = n.accumulate ? dst[o] + v : v;
+        }
+      }
+    }
+  }
+
+  void gate(const Node& n, int64_t i, int64_t j) {
+    const int64_t half = a_.channels[n.out];
+    for (int64_t b = first_; b < last_; ++b) {
+      const float* src = g_.at(a_.caches[n.in], 2 * half, b, i, j);
+      float* dst = g_.at(a_.caches[n.out], half, b, i, j);
+      for (int64_t ch = 0; ch < half; ++ch) dst[ch] = std::tanh(src[ch]) / (1.0f + std::exp(-src[half + ch]));
+    }
+  }
+
+  void draw(int64_t i, int64_t j, int64_t c) {
+    const int64_t dims = a_.colors * a_.height * a_.width;
+    const int64_t position = (i * a_.width + j) * a_.colors + c;
+    for (int64_t b = first_; b < last_; ++b) {
+      const float* logits = g_.at(a_.caches[a_.logits], a_.colors * a_.levels, b, i, j) + c * a_.levels;
+      const uint64_t base = (static_cast<uint64_t>(a_.first_sample + b) * dims + position) * a_.levels;
+      const int64_t level = gumbel_argmax_row(logits, base);
+      a_.out[((b * a_.colors + c) * a_.height + i) * a_.width + j] = level;
+      g_.at(a_.caches[0], a_.colors, b, i, j)[c] = a_.scale * static_cast<float>(level) + a_.shift;
+    }
+  }
+
+  // categorical::gumbel_argmax with the noise of the whole row made at once: the Philox blocks by the
+  // vectorised generator, the Gumbel transform in a simd loop (the same values, element by element).
+  int64_t gumbel_argmax_row(const float* logits, uint64_t base) {
+    const uint64_t first_block = base >> 2;
+    const int64_t blocks = static_cast<int64_t>(((base + a_.levels + 3) >> 2) - first_block);
+    cpu::philox_blocks(a_.seed, a_.offset, first_block, blocks, words_[0].data(), words_[1].data(), words_[2].data(),
+                  words_[3].data());
+    float* noise = noise_.data();
+    for (int lane = 0; lane < 4; ++lane) {
+      const uint32_t* w = words_[lane].data();
+#pragma omp simd
+      for (int64_t k = 0; k < blocks; ++k) noise[4 * k + lane] = categorical::gumbel(w[k]);
+    }
+    noise += base & 3u;
+    int64_t best = 0;
+    float best_score = logits[0] + noise[0];
+    for (int64_t k = 1; k < a_.levels; ++k) {
+      const float score = logits[k] + noise[k];
+      if (score > best_score) {
+        best = k;
+        best_score = score;
+      }
+    }
+    return best;
+  }
+
+  const SampleArgs& a_;
+  const std::vector<PackedWeight>& packed_;
+  Geometry g_;
+  int64_t first_, last_;
+  Buffer rows_, result_;
+  std::vector<uint32_t> words_[4];  // Philox words of a draw's blocks
+  std::vector<float> noise_;
+};
+
+}  // namespace
+
+void gumbel_argmax_cpu(const GumbelArgmaxArgs& a) {
+  auto run = [&](auto* logits) {
+    cpu::parallel_for(a.rows, [&](int64_t n) {
+      a.out[n] = categorical::gumbel_argmax(logits + n * a.levels, 1, a.levels, a.seed, a.offset,
+                                            static_cast<uint64_t>(a.base[n]));
+    });
+  };
+  if (a.dtype == DType::float64)
+    run(static_cast<const double*>(a.logits));
+  else
+    run(static_cast<const float*>(a.logits));
+}
+
+void sample_cpu(const SampleArgs& a) {
+  std::vector<PackedWeight> packed(a.nodes.size());
+  for (size_t n = 0; n < a.nodes.size(); ++n)
+    if (a.nodes[n].kind == kConv) packed[n] = pack(a.nodes[n]);
+  const int64_t slices = std::min<int64_t>(a.batch, omp_get_max_threads());
+#pragma omp parallel for schedule(static, 1) if (slices > 1)
+  for (int64_t t = 0; t < slices; ++t) {
+    SliceSampler(a, packed, a.batch * t / slices, a.batch * (t + 1) / slices).run();
+  }
+}
+
+}  // namespace pixelcnn_sampling
+}  // namespace gk

@@ -1,0 +1,78 @@
+// What the family entry files share: pybind11, argument checks, and the CPU/CUDA switch.
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <initializer_list>
+#include <optional>
+
+#include "core/array.h"
+
+namespace gk {
+
+namespace py = pybind11;
+
+using OptArray = std::optional<Array>;
+
+inline void* data_or_null(const OptArray& a) { return a ? a->raw() : nullptr; }
+
+// Every array of a call, checked against the first: contiguous, same dtype, same device.
+struct Checked {
+  const Array& ref;
+  const char* ref_name;
+  Checked(const Array& first, const char* name) : ref(first), ref_name(name) {
+    check_contiguous(first, name);
+    check_float(first, name);
+  }
+  const Checked& operator()(const Array& a, const char* name) const {
+    check_contiguous(a, name);
+    check_same(a, ref, name, ref_name);
+    return *this;
+  }
+  const Checked& operator()(const OptArray& a, const char* name) const {
+    if (a) (*this)(*a, name);
+    return *this;
+  }
+};
+
+[[noreturn]] void throw_no_cuda();
+
+// Call on each large output before a CPU kernel writes it (see cpu/memory.h).
+void prepare_output(const Array& out);
+inline void prepare_output(const OptArray& out) {
+  if (out) prepare_output(*out);
+}
+
+// The CUDA version of a kernel, or nullptr in a build without CUDA.
+#ifdef GENKERN_WITH_CUDA
+#define GK_CUDA(fn) (fn)
+#else
+#define GK_CUDA(fn) nullptr
+#endif
+
+template <typename T>
+struct NoDeduce {
+  using type = T;
+};
+
+// Runs the CPU or the CUDA version of a kernel by where `where` lives; the CUDA one on `stream`.
+template <typename Args>
+void run_on_device(const Array& where, const Args& args, uintptr_t stream, void (*cpu)(const Args&),
+                   typename NoDeduce<void (*)(const Args&, void*)>::type cuda) {
+  if (where.device == Device::cpu) {
+    py::gil_scoped_release release;
+    cpu(args);
+    return;
+  }
+  if (!cuda) throw_no_cuda();
+  cuda(args, reinterpret_cast<void*>(stream));
+}
+
+void bind_random(py::module_& m);
+void bind_reparam(py::module_& m);
+void bind_diffusion(py::module_& m);
+void bind_causal_conv1d(py::module_& m);
+void bind_masked_conv(py::module_& m);
+void bind_nade(py::module_& m);
+void bind_pixelcnn_sampling(py::module_& m);
+
+}  // namespace gk

@@ -1,0 +1,109 @@
+// Drivers for kernels that reduce over the middle axis of (outer, dim, inner), or broadcast a per-row
+// gradient back over it. A kernel supplies a span function over contiguous flat elements; the drivers
+// choose the spans, run them in parallel and do the summing, so results never depend on thread count.
+#pragma once
+#include <vector>
+
+#include "reparam/reparam.h"
+#include "core/parallel.h"
+
+namespace gk {
+namespace cpu {
+
+// Rows of (outer, inner) each sum `dim` terms. term_fn(flat_start, len, Acc* terms) writes the terms of
+// flat elements [flat_start, flat_start + len), len <= kChunk; out[o * inner + i] receives the sums.
+template <typename Acc, typename Out, typename TermFn>
+void reduce_spans(const reparam::ReduceShape& s, Out* out, TermFn term_fn) {
+  const int64_t outer = s.outer, dim = s.dim, inner = s.inner;
+  if (outer * inner == 0) return;
+  if (dim == 0) {
+    parallel_for(outer * inner, [&](int64_t r) { out[r] = Out(0); });
+    return;
+  }
+  if (inner == 1 && dim <= kChunk) {
+    // Short rows: one span covers several whole rows.
+    const int64_t rows_per_span = kChunk / dim;
+    const int64_t spans = (outer + rows_per_span - 1) / rows_per_span;
+    parallel_for(spans, [&](int64_t sp) {
+      alignas(64) Acc terms[kChunk];
+      const int64_t r0 = sp * rows_per_span, r1 = std::min(outer, r0 + rows_per_span);
+      term_fn(r0 * dim, (r1 - r0) * dim, terms);
+      for (int64_t r = r0; r < r1; ++r) {
+        const Acc* t = terms + (r - r0) * dim;
+        Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < dim; ++d) acc += t[d];
+        out[r] = Out(acc);
+      }
+    });
+    return;
+  }
+  if (inner == 1) {
+    // Long rows: fixed-size segments summed separately, then combined in order.
+    constexpr int64_t kSegment = 16 * kChunk;
+    const int64_t segments = (dim + kSegment - 1) / kSegment;
+    std::vector<Acc> partial(outer * segments);
+    parallel_for(outer * segments, [&](int64_t item) {
+      alignas(64) Acc terms[kChunk];
+      const int64_t o = item / segments, d0 = (item % segments) * kSegment;
+      const int64_t d1 = std::min(dim, d0 + kSegment);
+      Acc acc = 0;
+      for (int64_t d = d0; d < d1; d += kChunk) {
+        const int64_t len = std::min(kChunk, d1 - d);
+        term_fn(o * dim + d, len, terms);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t t = 0; t < len; ++t) acc += terms[t];
+      }
+      partial[item] = acc;
+    });
+    parallel_for(outer, [&](int64_t o) {
+      Acc acc = 0;
+      for (int64_t g = 0; g < segments; ++g) acc += partial[o * segments + g];
+      out[o] = Out(acc);
+    });
+    return;
+  }
+  // inner > 1: a span is a run of the inner axis; accumulate element-wise over dim.
+  const int64_t inner_chunks = (inner + kChunk - 1) / kChunk;
+  parallel_for(outer * inner_chunks, [&](int64_t item) {
+    alignas(64) Acc terms[kChunk];
+    alignas(64) Acc acc[kChunk];
+    const int64_t o = item / inner_chunks, i0 = (item % inner_chunks) * kChunk;
+    const int64_t len = std::min(kChunk, inner - i0);
+    std::fill(acc, acc + len, Acc(0));
+    for (int64_t d = 0; d < dim; ++d) {
+      term_fn((o * dim + d) * inner + i0, len, terms);
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) acc[t] += terms[t];
+    }
+    for (int64_t t = 0; t < len; ++t) out[o * inner + i0 + t] = Out(acc[t]);
+  });
+}
+
+// For element-wise kernels whose gradient arrives per row of (outer, inner): span_fn(flat_start, len,
+// const Acc* grad) sees, for each flat element, the gradient of its row (zero when `grad_rows` is null).
+template <typename Acc, typename G, typename SpanFn>
+void broadcast_spans(const reparam::ReduceShape& s, const G* grad_rows, SpanFn span_fn) {
+  const int64_t total = s.numel();
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+  parallel_for(chunks, [&](int64_t c) {
+    alignas(64) Acc grad[kChunk];
+    const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
+    if (grad_rows) {
+      int64_t i = start % s.inner, d = (start / s.inner) % s.dim, o = start / (s.inner * s.dim);
+      for (int64_t t = 0; t < len; ++t) {
+        grad[t] = Acc(grad_rows[o * s.inner + i]);
+        if (++i == s.inner) {
+          i = 0;
+          if (++d == s.dim) d = 0, ++o;
+        }
+      }
+    } else {
+      std::fill(grad, grad + len, Acc(0));
+    }
+    span_fn(start, len, static_cast<const Acc*>(grad));
+  });
+}
+
+}  // namespace cpu
+}  // namespace gk

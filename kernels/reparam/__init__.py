@@ -1,0 +1,1 @@
+"""genkern's reparam kernels (CUDA sources are compiled into genkern._C; the Triton modules import from here)."""

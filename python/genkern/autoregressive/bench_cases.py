@@ -1,0 +1,338 @@
+"""Benchmark cases of the autoregressive family: causal convolutions, masked convolutions, NADE and cached
+PixelCNN sampling (each group's notes below). `genkern bench --ops <name or group>` selects them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+import genkern
+
+from .. import backend as _backend
+from ..bench import BenchCase
+from ..models import PixelCNN
+from . import draw_base, gumbel_argmax
+from . import reference as ref
+
+# =========================================================================================================
+# Benchmark cases of the causal_conv1d family: the depthwise short convolution of Mamba-style blocks
+# (K = 4, SiLU) on (8, 256, L) activations, L from the size, and its generation step on a (B, 256, K - 1)
+# rolling state, B from the size.
+#
+# The eager baselines are what a PyTorch user writes: F.conv1d with left padding and groups = channels for
+# the convolution; for the step, the window cat([state, x]) contracted with the taps by einsum, and the state
+# rolled in place from that window (genkern's step updates the state in place too).
+#
+# `causal_conv1d_train` times forward and backward together (gradients for x, weight and bias from a given
+# grad_y); plain `genkern bench` leaves it out, `--ops causal_conv1d` and benchmarks/ include it.
+# =========================================================================================================
+_CONV1D = "causal_conv1d"
+BATCH, CHANNELS, TAPS = 8, 256, 4
+STATE = TAPS - 1  # the minimal state: the receptive field at dilation 1
+
+
+def _shape(size: int) -> tuple[int, int, int]:
+    return BATCH, CHANNELS, max(1, size // (BATCH * CHANNELS))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _params(device, dtype):
+    weight = torch.randn(CHANNELS, TAPS, device=device, dtype=dtype) / TAPS**0.5
+    bias = torch.randn(CHANNELS, device=device, dtype=dtype)
+    return weight, bias
+
+
+def _inputs(size, device, dtype):
+    return (torch.randn(_shape(size), device=device, dtype=dtype), *_params(device, dtype))
+
+
+def eager_causal_conv1d(x, weight, bias):
+    return F.silu(F.conv1d(F.pad(x, (TAPS - 1, 0)), weight.unsqueeze(1), bias, groups=weight.shape[0]))
+
+
+def genkern_causal_conv1d(x, weight, bias, backend=None):
+    return genkern.causal_conv1d(x, weight, bias, activation="silu", backend=backend)
+
+
+def _bytes(size, dtype):
+    b, c, length = _shape(size)
+    # x read once, y written once; the weights and bias are negligible but counted
+    return (2 * b * c * length + c * (TAPS + 1)) * _itemsize(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The generation step
+
+
+def _update_shape(size: int) -> tuple[int, int, int]:
+    """The state's shape (the main tensor)."""
+    return max(1, size // (CHANNELS * STATE)), CHANNELS, STATE
+
+
+def _update_inputs(size, device, dtype):
+    batch = _update_shape(size)[0]
+    x = torch.randn(batch, CHANNELS, device=device, dtype=dtype)
+    state = torch.randn(_update_shape(size), device=device, dtype=dtype)
+    return (x, state, *_params(device, dtype))
+
+
+def eager_causal_conv1d_update(x, state, weight, bias):
+    window = torch.cat([state, x.unsqueeze(-1)], dim=-1)  # (B, C, K): the K inputs output t sees
+    y = F.silu(torch.einsum("bck,ck->bc", window, weight) + bias)
+    state.copy_(window[..., 1:])
+    return y
+
+
+def genkern_causal_conv1d_update(x, state, weight, bias, backend=None):
+    return genkern.causal_conv1d_update(x, state, weight, bias, activation="silu", backend=backend)
+
+
+def _update_bytes(size, dtype):
+    b, c, w = _update_shape(size)
+    # x read, y written, the state read and written; the weights and bias counted too
+    return (2 * b * c + 2 * b * c * w + c * (TAPS + 1)) * _itemsize(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward and backward
+
+
+def _train_inputs(size, device, dtype):
+    x, weight, bias = (t.requires_grad_(True) for t in _inputs(size, device, dtype))
+    return x, weight, bias, torch.randn(_shape(size), device=device, dtype=dtype)
+
+
+def eager_causal_conv1d_train(x, weight, bias, grad_y):
+    return torch.autograd.grad(eager_causal_conv1d(x, weight, bias), (x, weight, bias), grad_y)
+
+
+def genkern_causal_conv1d_train(x, weight, bias, grad_y, backend=None):
+    return torch.autograd.grad(genkern_causal_conv1d(x, weight, bias, backend), (x, weight, bias), grad_y)
+
+
+def _train_bytes(size, dtype):
+    b, c, length = _shape(size)
+    # x and grad_y read, grad_x written (genkern's backward recomputes the pre-activation instead of keeping
+    # y); the weights, the bias and their gradients counted too
+    return (3 * b * c * length + 2 * c * (TAPS + 1)) * _itemsize(dtype)
+
+
+CONV1D_CASES = (
+    BenchCase(
+        name="causal_conv1d", family=_CONV1D,
+        make_inputs=_inputs, genkern=genkern_causal_conv1d, eager=eager_causal_conv1d,
+        shape=_shape, bytes_moved=_bytes,
+    ),
+    BenchCase(
+        name="causal_conv1d_update", family=_CONV1D,
+        make_inputs=_update_inputs, genkern=genkern_causal_conv1d_update, eager=eager_causal_conv1d_update,
+        shape=_update_shape, bytes_moved=_update_bytes,
+    ),
+    BenchCase(
+        name="causal_conv1d_train", family=_CONV1D,
+        make_inputs=_train_inputs, genkern=genkern_causal_conv1d_train, eager=eager_causal_conv1d_train,
+        shape=_shape, bytes_moved=_train_bytes, timed="forward+backward", default=False,
+    ),
+)
+
+
+# =========================================================================================================
+# Benchmark cases of the masked_conv family, forward + backward: PixelCNN layers on 28 x 28 images.
+#
+#     masked_conv2d              a hidden layer: 64 -> 64 channels, 3 x 3, mask B (gradients for x, weight, bias)
+#     masked_conv2d_first_layer  the first layer on pixels: 1 -> 64 channels, 7 x 7, mask A (x is data: no grad_x)
+#
+# A size N is the element count of the hidden activations: ceil(N / (64 * 28 * 28)) images (1M: 21; 1.5M: 32,
+# PixelCNN's batch). Both cases time one training step's worth of the layer, the forward pass and the backward
+# for a given grad_y, which is most of what a PixelCNN spends its time on. The eager baseline is what a PyTorch
+# user writes: F.conv2d on the weight times its mask (a buffer made once), then torch.autograd.grad; compile is
+# torch.compile of that function. (On a GPU eager F.conv2d computes float32 in TF32 by default; genkern's
+# kernels compute in float32.)
+# =========================================================================================================
+_MASKED_CONV = "masked_conv"
+CHANNELS, SIDE = 64, 28
+
+
+def _batch(size: int) -> int:
+    return max(1, math.ceil(size / (CHANNELS * SIDE * SIDE)))
+
+
+def _layer(c_in: int, k: int, mask_type: str):
+    """(make_inputs, eager, genkern, shape, bytes_moved) of a c_in -> 64 layer with a k x k mask."""
+
+    def shape(size):
+        return _batch(size), c_in, SIDE, SIDE
+
+    def make_inputs(size, device, dtype):
+        b = _batch(size)
+        x = torch.randn(b, c_in, SIDE, SIDE, device=device, dtype=dtype).requires_grad_(c_in > 1)
+        weight = (torch.randn(CHANNELS, c_in, k, k, device=device, dtype=dtype) / math.sqrt(c_in * k * k))
+        bias = torch.randn(CHANNELS, device=device, dtype=dtype)
+        grad_y = torch.randn(b, CHANNELS, SIDE, SIDE, device=device, dtype=dtype)
+        mask = ref.mask(k, mask_type, c_in, CHANNELS, dtype=dtype, device=device)
+        return x, weight.requires_grad_(), bias.requires_grad_(), grad_y, mask
+
+    def eager(x, weight, bias, grad_y, mask):
+        y = F.conv2d(x, weight * mask, bias, padding=k // 2)
+        return torch.autograd.grad(y, [t for t in (x, weight, bias) if t.requires_grad], grad_y)
+
+    def ours(x, weight, bias, grad_y, mask, backend=None):
+        y = genkern.masked_conv2d(x, weight, bias, mask_type=mask_type, backend=backend)
+        return torch.autograd.grad(y, [t for t in (x, weight, bias) if t.requires_grad], grad_y)
+
+    def bytes_moved(size, dtype):
+        b = _batch(size)
+        pixels = b * SIDE * SIDE
+        # read x, weight, bias and grad_y; write grad_x (hidden layer only), grad_weight and grad_bias
+        elements = pixels * c_in * (2 if c_in > 1 else 1) + pixels * CHANNELS + 2 * (CHANNELS * c_in * k * k + CHANNELS)
+        return elements * torch.empty((), dtype=dtype).element_size()
+
+    return make_inputs, eager, ours, shape, bytes_moved
+
+
+def _case(name: str, c_in: int, k: int, mask_type: str) -> BenchCase:
+    make_inputs, eager, ours, shape, bytes_moved = _layer(c_in, k, mask_type)
+    return BenchCase(name=name, family=_MASKED_CONV, make_inputs=make_inputs, genkern=ours, eager=eager, shape=shape,
+                     bytes_moved=bytes_moved, timed="forward+backward")
+
+
+MASKED_CONV_CASES = (
+    _case("masked_conv2d", CHANNELS, 3, "B"),
+    _case("masked_conv2d_first_layer", 1, 7, "A"),
+)
+
+
+# =========================================================================================================
+# Benchmark case of the NADE family: a training step's log-likelihood, forward and backward (unlike the other
+# families' cases, which time the forward pass), of a binarised MNIST-sized model (D = 784 pixels, H = 500
+# hidden units) at batch 512, whatever the size: the eager baseline's memory grows as B * H * D, and at the
+# engine's larger sizes it would need tens of GB. Slow (the eager call takes seconds), so plain `genkern bench`
+# leaves it out: `genkern bench --ops nade` runs it.
+#
+# The eager baseline is the reference: the pre-activations of all D steps from one cumulative sum, a (B, H, D)
+# tensor (800 MB at batch 512 in float32, and autograd keeps several), then autograd; torch.compile gets that
+# same function. genkern runs the fused kernels, which hold H pre-activations per example, never (B, H, D).
+# =========================================================================================================
+_NADE = "nade"
+DIMS, HIDDEN = 784, 500
+NADE_BATCH = 512
+
+
+def _nade_shape(size: int) -> tuple[int, int]:
+    return NADE_BATCH, DIMS
+
+
+def _nade_inputs(size, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(_nade_shape(size), generator=g) < 0.13).to(device=device, dtype=dtype)  # MNIST's ink density
+    w = torch.randn(HIDDEN, DIMS, generator=g) / DIMS**0.5
+    c = torch.zeros(HIDDEN)
+    v = torch.randn(DIMS, HIDDEN, generator=g) / HIDDEN**0.5
+    b = torch.zeros(DIMS)
+    return (x, *(t.to(device=device, dtype=dtype).requires_grad_(True) for t in (w, c, v, b)))
+
+
+def _step(log_prob, x, w, c, v, b):
+    """(log p(x), and the gradients of its sum w.r.t. W, c, V, b)."""
+    lp = log_prob(x, w, c, v, b)
+    return (lp.detach(), *torch.autograd.grad(lp.sum(), (w, c, v, b)))
+
+
+def eager_nade_log_prob(x, w, c, v, b):
+    return _step(ref.nade_log_prob, x, w, c, v, b)
+
+
+def genkern_nade_log_prob(x, w, c, v, b, backend=None):
+    return _step(lambda *args: genkern.nade_log_prob(*args, backend=backend), x, w, c, v, b)
+
+
+def _nade_bytes(size, dtype):
+    batch, dims = _nade_shape(size)
+    params = 2 * dims * HIDDEN + dims + HIDDEN
+    # x read once, the parameters read and their gradients written once, one log-likelihood per example
+    return (batch * dims + 2 * params + batch) * torch.empty((), dtype=dtype).element_size()
+
+
+NADE_CASES = (
+    BenchCase(
+        name="nade_log_prob", family=_NADE,
+        make_inputs=_nade_inputs, genkern=genkern_nade_log_prob, eager=eager_nade_log_prob,
+        shape=_nade_shape, bytes_moved=_nade_bytes, timed="forward+backward", default=False, max_repeats=3, sized=False,
+    ),
+)
+
+
+# =========================================================================================================
+# Benchmark cases of the pixelcnn_sampling family: images/s sampling a 256-level PixelCNN with 9 masked
+# layers (a 7x7 mask A, eight residual 3x3 mask B, a 1x1 head):
+#
+# - 28x28 grey images, 64 channels, at batch 1 to 256 (the CPU target is batch 64; plain `genkern bench` runs
+#   that one);
+# - 32x32 RGB images, 96 channels (divisible by the 3 colour groups), at batch 256: the GPU target (plain
+#   `genkern bench` runs it on a GPU only).
+#
+# genkern runs the cached sampler (each position once per layer, the pixel loop in compiled code). The eager
+# baseline is naive sampling as a PyTorch user writes it: the whole network (F.conv2d on the masked weights)
+# once per pixel and colour, then a Gumbel-max draw. Naive sampling is D identical full passes (D = colours x
+# height x width), so the baseline times the first NAIVE_STEPS of them and is scaled by D / NAIVE_STEPS
+# (marked extrapolated). The sizes are ignored; `--ops pixelcnn_sampling` runs every case.
+# =========================================================================================================
+_SAMPLING = "pixelcnn_sampling"
+LEVELS, LAYERS = 256, 9
+NAIVE_STEPS = 4
+# (name, colours, image side, hidden channels, batch, default)
+SHAPES = (*((f"pixelcnn_sample_b{b}", 1, 28, 64, b, b == 64) for b in (1, 4, 16, 64, 256)),
+          ("pixelcnn_sample_rgb32_b256", 3, 32, 96, 256, "cuda"))
+
+
+@functools.lru_cache(maxsize=None)
+def _model(colors: int, side: int, hidden: int, device: torch.device) -> PixelCNN:
+    torch.manual_seed(0)
+    return PixelCNN(colors, LEVELS, side, hidden_channels=hidden, n_layers=LAYERS).to(device).eval()
+
+
+def _sampling_inputs(colors: int, side: int, hidden: int, batch: int):
+    def make(size, device, dtype):
+        x = torch.zeros(batch, colors, side, side, dtype=torch.int64, device=device)
+        return _model(colors, side, hidden, device), x
+
+    return make
+
+
+@torch.no_grad()
+def eager_naive_steps(model, x):
+    """The first NAIVE_STEPS draws of naive sampling, all in eager PyTorch (genkern's reference backend)."""
+    colors, height, width = x.shape[1:]
+    with _backend.set_backend("reference"):
+        for d in range(NAIVE_STEPS):
+            pixel, c = divmod(d, colors)
+            i, j = divmod(pixel, width)
+            logits = model(x)[:, :, c, i, j].contiguous()
+            base = draw_base(0, x.shape[0], model.dims, d, LEVELS, x.device)
+            x[:, c, i, j] = gumbel_argmax(logits, base, seed=0)
+    return x
+
+
+def genkern_cached(model, x, backend=None):
+    return model.sample(x.shape[0], seed=0, backend=backend)
+
+
+SAMPLING_CASES = tuple(
+    BenchCase(
+        name=name, family=_SAMPLING, make_inputs=_sampling_inputs(colors, side, hidden, batch), genkern=genkern_cached,
+        eager=eager_naive_steps, shape=lambda size, s=(batch, colors, side, side): s, bytes_moved=lambda n, dt: 0,
+        default=default, compile=False, items=lambda size, b=batch: b, item_unit="img",
+        eager_scale=lambda size, d=colors * side * side: d / NAIVE_STEPS, max_repeats=3, timed="whole sampling run",
+        sized=False,
+    )
+    for name, colors, side, hidden, batch, default in SHAPES
+)
+
+
+CASES = (*CONV1D_CASES, *MASKED_CONV_CASES, *SAMPLING_CASES, *NADE_CASES)

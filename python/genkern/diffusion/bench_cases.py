@@ -1,0 +1,198 @@
+"""Benchmark cases of the diffusion family: the training ops, the sampling steps, and a sampling loop.
+
+Inputs are image batches: a size N is (N / 3072) samples of 3 x 32 x 32 with per-sample timesteps. The eager
+baselines are the code a PyTorch user writes: noise from torch.randn_like, coefficients gathered from the
+schedule's alphas_cumprod per sample, the loss recomputing the target from that noise, and a step written
+out as diffusers' schedulers compute it (epsilon prediction, both outputs returned). The `_out` variants of
+the steps write into preallocated outputs (`out=`; the eager code's last ops take `out=` too), as a sampling
+loop reusing its buffers does: on the CPU a fresh 64 MB output costs page faults worth as much as the step.
+
+`ddim_loop` is different: a whole 50-step DDIM sampling run at batch 1 on a (1, 4, 64, 64) latent with a
+trivial denoiser, to expose per-step overhead; its baseline is the same loop driven by diffusers'
+DDIMScheduler (needs diffusers, a test extra), and it ignores the size. genkern runs it with DDIMSampler
+(on CUDA with the whole loop captured in a CUDA graph).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import genkern
+from .schedules import NoiseSchedule
+
+from ..bench import BenchCase
+
+FAMILY = "diffusion"
+_SAMPLE = (3, 32, 32)
+_SCHEDULE = NoiseSchedule("cosine")
+
+
+def _shape(size: int) -> tuple[int, ...]:
+    return (max(1, size // (3 * 32 * 32)), *_SAMPLE)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _x0_t(size, device, dtype):
+    x0 = torch.randn(_shape(size), device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (x0.shape[0],), device=device)
+    return x0, t
+
+
+def _m_x0_t(size, device, dtype):
+    x0, t = _x0_t(size, device, dtype)
+    return torch.randn_like(x0), x0, t
+
+
+def _coefficients(t, x):
+    ab = _SCHEDULE.alphas_cumprod.to(device=x.device, dtype=x.dtype)[t].reshape(-1, 1, 1, 1)
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+def eager_q_sample(x0, t):
+    a, s = _coefficients(t, x0)
+    return a * x0 + s * torch.randn_like(x0)
+
+
+def eager_diffusion_loss(model_output, x0, t):
+    # The user keeps the noise of x_t to compute the loss: it is drawn here, as in a training step.
+    noise = torch.randn_like(x0)
+    return ((noise - model_output) ** 2).mean()
+
+
+def _alpha_bars(t, x):
+    """alpha-bar at t (-1: 1) per sample, shaped to broadcast over x."""
+    extended = torch.cat([torch.ones(1, dtype=torch.float64), _SCHEDULE.alphas_cumprod])
+    return extended.to(device=x.device, dtype=x.dtype)[t + 1].reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _step_inputs(size, device, dtype):
+    """(model_output, sample, t, prev_t): per-sample strided steps, as in a 50-step DDPM or DDIM run."""
+    sample, t = _x0_t(size, device, dtype)
+    t = t.clamp(min=20)
+    return torch.randn_like(sample), sample, t, t - 20
+
+
+# The steps write into `prev` and `x0` when given (the _out cases; torch ops take out=None as "allocate").
+def eager_ddpm_step(model_output, sample, t, prev_t, prev=None, x0=None):
+    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
+    alpha = ab_t / ab_prev
+    beta_t, beta_prev, beta = 1 - ab_t, 1 - ab_prev, 1 - alpha
+    x0 = torch.div(sample - beta_t.sqrt() * model_output, ab_t.sqrt(), out=x0)
+    mean = (ab_prev.sqrt() * beta / beta_t) * x0 + (alpha.sqrt() * beta_prev / beta_t) * sample
+    std = (beta_prev / beta_t * beta).clamp(min=1e-20).sqrt()
+    return torch.add(mean, std * torch.randn_like(sample), out=prev), x0
+
+
+def eager_ddim_step(model_output, sample, t, prev_t, prev=None, x0=None):
+    ab_t, ab_prev = _alpha_bars(t, sample), _alpha_bars(prev_t, sample)
+    x0 = torch.div(sample - (1 - ab_t).sqrt() * model_output, ab_t.sqrt(), out=x0)
+    return torch.add(ab_prev.sqrt() * x0, (1 - ab_prev).sqrt() * model_output, out=prev), x0
+
+
+def _out(prev, x0):
+    return None if prev is None else (prev, x0)
+
+
+def genkern_ddpm_step(model_output, sample, t, prev_t, prev=None, x0=None, backend=None):
+    return genkern.ddpm_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=_out(prev, x0), backend=backend)
+
+
+def genkern_ddim_step(model_output, sample, t, prev_t, prev=None, x0=None, backend=None):
+    return genkern.ddim_step(model_output, t, sample, _SCHEDULE, prev_t=prev_t, out=_out(prev, x0), backend=backend)
+
+
+def _step_out_inputs(size, device, dtype):
+    """_step_inputs plus preallocated (prev_sample, pred_original), as a sampling loop reuses its buffers."""
+    model_output, sample, t, prev_t = _step_inputs(size, device, dtype)
+    return model_output, sample, t, prev_t, torch.empty_like(sample), torch.empty_like(sample)
+
+
+_LOOP_SHAPE = (1, 4, 64, 64)
+_LOOP_STEPS = 50
+
+
+def _trivial_denoiser(x, t):
+    return 0.1 * x
+
+
+def _loop_inputs(size, device, dtype):
+    return (genkern.randn(_LOOP_SHAPE, seed=0, device=device, dtype=dtype),)
+
+
+def diffusers_ddim_loop(x):
+    from diffusers import DDIMScheduler  # a test extra: without it this baseline reports an ImportError
+
+    scheduler = _diffusers_scheduler(DDIMScheduler)
+    for t in scheduler.timesteps:
+        x = scheduler.step(_trivial_denoiser(x, t), t, x).prev_sample
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _diffusers_scheduler(cls):
+    scheduler = cls(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    scheduler.set_timesteps(_LOOP_STEPS)
+    return scheduler
+
+
+def genkern_ddim_loop(x, backend=None):
+    from . import DDIMSampler
+
+    sampler = DDIMSampler(_SCHEDULE, backend=backend)
+    return sampler.sample(_trivial_denoiser, x.shape, _LOOP_STEPS, x_T=x, device=x.device, dtype=x.dtype,
+                          cuda_graph=x.device.type == "cuda")
+
+
+def genkern_q_sample(x0, t, backend=None):
+    return genkern.q_sample(x0, t, _SCHEDULE, backend=backend)
+
+
+def genkern_diffusion_loss(model_output, x0, t, backend=None):
+    return genkern.diffusion_loss(model_output, x0, t, _SCHEDULE, backend=backend)
+
+
+CASES = (
+    BenchCase(
+        name="q_sample", family=FAMILY, make_inputs=_x0_t, genkern=genkern_q_sample, eager=eager_q_sample,
+        shape=_shape,
+        # reads x0, writes x_t; the noise is generated, never read from memory
+        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="diffusion_loss", family=FAMILY, make_inputs=_m_x0_t, genkern=genkern_diffusion_loss,
+        eager=eager_diffusion_loss, shape=_shape,
+        # reads model_output and x0 (the noise is regenerated, the target never stored)
+        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddpm_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddpm_step,
+        eager=eager_ddpm_step, shape=_shape,
+        # reads model_output and sample, writes prev_sample and pred_original (the noise is generated)
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddim_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddim_step,
+        eager=eager_ddim_step, shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddpm_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddpm_step,
+        eager=eager_ddpm_step, shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddim_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddim_step,
+        eager=eager_ddim_step, shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+    ),
+    BenchCase(
+        name="ddim_loop", family=FAMILY, make_inputs=_loop_inputs, genkern=genkern_ddim_loop,
+        eager=diffusers_ddim_loop, shape=lambda n: _LOOP_SHAPE, compile=False, sized=False,
+        # per step: reads the model output and the sample, writes the next sample (the denoiser excluded)
+        bytes_moved=lambda n, dt: _LOOP_STEPS * 3 * _itemsize(dt) * 4 * 64 * 64,
+    ),
+)

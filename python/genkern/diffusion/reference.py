@@ -1,0 +1,588 @@
+"""Reference implementations of the diffusion family (docs/math.md, section 3).
+
+    x_t = q_sample(x0, t, schedule, seed=s)                          # sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
+    loss = diffusion_loss(model(x_t, t), x0, t, schedule, seed=s)    # the same eps, regenerated
+    x_prev, x0_hat = ddpm_step(model_output, t, x_t, schedule, seed=s, offset=k)
+    x_prev, x0_hat = ddim_step(model_output, t, x_t, schedule, prev_t=p, eta=0.0)
+
+ab_t = alpha-bar_t = schedule.alphas_cumprod[t]; alpha-bar at prev_t = -1 is schedule.final_alpha_cumprod.
+
+Conventions, shared by every op here and by the kernels that follow them:
+
+* Tensors are (B, ...): dim 0 is the batch, and for `learned_range` dim 1 the channels. A timestep `t`
+  (and `prev_t`) is an int, a 0-dim integer tensor, or an integer tensor of shape (B,): a batch may hold
+  samples at different timesteps, each sample's coefficients broadcast over its non-batch dims.
+* Precision: half types compute in float32, other dtypes in their own; the per-sample coefficients
+  (sqrt(ab_t), the DDPM posterior coefficients, sigma, ...) are computed in float64 from the float64 schedule,
+  then cast to the compute dtype; results come back in the input dtype.
+* Noise: `noise` when given (the output's shape, dtype and device), else the genkern stream
+  `randn(shape, seed, offset)` over the output's full shape, element i of the (contiguous) output using
+  stream element i. With guidance the output, hence the noise, has the (B, ...) shape of `sample`.
+* Classifier-free guidance (`guidance_scale=s`): model_output has batch 2B, the unconditional half u first
+  and the conditional half c last (diffusers' order); the step uses m = u + s (c - u), then with
+  `guidance_rescale=phi`: m <- phi m std(c)/std(m) + (1 - phi) m, std per sample over the non-batch dims.
+  With `learned_range`, guidance combines the first C channels (the prediction) only and the variance
+  channels come from the conditional half (as DeepFloyd IF and unCLIP do).
+* Thresholding of x0_hat: `clip_sample=r` clamps it to [-r, r]; `dynamic_threshold=(ratio, max_value)`
+  (Imagen) takes q = quantile(|x0_hat|, ratio) per sample (linear interpolation between order statistics,
+  torch.quantile's default), q <- min(max(q, 1), max_value), x0_hat <- clamp(x0_hat, -q, q) / q. At most one.
+
+Where this differs from diffusers (DDPMScheduler, DDIMScheduler, version 0.42):
+
+* DDIMScheduler.step takes its previous timestep as t - T // N for every `timestep_spacing`; that is the
+  next inference timestep for "leading" only. For "trailing" and "linspace" spacing its steps do not end
+  where the next step of `set_timesteps`' list starts (T = 1000, N = 3: trailing timesteps 999, 666, 332,
+  but its step from 666 goes to 333; linspace timesteps 999, 500, 0, but its steps go 999 -> 666 and
+  500 -> 167). Here `prev_t` is an argument (required for DDIM): pass `schedule.timesteps(...)[1][i]`, the
+  next entry of the sequence. (DDPMScheduler looks the next entry up, and is right for every spacing.)
+* diffusers' trailing timesteps (np.arange(T, 0, -T/N)) have N + 1 entries for some N (T = 1000: 61, 103,
+  121, ...), the last one -1; NoiseSchedule.timesteps keeps the first N.
+* Where 1 - ab_prev - sigma^2 rounds below 0 (at ab_t = 0 with eta = 1, i.e. the first step under zero
+  terminal SNR; or for eta > 1), DDIM's direction coefficient is taken as 0 here instead of diffusers' NaN
+  (its own scaled_linear zero-SNR v-prediction config, trailing spacing, N = 10: step 999 -> 899 is NaN).
+* The epsilon min-SNR weight min(snr, gamma) / snr is computed as min(1, gamma / snr), equal for snr > 0,
+  and 1 (its limit) at snr = 0 (zero terminal SNR) where the quotient is NaN.
+* DDPMScheduler always uses alpha-bar 1 at prev_t = -1; here it is the schedule's final alpha (1 unless
+  final_alpha_one=False).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .schedules import NoiseSchedule
+from ..random.reference import randn
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+REDUCTIONS = ("mean", "none")
+MIN_VARIANCE = 1e-20  # fixed_small's floor (diffusers' clamp), also under learned_range's log
+
+__all__ = [
+    "q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step",
+    "check_q_sample_args", "check_velocity_args", "check_schedule", "check_choice", "check_threshold",
+    "check_guidance", "check_loss_args", "check_ddpm_args", "check_ddim_args",
+    "alpha_bar", "predict_x0_eps", "eps_from_x0", "loss_target", "snr", "min_snr_weight",
+    "threshold_x0", "clip_x0", "dynamic_threshold_x0", "guide", "rescale_guidance",
+    "ddpm_coefficients", "ddim_coefficients", "ddpm_update", "ddim_update",
+]
+
+
+# ============================================================================================ validation
+# Each op's checks, in one function per op, raising before any computation. The public API reuses them;
+# `check_values=False` skips reading timestep values (a host sync for device tensors).
+
+
+def _real(name: str, x) -> float:
+    if isinstance(x, bool) or isinstance(x, Tensor) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def check_choice(name: str, x, choices) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"{name} must be a str, got {type(x).__name__}")
+    if x not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {x!r}")
+    return x
+
+
+def check_schedule(schedule) -> NoiseSchedule:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a genkern.diffusion.schedules.NoiseSchedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def _check_batched(name: str, x) -> Tensor:
+    _checks.float_tensor(name, x)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-dim tensor")
+    return x
+
+
+def _check_timestep(name: str, t, batch: int, low: int, high: int, check_values: bool) -> None:
+    """An int in [low, high], or an integer tensor of shape () or (batch,) with values in [low, high]."""
+    if isinstance(t, Tensor):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {t.dtype}")
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+            raise ValueError(f"{name} must be an int or a tensor of shape () or ({batch},) (one timestep per "
+                             f"sample), got shape {tuple(t.shape)}")
+        if check_values and t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < low or hi > high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got values in [{lo}, {hi}]")
+    else:
+        _checks.integer(name, t, low=low, high=high)
+
+
+def _check_prev_t(prev_t, t, batch: int, T: int, check_values: bool) -> None:
+    _check_timestep("prev_t", prev_t, batch, -1, T - 2, check_values)
+    if check_values:
+        tt = t if isinstance(t, Tensor) else torch.tensor(t)
+        pp = prev_t if isinstance(prev_t, Tensor) else torch.tensor(prev_t)
+        if not bool((pp.cpu() < tt.cpu()).all()):
+            raise ValueError("prev_t must be smaller than t (a step goes from t down to prev_t >= -1)")
+
+
+def _check_noise(noise, seed, offset, ref_name: str, ref: Tensor) -> None:
+    if noise is not None:
+        _checks.like("noise", noise, ref_name, ref)
+        return
+    if seed is not None:  # None: the public API draws one
+        _checks.integer("seed", seed, low=0, high=_checks.UINT64_MAX)
+    _checks.integer("offset", offset, low=0, high=_checks.UINT64_MAX)
+
+
+def check_threshold(clip_sample, dynamic_threshold) -> None:
+    if clip_sample is not None and dynamic_threshold is not None:
+        raise ValueError("give at most one of clip_sample and dynamic_threshold")
+    if clip_sample is not None and _real("clip_sample", clip_sample) <= 0:
+        raise ValueError(f"clip_sample must be positive (the range [-r, r]), got {clip_sample}")
+    if dynamic_threshold is not None:
+        if isinstance(dynamic_threshold, (str, bytes)) or not hasattr(dynamic_threshold, "__len__") \
+                or len(dynamic_threshold) != 2:
+            raise TypeError("dynamic_threshold must be a pair (ratio, max_value)")
+        ratio = _real("dynamic_threshold ratio", dynamic_threshold[0])
+        max_value = _real("dynamic_threshold max_value", dynamic_threshold[1])
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"dynamic_threshold ratio must be in [0, 1], got {ratio}")
+        if max_value <= 0:
+            raise ValueError(f"dynamic_threshold max_value must be positive, got {max_value}")
+
+
+def check_guidance(guidance_scale, guidance_rescale) -> bool:
+    """Whether guidance is on."""
+    if guidance_scale is not None:
+        _real("guidance_scale", guidance_scale)
+    phi = _real("guidance_rescale", guidance_rescale)
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {phi}")
+    if phi != 0.0 and guidance_scale is None:
+        raise ValueError("guidance_rescale needs guidance_scale (classifier-free guidance)")
+    return guidance_scale is not None
+
+
+def _check_model_output(model_output, sample, guided: bool, learned: bool) -> None:
+    _checks.float_tensor("model_output", model_output)
+    _checks.same_place("model_output", model_output, "sample", sample)
+    B = sample.shape[0]
+    expected = [2 * B if guided else B, *sample.shape[1:]]
+    if learned:
+        if sample.dim() < 2:
+            raise ValueError("variance_type='learned_range' needs a channel dimension (dim 1) in sample")
+        expected[1] *= 2
+    if tuple(model_output.shape) != tuple(expected):
+        why = []
+        if guided:
+            why.append("2B: unconditional then conditional halves, for guidance")
+        if learned:
+            why.append("2C channels: prediction then variance, for learned_range")
+        raise ValueError(f"model_output has shape {tuple(model_output.shape)}, expected {tuple(expected)}"
+                         + (f" ({'; '.join(why)})" if why else ""))
+
+
+def check_q_sample_args(x0, t, schedule, noise=None, seed=0, offset=0, *, check_values: bool = True) -> None:
+    """Arguments of q_sample (and get_velocity): x0 float (B, ...); t in [0, T); noise like x0 or (seed, offset)."""
+    _check_batched("x0", x0)
+    schedule = check_schedule(schedule)
+    _check_timestep("t", t, x0.shape[0], 0, schedule.num_train_timesteps - 1, check_values)
+    _check_noise(noise, seed, offset, "x0", x0)
+
+
+check_velocity_args = check_q_sample_args
+
+
+def check_loss_args(model_output, x0, t, schedule, noise=None, seed=0, offset=0, prediction_type="epsilon",
+                    snr_gamma=None, reduction="mean", *, check_values: bool = True) -> None:
+    """Arguments of diffusion_loss: model_output like x0; the rest as q_sample; a prediction type,
+    snr_gamma None or > 0, reduction 'mean' or 'none'."""
+    check_q_sample_args(x0, t, schedule, noise, seed, offset, check_values=check_values)
+    _checks.like("model_output", model_output, "x0", x0)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if snr_gamma is not None and _real("snr_gamma", snr_gamma) <= 0:
+        raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
+    check_choice("reduction", reduction, REDUCTIONS)
+
+
+def _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample,
+                     dynamic_threshold, noise, seed, offset, guidance_scale, guidance_rescale,
+                     learned: bool, check_values: bool) -> None:
+    _check_batched("sample", sample)
+    schedule = check_schedule(schedule)
+    guided = check_guidance(guidance_scale, guidance_rescale)
+    _check_model_output(model_output, sample, guided, learned)
+    T, B = schedule.num_train_timesteps, sample.shape[0]
+    _check_timestep("t", t, B, 0, T - 1, check_values)
+    if prev_t is not None:
+        _check_prev_t(prev_t, t, B, T, check_values)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_threshold(clip_sample, dynamic_threshold)
+    _check_noise(noise, seed, offset, "sample", sample)
+
+
+def check_ddpm_args(model_output, t, sample, schedule, prev_t=None, variance_type="fixed_small",
+                    prediction_type="epsilon", clip_sample=None, dynamic_threshold=None, noise=None, seed=0,
+                    offset=0, guidance_scale=None, guidance_rescale=0.0, *, check_values: bool = True) -> None:
+    """Arguments of ddpm_step: sample float (B, ...); model_output of sample's dtype and device with batch B
+    (2B with guidance) and C channels (2C for learned_range); t in [0, T); prev_t (default t - 1) in [-1, t)."""
+    learned = check_choice("variance_type", variance_type, VARIANCE_TYPES) == "learned_range"
+    _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample, dynamic_threshold,
+                     noise, seed, offset, guidance_scale, guidance_rescale, learned, check_values)
+
+
+def check_ddim_args(model_output, t, sample, schedule, prev_t=None, eta=0.0, prediction_type="epsilon",
+                    clip_sample=None, dynamic_threshold=None, use_clipped_model_output=False, noise=None, seed=0,
+                    offset=0, guidance_scale=None, guidance_rescale=0.0, *, check_values: bool = True) -> None:
+    """Arguments of ddim_step: as ddpm_step's (no learned variance), with prev_t required and eta >= 0."""
+    if prev_t is None:
+        raise ValueError("prev_t is required for ddim_step: the next entry of the inference timesteps "
+                         "(schedule.timesteps(num_steps, spacing)[1]), -1 after the last step")
+    if _real("eta", eta) < 0:
+        raise ValueError(f"eta must be non-negative, got {eta}")
+    if not isinstance(use_clipped_model_output, bool):
+        raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
+    _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample, dynamic_threshold,
+                     noise, seed, offset, guidance_scale, guidance_rescale, False, check_values)
+
+
+# ============================================================================================ pure helpers
+# Per-sample coefficients are float64 tensors of shape () or (B,); element-wise helpers take tensors already
+# in the compute dtype.
+
+
+def _compute(x: Tensor | None) -> Tensor | None:
+    """Half types compute in float32, as the kernels do."""
+    if x is not None and x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def _coef(c: Tensor, like: Tensor) -> Tensor:
+    """A float64 per-sample coefficient (shape () or (B,)) cast to like's dtype, shaped to broadcast over
+    like's non-batch dims."""
+    c = c.to(device=like.device, dtype=like.dtype)
+    return c.reshape(-1, *([1] * (like.dim() - 1))) if c.dim() == 1 else c
+
+
+def _per_sample(x: Tensor) -> Tensor:
+    """(B, ...) -> (B, n): each sample's elements in a row."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+def alpha_bar(schedule: NoiseSchedule, t, device=None) -> Tensor:
+    """alpha-bar_t in float64 for t an int or an integer tensor ((), (B,)) in [-1, T) (-1: the final alpha)."""
+    if isinstance(t, Tensor):
+        t = t.to(device) if device is not None else t
+    out = schedule.alpha_cumprod(t)
+    return out.to(device) if device is not None else out
+
+
+def snr(alpha_t: Tensor) -> Tensor:
+    """Signal-to-noise ratio ab / (1 - ab)."""
+    return alpha_t / (1.0 - alpha_t)
+
+
+def min_snr_weight(alpha_t: Tensor, prediction_type: str, snr_gamma: float) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) from float64 alpha-bar_t: epsilon min(snr, g) / snr,
+    v_prediction min(snr, g) / (snr + 1), sample min(snr, g). The epsilon weight is computed as
+    min(1, g / snr): the same number for snr > 0, and 1 (its limit) at snr = 0."""
+    s = snr(alpha_t)
+    if prediction_type == "epsilon":
+        return torch.clamp(snr_gamma / s, max=1.0)
+    if prediction_type == "v_prediction":
+        return torch.clamp(s, max=snr_gamma) / (s + 1.0)
+    return torch.clamp(s, max=snr_gamma)
+
+
+def predict_x0_eps(model_output: Tensor, sample: Tensor, alpha_t: Tensor, prediction_type: str
+                   ) -> tuple[Tensor, Tensor]:
+    """(x0_hat, eps_hat) from a model output m at x_t = sample, alpha_t float64 per sample:
+
+        epsilon:       x0 = (x_t - sqrt(1 - ab) m) / sqrt(ab),   eps = m
+        sample:        x0 = m,                                   eps = (x_t - sqrt(ab) m) / sqrt(1 - ab)
+        v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) m,       eps = sqrt(ab) m + sqrt(1 - ab) x_t
+    """
+    a, s = _coef(alpha_t.sqrt(), sample), _coef((1.0 - alpha_t).sqrt(), sample)
+    if prediction_type == "epsilon":
+        return (sample - s * model_output) / a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - a * model_output) / s
+    if prediction_type == "v_prediction":
+        return a * sample - s * model_output, a * model_output + s * sample
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def eps_from_x0(x0: Tensor, sample: Tensor, alpha_t: Tensor) -> Tensor:
+    """eps_hat = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab) (DDIM's use_clipped_model_output)."""
+    return (sample - _coef(alpha_t.sqrt(), sample) * x0) / _coef((1.0 - alpha_t).sqrt(), sample)
+
+
+def loss_target(x0: Tensor, noise: Tensor, alpha_t: Tensor, prediction_type: str) -> Tensor:
+    """What the model learns to predict: eps, v = sqrt(ab) eps - sqrt(1 - ab) x0, or x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return _coef(alpha_t.sqrt(), x0) * noise - _coef((1.0 - alpha_t).sqrt(), x0) * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def clip_x0(x0: Tensor, r: float) -> Tensor:
+    """clamp(x0_hat, -r, r)."""
+    return x0.clamp(-r, r)
+
+
+def dynamic_threshold_x0(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Imagen's dynamic thresholding: q = quantile(|x0| per sample, ratio) (linear interpolation),
+    q <- min(max(q, 1), max_value), x0 <- clamp(x0, -q, q) / q."""
+    if x0.numel() == 0:  # torch.quantile rejects empty input; there is nothing to threshold
+        return x0
+    q = torch.quantile(_per_sample(x0).abs(), ratio, dim=1)
+    q = torch.clamp(q, min=1.0, max=max_value)
+    q = q.reshape(-1, *([1] * (x0.dim() - 1)))
+    return torch.clamp(x0, -q, q) / q
+
+
+def threshold_x0(x0: Tensor, clip_sample=None, dynamic_threshold=None) -> Tensor:
+    """Apply `clip_sample` (a range r) or `dynamic_threshold` (ratio, max_value) to x0_hat, if either is set."""
+    if dynamic_threshold is not None:
+        return dynamic_threshold_x0(x0, float(dynamic_threshold[0]), float(dynamic_threshold[1]))
+    if clip_sample is not None:
+        return clip_x0(x0, float(clip_sample))
+    return x0
+
+
+def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """Lin et al. (2023) section 3.4: m <- phi m std(c)/std(m) + (1 - phi) m, std per sample over the
+    non-batch dims (population std here; diffusers' unbiased std gives the same ratio)."""
+    std_c = _per_sample(cond).std(dim=1, correction=0)
+    std_m = _per_sample(guided).std(dim=1, correction=0)
+    ratio = (std_c / std_m).reshape(-1, *([1] * (guided.dim() - 1)))
+    return phi * (guided * ratio) + (1.0 - phi) * guided
+
+
+def guide(model_output: Tensor, guidance_scale: float, guidance_rescale: float = 0.0,
+          channels: int | None = None) -> Tensor:
+    """Classifier-free guidance on a (2B, ...) model output, unconditional half first: u + s (c - u), then
+    the std rescale when guidance_rescale > 0. With `channels=C` (learned_range), only channels [0, C) are
+    combined; channels [C, 2C) (the variance) are taken from the conditional half."""
+    B = model_output.shape[0] // 2
+    uncond, cond = model_output[:B], model_output[B:]
+    extra = None
+    if channels is not None:
+        extra = cond[:, channels:]
+        uncond, cond = uncond[:, :channels], cond[:, :channels]
+    m = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale != 0.0:
+        m = rescale_guidance(m, cond, guidance_rescale)
+    return m if extra is None else torch.cat([m, extra], dim=1)
+
+
+def ddpm_coefficients(alpha_t: Tensor, alpha_prev: Tensor) -> dict[str, Tensor]:
+    """The DDPM posterior q(x_prev | x_t, x0) for a (possibly strided) step, from float64 alpha-bars:
+
+        alpha' = ab_t / ab_prev,  beta' = 1 - alpha'
+        mean = x0_coef x0 + xt_coef x_t,  x0_coef = sqrt(ab_prev) beta' / (1 - ab_t),
+                                          xt_coef = sqrt(alpha') (1 - ab_prev) / (1 - ab_t)
+        var_small = max((1 - ab_prev) / (1 - ab_t) beta', 1e-20)   (fixed_small)
+        var_large = beta'                                          (fixed_large)
+    """
+    alpha_step = alpha_t / alpha_prev
+    beta_step = 1.0 - alpha_step
+    beta_t, beta_prev = 1.0 - alpha_t, 1.0 - alpha_prev
+    return {
+        "x0_coef": alpha_prev.sqrt() * beta_step / beta_t,
+        "xt_coef": alpha_step.sqrt() * beta_prev / beta_t,
+        "var_small": torch.clamp(beta_prev / beta_t * beta_step, min=MIN_VARIANCE),
+        "var_large": beta_step,
+    }
+
+
+def ddim_coefficients(alpha_t: Tensor, alpha_prev: Tensor, eta: float) -> dict[str, Tensor]:
+    """DDIM (Song et al. 2021, eq. 12 and 16) from float64 alpha-bars:
+
+        sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
+        x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+
+    with the direction coefficient's radicand floored at 0 (it can round below 0; see the module notes).
+    """
+    variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev)
+    sigma = eta * variance.sqrt()
+    return {
+        "x0_coef": alpha_prev.sqrt(),
+        "eps_coef": torch.clamp(1.0 - alpha_prev - sigma * sigma, min=0.0).sqrt(),
+        "sigma": sigma,
+    }
+
+
+def _timestep(t, device) -> Tensor:
+    """t as an int64 tensor (shape () or (B,)) on `device`."""
+    if isinstance(t, Tensor):
+        return t.to(device=device, dtype=torch.int64)
+    return torch.tensor(int(t), dtype=torch.int64, device=device)
+
+
+def _noise(noise, seed, offset, shape, like: Tensor) -> Tensor:
+    if noise is not None:
+        return _compute(noise)
+    return randn(tuple(shape), seed, offset, dtype=like.dtype, device=like.device)
+
+
+# ============================================================================================ the ops
+
+
+def q_sample(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None, seed: int = 0,
+             offset: int = 0) -> Tensor:
+    """The forward process: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, eps = `noise` or the stream's normals
+    for (seed, offset) over x0's shape."""
+    check_q_sample_args(x0, t, schedule, noise, seed, offset)
+    dtype, x = x0.dtype, _compute(x0)
+    eps = _noise(noise, seed, offset, x.shape, x)
+    ab = alpha_bar(schedule, _timestep(t, x.device))
+    return (_coef(ab.sqrt(), x) * x + _coef((1.0 - ab).sqrt(), x) * eps).to(dtype)
+
+
+def get_velocity(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None, seed: int = 0,
+                 offset: int = 0) -> Tensor:
+    """The v-prediction target v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0, eps as in q_sample (the same
+    (seed, offset) gives the eps that q_sample used)."""
+    check_velocity_args(x0, t, schedule, noise, seed, offset)
+    dtype, x = x0.dtype, _compute(x0)
+    eps = _noise(noise, seed, offset, x.shape, x)
+    ab = alpha_bar(schedule, _timestep(t, x.device))
+    return loss_target(x, eps, ab, "v_prediction").to(dtype)
+
+
+def diffusion_loss(model_output: Tensor, x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None,
+                   seed: int = 0, offset: int = 0, prediction_type: str = "epsilon", snr_gamma: float | None = None,
+                   reduction: str = "mean") -> Tensor:
+    """The simplified loss: per sample, the mean over non-batch dims of (target - model_output)^2, with target
+    eps, v or x0 by `prediction_type` (eps = `noise` or the stream's normals for (seed, offset) over x0's
+    shape: those q_sample used to make the model's input), times the min-SNR-gamma weight when `snr_gamma`
+    is set. reduction='mean': the mean over the batch (a 0-dim tensor); 'none': the (B,) per-sample losses."""
+    check_loss_args(model_output, x0, t, schedule, noise, seed, offset, prediction_type, snr_gamma, reduction)
+    dtype, x, m = x0.dtype, _compute(x0), _compute(model_output)
+    eps = _noise(noise, seed, offset, x.shape, x)
+    ab = alpha_bar(schedule, _timestep(t, x.device))
+    target = loss_target(x, eps, ab, prediction_type)
+    per_sample = _per_sample((target - m) ** 2).mean(dim=1)
+    if snr_gamma is not None:
+        weight = min_snr_weight(ab, prediction_type, float(snr_gamma)).to(per_sample.dtype)
+        per_sample = per_sample * weight
+    return (per_sample.mean() if reduction == "mean" else per_sample).to(dtype)
+
+
+def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None,
+              variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample: float | None = None,
+              dynamic_threshold: tuple[float, float] | None = None, noise: Tensor | None = None, seed: int = 0,
+              offset: int = 0, guidance_scale: float | None = None, guidance_rescale: float = 0.0
+              ) -> tuple[Tensor, Tensor]:
+    """One ancestral DDPM step x_t -> x_prev (Ho et al. 2020); returns (prev_sample, pred_original_sample).
+
+    prev_t defaults to t - 1; a strided step (prev_t < t - 1, e.g. from schedule.timesteps) uses
+    alpha' = ab_t / ab_prev. x0_hat comes from the model output by `prediction_type`, then clipping or
+    dynamic thresholding; x_prev = mean + sigma z (see ddpm_coefficients), with sigma^2 by `variance_type`:
+    fixed_small, fixed_large, or learned_range, where model_output has 2C channels and its second half
+    v in [-1, 1] interpolates log sigma^2 = f log beta' + (1 - f) log var_small, f = (v + 1) / 2.
+    No noise is added to the samples whose t is 0. Noise and guidance: see the module notes.
+    """
+    check_ddpm_args(model_output, t, sample, schedule, prev_t, variance_type, prediction_type, clip_sample,
+                    dynamic_threshold, noise, seed, offset, guidance_scale, guidance_rescale)
+    t = _timestep(t, sample.device)
+    prev_t = t - 1 if prev_t is None else _timestep(prev_t, sample.device)
+    return ddpm_update(model_output, sample, alpha_bar(schedule, t), alpha_bar(schedule, prev_t), t > 0,
+                       variance_type=variance_type, prediction_type=prediction_type, clip_sample=clip_sample,
+                       dynamic_threshold=dynamic_threshold, noise=noise, seed=seed, offset=offset,
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+
+
+def ddpm_update(model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, noisy: Tensor, *,
+                variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample=None,
+                dynamic_threshold=None, noise: Tensor | None = None, seed: int = 0, offset: int = 0,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+    """ddpm_step given the step's float64 alpha-bars (shape () or (B,)) and which samples get noise (t > 0),
+    instead of timesteps and a schedule; arguments unchecked."""
+    dtype, x, m = sample.dtype, _compute(sample), _compute(model_output)
+    C = x.shape[1] if variance_type == "learned_range" else None
+    if guidance_scale is not None:
+        m = guide(m, float(guidance_scale), float(guidance_rescale), channels=C)
+    predicted_variance = None
+    if C is not None:
+        m, predicted_variance = m[:, :C], m[:, C:]
+    coef = ddpm_coefficients(alpha_t, alpha_prev)
+
+    x0, _ = predict_x0_eps(m, x, alpha_t, prediction_type)
+    x0 = threshold_x0(x0, clip_sample, dynamic_threshold)
+    mean = _coef(coef["x0_coef"], x) * x0 + _coef(coef["xt_coef"], x) * x
+
+    if variance_type == "fixed_small":
+        std = _coef(coef["var_small"].sqrt(), x)
+    elif variance_type == "fixed_large":
+        std = _coef(coef["var_large"].sqrt(), x)
+    else:
+        f = (predicted_variance + 1.0) / 2.0
+        log_var = f * _coef(coef["var_large"].log(), x) + (1.0 - f) * _coef(coef["var_small"].log(), x)
+        std = torch.exp(0.5 * log_var)
+    z = _noise(noise, seed, offset, x.shape, x)
+    noisy = noisy.to(x.device)
+    noisy = noisy.reshape(-1, *([1] * (x.dim() - 1))) if noisy.dim() == 1 else noisy
+    prev = torch.where(noisy, mean + std * z, mean)
+    return prev.to(dtype), x0.to(dtype)
+
+
+def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None, eta: float = 0.0,
+              prediction_type: str = "epsilon", clip_sample: float | None = None,
+              dynamic_threshold: tuple[float, float] | None = None, use_clipped_model_output: bool = False,
+              noise: Tensor | None = None, seed: int = 0, offset: int = 0, guidance_scale: float | None = None,
+              guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One DDIM step x_t -> x_prev (Song et al. 2021, eq. 12); returns (prev_sample, pred_original_sample).
+
+    `prev_t` is required: the next entry of the inference timesteps, schedule.timesteps(N, spacing)[1][i]
+    (-1 after the last step, where alpha-bar is schedule.final_alpha_cumprod). There is no number-of-steps
+    argument to derive it from, and t - T // N (diffusers' rule) is right for "leading" spacing only.
+
+    x0_hat and eps_hat come from the model output by `prediction_type`, x0_hat is clipped or thresholded,
+    and with `use_clipped_model_output` eps_hat is re-derived from it as (x_t - sqrt(ab_t) x0_hat) /
+    sqrt(1 - ab_t). x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z with
+    sigma = eta sqrt((1 - ab_prev)/(1 - ab_t)) sqrt(1 - ab_t/ab_prev); z is drawn (or read) only when eta > 0.
+    Noise and guidance: see the module notes.
+    """
+    check_ddim_args(model_output, t, sample, schedule, prev_t, eta, prediction_type, clip_sample, dynamic_threshold,
+                    use_clipped_model_output, noise, seed, offset, guidance_scale, guidance_rescale)
+    ab_t = alpha_bar(schedule, _timestep(t, sample.device))
+    ab_prev = alpha_bar(schedule, _timestep(prev_t, sample.device))
+    return ddim_update(model_output, sample, ab_t, ab_prev, eta=eta, prediction_type=prediction_type,
+                       clip_sample=clip_sample, dynamic_threshold=dynamic_threshold,
+                       use_clipped_model_output=use_clipped_model_output, noise=noise, seed=seed, offset=offset,
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+
+
+def ddim_update(model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, *, eta: float = 0.0,
+                prediction_type: str = "epsilon", clip_sample=None, dynamic_threshold=None,
+                use_clipped_model_output: bool = False, noise: Tensor | None = None, seed: int = 0, offset: int = 0,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+    """ddim_step given the step's float64 alpha-bars (shape () or (B,)) instead of timesteps and a schedule;
+    arguments unchecked."""
+    dtype, x, m = sample.dtype, _compute(sample), _compute(model_output)
+    if guidance_scale is not None:
+        m = guide(m, float(guidance_scale), float(guidance_rescale))
+    ab_t, ab_prev = alpha_t, alpha_prev
+    coef = ddim_coefficients(ab_t, ab_prev, float(eta))
+
+    x0, eps = predict_x0_eps(m, x, ab_t, prediction_type)
+    x0 = threshold_x0(x0, clip_sample, dynamic_threshold)
+    if use_clipped_model_output:
+        eps = eps_from_x0(x0, x, ab_t)
+    prev = _coef(coef["x0_coef"], x) * x0 + _coef(coef["eps_coef"], x) * eps
+    if eta > 0:
+        prev = prev + _coef(coef["sigma"], x) * _noise(noise, seed, offset, x.shape, x)
+    return prev.to(dtype), x0.to(dtype)

@@ -1,1 +1,0 @@
-"""torch.library registration of every genkern op (namespace `genkern::`) and the public functions."""
