@@ -1,7 +1,10 @@
 """The `genkern` command and the benchmark registry: a tiny run end to end, and the cases wired right."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -142,3 +145,154 @@ def test_cases_agree_with_reference(case):
     if case.name == "iwae_bound":
         torch.testing.assert_close(eager, ref.iwae_bound(*args), rtol=1e-4, atol=1e-3)
     assert case.bytes_moved(SMALL, torch.float32) >= 4 * SMALL  # at least the main tensor is read
+
+
+def _case(name):
+    return next(c for c in CASES if c.name == name)
+
+
+def _config(cases, sizes=(SMALL,), backends=("cpu",)):
+    return bench.Config(device=torch.device("cpu"), cases=cases, sizes=sizes, dtype=torch.float32,
+                        backends=backends, repeats=1, use_compile=False)
+
+
+def test_a_baseline_needing_a_missing_library_is_skipped(tmp_path, capsys, monkeypatch):
+    """Without diffusers (a test extra, not installed by `pip install .`), ddim_loop's eager baseline is
+    skipped with a note, its genkern row still runs, and the command succeeds."""
+    assert "diffusers" in _case("ddim_loop").requires
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    out = tmp_path / "d.json"
+    assert main(["bench", "--device", "cpu", "--ops", "ddim_loop", "--repeats", "1", "--output", out,
+                 "--quiet"]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows.keys() == {"eager", "genkern:cpu"}
+    assert "diffusers" in rows["eager"]["skipped"] and rows["eager"]["time_ms"] is None
+    assert "error" not in rows["eager"]
+    assert rows["genkern:cpu"]["time_ms"] > 0 and rows["genkern:cpu"]["speedup_vs_eager"] is None
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ddim_loop")]
+    assert len(skipped) == 2 and "skipped: needs diffusers" in skipped[0]
+
+
+def test_a_failing_implementation_fails_the_command(tmp_path, monkeypatch):
+    """Skipping is for missing optional libraries only: an eager baseline that raises still fails the run."""
+    def broken(*args):
+        raise ImportError("a bug, not a missing library")
+
+    case = dataclasses.replace(_case("reparameterize_kl"), eager=broken)
+    monkeypatch.setattr(bench, "all_cases", lambda: (case,))
+    assert main(["bench", "--device", "cpu", "--sizes", "64K", "--repeats", "1", "--no-compile",
+                 "--output", tmp_path / "f.json", "--quiet"]) == 1
+
+
+def test_a_failed_row_does_not_widen_the_table():
+    message = "RuntimeError: " + "a very long error message " * 12
+
+    def broken(*args):
+        raise RuntimeError(message.removeprefix("RuntimeError: ") + "\nsecond line")
+
+    good = _case("reparameterize_kl")
+    bad = dataclasses.replace(good, name="broken_op", eager=broken)
+    clean = bench.format_table(bench.run(_config([good], backends=[])))
+    table = bench.format_table(bench.run(_config([good, bad], backends=[])))
+
+    def body(text):  # the table's lines, from its header row to the end of its rows
+        lines = text.split("\nfailures:\n")[0].splitlines()
+        return lines[lines.index(next(line for line in lines if line.startswith("op "))):]
+
+    rule = next(line for line in body(clean) if line.startswith("---"))
+    assert rule in body(table)
+    assert max(map(len, body(table))) <= len(rule)
+    failed = next(line for line in body(table) if line.startswith("broken_op"))
+    assert "failed [1]: RuntimeError: a very long" in failed and failed.endswith("...")
+    assert f"[1] broken_op 64K eager: {message}" in table  # in full below the table
+
+
+def test_default_output_is_a_new_file_in_the_current_directory(tmp_path, capsys, monkeypatch):
+    """Run from a checkout, the default output goes to the current directory, never into benchmarks/results
+    and never over an existing file."""
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "benchmarks" / "results"
+    committed.mkdir(parents=True)
+    args = ["bench", "--device", "cpu", "--sizes", "64K", "--ops", "gaussian_kl", "--repeats", "1", "--no-compile",
+            "--quiet"]
+    assert main(args) == 0 and main(args) == 0  # within the same second, most likely: the same time stamp
+    written = sorted(tmp_path.glob("genkern-bench-*.json"))
+    assert len(written) == 2 and not any(committed.iterdir())
+    slug = json.loads(written[0].read_text())["device_slug"]
+    assert all(re.fullmatch(rf"genkern-bench-{slug}-\d{{8}}T\d{{6}}Z(-\d+)?\.json", p.name) for p in written)
+    printed = capsys.readouterr().out
+    assert all(f"wrote {p.name}" in printed for p in written)
+
+    taken = bench.default_output_path(slug, tmp_path)
+    taken.write_text("earlier results")
+    assert bench.default_output_path(slug, tmp_path) != taken
+
+
+def test_the_report_is_written_atomically(tmp_path, monkeypatch):
+    """The target is only ever replaced whole: a write that fails leaves the old file and no temp file."""
+    path = tmp_path / "r.json"
+    path.write_text("old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        bench.write_report({"rows": []}, path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    monkeypatch.undo()
+    assert bench.write_report({"rows": [1]}, path) == path
+    assert json.loads(path.read_text()) == {"rows": [1]} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_the_default_selection_is_a_headline_per_group():
+    """A plain `genkern bench` runs one or two cases of each group, not every case."""
+    for device in ("cpu", "cuda"):
+        chosen = bench.select_cases(CASES, None, device)
+        groups = {c.family for c in CASES} - {"nade"}  # NADE's case takes seconds a call: --ops nade only
+        for group in groups:
+            assert 1 <= sum(c.family == group for c in chosen) <= 2, (device, group)
+        assert len(chosen) <= 2 * len(groups) and len(chosen) < len(CASES) / 2
+
+
+def test_all_runs_every_case_and_list_prints_them(capsys):
+    from genkern import cli
+
+    config = cli._bench_config(cli._parser().parse_args(["bench", "--all", "--device", "cpu"]), [])
+    assert list(config.cases) == list(CASES)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--all", "--ops", "q_sample"])
+    assert exc.value.code == 2
+    capsys.readouterr()
+
+    assert main(["bench", "--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert all(c.name in lines for c in CASES)
+    assert lines["reparameterize_kl"].split()[1:] == ["reparam", "forward", "pass", "yes"]
+    assert lines["masked_conv2d"].split()[1:] == ["autoregressive/masked_conv", "forward+backward", "yes"]
+    assert lines["nade_log_prob"].endswith("no") and lines["pixelcnn_sample_rgb32_b256"].endswith("on cuda only")
+    assert "eager needs diffusers" in lines["ddim_loop"]
+
+
+def test_progress_lines_give_the_time_left():
+    messages = []
+    bench.run(_config([_case("gaussian_kl"), _case("iwae_bound")], sizes=(SMALL, 2 * SMALL)), messages.append)
+    steps = [m for m in messages if m.startswith("[") and not m.startswith("[copy]")]
+    assert len(steps) == 8 and steps[0].startswith("[1/8] gaussian_kl 64K eager")
+    assert not any("left" in m for m in steps[:2])  # the first case pays for start-up: no estimate from it
+    assert all(re.search(r"\(\d+s so far, about \d+s left\)$", m) for m in steps[2:])
+
+
+def test_the_time_left_scales_earlier_sizes():
+    eta = bench._Eta()
+    kl, iwae = _case("gaussian_kl"), _case("iwae_bound")
+    eta.record(kl, 1 << 20, "eager", 1.0, None)
+    eta.record(kl, 1 << 20, "compile", 5.5, 5.0)  # 5 s compiling, 0.5 s timing
+    assert eta.left([(kl, 16 << 20, "eager")]) == pytest.approx(16.0)
+    assert eta.left([(kl, 2 << 20, "compile")]) == pytest.approx(1.0 + 5.0)
+    # not timed yet: the mean time per element of everything so far
+    assert eta.left([(iwae, 1 << 20, "eager")]) == pytest.approx(1.5 / 2)
+    # a larger size took twice the time its smaller one predicted: later predictions are doubled
+    eta.record(kl, 2 << 20, "eager", 4.0, None)
+    assert eta.left([(kl, 4 << 20, "eager"), (kl, 2 << 20, "compile")]) == pytest.approx(16.0 + 2.0 + 5.0)
+    assert bench.format_duration(42.4) == "42s" and bench.format_duration(125) == "2m05s"

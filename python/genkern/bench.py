@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib
+import json
 import os
 import platform
 import re
@@ -45,7 +47,8 @@ class BenchCase:
     shape(size) is the main tensor's shape, for the report.
     bytes_moved(size, dtype) is the least memory traffic any implementation needs: every input read once
         and every output written once. Achieved GB/s is computed from it.
-    default: whether a plain `genkern bench` (no --ops) includes the case; a device type ("cuda") includes
+    default: whether a plain `genkern bench` (no --ops, no --all) includes the case, the headline selection:
+        one or two cases per family, so that the default run takes minutes; a device type ("cuda") includes
         it on that device only (a target shape too slow to time on a CPU).
     compile: whether torch.compile of `eager` is timed too (not for baselines that are whole Python loops
         over another library's objects, which it does not capture).
@@ -57,6 +60,8 @@ class BenchCase:
     max_repeats caps the timed runs (and cuts warmup to one call) for cases that take seconds per call.
     timed says what one call does when it is not just the op's forward pass ("forward+backward").
     sized: False for a case whose shape does not follow the size: it runs at the first size only.
+    requires: the optional libraries the eager baseline imports (diffusers, say). Where one is missing the
+        eager and compile rows are skipped with a note, and the genkern rows still run.
     A case with bytes_moved 0 is not memory-bound: it gets no bandwidth figures.
     """
 
@@ -75,6 +80,7 @@ class BenchCase:
     max_repeats: int | None = None
     timed: str = PASS
     sized: bool = True
+    requires: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,9 +357,68 @@ def _ratio(baseline_ms: float | None, ms: float | None) -> float | None:
     return baseline_ms / ms if baseline_ms and ms else None
 
 
+def missing_modules(case: BenchCase) -> list[str]:
+    """The libraries of case.requires that cannot be imported here."""
+    missing = []
+    for name in case.requires:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+class _Eta:
+    """How long the rest of a run will take, from what it has timed so far. A step is predicted from the
+    same case and implementation at an earlier size, scaled by the size and by how far such predictions
+    have been off in this run (a larger size falls out of the caches); else from the seconds per element of
+    all the steps so far. torch.compile's compilation, about the same for every shape, is predicted apart:
+    the mean compilation time so far, for each compile step left."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (op, impl) -> (seconds, size) last timed
+        self.seconds = self.elements = 0.0
+        self.compiles: list[float] = []
+        self.scaled = [0.0, 0.0]  # steps predicted from another size: [predicted, actual] seconds
+
+    def record(self, case: BenchCase, size: int, label: str, seconds: float, compile_s: float | None) -> None:
+        if compile_s is not None:
+            self.compiles.append(compile_s)
+            seconds -= compile_s
+        if (case.name, label) in self.seen:
+            earlier, earlier_size = self.seen[(case.name, label)]
+            self.scaled[0] += earlier * size / earlier_size
+            self.scaled[1] += seconds
+        self.seen[(case.name, label)] = (seconds, size)
+        self.seconds += seconds
+        self.elements += size
+
+    def left(self, steps: Iterable[tuple[BenchCase, int, str]]) -> float | None:
+        """Predicted seconds for `steps`, or None before anything was timed."""
+        if not self.elements:
+            return None
+        off = self.scaled[1] / self.scaled[0] if self.scaled[0] else 1.0
+        total = 0.0
+        for case, size, label in steps:
+            if (case.name, label) in self.seen:
+                seconds, timed_size = self.seen[(case.name, label)]
+                total += off * seconds * size / timed_size
+            else:
+                total += self.seconds * size / self.elements
+            if label == "compile" and self.compiles:
+                total += statistics.mean(self.compiles)
+        return total
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
     """Time every case x size x implementation of `config`. Returns the report that `genkern bench`
-    writes as JSON: run-level facts (device, copy bandwidth, versions, ...) and one row per measurement."""
+    writes as JSON: run-level facts (device, copy bandwidth, versions, ...) and one row per measurement.
+    Progress lines (with the time so far and an estimate of the time left) go to `progress`."""
     say = progress or (lambda message: None)
     started = time.perf_counter()
     info = describe_device(config.device)
@@ -361,15 +426,28 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
     copy_gbps = copy_bandwidth_gbps(max(config.sizes), config.device, config.repeats)
 
     runs = [(size, case) for size in config.sizes for case in config.cases if case.sized or size == config.sizes[0]]
-    total = sum(len(implementations(case, config.backends, config.use_compile)) for _, case in runs)
-    step, rows = 0, []
+    steps = [(case, size, label) for size, case in runs
+             for label, _ in implementations(case, config.backends, config.use_compile)]
+    first_case = len(implementations(runs[0][1], config.backends, config.use_compile)) if runs else 0
+    eta, rows = _Eta(), []
     for size, case in runs:
+        step_started = time.perf_counter()  # a case's first step is charged with making its inputs
+        missing = missing_modules(case)
         args = case.make_inputs(size, config.device, config.dtype)
         for label, fn in implementations(case, config.backends, config.use_compile):
-            step += 1
-            say(f"[{step}/{total}] {case.name} {format_size(size)} {label}")
-            measured = _measure(case, size, label, fn, args, config.device, config.repeats)
+            step = len(rows)
+            left = eta.left(steps[step:]) if step >= first_case else None  # the first case pays for start-up
+            timing = f"{format_duration(time.perf_counter() - started)} so far" + (
+                f", about {format_duration(left)} left" if left is not None else "")
+            say(f"[{step + 1}/{len(steps)}] {case.name} {format_size(size)} {label}  ({timing})")
+            if missing and label in ("eager", "compile"):  # the baseline needs a library not installed here
+                measured = {"skipped": f"needs {', '.join(missing)} (not installed)"}
+            else:
+                measured = _measure(case, size, label, fn, args, config.device, config.repeats)
+            if "skipped" not in measured:
+                eta.record(case, size, label, time.perf_counter() - step_started, measured.get("compile_s"))
             rows.append(_row(case, size, config.dtype, label, measured))
+            step_started = time.perf_counter()
         del args  # free the inputs before the next case allocates its own
     _add_ratios(rows, copy_gbps)
     return _report(config, info, copy_gbps, rows, elapsed_s=time.perf_counter() - started)
@@ -412,16 +490,40 @@ def _report(config: Config, info: DeviceInfo, copy_gbps: float, rows: list[dict]
 # ---------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------
-def default_output_path(slug: str) -> Path:
-    """benchmarks/results/<slug>.json when run from a checkout (the directory exists), else in cwd."""
-    results = Path("benchmarks") / "results"
-    return results / f"{slug}.json" if results.is_dir() else Path(f"genkern-bench-{slug}.json")
+def default_output_path(slug: str, directory: Path | str = ".") -> Path:
+    """A fresh file in `directory` (the current one): genkern-bench-<device slug>-<UTC time>.json, with a
+    counter added if that name is taken, so no earlier result (a committed one, say) is overwritten."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(directory) / f"genkern-bench-{slug}-{stamp}.json"
+    counter = 1
+    while path.exists():
+        counter += 1
+        path = path.with_name(f"genkern-bench-{slug}-{stamp}-{counter}.json")
+    return path
+
+
+def write_report(report: dict, path: Path | str) -> Path:
+    """Write the report as JSON, atomically: a temporary file in the same directory, then os.replace, so an
+    interrupted run leaves no half-written file behind (and an existing file is either kept or replaced)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+TABLE_HEADER = ["op", "size", "impl", "time (ms)", "vs eager", "vs compile", "GB/s", "% copy", "rate"]
+_TEXT_COLUMNS = 3  # op, size, impl: left-aligned; the numbers are right-aligned
 
 
 def _cells(row: dict) -> list[str]:
+    """The row's cells; for a failed or skipped row, the text columns only (see format_table)."""
     size = format_size(row["size"])
-    if row.get("error"):
-        return [row["op"], size, row["impl"], f"failed: {_short(row['error'])}", "", "", "", "", ""]
+    if row.get("error") or row.get("skipped"):
+        return [row["op"], size, row["impl"]]
 
     def x(v):
         return f"{v:.2f}x" if v is not None else "-"
@@ -435,28 +537,31 @@ def _cells(row: dict) -> list[str]:
             maybe(row["gbps"], ".2f"), maybe(row["pct_copy_bandwidth"], ".0f") + ("%" if row["gbps"] else ""), rate]
 
 
-def _short(error: str, limit: int = 60) -> str:
-    first = error.splitlines()[0] if error else ""
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+def _short(text: str, limit: int) -> str:
+    first = text.splitlines()[0] if text else ""
+    return first if len(first) <= limit else first[: max(limit - 3, 0)] + "..."
 
 
 def format_table(report: dict) -> str:
-    header = ["op", "size", "impl", "time (ms)", "vs eager", "vs compile", "GB/s", "% copy", "rate"]
+    """The report as a text table. The measured rows set the column widths; a failed or skipped row says so
+    in the space of its number columns, cut to fit (failures are listed in full below the table)."""
     body = [_cells(r) for r in report["rows"]]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    left = {0, 1, 2}  # text columns; numbers are right-aligned
+    widths = [max(len(cells[i]) for cells in [TABLE_HEADER, *body] if i < len(cells))
+              for i in range(len(TABLE_HEADER))]
 
     def fmt(cells):
-        padded = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        padded = (c.ljust(w) if i < _TEXT_COLUMNS else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
         return "  ".join(padded).rstrip()
 
+    room = sum(widths[_TEXT_COLUMNS:]) + 2 * (len(widths) - _TEXT_COLUMNS - 1)  # the number columns' span
+    failures = []
     dtypes = sorted({r["dtype"] for r in report["rows"]})
     lines = [
         f"genkern bench: {_passes(report['rows'])}, {', '.join(dtypes)}, {report['timing']}",
         f"device: {report['device']} [{report['device_kind']}], torch threads: {report['threads']}",
         f"copy bandwidth: {report['copy_bandwidth_gbps']:.2f} GB/s (dst.copy_(src), read + write)",
         "",
-        fmt(header),
+        fmt(TABLE_HEADER),
         fmt(["-" * w for w in widths]),
     ]
     previous = None
@@ -464,12 +569,47 @@ def format_table(report: dict) -> str:
         if previous is not None and (row["op"], row["size"]) != previous:
             lines.append("")
         previous = (row["op"], row["size"])
-        lines.append(fmt(cells))
+        if row.get("error"):
+            failures.append(f"  [{len(failures) + 1}] {row['op']} {format_size(row['size'])} {row['impl']}: "
+                            f"{row['error']}")
+            note = f"failed [{len(failures)}]: {row['error']}"
+        elif row.get("skipped"):
+            note = f"skipped: {row['skipped']}"
+        else:
+            lines.append(fmt(cells))
+            continue
+        text = "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+        lines.append(f"{text}  {_short(note, room)}".rstrip())
     notes = []
     if any(r.get("extrapolated_by") for r in report["rows"]):
         notes = ["", "* extrapolated: a fraction of a long loop of identical steps was timed and scaled "
                      "(see the row's measured_ms and extrapolated_by in the JSON)"]
+    if failures:
+        notes += ["", "failures:", *failures]
     return "\n".join(lines + notes + _compile_times(report["rows"]))
+
+
+def format_case_list(cases: Sequence[BenchCase]) -> str:
+    """`genkern bench --list`: each case, its family and group, what a timed call does, whether a plain
+    `genkern bench` runs it."""
+    def family(case):  # the package its cases module is in: genkern.<family>.bench_cases
+        package = case.make_inputs.__module__.split(".")[1]
+        return package if package == case.family else f"{package}/{case.family}"
+
+    def default(case):
+        return "yes" if case.default is True else f"on {case.default} only" if case.default else "no"
+
+    def timed(case):
+        what = (f"{PASS} pass" if case.timed == PASS else case.timed) + ("" if case.sized else ", one shape")
+        return what + (f"; eager needs {', '.join(case.requires)}" if case.requires else "")
+
+    header = ("op", "family/group", "a timed call", "in default")
+    table = [header, *((c.name, family(c), timed(c), default(c)) for c in cases)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + ["", "genkern bench runs the default ones; --all runs every one, --ops OP,... "
+                                   "(names or groups) a selection."])
 
 
 def _passes(rows: list[dict]) -> str:

@@ -92,21 +92,21 @@ CASES = (
         make_inputs=_mu_logvar, genkern=genkern.reparameterize, eager=eager_reparameterize,
         shape=matrix_shape,
         # reads mu and logvar, writes z; the noise is generated, never read from memory
-        bytes_moved=lambda n, dt: 3 * n * _itemsize(dt),
+        bytes_moved=lambda n, dt: 3 * n * _itemsize(dt), default=False,
     ),
     BenchCase(
         name="gaussian_kl", family=FAMILY,
         make_inputs=_mu_logvar, genkern=genkern.gaussian_kl, eager=ref.gaussian_kl,
         shape=matrix_shape,
         # reads mu and logvar, writes one KL per row
-        bytes_moved=lambda n, dt: (2 * n + _rows(n)) * _itemsize(dt),
+        bytes_moved=lambda n, dt: (2 * n + _rows(n)) * _itemsize(dt), default=False,
     ),
     BenchCase(
         name="gaussian_log_prob", family=FAMILY,
         make_inputs=_z_mu_logvar, genkern=genkern.gaussian_log_prob, eager=ref.gaussian_log_prob,
         shape=matrix_shape,
         # reads z, mu and logvar, writes one log-density per row
-        bytes_moved=lambda n, dt: (3 * n + _rows(n)) * _itemsize(dt),
+        bytes_moved=lambda n, dt: (3 * n + _rows(n)) * _itemsize(dt), default=False,
     ),
     BenchCase(
         name="iwae_bound", family=FAMILY,
