@@ -7,6 +7,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 import genkern
+from genkern import backend as gk_backend
 from genkern.reparam import reference as ref
 from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, dtypes_for, interpreted
 
@@ -318,7 +319,7 @@ def test_gradcheck_iwae(backend):
 # ------------------------------------------------------------------------------------- torch integration
 
 
-def _opcheck_samples(backend, device):
+def _opcheck_samples(device):
     mu, lv = make((4, 6), torch.float32, device, requires_grad=True)
     mu_t, lv_t = (t.detach().t().requires_grad_(True) for t in make((6, 4), torch.float32, device, seed=7))
     mu4, lv4 = (t.to(memory_format=torch.channels_last).requires_grad_(True)
@@ -328,33 +329,34 @@ def _opcheck_samples(backend, device):
     g = make((4, 6), torch.float32, device, seed=5)[0]
     ops = torch.ops.genkern
     return [
-        (ops.reparameterize, (mu, lv, None, 1, 2, 0, backend)),
-        (ops.reparameterize, (mu_t, lv_t, None, -5, 2**40, 3, backend)),
-        (ops.reparameterize, (mu, lv, torch.randn(4, 6, device=device, requires_grad=True), 0, 0, 0, backend)),
-        (ops.reparameterize_backward, (g.t().contiguous().t(), mu_t.detach(), lv_t.detach(), None, 1, 2, backend)),
-        (ops.gaussian_kl, (mu, lv, 1, 2, backend)),
-        (ops.gaussian_kl, (mu_t, lv_t, 0, 1, backend)),
-        (ops.gaussian_kl, (mu4, lv4, 1, 4, backend)),
-        (ops.gaussian_kl_backward, (torch.randn(2, device=device), mu4.detach(), lv4.detach(), 1, 4, backend)),
-        (ops.reparameterize_kl, (mu, lv, None, 7, 0, 1, 2, backend)),
-        (ops.reparameterize_kl, (mu4, lv4, None, 7, 3, 1, 4, backend)),
+        (ops.reparameterize, (mu, lv, None, 1, 2, 0)),
+        (ops.reparameterize, (mu_t, lv_t, None, -5, 2**40, 3)),
+        (ops.reparameterize, (mu, lv, torch.randn(4, 6, device=device, requires_grad=True), 0, 0, 0)),
+        (ops.reparameterize_backward, (g.t().contiguous().t(), mu_t.detach(), lv_t.detach(), None, 1, 2)),
+        (ops.gaussian_kl, (mu, lv, 1, 2)),
+        (ops.gaussian_kl, (mu_t, lv_t, 0, 1)),
+        (ops.gaussian_kl, (mu4, lv4, 1, 4)),
+        (ops.gaussian_kl_backward, (torch.randn(2, device=device), mu4.detach(), lv4.detach(), 1, 4)),
+        (ops.reparameterize_kl, (mu, lv, None, 7, 0, 1, 2)),
+        (ops.reparameterize_kl, (mu4, lv4, None, 7, 3, 1, 4)),
         (ops.reparameterize_kl_backward,
-         (None, torch.randn(2, device=device), mu4.detach(), lv4.detach(), None, 7, 3, 1, 4, backend)),
-        (ops.gaussian_log_prob, (z3, mu, lv, 2, 3, backend)),
-        (ops.gaussian_log_prob, (z3.transpose(0, 1), None, None, 1, 3, backend)),
+         (None, torch.randn(2, device=device), mu4.detach(), lv4.detach(), None, 7, 3, 1, 4)),
+        (ops.gaussian_log_prob, (z3, mu, lv, 2, 3)),
+        (ops.gaussian_log_prob, (z3.transpose(0, 1), None, None, 1, 3)),
         (ops.gaussian_log_prob_backward,
-         (torch.randn(2, 4, device=device), z3.detach(), mu.detach(), lv.detach(), 2, 3, backend)),
-        (ops.iwae_bound, (lp, z3, mu, lv, backend)),
-        (ops.iwae_bound, (lp.t().contiguous().t(), z3, mu_t.detach().contiguous(), lv_t.detach().contiguous(), backend)),
-        (ops.randn, ([3, 5], 1, 2, torch.float32, torch.device(device), backend)),
+         (torch.randn(2, 4, device=device), z3.detach(), mu.detach(), lv.detach(), 2, 3)),
+        (ops.iwae_bound, (lp, z3, mu, lv)),
+        (ops.iwae_bound, (lp.t().contiguous().t(), z3, mu_t.detach().contiguous(), lv_t.detach().contiguous())),
+        (ops.randn, ([3, 5], 1, 2, torch.float32, torch.device(device))),
     ]
 
 
 @pytest.mark.parametrize("backend", [b for b in genkern.backends()])
 def test_opcheck(backend):
     device = device_for(backend) if backend != "reference" else torch.device("cpu")
-    for op, args in _opcheck_samples(backend, device):
-        torch.library.opcheck(op, args)
+    with gk_backend.scoped(backend):
+        for op, args in _opcheck_samples(device):
+            torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -426,14 +428,47 @@ def test_bad_input_never_reaches_a_kernel(monkeypatch):
     with pytest.raises(TypeError, match="mu"):
         genkern.gaussian_kl(mu.to(torch.float8_e4m3fn), logvar)
     # The ops themselves check what the kernels rely on, whoever calls them.
-    with pytest.raises(ValueError, match="logvar"):
-        torch.ops.genkern.reparameterize(mu, torch.zeros(5), None, 1, 0, 0, "cpu")
-    with pytest.raises(ValueError, match="eps"):
-        torch.ops.genkern.reparameterize(mu, logvar, torch.zeros(2), 1, 0, 0, "cpu")
-    with pytest.raises(ValueError, match="mu"):
-        torch.ops.genkern.gaussian_log_prob(torch.zeros(5, 3, 4), torch.zeros(2, 4), None, 2, 3, "cpu")
-    with pytest.raises(ValueError, match="reduced dims"):
-        torch.ops.genkern.gaussian_kl(mu, logvar, 1, 0, "reference")
+    with gk_backend.scoped("cpu"):
+        with pytest.raises(ValueError, match="logvar"):
+            torch.ops.genkern.reparameterize(mu, torch.zeros(5), None, 1, 0, 0)
+        with pytest.raises(ValueError, match="eps"):
+            torch.ops.genkern.reparameterize(mu, logvar, torch.zeros(2), 1, 0, 0)
+        with pytest.raises(ValueError, match="mu"):
+            torch.ops.genkern.gaussian_log_prob(torch.zeros(5, 3, 4), torch.zeros(2, 4), None, 2, 3)
+    with gk_backend.scoped("reference"):
+        with pytest.raises(ValueError, match="reduced dims"):
+            torch.ops.genkern.gaussian_kl(mu, logvar, 1, 0)
+
+
+def test_dispatch_reaches_the_selected_kernels(monkeypatch):
+    from genkern import _kernels
+
+    asked = []
+    on = _kernels.KernelGroup.on
+
+    def recording(self, name):
+        asked.append(name)
+        return on(self, name)
+
+    monkeypatch.setattr(_kernels.KernelGroup, "on", recording)
+    mu, logvar = make((3, 4), torch.float32, "cpu", requires_grad=True)
+    z, kl = genkern.reparameterize_kl(mu, logvar, seed=0, backend="cpu")
+    assert asked == ["cpu"]  # the cpu kernel ran, not the reference
+    expected = genkern.reparameterize_kl(mu, logvar, seed=0, backend="reference")
+    assert asked == ["cpu"]  # the reference asks for no kernel
+    torch.testing.assert_close((z, kl), expected)
+    genkern.reparameterize_kl(mu.detach().half(), logvar.detach().half(), seed=0)
+    assert asked == ["cpu"]  # float16 on the CPU: no C++ kernel, the reference runs
+    # The backward runs on the forward's backend, whatever is chosen when it runs.
+    with genkern.set_backend("reference"):
+        (z.sum() + kl.sum()).backward()
+    assert asked == ["cpu", "cpu"]
+    grads = mu.grad, logvar.grad
+    mu.grad = logvar.grad = None
+    del asked[:]
+    sum(t.sum() for t in expected).backward()
+    assert asked == []  # the backward of a reference forward is the reference's
+    torch.testing.assert_close((mu.grad, logvar.grad), grads)
 
 
 def test_set_backend_process_wide_and_as_context():

@@ -29,15 +29,19 @@ class KernelGroup:
         self._native = native
         self._triton = triton
 
-    def register(self, op):
+    def register(self, op, check=None):
         """Decorator: `kernel(kernels, *op_args)` becomes `op`'s implementation for cpu and cuda tensors.
 
-        Which backend runs is decided per call (see genkern.backend.selected); with the reference selected
-        the op's body runs, so an op is written as its reference plus one kernel function."""
+        `check(*op_args)`, the op's argument validation, runs first: bad input fails naming the argument
+        before a backend is picked or a kernel asked for. Which backend runs is decided per call (see
+        genkern.backend.selected); with the reference selected the op's body runs, so an op is written as its
+        reference (which calls the same check, for the devices without kernels) plus one kernel function."""
         reference = op._init_fn  # the function custom_op decorated: torch keeps it as the default implementation
 
         def decorate(kernel):
             def run(*args):
+                if check is not None:
+                    check(*args)
                 device, dtype = _placement(args)
                 name = _backend.selected(device, dtype, self.family)
                 if name == "reference":

@@ -88,6 +88,9 @@ class set_backend:
     def __init__(self, name: str | None):
         if name is not None:
             _check_name(name)
+            if not is_available(name):
+                # Refused here, not at the first op far from the cause.
+                raise ValueError(f"backend {name!r} is not available in this process (available: {backends()})")
         global _process_backend
         self._previous = _process_backend
         _process_backend = name
