@@ -1,10 +1,11 @@
 """Fused diffusion ops (training side) on every kernel backend against genkern.diffusion.reference."""
-import math
 
 import pytest
 import torch
 
 import genkern
+from genkern import _kernels
+from genkern import backend as gk_backend
 from genkern.diffusion import reference as ref
 from genkern.diffusion.schedules import NoiseSchedule
 from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
@@ -21,6 +22,12 @@ def table_tol(dtype):
 def make(shape, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def on_backend(backend, op, *args):
+    """A direct op call on `backend` (the op schemas carry no backend argument)."""
+    with gk_backend.scoped(backend):
+        return op(*args)
 
 
 def timesteps(batch, device, seed=0):
@@ -152,14 +159,15 @@ def test_opcheck(backend):
     t, table = timesteps(3, device), SCHEDULE.table(device)
     ops = torch.ops.genkern
     for op, args in [
-        (ops.q_sample, (x0, t, table, None, 3, 1, backend)),
-        (ops.q_sample, (x0.transpose(1, 2), t, table, m.transpose(1, 2), 0, 0, backend)),
-        (ops.diffusion_loss, (m, x0, t, table, None, 3, 1, 1, 5.0, backend)),
-        (ops.diffusion_loss, (m, x0, t, table, None, -3, 2**40, 0, 0.0, backend)),
+        (ops.q_sample, (x0, t, table, None, 3, 1)),
+        (ops.q_sample, (x0.transpose(1, 2), t, table, m.transpose(1, 2), 0, 0)),
+        (ops.diffusion_loss, (m, x0, t, table, None, 3, 1, 1, 5.0)),
+        (ops.diffusion_loss, (m, x0, t, table, None, -3, 2**40, 0, None)),  # snr_gamma None: no weighting
         (ops.diffusion_loss_backward, (torch.ones(3, device=device), m.detach(), x0.detach(), t, table, None, 3, 1, 2,
-                                       0.0, backend)),
+                                       None)),
     ]:
-        torch.library.opcheck(op, args)
+        with gk_backend.scoped(backend):
+            torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph_training_step():
@@ -192,9 +200,50 @@ def test_bad_input_is_rejected():
         (lambda: genkern.diffusion_loss(m, x0, 1, SCHEDULE, reduction="sum"), ValueError, "reduction"),
         (lambda: genkern.diffusion_loss(m[:, :2], x0, 1, SCHEDULE), ValueError, "model_output"),
         (lambda: genkern.diffusion_loss(m, x0, 1, "cosine"), TypeError, "schedule"),
-        (lambda: torch.ops.genkern.q_sample(x0, torch.tensor([1, 2, 3]), SCHEDULE.table(), None, 0, 0, "cpu"),
-         ValueError, "t"),
+        (lambda: on_backend("cpu", torch.ops.genkern.q_sample, x0, torch.tensor([1, 2, 3]), SCHEDULE.table(), None, 0,
+                            0), ValueError, "t"),
     ]
     for fn, error, word in cases:
         with pytest.raises(error, match=word):
             fn()
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.skipif("cpu" not in genkern.backends(), reason="needs the compiled core")
+def test_dispatch_reaches_the_kernels_of_the_chosen_backend(monkeypatch):
+    """backend="cpu" asks the diffusion kernel group for the cpu kernels, in the forward and in the backward
+    (even with the reference chosen process-wide); backend="reference" runs the ops' bodies and asks for none,
+    in the backward too (where the automatic choice would be cpu)."""
+    asked = []
+    original = _kernels.KernelGroup.on
+
+    def on(self, backend):
+        if self.family == "diffusion":
+            asked.append(backend)
+        return original(self, backend)
+
+    monkeypatch.setattr(_kernels.KernelGroup, "on", on)
+    x0 = make((2, 3, 4), torch.float32, "cpu")
+    m = make((2, 3, 4), torch.float32, "cpu", 1).requires_grad_()
+    t = torch.tensor([3, 700])
+
+    def run(backend):
+        asked.clear()
+        x_t = genkern.q_sample(x0, t, SCHEDULE, seed=2, backend=backend)
+        forward = list(asked)
+        loss = genkern.diffusion_loss(m, x0, t, SCHEDULE, seed=2, backend=backend)
+        forward += asked[len(forward):]
+        asked.clear()
+        loss.backward()
+        backward = list(asked)
+        asked.clear()
+        genkern.ddim_step(m.detach(), t, x_t, SCHEDULE, prev_t=t - 1, eta=0.5, seed=1, backend=backend)
+        return forward, backward, list(asked)
+
+    assert run("cpu") == (["cpu", "cpu"], ["cpu"], ["cpu"])
+    with genkern.set_backend("reference"):  # the backward follows the forward's choice, not the process's
+        assert run("cpu") == (["cpu", "cpu"], ["cpu"], ["cpu"])
+    assert run("reference") == ([], [], [])
+    assert m.grad is not None

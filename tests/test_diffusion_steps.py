@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import genkern
+from genkern import backend as gk_backend
 from genkern.diffusion import reference as ref
+from genkern.diffusion._ops import StepOptions
 from genkern.diffusion.schedules import NoiseSchedule
 from conftest import TOLERANCE, KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
@@ -186,14 +188,19 @@ def test_opcheck(backend):
     table = SCHEDULE.table(device)
     ops = torch.ops.genkern
     for op, args in [
-        (ops.ddim_step, (m, x, t, prev, table, None, 3, 1, 0, 0.0, False, None, None, 1.0, None, 0.0, backend, True)),
-        (ops.ddim_step, (m, x, t, prev, table, None, 3, 1, 1, 0.5, True, 1.0, None, 1.0, None, 0.0, backend, False)),
-        (ops.ddim_step, (m2[:, :3], x, t, prev, table, None, 3, 1, 0, 0.0, False, None, 0.9, 2.0, 3.0, 0.5, backend,
-                         True)),
-        (ops.ddpm_step, (m, x, t, None, table, None, 3, 1, 0, 0, None, None, 1.0, None, 0.0, backend, True)),
-        (ops.ddpm_step, (m2, x, t, prev, table, None, -3, 2**40, 2, 2, 1.0, None, 1.0, 2.0, 0.3, backend, True)),
+        (ops.ddim_step, (m, x, t, prev, table, None, 3, 1, *StepOptions().pack(), True)),
+        (ops.ddim_step, (m, x, t, prev, table, None, 3, 1,
+                         *StepOptions(prediction=1, eta=0.5, use_clipped_model_output=True, clip=1.0).pack(), False)),
+        (ops.ddim_step, (m2[:, :3], x, t, prev, table, None, 3, 1,
+                         *StepOptions(dynamic_ratio=0.9, dynamic_max=2.0, guidance_scale=3.0,
+                                      guidance_rescale=0.5).pack(), True)),
+        (ops.ddpm_step, (m, x, t, None, table, None, 3, 1, *StepOptions().pack(), True)),
+        (ops.ddpm_step, (m2, x, t, prev, table, None, -3, 2**40,
+                         *StepOptions(prediction=2, variance=2, clip=1.0, guidance_scale=2.0,
+                                      guidance_rescale=0.3).pack(), True)),
     ]:
-        torch.library.opcheck(op, args)
+        with gk_backend.scoped(backend):
+            torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph_sampling_step():
@@ -263,8 +270,9 @@ def test_out_buffers_and_in_place(backend):
     with pytest.raises(TypeError, match="out"):
         genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev_t, out=[1, 2, 3], backend=backend)
     table = SCHEDULE.table(device)
-    torch.library.opcheck(torch.ops.genkern.ddim_step_out, (m, x, t, prev_t, table, None, 3, 1, 0, 0.5, False, None,
-                                                            None, 1.0, None, 0.0, backend, torch.empty_like(x),
-                                                            torch.empty_like(x)))
-    torch.library.opcheck(torch.ops.genkern.ddpm_step_out, (m, x, t, None, table, None, 3, 1, 0, 0, None, None, 1.0,
-                                                            None, 0.0, backend, torch.empty_like(x), None))
+    with gk_backend.scoped(backend):
+        torch.library.opcheck(torch.ops.genkern.ddim_step_out, (m, x, t, prev_t, table, None, 3, 1,
+                                                                *StepOptions(eta=0.5).pack(), torch.empty_like(x),
+                                                                torch.empty_like(x)))
+        torch.library.opcheck(torch.ops.genkern.ddpm_step_out, (m, x, t, None, table, None, 3, 1,
+                                                                *StepOptions().pack(), torch.empty_like(x), None))

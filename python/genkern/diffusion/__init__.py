@@ -17,6 +17,8 @@ definitions, and where they differ from diffusers, are in genkern.diffusion.refe
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -32,22 +34,59 @@ from .training import training_loss
 
 __all__ = ["DDIMSampler", "DDPMSampler", "ddim_step", "ddpm_step", "diffusion_loss", "q_sample", "training_loss"]
 
+# The public functions normalise their arguments (timesteps to per-sample int64 tensors, names to the kernels'
+# codes, options to floats, seeds drawn) and call the op, which checks every value once (genkern.diffusion._ops).
 
-def _timesteps(t, batch: int, device: torch.device) -> Tensor:
-    """Per-sample int64 timesteps on the data's device (an int or a 0-d tensor applies to every sample)."""
+
+def _batch(name: str, x) -> int:
+    """The batch size of tensor x (0 for a 0-dim tensor, which the op then rejects)."""
+    _checks.tensor(name, x)
+    return x.shape[0] if x.dim() else 0
+
+
+def _optional_tensor(name: str, x):
+    return x if x is None else _checks.tensor(name, x)
+
+
+def _float(name: str, x) -> float:
+    if isinstance(x, (bool, Tensor)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def _timestep_tensor(name: str, t, batch: int, device: torch.device) -> tuple[Tensor, list[int] | None]:
+    """Per-sample int64 timesteps on the data's device (an int or a 0-d tensor applies to every sample), and
+    their values when they are on the host but the data is not: the op reads the values of CPU timesteps only
+    (reading a device tensor would synchronise the host), so those are checked here, where it is free."""
     if isinstance(t, Tensor):
-        return t.to(device=device, dtype=torch.int64).expand(batch).contiguous() if t.dim() == 0 else \
-            t.to(device=device, dtype=torch.int64).contiguous()
-    return torch.full((batch,), int(t), dtype=torch.int64, device=device)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {t.dtype}")
+        values = None
+        if device.type != "cpu" and t.device.type == "cpu" and not torch.compiler.is_compiling():
+            values = t.reshape(-1).tolist()
+        t = t.to(device=device, dtype=torch.int64)
+        return (t.expand(batch) if t.dim() == 0 else t).contiguous(), values
+    t = _checks.integer(name, t)
+    return torch.full((batch,), t, dtype=torch.int64, device=device), ([t] if device.type != "cpu" else None)
 
 
-def _check_values(t) -> bool:
-    # Reading a GPU tensor's values would synchronise the host, and under torch.compile it cannot be traced:
-    # there the kernels clamp the table index instead (no memory outside the table is ever read), and range
-    # errors are raised for eager CPU timesteps only.
-    if not isinstance(t, Tensor):
-        return True
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+def _timesteps(schedule: NoiseSchedule, t, prev_t, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """(t, prev_t) as the ops take them; prev_t None stays None."""
+    T = schedule.num_train_timesteps
+    t, t_values = _timestep_tensor("t", t, batch, device)
+    if t_values is not None:
+        _ops.check_timestep_values("t", t_values, 0, T - 1)
+    if prev_t is None:
+        return t, None
+    prev_t, prev_values = _timestep_tensor("prev_t", prev_t, batch, device)
+    if prev_values is not None:
+        _ops.check_timestep_values("prev_t", prev_values, -1, T - 2)
+        if t_values is not None:  # an int or a 0-d tensor applies to every sample
+            t_values = t_values * len(prev_values) if len(t_values) == 1 else t_values
+            prev_values = prev_values * len(t_values) if len(prev_values) == 1 else prev_values
+            if len(t_values) == len(prev_values):  # else the op rejects the shapes
+                _ops.check_steps_down(t_values, prev_values)
+    return t, prev_t
 
 
 def _noise_args(noise, seed, offset) -> tuple[int, int]:
@@ -61,12 +100,12 @@ def q_sample(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = N
              offset: int = 0, backend: str | None = None) -> Tensor:
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps in one pass; eps is `noise` or the genkern stream's normals
     for (seed, offset) over x0's shape (element i of x_t uses stream element i)."""
-    _spec.check_q_sample_args(x0, t, schedule, noise, 0 if seed is None else seed, offset,
-                              check_values=_check_values(t))
-    name = _backend.resolve(backend, x0.device, x0.dtype)
+    batch = _batch("x0", x0)
+    schedule = _spec.check_schedule(schedule)
+    t, _ = _timesteps(schedule, t, None, batch, x0.device)
+    noise = _optional_tensor("noise", noise)
     seed, offset = _noise_args(noise, seed, offset)
-    return torch.ops.genkern.q_sample(x0, _timesteps(t, x0.shape[0], x0.device), schedule.table(x0.device), noise,
-                                      seed, offset, name)
+    return _backend.call(backend, torch.ops.genkern.q_sample, x0, t, schedule.table(x0.device), noise, seed, offset)
 
 
 def diffusion_loss(model_output: Tensor, x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None,
@@ -76,31 +115,40 @@ def diffusion_loss(model_output: Tensor, x0: Tensor, t, schedule: NoiseSchedule,
     target = eps, v or x0 by `prediction_type`, weighted by min-SNR-gamma when `snr_gamma` is set; the mean
     over the batch (reduction='mean') or the (B,) per-sample losses ('none'). With the (seed, offset) given
     to `q_sample`, eps is regenerated inside the kernel. Differentiable w.r.t. model_output (and x0, noise)."""
-    _spec.check_loss_args(model_output, x0, t, schedule, noise, 0 if seed is None else seed, offset,
-                          prediction_type, snr_gamma, reduction, check_values=_check_values(t))
-    name = _backend.resolve(backend, x0.device, x0.dtype)
+    _checks.tensor("model_output", model_output)
+    batch = _batch("x0", x0)
+    schedule = _spec.check_schedule(schedule)
+    prediction = _ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS))
+    snr_gamma = None if snr_gamma is None else _float("snr_gamma", snr_gamma)
+    _spec.check_choice("reduction", reduction, _spec.REDUCTIONS)
+    t, _ = _timesteps(schedule, t, None, batch, x0.device)
+    noise = _optional_tensor("noise", noise)
     seed, offset = _noise_args(noise, seed, offset)
-    per_sample = torch.ops.genkern.diffusion_loss(
-        model_output, x0, _timesteps(t, x0.shape[0], x0.device), schedule.table(x0.device), noise, seed, offset,
-        _ops.PREDICTIONS.index(prediction_type), float(snr_gamma or 0.0), name,
-    )
+    per_sample = _backend.call(backend, torch.ops.genkern.diffusion_loss, model_output, x0, t,
+                               schedule.table(x0.device), noise, seed, offset, prediction, snr_gamma)
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def _optional_timesteps(t, batch: int, device: torch.device) -> Tensor | None:
-    return None if t is None else _timesteps(t, batch, device)
-
-
-def _step_options(schedule, sample, t, prev_t, prediction_type, clip_sample, dynamic_threshold, guidance_scale,
-                  guidance_rescale):
-    """The arguments the step ops share, in their order after (model_output, sample)."""
-    B, device = sample.shape[0], sample.device
-    ratio, max_value = (None, 1.0) if dynamic_threshold is None else map(float, dynamic_threshold)
-    return dict(t=_timesteps(t, B, device), prev_t=_optional_timesteps(prev_t, B, device),
-                table=schedule.table(device), prediction=_ops.PREDICTIONS.index(prediction_type),
-                clip=None if clip_sample is None else float(clip_sample), dynamic_ratio=ratio, dynamic_max=max_value,
-                guidance_scale=None if guidance_scale is None else float(guidance_scale),
-                guidance_rescale=float(guidance_rescale))
+def _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale, *,
+                  variance_type: str = "fixed_small", eta=0.0, use_clipped_model_output=False) -> _ops.StepOptions:
+    """The public step arguments as the ops' StepOptions (names to codes, numbers to floats)."""
+    if not isinstance(use_clipped_model_output, bool):
+        raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
+    ratio, max_value = None, 1.0
+    if dynamic_threshold is not None:
+        if isinstance(dynamic_threshold, (str, bytes)) or not hasattr(dynamic_threshold, "__len__") \
+                or len(dynamic_threshold) != 2:
+            raise TypeError("dynamic_threshold must be a pair (ratio, max_value)")
+        ratio = _float("dynamic_threshold ratio", dynamic_threshold[0])
+        max_value = _float("dynamic_threshold max_value", dynamic_threshold[1])
+    return _ops.StepOptions(
+        prediction=_ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS)),
+        variance=_ops.VARIANCES.index(_spec.check_choice("variance_type", variance_type, _ops.VARIANCES)),
+        eta=_float("eta", eta), use_clipped_model_output=use_clipped_model_output,
+        clip=None if clip_sample is None else _float("clip_sample", clip_sample),
+        dynamic_ratio=ratio, dynamic_max=max_value,
+        guidance_scale=None if guidance_scale is None else _float("guidance_scale", guidance_scale),
+        guidance_rescale=_float("guidance_rescale", guidance_rescale))
 
 
 def _step_noise_args(noise, seed, offset, noisy: bool) -> tuple[int, int]:
@@ -110,24 +158,29 @@ def _step_noise_args(noise, seed, offset, noisy: bool) -> tuple[int, int]:
     return _noise_args(noise, seed, offset)
 
 
-def _check_out(out, sample: Tensor, return_pred_original: bool) -> tuple[Tensor, Tensor | None]:
+def _out_buffers(out, sample: Tensor, return_pred_original: bool) -> tuple[Tensor, Tensor | None]:
     """(prev_sample, pred_original) buffers from `out`: a tensor (pred_original then new, if returned), or a
-    pair whose second entry may be None (not written)."""
+    pair whose second entry may be None (not written). The op checks them against sample."""
     if isinstance(out, Tensor):
-        prev = out
         x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_pred_original else None
-    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
-        prev, x0 = out
-    else:
-        raise TypeError("out must be a tensor or a pair (prev_sample, pred_original or None)")
-    for name, x in (("out prev_sample", prev), ("out pred_original", x0)):
-        if x is not None:
-            _checks.like(name, x, "sample", sample)
-            if not x.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
-    if x0 is not None and x0.numel() and x0.data_ptr() == prev.data_ptr():
-        raise ValueError("out prev_sample and pred_original must be different tensors")
-    return prev, x0
+        return out, x0
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor) \
+            and (out[1] is None or isinstance(out[1], Tensor)):
+        return out[0], out[1]
+    raise TypeError("out must be a tensor or a pair (prev_sample, pred_original or None)")
+
+
+def _step(op, op_out, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor | None,
+          schedule: NoiseSchedule, noise, seed: int, offset: int, options: _ops.StepOptions, return_pred_original,
+          out, backend) -> tuple[Tensor, Tensor | None]:
+    floats, codes = options.pack()
+    args = (model_output, sample, t, prev_t, schedule.table(sample.device), noise, seed, offset, floats, codes)
+    if out is not None:
+        prev, x0 = _out_buffers(out, sample, return_pred_original)
+        _backend.call(backend, op_out, *args, prev, x0)
+        return prev, x0
+    prev, x0 = _backend.call(backend, op, *args, bool(return_pred_original))
+    return prev, (x0 if return_pred_original else None)
 
 
 def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None,
@@ -146,22 +199,16 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     prev_sample, or a pair (prev_sample, pred_original) (pred_original may be None), contiguous, of sample's
     shape, dtype and device, written instead of new tensors; prev_sample may be `sample` itself (an in-place
     update). See genkern.diffusion.reference.ddpm_step for the definition."""
-    _spec.check_ddpm_args(model_output, t, sample, schedule, prev_t, variance_type, prediction_type, clip_sample,
-                          dynamic_threshold, noise, 0 if seed is None else seed, offset, guidance_scale,
-                          guidance_rescale, check_values=_check_values(t) and _check_values(prev_t))
-    name = _backend.resolve(backend, sample.device, sample.dtype)
+    _checks.tensor("model_output", model_output)
+    batch = _batch("sample", sample)
+    schedule = _spec.check_schedule(schedule)
+    options = _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
+                            variance_type=variance_type)
+    t, prev_t = _timesteps(schedule, t, prev_t, batch, sample.device)
+    noise = _optional_tensor("noise", noise)
     seed, offset = _noise_args(noise, seed, offset)
-    o = _step_options(schedule, sample, t, prev_t, prediction_type, clip_sample, dynamic_threshold, guidance_scale,
-                      guidance_rescale)
-    args = (model_output, sample, o["t"], o["prev_t"], o["table"], noise, seed, offset, o["prediction"],
-            _ops.VARIANCES.index(variance_type), o["clip"], o["dynamic_ratio"], o["dynamic_max"],
-            o["guidance_scale"], o["guidance_rescale"], name)
-    if out is not None:
-        prev, x0 = _check_out(out, sample, return_pred_original)
-        torch.ops.genkern.ddpm_step_out(*args, prev, x0)
-        return prev, x0
-    prev, x0 = torch.ops.genkern.ddpm_step(*args, bool(return_pred_original))
-    return prev, (x0 if return_pred_original else None)
+    return _step(torch.ops.genkern.ddpm_step, torch.ops.genkern.ddpm_step_out, model_output, sample, t, prev_t,
+                 schedule, noise, seed, offset, options, return_pred_original, out, backend)
 
 
 def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None, eta: float = 0.0,
@@ -177,56 +224,35 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     (-1 after the last step). Noise (eta > 0 only) is `noise` or the genkern stream for (seed, offset).
     Guidance, thresholding, return_pred_original and `out` as in ddpm_step. See genkern.diffusion.reference.ddim_step
     for the definition and where diffusers' DDIMScheduler differs."""
-    _spec.check_ddim_args(model_output, t, sample, schedule, prev_t, eta, prediction_type, clip_sample,
-                          dynamic_threshold, use_clipped_model_output, noise, 0 if seed is None else seed, offset,
-                          guidance_scale, guidance_rescale, check_values=_check_values(t) and _check_values(prev_t))
-    name = _backend.resolve(backend, sample.device, sample.dtype)
-    seed, offset = _step_noise_args(noise, seed, offset, float(eta) > 0)
-    o = _step_options(schedule, sample, t, prev_t, prediction_type, clip_sample, dynamic_threshold, guidance_scale,
-                      guidance_rescale)
-    args = (model_output, sample, o["t"], o["prev_t"], o["table"], noise, seed, offset, o["prediction"], float(eta),
-            bool(use_clipped_model_output), o["clip"], o["dynamic_ratio"], o["dynamic_max"], o["guidance_scale"],
-            o["guidance_rescale"], name)
-    if out is not None:
-        prev, x0 = _check_out(out, sample, return_pred_original)
-        torch.ops.genkern.ddim_step_out(*args, prev, x0)
-        return prev, x0
-    prev, x0 = torch.ops.genkern.ddim_step(*args, bool(return_pred_original))
-    return prev, (x0 if return_pred_original else None)
+    if prev_t is None:
+        raise ValueError("prev_t is required for ddim_step: the next entry of the inference timesteps "
+                         "(schedule.timesteps(num_steps, spacing)[1]), -1 after the last step")
+    _checks.tensor("model_output", model_output)
+    batch = _batch("sample", sample)
+    schedule = _spec.check_schedule(schedule)
+    options = _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
+                            eta=eta, use_clipped_model_output=use_clipped_model_output)
+    t, prev_t = _timesteps(schedule, t, prev_t, batch, sample.device)
+    noise = _optional_tensor("noise", noise)
+    seed, offset = _step_noise_args(noise, seed, offset, options.eta > 0)
+    return _step(torch.ops.genkern.ddim_step, torch.ops.genkern.ddim_step_out, model_output, sample, t, prev_t,
+                 schedule, noise, seed, offset, options, return_pred_original, out, backend)
 
 
-def _prepared_step(kind: str, model_output: Tensor, sample: Tensor, schedule: NoiseSchedule, *, seed: int,
-                   prediction_type: str, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
-                   backend: str | None, **kind_options):
-    """A sampling loop's step with every argument checked once, from the first step's tensors: returns
-    step(model_output, sample, t, prev_t, offset) -> prev_sample, which calls the op directly. The loop's
-    later steps have the same shapes, dtypes and options, and timesteps taken from the schedule, so the
-    public functions' per-call checks (about half of a small step's cost on the CPU) would only repeat."""
-    t0 = torch.zeros(sample.shape[0], dtype=torch.int64, device=sample.device)
-    options = dict(prediction_type=prediction_type, clip_sample=clip_sample, dynamic_threshold=dynamic_threshold,
-                   seed=seed, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-    if kind == "ddpm":
-        _spec.check_ddpm_args(model_output, t0, sample, schedule, None, kind_options["variance_type"], **options,
-                              check_values=False)
-    else:
-        _spec.check_ddim_args(model_output, t0, sample, schedule, t0 - 1, kind_options["eta"], prediction_type,
-                              clip_sample, dynamic_threshold, kind_options["use_clipped_model_output"], None, seed,
-                              0, guidance_scale, guidance_rescale, check_values=False)
-    name = _backend.resolve(backend, sample.device, sample.dtype)
-    o = _step_options(schedule, sample, t0, None, prediction_type, clip_sample, dynamic_threshold, guidance_scale,
-                      guidance_rescale)
-    shared = (o["table"], None, to_signed(seed))
-    tail = (o["clip"], o["dynamic_ratio"], o["dynamic_max"], o["guidance_scale"], o["guidance_rescale"], name, False)
-    if kind == "ddpm":
-        variance = _ops.VARIANCES.index(kind_options["variance_type"])
+def _prepared_step(kind: str, device: torch.device, schedule: NoiseSchedule, *, seed: int, prediction_type: str,
+                   clip_sample, dynamic_threshold, guidance_scale, guidance_rescale, backend: str | None,
+                   **kind_options):
+    """A sampling loop's step with its options normalised once: returns step(model_output, sample, t, prev_t,
+    offset) -> prev_sample, which calls the op directly (the op checks each call's arguments). The loop's
+    steps share their options, the schedule's table and the seed, so the public functions' normalisation
+    would only repeat."""
+    floats, codes = _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
+                                  **kind_options).pack()
+    table, seed = schedule.table(device), to_signed(seed)
+    op = torch.ops.genkern.ddpm_step if kind == "ddpm" else torch.ops.genkern.ddim_step
 
-        def step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, offset: int) -> Tensor:
-            return torch.ops.genkern.ddpm_step(model_output, sample, t, prev_t, *shared, offset, o["prediction"],
-                                               variance, *tail)[0]
-    else:
-        eta, clipped = float(kind_options["eta"]), bool(kind_options["use_clipped_model_output"])
+    def step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, offset: int) -> Tensor:
+        return _backend.call(backend, op, model_output, sample, t, prev_t, table, None, seed, offset, floats, codes,
+                             False)[0]
 
-        def step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, offset: int) -> Tensor:
-            return torch.ops.genkern.ddim_step(model_output, sample, t, prev_t, *shared, offset, o["prediction"], eta,
-                                               clipped, *tail)[0]
     return step

@@ -5,18 +5,27 @@ Each op takes the per-sample timesteps as an int64 (B,) tensor and the schedule 
 (NoiseSchedule.table: rows t + 1, columns alpha-bar, 1 - alpha-bar and their square roots) on the data's
 device, so coefficients are read inside the kernels and nothing passes through the host. The noise is the
 given tensor or the genkern stream for (seed, offset) over x0's shape; the loss regenerates it.
+
+Each op's body is its reference (the eager spec, on every device and for every dtype); cpu and cuda tensors
+get the kernel registered below it (`@KERNELS.register(op, check=...)`) unless the reference is selected.
+Every op validates its arguments in one `_check_<op>` function (errors name the argument), run before a
+backend is picked or a kernel asked for, by the body, and by the fake implementation (a traced call fails the
+same way): the public functions in genkern.diffusion only normalise. The steps take their options grouped, as `StepOptions(...).pack()`.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import reference as ref
 from ..random import reference as ref_random
-from .. import _native
+from .. import _checks, _native
+from .. import backend as _backend
 from .._kernels import KernelGroup, to_unsigned
 
 
@@ -68,46 +77,115 @@ def _eager_weight(levels: Tensor, snr_gamma: float, prediction: int) -> Tensor:
     return clipped / (snr + 1) if prediction == 1 else clipped
 
 
-def _check(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], others=()) -> None:
-    """What the kernels rely on, whoever calls the op (torch.ops.genkern.* is public)."""
-    if x0.dim() < 1:
-        raise ValueError("x0 must have a batch dimension")
-    if t.dtype != torch.int64 or tuple(t.shape) != (x0.shape[0],) or t.device != x0.device:
-        raise ValueError(f"t must be an int64 tensor of shape ({x0.shape[0]},) on {x0.device}")
-    if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != 4 or table.device != x0.device:
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks: each op's arguments, once, whoever calls it (torch.ops.genkern.* is public), before any computation
+# ---------------------------------------------------------------------------------------------------------
+def _check_batched(name: str, x) -> Tensor:
+    _checks.float_tensor(name, x)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-dim tensor")
+    return x
+
+
+def _check_table(table: Tensor, like: Tensor) -> int:
+    """The schedule's table on the data's device; returns T, the number of training timesteps."""
+    if (not isinstance(table, Tensor) or table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != 4
+            or table.shape[0] < 2 or table.device != like.device):
         raise ValueError("table must be NoiseSchedule.table(device) of the data's device")
-    for name, x in (("noise", noise), *others):
-        if x is not None and (x.shape != x0.shape or x.dtype != x0.dtype or x.device != x0.device):
-            raise ValueError(f"{name} must match x0 in shape, dtype and device")
+    return table.shape[0] - 1
+
+
+def check_timestep_values(name: str, values: list[int], low: int, high: int) -> None:
+    """Timestep values (read on the host) in [low, high]."""
+    if values:
+        lo, hi = min(values), max(values)
+        if lo < low or hi > high:
+            raise ValueError(f"{name} must be in [{low}, {high}], got values in [{lo}, {hi}]")
+
+
+def check_steps_down(t: list[int], prev_t: list[int]) -> None:
+    if any(p >= q for p, q in zip(prev_t, t)):
+        raise ValueError("prev_t must be smaller than t (a step goes from t down to prev_t >= -1)")
+
+
+def _host_values(x: Tensor) -> Optional[list[int]]:
+    """A CPU tensor's values; None on a device, whose values are never read: that would synchronise the host
+    (and break a CUDA graph capture), and None for a fake tensor (tracing). The kernels clamp the table index,
+    so no value reads outside the table."""
+    return x.tolist() if x.device.type == "cpu" and not isinstance(x, FakeTensor) else None
+
+
+def _check_timesteps(name: str, t: Tensor, like: Tensor, low: int, high: int) -> Optional[list[int]]:
+    """An int64 (B,) tensor on the data's device, values in [low, high] when they can be read; returns them."""
+    B = like.shape[0]
+    if (not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (B,)
+            or t.device != like.device):
+        got = f"a tensor of dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else \
+            type(t).__name__
+        raise ValueError(f"{name} must be an int64 tensor of shape ({B},) on {like.device}, got {got}")
+    values = _host_values(t)
+    if values is not None:
+        check_timestep_values(name, values, low, high)
+    return values
+
+
+def _check_noise(noise: Optional[Tensor], ref_name: str, like: Tensor) -> None:
+    if noise is not None:
+        _checks.like("noise", noise, ref_name, like)
+
+
+def _check_q_sample(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int = 0,
+                    offset: int = 0) -> None:
+    _check_batched("x0", x0)
+    T = _check_table(table, x0)
+    _check_timesteps("t", t, x0, 0, T - 1)
+    _check_noise(noise, "x0", x0)
+
+
+def _check_loss(model_output: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int,
+                offset: int, prediction: int, snr_gamma: Optional[float]) -> None:
+    _check_q_sample(x0, t, table, noise)
+    _checks.like("model_output", model_output, "x0", x0)
+    _check_code("prediction", prediction, PREDICTIONS)
+    if snr_gamma is not None and not (math.isfinite(snr_gamma) and snr_gamma > 0):
+        raise ValueError(f"snr_gamma must be positive and finite (None: no weighting), got {snr_gamma}")
+
+
+def _check_code(name: str, code: int, names: tuple[str, ...]) -> None:
+    if not 0 <= code < len(names):
+        raise ValueError(f"{name} must be a code in [0, {len(names)}) ({', '.join(names)}), got {code}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # q_sample: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
 # ---------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("genkern::q_sample", mutates_args=())
-def q_sample(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int, offset: int,
-             backend: str) -> Tensor:
-    _check(x0, t, table, noise)
-    seed, offset = to_unsigned(seed), to_unsigned(offset)
-    if backend == "reference":
-        levels = _levels(table, t, x0)
-        eps = _eager_noise(noise, seed, offset, x0)
-        return (levels[2] * x0.to(eps.dtype) + levels[3] * eps).to(x0.dtype).contiguous()
+def q_sample(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int, offset: int) -> Tensor:
+    _check_q_sample(x0, t, table, noise, seed, offset)
+    levels = _levels(table, t, x0)
+    eps = _eager_noise(noise, to_unsigned(seed), to_unsigned(offset), x0)
+    return (levels[2] * x0.to(eps.dtype) + levels[3] * eps).to(x0.dtype).contiguous()
+
+
+@KERNELS.register(q_sample, check=_check_q_sample)
+def _(kernels, x0, t, table, noise, seed, offset):
     x_t = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     noise = None if noise is None else noise.contiguous()
-    KERNELS.on(backend).q_sample(x0.contiguous(), noise, t.contiguous(), table.contiguous(), x_t, seed, offset)
+    kernels.q_sample(x0.contiguous(), noise, t.contiguous(), table.contiguous(), x_t, to_unsigned(seed),
+                     to_unsigned(offset))
     return x_t
 
 
 @q_sample.register_fake
-def _(x0, t, table, noise, seed, offset, backend):
+def _(x0, t, table, noise, seed, offset):
+    _check_q_sample(x0, t, table, noise, seed, offset)
     return torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
 
 
 def _q_sample_setup(ctx, inputs, output):
-    x0, t, table, noise, seed, offset, backend = inputs
+    x0, t, table, noise, seed, offset = inputs
     ctx.save_for_backward(t, table)
-    ctx.x0_ndim = x0.dim()
 
 
 def _q_sample_grad(ctx, grad):
@@ -116,7 +194,7 @@ def _q_sample_grad(ctx, grad):
     levels = _levels(table, t, grad)
     grad_x0 = (grad.to(levels.dtype) * levels[2]).to(grad.dtype) if ctx.needs_input_grad[0] else None
     grad_noise = (grad.to(levels.dtype) * levels[3]).to(grad.dtype) if ctx.needs_input_grad[3] else None
-    return grad_x0, None, None, grad_noise, None, None, None
+    return grad_x0, None, None, grad_noise, None, None
 
 
 q_sample.register_autograd(_q_sample_grad, setup_context=_q_sample_setup)
@@ -127,65 +205,79 @@ q_sample.register_autograd(_q_sample_grad, setup_context=_q_sample_setup)
 # ---------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("genkern::diffusion_loss", mutates_args=())
 def diffusion_loss(model_output: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int,
-                   offset: int, prediction: int, snr_gamma: float, backend: str) -> Tensor:
-    _check(x0, t, table, noise, (("model_output", model_output),))
-    seed, offset = to_unsigned(seed), to_unsigned(offset)
-    if backend == "reference":
-        levels = _levels(table, t, x0)
-        eps = _eager_noise(noise, seed, offset, x0)
-        diff = _eager_target(x0.to(eps.dtype), eps, levels, prediction) - model_output.to(eps.dtype)
-        per_sample = (diff * diff).reshape(x0.shape[0], -1).mean(dim=1).nan_to_num(0.0)
-        return (per_sample * _eager_weight(levels, snr_gamma, prediction)).to(x0.dtype)
+                   offset: int, prediction: int, snr_gamma: Optional[float]) -> Tensor:
+    """prediction: a PREDICTIONS code; snr_gamma None: no min-SNR weighting."""
+    _check_loss(model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma)
+    levels = _levels(table, t, x0)
+    eps = _eager_noise(noise, to_unsigned(seed), to_unsigned(offset), x0)
+    diff = _eager_target(x0.to(eps.dtype), eps, levels, prediction) - model_output.to(eps.dtype)
+    per_sample = (diff * diff).reshape(x0.shape[0], -1).mean(dim=1).nan_to_num(0.0)
+    return (per_sample * _eager_weight(levels, snr_gamma or 0.0, prediction)).to(x0.dtype)
+
+
+@KERNELS.register(diffusion_loss, check=_check_loss)
+def _(kernels, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma):
     loss = torch.empty(x0.shape[:1], dtype=x0.dtype, device=x0.device)
     noise = None if noise is None else noise.contiguous()
-    KERNELS.on(backend).loss(model_output.contiguous(), x0.contiguous(), noise, t.contiguous(),
-                                       table.contiguous(), loss, prediction, snr_gamma, seed, offset)
+    kernels.loss(model_output.contiguous(), x0.contiguous(), noise, t.contiguous(), table.contiguous(), loss,
+                 prediction, snr_gamma or 0.0, to_unsigned(seed), to_unsigned(offset))
     return loss
 
 
 @diffusion_loss.register_fake
-def _(model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma, backend):
+def _(model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma):
+    _check_loss(model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma)
     return torch.empty(x0.shape[:1], dtype=x0.dtype, device=x0.device)
+
+
+def _check_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma) -> None:
+    _check_loss(model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma)
+    _checks.like("grad_loss", grad_loss, "x0", x0, shape=x0.shape[:1])
 
 
 @torch.library.custom_op("genkern::diffusion_loss_backward", mutates_args=())
 def diffusion_loss_backward(grad_loss: Tensor, model_output: Tensor, x0: Tensor, t: Tensor, table: Tensor,
-                            noise: Optional[Tensor], seed: int, offset: int, prediction: int, snr_gamma: float,
-                            backend: str) -> Tensor:
+                            noise: Optional[Tensor], seed: int, offset: int, prediction: int,
+                            snr_gamma: Optional[float]) -> Tensor:
     """d loss / d model_output = grad_loss[b] * weight[b] * 2 (model_output - target) / n."""
-    _check(x0, t, table, noise, (("model_output", model_output),))
-    seed, offset = to_unsigned(seed), to_unsigned(offset)
-    if backend == "reference":
-        levels = _levels(table, t, x0)
-        eps = _eager_noise(noise, seed, offset, x0)
-        diff = model_output.to(eps.dtype) - _eager_target(x0.to(eps.dtype), eps, levels, prediction)
-        n = max(x0[0].numel(), 1) if x0.shape[0] else 1
-        scale = grad_loss.to(eps.dtype) * _eager_weight(levels, snr_gamma, prediction) * 2.0 / n
-        return (diff * scale.reshape(-1, *([1] * (x0.dim() - 1)))).to(x0.dtype).contiguous()
+    _check_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma)
+    levels = _levels(table, t, x0)
+    eps = _eager_noise(noise, to_unsigned(seed), to_unsigned(offset), x0)
+    diff = model_output.to(eps.dtype) - _eager_target(x0.to(eps.dtype), eps, levels, prediction)
+    n = max(x0[0].numel(), 1) if x0.shape[0] else 1
+    scale = grad_loss.to(eps.dtype) * _eager_weight(levels, snr_gamma or 0.0, prediction) * 2.0 / n
+    return (diff * scale.reshape(-1, *([1] * (x0.dim() - 1)))).to(x0.dtype).contiguous()
+
+
+@KERNELS.register(diffusion_loss_backward, check=_check_loss_backward)
+def _(kernels, grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma):
     grad = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     noise = None if noise is None else noise.contiguous()
-    KERNELS.on(backend).loss_backward(grad_loss.contiguous(), model_output.contiguous(), x0.contiguous(),
-                                                noise, t.contiguous(), table.contiguous(), grad, prediction,
-                                                snr_gamma, seed, offset)
+    kernels.loss_backward(grad_loss.contiguous(), model_output.contiguous(), x0.contiguous(), noise, t.contiguous(),
+                          table.contiguous(), grad, prediction, snr_gamma or 0.0, to_unsigned(seed),
+                          to_unsigned(offset))
     return grad
 
 
 @diffusion_loss_backward.register_fake
-def _(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma, backend):
+def _(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma):
+    _check_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma)
     return torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
 
 
 def _loss_setup(ctx, inputs, output):
-    model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma, backend = inputs
+    model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma = inputs
     ctx.save_for_backward(model_output, x0, t, table, noise)
-    ctx.args = (seed, offset, prediction, snr_gamma, backend)
+    ctx.args = (seed, offset, prediction, snr_gamma)
+    ctx.backend = _backend.scoped_choice()  # the backward runs on the forward's backend
 
 
 def _loss_grad(ctx, grad_loss):
     model_output, x0, t, table, noise = ctx.saved_tensors
-    seed, offset, prediction, snr_gamma, backend = ctx.args
-    grad_m = diffusion_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction,
-                                     snr_gamma, backend)
+    seed, offset, prediction, snr_gamma = ctx.args
+    with _backend.scoped(ctx.backend):
+        grad_m = diffusion_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction,
+                                         snr_gamma)
     # The target is linear in x0 and in the noise: d/dx0 and d/dnoise are -grad_m times its coefficients.
     levels = _levels(table, t, grad_m)
     x0_coef = {0: None, 1: -levels[3], 2: 1.0}[prediction]
@@ -195,7 +287,7 @@ def _loss_grad(ctx, grad_loss):
         grad_x0 = torch.zeros_like(x0) if x0_coef is None else (-grad_m.to(levels.dtype) * x0_coef).to(x0.dtype)
     if ctx.needs_input_grad[4]:
         grad_noise = torch.zeros_like(x0) if noise_coef is None else (-grad_m.to(levels.dtype) * noise_coef).to(x0.dtype)
-    return grad_m, grad_x0, None, None, grad_noise, None, None, None, None, None
+    return grad_m, grad_x0, None, None, grad_noise, None, None, None, None
 
 
 diffusion_loss.register_autograd(_loss_grad, setup_context=_loss_setup)
@@ -206,6 +298,69 @@ diffusion_loss.register_autograd(_loss_grad, setup_context=_loss_setup)
 # ---------------------------------------------------------------------------------------------------------
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # the kernels' codes 0, 1, 2
 DDPM, DDIM = 0, 1  # gk::diffusion::StepKind
+
+
+class StepOptions(NamedTuple):
+    """A DDPM or DDIM step's options, by name. The step ops take them as two lists, `options: list[float]` and
+    `codes: list[int]`, from `pack()`; build them by name and let `pack` and `unpack` own the layout:
+
+        options, codes = StepOptions(prediction=1, eta=0.5, guidance_scale=3.0).pack()
+        prev, x0 = torch.ops.genkern.ddim_step(m, x, t, prev_t, table, None, seed, offset, options, codes, True)
+    """
+
+    prediction: int = 0  # a PREDICTIONS code
+    variance: int = 0  # a VARIANCES code (DDPM only)
+    eta: float = 0.0  # the noise of a DDIM step (DDIM only)
+    use_clipped_model_output: bool = False  # re-derive eps_hat from the thresholded x0_hat (DDIM only)
+    clip: Optional[float] = None  # clamp x0_hat to [-clip, clip]
+    dynamic_ratio: Optional[float] = None  # Imagen's dynamic thresholding: the quantile ratio ...
+    dynamic_max: float = 1.0  # ... and the largest threshold
+    guidance_scale: Optional[float] = None  # classifier-free guidance: model_output has batch 2B
+    guidance_rescale: float = 0.0  # guidance rescale phi (needs guidance_scale)
+
+    def pack(self) -> tuple[list[float], list[int]]:
+        """(options, codes): the float options, absent ones as 0.0, and the codes with a presence flag for each
+        optional float."""
+        options = [float(self.eta), _or_zero(self.clip), _or_zero(self.dynamic_ratio), float(self.dynamic_max),
+                   _or_zero(self.guidance_scale), float(self.guidance_rescale)]
+        codes = [int(self.prediction), int(self.variance), int(self.use_clipped_model_output),
+                 int(self.clip is not None), int(self.dynamic_ratio is not None), int(self.guidance_scale is not None)]
+        return options, codes
+
+    @classmethod
+    def unpack(cls, options: list[float], codes: list[int]) -> StepOptions:
+        if len(options) != 6 or len(codes) != 6:
+            raise ValueError(f"options and codes must be StepOptions(...).pack()'s lists of 6 floats and 6 ints, got "
+                             f"{len(options)} and {len(codes)}")
+        eta, clip, ratio, max_value, scale, rescale = options
+        prediction, variance, clipped, has_clip, has_dynamic, guided = codes
+        for name, flag in (("use_clipped_model_output", clipped), ("clip flag", has_clip),
+                           ("dynamic_threshold flag", has_dynamic), ("guidance flag", guided)):
+            if flag not in (0, 1):
+                raise ValueError(f"codes: {name} must be 0 or 1, got {flag}")
+        return cls(prediction, variance, eta, bool(clipped), clip if has_clip else None,
+                   ratio if has_dynamic else None, max_value, scale if guided else None, rescale)
+
+    @property
+    def dynamic_threshold(self) -> Optional[tuple[float, float]]:
+        return None if self.dynamic_ratio is None else (self.dynamic_ratio, self.dynamic_max)
+
+    def check(self, kind: int) -> None:
+        """The options' values (their types are the schema's)."""
+        _check_code("prediction", self.prediction, PREDICTIONS)
+        _check_code("variance", self.variance, VARIANCES)
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be non-negative and finite, got {self.eta}")
+        if kind == DDPM and (self.eta != 0 or self.use_clipped_model_output):
+            raise ValueError("eta and use_clipped_model_output are DDIM options: a DDPM step takes 0 and False")
+        if kind == DDIM and self.variance != 0:
+            raise ValueError("variance is a DDPM option: a DDIM step takes code 0")
+        ref.check_threshold(self.clip, self.dynamic_threshold)
+        ref.check_guidance(self.guidance_scale, self.guidance_rescale)
+
+
+def _or_zero(x: Optional[float]) -> float:
+    return 0.0 if x is None else float(x)
 
 
 def _alpha_bars(table: Tensor, t: Tensor) -> Tensor:
@@ -272,73 +427,109 @@ def _dynamic_thresholds(model_output: Tensor, sample: Tensor, t: Tensor, table: 
     return q.float().contiguous()
 
 
-def _check_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
-                noise: Optional[Tensor], guided: bool, learned: bool) -> None:
-    _check(sample, t, table, noise)
-    if prev_t is not None and (prev_t.dtype != torch.int64 or tuple(prev_t.shape) != (sample.shape[0],)
-                               or prev_t.device != sample.device):
-        raise ValueError(f"prev_t must be an int64 tensor of shape ({sample.shape[0]},) on {sample.device}")
-    expected = [sample.shape[0] * (2 if guided else 1), *sample.shape[1:]]
-    if learned:
-        if sample.dim() < 2:
-            raise ValueError("learned_range needs a channel dimension (dim 1) in sample")
-        expected[1] *= 2
-    if (tuple(model_output.shape) != tuple(expected) or model_output.dtype != sample.dtype
-            or model_output.device != sample.device):
-        raise ValueError(f"model_output must have shape {tuple(expected)} and sample's dtype and device")
+@functools.lru_cache(maxsize=64)
+def _checked_options(kind: int, options: tuple[float, ...], codes: tuple[int, ...]) -> StepOptions:
+    """The options, checked: a sampling loop passes the same ones at every step, so they are checked once."""
+    o = StepOptions.unpack(options, codes)
+    o.check(kind)
+    return o
 
 
-def _step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
-          noise: Optional[Tensor], seed: int, offset: int, prediction: int, variance: int, eta: float,
-          use_clipped_model_output: bool, clip: Optional[float], dynamic_ratio: Optional[float], dynamic_max: float,
-          guidance_scale: Optional[float], guidance_rescale: float, backend: str, return_pred_original: bool,
-          prev: Optional[Tensor] = None, x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """The steps' implementation, into `prev` and `x0` when given (the _out ops), else into new tensors."""
-    guided, learned = guidance_scale is not None, variance == 2
-    _check_step(model_output, sample, t, prev_t, table, noise, guided, learned)
-    seed, offset = to_unsigned(seed), to_unsigned(offset)
-    dynamic = None if dynamic_ratio is None else (dynamic_ratio, dynamic_max)
-    out_prev, out_x0 = prev, x0
-    for name, out in (("prev_sample", out_prev), ("pred_original", out_x0)):
-        if out is not None and (out.shape != sample.shape or out.dtype != sample.dtype or out.device != sample.device
-                                or not out.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous tensor of sample's shape, dtype and device")
-    if backend == "reference":
-        kwargs = dict(prediction_type=PREDICTIONS[prediction], clip_sample=clip, dynamic_threshold=dynamic,
-                      noise=noise, seed=seed, offset=offset, guidance_scale=guidance_scale,
-                      guidance_rescale=guidance_rescale)
-        prev_rows = t - 1 if prev_t is None else prev_t
-        ab_t, ab_prev = _alpha_bars(table, t), _alpha_bars(table, prev_rows)
-        if kind == DDPM:
-            prev_ref, x0_ref = ref.ddpm_update(model_output, sample, ab_t, ab_prev, t > 0, variance_type=VARIANCES[variance],
-                                       **kwargs)
-        else:
-            prev_ref, x0_ref = ref.ddim_update(model_output, sample, ab_t, ab_prev, eta=eta,
-                                       use_clipped_model_output=use_clipped_model_output, **kwargs)
-        if out_prev is not None:
-            out_prev.copy_(prev_ref)
-            if out_x0 is not None:
-                out_x0.copy_(x0_ref)
-            return out_prev, out_x0
-        return prev_ref.contiguous(), (x0_ref.contiguous() if return_pred_original else sample.new_empty(0))
+def _check_step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
+                noise: Optional[Tensor], options: list[float], codes: list[int], prev: Optional[Tensor] = None,
+                x0: Optional[Tensor] = None) -> StepOptions:
+    """Every argument of a step op (prev, x0: the _out ops' buffers); returns the options."""
+    o = _checked_options(kind, tuple(options), tuple(codes))
+    _check_batched("sample", sample)
+    ref._check_model_output(model_output, sample, o.guidance_scale is not None, o.variance == 2)
+    T = _check_table(table, sample)
+    t_values = _check_timesteps("t", t, sample, 0, T - 1)
+    if prev_t is not None:
+        prev_values = _check_timesteps("prev_t", prev_t, sample, -1, T - 2)
+        if t_values is not None and prev_values is not None:
+            check_steps_down(t_values, prev_values)
+    _check_noise(noise, "sample", sample)
+    for name, out in (("out prev_sample", prev), ("out pred_original", x0)):
+        if out is not None:
+            _checks.like(name, out, "sample", sample)
+            if not out.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+    if (prev is not None and x0 is not None and x0.numel() and not isinstance(x0, FakeTensor)  # a fake tensor has no data
+            and x0.data_ptr() == prev.data_ptr()):
+        raise ValueError("out prev_sample and pred_original must be different tensors")
+    return o
+
+
+def _check_ddpm_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
+                     return_pred_original) -> StepOptions:
+    return _check_step(DDPM, model_output, sample, t, prev_t, table, noise, options, codes)
+
+
+def _check_ddim_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
+                     return_pred_original) -> StepOptions:
+    return _check_step(DDIM, model_output, sample, t, prev_t, table, noise, options, codes)
+
+
+def _check_ddpm_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
+                         pred_original) -> StepOptions:
+    return _check_step(DDPM, model_output, sample, t, prev_t, table, noise, options, codes, prev_sample,
+                       pred_original)
+
+
+def _check_ddim_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
+                         pred_original) -> StepOptions:
+    return _check_step(DDIM, model_output, sample, t, prev_t, table, noise, options, codes, prev_sample,
+                       pred_original)
+
+
+def _step_reference(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor],
+                    table: Tensor, noise: Optional[Tensor], seed: int, offset: int, o: StepOptions,
+                    return_pred_original: bool, prev: Optional[Tensor] = None,
+                    x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The steps' reference, into `prev` and `x0` when given (the _out ops), else into new tensors."""
+    kwargs = dict(prediction_type=PREDICTIONS[o.prediction], clip_sample=o.clip, dynamic_threshold=o.dynamic_threshold,
+                  noise=noise, seed=to_unsigned(seed), offset=to_unsigned(offset), guidance_scale=o.guidance_scale,
+                  guidance_rescale=o.guidance_rescale)
+    prev_rows = t - 1 if prev_t is None else prev_t
+    ab_t, ab_prev = _alpha_bars(table, t), _alpha_bars(table, prev_rows)
+    if kind == DDPM:
+        prev_ref, x0_ref = ref.ddpm_update(model_output, sample, ab_t, ab_prev, t > 0,
+                                           variance_type=VARIANCES[o.variance], **kwargs)
+    else:
+        prev_ref, x0_ref = ref.ddim_update(model_output, sample, ab_t, ab_prev, eta=o.eta,
+                                           use_clipped_model_output=o.use_clipped_model_output, **kwargs)
+    if prev is not None:
+        prev.copy_(prev_ref)
+        if x0 is not None:
+            x0.copy_(x0_ref)
+        return prev, x0
+    return prev_ref.contiguous(), (x0_ref.contiguous() if return_pred_original else sample.new_empty(0))
+
+
+def _step_kernel(kernels, kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor],
+                 table: Tensor, noise: Optional[Tensor], seed: int, offset: int, o: StepOptions,
+                 return_pred_original: bool, prev: Optional[Tensor] = None,
+                 x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The steps' kernel, into `prev` and `x0` when given (the _out ops), else into new tensors."""
     B = sample.shape[0]
+    guided, learned = o.guidance_scale is not None, o.variance == 2
     rescale = None
-    if guided and guidance_rescale != 0.0 and sample.numel():
-        rescale = _rescale_factors(model_output, B, learned, guidance_scale, guidance_rescale)
+    if guided and o.guidance_rescale != 0.0 and sample.numel():
+        rescale = _rescale_factors(model_output, B, learned, o.guidance_scale, o.guidance_rescale)
     thresholds = None
-    if dynamic is not None and sample.numel():
-        thresholds = _dynamic_thresholds(model_output, sample, t, table, prediction, learned, guidance_scale, rescale,
-                                         dynamic_ratio, dynamic_max)
+    if o.dynamic_ratio is not None and sample.numel():
+        thresholds = _dynamic_thresholds(model_output, sample, t, table, o.prediction, learned, o.guidance_scale,
+                                         rescale, o.dynamic_ratio, o.dynamic_max)
     if prev is None:
         prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
         x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=sample.device)
     noise = None if noise is None else noise.contiguous()
-    KERNELS.on(backend).step(
+    kernels.step(
         model_output.contiguous(), sample.contiguous(), noise, t.contiguous(),
         None if prev_t is None else prev_t.contiguous(), table.contiguous(), rescale, thresholds, prev,
-        x0 if return_pred_original and x0 is not None and x0.numel() else None, kind, prediction, variance, guided,
-        0.0 if guidance_scale is None else float(guidance_scale), 0.0 if clip is None else float(clip), float(eta),
-        use_clipped_model_output, seed, offset)
+        x0 if return_pred_original and x0 is not None and x0.numel() else None, kind, o.prediction, o.variance,
+        guided, _or_zero(o.guidance_scale), _or_zero(o.clip), float(o.eta), o.use_clipped_model_output,
+        to_unsigned(seed), to_unsigned(offset))
     return prev, x0
 
 
@@ -350,37 +541,52 @@ def _step_fake(sample: Tensor, return_pred_original: bool) -> tuple[Tensor, Tens
 
 @torch.library.custom_op("genkern::ddpm_step", mutates_args=())
 def ddpm_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
-              noise: Optional[Tensor], seed: int, offset: int, prediction: int, variance: int, clip: Optional[float],
-              dynamic_ratio: Optional[float], dynamic_max: float, guidance_scale: Optional[float],
-              guidance_rescale: float, backend: str, return_pred_original: bool) -> tuple[Tensor, Tensor]:
-    """prev_t None: t - 1. clip None: no clipping; dynamic_ratio None: no dynamic thresholding. guidance_scale
-    None: model_output has batch B, else 2B (unconditional half first). pred_original is empty (0,) unless
-    return_pred_original."""
-    return _step(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, variance, 0.0, False,
-                 clip, dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend, return_pred_original)
+              noise: Optional[Tensor], seed: int, offset: int, options: list[float], codes: list[int],
+              return_pred_original: bool) -> tuple[Tensor, Tensor]:
+    """prev_t None: t - 1. options, codes: StepOptions(...).pack() (no eta, no use_clipped_model_output).
+    Without guidance model_output has batch B, with it 2B (unconditional half first). pred_original is empty
+    (0,) unless return_pred_original."""
+    o = _check_ddpm_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
+                         return_pred_original)
+    return _step_reference(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
+                           return_pred_original)
+
+
+@KERNELS.register(ddpm_step, check=_check_ddpm_step)
+def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
+    o = StepOptions.unpack(options, codes)  # checked
+    return _step_kernel(kernels, DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
+                        return_pred_original)
 
 
 @ddpm_step.register_fake
-def _(model_output, sample, t, prev_t, table, noise, seed, offset, prediction, variance, clip, dynamic_ratio,
-      dynamic_max, guidance_scale, guidance_rescale, backend, return_pred_original):
+def _(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
+    _check_ddpm_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original)
     return _step_fake(sample, return_pred_original)
 
 
 @torch.library.custom_op("genkern::ddim_step", mutates_args=())
 def ddim_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, table: Tensor, noise: Optional[Tensor],
-              seed: int, offset: int, prediction: int, eta: float, use_clipped_model_output: bool,
-              clip: Optional[float], dynamic_ratio: Optional[float], dynamic_max: float,
-              guidance_scale: Optional[float], guidance_rescale: float, backend: str,
+              seed: int, offset: int, options: list[float], codes: list[int],
               return_pred_original: bool) -> tuple[Tensor, Tensor]:
-    """As ddpm_step, with prev_t required and eta >= 0 (noise is drawn only when eta > 0)."""
-    return _step(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, 0, eta,
-                 use_clipped_model_output, clip, dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale,
-                 backend, return_pred_original)
+    """As ddpm_step, with prev_t required and the DDIM options (eta >= 0: noise is drawn only when eta > 0;
+    use_clipped_model_output), variance code 0."""
+    o = _check_ddim_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
+                         return_pred_original)
+    return _step_reference(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
+                           return_pred_original)
+
+
+@KERNELS.register(ddim_step, check=_check_ddim_step)
+def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
+    o = StepOptions.unpack(options, codes)  # checked
+    return _step_kernel(kernels, DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
+                        return_pred_original)
 
 
 @ddim_step.register_fake
-def _(model_output, sample, t, prev_t, table, noise, seed, offset, prediction, eta, use_clipped_model_output, clip,
-      dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend, return_pred_original):
+def _(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
+    _check_ddim_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original)
     return _step_fake(sample, return_pred_original)
 
 
@@ -389,31 +595,45 @@ def _(model_output, sample, t, prev_t, table, noise, seed, offset, prediction, e
 # sample itself: each element is read before it is written.
 @torch.library.custom_op("genkern::ddpm_step_out", mutates_args=("prev_sample", "pred_original"))
 def ddpm_step_out(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
-                  noise: Optional[Tensor], seed: int, offset: int, prediction: int, variance: int,
-                  clip: Optional[float], dynamic_ratio: Optional[float], dynamic_max: float,
-                  guidance_scale: Optional[float], guidance_rescale: float, backend: str, prev_sample: Tensor,
-                  pred_original: Optional[Tensor]) -> None:
-    _step(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, variance, 0.0, False, clip,
-          dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend, pred_original is not None,
-          prev_sample, pred_original)
+                  noise: Optional[Tensor], seed: int, offset: int, options: list[float], codes: list[int],
+                  prev_sample: Tensor, pred_original: Optional[Tensor]) -> None:
+    o = _check_ddpm_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
+                             pred_original)
+    _step_reference(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o, pred_original is not None,
+                    prev_sample, pred_original)
+
+
+@KERNELS.register(ddpm_step_out, check=_check_ddpm_step_out)
+def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
+      pred_original):
+    o = StepOptions.unpack(options, codes)  # checked
+    _step_kernel(kernels, DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
+                 pred_original is not None, prev_sample, pred_original)
 
 
 @torch.library.custom_op("genkern::ddim_step_out", mutates_args=("prev_sample", "pred_original"))
 def ddim_step_out(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, table: Tensor,
-                  noise: Optional[Tensor], seed: int, offset: int, prediction: int, eta: float,
-                  use_clipped_model_output: bool, clip: Optional[float], dynamic_ratio: Optional[float],
-                  dynamic_max: float, guidance_scale: Optional[float], guidance_rescale: float, backend: str,
+                  noise: Optional[Tensor], seed: int, offset: int, options: list[float], codes: list[int],
                   prev_sample: Tensor, pred_original: Optional[Tensor]) -> None:
-    _step(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, prediction, 0, eta,
-          use_clipped_model_output, clip, dynamic_ratio, dynamic_max, guidance_scale, guidance_rescale, backend,
-          pred_original is not None, prev_sample, pred_original)
+    o = _check_ddim_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
+                             pred_original)
+    _step_reference(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o, pred_original is not None,
+                    prev_sample, pred_original)
+
+
+@KERNELS.register(ddim_step_out, check=_check_ddim_step_out)
+def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
+      pred_original):
+    o = StepOptions.unpack(options, codes)  # checked
+    _step_kernel(kernels, DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
+                 pred_original is not None, prev_sample, pred_original)
 
 
 @ddpm_step_out.register_fake
 def _(*args):
-    return None
+    _check_ddpm_step_out(*args)
 
 
 @ddim_step_out.register_fake
 def _(*args):
-    return None
+    _check_ddim_step_out(*args)

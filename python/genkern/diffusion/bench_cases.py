@@ -124,7 +124,7 @@ def _loop_inputs(size, device, dtype):
 
 
 def diffusers_ddim_loop(x):
-    from diffusers import DDIMScheduler  # a test extra: without it this baseline reports an ImportError
+    from diffusers import DDIMScheduler  # a test extra, declared in the case's `requires`
 
     scheduler = _diffusers_scheduler(DDIMScheduler)
     for t in scheduler.timesteps:
@@ -160,13 +160,13 @@ CASES = (
         name="q_sample", family=FAMILY, make_inputs=_x0_t, genkern=genkern_q_sample, eager=eager_q_sample,
         shape=_shape,
         # reads x0, writes x_t; the noise is generated, never read from memory
-        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
     ),
     BenchCase(
         name="diffusion_loss", family=FAMILY, make_inputs=_m_x0_t, genkern=genkern_diffusion_loss,
         eager=eager_diffusion_loss, shape=_shape,
         # reads model_output and x0 (the noise is regenerated, the target never stored)
-        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
     ),
     BenchCase(
         name="ddpm_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddpm_step,
@@ -177,21 +177,21 @@ CASES = (
     BenchCase(
         name="ddim_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddim_step,
         eager=eager_ddim_step, shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
     ),
     BenchCase(
         name="ddpm_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddpm_step,
         eager=eager_ddpm_step, shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
     ),
     BenchCase(
         name="ddim_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddim_step,
         eager=eager_ddim_step, shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
     ),
     BenchCase(
         name="ddim_loop", family=FAMILY, make_inputs=_loop_inputs, genkern=genkern_ddim_loop,
-        eager=diffusers_ddim_loop, shape=lambda n: _LOOP_SHAPE, compile=False, sized=False,
+        eager=diffusers_ddim_loop, shape=lambda n: _LOOP_SHAPE, compile=False, sized=False, requires=("diffusers",),
         # per step: reads the model output and the sample, writes the next sample (the denoiser excluded)
         bytes_moved=lambda n, dt: _LOOP_STEPS * 3 * _itemsize(dt) * 4 * 64 * 64,
     ),

@@ -141,16 +141,15 @@ class _Loop:
     def __call__(self, x: Tensor, model_kwargs: dict) -> Tensor:
         from . import _prepared_step  # genkern.diffusion imports this module during its own initialisation
 
-        sampler, step = self.sampler, None
+        sampler = self.sampler
+        # The options normalised once for the whole loop; the op checks each step's tensors.
+        step = _prepared_step(sampler.kind, x.device, sampler.schedule, seed=self.seed,
+                              prediction_type=sampler.prediction_type, clip_sample=sampler.clip_sample,
+                              dynamic_threshold=sampler.dynamic_threshold, guidance_scale=self.guidance_scale,
+                              guidance_rescale=self.guidance_rescale, backend=sampler.backend, **self.step_kwargs)
         for i in range(self.t.shape[0]):
             x_in = torch.cat([x, x]) if self.guidance_scale is not None else x
             model_output = self.model(x_in, self.t_model[i], **model_kwargs)
-            if step is None:  # every argument checked once, against the first model output
-                step = _prepared_step(sampler.kind, model_output, x, sampler.schedule, seed=self.seed,
-                                      prediction_type=sampler.prediction_type, clip_sample=sampler.clip_sample,
-                                      dynamic_threshold=sampler.dynamic_threshold,
-                                      guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
-                                      backend=sampler.backend, **self.step_kwargs)
             x = step(model_output, x, self.t[i], self.prev_t[i], i + 1)
         return x
 
