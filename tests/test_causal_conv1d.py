@@ -293,19 +293,20 @@ def test_opcheck(backend):
     for t in (x, w, b, wf, bf):
         t.requires_grad_(True)
     samples = [
-        (ops.causal_conv1d, (x, w, b, 2, "silu", backend)),
-        (ops.causal_conv1d, (x_t, w, None, 1, "none", backend)),
-        (ops.causal_conv1d, (xf, wf, bf, 3, "tanh", backend)),
-        (ops.causal_conv1d_backward, (randn(2, 3, 7), x.detach(), w.detach(), b.detach(), 2, "tanh", backend)),
-        (ops.causal_conv1d_backward, (randn(2, 4, 5), xf, wf.detach(), None, 1, "none", backend)),
-        (ops.causal_conv1d_update, (randn(2, 3), randn(2, 3, 5), w.detach(), b.detach(), 2, "silu", backend)),
-        (ops.causal_conv1d_update, (randn(2, 3), randn(2, 3, 1), wf.detach(), None, 1, "none", backend)),
-        (ops.gated_activation, (randn(2, 6, 3).requires_grad_(True), 1, backend)),
-        (ops.gated_activation, (randn(4, 5).requires_grad_(True).t(), 1, backend)),
-        (ops.gated_activation_backward, (randn(2, 3, 3), randn(2, 6, 3), 1, backend)),
+        (ops.causal_conv1d, (x, w, b, 2, "silu")),
+        (ops.causal_conv1d, (x_t, w, None, 1, "none")),
+        (ops.causal_conv1d, (xf, wf, bf, 3, "tanh")),
+        (ops.causal_conv1d_backward, (randn(2, 3, 7), x.detach(), w.detach(), b.detach(), 2, "tanh")),
+        (ops.causal_conv1d_backward, (randn(2, 4, 5), xf, wf.detach(), None, 1, "none")),
+        (ops.causal_conv1d_update, (randn(2, 3), randn(2, 3, 5), w.detach(), b.detach(), 2, "silu")),
+        (ops.causal_conv1d_update, (randn(2, 3), randn(2, 3, 1), wf.detach(), None, 1, "none")),
+        (ops.gated_activation, (randn(2, 6, 3).requires_grad_(True), 1)),
+        (ops.gated_activation, (randn(4, 5).requires_grad_(True).t(), 1)),
+        (ops.gated_activation_backward, (randn(2, 3, 3), randn(2, 6, 3), 1)),
     ]
-    for op, args in samples:
-        torch.library.opcheck(op, args)
+    with gk_backend.scoped(backend):
+        for op, args in samples:
+            torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph_wavenet_block():
@@ -399,18 +400,19 @@ def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
             pytest.fail(f"case {index} raised nothing")
     # The ops themselves check what the kernels rely on, whoever calls them.
     ops = torch.ops.genkern
-    with pytest.raises(ValueError, match="weight"):
-        ops.causal_conv1d(x, w[:2], None, 1, "none", "cpu")
-    with pytest.raises(ValueError, match="activation"):
-        ops.causal_conv1d(x, w, None, 1, "relu", "cpu")
-    with pytest.raises(ValueError, match="dilation"):
-        ops.causal_conv1d(x, w, None, 0, "none", "cpu")
-    with pytest.raises(ValueError, match="state"):
-        ops.causal_conv1d_update(x[:, :, 0], state, w, None, 5, "none", "cpu")
-    with pytest.raises(ValueError, match="grad_y"):
-        ops.causal_conv1d_backward(x[:, :, :5], x, w, None, 1, "none", "cpu")
-    with pytest.raises(ValueError, match="odd"):
-        ops.gated_activation(torch.randn(3, 3), 1, "cpu")
+    with gk_backend.scoped("cpu"):
+        with pytest.raises(ValueError, match="weight"):
+            ops.causal_conv1d(x, w[:2], None, 1, "none")
+        with pytest.raises(ValueError, match="activation"):
+            ops.causal_conv1d(x, w, None, 1, "relu")
+        with pytest.raises(ValueError, match="dilation"):
+            ops.causal_conv1d(x, w, None, 0, "none")
+        with pytest.raises(ValueError, match="state"):
+            ops.causal_conv1d_update(x[:, :, 0], state, w, None, 5, "none")
+        with pytest.raises(ValueError, match="grad_y"):
+            ops.causal_conv1d_backward(x[:, :, :5], x, w, None, 1, "none")
+        with pytest.raises(ValueError, match="odd"):
+            ops.gated_activation(torch.randn(3, 3), 1)
 
 
 def test_native_checks_guard_the_kernels():

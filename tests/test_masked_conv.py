@@ -214,14 +214,14 @@ def test_opcheck(backend):
     gy = torch.randn(2, 6, 5, 7, device=device)
     ops = torch.ops.genkern
     samples = [
-        (ops.masked_conv2d, (x, w, b, "A", 3, 1, backend)),
-        (ops.masked_conv2d, (x.detach().transpose(2, 3).requires_grad_(True), w, None, "B", 1, 2, backend)),
-        (ops.masked_conv2d_grad_input, (gy, w.detach(), "B", 3, 1, backend)),
-        (ops.masked_conv2d_grad_weight, (gy.transpose(2, 3).contiguous().transpose(2, 3), x.detach(), 3, "A", 1, 2,
-                                         backend)),
+        (ops.masked_conv2d, (x, w, b, "A", 3, 1)),
+        (ops.masked_conv2d, (x.detach().transpose(2, 3).requires_grad_(True), w, None, "B", 1, 2)),
+        (ops.masked_conv2d_grad_input, (gy, w.detach(), "B", 3, 1)),
+        (ops.masked_conv2d_grad_weight, (gy.transpose(2, 3).contiguous().transpose(2, 3), x.detach(), 3, "A", 1, 2)),
     ]
-    for op, args in samples:
-        torch.library.opcheck(op, args)
+    with gk_backend.scoped(backend):
+        for op, args in samples:
+            torch.library.opcheck(op, args)
 
 
 def test_module():
@@ -300,12 +300,49 @@ def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
         with pytest.raises(error, match=word):
             fn()
     # The ops themselves check what the kernels rely on, whoever calls them.
-    with pytest.raises(ValueError, match="odd"):
-        torch.ops.genkern.masked_conv2d(x, torch.randn(6, 3, 2, 2), None, "A", 1, 1, "cpu")
-    with pytest.raises(ValueError, match="color_groups"):
-        torch.ops.genkern.masked_conv2d_grad_input(torch.randn(2, 6, 5, 5), w, "A", 4, 1, "cpu")
-    with pytest.raises(ValueError, match="grad_y"):
-        torch.ops.genkern.masked_conv2d_grad_weight(torch.randn(2, 6, 4, 5), x, 3, "A", 1, 1, "cpu")
+    with gk_backend.scoped("cpu"):
+        with pytest.raises(ValueError, match="odd"):
+            torch.ops.genkern.masked_conv2d(x, torch.randn(6, 3, 2, 2), None, "A", 1, 1)
+        with pytest.raises(ValueError, match="color_groups"):
+            torch.ops.genkern.masked_conv2d_grad_input(torch.randn(2, 6, 5, 5), w, "A", 4, 1)
+        with pytest.raises(ValueError, match="grad_y"):
+            torch.ops.genkern.masked_conv2d_grad_weight(torch.randn(2, 6, 4, 5), x, 3, "A", 1, 1)
+
+
+def test_dispatch_reaches_the_kernels(monkeypatch):
+    """torch's dispatcher brings the public functions to the registered kernels of the chosen backend,
+    forward and backward (the backward on the forward's backend); the reference, chosen or for a dtype
+    without kernels, asks for none."""
+    from genkern import _kernels
+
+    asked = []
+    on = _kernels.KernelGroup.on
+
+    def recording(self, backend):
+        asked.append((self.family, backend))
+        return on(self, backend)
+
+    monkeypatch.setattr(_kernels.KernelGroup, "on", recording)
+
+    def run(backend, dtype):
+        asked.clear()
+        x, w, b = make(2, 3, 6, 3, 5, 5, dtype, requires_grad=True)
+        y = genkern.masked_conv2d(x, w, b, mask_type="A", color_groups=3, backend=backend)
+        torch.testing.assert_close(y, ref.masked_conv2d(x, w, b, "A", 3), **TOL[dtype])
+        y.sum().backward()
+        assert x.grad is not None and w.grad is not None and b.grad is not None
+        xc, wc = torch.randn(2, 3, 7, dtype=dtype), torch.randn(3, 3, 2, dtype=dtype)
+        torch.testing.assert_close(genkern.causal_conv1d(xc, wc, dilation=2, backend=backend),
+                                   ref.causal_conv1d(xc, wc, None, 2), **TOL[dtype])
+        return list(asked)
+
+    # forward, then the backward's grad_input and grad_weight, then the causal convolution
+    assert run("cpu", torch.float32) == [("masked_conv", "cpu")] * 3 + [("causal_conv1d", "cpu")]
+    assert run("reference", torch.float32) == []
+    assert run(None, torch.float16) == []  # no cpu kernels for half types: the reference runs
+    assert run(None, torch.float32) == [("masked_conv", "cpu")] * 3 + [("causal_conv1d", "cpu")]
+    with genkern.set_backend("reference"):
+        assert run(None, torch.float32) == []
 
 
 @pytest.mark.parametrize("backend", NATIVE)

@@ -358,15 +358,16 @@ def test_opcheck(backend):
     w, c, v, b = [t.requires_grad_(True) for t in make_params(dims, 5, dtype, device)]
     x = make_data(4, dims, dtype, device)
     samples = [
-        (ops.nade_log_prob, (x, w, c, v, b, backend)),
-        (ops.nade_log_prob, (x[::2], w.detach().t().contiguous().t(), c, v, b, backend)),
+        (ops.nade_log_prob, (x, w, c, v, b)),
+        (ops.nade_log_prob, (x[::2], w.detach().t().contiguous().t(), c, v, b)),
         (ops.nade_log_prob_backward, (torch.randn(4, device=device), x, w.detach(), c.detach(), v.detach(),
-                                      b.detach(), backend)),
-        (ops.nade_sample, (w.detach(), c.detach(), v.detach(), b.detach(), 3, 1, 2, 0, backend)),
-        (ops.nade_sample, (w.detach(), c.detach(), v.detach(), b.detach(), 2, -5, 0, 7, backend)),
+                                      b.detach())),
+        (ops.nade_sample, (w.detach(), c.detach(), v.detach(), b.detach(), 3, 1, 2, 0)),
+        (ops.nade_sample, (w.detach(), c.detach(), v.detach(), b.detach(), 2, -5, 0, 7)),
     ]
-    for op, args in samples:
-        torch.library.opcheck(op, args)
+    with gk_backend.scoped(backend):
+        for op, args in samples:
+            torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph_training_step():
@@ -458,14 +459,15 @@ def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
             pytest.fail(f"case {index} raised nothing")
     # The ops themselves check what the kernels rely on, whoever calls them.
     ops = torch.ops.genkern
-    with pytest.raises(ValueError, match="v"):
-        ops.nade_log_prob(x, w, c, v[:, :3], b, "cpu")
-    with pytest.raises(ValueError, match="x"):
-        ops.nade_log_prob(x.double(), w, c, v, b, "cpu")
-    with pytest.raises(ValueError, match="grad_out"):
-        ops.nade_log_prob_backward(torch.zeros(2), x, w, c, v, b, "cpu")
-    with pytest.raises(ValueError, match="first"):
-        ops.nade_sample(w, c, v, b, 2, 0, 0, 2**62, "cpu")
+    with gk_backend.scoped("cpu"):
+        with pytest.raises(ValueError, match="v"):
+            ops.nade_log_prob(x, w, c, v[:, :3], b)
+        with pytest.raises(ValueError, match="x"):
+            ops.nade_log_prob(x.double(), w, c, v, b)
+        with pytest.raises(ValueError, match="grad_out"):
+            ops.nade_log_prob_backward(torch.zeros(2), x, w, c, v, b)
+        with pytest.raises(ValueError, match="first"):
+            ops.nade_sample(w, c, v, b, 2, 0, 0, 2**62)
 
 
 def test_native_checks_guard_the_kernels():

@@ -287,6 +287,7 @@ def independent_pixel_bits(train, test, levels):
     return nll.mean().item() / math.log(2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls, levels, steps, ratio", [
     (PixelCNN, 2, 300, 0.8), (PixelCNN, 16, 300, 0.85), (GatedPixelCNN, 2, 300, 0.8)])
 def test_training_on_digits_beats_independent_pixels(cls, levels, steps, ratio):

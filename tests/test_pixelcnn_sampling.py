@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import genkern
+from genkern import backend as gk_backend
 from conftest import device_for, dtypes_for
 from genkern.autoregressive import Program, draw_base, gumbel_argmax
 from genkern.autoregressive import reference as ref
@@ -69,7 +70,8 @@ def test_gumbel_argmax_is_an_op():
     logits, base = torch.randn(7, 5), torch.arange(7) * 5
     for backend in SAMPLER_BACKENDS:
         device = device_for(backend)
-        torch.library.opcheck(torch.ops.genkern.gumbel_argmax.default, (logits.to(device), base.to(device), 3, 0, backend))
+        with gk_backend.scoped(backend):
+            torch.library.opcheck(torch.ops.genkern.gumbel_argmax.default, (logits.to(device), base.to(device), 3, 0))
 
 
 @pytest.mark.parametrize("logits, base, kwargs, error, match", [

@@ -196,15 +196,15 @@ def _layer(c_in: int, k: int, mask_type: str):
     return make_inputs, eager, ours, shape, bytes_moved
 
 
-def _case(name: str, c_in: int, k: int, mask_type: str) -> BenchCase:
+def _case(name: str, c_in: int, k: int, mask_type: str, default: bool) -> BenchCase:
     make_inputs, eager, ours, shape, bytes_moved = _layer(c_in, k, mask_type)
     return BenchCase(name=name, family=_MASKED_CONV, make_inputs=make_inputs, genkern=ours, eager=eager, shape=shape,
-                     bytes_moved=bytes_moved, timed="forward+backward")
+                     bytes_moved=bytes_moved, timed="forward+backward", default=default)
 
 
 MASKED_CONV_CASES = (
-    _case("masked_conv2d", CHANNELS, 3, "B"),
-    _case("masked_conv2d_first_layer", 1, 7, "A"),
+    _case("masked_conv2d", CHANNELS, 3, "B", default=True),
+    _case("masked_conv2d_first_layer", 1, 7, "A", default=False),
 )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _checks
 from ..random.reference import MASK32, philox4x32_10, uniform
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,34 +179,6 @@ def masked_conv2d_grad_weight(grad_y, x, weight_shape, mask_type="A", color_grou
     gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), grad_y, padding=padding(k, dilation), dilation=dilation)
     m = mask(k, mask_type, c_in, c_out, color_groups, dtype=gw.dtype, device=gw.device)
     return gw * m, grad_y.sum((0, 2, 3))
-
-
-def check_masked_conv2d_args(x, weight, bias, mask_type, color_groups, dilation) -> tuple[int, int]:
-    """Validate the public arguments (ValueError / TypeError naming the argument); returns
-    (color_groups, dilation) as ints."""
-    _checks.float_tensor("x", x)
-    _checks.float_tensor("weight", weight)
-    _checks.same_place("weight", weight, "x", x)
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, C_in, H, W), got {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must have shape (C_out, C_in, k, k), got {tuple(weight.shape)}")
-    c_out, c_in, kh, kw = weight.shape
-    if kh != kw or kh % 2 == 0:
-        raise ValueError(f"weight must be a square kernel of odd size k x k, got {kh} x {kw}")
-    if c_in != x.shape[1]:
-        raise ValueError(f"weight has {c_in} input channels but x has {x.shape[1]}")
-    if c_in < 1 or c_out < 1:
-        raise ValueError(f"weight needs at least one input and one output channel, got shape {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.like("bias", bias, "x", x, shape=(c_out,))
-    if not isinstance(mask_type, str) or mask_type not in MASK_TYPES:
-        raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
-    color_groups = _checks.integer("color_groups", color_groups, low=1)
-    if c_in % color_groups or c_out % color_groups:
-        raise ValueError(f"color_groups={color_groups} must divide both C_in={c_in} and C_out={c_out}")
-    dilation = _checks.integer("dilation", dilation, low=1)
-    return color_groups, dilation
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from .. import backend as _backend
-from ..autoregressive import SAMPLING_FAMILY, draw_base, gumbel_argmax
+from ..autoregressive import draw_base, gumbel_argmax
 from ..random import check_offset, resolve_seed
 
 METHODS = ("cached", "naive")
@@ -112,9 +111,8 @@ class AutoregressiveImageModel(nn.Module):
             return out
         if method == "naive":
             return self._sample_naive(out, cond, seed, offset, first_sample, backend)
-        name = _backend.resolve(backend, device, torch.float32, family=SAMPLING_FAMILY)
         return self.program(n, cond).run(out, levels=self.levels, scale=self.input_scale, shift=self.input_shift,
-                                          seed=seed, offset=offset, first_sample=first_sample, backend=name)
+                                          seed=seed, offset=offset, first_sample=first_sample, backend=backend)
 
     def _sample_naive(self, out, cond, seed, offset, first_sample, backend):
         n, colors, height, width = out.shape
