@@ -8,6 +8,7 @@ and size.
 Cases come from each family's bench_cases.py (shared with `genkern bench`, see genkern.bench.all_cases);
 sizes and implementations are parametrized by conftest.py.
 """
+
 import pytest
 
 from genkern import bench

@@ -9,6 +9,7 @@ the sizes and implementations, so a suite is a few lines and describes no op twi
 The plain test run never sees these: pytest's testpaths is tests/, and bench_*.py files are only
 collected from here.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,7 +68,8 @@ def run_case(benchmark):
         benchmark.group = f"{case.name} {bench.format_size(size)} {DEVICE.type}"
         nbytes = case.bytes_moved(size, DTYPE)
         benchmark.extra_info.update(
-            {"shape": list(case.shape(size)), "bytes": nbytes, "impl": impl, "pass": case.timed})
+            {"shape": list(case.shape(size)), "bytes": nbytes, "impl": impl, "pass": case.timed}
+        )
         if case.items is not None:
             benchmark.extra_info.update({"items": case.items(size), "item_unit": case.item_unit})
         if impl == "eager" and case.eager_scale is not None:

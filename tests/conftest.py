@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run on CPU tensors under TRITON_INTERPRET=1, set here before anything
 imports triton. With a GPU, the cuda and triton backends are tested on it automatically.
 """
+
 import os
 
 import pytest
@@ -38,7 +39,11 @@ def dtypes_for(backend: str):
 
 def backend_dtype_params(backends=None):
     """(backend, dtype) pairs to parametrise over: every available kernel backend and the dtypes it runs."""
-    return [pytest.param(b, d, id=f"{b}-{str(d).split('.')[-1]}") for b in (backends or KERNEL_BACKENDS) for d in dtypes_for(b)]
+    return [
+        pytest.param(b, d, id=f"{b}-{str(d).split('.')[-1]}")
+        for b in (backends or KERNEL_BACKENDS)
+        for d in dtypes_for(b)
+    ]
 
 
 def interpreted(backend: str) -> bool:

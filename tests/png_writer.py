@@ -1,4 +1,5 @@
 """A minimal PNG writer (8-bit greyscale), so the tests can save image grids without PIL or torchvision."""
+
 import struct
 import zlib
 
@@ -19,8 +20,12 @@ def encode_png(image: torch.Tensor) -> bytes:
     # Filter type 0 (none) before each row.
     rows = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), image.cpu()], dim=1)
     header = struct.pack(">IIBBBBB", W, H, 8, 0, 0, 0, 0)  # bit depth 8, colour type 0 (greyscale)
-    return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 9)) \
+    return (
+        SIGNATURE
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 9))
         + _chunk(b"IEND", b"")
+    )
 
 
 def image_grid(images: torch.Tensor, nrow: int, low: float = -1.0, high: float = 1.0, pad: int = 1) -> torch.Tensor:
@@ -32,7 +37,7 @@ def image_grid(images: torch.Tensor, nrow: int, low: float = -1.0, high: float =
     pixels = ((images[:, 0].float().cpu() - low) / (high - low)).clamp(0, 1).mul(255).round().to(torch.uint8)
     for i in range(N):
         r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = pixels[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = pixels[i]
     return grid
 
 

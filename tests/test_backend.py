@@ -1,4 +1,5 @@
 """Choosing a backend: refused at once when it cannot run here, and scoped choices stay in their context."""
+
 import threading
 
 import pytest

@@ -1,4 +1,5 @@
 """The `genkern` command and the benchmark registry: a tiny run end to end, and the cases wired right."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +20,39 @@ CASES = bench.all_cases()
 
 SMALL = 64 * 1024
 
-ROW_KEYS = {"op", "size", "shape", "dtype", "impl", "time_ms", "speedup_vs_eager", "speedup_vs_compile", "gbps",
-            "pct_copy_bandwidth"}
+ROW_KEYS = {
+    "op",
+    "size",
+    "shape",
+    "dtype",
+    "impl",
+    "time_ms",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "gbps",
+    "pct_copy_bandwidth",
+}
 
 
 def test_bench_writes_report(tmp_path, capsys):
     out = tmp_path / "x.json"
-    rc = main(["bench", "--device", "cpu", "--sizes", "64K", "--ops", "reparameterize_kl", "--repeats", "2",
-               "--no-compile", "--output", out, "--quiet"])
+    rc = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--sizes",
+            "64K",
+            "--ops",
+            "reparameterize_kl",
+            "--repeats",
+            "2",
+            "--no-compile",
+            "--output",
+            out,
+            "--quiet",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
 
@@ -77,8 +103,10 @@ def test_sizes():
 
 def test_sampling_case_reports_images_per_second(tmp_path, capsys):
     out = tmp_path / "s.json"
-    assert main(["bench", "--device", "cpu", "--ops", "pixelcnn_sample_b1", "--repeats", "1", "--output", out,
-                 "--quiet"]) == 0
+    assert (
+        main(["bench", "--device", "cpu", "--ops", "pixelcnn_sample_b1", "--repeats", "1", "--output", out, "--quiet"])
+        == 0
+    )
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert {"eager", "genkern:cpu"} == rows.keys()  # no torch.compile of a Python sampling loop
     naive, cached = rows["eager"], rows["genkern:cpu"]
@@ -92,8 +120,9 @@ def test_sampling_case_reports_images_per_second(tmp_path, capsys):
     assert "img/s" in printed and "* extrapolated" in printed
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.family == "pixelcnn_sampling" and c.items(0) <= 4],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.family == "pixelcnn_sampling" and c.items(0) <= 4], ids=lambda c: c.name
+)
 def test_sampling_cases_draw_the_same_pixels(case):
     """Naive (eager, extrapolated) and cached sampling draw the same first pixels from the same stream."""
     model, x = case.make_inputs(SMALL, torch.device("cpu"), torch.float32)
@@ -152,8 +181,15 @@ def _case(name):
 
 
 def _config(cases, sizes=(SMALL,), backends=("cpu",)):
-    return bench.Config(device=torch.device("cpu"), cases=cases, sizes=sizes, dtype=torch.float32,
-                        backends=backends, repeats=1, use_compile=False)
+    return bench.Config(
+        device=torch.device("cpu"),
+        cases=cases,
+        sizes=sizes,
+        dtype=torch.float32,
+        backends=backends,
+        repeats=1,
+        use_compile=False,
+    )
 
 
 def test_a_baseline_needing_a_missing_library_is_skipped(tmp_path, capsys, monkeypatch):
@@ -162,8 +198,7 @@ def test_a_baseline_needing_a_missing_library_is_skipped(tmp_path, capsys, monke
     assert "diffusers" in _case("ddim_loop").requires
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
     out = tmp_path / "d.json"
-    assert main(["bench", "--device", "cpu", "--ops", "ddim_loop", "--repeats", "1", "--output", out,
-                 "--quiet"]) == 0
+    assert main(["bench", "--device", "cpu", "--ops", "ddim_loop", "--repeats", "1", "--output", out, "--quiet"]) == 0
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows.keys() == {"eager", "genkern:cpu"}
     assert "diffusers" in rows["eager"]["skipped"] and rows["eager"]["time_ms"] is None
@@ -175,13 +210,30 @@ def test_a_baseline_needing_a_missing_library_is_skipped(tmp_path, capsys, monke
 
 def test_a_failing_implementation_fails_the_command(tmp_path, monkeypatch):
     """Skipping is for missing optional libraries only: an eager baseline that raises still fails the run."""
+
     def broken(*args):
         raise ImportError("a bug, not a missing library")
 
     case = dataclasses.replace(_case("reparameterize_kl"), eager=broken)
     monkeypatch.setattr(bench, "all_cases", lambda: (case,))
-    assert main(["bench", "--device", "cpu", "--sizes", "64K", "--repeats", "1", "--no-compile",
-                 "--output", tmp_path / "f.json", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--sizes",
+                "64K",
+                "--repeats",
+                "1",
+                "--no-compile",
+                "--output",
+                tmp_path / "f.json",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
 
 
 def test_a_failed_row_does_not_widen_the_table():
@@ -197,7 +249,7 @@ def test_a_failed_row_does_not_widen_the_table():
 
     def body(text):  # the table's lines, from its header row to the end of its rows
         lines = text.split("\nfailures:\n")[0].splitlines()
-        return lines[lines.index(next(line for line in lines if line.startswith("op "))):]
+        return lines[lines.index(next(line for line in lines if line.startswith("op "))) :]
 
     rule = next(line for line in body(clean) if line.startswith("---"))
     assert rule in body(table)
@@ -213,8 +265,19 @@ def test_default_output_is_a_new_file_in_the_current_directory(tmp_path, capsys,
     monkeypatch.chdir(tmp_path)
     committed = tmp_path / "benchmarks" / "results"
     committed.mkdir(parents=True)
-    args = ["bench", "--device", "cpu", "--sizes", "64K", "--ops", "gaussian_kl", "--repeats", "1", "--no-compile",
-            "--quiet"]
+    args = [
+        "bench",
+        "--device",
+        "cpu",
+        "--sizes",
+        "64K",
+        "--ops",
+        "gaussian_kl",
+        "--repeats",
+        "1",
+        "--no-compile",
+        "--quiet",
+    ]
     assert main(args) == 0 and main(args) == 0  # within the same second, most likely: the same time stamp
     written = sorted(tmp_path.glob("genkern-bench-*.json"))
     assert len(written) == 2 and not any(committed.iterdir())

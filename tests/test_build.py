@@ -1,4 +1,5 @@
 """The package as installed: compiled core, CUDA kernels when CI requires them, Triton kernels in the wheel."""
+
 import os
 from pathlib import Path
 

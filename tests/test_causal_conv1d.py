@@ -4,14 +4,14 @@ the step-by-step update against the full convolution; gradcheck, opcheck, determ
 bad input. Kernel backends run on their device (cuda and triton on the GPU when there is one; without one,
 triton runs on CPU tensors under TRITON_INTERPRET=1, where each operation is slow, so a few loops there
 take a subset: see _bias_options and the gradcheck's fast mode)."""
+
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 import genkern
 from genkern import backend as gk_backend
 from genkern.autoregressive import reference as ref
-from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 FAMILY = "causal_conv1d"
 CONV_BACKENDS = [b for b in KERNEL_BACKENDS if gk_backend.has_family(b, FAMILY)]
@@ -64,7 +64,7 @@ def by_definition(x, w, bias, dilation):
     k = w.shape[-1]
     y = torch.zeros(b, w.shape[0], length, dtype=torch.float64)
     for o in range(w.shape[0]):
-        for i in ([o] if depthwise else range(c_in)):
+        for i in [o] if depthwise else range(c_in):
             for kk in range(k):
                 shift = (k - 1 - kk) * dilation
                 if shift < length:
@@ -89,8 +89,13 @@ def test_forward_matches_reference(backend, dtype, activation):
         for bias in _bias_options(backend, index):
             x, w, b = make_case(case, dtype, device, bias=bias)
             y = genkern.causal_conv1d(x, w, b, dilation=case[5], activation=activation, backend=backend)
-            expected = ref.causal_conv1d(x.cpu().double(), w.cpu().double(), None if b is None else b.cpu().double(),
-                                         case[5], activation or "none")
+            expected = ref.causal_conv1d(
+                x.cpu().double(),
+                w.cpu().double(),
+                None if b is None else b.cpu().double(),
+                case[5],
+                activation or "none",
+            )
             assert y.shape == expected.shape and y.dtype == dtype
             assert_close(y.cpu(), expected, dtype, scale=_scale(case))
 
@@ -134,8 +139,9 @@ def test_backward_matches_reference(backend, dtype, activation):
         for bias in _bias_options(backend, index):
             x, w, b = make_case(case, dtype, device, bias=bias)
             got = _grads(x, w, b, case[5], activation, backend)
-            expected = _grads(*(t.cpu().double() if t is not None else None for t in (x, w, b)), case[5], activation,
-                              "reference")
+            expected = _grads(
+                *(t.cpu().double() if t is not None else None for t in (x, w, b)), case[5], activation, "reference"
+            )
             for g, e in zip(got, expected):
                 if e is None:
                     assert g is None
@@ -151,7 +157,9 @@ def test_gradcheck_float64(backend, case, activation):
     inputs = [t.requires_grad_(True) for t in make_case(case, torch.float64, _device(backend))]
     assert torch.autograd.gradcheck(
         lambda x, w, b: genkern.causal_conv1d(x, w, b, dilation=case[5], activation=activation, backend=backend),
-        inputs, fast_mode=interpreted(backend))
+        inputs,
+        fast_mode=interpreted(backend),
+    )
 
 
 # Large enough for several segments of the weight-gradient sums on every kernel backend (the CUDA kernels
@@ -196,17 +204,24 @@ def test_large_inputs(backend, dtype):
 
 
 @pytest.mark.parametrize("backend,dtype", PARAMS)
-@pytest.mark.parametrize("case", [(2, 3, None, 9, 4, 2), (1, 4, 2, 7, 3, 1), (3, 2, None, 5, 1, 1),
-                                  (1, 3, 3, 6, 16, 3)])
+@pytest.mark.parametrize(
+    "case", [(2, 3, None, 9, 4, 2), (1, 4, 2, 7, 3, 1), (3, 2, None, 5, 1, 1), (1, 3, 3, 6, 16, 3)]
+)
 def test_update_step_by_step_equals_the_convolution(backend, dtype, case):
     device = _device(backend)
     x, w, b = make_case(case, dtype, device)
     activation = "silu"
     full = genkern.causal_conv1d(x, w, b, dilation=case[5], activation=activation, backend=backend)
     for extra in (0, 2):  # the minimal state, and one with older entries it must ignore
-        state = torch.zeros(x.shape[0], x.shape[1], ref.receptive_field(case[4], case[5]) + extra, dtype=dtype, device=device)
-        steps = [genkern.causal_conv1d_update(x[:, :, t], state, w, b, dilation=case[5], activation=activation,
-                                              backend=backend) for t in range(x.shape[2])]
+        state = torch.zeros(
+            x.shape[0], x.shape[1], ref.receptive_field(case[4], case[5]) + extra, dtype=dtype, device=device
+        )
+        steps = [
+            genkern.causal_conv1d_update(
+                x[:, :, t], state, w, b, dilation=case[5], activation=activation, backend=backend
+            )
+            for t in range(x.shape[2])
+        ]
         assert_close(torch.stack(steps, dim=-1).cpu(), full.cpu(), dtype, scale=4)
         window = state.shape[2]
         expected = torch.nn.functional.pad(x, (window, 0))[:, :, -window:] if window else state
@@ -232,8 +247,7 @@ def test_update_with_a_long_state(backend):
         x, w, b = make_case(case, torch.float64, device)
         state = torch.randn(case[0], case[1], width, dtype=torch.float64, device=device)
         expected_y, expected_state = ref.causal_conv1d_update(x[:, :, 0], state, w, b, case[5], "tanh")
-        y = genkern.causal_conv1d_update(x[:, :, 0], state, w, b, dilation=case[5], activation="tanh",
-                                         backend=backend)
+        y = genkern.causal_conv1d_update(x[:, :, 0], state, w, b, dilation=case[5], activation="tanh", backend=backend)
         torch.testing.assert_close(y, expected_y)
         assert torch.equal(state, expected_state)
 
@@ -244,8 +258,7 @@ def test_update_with_a_long_state(backend):
 @pytest.mark.parametrize("backend,dtype", PARAMS)
 def test_gated_activation(backend, dtype):
     device = _device(backend)
-    for shape, dim in [((2, 6, 5), 1), ((3, 8), 1), ((4, 3, 10), -1), ((0, 4, 3), 1), ((5, 2, 1031), 1),
-                       ((6,), 0)]:
+    for shape, dim in [((2, 6, 5), 1), ((3, 8), 1), ((4, 3, 10), -1), ((0, 4, 3), 1), ((5, 2, 1031), 1), ((6,), 0)]:
         x = (torch.randn(shape, dtype=torch.float64) * 3).to(device=device, dtype=dtype)
         y = genkern.gated_activation(x, dim, backend=backend)
         a, bb = x.cpu().double().chunk(2, dim=dim)
@@ -327,7 +340,9 @@ def test_torch_compile_fullgraph_wavenet_block():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_tensors_run_on_a_gpu_backend():
-    expected = "cuda" if gk_backend.is_available("cuda") else "triton" if gk_backend.is_available("triton") else "reference"
+    expected = (
+        "cuda" if gk_backend.is_available("cuda") else "triton" if gk_backend.is_available("triton") else "reference"
+    )
     assert gk_backend.auto(torch.device("cuda"), torch.float32, FAMILY) == expected
     x, w, b = make_case((2, 3, None, 7, 3, 2), torch.float32, "cuda")
     y = genkern.causal_conv1d(x, w, b, dilation=2, activation="silu")
@@ -418,6 +433,7 @@ def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
 def test_native_checks_guard_the_kernels():
     """The compiled entry points check shapes themselves (they are reachable without the ops)."""
     from genkern import _native
+
     x, w, b = make_case((2, 3, None, 7, 3, 1), torch.float32, "cpu")
     fam = _native.Kernels(_native._C.causal_conv1d)
     with pytest.raises(ValueError, match="y"):

@@ -14,14 +14,15 @@ What a replay can change is what the API keeps in device memory:
 
 Each graph is compared with the eager run of the same backend; the whole module needs a GPU.
 """
+
 import pytest
 import torch
+from conftest import TOLERANCE, dtypes_for
 
 import genkern
 from genkern.diffusion import DDIMSampler
 from genkern.diffusion.schedules import NoiseSchedule
 from genkern.models import PixelCNN
-from conftest import TOLERANCE, dtypes_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,8 +35,12 @@ GPU_BACKENDS = [b for b in ("cuda", "triton") if b in genkern.backends()]
 
 
 def _params(dtypes=None):
-    params = [pytest.param(b, d, id=f"{b}-{str(d).split('.')[-1]}") for b in GPU_BACKENDS for d in dtypes_for(b)
-              if dtypes is None or d in dtypes]
+    params = [
+        pytest.param(b, d, id=f"{b}-{str(d).split('.')[-1]}")
+        for b in GPU_BACKENDS
+        for d in dtypes_for(b)
+        if dtypes is None or d in dtypes
+    ]
     return params or [pytest.param("none", torch.float32, marks=pytest.mark.skip(reason="no GPU backend here"))]
 
 
@@ -73,20 +78,37 @@ def test_ddim_sampler_replays_new_x_T_and_labels(backend, dtype):
     sampler = DDIMSampler(SCHEDULE, backend=backend)
 
     def run(seed, labels, cuda_graph):
-        return sampler.sample(model, SHAPE, STEPS, seed=seed, device="cuda", dtype=dtype, cuda_graph=cuda_graph,
-                              model_kwargs={"class_labels": labels})
+        return sampler.sample(
+            model,
+            SHAPE,
+            STEPS,
+            seed=seed,
+            device="cuda",
+            dtype=dtype,
+            cuda_graph=cuda_graph,
+            model_kwargs={"class_labels": labels},
+        )
 
     results = []
     for seed, labels in zip((1, 1, 2, 3), _labels([0, 1, 2, 0], [2, 1, 0, 3], [0, 1, 2, 0], [3, 3, 1, 0])):
         graphed = run(seed, labels, True)
         _close(graphed, run(seed, labels, False), dtype)
         results.append(graphed)
-    assert all(not torch.equal(a, b) for i, a in enumerate(results) for b in results[i + 1:])  # all runs differ
+    assert all(not torch.equal(a, b) for i, a in enumerate(results) for b in results[i + 1 :])  # all runs differ
     # An explicit x_T goes in the same way.
     x_T = genkern.randn(SHAPE, seed=9, device="cuda", dtype=dtype)
-    graphed = sampler.sample(model, SHAPE, STEPS, x_T=x_T, dtype=dtype, cuda_graph=True,
-                             model_kwargs={"class_labels": _labels([1, 1, 1, 1])[0]})
-    eager = sampler.sample(model, SHAPE, STEPS, x_T=x_T, dtype=dtype, model_kwargs={"class_labels": _labels([1, 1, 1, 1])[0]})
+    graphed = sampler.sample(
+        model,
+        SHAPE,
+        STEPS,
+        x_T=x_T,
+        dtype=dtype,
+        cuda_graph=True,
+        model_kwargs={"class_labels": _labels([1, 1, 1, 1])[0]},
+    )
+    eager = sampler.sample(
+        model, SHAPE, STEPS, x_T=x_T, dtype=dtype, model_kwargs={"class_labels": _labels([1, 1, 1, 1])[0]}
+    )
     _close(graphed, eager, dtype)
     sampler.clear_cuda_graphs()
 
@@ -100,14 +122,23 @@ def test_ddim_sampler_with_noise_and_other_timesteps(backend, dtype):
     labels = _labels([0, 1, 2, 0])[0]
 
     def run(cuda_graph, **kwargs):
-        return sampler.sample(model, SHAPE, device="cuda", dtype=dtype, cuda_graph=cuda_graph,
-                              model_kwargs={"class_labels": labels}, **kwargs)
+        return sampler.sample(
+            model,
+            SHAPE,
+            device="cuda",
+            dtype=dtype,
+            cuda_graph=cuda_graph,
+            model_kwargs={"class_labels": labels},
+            **kwargs,
+        )
 
-    for kwargs in (dict(num_steps=STEPS, eta=1.0, seed=4),
-                   dict(num_steps=STEPS, eta=1.0, seed=4, x_T=genkern.randn(SHAPE, seed=8, device="cuda")),
-                   dict(num_steps=STEPS, eta=1.0, seed=5),
-                   dict(num_steps=STEPS + 3, eta=0.5, seed=5),
-                   dict(num_steps=STEPS, spacing="trailing", seed=5)):
+    for kwargs in (
+        dict(num_steps=STEPS, eta=1.0, seed=4),
+        dict(num_steps=STEPS, eta=1.0, seed=4, x_T=genkern.randn(SHAPE, seed=8, device="cuda")),
+        dict(num_steps=STEPS, eta=1.0, seed=5),
+        dict(num_steps=STEPS + 3, eta=0.5, seed=5),
+        dict(num_steps=STEPS, spacing="trailing", seed=5),
+    ):
         _close(run(True, **kwargs), run(False, **kwargs), dtype)
     sampler.clear_cuda_graphs()
 
@@ -139,8 +170,17 @@ class HandCapturedDDIM:
         x = self.x_T
         for i in range(STEPS):
             noise = None if self.noise is None else self.noise[i]
-            x, _ = genkern.ddim_step(self.model(x, self.t[i]), self.t[i], x, SCHEDULE, prev_t=self.prev_t[i],
-                                     eta=self.eta, noise=noise, return_pred_original=False, backend=self.backend)
+            x, _ = genkern.ddim_step(
+                self.model(x, self.t[i]),
+                self.t[i],
+                x,
+                SCHEDULE,
+                prev_t=self.prev_t[i],
+                eta=self.eta,
+                noise=noise,
+                return_pred_original=False,
+                backend=self.backend,
+            )
         return x
 
     def load(self, seed, spacing):
@@ -152,8 +192,9 @@ class HandCapturedDDIM:
         self.x_T.copy_(genkern.randn(SHAPE, seed=seed, offset=0, device="cuda", dtype=self.dtype, backend=self.backend))
         if self.noise is not None:
             for i in range(STEPS):
-                self.noise[i].copy_(genkern.randn(SHAPE, seed=seed, offset=i + 1, device="cuda", dtype=self.dtype,
-                                                  backend=self.backend))
+                self.noise[i].copy_(
+                    genkern.randn(SHAPE, seed=seed, offset=i + 1, device="cuda", dtype=self.dtype, backend=self.backend)
+                )
 
     def __call__(self, seed, spacing):
         self.load(seed, spacing)
@@ -183,8 +224,9 @@ def test_hand_captured_ddim_loop_replays_new_seeds_through_noise_buffers(backend
     sampler = DDIMSampler(SCHEDULE, backend=backend)
     runs = []
     for seed, spacing in ((1, "leading"), (2, "leading"), (2, "trailing")):
-        eager = sampler.sample(graphed.model, SHAPE, STEPS, eta=0.7, seed=seed, spacing=spacing, device="cuda",
-                               dtype=dtype)
+        eager = sampler.sample(
+            graphed.model, SHAPE, STEPS, eta=0.7, seed=seed, spacing=spacing, device="cuda", dtype=dtype
+        )
         runs.append(graphed(seed, spacing))
         # In-kernel noise and the drawn noise are the same stream; Triton may round an fma differently.
         _close(runs[-1], eager, dtype)
@@ -192,8 +234,10 @@ def test_hand_captured_ddim_loop_replays_new_seeds_through_noise_buffers(backend
 
 
 # ------------------------------------------------------------------------------------ cached PixelCNN
-@pytest.mark.skipif(torch.cuda.is_available() and "cuda" not in genkern.backends("pixelcnn_sampling"),
-                    reason="needs the CUDA cached sampler (genkern built with CUDA)")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and "cuda" not in genkern.backends("pixelcnn_sampling"),
+    reason="needs the CUDA cached sampler (genkern built with CUDA)",
+)
 def test_cached_pixelcnn_sampler_captured_equals_eager():
     torch.manual_seed(0)
     model = PixelCNN(3, 16, (6, 7), hidden_channels=12, n_layers=3).cuda().eval()
@@ -205,8 +249,16 @@ def test_cached_pixelcnn_sampler_captured_equals_eager():
 
         def run():
             out = torch.zeros(n, model.in_channels, *model.image_size, dtype=torch.int64, device="cuda")
-            return program.run(out, levels=model.levels, scale=model.input_scale, shift=model.input_shift,
-                               seed=seed, offset=0, first_sample=first_sample, backend="cuda")
+            return program.run(
+                out,
+                levels=model.levels,
+                scale=model.input_scale,
+                shift=model.input_shift,
+                seed=seed,
+                offset=0,
+                first_sample=first_sample,
+                backend="cuda",
+            )
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

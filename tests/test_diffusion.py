@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 import genkern
 from genkern import _kernels
 from genkern import backend as gk_backend
 from genkern.diffusion import reference as ref
 from genkern.diffusion.schedules import NoiseSchedule
-from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 SCHEDULE = NoiseSchedule("cosine", num_train_timesteps=1000)
@@ -84,8 +84,7 @@ def test_loss_regenerates_the_noise_of_q_sample(backend):
     # The exact noise, recovered from x_t: a model predicting it has zero loss (up to float rounding).
     level = SCHEDULE.table(device)[t + 1].reshape(4, 4, 1, 1, 1)
     eps = (x_t - level[:, 2] * x0) / level[:, 3]
-    loss = genkern.diffusion_loss(eps, x0, t, SCHEDULE, seed=7, offset=3,
-                                  reduction="none", backend=backend)
+    loss = genkern.diffusion_loss(eps, x0, t, SCHEDULE, seed=7, offset=3, reduction="none", backend=backend)
     assert float(loss[1:-1].max()) < 1e-9  # t = 0 and t = 999 lose digits in the division above
     other = genkern.diffusion_loss(eps, x0, t, SCHEDULE, seed=7, offset=4, reduction="none", backend=backend)
     assert float(other.min()) > 0.5  # another offset is other noise
@@ -115,10 +114,12 @@ def test_loss_backward_matches_autograd_of_the_reference(backend, dtype, predict
     x0, m, noise = make((3, 2, 5), dtype, device), make((3, 2, 5), dtype, device, 1), make((3, 2, 5), dtype, device, 2)
     t = timesteps(3, device)
     kwargs = dict(prediction_type=prediction_type, snr_gamma=3.0, reduction="none")
-    got = _grads(lambda a, b, c: genkern.diffusion_loss(a, b, t, SCHEDULE, noise=c, backend=backend, **kwargs),
-                 [m, x0, noise])
-    expected = _grads(lambda a, b, c: ref.diffusion_loss(a, b, t.cpu(), SCHEDULE, noise=c, **kwargs),
-                      [m.cpu(), x0.cpu(), noise.cpu()])
+    got = _grads(
+        lambda a, b, c: genkern.diffusion_loss(a, b, t, SCHEDULE, noise=c, backend=backend, **kwargs), [m, x0, noise]
+    )
+    expected = _grads(
+        lambda a, b, c: ref.diffusion_loss(a, b, t.cpu(), SCHEDULE, noise=c, **kwargs), [m.cpu(), x0.cpu(), noise.cpu()]
+    )
     for g, e in zip(got, expected):
         assert_close(g.cpu(), e, table_tol(dtype), scale=20)
     # With the stream's noise, d/dmodel_output regenerates it.
@@ -144,11 +145,21 @@ def test_gradcheck_float64(backend, prediction_type):
     device = device_for(backend) if backend != "reference" else torch.device("cpu")
     x0, m, noise = (make((2, 3), torch.float64, device, s).requires_grad_() for s in range(3))
     t = timesteps(2, device)
-    fn = lambda a, b, c: genkern.diffusion_loss(a, b, t, SCHEDULE, noise=c, prediction_type=prediction_type,  # noqa: E731
-                                                snr_gamma=2.0, reduction="none", backend=backend)
+    fn = lambda a, b, c: genkern.diffusion_loss(
+        a,
+        b,
+        t,
+        SCHEDULE,
+        noise=c,
+        prediction_type=prediction_type,
+        snr_gamma=2.0,
+        reduction="none",
+        backend=backend,
+    )
     assert torch.autograd.gradcheck(fn, (m, x0, noise))
-    assert torch.autograd.gradcheck(lambda a, b: genkern.q_sample(a, t, SCHEDULE, noise=b, backend=backend),
-                                    (x0, noise))
+    assert torch.autograd.gradcheck(
+        lambda a, b: genkern.q_sample(a, t, SCHEDULE, noise=b, backend=backend), (x0, noise)
+    )
 
 
 @pytest.mark.parametrize("backend", genkern.backends())
@@ -163,8 +174,10 @@ def test_opcheck(backend):
         (ops.q_sample, (x0.transpose(1, 2), t, table, m.transpose(1, 2), 0, 0)),
         (ops.diffusion_loss, (m, x0, t, table, None, 3, 1, 1, 5.0)),
         (ops.diffusion_loss, (m, x0, t, table, None, -3, 2**40, 0, None)),  # snr_gamma None: no weighting
-        (ops.diffusion_loss_backward, (torch.ones(3, device=device), m.detach(), x0.detach(), t, table, None, 3, 1, 2,
-                                       None)),
+        (
+            ops.diffusion_loss_backward,
+            (torch.ones(3, device=device), m.detach(), x0.detach(), t, table, None, 3, 1, 2, None),
+        ),
     ]:
         with gk_backend.scoped(backend):
             torch.library.opcheck(op, args)
@@ -200,8 +213,13 @@ def test_bad_input_is_rejected():
         (lambda: genkern.diffusion_loss(m, x0, 1, SCHEDULE, reduction="sum"), ValueError, "reduction"),
         (lambda: genkern.diffusion_loss(m[:, :2], x0, 1, SCHEDULE), ValueError, "model_output"),
         (lambda: genkern.diffusion_loss(m, x0, 1, "cosine"), TypeError, "schedule"),
-        (lambda: on_backend("cpu", torch.ops.genkern.q_sample, x0, torch.tensor([1, 2, 3]), SCHEDULE.table(), None, 0,
-                            0), ValueError, "t"),
+        (
+            lambda: on_backend(
+                "cpu", torch.ops.genkern.q_sample, x0, torch.tensor([1, 2, 3]), SCHEDULE.table(), None, 0, 0
+            ),
+            ValueError,
+            "t",
+        ),
     ]
     for fn, error, word in cases:
         with pytest.raises(error, match=word):
@@ -234,7 +252,7 @@ def test_dispatch_reaches_the_kernels_of_the_chosen_backend(monkeypatch):
         x_t = genkern.q_sample(x0, t, SCHEDULE, seed=2, backend=backend)
         forward = list(asked)
         loss = genkern.diffusion_loss(m, x0, t, SCHEDULE, seed=2, backend=backend)
-        forward += asked[len(forward):]
+        forward += asked[len(forward) :]
         asked.clear()
         loss.backward()
         backward = list(asked)

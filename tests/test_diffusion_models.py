@@ -4,22 +4,23 @@ The samplers are checked with analytic denoisers (the exact E[eps | x_t] of Gaus
 whose samples have known answers; the whole stack is checked by training a small U-Net on scikit-learn's
 8x8 digits and sampling it (the slow test at the end).
 """
+
 import copy
 import math
 import time
 
 import pytest
 import torch
+from conftest import device_for
+from png_writer import SIGNATURE, encode_png, image_grid, save_png
 
 import genkern
+from genkern.diffusion import reference as ref
 from genkern.diffusion.samplers import DDIMSampler, DDPMSampler
+from genkern.diffusion.schedules import NoiseSchedule
 from genkern.diffusion.training import training_loss
 from genkern.models import UNet
 from genkern.models.unet import timestep_embedding
-from genkern.diffusion import reference as ref
-from genkern.diffusion.schedules import NoiseSchedule
-from conftest import device_for
-from png_writer import SIGNATURE, encode_png, image_grid, save_png
 
 SCHEDULE = NoiseSchedule("linear")
 SPACINGS = ["leading", "trailing", "linspace"]
@@ -49,7 +50,7 @@ class GaussianDenoiser:
         if self.class_stds is not None:
             std = self.class_stds.to(x.device, torch.float64)[class_labels].reshape(-1, *[1] * (x.dim() - 1))
         xt = x.double()
-        eps = b * (xt - a * mean) / (a * a * std ** 2 + b * b)
+        eps = b * (xt - a * mean) / (a * a * std**2 + b * b)
         x0 = (xt - b * eps) / a
         out = {"epsilon": eps, "v_prediction": a * eps - b * x0, "sample": x0}[self.prediction_type]
         return out.to(x.dtype)
@@ -61,8 +62,14 @@ class GaussianDenoiser:
 @pytest.mark.parametrize("size,mults,attention", [(8, (1, 2), (4,)), (16, (1, 2, 2), (8,)), (32, (1, 2, 2, 2), (8, 4))])
 def test_unet_shapes(size, mults, attention):
     torch.manual_seed(0)
-    model = UNet(in_channels=3, base_channels=16, channel_mults=mults, num_res_blocks=2,
-                 attention_resolutions=attention, image_size=size)
+    model = UNet(
+        in_channels=3,
+        base_channels=16,
+        channel_mults=mults,
+        num_res_blocks=2,
+        attention_resolutions=attention,
+        image_size=size,
+    )
     x, t = torch.randn(2, 3, size, size), torch.tensor([0, 999])
     out = model(x, t)
     assert out.shape == x.shape
@@ -126,24 +133,27 @@ def test_timestep_embedding():
     torch.testing.assert_close(timestep_embedding(torch.tensor([2.5]), 8)[0, 0], torch.tensor(math.sin(2.5)))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"in_channels": 0}, ValueError, "in_channels"),
-    ({"in_channels": 1.0}, TypeError, "in_channels"),
-    ({"out_channels": -1}, ValueError, "out_channels"),
-    ({"base_channels": 12}, ValueError, "groups"),
-    ({"channel_mults": ()}, ValueError, "channel_mults"),
-    ({"channel_mults": 2}, TypeError, "channel_mults"),
-    ({"channel_mults": (1, 0)}, ValueError, "channel_mults"),
-    ({"num_res_blocks": 0}, ValueError, "num_res_blocks"),
-    ({"attention_resolutions": (4,)}, ValueError, "image_size"),
-    ({"attention_resolutions": (3,), "image_size": 8}, ValueError, "attention_resolutions"),
-    ({"image_size": 9}, ValueError, "image_size"),
-    ({"num_classes": 0}, ValueError, "num_classes"),
-    ({"learned_variance": 1}, TypeError, "learned_variance"),
-    ({"dropout": 1.0}, ValueError, "dropout"),
-    ({"dropout": "0.1"}, TypeError, "dropout"),
-    ({"groups": 0}, ValueError, "groups"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"in_channels": 0}, ValueError, "in_channels"),
+        ({"in_channels": 1.0}, TypeError, "in_channels"),
+        ({"out_channels": -1}, ValueError, "out_channels"),
+        ({"base_channels": 12}, ValueError, "groups"),
+        ({"channel_mults": ()}, ValueError, "channel_mults"),
+        ({"channel_mults": 2}, TypeError, "channel_mults"),
+        ({"channel_mults": (1, 0)}, ValueError, "channel_mults"),
+        ({"num_res_blocks": 0}, ValueError, "num_res_blocks"),
+        ({"attention_resolutions": (4,)}, ValueError, "image_size"),
+        ({"attention_resolutions": (3,), "image_size": 8}, ValueError, "attention_resolutions"),
+        ({"image_size": 9}, ValueError, "image_size"),
+        ({"num_classes": 0}, ValueError, "num_classes"),
+        ({"learned_variance": 1}, TypeError, "learned_variance"),
+        ({"dropout": 1.0}, ValueError, "dropout"),
+        ({"dropout": "0.1"}, TypeError, "dropout"),
+        ({"groups": 0}, ValueError, "groups"),
+    ],
+)
 def test_unet_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         UNet(**kwargs)
@@ -216,12 +226,16 @@ def test_ddpm_lands_on_a_point_mass():
 # each sampler (measured on 200k samples: 0.584 for DDIM at eta = 0, 0.567 for DDPM's fixed_small, whose
 # x0_hat = E[x0 | x_t] is not a draw of x0, 0.607 for fixed_large); 4096 samples add a standard error of
 # 0.0066 to the std and 0.0094 to the mean. The tolerances hold those errors with a margin of 4 standard errors.
-@pytest.mark.parametrize("sampler,kwargs,expected_std", [
-    (DDIMSampler(SCHEDULE), {}, 0.584),
-    (DDIMSampler(SCHEDULE), {"eta": 1.0}, 0.567),
-    (DDPMSampler(SCHEDULE), {}, 0.567),
-    (DDPMSampler(SCHEDULE, variance_type="fixed_large"), {}, 0.607),
-], ids=["ddim-eta0", "ddim-eta1", "ddpm-small", "ddpm-large"])
+@pytest.mark.parametrize(
+    "sampler,kwargs,expected_std",
+    [
+        (DDIMSampler(SCHEDULE), {}, 0.584),
+        (DDIMSampler(SCHEDULE), {"eta": 1.0}, 0.567),
+        (DDPMSampler(SCHEDULE), {}, 0.567),
+        (DDPMSampler(SCHEDULE, variance_type="fixed_large"), {}, 0.607),
+    ],
+    ids=["ddim-eta0", "ddim-eta1", "ddpm-small", "ddpm-large"],
+)
 def test_samples_of_gaussian_data_have_its_moments(sampler, kwargs, expected_std):
     x = sampler.sample(GaussianDenoiser(SCHEDULE, mean=0.5, std=0.6), (4096,), 100, seed=3, **kwargs)
     assert abs(x.mean().item() - 0.5) < 0.04
@@ -236,8 +250,15 @@ def test_ddim_at_eta_one_is_ddpm():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: (DDIMSampler(SCHEDULE), {}), lambda: (DDIMSampler(SCHEDULE), {"eta": 0.5}),
-                                  lambda: (DDPMSampler(SCHEDULE), {})], ids=["ddim", "ddim-eta", "ddpm"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (DDIMSampler(SCHEDULE), {}),
+        lambda: (DDIMSampler(SCHEDULE), {"eta": 0.5}),
+        lambda: (DDPMSampler(SCHEDULE), {}),
+    ],
+    ids=["ddim", "ddim-eta", "ddpm"],
+)
 def test_samples_depend_only_on_the_seed(make):
     sampler, kwargs = make()
     model = GaussianDenoiser(SCHEDULE, mean=0.5, std=0.6)
@@ -319,13 +340,24 @@ def test_guided_sampler_follows_the_reference_steps():
     x = genkern.random.randn(shape, seed=seed, offset=0)
     for i, (t, p) in enumerate(zip(timesteps.tolist(), prev.tolist())):
         out = model(torch.cat([x, x]), torch.full((6,), t), **guided_kwargs)
-        x, _ = ref.ddim_step(out, t, x, SCHEDULE, prev_t=p, eta=0.5, seed=seed, offset=i + 1, guidance_scale=2.5,
-                             guidance_rescale=0.7)
-    got = DDIMSampler(SCHEDULE).sample(model, shape, 10, eta=0.5, seed=seed, spacing="linspace", guidance_scale=2.5,
-                                       guidance_rescale=0.7, model_kwargs=guided_kwargs)
+        x, _ = ref.ddim_step(
+            out, t, x, SCHEDULE, prev_t=p, eta=0.5, seed=seed, offset=i + 1, guidance_scale=2.5, guidance_rescale=0.7
+        )
+    got = DDIMSampler(SCHEDULE).sample(
+        model,
+        shape,
+        10,
+        eta=0.5,
+        seed=seed,
+        spacing="linspace",
+        guidance_scale=2.5,
+        guidance_rescale=0.7,
+        model_kwargs=guided_kwargs,
+    )
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)
-    plain = DDIMSampler(SCHEDULE).sample(model, shape, 10, eta=0.5, seed=seed, spacing="linspace", guidance_scale=2.5,
-                                         model_kwargs=guided_kwargs)
+    plain = DDIMSampler(SCHEDULE).sample(
+        model, shape, 10, eta=0.5, seed=seed, spacing="linspace", guidance_scale=2.5, model_kwargs=guided_kwargs
+    )
     assert not torch.allclose(got, plain)
 
 
@@ -351,45 +383,58 @@ def test_sampler_learned_variance():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda s, m: s.sample(m, (2, 3), 5, cuda_graph=True), ValueError, "CUDA"),
-    (lambda s, m: s.sample(m, (2, 3), 5, cuda_graph=1), TypeError, "cuda_graph"),
-    (lambda s, m: s.sample(m, (), 5), ValueError, "shape"),
-    (lambda s, m: s.sample(m, 3, 5), TypeError, "shape"),
-    (lambda s, m: s.sample(m, (2, 0), 5), ValueError, "shape"),
-    (lambda s, m: s.sample(m, (2, 3), 0), ValueError, "num_steps"),
-    (lambda s, m: s.sample(m, (2, 3), 5, x_T=torch.zeros(2, 4)), ValueError, "x_T"),
-    (lambda s, m: s.sample(m, (2, 3), 5, eta=-1.0), ValueError, "eta"),
-    (lambda s, m: s.sample(m, (2, 3), 5, eta=None), TypeError, "eta"),
-    (lambda s, m: s.sample(m, (2, 3), 5, spacing="even"), ValueError, "spacing"),
-    (lambda s, m: s.sample(m, (2, 3), 5, model_kwargs=[1]), TypeError, "model_kwargs"),
-    (lambda s, m: s.sample(m, (2, 3), 5, guidance_rescale=0.5), ValueError, "guidance_rescale"),
-    (lambda s, m: s.sample(m, (2, 3), 5, dtype=torch.int32), TypeError, "dtype"),
-    (lambda s, m: s.sample(m, (2, 3), 5, seed=-1), ValueError, "seed"),
-    (lambda s, m: s.sample("model", (2, 3), 5), TypeError, "model"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda s, m: s.sample(m, (2, 3), 5, cuda_graph=True), ValueError, "CUDA"),
+        (lambda s, m: s.sample(m, (2, 3), 5, cuda_graph=1), TypeError, "cuda_graph"),
+        (lambda s, m: s.sample(m, (), 5), ValueError, "shape"),
+        (lambda s, m: s.sample(m, 3, 5), TypeError, "shape"),
+        (lambda s, m: s.sample(m, (2, 0), 5), ValueError, "shape"),
+        (lambda s, m: s.sample(m, (2, 3), 0), ValueError, "num_steps"),
+        (lambda s, m: s.sample(m, (2, 3), 5, x_T=torch.zeros(2, 4)), ValueError, "x_T"),
+        (lambda s, m: s.sample(m, (2, 3), 5, eta=-1.0), ValueError, "eta"),
+        (lambda s, m: s.sample(m, (2, 3), 5, eta=None), TypeError, "eta"),
+        (lambda s, m: s.sample(m, (2, 3), 5, spacing="even"), ValueError, "spacing"),
+        (lambda s, m: s.sample(m, (2, 3), 5, model_kwargs=[1]), TypeError, "model_kwargs"),
+        (lambda s, m: s.sample(m, (2, 3), 5, guidance_rescale=0.5), ValueError, "guidance_rescale"),
+        (lambda s, m: s.sample(m, (2, 3), 5, dtype=torch.int32), TypeError, "dtype"),
+        (lambda s, m: s.sample(m, (2, 3), 5, seed=-1), ValueError, "seed"),
+        (lambda s, m: s.sample("model", (2, 3), 5), TypeError, "model"),
+    ],
+)
 def test_sampler_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call(DDIMSampler(SCHEDULE), GaussianDenoiser(SCHEDULE))
 
 
-@pytest.mark.parametrize("make,error,match", [
-    (lambda: DDIMSampler("linear"), TypeError, "schedule"),
-    (lambda: DDIMSampler(SCHEDULE, prediction_type="eps"), ValueError, "prediction_type"),
-    (lambda: DDPMSampler(SCHEDULE, variance_type="learned"), ValueError, "variance_type"),
-    (lambda: DDPMSampler(SCHEDULE, clip_sample=1.0, dynamic_threshold=(0.9, 2.0)), ValueError, "at most one"),
-    (lambda: DDPMSampler(SCHEDULE, clip_sample=-1.0), ValueError, "clip_sample"),
-    (lambda: DDIMSampler(SCHEDULE, use_clipped_model_output=1), TypeError, "use_clipped_model_output"),
-    (lambda: DDIMSampler(SCHEDULE, backend=1), TypeError, "backend"),
-])
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: DDIMSampler("linear"), TypeError, "schedule"),
+        (lambda: DDIMSampler(SCHEDULE, prediction_type="eps"), ValueError, "prediction_type"),
+        (lambda: DDPMSampler(SCHEDULE, variance_type="learned"), ValueError, "variance_type"),
+        (lambda: DDPMSampler(SCHEDULE, clip_sample=1.0, dynamic_threshold=(0.9, 2.0)), ValueError, "at most one"),
+        (lambda: DDPMSampler(SCHEDULE, clip_sample=-1.0), ValueError, "clip_sample"),
+        (lambda: DDIMSampler(SCHEDULE, use_clipped_model_output=1), TypeError, "use_clipped_model_output"),
+        (lambda: DDIMSampler(SCHEDULE, backend=1), TypeError, "backend"),
+    ],
+)
 def test_sampler_constructor_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("make", [lambda: (DDIMSampler(SCHEDULE), {}), lambda: (DDIMSampler(SCHEDULE), {"eta": 1.0}),
-                                  lambda: (DDPMSampler(SCHEDULE), {})], ids=["ddim", "ddim-eta", "ddpm"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (DDIMSampler(SCHEDULE), {}),
+        lambda: (DDIMSampler(SCHEDULE), {"eta": 1.0}),
+        lambda: (DDPMSampler(SCHEDULE), {}),
+    ],
+    ids=["ddim", "ddim-eta", "ddpm"],
+)
 def test_cuda_graph_replay_equals_eager(make):
     sampler, kwargs = make()
     torch.manual_seed(0)
@@ -397,8 +442,17 @@ def test_cuda_graph_replay_equals_eager(make):
     shape = (4, 1, 8, 8)
 
     def run(seed, labels, cuda_graph):
-        return sampler.sample(model, shape, 10, seed=seed, device="cuda", guidance_scale=2.0, cuda_graph=cuda_graph,
-                              model_kwargs={"class_labels": torch.cat([torch.full_like(labels, 3), labels])}, **kwargs)
+        return sampler.sample(
+            model,
+            shape,
+            10,
+            seed=seed,
+            device="cuda",
+            guidance_scale=2.0,
+            cuda_graph=cuda_graph,
+            model_kwargs={"class_labels": torch.cat([torch.full_like(labels, 3), labels])},
+            **kwargs,
+        )
 
     labels = torch.tensor([0, 1, 2, 0], device="cuda")
     for seed, lab in [(1, labels), (1, labels.flip(0)), (2, labels)]:  # new labels, then a new seed and x_T
@@ -422,11 +476,28 @@ def test_training_loss_is_the_fused_ops_around_the_model():
     model = perturbed(UNet(base_channels=8, num_classes=3))
     x0, t = small_batch()
     labels = torch.tensor([0, 1, 2, 3])
-    loss = training_loss(model, x0, SCHEDULE, t=t, seed=7, offset=2, prediction_type="v_prediction", snr_gamma=5.0,
-                         model_kwargs={"class_labels": labels})
+    loss = training_loss(
+        model,
+        x0,
+        SCHEDULE,
+        t=t,
+        seed=7,
+        offset=2,
+        prediction_type="v_prediction",
+        snr_gamma=5.0,
+        model_kwargs={"class_labels": labels},
+    )
     x_t = ref.q_sample(x0, t, SCHEDULE, seed=7, offset=2)
-    expected = ref.diffusion_loss(model(x_t, t, class_labels=labels), x0, t, SCHEDULE, seed=7, offset=2,
-                                  prediction_type="v_prediction", snr_gamma=5.0)
+    expected = ref.diffusion_loss(
+        model(x_t, t, class_labels=labels),
+        x0,
+        t,
+        SCHEDULE,
+        seed=7,
+        offset=2,
+        prediction_type="v_prediction",
+        snr_gamma=5.0,
+    )
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -446,8 +517,7 @@ def test_training_loss_condition_dropout():
     model = perturbed(UNet(base_channels=8, num_classes=3))
     x0, t = small_batch()
     labels = torch.tensor([0, 1, 2, 0])
-    dropped = training_loss(model, x0, SCHEDULE, t=t, seed=1, model_kwargs={"class_labels": labels},
-                            cond_drop_prob=1.0)
+    dropped = training_loss(model, x0, SCHEDULE, t=t, seed=1, model_kwargs={"class_labels": labels}, cond_drop_prob=1.0)
     unconditional = training_loss(model, x0, SCHEDULE, t=t, seed=1, model_kwargs={"class_labels": torch.full((4,), 3)})
     assert torch.equal(dropped, unconditional)
     kept = training_loss(model, x0, SCHEDULE, t=t, seed=1, model_kwargs={"class_labels": labels})
@@ -487,7 +557,7 @@ def test_png_writer(tmp_path):
     assert grid[1, 1] == 0 and grid[-2, -2] == 255
     data = encode_png(grid)
     assert data.startswith(SIGNATURE) and data[12:16] == b"IHDR"
-    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
     rows = torch.frombuffer(bytearray(zlib.decompress(idat)), dtype=torch.uint8).reshape(7, 11)
     assert rows[:, 0].eq(0).all() and torch.equal(rows[:, 1:], grid)
     save_png(tmp_path / "grid.png", grid)
@@ -528,15 +598,19 @@ def test_train_and_sample_digits(tmp_path):
             average.lerp_(weight.detach(), 1 - ema_decay)
         losses.append(loss.item())
     first, last = sum(losses[:20]) / 20, sum(losses[-50:]) / 50
-    print(f"\ndigits: {steps} steps in {time.perf_counter() - start:.1f} s, loss {first:.3f} (first 20 steps) -> "
-          f"{last:.3f} (last 50)")
+    print(
+        f"\ndigits: {steps} steps in {time.perf_counter() - start:.1f} s, loss {first:.3f} (first 20 steps) -> "
+        f"{last:.3f} (last 50)"
+    )
     assert last < 0.5 * first  # measured 0.30-0.32
 
     start = time.perf_counter()
     samples = DDIMSampler(schedule).sample(ema.eval(), (64, 1, 8, 8), 50, seed=0).clamp(-1, 1)
     save_png(tmp_path / "digits.png", image_grid(samples, nrow=8))
-    print(f"digits: 64 samples in {time.perf_counter() - start:.1f} s; pixel mean {samples.mean():.3f} std "
-          f"{samples.std():.3f}, data mean {data.mean():.3f} std {data.std():.3f}")
+    print(
+        f"digits: 64 samples in {time.perf_counter() - start:.1f} s; pixel mean {samples.mean():.3f} std "
+        f"{samples.std():.3f}, data mean {data.mean():.3f} std {data.std():.3f}"
+    )
     assert abs(samples.mean() - data.mean()) < 0.1  # measured 0.03-0.05
     assert abs(samples.std() - data.std()) < 0.05  # measured up to 0.016
 

@@ -5,14 +5,15 @@ the loss against an explicit computation; per-sample timesteps; the noise stream
 For tight comparisons the diffusers schedulers are given our float64 alpha-bar (theirs is float32, see
 test_schedules.py) and float64 inputs, which their step functions keep in float64.
 """
+
 import math
 
 import pytest
 import torch
 
 from genkern.diffusion import reference as ref
-from genkern.random.reference import randn
 from genkern.diffusion.schedules import NoiseSchedule
+from genkern.random.reference import randn
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test oracle for the diffusion reference")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
@@ -50,7 +51,8 @@ def rand(shape, seed, scale=1.0):
 def ours_and_config(kind="linear", **schedule_kw):
     ours, theirs, kw = SCHEDULES[kind]
     return NoiseSchedule(ours, num_train_timesteps=T, **kw, **schedule_kw), dict(
-        num_train_timesteps=T, beta_schedule=theirs, **kw)
+        num_train_timesteps=T, beta_schedule=theirs, **kw
+    )
 
 
 def inject(sched, schedule):
@@ -102,16 +104,19 @@ def test_q_sample_and_velocity_match_diffusers(kind):
     for cls in (DDPMScheduler, DDIMScheduler):
         sched = inject(cls(**config), schedule)
         torch.testing.assert_close(ref.q_sample(x0, t, schedule, noise=noise), sched.add_noise(x0, noise, t), **TIGHT)
-        torch.testing.assert_close(ref.get_velocity(x0, t, schedule, noise=noise),
-                                   sched.get_velocity(x0, noise, t), **TIGHT)
+        torch.testing.assert_close(
+            ref.get_velocity(x0, t, schedule, noise=noise), sched.get_velocity(x0, noise, t), **TIGHT
+        )
         for ti in (0, 17, 999):  # a scalar t, diffusers with a 1-element tensor
-            torch.testing.assert_close(ref.q_sample(x0, ti, schedule, noise=noise),
-                                       sched.add_noise(x0, noise, torch.tensor([ti])), **TIGHT)
+            torch.testing.assert_close(
+                ref.q_sample(x0, ti, schedule, noise=noise), sched.add_noise(x0, noise, torch.tensor([ti])), **TIGHT
+            )
     # Against diffusers' own float32 schedule, at float32 precision.
     d = DDPMScheduler(**config)
     x32, n32 = x0.float(), noise.float()
-    torch.testing.assert_close(ref.q_sample(x32, t, schedule, noise=n32), d.add_noise(x32, n32, t),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ref.q_sample(x32, t, schedule, noise=n32), d.add_noise(x32, n32, t), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_q_sample_draws_the_stream_over_the_output():
@@ -121,8 +126,9 @@ def test_q_sample_draws_the_stream_over_the_output():
         x = x0.to(dtype)
         eps = randn(SHAPE, 11, 5, dtype=dtype)
         assert torch.equal(ref.q_sample(x, t, schedule, seed=11, offset=5), ref.q_sample(x, t, schedule, noise=eps))
-        assert torch.equal(ref.get_velocity(x, t, schedule, seed=11, offset=5),
-                           ref.get_velocity(x, t, schedule, noise=eps))
+        assert torch.equal(
+            ref.get_velocity(x, t, schedule, seed=11, offset=5), ref.get_velocity(x, t, schedule, noise=eps)
+        )
     assert not torch.equal(ref.q_sample(x0, t, schedule, seed=11, offset=5), ref.q_sample(x0, t, schedule, seed=11))
 
 
@@ -176,8 +182,17 @@ def test_ddpm_step_matches_diffusers(monkeypatch, variance_type, prediction_type
             m[:, 4:] = torch.rand((3, 4, 5, 6), generator=gen(i), dtype=F64) * 2 - 1  # v in [-1, 1]
         theirs = ddpm_with_noise(monkeypatch, sched, noise, m, t, x)
         assert theirs[0].dtype == theirs[1].dtype == F64  # diffusers kept our float64 throughout
-        ours = ref.ddpm_step(m, t, x, schedule, variance_type=variance_type, prediction_type=prediction_type,
-                             clip_sample=clip, dynamic_threshold=dyn, noise=noise)
+        ours = ref.ddpm_step(
+            m,
+            t,
+            x,
+            schedule,
+            variance_type=variance_type,
+            prediction_type=prediction_type,
+            clip_sample=clip,
+            dynamic_threshold=dyn,
+            noise=noise,
+        )
         torch.testing.assert_close(ours[1], theirs[1], **TIGHT)
         torch.testing.assert_close(ours[0], theirs[0], **TIGHT)
 
@@ -188,8 +203,15 @@ def test_strided_ddpm_steps_match_diffusers(monkeypatch, spacing, steps_offset, 
     """Strided steps t -> prev_t with alpha' = ab_t / ab_prev; DDPMScheduler looks the previous timestep up in
     its list, so it agrees for every spacing."""
     schedule, config = ours_and_config("scaled_linear")
-    sched = ddpm(schedule, config, variance_type=variance_type, prediction_type="v_prediction", clip_sample=False,
-                 timestep_spacing=spacing, steps_offset=steps_offset)
+    sched = ddpm(
+        schedule,
+        config,
+        variance_type=variance_type,
+        prediction_type="v_prediction",
+        clip_sample=False,
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+    )
     N = 10
     sched.set_timesteps(N)
     ts, prevs = schedule.timesteps(N, spacing, steps_offset)
@@ -198,8 +220,9 @@ def test_strided_ddpm_steps_match_diffusers(monkeypatch, spacing, steps_offset, 
     for i, (t, p) in enumerate(zip(ts.tolist(), prevs.tolist())):
         x, noise, m = rand(SHAPE, i), rand(SHAPE, 100 + i), rand((3, C, 5, 6), 200 + i).clamp(-1, 1)
         theirs = ddpm_with_noise(monkeypatch, sched, noise, m, t, x)
-        ours = ref.ddpm_step(m, t, x, schedule, prev_t=p, variance_type=variance_type,
-                             prediction_type="v_prediction", noise=noise)
+        ours = ref.ddpm_step(
+            m, t, x, schedule, prev_t=p, variance_type=variance_type, prediction_type="v_prediction", noise=noise
+        )
         torch.testing.assert_close(ours[0], theirs[0], **TIGHT)
         torch.testing.assert_close(ours[1], theirs[1], **TIGHT)
 
@@ -225,12 +248,15 @@ def test_ddpm_draws_the_stream_over_the_output():
     x, m = rand(SHAPE, 0), rand(SHAPE, 1)
     t = torch.tensor([7, 300, 999])
     z = randn(SHAPE, 5, 9, dtype=F64)
-    assert torch.equal(ref.ddpm_step(m, t, x, schedule, seed=5, offset=9)[0],
-                       ref.ddpm_step(m, t, x, schedule, noise=z)[0])
+    assert torch.equal(
+        ref.ddpm_step(m, t, x, schedule, seed=5, offset=9)[0], ref.ddpm_step(m, t, x, schedule, noise=z)[0]
+    )
     # with guidance the output, hence the noise, has the (B, ...) shape of sample
     m2 = rand((6, 4, 5, 6), 2)
-    assert torch.equal(ref.ddpm_step(m2, t, x, schedule, seed=5, offset=9, guidance_scale=3.0)[0],
-                       ref.ddpm_step(m2, t, x, schedule, noise=z, guidance_scale=3.0)[0])
+    assert torch.equal(
+        ref.ddpm_step(m2, t, x, schedule, seed=5, offset=9, guidance_scale=3.0)[0],
+        ref.ddpm_step(m2, t, x, schedule, noise=z, guidance_scale=3.0)[0],
+    )
 
 
 # ============================================================================================ DDIM
@@ -249,12 +275,23 @@ def test_ddim_step_matches_diffusers_leading(prediction_type, threshold, eta, us
     for i, (t, p) in enumerate(zip(ts.tolist(), prevs.tolist())):
         assert t - T // N == p or p == -1  # diffusers' rule is right for leading spacing
         x, noise, m = rand(SHAPE, i, 1.5), rand(SHAPE, 100 + i), rand(SHAPE, 200 + i)
-        theirs = sched.step(m, t, x, eta=eta, use_clipped_model_output=use_clipped, variance_noise=noise,
-                            return_dict=False)
+        theirs = sched.step(
+            m, t, x, eta=eta, use_clipped_model_output=use_clipped, variance_noise=noise, return_dict=False
+        )
         assert theirs[0].dtype == theirs[1].dtype == F64
-        ours = ref.ddim_step(m, t, x, schedule, prev_t=p, eta=eta, prediction_type=prediction_type,
-                             clip_sample=clip, dynamic_threshold=dyn, use_clipped_model_output=use_clipped,
-                             noise=noise)
+        ours = ref.ddim_step(
+            m,
+            t,
+            x,
+            schedule,
+            prev_t=p,
+            eta=eta,
+            prediction_type=prediction_type,
+            clip_sample=clip,
+            dynamic_threshold=dyn,
+            use_clipped_model_output=use_clipped,
+            noise=noise,
+        )
         torch.testing.assert_close(ours[1], theirs[1], **TIGHT)
         torch.testing.assert_close(ours[0], theirs[0], **TIGHT)
 
@@ -300,8 +337,14 @@ def test_ddim_with_diffusers_zero_snr_v_prediction(eta):
     """Zero terminal SNR from t = 999 (alpha-bar 0): trailing spacing with N dividing T, where diffusers'
     t - T // N is the next timestep too."""
     schedule, config = ours_and_config("scaled_linear", rescale_zero_terminal_snr=True)
-    sched = ddim(schedule, config, prediction_type="v_prediction", clip_sample=False, rescale_betas_zero_snr=True,
-                 timestep_spacing="trailing")
+    sched = ddim(
+        schedule,
+        config,
+        prediction_type="v_prediction",
+        clip_sample=False,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+    )
     sched.set_timesteps(4)
     ts, prevs = schedule.timesteps(4, "trailing")
     assert ts.tolist() == [999, 749, 499, 249] and torch.equal(sched.timesteps, ts)
@@ -324,8 +367,9 @@ def test_ddim_trailing_and_linspace_follow_the_definition(spacing, prediction_ty
     for i, (t, p) in enumerate(zip(ts.tolist(), prevs.tolist())):
         x, noise, m = rand(SHAPE, i), rand(SHAPE, 100 + i), rand(SHAPE, 200 + i)
         expected = explicit_prev_ddim(m, t, x, schedule, p, eta, prediction_type, noise, clip=1.0)
-        ours = ref.ddim_step(m, t, x, schedule, prev_t=p, eta=eta, prediction_type=prediction_type,
-                             clip_sample=1.0, noise=noise)
+        ours = ref.ddim_step(
+            m, t, x, schedule, prev_t=p, eta=eta, prediction_type=prediction_type, clip_sample=1.0, noise=noise
+        )
         torch.testing.assert_close(ours[0], expected[0], **TIGHT)
         torch.testing.assert_close(ours[1], expected[1], **TIGHT)
 
@@ -336,8 +380,14 @@ def test_ddim_eta_one_is_diffusers_ddpm_at_every_spacing(monkeypatch, spacing):
     posterior (same mean, same sigma), and DDPMScheduler does use the next timestep of the sequence. (The
     identity is algebraic: rounding differs, and the cosine schedule's tiny alpha-bar_999 would amplify it.)"""
     schedule, config = ours_and_config("scaled_linear")
-    sched = ddpm(schedule, config, variance_type="fixed_small", prediction_type="epsilon", clip_sample=False,
-                 timestep_spacing=spacing)
+    sched = ddpm(
+        schedule,
+        config,
+        variance_type="fixed_small",
+        prediction_type="epsilon",
+        clip_sample=False,
+        timestep_spacing=spacing,
+    )
     N = 9
     sched.set_timesteps(N)
     ts, prevs = schedule.timesteps(N, spacing)
@@ -368,8 +418,7 @@ def test_diffusers_ddim_previous_timestep_is_wrong_for_trailing_and_linspace(spa
         diffusers_prev = t - T // N
         x, m = rand(SHAPE, i), rand(SHAPE, 10 + i)
         theirs = sched.step(m, t, x, return_dict=False)[0]
-        torch.testing.assert_close(ref.ddim_step(m, t, x, schedule, prev_t=max(diffusers_prev, -1))[0], theirs,
-                                   **TIGHT)
+        torch.testing.assert_close(ref.ddim_step(m, t, x, schedule, prev_t=max(diffusers_prev, -1))[0], theirs, **TIGHT)
         if diffusers_prev != p and (diffusers_prev >= 0 or p >= 0):
             wrong_steps += 1
             assert not torch.allclose(ref.ddim_step(m, t, x, schedule, prev_t=p)[0], theirs)
@@ -381,18 +430,28 @@ def test_ddim_draws_the_stream_only_with_eta():
     x, m = rand(SHAPE, 0), rand(SHAPE, 1)
     z = randn(SHAPE, 4, 2, dtype=F64)
     t, p = torch.tensor([999, 500, 20]), torch.tensor([899, 400, -1])
-    assert torch.equal(ref.ddim_step(m, t, x, schedule, prev_t=p, eta=0.5, seed=4, offset=2)[0],
-                       ref.ddim_step(m, t, x, schedule, prev_t=p, eta=0.5, noise=z)[0])
-    assert torch.equal(ref.ddim_step(m, t, x, schedule, prev_t=p, seed=4)[0],
-                       ref.ddim_step(m, t, x, schedule, prev_t=p, seed=5)[0])
+    assert torch.equal(
+        ref.ddim_step(m, t, x, schedule, prev_t=p, eta=0.5, seed=4, offset=2)[0],
+        ref.ddim_step(m, t, x, schedule, prev_t=p, eta=0.5, noise=z)[0],
+    )
+    assert torch.equal(
+        ref.ddim_step(m, t, x, schedule, prev_t=p, seed=4)[0], ref.ddim_step(m, t, x, schedule, prev_t=p, seed=5)[0]
+    )
 
 
 def test_ddim_direction_coefficient_floored_at_zero():
     """Zero terminal SNR, eta = 1, the first step from t = 999 (alpha-bar 0): 1 - ab_prev - sigma^2 is 0 in
     exact arithmetic and can round below it, where diffusers' sqrt gives NaN (e.g. its float32 scheduler,
     trailing spacing, N = 10: step 999 -> 899). Here the coefficient is 0: x_prev = sqrt(ab_prev) x0 + sigma z."""
-    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
-                  prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False)
+    config = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        clip_sample=False,
+    )
     sched = DDIMScheduler(**config)
     sched.set_timesteps(10)
     assert sched.timesteps[:2].tolist() == [999, 899]
@@ -405,8 +464,16 @@ def test_ddim_direction_coefficient_floored_at_zero():
     assert bool((1 - ab - c["sigma"] ** 2 < 0).any())  # rounding does go below 0 in float64 too
     assert bool((c["eps_coef"] >= 0).all()) and float(c["eps_coef"].max()) < 1e-7  # sqrt of a rounding error
     for dtype in (torch.float32, F64):
-        prev, x0 = ref.ddim_step(m.to(dtype), 999, x.to(dtype), schedule, prev_t=899, eta=1.0,
-                                 prediction_type="v_prediction", noise=z.to(dtype))
+        prev, x0 = ref.ddim_step(
+            m.to(dtype),
+            999,
+            x.to(dtype),
+            schedule,
+            prev_t=899,
+            eta=1.0,
+            prediction_type="v_prediction",
+            noise=z.to(dtype),
+        )
         ab_prev = float(schedule.alphas_cumprod[899])
         expected = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * z.to(dtype)
         assert torch.isfinite(prev).all()
@@ -432,21 +499,46 @@ def test_guidance_is_the_formula_on_the_plain_step(monkeypatch):
             torch.testing.assert_close(ref.guide(m2, s, phi), target, **TIGHT)
             for pred in ("epsilon", "v_prediction"):
                 torch.testing.assert_close(
-                    ref.ddpm_step(m2, t, x, schedule, prev_t=p, prediction_type=pred, noise=noise, guidance_scale=s,
-                                  guidance_rescale=phi, clip_sample=1.0),
-                    ref.ddpm_step(target, t, x, schedule, prev_t=p, prediction_type=pred, noise=noise,
-                                  clip_sample=1.0), **TIGHT)
+                    ref.ddpm_step(
+                        m2,
+                        t,
+                        x,
+                        schedule,
+                        prev_t=p,
+                        prediction_type=pred,
+                        noise=noise,
+                        guidance_scale=s,
+                        guidance_rescale=phi,
+                        clip_sample=1.0,
+                    ),
+                    ref.ddpm_step(target, t, x, schedule, prev_t=p, prediction_type=pred, noise=noise, clip_sample=1.0),
+                    **TIGHT,
+                )
                 torch.testing.assert_close(
-                    ref.ddim_step(m2, t, x, schedule, prev_t=p, eta=0.5, prediction_type=pred, noise=noise,
-                                  guidance_scale=s, guidance_rescale=phi),
+                    ref.ddim_step(
+                        m2,
+                        t,
+                        x,
+                        schedule,
+                        prev_t=p,
+                        eta=0.5,
+                        prediction_type=pred,
+                        noise=noise,
+                        guidance_scale=s,
+                        guidance_rescale=phi,
+                    ),
                     ref.ddim_step(target, t, x, schedule, prev_t=p, eta=0.5, prediction_type=pred, noise=noise),
-                    **TIGHT)
+                    **TIGHT,
+                )
     # and through diffusers' step, as a pipeline would use it
     sched = ddpm(schedule, config, clip_sample=False)
     combined = rescale_noise_cfg(u + 5.0 * (c - u), c, 0.5)
     theirs = ddpm_with_noise(monkeypatch, sched, noise, combined, 600, x)
-    torch.testing.assert_close(ref.ddpm_step(m2, 600, x, schedule, noise=noise, guidance_scale=5.0,
-                                             guidance_rescale=0.5)[0], theirs[0], **TIGHT)
+    torch.testing.assert_close(
+        ref.ddpm_step(m2, 600, x, schedule, noise=noise, guidance_scale=5.0, guidance_rescale=0.5)[0],
+        theirs[0],
+        **TIGHT,
+    )
 
 
 def test_guidance_with_learned_range_takes_the_conditional_variance():
@@ -457,9 +549,19 @@ def test_guidance_with_learned_range_takes_the_conditional_variance():
     mean = rescale_noise_cfg(u[:, :4] + s * (c[:, :4] - u[:, :4]), c[:, :4], phi)
     target = torch.cat([mean, c[:, 4:]], 1)
     torch.testing.assert_close(
-        ref.ddpm_step(torch.cat([u, c]), 500, x, schedule, variance_type="learned_range", noise=noise,
-                      guidance_scale=s, guidance_rescale=phi),
-        ref.ddpm_step(target, 500, x, schedule, variance_type="learned_range", noise=noise), **TIGHT)
+        ref.ddpm_step(
+            torch.cat([u, c]),
+            500,
+            x,
+            schedule,
+            variance_type="learned_range",
+            noise=noise,
+            guidance_scale=s,
+            guidance_rescale=phi,
+        ),
+        ref.ddpm_step(target, 500, x, schedule, variance_type="learned_range", noise=noise),
+        **TIGHT,
+    )
 
 
 # ============================================================================================ loss
@@ -479,21 +581,25 @@ def test_diffusion_loss_is_the_explicit_computation(prediction_type, snr_gamma, 
         # SNR against diffusers' compute_snr (which returns float32), then the min-SNR weights as diffusers'
         # training scripts write them.
         snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
-        torch.testing.assert_close(compute_snr(inject(DDPMScheduler(**config), schedule), t), snr.float(),
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            compute_snr(inject(DDPMScheduler(**config), schedule), t), snr.float(), rtol=1e-6, atol=0
+        )
         base = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
         weight = {"epsilon": base / snr, "v_prediction": base / (snr + 1), "sample": base}[prediction_type]
         per_sample = per_sample * weight
     kw = dict(prediction_type=prediction_type, snr_gamma=snr_gamma)
-    torch.testing.assert_close(ref.diffusion_loss(m, x0, t, schedule, noise=noise, reduction="none", **kw),
-                               per_sample, **TIGHT)
+    torch.testing.assert_close(
+        ref.diffusion_loss(m, x0, t, schedule, noise=noise, reduction="none", **kw), per_sample, **TIGHT
+    )
     loss = ref.diffusion_loss(m, x0, t, schedule, noise=noise, **kw)
     assert loss.dim() == 0
     torch.testing.assert_close(loss, per_sample.mean(), **TIGHT)
     # the stream's noise when none is given: the eps that q_sample used for the same (seed, offset)
     eps = randn(SHAPE, 8, 1, dtype=F64)
-    assert torch.equal(ref.diffusion_loss(m, x0, t, schedule, seed=8, offset=1, **kw),
-                       ref.diffusion_loss(m, x0, t, schedule, noise=eps, **kw))
+    assert torch.equal(
+        ref.diffusion_loss(m, x0, t, schedule, seed=8, offset=1, **kw),
+        ref.diffusion_loss(m, x0, t, schedule, noise=eps, **kw),
+    )
     if prediction_type == "v_prediction":
         v = ref.get_velocity(x0, t, schedule, seed=8, offset=1)
         assert ref.diffusion_loss(v, x0, t, schedule, seed=8, offset=1, **kw) == 0
@@ -525,42 +631,94 @@ def test_per_sample_timesteps_equal_single_timestep_results():
     def per_sample(fn, batched):
         for b in range(B):
             one = fn(b)
-            for got, want in zip(batched if isinstance(batched, tuple) else (batched,),
-                                 one if isinstance(one, tuple) else (one,)):
-                torch.testing.assert_close(got[b:b + 1], want, **TIGHT)
+            for got, want in zip(
+                batched if isinstance(batched, tuple) else (batched,), one if isinstance(one, tuple) else (one,)
+            ):
+                torch.testing.assert_close(got[b : b + 1], want, **TIGHT)
 
-    sl = lambda a, b: a[b:b + 1]  # noqa: E731
-    per_sample(lambda b: ref.q_sample(sl(x0, b), int(t[b]), schedule, noise=sl(noise, b)),
-               ref.q_sample(x0, t, schedule, noise=noise))
-    per_sample(lambda b: ref.get_velocity(sl(x0, b), int(t[b]), schedule, noise=sl(noise, b)),
-               ref.get_velocity(x0, t, schedule, noise=noise))
+    sl = lambda a, b: a[b : b + 1]  # noqa: E731
+    per_sample(
+        lambda b: ref.q_sample(sl(x0, b), int(t[b]), schedule, noise=sl(noise, b)),
+        ref.q_sample(x0, t, schedule, noise=noise),
+    )
+    per_sample(
+        lambda b: ref.get_velocity(sl(x0, b), int(t[b]), schedule, noise=sl(noise, b)),
+        ref.get_velocity(x0, t, schedule, noise=noise),
+    )
     for pred in PREDICTIONS:
-        losses = ref.diffusion_loss(m, x0, t, schedule, noise=noise, prediction_type=pred, snr_gamma=3.0,
-                                    reduction="none")
-        per_sample(lambda b: ref.diffusion_loss(sl(m, b), sl(x0, b), int(t[b]), schedule, noise=sl(noise, b),
-                                                prediction_type=pred, snr_gamma=3.0, reduction="none"), losses)
+        losses = ref.diffusion_loss(
+            m, x0, t, schedule, noise=noise, prediction_type=pred, snr_gamma=3.0, reduction="none"
+        )
+        per_sample(
+            lambda b: ref.diffusion_loss(
+                sl(m, b),
+                sl(x0, b),
+                int(t[b]),
+                schedule,
+                noise=sl(noise, b),
+                prediction_type=pred,
+                snr_gamma=3.0,
+                reduction="none",
+            ),
+            losses,
+        )
     for vt, mo in (("fixed_small", m), ("fixed_large", m), ("learned_range", mv)):
-        per_sample(lambda b: ref.ddpm_step(sl(mo, b), int(t[b]), sl(x, b), schedule, variance_type=vt,
-                                           noise=sl(noise, b), dynamic_threshold=(0.7, 1.8)),
-                   ref.ddpm_step(mo, t, x, schedule, variance_type=vt, noise=noise, dynamic_threshold=(0.7, 1.8)))
-        per_sample(lambda b: ref.ddpm_step(sl(mo, b), int(t[b]), sl(x, b), schedule, prev_t=int(p[b]),
-                                           variance_type=vt, noise=sl(noise, b)),
-                   ref.ddpm_step(mo, t, x, schedule, prev_t=p, variance_type=vt, noise=noise))
-    per_sample(lambda b: ref.ddim_step(sl(m, b), int(t[b]), sl(x, b), schedule, prev_t=int(p[b]), eta=0.8,
-                                       noise=sl(noise, b), prediction_type="v_prediction", clip_sample=1.5),
-               ref.ddim_step(m, t, x, schedule, prev_t=p, eta=0.8, noise=noise, prediction_type="v_prediction",
-                             clip_sample=1.5))
+        per_sample(
+            lambda b: ref.ddpm_step(
+                sl(mo, b),
+                int(t[b]),
+                sl(x, b),
+                schedule,
+                variance_type=vt,
+                noise=sl(noise, b),
+                dynamic_threshold=(0.7, 1.8),
+            ),
+            ref.ddpm_step(mo, t, x, schedule, variance_type=vt, noise=noise, dynamic_threshold=(0.7, 1.8)),
+        )
+        per_sample(
+            lambda b: ref.ddpm_step(
+                sl(mo, b), int(t[b]), sl(x, b), schedule, prev_t=int(p[b]), variance_type=vt, noise=sl(noise, b)
+            ),
+            ref.ddpm_step(mo, t, x, schedule, prev_t=p, variance_type=vt, noise=noise),
+        )
+    per_sample(
+        lambda b: ref.ddim_step(
+            sl(m, b),
+            int(t[b]),
+            sl(x, b),
+            schedule,
+            prev_t=int(p[b]),
+            eta=0.8,
+            noise=sl(noise, b),
+            prediction_type="v_prediction",
+            clip_sample=1.5,
+        ),
+        ref.ddim_step(
+            m, t, x, schedule, prev_t=p, eta=0.8, noise=noise, prediction_type="v_prediction", clip_sample=1.5
+        ),
+    )
     # guidance: the unconditional and conditional rows of sample b are b and B + b
-    per_sample(lambda b: ref.ddim_step(torch.cat([sl(m2, b), sl(m2, B + b)]), int(t[b]), sl(x, b), schedule,
-                                       prev_t=int(p[b]), noise=sl(noise, b), guidance_scale=6.0,
-                                       guidance_rescale=0.7),
-               ref.ddim_step(m2, t, x, schedule, prev_t=p, noise=noise, guidance_scale=6.0, guidance_rescale=0.7))
+    per_sample(
+        lambda b: ref.ddim_step(
+            torch.cat([sl(m2, b), sl(m2, B + b)]),
+            int(t[b]),
+            sl(x, b),
+            schedule,
+            prev_t=int(p[b]),
+            noise=sl(noise, b),
+            guidance_scale=6.0,
+            guidance_rescale=0.7,
+        ),
+        ref.ddim_step(m2, t, x, schedule, prev_t=p, noise=noise, guidance_scale=6.0, guidance_rescale=0.7),
+    )
     # an int t and a 0-dim tensor t are the same
-    assert torch.equal(ref.q_sample(x0, torch.tensor(5), schedule, noise=noise),
-                       ref.q_sample(x0, 5, schedule, noise=noise))
+    assert torch.equal(
+        ref.q_sample(x0, torch.tensor(5), schedule, noise=noise), ref.q_sample(x0, 5, schedule, noise=noise)
+    )
     # int32 timesteps work like int64
-    assert torch.equal(ref.ddim_step(m, t.int(), x, schedule, prev_t=p.int())[0],
-                       ref.ddim_step(m, t, x, schedule, prev_t=p)[0])
+    assert torch.equal(
+        ref.ddim_step(m, t.int(), x, schedule, prev_t=p.int())[0], ref.ddim_step(m, t, x, schedule, prev_t=p)[0]
+    )
 
 
 # ============================================================================================ dtypes
@@ -577,12 +735,18 @@ def test_lower_precision_dtypes(dtype):
     r = lambda a: a.to(dtype).double()  # noqa: E731
     cases = [
         (ref.q_sample(c(x0), t, schedule, seed=1), ref.q_sample(r(x0), t, schedule, seed=1)),
-        (ref.diffusion_loss(c(m), c(x0), t, schedule, seed=1, prediction_type="v_prediction"),
-         ref.diffusion_loss(r(m), r(x0), t, schedule, seed=1, prediction_type="v_prediction")),
-        (ref.ddpm_step(c(m), t, c(x), schedule, prev_t=p, seed=1, prediction_type="v_prediction")[0],
-         ref.ddpm_step(r(m), t, r(x), schedule, prev_t=p, seed=1, prediction_type="v_prediction")[0]),
-        (ref.ddim_step(c(m), t, c(x), schedule, prev_t=p, eta=1.0, seed=1, dynamic_threshold=(0.9, 2.0))[0],
-         ref.ddim_step(r(m), t, r(x), schedule, prev_t=p, eta=1.0, seed=1, dynamic_threshold=(0.9, 2.0))[0]),
+        (
+            ref.diffusion_loss(c(m), c(x0), t, schedule, seed=1, prediction_type="v_prediction"),
+            ref.diffusion_loss(r(m), r(x0), t, schedule, seed=1, prediction_type="v_prediction"),
+        ),
+        (
+            ref.ddpm_step(c(m), t, c(x), schedule, prev_t=p, seed=1, prediction_type="v_prediction")[0],
+            ref.ddpm_step(r(m), t, r(x), schedule, prev_t=p, seed=1, prediction_type="v_prediction")[0],
+        ),
+        (
+            ref.ddim_step(c(m), t, c(x), schedule, prev_t=p, eta=1.0, seed=1, dynamic_threshold=(0.9, 2.0))[0],
+            ref.ddim_step(r(m), t, r(x), schedule, prev_t=p, eta=1.0, seed=1, dynamic_threshold=(0.9, 2.0))[0],
+        ),
     ]
     for got, want in cases:
         assert got.dtype == dtype
@@ -672,15 +836,18 @@ def test_bad_ddim_only_arguments():
         ref.check_ddim_args(m, torch.tensor([1, 2]), x, schedule, prev_t=-1, eta=-1.0, check_values=False)
 
 
-@pytest.mark.parametrize("overrides,exc,match", [
-    (dict(t=1000), ValueError, "t must be in"),
-    (dict(t=torch.tensor([1, 2])), ValueError, "t must be"),
-    (dict(x0=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "x0"),
-    (dict(x0=torch.tensor(0.5, dtype=F64)), ValueError, "x0"),
-    (dict(noise=torch.zeros(3, 5, dtype=F64)), ValueError, "noise"),
-    (dict(seed=2**64), ValueError, "seed"),
-    (dict(schedule=None), TypeError, "schedule"),
-])
+@pytest.mark.parametrize(
+    "overrides,exc,match",
+    [
+        (dict(t=1000), ValueError, "t must be in"),
+        (dict(t=torch.tensor([1, 2])), ValueError, "t must be"),
+        (dict(x0=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "x0"),
+        (dict(x0=torch.tensor(0.5, dtype=F64)), ValueError, "x0"),
+        (dict(noise=torch.zeros(3, 5, dtype=F64)), ValueError, "noise"),
+        (dict(seed=2**64), ValueError, "seed"),
+        (dict(schedule=None), TypeError, "schedule"),
+    ],
+)
 def test_bad_q_sample_and_velocity_arguments(overrides, exc, match):
     args = dict(x0=rand((3, 4), 0), t=torch.tensor([1, 2, 3]), schedule=NoiseSchedule())
     args.update(overrides)
@@ -690,15 +857,18 @@ def test_bad_q_sample_and_velocity_arguments(overrides, exc, match):
             fn(args["x0"], args["t"], args["schedule"], **kw)
 
 
-@pytest.mark.parametrize("overrides,exc,match", [
-    (dict(model_output=rand((3, 5), 1)), ValueError, "model_output"),
-    (dict(model_output=torch.zeros(3, 4)), TypeError, "model_output"),
-    (dict(prediction_type="x0"), ValueError, "prediction_type"),
-    (dict(snr_gamma=0.0), ValueError, "snr_gamma"),
-    (dict(snr_gamma="5"), TypeError, "snr_gamma"),
-    (dict(reduction="sum"), ValueError, "reduction"),
-    (dict(t=-1), ValueError, "t must be in"),
-])
+@pytest.mark.parametrize(
+    "overrides,exc,match",
+    [
+        (dict(model_output=rand((3, 5), 1)), ValueError, "model_output"),
+        (dict(model_output=torch.zeros(3, 4)), TypeError, "model_output"),
+        (dict(prediction_type="x0"), ValueError, "prediction_type"),
+        (dict(snr_gamma=0.0), ValueError, "snr_gamma"),
+        (dict(snr_gamma="5"), TypeError, "snr_gamma"),
+        (dict(reduction="sum"), ValueError, "reduction"),
+        (dict(t=-1), ValueError, "t must be in"),
+    ],
+)
 def test_bad_loss_arguments(overrides, exc, match):
     args = dict(model_output=rand((3, 4), 1), x0=rand((3, 4), 0), t=torch.tensor([1, 2, 3]), schedule=NoiseSchedule())
     args.update(overrides)

@@ -1,16 +1,17 @@
 """Fused DDPM and DDIM steps on every kernel backend against genkern.diffusion.reference (itself tested
 against diffusers in test_diffusion_reference.py)."""
+
 import itertools
 
 import pytest
 import torch
+from conftest import KERNEL_BACKENDS, TOLERANCE, assert_close, backend_dtype_params, device_for, interpreted
 
 import genkern
 from genkern import backend as gk_backend
 from genkern.diffusion import reference as ref
 from genkern.diffusion._ops import StepOptions
 from genkern.diffusion.schedules import NoiseSchedule
-from conftest import TOLERANCE, KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 SCHEDULE = NoiseSchedule("cosine", num_train_timesteps=1000)
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
@@ -65,10 +66,17 @@ def check_step(backend, dtype, fn_name, shape, **kwargs):
     t, prev_t = step_timesteps(shape[0], device, strided)
     if fn_name == "ddim_step" and prev_t is None:
         prev_t = t - 1
-    got = getattr(genkern, fn_name)(m, t, sample, SCHEDULE, prev_t=prev_t, seed=5, offset=3, backend=backend,
-                                    **kwargs)
-    expected = getattr(ref, fn_name)(m.cpu(), t.cpu(), sample.cpu(), SCHEDULE,
-                                     prev_t=None if prev_t is None else prev_t.cpu(), seed=5, offset=3, **kwargs)
+    got = getattr(genkern, fn_name)(m, t, sample, SCHEDULE, prev_t=prev_t, seed=5, offset=3, backend=backend, **kwargs)
+    expected = getattr(ref, fn_name)(
+        m.cpu(),
+        t.cpu(),
+        sample.cpu(),
+        SCHEDULE,
+        prev_t=None if prev_t is None else prev_t.cpu(),
+        seed=5,
+        offset=3,
+        **kwargs,
+    )
     for g, e in zip(got, expected):
         assert g.shape == sample.shape and g.dtype == dtype and g.device == sample.device
         # NaN where the reference has NaN too: guidance rescale of a one-element sample is 0/0 (std 0).
@@ -142,8 +150,9 @@ def test_without_pred_original(backend):
     x, m = make((2, 3, 4), torch.float32, device), make((2, 3, 4), torch.float32, device, 1)
     t, prev = step_timesteps(2, device)
     full = genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev, eta=0.5, seed=1, backend=backend)
-    prev_only, none = genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev, eta=0.5, seed=1, backend=backend,
-                                        return_pred_original=False)
+    prev_only, none = genkern.ddim_step(
+        m, t, x, SCHEDULE, prev_t=prev, eta=0.5, seed=1, backend=backend, return_pred_original=False
+    )
     assert none is None
     torch.testing.assert_close(prev_only, full[0], atol=0, rtol=0)
 
@@ -162,8 +171,9 @@ def test_scalar_timesteps_and_non_contiguous_inputs(backend):
 def test_diffusers_ddim_loop_agrees():
     """A whole 10-step DDIM loop (eta = 0, leading spacing, epsilon) against diffusers' scheduler."""
     diffusers = pytest.importorskip("diffusers")
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                        clip_sample=False, set_alpha_to_one=True)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True
+    )
     scheduler.set_timesteps(10)
     timesteps, prev_timesteps = SCHEDULE.timesteps(10, spacing="leading")
     assert timesteps.tolist() == scheduler.timesteps.tolist()
@@ -189,15 +199,52 @@ def test_opcheck(backend):
     ops = torch.ops.genkern
     for op, args in [
         (ops.ddim_step, (m, x, t, prev, table, None, 3, 1, *StepOptions().pack(), True)),
-        (ops.ddim_step, (m, x, t, prev, table, None, 3, 1,
-                         *StepOptions(prediction=1, eta=0.5, use_clipped_model_output=True, clip=1.0).pack(), False)),
-        (ops.ddim_step, (m2[:, :3], x, t, prev, table, None, 3, 1,
-                         *StepOptions(dynamic_ratio=0.9, dynamic_max=2.0, guidance_scale=3.0,
-                                      guidance_rescale=0.5).pack(), True)),
+        (
+            ops.ddim_step,
+            (
+                m,
+                x,
+                t,
+                prev,
+                table,
+                None,
+                3,
+                1,
+                *StepOptions(prediction=1, eta=0.5, use_clipped_model_output=True, clip=1.0).pack(),
+                False,
+            ),
+        ),
+        (
+            ops.ddim_step,
+            (
+                m2[:, :3],
+                x,
+                t,
+                prev,
+                table,
+                None,
+                3,
+                1,
+                *StepOptions(dynamic_ratio=0.9, dynamic_max=2.0, guidance_scale=3.0, guidance_rescale=0.5).pack(),
+                True,
+            ),
+        ),
         (ops.ddpm_step, (m, x, t, None, table, None, 3, 1, *StepOptions().pack(), True)),
-        (ops.ddpm_step, (m2, x, t, prev, table, None, -3, 2**40,
-                         *StepOptions(prediction=2, variance=2, clip=1.0, guidance_scale=2.0,
-                                      guidance_rescale=0.3).pack(), True)),
+        (
+            ops.ddpm_step,
+            (
+                m2,
+                x,
+                t,
+                prev,
+                table,
+                None,
+                -3,
+                2**40,
+                *StepOptions(prediction=2, variance=2, clip=1.0, guidance_scale=2.0, guidance_rescale=0.3).pack(),
+                True,
+            ),
+        ),
     ]:
         with gk_backend.scoped(backend):
             torch.library.opcheck(op, args)
@@ -227,17 +274,29 @@ def test_bad_input_is_rejected():
         (lambda: genkern.ddim_step(m, t, x, SCHEDULE), ValueError, "prev_t"),
         (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, eta=-0.1), ValueError, "eta"),
         (lambda: genkern.ddim_step(m[:, :2], t, x, SCHEDULE, prev_t=t - 1), ValueError, "model_output"),
-        (lambda: genkern.ddim_step(torch.cat([m, m, m]), t, x, SCHEDULE, prev_t=t - 1, guidance_scale=2.0),
-         ValueError, "model_output"),
+        (
+            lambda: genkern.ddim_step(torch.cat([m, m, m]), t, x, SCHEDULE, prev_t=t - 1, guidance_scale=2.0),
+            ValueError,
+            "model_output",
+        ),
         (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, guidance_scale=2.0), ValueError, "model_output"),
         (lambda: genkern.ddpm_step(m, t, x, SCHEDULE, variance_type="learned_range"), ValueError, "model_output"),
         (lambda: genkern.ddpm_step(m, t, x, SCHEDULE, variance_type="fixed"), ValueError, "variance_type"),
-        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, prediction_type="x0"), ValueError,
-         "prediction_type"),
-        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, clip_sample=1.0, dynamic_threshold=(0.9, 2.0)),
-         ValueError, "clip_sample"),
-        (lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, guidance_rescale=0.5), ValueError,
-         "guidance_rescale"),
+        (
+            lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, prediction_type="x0"),
+            ValueError,
+            "prediction_type",
+        ),
+        (
+            lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, clip_sample=1.0, dynamic_threshold=(0.9, 2.0)),
+            ValueError,
+            "clip_sample",
+        ),
+        (
+            lambda: genkern.ddim_step(m, t, x, SCHEDULE, prev_t=t - 1, guidance_rescale=0.5),
+            ValueError,
+            "guidance_rescale",
+        ),
         (lambda: genkern.ddim_step(m.double(), t, x, SCHEDULE, prev_t=t - 1), TypeError, "dtype"),
     ]
     for fn, error, word in cases:
@@ -265,14 +324,30 @@ def test_out_buffers_and_in_place(backend):
     with pytest.raises(ValueError, match="out prev_sample"):
         genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev_t, out=torch.empty(3, 10, device=device), backend=backend)
     with pytest.raises(ValueError, match="contiguous"):
-        genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev_t, out=torch.empty(3, 5, 2, device=device).transpose(1, 2),
-                          backend=backend)
+        genkern.ddim_step(
+            m, t, x, SCHEDULE, prev_t=prev_t, out=torch.empty(3, 5, 2, device=device).transpose(1, 2), backend=backend
+        )
     with pytest.raises(TypeError, match="out"):
         genkern.ddim_step(m, t, x, SCHEDULE, prev_t=prev_t, out=[1, 2, 3], backend=backend)
     table = SCHEDULE.table(device)
     with gk_backend.scoped(backend):
-        torch.library.opcheck(torch.ops.genkern.ddim_step_out, (m, x, t, prev_t, table, None, 3, 1,
-                                                                *StepOptions(eta=0.5).pack(), torch.empty_like(x),
-                                                                torch.empty_like(x)))
-        torch.library.opcheck(torch.ops.genkern.ddpm_step_out, (m, x, t, None, table, None, 3, 1,
-                                                                *StepOptions().pack(), torch.empty_like(x), None))
+        torch.library.opcheck(
+            torch.ops.genkern.ddim_step_out,
+            (
+                m,
+                x,
+                t,
+                prev_t,
+                table,
+                None,
+                3,
+                1,
+                *StepOptions(eta=0.5).pack(),
+                torch.empty_like(x),
+                torch.empty_like(x),
+            ),
+        )
+        torch.library.opcheck(
+            torch.ops.genkern.ddpm_step_out,
+            (m, x, t, None, table, None, 3, 1, *StepOptions().pack(), torch.empty_like(x), None),
+        )

@@ -4,16 +4,16 @@ ignored, causality by perturbation, gradcheck, opcheck, the module, backend rout
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (see conftest.py), on fewer and
 smaller cases; the CUDA kernels (and Triton on the GPU, bfloat16 included) are tested whenever torch sees one."""
+
 import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import backend_dtype_params, device_for, interpreted
 
 import genkern
 from genkern import backend as gk_backend
 from genkern.autoregressive import reference as ref
-from conftest import backend_dtype_params, device_for, interpreted
 
 BACKENDS = [b for b in genkern.backends("masked_conv") if b != "reference"]
 NATIVE = [b for b in BACKENDS if b in ("cpu", "cuda")]
@@ -53,8 +53,9 @@ def check_against_reference(backend, dtype, shape, mask_type, groups, dilation, 
     b, c_in, c_out, k, h, w = shape
     x, weight, bias_t = make(b, c_in, c_out, k, h, w, dtype, seed=seed, requires_grad=True, device=device_for(backend))
     bias_t = bias_t if bias else None
-    fn = lambda *a: genkern.masked_conv2d(*a, mask_type=mask_type, color_groups=groups, dilation=dilation,
-                                          backend=backend)
+    fn = lambda *a: genkern.masked_conv2d(
+        *a, mask_type=mask_type, color_groups=groups, dilation=dilation, backend=backend
+    )
     got = grads(fn, x, weight, bias_t)
     want = grads(lambda *a: ref.masked_conv2d(*a, mask_type, groups, dilation), *exact(x, weight, bias_t))
     # grad_weight and grad_bias sum over every pixel: rounding errors grow like the square root of their count.
@@ -63,24 +64,34 @@ def check_against_reference(backend, dtype, shape, mask_type, groups, dilation, 
         assert g.dtype == dtype and g.shape == e.shape and g.device.type == x.device.type, name
         scale = wide if name in ("grad_weight", "grad_bias") else 1.0
         tol = {key: value * scale for key, value in TOL[dtype].items()}
-        torch.testing.assert_close(g.cpu().double(), e, **tol,
-                                   msg=lambda m: f"{name} {shape} {mask_type} G={groups} d={dilation}: {m}")
+        torch.testing.assert_close(
+            g.cpu().double(), e, **tol, msg=lambda m: f"{name} {shape} {mask_type} G={groups} d={dilation}: {m}"
+        )
 
 
 # (k, dilation, color_groups, mask_type): every combination, on a small odd image; under the Triton
 # interpreter a covering subset (every k, each value of the others with both of the rest), k = 1 mask A with
 # one group (no tap at all) included.
 CASES = list(itertools.product([1, 3, 5, 7], [1, 2], [1, 3], "AB"))
-INTERPRETED_CASES = [(1, 1, 1, "A"), (1, 2, 3, "B"), (3, 1, 3, "A"), (3, 2, 1, "B"), (5, 1, 3, "B"), (5, 2, 1, "A"),
-                     (7, 1, 1, "B"), (7, 2, 3, "A")]
+INTERPRETED_CASES = [
+    (1, 1, 1, "A"),
+    (1, 2, 3, "B"),
+    (3, 1, 3, "A"),
+    (3, 2, 1, "B"),
+    (5, 1, 3, "B"),
+    (5, 2, 1, "A"),
+    (7, 1, 1, "B"),
+    (7, 2, 3, "A"),
+]
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params(BACKENDS))
 def test_matches_reference_forward_and_backward(backend, dtype):
     for k, d, groups, mask_type in INTERPRETED_CASES if interpreted(backend) else CASES:
         c_in, c_out = 3 * groups, 2 * groups + 3 * (groups == 1)  # C_out = 5 (one partial block) or 6
-        check_against_reference(backend, dtype, (2, c_in, c_out, k, 5, 7), mask_type, groups, d,
-                                bias=(k + d) % 2 == 0, seed=k * 10 + d)
+        check_against_reference(
+            backend, dtype, (2, c_in, c_out, k, 5, 7), mask_type, groups, d, bias=(k + d) % 2 == 0, seed=k * 10 + d
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,7 +99,7 @@ def test_pixelcnn_shapes_and_tiles(backend):
     # The 7 x 7 mask-A first layer on 28 x 28 pixels (a whole tile plus a partial one; 12 x 12 under the
     # interpreter), a row longer than two tiles, 16 output channels (two whole blocks), bias None.
     side = 12 if interpreted(backend) else 28
-    for (b, c_in, c_out, k, h, w, mask_type) in [(2, 1, 16, 7, side, side, "A"), (1, 4, 16, 3, 3, 70, "B")]:
+    for b, c_in, c_out, k, h, w, mask_type in [(2, 1, 16, 7, side, side, "A"), (1, 4, 16, 3, 3, 70, "B")]:
         check_against_reference(backend, torch.float32, (b, c_in, c_out, k, h, w), mask_type, 1, 1, bias=False)
 
 
@@ -142,11 +153,17 @@ def test_mask_by_hand():
         assert torch.equal(m, expected), mask_type
     # Groups of two channels: the centre's pattern is the 3 x 3 one with every entry a 2 x 2 block.
     m = ref.mask(3, "B", 6, 6, 3)
-    assert torch.equal(m[:, :, 1, 1], torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]]).repeat_interleave(2, 0)
-                       .repeat_interleave(2, 1).float())
+    assert torch.equal(
+        m[:, :, 1, 1],
+        torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]]).repeat_interleave(2, 0).repeat_interleave(2, 1).float(),
+    )
     assert torch.equal(ref.mask(1, "A", 2, 2, 1), torch.zeros(2, 2, 1, 1))
-    assert torch.equal(ref.mask(5, "B", 1, 1, 1)[0, 0], torch.tensor(
-        [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float32))
+    assert torch.equal(
+        ref.mask(5, "B", 1, 1, 1)[0, 0],
+        torch.tensor(
+            [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float32
+        ),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
@@ -183,8 +200,9 @@ def test_mask_a_is_causal(backend):
         if order > 0:
             x2 = x.clone()
             x2[0, :, p[0] - (p[1] == 0), p[1] - (p[1] > 0)] += 10.0  # the pixel left of p, or above it
-            assert not torch.equal(genkern.masked_conv2d(x2, w, b, mask_type="A", backend=backend)[0, :, p[0], p[1]],
-                                   y[0, :, p[0], p[1]])
+            assert not torch.equal(
+                genkern.masked_conv2d(x2, w, b, mask_type="A", backend=backend)[0, :, p[0], p[1]], y[0, :, p[0], p[1]]
+            )
     # With colour groups, channel group g at p does not see groups >= g of p itself (A), but sees < g.
     x, w, b = make(1, 3, 3, 3, 4, 4, seed=6, device=device_for(backend))
     y = genkern.masked_conv2d(x, w, b, mask_type="A", color_groups=3, backend=backend)
@@ -199,12 +217,15 @@ def test_mask_a_is_causal(backend):
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_gradcheck_float64(backend):
     for k, d, groups, mask_type in [(3, 1, 3, "A"), (3, 2, 1, "B")]:
-        inputs = make(1, 3, 3 * groups if groups > 1 else 2, k, 4, 5, seed=k, requires_grad=True,
-                      device=device_for(backend))
+        inputs = make(
+            1, 3, 3 * groups if groups > 1 else 2, k, 4, 5, seed=k, requires_grad=True, device=device_for(backend)
+        )
         # The interpreter is slow per call: there gradcheck checks random projections of the Jacobian.
         assert torch.autograd.gradcheck(
             lambda *a: genkern.masked_conv2d(*a, mask_type=mask_type, color_groups=groups, dilation=d, backend=backend),
-            inputs, fast_mode=interpreted(backend))
+            inputs,
+            fast_mode=interpreted(backend),
+        )
 
 
 @pytest.mark.parametrize("backend", genkern.backends("masked_conv"))
@@ -332,8 +353,9 @@ def test_dispatch_reaches_the_kernels(monkeypatch):
         y.sum().backward()
         assert x.grad is not None and w.grad is not None and b.grad is not None
         xc, wc = torch.randn(2, 3, 7, dtype=dtype), torch.randn(3, 3, 2, dtype=dtype)
-        torch.testing.assert_close(genkern.causal_conv1d(xc, wc, dilation=2, backend=backend),
-                                   ref.causal_conv1d(xc, wc, None, 2), **TOL[dtype])
+        torch.testing.assert_close(
+            genkern.causal_conv1d(xc, wc, dilation=2, backend=backend), ref.causal_conv1d(xc, wc, None, 2), **TOL[dtype]
+        )
         return list(asked)
 
     # forward, then the backward's grad_input and grad_weight, then the causal convolution
@@ -354,11 +376,26 @@ def test_native_entry_points_check_shapes(backend):
     with pytest.raises(ValueError, match="y"):
         _native.call(_native._C.masked_conv.forward, x, w, None, torch.empty(1, 4, 4, 3, device=device), False, 1, 1)
     with pytest.raises(ValueError, match="odd"):
-        _native.call(_native._C.masked_conv.forward, x, torch.randn(4, 2, 2, 2, device=device), None,
-                     torch.empty(1, 4, 4, 4, device=device), False, 1, 1)
+        _native.call(
+            _native._C.masked_conv.forward,
+            x,
+            torch.randn(4, 2, 2, 2, device=device),
+            None,
+            torch.empty(1, 4, 4, 4, device=device),
+            False,
+            1,
+            1,
+        )
     with pytest.raises(ValueError, match="contiguous"):
-        _native.call(_native._C.masked_conv.grad_input, torch.randn(1, 4, 4, 4, device=device), w,
-                     torch.empty(1, 2, 4, 4, device=device).transpose(2, 3), False, 1, 1)
+        _native.call(
+            _native._C.masked_conv.grad_input,
+            torch.randn(1, 4, 4, 4, device=device),
+            w,
+            torch.empty(1, 2, 4, 4, device=device).transpose(2, 3),
+            False,
+            1,
+            1,
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

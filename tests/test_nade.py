@@ -3,17 +3,18 @@ reference (log-likelihood and gradients, across dtypes and sizes, including the 
 global-memory layouts of the hidden units), float64 gradcheck, sampling (bits against the reference,
 independence of the batch, a chi-square test against exactly enumerated probabilities), opcheck, bad input,
 the NADE module, and training on scikit-learn's binarised digits."""
+
 import math
 import time
 
 import pytest
 import torch
+from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 import genkern
 from genkern import backend as gk_backend
-from genkern.models import NADE
 from genkern.autoregressive import reference as ref
-from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
+from genkern.models import NADE
 
 FAMILY = "nade"
 NADE_BACKENDS = [b for b in KERNEL_BACKENDS if gk_backend.has_family(b, FAMILY)]
@@ -97,7 +98,9 @@ def test_reference_distribution_sums_to_one():
     dims = 6
     w, c, v, b = make_params(dims, 4)
     states = ((torch.arange(2**dims)[:, None] >> torch.arange(dims)) & 1).double()
-    torch.testing.assert_close(ref.nade_log_prob(states, w, c, v, b).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        ref.nade_log_prob(states, w, c, v, b).exp().sum(), torch.tensor(1.0, dtype=torch.float64)
+    )
 
 
 def test_reference_backward_is_autograd():
@@ -234,7 +237,7 @@ def test_log_prob_of_an_example_does_not_depend_on_its_batch():
     w, c, v, b = make_params(25, 12, torch.float32)
     x = make_data(11, 25, torch.float32)
     whole = genkern.nade_log_prob(x, w, c, v, b, backend="cpu")
-    parts = torch.cat([genkern.nade_log_prob(x[i:i + 3], w, c, v, b, backend="cpu") for i in range(0, 11, 3)])
+    parts = torch.cat([genkern.nade_log_prob(x[i : i + 3], w, c, v, b, backend="cpu") for i in range(0, 11, 3)])
     assert torch.equal(whole, parts)
 
 
@@ -287,8 +290,12 @@ def test_sample_does_not_depend_on_the_batch(backend):
     dims = 5 if interpreted(backend) else 17
     w, c, v, b = make_params(dims, 9, torch.float32, device)
     whole = genkern.nade_sample(w, c, v, b, 10, seed=5, offset=2, backend=backend)
-    split = torch.cat([genkern.nade_sample(w, c, v, b, 3, seed=5, offset=2, backend=backend),
-                       genkern.nade_sample(w, c, v, b, 7, seed=5, offset=2, first=3, backend=backend)])
+    split = torch.cat(
+        [
+            genkern.nade_sample(w, c, v, b, 3, seed=5, offset=2, backend=backend),
+            genkern.nade_sample(w, c, v, b, 7, seed=5, offset=2, first=3, backend=backend),
+        ]
+    )
     assert torch.equal(whole, split)
     one = genkern.nade_sample(w, c, v, b, 1, seed=5, offset=2, first=6, backend=backend)
     assert torch.equal(one, whole[6:7])
@@ -329,8 +336,10 @@ def test_samples_pass_chi_square_against_exact_probabilities(backend):
     once in a million runs (here the seed is fixed, so the outcome is too)."""
     pytest.importorskip("scipy")
     if interpreted(backend):
-        pytest.skip("too many samples for the Triton interpreter; its draws equal the reference's bit for bit "
-                    "(test_sample_float64_is_the_reference_bit_for_bit), which passes here")
+        pytest.skip(
+            "too many samples for the Triton interpreter; its draws equal the reference's bit for bit "
+            "(test_sample_float64_is_the_reference_bit_for_bit), which passes here"
+        )
     n = 40_000 if backend != "reference" else 4_000  # the eager reference steps in Python
     device = _device(backend)
     w, c, v, b = make_params(4, 3, device=device, seed=11)
@@ -360,8 +369,10 @@ def test_opcheck(backend):
     samples = [
         (ops.nade_log_prob, (x, w, c, v, b)),
         (ops.nade_log_prob, (x[::2], w.detach().t().contiguous().t(), c, v, b)),
-        (ops.nade_log_prob_backward, (torch.randn(4, device=device), x, w.detach(), c.detach(), v.detach(),
-                                      b.detach())),
+        (
+            ops.nade_log_prob_backward,
+            (torch.randn(4, device=device), x, w.detach(), c.detach(), v.detach(), b.detach()),
+        ),
         (ops.nade_sample, (w.detach(), c.detach(), v.detach(), b.detach(), 3, 1, 2, 0)),
         (ops.nade_sample, (w.detach(), c.detach(), v.detach(), b.detach(), 2, -5, 0, 7)),
     ]
@@ -408,8 +419,10 @@ def test_cuda_backward_is_deterministic_and_agrees_with_cpu():
         torch.testing.assert_close(g.cpu(), e, rtol=1e-4, atol=1e-4)
     # Samples in float64 draw the very bits the CPU draws.
     w64, c64, v64, b64 = make_params(30, 2100, device="cuda")
-    assert torch.equal(genkern.nade_sample(w64, c64, v64, b64, 6, seed=1, backend="cuda").cpu(),
-                       genkern.nade_sample(*(t.cpu() for t in (w64, c64, v64, b64)), 6, seed=1, backend="cpu"))
+    assert torch.equal(
+        genkern.nade_sample(w64, c64, v64, b64, 6, seed=1, backend="cuda").cpu(),
+        genkern.nade_sample(*(t.cpu() for t in (w64, c64, v64, b64)), 6, seed=1, backend="cpu"),
+    )
 
 
 # ================================================================================================ bad input
@@ -473,6 +486,7 @@ def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
 def test_native_checks_guard_the_kernels():
     """The compiled entry points check shapes themselves (they are reachable without the ops)."""
     from genkern import _native
+
     w, c, v, b = make_params(6, 4, torch.float32)
     x = make_data(3, 6, torch.float32)
     fam = _native.Kernels(_native._C.nade)
@@ -487,8 +501,9 @@ def test_native_checks_guard_the_kernels():
     with pytest.raises(TypeError, match="x"):
         fam.log_prob(x.double(), w, c, v, b, torch.empty(3))
     with pytest.raises(ValueError, match="grad_c"):
-        fam.log_prob_backward(torch.ones(3), x, w, c, v, b, torch.empty_like(w), torch.empty(5), torch.empty_like(v),
-                              torch.empty_like(b))
+        fam.log_prob_backward(
+            torch.ones(3), x, w, c, v, b, torch.empty_like(w), torch.empty(5), torch.empty_like(v), torch.empty_like(b)
+        )
     with pytest.raises(ValueError, match="out"):
         fam.sample(w, c, v, b, torch.empty(2, 5), 0, 0, 0)
     with pytest.raises(ValueError, match="first"):
@@ -529,9 +544,14 @@ def test_module_float64_and_backend():
 
 def test_module_bad_input():
     model = NADE(12, 5)
-    for bad, error in ((torch.zeros(4, 11), ValueError), (torch.zeros(4, 2, 3, 2), ValueError),
-                       (torch.zeros(4, 3, 5), ValueError), (torch.zeros(12), ValueError),
-                       (torch.full((2, 12), 2.0), ValueError), ([[0] * 12], TypeError)):
+    for bad, error in (
+        (torch.zeros(4, 11), ValueError),
+        (torch.zeros(4, 2, 3, 2), ValueError),
+        (torch.zeros(4, 3, 5), ValueError),
+        (torch.zeros(12), ValueError),
+        (torch.full((2, 12), 2.0), ValueError),
+        ([[0] * 12], TypeError),
+    ):
         with pytest.raises(error, match="x"):
             model.log_prob(bad)
     with pytest.raises(ValueError, match="n_dims"):
@@ -580,8 +600,10 @@ def test_train_on_binarised_digits():
     with torch.no_grad():
         nade = model.bits_per_dim(test).item()
         train_bits = model.bits_per_dim(train).item()
-    print(f"\nbinarised digits: NADE {nade:.4f} bits/dim on test ({train_bits:.4f} on train) after "
-          f"{time.perf_counter() - start:.1f} s; independent pixels {baseline:.4f} bits/dim")
+    print(
+        f"\nbinarised digits: NADE {nade:.4f} bits/dim on test ({train_bits:.4f} on train) after "
+        f"{time.perf_counter() - start:.1f} s; independent pixels {baseline:.4f} bits/dim"
+    )
     assert nade < 0.8 * baseline  # measured 0.73
     samples = model.sample(300, seed=0)
     # The samples' pixel marginals follow the data's.

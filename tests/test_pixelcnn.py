@@ -1,18 +1,19 @@
 """PixelCNN and GatedPixelCNN: shapes, exact likelihood, causality (perturbation and autograd), no blind
 spot, cached sampling against naive sampling, and training on scikit-learn's 8x8 digits."""
+
 import itertools
 import math
 import time
 
 import pytest
 import torch
+from conftest import device_for
 
 import genkern
-from genkern.models import GatedPixelCNN, PixelCNN
-from genkern.nn import GatedMaskedConv2d
 from genkern.autoregressive import draw_base, gumbel_argmax
 from genkern.autoregressive.reference import mask
-from conftest import device_for
+from genkern.models import GatedPixelCNN, PixelCNN
+from genkern.nn import GatedMaskedConv2d
 
 MODELS = [PixelCNN, GatedPixelCNN]
 SAMPLER_BACKENDS = genkern.backends("pixelcnn_sampling")
@@ -142,8 +143,7 @@ def test_masked_weights_are_ignored_by_every_sampler():
     want = m.sample(2, seed=1)
     with torch.no_grad():
         for conv in (m.input, *m.layers, m.head, m.output):
-            keep = mask(conv.kernel_size, conv.mask_type, conv.in_channels,
-                        conv.out_channels, conv.color_groups)
+            keep = mask(conv.kernel_size, conv.mask_type, conv.in_channels, conv.out_channels, conv.color_groups)
             conv.weight.masked_fill_(keep == 0, float("nan"))
     for backend in SAMPLER_BACKENDS:
         assert torch.equal(m.to(device_for(backend)).sample(2, seed=1, backend=backend).cpu(), want)
@@ -207,31 +207,37 @@ def test_samples_follow_the_model():
 # bad input
 # -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", MODELS)
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"kernel_size": 4}, ValueError, "kernel_size must be odd"),
-    ({"hidden_kernel_size": 2}, ValueError, "kernel_size must be odd"),
-    ({"colors": 3, "hidden": 8}, ValueError, "divisible"),
-    ({"levels": 1}, ValueError, "levels"),
-    ({"n_layers": 0}, ValueError, "n_layers"),
-    ({"size": (3, 0)}, ValueError, "image_size"),
-    ({"hidden": 2.5}, TypeError, "hidden_channels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"kernel_size": 4}, ValueError, "kernel_size must be odd"),
+        ({"hidden_kernel_size": 2}, ValueError, "kernel_size must be odd"),
+        ({"colors": 3, "hidden": 8}, ValueError, "divisible"),
+        ({"levels": 1}, ValueError, "levels"),
+        ({"n_layers": 0}, ValueError, "n_layers"),
+        ({"size": (3, 0)}, ValueError, "image_size"),
+        ({"hidden": 2.5}, TypeError, "hidden_channels"),
+    ],
+)
 def test_bad_model_arguments(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
         make(cls, **kwargs)
 
 
-@pytest.mark.parametrize("x, error, match", [
-    (torch.full((1, 1, 5, 6), 4), ValueError, r"levels in \[0, 4\)"),
-    (torch.full((1, 1, 5, 6), -1), ValueError, "levels"),
-    (torch.full((1, 1, 5, 6), 0.5), ValueError, "levels"),
-    (torch.full((1, 1, 5, 6), float("nan")), ValueError, "levels"),
-    (torch.zeros(1, 5, 6), ValueError, "x must have shape"),
-    (torch.zeros(1, 2, 5, 6), ValueError, "x must have shape"),
-    (torch.zeros(1, 1, 6, 5), ValueError, "x must have shape"),
-    (torch.zeros(1, 1, 5, 6, dtype=torch.bool), TypeError, "numeric"),
-    ([[0]], TypeError, "x"),
-])
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.full((1, 1, 5, 6), 4), ValueError, r"levels in \[0, 4\)"),
+        (torch.full((1, 1, 5, 6), -1), ValueError, "levels"),
+        (torch.full((1, 1, 5, 6), 0.5), ValueError, "levels"),
+        (torch.full((1, 1, 5, 6), float("nan")), ValueError, "levels"),
+        (torch.zeros(1, 5, 6), ValueError, "x must have shape"),
+        (torch.zeros(1, 2, 5, 6), ValueError, "x must have shape"),
+        (torch.zeros(1, 1, 6, 5), ValueError, "x must have shape"),
+        (torch.zeros(1, 1, 5, 6, dtype=torch.bool), TypeError, "numeric"),
+        ([[0]], TypeError, "x"),
+    ],
+)
 def test_bad_inputs(x, error, match):
     m = make(PixelCNN)
     with pytest.raises(error, match=match):
@@ -288,8 +294,9 @@ def independent_pixel_bits(train, test, levels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls, levels, steps, ratio", [
-    (PixelCNN, 2, 300, 0.8), (PixelCNN, 16, 300, 0.85), (GatedPixelCNN, 2, 300, 0.8)])
+@pytest.mark.parametrize(
+    "cls, levels, steps, ratio", [(PixelCNN, 2, 300, 0.8), (PixelCNN, 16, 300, 0.85), (GatedPixelCNN, 2, 300, 0.8)]
+)
 def test_training_on_digits_beats_independent_pixels(cls, levels, steps, ratio):
     """A few hundred Adam steps on the 1500 training digits; test NLL against the independent-pixel
     baseline. Measured (2-core CI machine, 300 steps): binarised, PixelCNN 0.41 and GatedPixelCNN 0.39 bits/dim
@@ -311,7 +318,9 @@ def test_training_on_digits_beats_independent_pixels(cls, levels, steps, ratio):
     with torch.no_grad():
         bits = m.bits_per_dim(test).mean().item()
         samples = m.sample(4, seed=0)
-    print(f"\n{cls.__name__} {levels} levels: test {bits:.3f} bits/dim vs independent pixels {baseline:.3f} "
-          f"({time.time() - start:.0f} s)")
+    print(
+        f"\n{cls.__name__} {levels} levels: test {bits:.3f} bits/dim vs independent pixels {baseline:.3f} "
+        f"({time.time() - start:.0f} s)"
+    )
     assert samples.shape == (4, 1, 8, 8)
     assert bits < ratio * baseline

@@ -1,13 +1,12 @@
 """The pixelcnn_sampling family: Gumbel-max draws on the genkern stream and the cached sampler's program
 runner, compiled (cpu, cuda) against the reference."""
-import math
 
 import pytest
 import torch
+from conftest import device_for, dtypes_for
 
 import genkern
 from genkern import backend as gk_backend
-from conftest import device_for, dtypes_for
 from genkern.autoregressive import Program, draw_base, gumbel_argmax
 from genkern.autoregressive import reference as ref
 
@@ -46,8 +45,9 @@ def test_gumbel_argmax_draws_follow_the_softmax(backend):
     logits = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
     n = 40000
     device = device_for(backend)
-    draws = gumbel_argmax(logits.expand(n, 5).contiguous().to(device), torch.arange(n, device=device) * 5, seed=3,
-                          backend=backend).cpu()
+    draws = gumbel_argmax(
+        logits.expand(n, 5).contiguous().to(device), torch.arange(n, device=device) * 5, seed=3, backend=backend
+    ).cpu()
     counts = torch.bincount(draws, minlength=5).double()
     expected = torch.softmax(logits.double(), 0) * n
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
@@ -74,16 +74,19 @@ def test_gumbel_argmax_is_an_op():
             torch.library.opcheck(torch.ops.genkern.gumbel_argmax.default, (logits.to(device), base.to(device), 3, 0))
 
 
-@pytest.mark.parametrize("logits, base, kwargs, error, match", [
-    (torch.zeros(3), torch.zeros(3, dtype=torch.int64), {}, ValueError, "logits must have shape"),
-    (torch.zeros(3, 0), torch.zeros(3, dtype=torch.int64), {}, ValueError, "logits must have shape"),
-    (torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), {}, TypeError, "logits"),
-    (torch.zeros(3, 2), torch.zeros(3), {}, TypeError, "base must be an int64"),
-    (torch.zeros(3, 2), torch.zeros(4, dtype=torch.int64), {}, ValueError, "base must have shape"),
-    (torch.zeros(3, 2), -torch.ones(3, dtype=torch.int64), {}, ValueError, "base must be non-negative"),
-    (torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), {"seed": -1}, ValueError, "seed"),
-    (torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), {"backend": "cuda"}, ValueError, "backend"),
-])
+@pytest.mark.parametrize(
+    "logits, base, kwargs, error, match",
+    [
+        (torch.zeros(3), torch.zeros(3, dtype=torch.int64), {}, ValueError, "logits must have shape"),
+        (torch.zeros(3, 0), torch.zeros(3, dtype=torch.int64), {}, ValueError, "logits must have shape"),
+        (torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), {}, TypeError, "logits"),
+        (torch.zeros(3, 2), torch.zeros(3), {}, TypeError, "base must be an int64"),
+        (torch.zeros(3, 2), torch.zeros(4, dtype=torch.int64), {}, ValueError, "base must have shape"),
+        (torch.zeros(3, 2), -torch.ones(3, dtype=torch.int64), {}, ValueError, "base must be non-negative"),
+        (torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), {"seed": -1}, ValueError, "seed"),
+        (torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64), {"backend": "cuda"}, ValueError, "backend"),
+    ],
+)
 def test_gumbel_argmax_bad_arguments(logits, base, kwargs, error, match):
     with pytest.raises(error, match=match):
         gumbel_argmax(logits, base, **{"seed": 0, **kwargs})
@@ -108,8 +111,7 @@ def small_program(batch, colors=2, levels=3, hidden=6, seed=0):
     h = p.cache(2 * hidden)
     keep = torch.ones(2 * hidden, colors, 2, 3)
     keep[:, :, 1, 1:] = 0  # the current pixel and the right of it: never seen
-    p.conv(0, h, rnd(2 * hidden, colors, 2, 3), keep, anchor=(1, 1), bias=rnd(2 * hidden),
-           cond=rnd(batch, 2 * hidden))
+    p.conv(0, h, rnd(2 * hidden, colors, 2, 3), keep, anchor=(1, 1), bias=rnd(2 * hidden), cond=rnd(batch, 2 * hidden))
     p.conv(v, h, rnd(2 * hidden, hidden, 1, 1), accumulate=True)
     gated = p.cache(hidden)
     p.gate(h, gated)
@@ -126,8 +128,9 @@ def test_program_runner_matches_the_reference(backend, batch):
     levels = 3
     p = small_program(batch, levels=levels)
     kwargs = dict(levels=levels, scale=0.7, shift=-0.3, seed=4, offset=2, first_sample=3)
-    got = p.run(torch.zeros(batch, 2, 4, 5, dtype=torch.int64, device=device_for(backend)), backend=backend,
-                **kwargs).cpu()
+    got = p.run(
+        torch.zeros(batch, 2, 4, 5, dtype=torch.int64, device=device_for(backend)), backend=backend, **kwargs
+    ).cpu()
     want = p.run(torch.zeros(batch, 2, 4, 5, dtype=torch.int64), backend="reference", **kwargs)
     assert torch.equal(got, want)
     assert got.unique().numel() == levels  # the test is not trivial
@@ -136,39 +139,70 @@ def test_program_runner_matches_the_reference(backend, batch):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_program_runner_empty_batch(backend):
     p = small_program(0)
-    out = p.run(torch.zeros(0, 2, 4, 5, dtype=torch.int64, device=device_for(backend)), levels=3, scale=1.0, shift=0.0, seed=0, offset=0,
-                first_sample=0, backend=backend)
+    out = p.run(
+        torch.zeros(0, 2, 4, 5, dtype=torch.int64, device=device_for(backend)),
+        levels=3,
+        scale=1.0,
+        shift=0.0,
+        seed=0,
+        offset=0,
+        first_sample=0,
+        backend=backend,
+    )
     assert out.shape == (0, 2, 4, 5)
 
 
 def run_raw(nodes, caches=None, out=None, logits=2, levels=2):
     out = torch.zeros(2, 1, 3, 3, dtype=torch.int64) if out is None else out
     caches = caches or [torch.zeros(2, 3, 3, 1), torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 2)]
-    genkern._native._C.pixelcnn_sampling.sample([genkern._native.array(c) for c in caches],
-                                                [tuple(genkern._native.array(v) if isinstance(v, torch.Tensor) else v
-                                                       for v in n) for n in nodes],
-                                                genkern._native.array(out), logits, levels, 1.0, 0.0, 0, 0, 0)
+    genkern._native._C.pixelcnn_sampling.sample(
+        [genkern._native.array(c) for c in caches],
+        [tuple(genkern._native.array(v) if isinstance(v, torch.Tensor) else v for v in n) for n in nodes],
+        genkern._native.array(out),
+        logits,
+        levels,
+        1.0,
+        0.0,
+        0,
+        0,
+        0,
+    )
 
 
 def conv_node(src, dst, c_in, c_out, dy=(-1,), dx=(0,), row=False, accumulate=False, residual=-1):
-    return (0, row, src, dst, residual, False, accumulate, list(dy), list(dx), torch.zeros(len(dy), c_in, c_out),
-            None, None)
+    return (
+        0,
+        row,
+        src,
+        dst,
+        residual,
+        False,
+        accumulate,
+        list(dy),
+        list(dx),
+        torch.zeros(len(dy), c_in, c_out),
+        None,
+        None,
+    )
 
 
 @pytest.mark.skipif("cpu" not in KERNELS, reason="the compiled runner's own checks")
-@pytest.mark.parametrize("nodes, match", [
-    ([conv_node(0, 1, 1, 4), conv_node(1, 2, 4, 2, dy=(0,), dx=(1,))], "not computed yet"),
-    ([conv_node(0, 1, 1, 4, dy=(0,), dx=(0,), row=True)], "not computed yet"),
-    ([conv_node(1, 2, 4, 2)], "reads a cache no earlier node writes"),
-    ([conv_node(0, 1, 1, 4, accumulate=True)], "cannot accumulate"),
-    ([conv_node(0, 1, 1, 3)], "weight must have shape"),
-    ([conv_node(0, 5, 1, 4)], "cache index out of range"),
-    ([conv_node(0, 0, 1, 1)], "cache index out of range"),
-    ([conv_node(0, 1, 1, 4, dy=(), dx=())], "same taps"),
-    ([(1, False, 1, 2, -1, False, False, [], [], None, None, None)], "reads a cache no earlier node writes"),
-    ([conv_node(0, 1, 1, 4), (1, False, 1, 2, -1, False, False, [], [], None, None, None)], None),
-    ([conv_node(0, 1, 1, 4), conv_node(1, 2, 4, 2, row=True), conv_node(1, 2, 4, 2)], "both row and pixel"),
-])
+@pytest.mark.parametrize(
+    "nodes, match",
+    [
+        ([conv_node(0, 1, 1, 4), conv_node(1, 2, 4, 2, dy=(0,), dx=(1,))], "not computed yet"),
+        ([conv_node(0, 1, 1, 4, dy=(0,), dx=(0,), row=True)], "not computed yet"),
+        ([conv_node(1, 2, 4, 2)], "reads a cache no earlier node writes"),
+        ([conv_node(0, 1, 1, 4, accumulate=True)], "cannot accumulate"),
+        ([conv_node(0, 1, 1, 3)], "weight must have shape"),
+        ([conv_node(0, 5, 1, 4)], "cache index out of range"),
+        ([conv_node(0, 0, 1, 1)], "cache index out of range"),
+        ([conv_node(0, 1, 1, 4, dy=(), dx=())], "same taps"),
+        ([(1, False, 1, 2, -1, False, False, [], [], None, None, None)], "reads a cache no earlier node writes"),
+        ([conv_node(0, 1, 1, 4), (1, False, 1, 2, -1, False, False, [], [], None, None, None)], None),
+        ([conv_node(0, 1, 1, 4), conv_node(1, 2, 4, 2, row=True), conv_node(1, 2, 4, 2)], "both row and pixel"),
+    ],
+)
 def test_program_contract_is_checked(nodes, match):
     if match is None:  # a valid program: a gate halving 4 channels into the 2 logits
         run_raw(nodes)
@@ -190,7 +224,8 @@ def test_program_arrays_are_checked():
         run_raw(nodes, out=torch.zeros(2, 1, 3, 3))
     # Arrays on another device than out's: refused before anything reads them (the description alone).
     w = torch.zeros(1, 1, 4)
-    elsewhere = genkern._native._C.Array(w.data_ptr(), [1, 1, 4], [4, 4, 1], genkern._native._C.DType.float32,
-                                         genkern._native._C.Device.cuda, 0)
+    elsewhere = genkern._native._C.Array(
+        w.data_ptr(), [1, 1, 4], [4, 4, 1], genkern._native._C.DType.float32, genkern._native._C.Device.cuda, 0
+    )
     with pytest.raises(ValueError, match="weight and out are on different devices"):
         run_raw([(0, False, 0, 1, -1, False, False, [-1], [0], elsewhere, None, None), conv_node(1, 2, 4, 2)])

@@ -4,22 +4,26 @@ Statistical tests state their false-failure rate: each KS test fails a correct g
 1e-6 (p-value threshold); each moment or correlation check uses a 5.5-sigma CLT bound (two-sided false
 failure about 4e-8). Seeds are fixed, so a pass is repeatable.
 """
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import KERNEL_BACKENDS, device_for, interpreted
 
 import genkern
 from genkern.random import reference as ref
-from conftest import KERNEL_BACKENDS, device_for, interpreted
 
 # Random123's published known-answer vectors for Philox4x32-10: (counter, key, result).
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 SEEDS_OFFSETS = [(0, 0), (1234, 7), (2**64 - 1, 2**64 - 1), (2**40 + 3, 2**33)]
@@ -87,8 +91,11 @@ def test_normals_agree_with_exact_box_muller_to_a_few_ulp(backend, seed, offset)
     assert _ulps(got, exact).max() <= 4.0
 
 
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "cpu"] or [pytest.param(
-    "none", marks=pytest.mark.skip(reason="no kernel backend besides cpu here"))])
+@pytest.mark.parametrize(
+    "backend",
+    [b for b in KERNEL_BACKENDS if b != "cpu"]
+    or [pytest.param("none", marks=pytest.mark.skip(reason="no kernel backend besides cpu here"))],
+)
 def test_normals_identical_on_every_backend(backend):
     n = 2053
     cpu = genkern.randn(n, seed=99, offset=5, backend="cpu")
@@ -183,11 +190,18 @@ def test_seed_none_follows_torch_manual_seed():
     assert not torch.equal(b, c)
 
 
-@pytest.mark.parametrize("kwargs,error,word", [
-    (dict(seed=-1), ValueError, "seed"), (dict(seed=2**64), ValueError, "seed"), (dict(seed=1.5), TypeError, "seed"),
-    (dict(seed=1, offset=-2), ValueError, "offset"), (dict(seed=1, backend="gpu"), ValueError, "backend"),
-    (dict(seed=1, dtype=torch.int32), TypeError, "dtype"), (dict(seed=1, device="gpu"), ValueError, "device"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,word",
+    [
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=2**64), ValueError, "seed"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(seed=1, offset=-2), ValueError, "offset"),
+        (dict(seed=1, backend="gpu"), ValueError, "backend"),
+        (dict(seed=1, dtype=torch.int32), TypeError, "dtype"),
+        (dict(seed=1, device="gpu"), ValueError, "device"),
+    ],
+)
 def test_randn_rejects_bad_arguments(kwargs, error, word):
     with pytest.raises(error, match=word):
         genkern.randn(10, **kwargs)

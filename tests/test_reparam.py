@@ -1,15 +1,16 @@
 """The reparam family: every kernel backend against the reference and against torch.distributions,
 forward and backward, across dtypes, shapes and layouts; gradcheck, opcheck, torch.compile, bad input."""
+
 import math
 
 import pytest
 import torch
+from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, dtypes_for, interpreted
 from torch.distributions import Normal, kl_divergence
 
 import genkern
 from genkern import backend as gk_backend
 from genkern.reparam import reference as ref
-from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, dtypes_for, interpreted
 
 SHAPES = [(0,), (1,), (7,), (3, 5), (4, 0), (2, 3, 129)]
 BIG_SHAPE = (37, 4099)  # odd sizes crossing every chunk boundary of the CPU and GPU kernels
@@ -80,7 +81,9 @@ def test_non_contiguous_inputs(backend):
     for view in (lambda t: t.t(), lambda t: t[::2, 1::3], lambda t: t.unsqueeze(0).expand(3, 9, 14)[1]):
         mu, logvar = view(base_mu), view(base_lv)
         z = genkern.reparameterize(mu, logvar, seed=1, backend=backend)
-        assert_close(z.cpu(), ref.reparameterize(mu.cpu().contiguous(), logvar.cpu().contiguous(), seed=1), torch.float32)
+        assert_close(
+            z.cpu(), ref.reparameterize(mu.cpu().contiguous(), logvar.cpu().contiguous(), seed=1), torch.float32
+        )
         z, kl = genkern.reparameterize_kl(mu, logvar, seed=1, dim=0, backend=backend)
         assert_close(kl.cpu(), ref.gaussian_kl(mu.cpu(), logvar.cpu(), 0), torch.float32, scale=10)
 
@@ -151,7 +154,9 @@ def test_gaussian_log_prob_broadcasts_parameters(backend, dtype):
     assert_close(genkern.gaussian_log_prob(z, mu, logvar, backend=backend).cpu(), expected, dtype, scale=30)
     for dim in ((0, 2), 0):  # reduced dims that are not the trailing ones
         expected = Normal(mu.cpu().double(), torch.exp(0.5 * logvar.cpu().double())).log_prob(z.cpu().double()).sum(dim)
-        assert_close(genkern.gaussian_log_prob(z, mu, logvar, dim=dim, backend=backend).cpu(), expected, dtype, scale=30)
+        assert_close(
+            genkern.gaussian_log_prob(z, mu, logvar, dim=dim, backend=backend).cpu(), expected, dtype, scale=30
+        )
     one = make((1, 17), dtype, device, seed=5)[0]  # a broadcast that needs expanding
     expected = Normal(one.cpu().double(), 1.0).log_prob(z.cpu().double()).sum(-1)
     assert_close(genkern.gaussian_log_prob(z, one, backend=backend).cpu(), expected, dtype, scale=30)
@@ -187,7 +192,9 @@ def test_iwae_with_one_sample_is_the_elbo_term():
 def test_iwae_event_dims_are_flattened():
     log_px_z, z, mu, logvar = _iwae_inputs(3, 2, 12, torch.float64, "cpu")
     flat = genkern.iwae_bound(log_px_z, z, mu, logvar)
-    torch.testing.assert_close(genkern.iwae_bound(log_px_z, z.reshape(3, 2, 3, 4), mu.reshape(2, 3, 4), logvar.reshape(2, 3, 4)), flat)
+    torch.testing.assert_close(
+        genkern.iwae_bound(log_px_z, z.reshape(3, 2, 3, 4), mu.reshape(2, 3, 4), logvar.reshape(2, 3, 4)), flat
+    )
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -205,15 +212,24 @@ def _grads(fn, inputs, backend):
 
 BACKWARD_CASES = {
     "reparameterize": (lambda mu, lv, backend: genkern.reparameterize(mu, lv, seed=3, offset=1, backend=backend), 2),
-    "reparameterize_k": (lambda mu, lv, backend: genkern.reparameterize(mu, lv, seed=3, num_samples=3, backend=backend), 2),
+    "reparameterize_k": (
+        lambda mu, lv, backend: genkern.reparameterize(mu, lv, seed=3, num_samples=3, backend=backend),
+        2,
+    ),
     "reparameterize_eps": (lambda mu, lv, eps, backend: genkern.reparameterize(mu, lv, eps=eps, backend=backend), 3),
     "gaussian_kl": (lambda mu, lv, backend: genkern.gaussian_kl(mu, lv, backend=backend), 2),
     "gaussian_kl_dim0": (lambda mu, lv, backend: genkern.gaussian_kl(mu, lv, dim=0, backend=backend), 2),
     "reparameterize_kl": (lambda mu, lv, backend: genkern.reparameterize_kl(mu, lv, seed=4, backend=backend), 2),
-    "reparameterize_kl_dim0": (lambda mu, lv, backend: genkern.reparameterize_kl(mu, lv, seed=4, dim=0, backend=backend), 2),
+    "reparameterize_kl_dim0": (
+        lambda mu, lv, backend: genkern.reparameterize_kl(mu, lv, seed=4, dim=0, backend=backend),
+        2,
+    ),
     "log_prob": (lambda z, mu, lv, backend: genkern.gaussian_log_prob(z, mu, lv, backend=backend), 3),
     "log_prob_std": (lambda z, backend: genkern.gaussian_log_prob(z, backend=backend), 1),
-    "log_prob_broadcast": (lambda z, mu, lv, backend: genkern.gaussian_log_prob(z.reshape(2, *mu.shape), mu, lv, backend=backend), 3),
+    "log_prob_broadcast": (
+        lambda z, mu, lv, backend: genkern.gaussian_log_prob(z.reshape(2, *mu.shape), mu, lv, backend=backend),
+        3,
+    ),
 }
 
 
@@ -285,7 +301,8 @@ def test_zero_dimensional_tensors():
         assert genkern.gaussian_log_prob(z, mu, logvar, backend=backend).shape == ()
         assert torch.autograd.gradcheck(
             lambda m, lv: genkern.gaussian_kl(m, lv, dim=None, backend=backend),
-            (mu.clone().requires_grad_(), logvar.clone().requires_grad_()))
+            (mu.clone().requires_grad_(), logvar.clone().requires_grad_()),
+        )
 
 
 def test_reparameterize_gradient_is_the_analytic_one():
@@ -322,8 +339,10 @@ def test_gradcheck_iwae(backend):
 def _opcheck_samples(device):
     mu, lv = make((4, 6), torch.float32, device, requires_grad=True)
     mu_t, lv_t = (t.detach().t().requires_grad_(True) for t in make((6, 4), torch.float32, device, seed=7))
-    mu4, lv4 = (t.to(memory_format=torch.channels_last).requires_grad_(True)
-                for t in make((2, 3, 4, 5), torch.float32, device, seed=8))
+    mu4, lv4 = (
+        t.to(memory_format=torch.channels_last).requires_grad_(True)
+        for t in make((2, 3, 4, 5), torch.float32, device, seed=8)
+    )
     z3 = make((2, 4, 6), torch.float32, device, seed=3, requires_grad=True)[0]
     lp = make((2, 4), torch.float32, device, seed=4, requires_grad=True)[0]
     g = make((4, 6), torch.float32, device, seed=5)[0]
@@ -339,12 +358,16 @@ def _opcheck_samples(device):
         (ops.gaussian_kl_backward, (torch.randn(2, device=device), mu4.detach(), lv4.detach(), 1, 4)),
         (ops.reparameterize_kl, (mu, lv, None, 7, 0, 1, 2)),
         (ops.reparameterize_kl, (mu4, lv4, None, 7, 3, 1, 4)),
-        (ops.reparameterize_kl_backward,
-         (None, torch.randn(2, device=device), mu4.detach(), lv4.detach(), None, 7, 3, 1, 4)),
+        (
+            ops.reparameterize_kl_backward,
+            (None, torch.randn(2, device=device), mu4.detach(), lv4.detach(), None, 7, 3, 1, 4),
+        ),
         (ops.gaussian_log_prob, (z3, mu, lv, 2, 3)),
         (ops.gaussian_log_prob, (z3.transpose(0, 1), None, None, 1, 3)),
-        (ops.gaussian_log_prob_backward,
-         (torch.randn(2, 4, device=device), z3.detach(), mu.detach(), lv.detach(), 2, 3)),
+        (
+            ops.gaussian_log_prob_backward,
+            (torch.randn(2, 4, device=device), z3.detach(), mu.detach(), lv.detach(), 2, 3),
+        ),
         (ops.iwae_bound, (lp, z3, mu, lv)),
         (ops.iwae_bound, (lp.t().contiguous().t(), z3, mu_t.detach().contiguous(), lv_t.detach().contiguous())),
         (ops.randn, ([3, 5], 1, 2, torch.float32, torch.device(device))),

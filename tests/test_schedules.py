@@ -1,5 +1,6 @@
 """genkern.diffusion.schedules.NoiseSchedule: betas and alpha-bar against diffusers' schedulers, inference timesteps
 against their set_timesteps for every spacing and offset, the float32 lookup table, and bad arguments."""
+
 import math
 
 import numpy as np
@@ -55,8 +56,9 @@ def test_betas_and_alphas_cumprod_match_diffusers(ours, theirs, kw, T):
 
 def test_linear_schedules_in_float64():
     s = NoiseSchedule("linear", num_train_timesteps=11, beta_start=0.001, beta_end=0.011)
-    torch.testing.assert_close(s.betas, torch.tensor([0.001 + 0.001 * i for i in range(11)], dtype=torch.float64),
-                               rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        s.betas, torch.tensor([0.001 + 0.001 * i for i in range(11)], dtype=torch.float64), rtol=1e-13, atol=0
+    )
     s = NoiseSchedule("scaled_linear", num_train_timesteps=3, beta_start=0.01, beta_end=0.09)
     torch.testing.assert_close(s.betas, torch.tensor([0.01, 0.04, 0.09], dtype=torch.float64), rtol=1e-13, atol=0)
 
@@ -81,11 +83,14 @@ def test_zero_terminal_snr_matches_diffusers(ours, theirs, kw):
     # Lin et al.: alpha-bar_{T-1} = 0 (beta = 1), alpha-bar_0 unchanged.
     assert s.alphas_cumprod[-1] == 0.0 and s.betas[-1] == 1.0
     torch.testing.assert_close(s.alphas_cumprod[0], plain.alphas_cumprod[0], rtol=1e-14, atol=0)
-    torch.testing.assert_close(s.alphas_cumprod.sqrt(),
-                               (plain.alphas_cumprod.sqrt() - plain.alphas_cumprod[-1].sqrt())
-                               * plain.alphas_cumprod[0].sqrt()
-                               / (plain.alphas_cumprod[0].sqrt() - plain.alphas_cumprod[-1].sqrt()),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        s.alphas_cumprod.sqrt(),
+        (plain.alphas_cumprod.sqrt() - plain.alphas_cumprod[-1].sqrt())
+        * plain.alphas_cumprod[0].sqrt()
+        / (plain.alphas_cumprod[0].sqrt() - plain.alphas_cumprod[-1].sqrt()),
+        rtol=1e-12,
+        atol=1e-15,
+    )
 
 
 def test_explicit_betas_override_the_named_schedule():
@@ -93,16 +98,23 @@ def test_explicit_betas_override_the_named_schedule():
     for given in (betas, np.array(betas), torch.tensor(betas, dtype=torch.float64), torch.tensor(betas)):
         s = NoiseSchedule("cosine", betas=given)
         assert s.num_train_timesteps == 4
-        exact = torch.tensor(betas, dtype=torch.float64) if not (isinstance(given, torch.Tensor)
-                                                                 and given.dtype == torch.float32) else given.double()
+        exact = (
+            torch.tensor(betas, dtype=torch.float64)
+            if not (isinstance(given, torch.Tensor) and given.dtype == torch.float32)
+            else given.double()
+        )
         assert torch.equal(s.betas, exact)
         torch.testing.assert_close(s.alphas_cumprod, torch.cumprod(1 - exact, 0), rtol=1e-15, atol=0)
     assert NoiseSchedule(betas=betas, num_train_timesteps=4).num_train_timesteps == 4
     d = DDPMScheduler(num_train_timesteps=4, trained_betas=betas)
     torch.testing.assert_close(NoiseSchedule(betas=betas).alphas_cumprod, d.alphas_cumprod.double(), rtol=1e-6, atol=0)
     # Rescaling applies to explicit betas too.
-    torch.testing.assert_close(NoiseSchedule(betas=betas, rescale_zero_terminal_snr=True).betas,
-                               rescale_zero_terminal_snr(torch.tensor(betas, dtype=torch.float64)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        NoiseSchedule(betas=betas, rescale_zero_terminal_snr=True).betas,
+        rescale_zero_terminal_snr(torch.tensor(betas, dtype=torch.float64)),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_properties_are_copies_and_final_alpha():
@@ -118,8 +130,9 @@ def test_properties_are_copies_and_final_alpha():
 
 @pytest.mark.parametrize("final_alpha_one", [True, False])
 def test_table_layout_and_cache(final_alpha_one):
-    s = NoiseSchedule("scaled_linear", num_train_timesteps=20, beta_start=0.00085, beta_end=0.012,
-                      final_alpha_one=final_alpha_one)
+    s = NoiseSchedule(
+        "scaled_linear", num_train_timesteps=20, beta_start=0.00085, beta_end=0.012, final_alpha_one=final_alpha_one
+    )
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         table = s.table(device)
@@ -208,52 +221,61 @@ def test_diffusers_trailing_timesteps_can_have_an_extra_minus_one():
 # ------------------------------------------------------------------------------------------- bad arguments
 
 
-@pytest.mark.parametrize("kwargs,exc,name", [
-    ({"beta_schedule": "quadratic"}, ValueError, "beta_schedule"),
-    ({"beta_schedule": "squaredcos_cap_v2"}, ValueError, "cosine"),
-    ({"beta_schedule": 3}, TypeError, "beta_schedule"),
-    ({"num_train_timesteps": 0}, ValueError, "num_train_timesteps"),
-    ({"num_train_timesteps": 10.0}, TypeError, "num_train_timesteps"),
-    ({"beta_start": -1e-4}, ValueError, "beta_start"),
-    ({"beta_start": 0.0}, ValueError, "beta_start"),
-    ({"beta_end": 1.0}, ValueError, "beta_end"),
-    ({"beta_end": float("nan")}, ValueError, "beta_end"),
-    ({"beta_start": "0.1"}, TypeError, "beta_start"),
-    ({"beta_start": 0.03, "beta_end": 0.02}, ValueError, "beta_start"),
-    ({"betas": [[0.1, 0.2]]}, ValueError, "betas"),
-    ({"betas": []}, ValueError, "betas"),
-    ({"betas": [0.1, 0.0]}, ValueError, "betas"),
-    ({"betas": [0.1, 1.5]}, ValueError, "betas"),
-    ({"betas": ["a"]}, TypeError, "betas"),
-    ({"betas": [0.1, 0.2], "num_train_timesteps": 3}, ValueError, "num_train_timesteps"),
-    ({"betas": [0.1], "rescale_zero_terminal_snr": True}, ValueError, "rescale_zero_terminal_snr"),
-    ({"rescale_zero_terminal_snr": 1}, TypeError, "rescale_zero_terminal_snr"),
-    ({"final_alpha_one": None}, TypeError, "final_alpha_one"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        ({"beta_schedule": "quadratic"}, ValueError, "beta_schedule"),
+        ({"beta_schedule": "squaredcos_cap_v2"}, ValueError, "cosine"),
+        ({"beta_schedule": 3}, TypeError, "beta_schedule"),
+        ({"num_train_timesteps": 0}, ValueError, "num_train_timesteps"),
+        ({"num_train_timesteps": 10.0}, TypeError, "num_train_timesteps"),
+        ({"beta_start": -1e-4}, ValueError, "beta_start"),
+        ({"beta_start": 0.0}, ValueError, "beta_start"),
+        ({"beta_end": 1.0}, ValueError, "beta_end"),
+        ({"beta_end": float("nan")}, ValueError, "beta_end"),
+        ({"beta_start": "0.1"}, TypeError, "beta_start"),
+        ({"beta_start": 0.03, "beta_end": 0.02}, ValueError, "beta_start"),
+        ({"betas": [[0.1, 0.2]]}, ValueError, "betas"),
+        ({"betas": []}, ValueError, "betas"),
+        ({"betas": [0.1, 0.0]}, ValueError, "betas"),
+        ({"betas": [0.1, 1.5]}, ValueError, "betas"),
+        ({"betas": ["a"]}, TypeError, "betas"),
+        ({"betas": [0.1, 0.2], "num_train_timesteps": 3}, ValueError, "num_train_timesteps"),
+        ({"betas": [0.1], "rescale_zero_terminal_snr": True}, ValueError, "rescale_zero_terminal_snr"),
+        ({"rescale_zero_terminal_snr": 1}, TypeError, "rescale_zero_terminal_snr"),
+        ({"final_alpha_one": None}, TypeError, "final_alpha_one"),
+    ],
+)
 def test_bad_schedule_arguments(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         NoiseSchedule(**kwargs)
 
 
-@pytest.mark.parametrize("args,exc,name", [
-    ((0,), ValueError, "num_steps"),
-    ((11,), ValueError, "num_steps"),
-    ((2.0,), TypeError, "num_steps"),
-    ((5, "uniform"), ValueError, "spacing"),
-    ((5, None), TypeError, "spacing"),
-    ((5, "leading", -1), ValueError, "steps_offset"),
-    ((10, "leading", 1), ValueError, "steps_offset"),  # first timestep would be 10 = T
-    ((5, "leading", 1.0), TypeError, "steps_offset"),
-])
+@pytest.mark.parametrize(
+    "args,exc,name",
+    [
+        ((0,), ValueError, "num_steps"),
+        ((11,), ValueError, "num_steps"),
+        ((2.0,), TypeError, "num_steps"),
+        ((5, "uniform"), ValueError, "spacing"),
+        ((5, None), TypeError, "spacing"),
+        ((5, "leading", -1), ValueError, "steps_offset"),
+        ((10, "leading", 1), ValueError, "steps_offset"),  # first timestep would be 10 = T
+        ((5, "leading", 1.0), TypeError, "steps_offset"),
+    ],
+)
 def test_bad_timesteps_arguments(args, exc, name):
     with pytest.raises(exc, match=name):
         NoiseSchedule(num_train_timesteps=10).timesteps(*args)
 
 
 def test_repr():
-    assert repr(NoiseSchedule()) == ("NoiseSchedule('linear', beta_start=0.0001, beta_end=0.02, "
-                                     "num_train_timesteps=1000; alpha-bar 0.9999 -> 4.03583e-05)")
+    assert repr(NoiseSchedule()) == (
+        "NoiseSchedule('linear', beta_start=0.0001, beta_end=0.02, "
+        "num_train_timesteps=1000; alpha-bar 0.9999 -> 4.03583e-05)"
+    )
     r = repr(NoiseSchedule("cosine", num_train_timesteps=10, rescale_zero_terminal_snr=True, final_alpha_one=False))
-    assert r.startswith("NoiseSchedule('cosine', num_train_timesteps=10, rescale_zero_terminal_snr=True, "
-                        "final_alpha_one=False;") and r.endswith("-> 0)")
+    assert r.startswith(
+        "NoiseSchedule('cosine', num_train_timesteps=10, rescale_zero_terminal_snr=True, final_alpha_one=False;"
+    ) and r.endswith("-> 0)")
     assert "betas=<custom>" in repr(NoiseSchedule(betas=[0.1, 0.2]))

@@ -22,6 +22,7 @@ the test selections are collected with pytest, the bench cases are looked up in 
 rendered from a results JSON already in the repository, and the plan is printed. It exits non-zero when
 anything is invalid, so CI catches a selection that stopped matching the tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,12 @@ FAMILY_TEST_FILES = {
     "random": ["tests/test_random.py"],
     "reparam": ["tests/test_reparam.py"],
     "diffusion": ["tests/test_diffusion.py", "tests/test_diffusion_steps.py"],
-    "autoregressive": ["tests/test_causal_conv1d.py", "tests/test_masked_conv.py", "tests/test_nade.py",
-                       "tests/test_pixelcnn_sampling.py"],
+    "autoregressive": [
+        "tests/test_causal_conv1d.py",
+        "tests/test_masked_conv.py",
+        "tests/test_nade.py",
+        "tests/test_pixelcnn_sampling.py",
+    ],
 }
 
 
@@ -156,10 +161,18 @@ def make_stages() -> list[Stage]:
         Stage("tests", 140, 100, f"pytest -k '{TEST_EXPR.format(gpu='cuda')}' -m '{TEST_MARKERS}'"),
     ]
     smoke = sum(len(s.backends) for s in SMOKE)
-    stages += [Stage(tool, budget, budget - 10, f"compute-sanitizer --tool {tool} on {smoke} smoke tests")
-               for tool, budget in SANITIZERS.items()]
-    stages.append(Stage("bench", sum(g.budget_s for g in BENCH_GROUPS), sum(g.estimate_s for g in BENCH_GROUPS),
-                        "genkern bench: " + "; ".join(f"{','.join(g.ops)} @{g.sizes}" for g in BENCH_GROUPS)))
+    stages += [
+        Stage(tool, budget, budget - 10, f"compute-sanitizer --tool {tool} on {smoke} smoke tests")
+        for tool, budget in SANITIZERS.items()
+    ]
+    stages.append(
+        Stage(
+            "bench",
+            sum(g.budget_s for g in BENCH_GROUPS),
+            sum(g.estimate_s for g in BENCH_GROUPS),
+            "genkern bench: " + "; ".join(f"{','.join(g.ops)} @{g.sizes}" for g in BENCH_GROUPS),
+        )
+    )
     return stages
 
 
@@ -233,8 +246,20 @@ def tail(log: Path, lines: int = 12) -> str:
 
 # ----------------------------------------------------------------------------------------------- commands
 def build_command(run: Run) -> list[str]:
-    return [run.python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--no-cache-dir",
-            "--target", str(run.prefix), f"--config-settings=build-dir={run.work / 'build'}", "."]
+    return [
+        run.python,
+        "-m",
+        "pip",
+        "install",
+        "-v",
+        "--no-build-isolation",
+        "--no-deps",
+        "--no-cache-dir",
+        "--target",
+        str(run.prefix),
+        f"--config-settings=build-dir={run.work / 'build'}",
+        ".",
+    ]
 
 
 # -Xptxas=-v: registers, stack frame and spills per kernel; -lineinfo: source lines in compute-sanitizer's
@@ -243,8 +268,13 @@ CUDA_FLAGS = "-Xptxas=-v -lineinfo"
 
 
 def build_env(run: Run, cc: str) -> dict:
-    return dict(run.env, GENKERN_CUDA="ON", GENKERN_CUDA_ARCHITECTURES=cc, GENKERN_CUDA_FLAGS=CUDA_FLAGS,
-                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
+    return dict(
+        run.env,
+        GENKERN_CUDA="ON",
+        GENKERN_CUDA_ARCHITECTURES=cc,
+        GENKERN_CUDA_FLAGS=CUDA_FLAGS,
+        CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1),
+    )
 
 
 def has_module(name: str) -> bool:
@@ -262,8 +292,19 @@ def pytest_plugins_args(workers: bool) -> list[str]:
 
 
 def tests_command(run: Run, gpu: str = "cuda", collect: bool = False) -> list[str]:
-    cmd = [run.python, "-m", "pytest", *TEST_PATHS, "-q", "-p", "no:cacheprovider", "-k", TEST_EXPR.format(gpu=gpu),
-           "-m", TEST_MARKERS]
+    cmd = [
+        run.python,
+        "-m",
+        "pytest",
+        *TEST_PATHS,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        TEST_EXPR.format(gpu=gpu),
+        "-m",
+        TEST_MARKERS,
+    ]
     if collect:
         return cmd + ["--collect-only"]
     return cmd + ["--maxfail", "200", f"--junitxml={run.out / 'junit.xml'}", *pytest_plugins_args(True)]
@@ -274,20 +315,44 @@ def sanitizer_command(run: Run, tool: str, gpu: str = "cuda", collect: bool = Fa
     if collect:
         return pytest + ["-q", "--collect-only"]
     pytest.append("-v")  # one line per test: a sanitizer report or a hang is attributed to its test
-    return ["compute-sanitizer", "--tool", tool, "--error-exitcode", "99", "--print-limit", "20",
-            *pytest, *pytest_plugins_args(False)]
+    return [
+        "compute-sanitizer",
+        "--tool",
+        tool,
+        "--error-exitcode",
+        "99",
+        "--print-limit",
+        "20",
+        *pytest,
+        *pytest_plugins_args(False),
+    ]
 
 
 def bench_command(run: Run, group: BenchGroup, output: Path) -> list[str]:
-    return [run.python, "-m", "genkern", "bench", "--device", "cuda", "--ops", ",".join(group.ops),
-            "--sizes", group.sizes, "--output", str(output)]
+    return [
+        run.python,
+        "-m",
+        "genkern",
+        "bench",
+        "--device",
+        "cuda",
+        "--ops",
+        ",".join(group.ops),
+        "--sizes",
+        group.sizes,
+        "--output",
+        str(output),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- stages, for real
 def stage_setup(run: Run, stage: Stage, timeout: float) -> None:
     log = run.logs / "setup.log"
-    query = ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm",
-             "--format=csv,noheader"]
+    query = [
+        "nvidia-smi",
+        "--query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm",
+        "--format=csv,noheader",
+    ]
     rc, _, _ = run_logged(query, log, min(timeout, 20), run.env)
     lines = [s for s in log.read_text().splitlines() if s and not s.startswith("$")]
     fields = [f.strip() for f in lines[-1].split(",")] if rc == 0 and lines else []
@@ -295,9 +360,16 @@ def stage_setup(run: Run, stage: Stage, timeout: float) -> None:
         stage.status, stage.note = "FAIL", "nvidia-smi gave no compute capability"
         return
     run.device, run.cc = fields[0], fields[1].replace(".", "")
-    for cmd in (["nvcc", "--version"], ["compute-sanitizer", "--version"],
-                [run.python, "-c", "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,"
-                 " 'gpu', torch.cuda.is_available(), 'triton', triton.__version__)"]):
+    for cmd in (
+        ["nvcc", "--version"],
+        ["compute-sanitizer", "--version"],
+        [
+            run.python,
+            "-c",
+            "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,"
+            " 'gpu', torch.cuda.is_available(), 'triton', triton.__version__)",
+        ],
+    ):
         if shutil.which(cmd[0]) or cmd[0] == run.python:
             run_logged(cmd, log, 20, run.env)
     if "gpu False" in log.read_text():
@@ -305,9 +377,26 @@ def stage_setup(run: Run, stage: Stage, timeout: float) -> None:
         return
     wheels = sorted((ROOT / ".whl").glob("*.whl"))
     if wheels:
-        rc, _, _ = run_logged([run.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                               "--no-cache-dir", "--upgrade", "--target", str(run.site), *map(str, wheels)],
-                              log, max(5, timeout - 5), run.env)
+        rc, _, _ = run_logged(
+            [
+                run.python,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--no-cache-dir",
+                "--upgrade",
+                "--target",
+                str(run.site),
+                *map(str, wheels),
+            ],
+            log,
+            max(5, timeout - 5),
+            run.env,
+        )
         if rc != 0:
             stage.status, stage.note = "FAIL", "wheels from .whl/ did not install"
             return
@@ -330,8 +419,16 @@ def parse_ptxas(text: str) -> list[dict]:
         if m := NINJA_CUDA.search(line):
             source = m[1]
         if m := PTXAS_ENTRY.search(line):
-            current = {"file": source, "kernel": m[1], "arch": m[2], "registers": 0, "stack": 0, "spill_stores": 0,
-                       "spill_loads": 0, "smem": 0}
+            current = {
+                "file": source,
+                "kernel": m[1],
+                "arch": m[2],
+                "registers": 0,
+                "stack": 0,
+                "spill_stores": 0,
+                "spill_loads": 0,
+                "smem": 0,
+            }
             kernels.append(current)
         elif m := PTXAS_PROPERTIES.search(line):
             properties_of = m[1]  # an entry's, or a non-inlined device function's
@@ -368,14 +465,18 @@ def ptxas_report(kernels: list[dict]) -> tuple[str, str]:
     rows = [f"{'file':40} {'regs':>4} {'stack':>5} {'spill st/ld':>11} {'smem':>6}  kernel"]
     for k in sorted(kernels, key=lambda k: (k["file"], -k["registers"])):
         name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
-        rows.append(f"{k['file']:40} {k['registers']:>4} {k['stack']:>5} {k['spill_stores']:>5}/{k['spill_loads']:<5} "
-                    f"{k['smem']:>6}  {name}")
+        rows.append(
+            f"{k['file']:40} {k['registers']:>4} {k['stack']:>5} {k['spill_stores']:>5}/{k['spill_loads']:<5} "
+            f"{k['smem']:>6}  {name}"
+        )
     spilling = [k for k in kernels if k["spill_stores"] or k["spill_loads"]]
     stacked = [k for k in kernels if k["stack"]]
     top = max(kernels, key=lambda k: k["registers"])
-    summary = (f"{len(kernels)} kernels ({kernels[0]['arch']}), registers max {top['registers']} "
-               f"(median {statistics.median(k['registers'] for k in kernels):.0f}), "
-               f"{len(spilling)} spilling, {len(stacked)} with a stack frame")
+    summary = (
+        f"{len(kernels)} kernels ({kernels[0]['arch']}), registers max {top['registers']} "
+        f"(median {statistics.median(k['registers'] for k in kernels):.0f}), "
+        f"{len(spilling)} spilling, {len(stacked)} with a stack frame"
+    )
     lines = rows + ["", summary, f"most registers: {top['name'][:160]}"]
     lines += [f"spills: {k['spill_stores']}/{k['spill_loads']} B in {k['file']} {k['name'][:120]}" for k in spilling]
     return "\n".join(lines) + "\n", summary
@@ -393,8 +494,12 @@ def stage_build(run: Run, stage: Stage, timeout: float) -> None:
         stage.status = "TIMEOUT" if timed_out else "FAIL"
         stage.note = f"pip install exited {rc} after {seconds:.0f} s"
         return
-    check = [run.python, "-c", "import genkern, genkern._native as n; assert n.with_cuda(), 'built without CUDA'; "
-             "print(genkern.__file__, genkern.backends())"]
+    check = [
+        run.python,
+        "-c",
+        "import genkern, genkern._native as n; assert n.with_cuda(), 'built without CUDA'; "
+        "print(genkern.__file__, genkern.backends())",
+    ]
     rc, _, _ = run_logged(check, log, 30, run.child_env())
     stage.status = "ok" if rc == 0 else "FAIL"
     stage.note = f"built in {seconds:.0f} s; {summary}" if rc == 0 else "the built module does not import with CUDA"
@@ -407,18 +512,18 @@ def junit_summary(path: Path) -> tuple[dict, str]:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return counts, "no JUnit XML"
-    for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+    for suite in [root] if root.tag == "testsuite" else root.iter("testsuite"):
         for key in counts:
             counts[key] += int(suite.get(key, 0))
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return counts, (f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
-                    f"{counts['skipped']} skipped")
+    return counts, (
+        f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"
+    )
 
 
 def stage_tests(run: Run, stage: Stage, timeout: float) -> None:
     log = run.logs / "tests.log"
-    rc, seconds, timed_out = run_logged(tests_command(run), log, timeout,
-                                        run.child_env(GENKERN_REQUIRE_CUDA_BUILD="1"))
+    rc, seconds, timed_out = run_logged(tests_command(run), log, timeout, run.child_env(GENKERN_REQUIRE_CUDA_BUILD="1"))
     _, line = junit_summary(run.out / "junit.xml")
     stage.status = "TIMEOUT" if timed_out else ("ok" if rc == 0 else "FAIL")
     stage.note = line
@@ -443,8 +548,16 @@ def stage_sanitizer(run: Run, stage: Stage, timeout: float) -> None:
         stage.status, stage.note = "n/a", "compute-sanitizer: device not supported on this machine"
         return
     stage.status = "TIMEOUT" if timed_out else ("ok" if rc == 0 else "FAIL")
-    stage.note = "; ".join(filter(None, [found[-1] if found else "no sanitizer summary", tests[-1] if tests else "",
-                                         "sanitizer errors" if rc == 99 else ""]))
+    stage.note = "; ".join(
+        filter(
+            None,
+            [
+                found[-1] if found else "no sanitizer summary",
+                tests[-1] if tests else "",
+                "sanitizer errors" if rc == 99 else "",
+            ],
+        )
+    )
 
 
 def merge_reports(parts: list[tuple[BenchGroup, dict]]) -> dict:
@@ -456,9 +569,14 @@ def merge_reports(parts: list[tuple[BenchGroup, dict]]) -> dict:
     for group, report in parts:
         for row in report["rows"]:
             merged["rows"].append({**row, "copy_bandwidth_gbps": report["copy_bandwidth_gbps"], "group": group.name})
-        merged["parts"].append({"group": group.name, "command": report.get("command"),
-                                "copy_bandwidth_gbps": report["copy_bandwidth_gbps"],
-                                "elapsed_s": report.get("elapsed_s")})
+        merged["parts"].append(
+            {
+                "group": group.name,
+                "command": report.get("command"),
+                "copy_bandwidth_gbps": report["copy_bandwidth_gbps"],
+                "elapsed_s": report.get("elapsed_s"),
+            }
+        )
     merged["elapsed_s"] = round(sum(p["elapsed_s"] or 0 for p in merged["parts"]), 1)
     merged["command"] = first.get("command", [])
     return merged
@@ -475,8 +593,12 @@ def stage_bench(run: Run, stage: Stage, timeout: float) -> None:
             continue
         output = run.work / f"bench-{group.name}.json"
         output.unlink(missing_ok=True)
-        rc, seconds, timed_out = run_logged(bench_command(run, group, output), run.logs / f"bench-{group.name}.log",
-                                            min(group.budget_s, left), run.child_env())
+        rc, seconds, timed_out = run_logged(
+            bench_command(run, group, output),
+            run.logs / f"bench-{group.name}.log",
+            min(group.budget_s, left),
+            run.child_env(),
+        )
         if output.is_file():
             parts.append((group, json.loads(output.read_text())))
         clean = clean and rc == 0 and output.is_file()
@@ -524,8 +646,12 @@ def bench_table(report: dict) -> str:
 
     header = f"{'case':28} {'impl':15} {'ms':>10} {'vs eager':>9} {'vs compile':>10} {'% copy':>7} {'rate':>12}"
     copies = ", ".join(f"{p['group']} {p['copy_bandwidth_gbps']:.4g}" for p in report.get("parts", []))
-    lines = [f"bench: {report.get('device', '?')}; copy bandwidth (GB/s, read + write): "
-             f"{copies or fmt(report.get('copy_bandwidth_gbps'), '.4g')}", header, "-" * len(header)]
+    lines = [
+        f"bench: {report.get('device', '?')}; copy bandwidth (GB/s, read + write): "
+        f"{copies or fmt(report.get('copy_bandwidth_gbps'), '.4g')}",
+        header,
+        "-" * len(header),
+    ]
     per_op = best_rows(report)
     for op, rows in per_op.items():
         for row in rows:
@@ -533,9 +659,12 @@ def bench_table(report: dict) -> str:
                 lines.append(f"{op:28} {row['impl']:15} failed: {row['error'][:60]}")
                 continue
             rate = f"{row['items_per_s']:.3g} {row['item_unit']}/s" if row.get("items_per_s") else "-"
-            lines.append(f"{op:28} {row['impl']:15} {fmt(row.get('time_ms'), '.3f'):>10} "
-                         f"{fmt(row.get('speedup_vs_eager'), '.2f', 'x'):>9} {fmt(row.get('speedup_vs_compile'), '.2f', 'x'):>10} "
-                         f"{fmt(row.get('pct_copy_bandwidth'), '.0f', '%'):>7} {rate:>12}")
+            lines.append(
+                f"{op:28} {row['impl']:15} {fmt(row.get('time_ms'), '.3f'):>10} "
+                f"{fmt(row.get('speedup_vs_eager'), '.2f', 'x'):>9} "
+                f"{fmt(row.get('speedup_vs_compile'), '.2f', 'x'):>10} "
+                f"{fmt(row.get('pct_copy_bandwidth'), '.0f', '%'):>7} {rate:>12}"
+            )
     targets = []
     for op, (rule, text) in TARGETS.items():
         rows = [r for r in per_op.get(op, []) if not r.get("error")]
@@ -559,8 +688,13 @@ def summary_text(stages: list[Stage], report: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the real run
-RUNNERS = {"setup": stage_setup, "build": stage_build, "tests": stage_tests, "bench": stage_bench,
-           **{tool: stage_sanitizer for tool in SANITIZERS}}
+RUNNERS = {
+    "setup": stage_setup,
+    "build": stage_build,
+    "tests": stage_tests,
+    "bench": stage_bench,
+    **{tool: stage_sanitizer for tool in SANITIZERS},
+}
 
 
 def real_run(run: Run, stages: list[Stage], selected: set[str]) -> int:
@@ -608,8 +742,10 @@ def plan_text(stages: list[Stage], deadline: float) -> str:
     header = f"{'stage':10} {'budget':>6} {'estimate':>8}  what"
     lines = ["GPU run plan", header, "-" * len(header)]
     lines += [f"{s.name:10} {s.budget_s:5d}s {s.estimate_s:7d}s  {s.what}" for s in stages]
-    lines.append(f"{'total':10} {sum(s.budget_s for s in stages):5d}s {sum(s.estimate_s for s in stages):7d}s  "
-                 f"(deadline {deadline:.0f} s, one device call {CALL_LIMIT_S} s)")
+    lines.append(
+        f"{'total':10} {sum(s.budget_s for s in stages):5d}s {sum(s.estimate_s for s in stages):7d}s  "
+        f"(deadline {deadline:.0f} s, one device call {CALL_LIMIT_S} s)"
+    )
     return "\n".join(lines)
 
 
@@ -661,9 +797,11 @@ def dry_run(run: Run, stages: list[Stage]) -> int:
 
     print("[plan]")
     total = sum(s.budget_s for s in stages)
-    checks.expect(total + RESERVE_S <= run.deadline <= CALL_LIMIT_S - KILL_GRACE_S - 15,
-                  f"budgets {total} s + {RESERVE_S} s reserve fit the deadline {run.deadline:.0f} s, inside one "
-                  f"{CALL_LIMIT_S} s call")
+    checks.expect(
+        total + RESERVE_S <= run.deadline <= CALL_LIMIT_S - KILL_GRACE_S - 15,
+        f"budgets {total} s + {RESERVE_S} s reserve fit the deadline {run.deadline:.0f} s, inside one "
+        f"{CALL_LIMIT_S} s call",
+    )
     rc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks/gpu/run.sh")]).returncode
     checks.expect(rc == 0, "bash -n benchmarks/gpu/run.sh")
 
@@ -679,35 +817,50 @@ def dry_run(run: Run, stages: list[Stage]) -> int:
             checks.fail(f"pyproject.toml [tool.scikit-build.cmake.define]: {exc}")
     for name in ("GENKERN_CUDA", "GENKERN_CUDA_ARCHITECTURES", "GENKERN_CUDA_FLAGS"):
         env = defines.get(name, {}).get("env") if isinstance(defines.get(name), dict) else None
-        checks.expect((env == name or tomllib is None) and name in cmake,
-                      f"{name}: read from the environment by pyproject.toml and used by CMakeLists.txt")
+        checks.expect(
+            (env == name or tomllib is None) and name in cmake,
+            f"{name}: read from the environment by pyproject.toml and used by CMakeLists.txt",
+        )
     pip_help = subprocess.run([run.python, "-m", "pip", "install", "--help"], capture_output=True, text=True).stdout
     flags = [a for a in build_command(run) if a.startswith("--")]
     missing = [f for f in flags if f.split("=")[0] not in pip_help]
-    checks.expect(not missing, f"pip install knows {' '.join(f.split('=')[0] for f in flags)}"
-                  + (f" (missing: {missing})" if missing else ""))
+    checks.expect(
+        not missing,
+        f"pip install knows {' '.join(f.split('=')[0] for f in flags)}" + (f" (missing: {missing})" if missing else ""),
+    )
     for module in ("scikit_build_core", "pybind11"):
         (checks.ok if has_module(module) else checks.note)(f"{module} importable here (the GPU image has it)")
     (checks.ok if shutil.which("nvcc") else checks.note)("nvcc on PATH here")
     print(f"        would run: {shlex.join(build_command(run))}")
-    print(f"        with GENKERN_CUDA=ON GENKERN_CUDA_ARCHITECTURES=<nvidia-smi compute_cap> "
-          f"GENKERN_CUDA_FLAGS='{CUDA_FLAGS}' CMAKE_BUILD_PARALLEL_LEVEL={os.cpu_count()}")
-    sample = ("[12/30] Building CUDA object CMakeFiles/_C.dir/kernels/x/x.cu.o\n"
-              "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'\n"
-              "ptxas info    : Function properties for _Z1kPf\n"
-              "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
-              "ptxas info    : Used 40 registers, used 1 barriers, 512 bytes smem, 380 bytes cmem[0]\n")
+    print(
+        f"        with GENKERN_CUDA=ON GENKERN_CUDA_ARCHITECTURES=<nvidia-smi compute_cap> "
+        f"GENKERN_CUDA_FLAGS='{CUDA_FLAGS}' CMAKE_BUILD_PARALLEL_LEVEL={os.cpu_count()}"
+    )
+    sample = (
+        "[12/30] Building CUDA object CMakeFiles/_C.dir/kernels/x/x.cu.o\n"
+        "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z1kPf\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 1 barriers, 512 bytes smem, 380 bytes cmem[0]\n"
+    )
     parsed = parse_ptxas(sample)
-    checks.expect(len(parsed) == 1 and parsed[0]["registers"] == 40 and parsed[0]["spill_stores"] == 4
-                  and parsed[0]["file"] == "kernels/x/x.cu" and parsed[0]["smem"] == 512,
-                  "the ptxas -v parser reads a sample")
+    checks.expect(
+        len(parsed) == 1
+        and parsed[0]["registers"] == 40
+        and parsed[0]["spill_stores"] == 4
+        and parsed[0]["file"] == "kernels/x/x.cu"
+        and parsed[0]["smem"] == 512,
+        "the ptxas -v parser reads a sample",
+    )
 
     print("[tests]")
     for path in [*TEST_PATHS, GRAPH_TESTS, *(f for files in FAMILY_TEST_FILES.values() for f in files)]:
         if not (ROOT / path).exists():
             checks.fail(f"{path} is missing")
     rc, ids, output = collect(tests_command(run, gpu="cpu", collect=True))
-    if checks.expect(rc == 0 and ids, f"pytest --collect-only of the GPU selection (cuda -> cpu here): {len(ids)} tests"):
+    if checks.expect(
+        rc == 0 and ids, f"pytest --collect-only of the GPU selection (cuda -> cpu here): {len(ids)} tests"
+    ):
         for family, files in FAMILY_TEST_FILES.items():
             count = sum(1 for i in ids for f in files if i.startswith(f + "::"))
             checks.expect(count > 0, f"{family}: {count} backend-parametrised tests selected in {', '.join(files)}")
@@ -755,31 +908,43 @@ def dry_run(run: Run, stages: list[Stage]) -> int:
                 try:
                     case.shape(size)
                     gpu = [b for b in ("cuda", "triton") if gk_backend.has_family(b, case.family)]
-                    checks.expect(bool(gpu), f"  {op} ({case.family}) @{group.sizes}: shape {tuple(case.shape(size))}, "
-                                             f"GPU backends {', '.join(gpu)}")
+                    checks.expect(
+                        bool(gpu),
+                        f"  {op} ({case.family}) @{group.sizes}: shape {tuple(case.shape(size))}, "
+                        f"GPU backends {', '.join(gpu)}",
+                    )
                 except Exception as exc:  # noqa: BLE001
                     checks.fail(f"  {op} @{group.sizes}: {type(exc).__name__}: {exc}")
         timed = {op for g in BENCH_GROUPS for op in g.ops}
         families = {c.family for c in cases.values()}
         missing = sorted(f for f in families if not any(cases[o].family == f for o in timed if o in cases))
-        checks.expect(not missing, f"every bench family has a case in the selection ({', '.join(sorted(families))})"
-                      + (f": missing {missing}" if missing else ""))
-    helptext = subprocess.run([run.python, "-m", "genkern", "bench", "--help"], capture_output=True, text=True,
-                              cwd=ROOT).stdout
+        checks.expect(
+            not missing,
+            f"every bench family has a case in the selection ({', '.join(sorted(families))})"
+            + (f": missing {missing}" if missing else ""),
+        )
+    helptext = subprocess.run(
+        [run.python, "-m", "genkern", "bench", "--help"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
     used = [a for a in bench_command(run, BENCH_GROUPS[0], Path("x.json")) if a.startswith("--")]
     checks.expect(all(f in helptext for f in used), f"genkern bench knows {' '.join(used)}")
     if "--list" in helptext:
-        listed = subprocess.run([run.python, "-m", "genkern", "bench", "--list"], capture_output=True, text=True,
-                                cwd=ROOT).stdout
+        listed = subprocess.run(
+            [run.python, "-m", "genkern", "bench", "--list"], capture_output=True, text=True, cwd=ROOT
+        ).stdout
         absent = [op for g in BENCH_GROUPS for op in g.ops if op not in listed]
-        checks.expect(not absent, "genkern bench --list shows every selected case" + (f" (not: {absent})" if absent else ""))
+        checks.expect(
+            not absent, "genkern bench --list shows every selected case" + (f" (not: {absent})" if absent else "")
+        )
     else:
         checks.note("genkern bench has no --list yet: names checked against the registry only")
-    (checks.ok if has_module("diffusers") else checks.note)("diffusers here (ddim_loop's baseline; carry it as a "
-                                                            "wheel to the GPU: benchmarks/gpu/wheels.sh)")
+    (checks.ok if has_module("diffusers") else checks.note)(
+        "diffusers here (ddim_loop's baseline; carry it as a wheel to the GPU: benchmarks/gpu/wheels.sh)"
+    )
     wheels = sorted(p.name for p in (ROOT / ".whl").glob("*.whl"))
     (checks.ok if any(w.startswith("diffusers-") for w in wheels) else checks.note)(
-        f".whl/ holds {', '.join(wheels) or 'no wheels'}")
+        f".whl/ holds {', '.join(wheels) or 'no wheels'}"
+    )
     for group in BENCH_GROUPS:
         print(f"        would run: {shlex.join(bench_command(run, group, run.work / f'bench-{group.name}.json'))}")
 
@@ -827,10 +992,15 @@ def main(argv: list[str] | None = None) -> int:
     stage_names = [s.name for s in make_stages()]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", help="output folder: logs, junit.xml, ptxas.txt, <device>.json, summary.txt")
-    parser.add_argument("--dry-run", action="store_true", help="check everything, run nothing (automatic without a GPU)")
-    parser.add_argument("--bundle", action="store_true",
-                        help="keep live logs in the work folder and pack them into OUTDIR/logs.tar.gz after each stage "
-                             "(for the device call, whose OUTDIR returns at most 8 files)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check everything, run nothing (automatic without a GPU)"
+    )
+    parser.add_argument(
+        "--bundle",
+        action="store_true",
+        help="keep live logs in the work folder and pack them into OUTDIR/logs.tar.gz after each stage "
+        "(for the device call, whose OUTDIR returns at most 8 files)",
+    )
     parser.add_argument("--stages", default=",".join(stage_names), help=f"comma-separated subset of {stage_names}")
     parser.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds for the whole run")
     parser.add_argument("--work", default="/tmp/genkern-gpu", help="build folder, prefix, wheels site, Triton cache")

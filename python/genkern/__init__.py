@@ -4,6 +4,7 @@ Families: `genkern.random` (the Philox stream), `genkern.reparam`, `genkern.diff
 `genkern.autoregressive`; their public functions are re-exported here. Backends: `cpu` (C++/OpenMP),
 `cuda` (CUDA C++), `triton`, `reference` (eager PyTorch, the spec).
 """
+
 from . import autoregressive, diffusion, models, nn, random, reparam
 from .autoregressive import (
     causal_conv1d,

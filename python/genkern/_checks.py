@@ -1,4 +1,5 @@
 """Argument checks shared by every family: clear errors naming the argument, before any kernel runs."""
+
 from __future__ import annotations
 
 import math

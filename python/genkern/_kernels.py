@@ -7,6 +7,7 @@ and registers each op's kernel for cpu and cuda tensors with `@KERNELS.register(
 functions of the selected backend (the same names on every backend) and runs them; when the reference is
 selected (a dtype without kernels, or chosen) the op's own body, the reference, runs instead.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,7 +54,7 @@ class KernelGroup:
 
         return decorate
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - a few groups, alive for the whole process
+    @functools.cache  # noqa: B019 - a few groups, alive for the whole process
     def on(self, backend: str):
         """The kernel functions for `backend` (cpu, cuda or triton), all with the same signatures."""
         if backend in ("cpu", "cuda"):

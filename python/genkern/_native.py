@@ -3,6 +3,7 @@
 The core never sees a torch object: it gets (pointer, shape, strides, dtype, device) and, for CUDA,
 the current stream, so it works with any torch version and with numpy.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,9 @@ def array(x):
         if x.dtype not in _NUMPY_DTYPES:
             raise TypeError(f"unsupported numpy dtype {x.dtype}")
         strides = [s // x.itemsize for s in x.strides]
-        return _C.Array(x.ctypes.data, list(x.shape), strides, getattr(_C.DType, _NUMPY_DTYPES[x.dtype]), _C.Device.cpu, 0)
+        return _C.Array(
+            x.ctypes.data, list(x.shape), strides, getattr(_C.DType, _NUMPY_DTYPES[x.dtype]), _C.Device.cpu, 0
+        )
     dtype = _dtype_enums().get(x.dtype)
     if dtype is None:
         raise TypeError(f"unsupported dtype {x.dtype}")
@@ -55,7 +58,7 @@ def array(x):
     return _C.Array(x.data_ptr(), x.shape, x.stride(), dtype, _C.Device.cpu, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dtype_enums() -> dict:
     return {t: getattr(_C.DType, name) for t, name in _TORCH_DTYPES.items()}
 

@@ -6,6 +6,7 @@ that kernel then picks the backend for the tensors' device and dtype: the scoped
 context (`scoped`, which the public functions' `backend=` argument uses), else the process-wide one
 (`set_backend`), else the fastest available. See docs/backends.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     try:
         importlib.import_module("triton")

@@ -12,6 +12,7 @@ measured in the same run. For a memory-bound op "% of copy" says how close it ge
 hardware it ran on; a low figure means compute (drawing noise, say) is the bottleneck instead. Only the
 forward pass is timed.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -187,8 +188,10 @@ def genkern_backends(device: torch.device, dtype: torch.dtype, requested: Sequen
         if name not in _backend.BACKENDS:
             raise ValueError(f"unknown backend {name!r}; genkern has {', '.join(_backend.BACKENDS)}")
         if not _runs_fast(name, device, dtype):
-            raise ValueError(f"backend {name!r} cannot be benchmarked on {device.type} with {dtype} here "
-                             f"(available: {', '.join(_backend.backends())})")
+            raise ValueError(
+                f"backend {name!r} cannot be benchmarked on {device.type} with {dtype} here "
+                f"(available: {', '.join(_backend.backends())})"
+            )
     return list(requested)
 
 
@@ -198,8 +201,7 @@ def _runs_fast(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     return _backend.runs_on(name, device, dtype)
 
 
-def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None,
-                 device_type: str = "cpu") -> list[BenchCase]:
+def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None, device_type: str = "cpu") -> list[BenchCase]:
     """Cases by op or family name, in registry order; the default cases (for this device type) when `names`
     is None."""
     if names is None:
@@ -208,12 +210,14 @@ def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None,
     known = {c.name for c in cases} | {c.family for c in cases}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown op {', '.join(unknown)}; known ops: {', '.join(c.name for c in cases)} "
-                         f"(or a family: {', '.join(sorted({c.family for c in cases}))})")
+        raise ValueError(
+            f"unknown op {', '.join(unknown)}; known ops: {', '.join(c.name for c in cases)} "
+            f"(or a family: {', '.join(sorted({c.family for c in cases}))})"
+        )
     return [c for c in cases if c.name in names or c.family in names]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(case: BenchCase) -> Callable[..., Any]:
     """torch.compile of the case's eager function, one per op for the whole run. dynamic=False gives each
     size its own specialised graph, as a fixed-shape training loop gets; by default the second size would
@@ -227,8 +231,11 @@ def implementations(case: BenchCase, backends: Sequence[str], use_compile: bool)
     if use_compile and case.compile:
         impls.append(("compile", compiled(case)))
     # A family without kernels on some backend (see genkern.backend) is timed on the others.
-    impls += [(f"genkern:{b}", functools.partial(case.genkern, backend=b)) for b in backends
-              if _backend.has_family(b, case.family)]
+    impls += [
+        (f"genkern:{b}", functools.partial(case.genkern, backend=b))
+        for b in backends
+        if _backend.has_family(b, case.family)
+    ]
     return impls
 
 
@@ -297,8 +304,9 @@ class Config:
     command: Sequence[str] = ()
 
 
-def _measure(case: BenchCase, size: int, label: str, fn: Callable, args: tuple, device: torch.device,
-             repeats: int) -> dict:
+def _measure(
+    case: BenchCase, size: int, label: str, fn: Callable, args: tuple, device: torch.device, repeats: int
+) -> dict:
     """{time_ms} of one implementation, plus compile_s for torch.compile (its first call, compilation
     included), or {error} when it fails: one broken implementation must not end the whole run."""
     result: dict[str, Any] = {}
@@ -426,8 +434,11 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
     copy_gbps = copy_bandwidth_gbps(max(config.sizes), config.device, config.repeats)
 
     runs = [(size, case) for size in config.sizes for case in config.cases if case.sized or size == config.sizes[0]]
-    steps = [(case, size, label) for size, case in runs
-             for label, _ in implementations(case, config.backends, config.use_compile)]
+    steps = [
+        (case, size, label)
+        for size, case in runs
+        for label, _ in implementations(case, config.backends, config.use_compile)
+    ]
     first_case = len(implementations(runs[0][1], config.backends, config.use_compile)) if runs else 0
     eta, rows = _Eta(), []
     for size, case in runs:
@@ -438,7 +449,8 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
             step = len(rows)
             left = eta.left(steps[step:]) if step >= first_case else None  # the first case pays for start-up
             timing = f"{format_duration(time.perf_counter() - started)} so far" + (
-                f", about {format_duration(left)} left" if left is not None else "")
+                f", about {format_duration(left)} left" if left is not None else ""
+            )
             say(f"[{step + 1}/{len(steps)}] {case.name} {format_size(size)} {label}  ({timing})")
             if missing and label in ("eager", "compile"):  # the baseline needs a library not installed here
                 measured = {"skipped": f"needs {', '.join(missing)} (not installed)"}
@@ -458,8 +470,12 @@ def versions() -> dict[str, str]:
 
     from . import __version__
 
-    found = {"genkern": __version__, "torch": torch.__version__, "python": platform.python_version(),
-             "numpy": numpy.__version__}
+    found = {
+        "genkern": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+    }
     try:
         import triton
 
@@ -533,8 +549,17 @@ def _cells(row: dict) -> list[str]:
 
     time_ms = f"{row['time_ms']:.3f}" + ("*" if row.get("extrapolated_by") else "")
     rate = f"{row['items_per_s']:.3g} {row['item_unit']}/s" if row.get("items_per_s") else "-"
-    return [row["op"], size, row["impl"], time_ms, x(row["speedup_vs_eager"]), x(row["speedup_vs_compile"]),
-            maybe(row["gbps"], ".2f"), maybe(row["pct_copy_bandwidth"], ".0f") + ("%" if row["gbps"] else ""), rate]
+    return [
+        row["op"],
+        size,
+        row["impl"],
+        time_ms,
+        x(row["speedup_vs_eager"]),
+        x(row["speedup_vs_compile"]),
+        maybe(row["gbps"], ".2f"),
+        maybe(row["pct_copy_bandwidth"], ".0f") + ("%" if row["gbps"] else ""),
+        rate,
+    ]
 
 
 def _short(text: str, limit: int) -> str:
@@ -546,8 +571,7 @@ def format_table(report: dict) -> str:
     """The report as a text table. The measured rows set the column widths; a failed or skipped row says so
     in the space of its number columns, cut to fit (failures are listed in full below the table)."""
     body = [_cells(r) for r in report["rows"]]
-    widths = [max(len(cells[i]) for cells in [TABLE_HEADER, *body] if i < len(cells))
-              for i in range(len(TABLE_HEADER))]
+    widths = [max(len(cells[i]) for cells in [TABLE_HEADER, *body] if i < len(cells)) for i in range(len(TABLE_HEADER))]
 
     def fmt(cells):
         padded = (c.ljust(w) if i < _TEXT_COLUMNS else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -570,8 +594,9 @@ def format_table(report: dict) -> str:
             lines.append("")
         previous = (row["op"], row["size"])
         if row.get("error"):
-            failures.append(f"  [{len(failures) + 1}] {row['op']} {format_size(row['size'])} {row['impl']}: "
-                            f"{row['error']}")
+            failures.append(
+                f"  [{len(failures) + 1}] {row['op']} {format_size(row['size'])} {row['impl']}: {row['error']}"
+            )
             note = f"failed [{len(failures)}]: {row['error']}"
         elif row.get("skipped"):
             note = f"skipped: {row['skipped']}"
@@ -582,8 +607,11 @@ def format_table(report: dict) -> str:
         lines.append(f"{text}  {_short(note, room)}".rstrip())
     notes = []
     if any(r.get("extrapolated_by") for r in report["rows"]):
-        notes = ["", "* extrapolated: a fraction of a long loop of identical steps was timed and scaled "
-                     "(see the row's measured_ms and extrapolated_by in the JSON)"]
+        notes = [
+            "",
+            "* extrapolated: a fraction of a long loop of identical steps was timed and scaled "
+            "(see the row's measured_ms and extrapolated_by in the JSON)",
+        ]
     if failures:
         notes += ["", "failures:", *failures]
     return "\n".join(lines + notes + _compile_times(report["rows"]))
@@ -592,6 +620,7 @@ def format_table(report: dict) -> str:
 def format_case_list(cases: Sequence[BenchCase]) -> str:
     """`genkern bench --list`: each case, its family and group, what a timed call does, whether a plain
     `genkern bench` runs it."""
+
     def family(case):  # the package its cases module is in: genkern.<family>.bench_cases
         package = case.make_inputs.__module__.split(".")[1]
         return package if package == case.family else f"{package}/{case.family}"
@@ -608,8 +637,10 @@ def format_case_list(cases: Sequence[BenchCase]) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + ["", "genkern bench runs the default ones; --all runs every one, --ops OP,... "
-                                   "(names or groups) a selection."])
+    return "\n".join(
+        lines
+        + ["", "genkern bench runs the default ones; --all runs every one, --ops OP,... (names or groups) a selection."]
+    )
 
 
 def _passes(rows: list[dict]) -> str:
@@ -629,5 +660,8 @@ def _compile_times(rows: list[dict]) -> list[str]:
     if not per_op:
         return []
     width = max(map(len, per_op))
-    return ["", "torch.compile time (first call per shape, not in the timings):",
-            *(f"  {op.ljust(width)}  {', '.join(times)}" for op, times in per_op.items())]
+    return [
+        "",
+        "torch.compile time (first call per shape, not in the timings):",
+        *(f"  {op.ljust(width)}  {', '.join(times)}" for op, times in per_op.items()),
+    ]

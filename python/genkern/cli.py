@@ -10,6 +10,7 @@ writes the measurements as JSON. `info` says what this installation can run.
 This module imports torch (through genkern.bench) only when a command runs, so that `--help` and mistakes
 on the command line are answered at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,25 +41,40 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"genkern {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
 
-    b = commands.add_parser("bench", help="time the ops against eager PyTorch and torch.compile",
-                            description="Time each op against eager PyTorch and torch.compile. Without --ops "
-                                        "or --all, a headline selection of one or two cases per family (see "
-                                        "--list).")
+    b = commands.add_parser(
+        "bench",
+        help="time the ops against eager PyTorch and torch.compile",
+        description="Time each op against eager PyTorch and torch.compile. Without --ops "
+        "or --all, a headline selection of one or two cases per family (see "
+        "--list).",
+    )
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     which = b.add_mutually_exclusive_group()
     which.add_argument("--ops", help="comma-separated op or group names (default: the headline selection)")
     which.add_argument("--all", action="store_true", help="every case, not only the headline selection")
-    b.add_argument("--list", action="store_true",
-                   help="list the cases (group, what a timed call does, whether in the default selection) and exit")
-    b.add_argument("--sizes", help="comma-separated element counts such as 1M,16M "
-                                   f"(default: {DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda)")
+    b.add_argument(
+        "--list",
+        action="store_true",
+        help="list the cases (group, what a timed call does, whether in the default selection) and exit",
+    )
+    b.add_argument(
+        "--sizes",
+        help="comma-separated element counts such as 1M,16M "
+        f"(default: {DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda)",
+    )
     b.add_argument("--backends", help="comma-separated genkern backends (default: all that run on the device)")
     b.add_argument("--dtype", choices=DTYPES, default="float32")
-    b.add_argument("--repeats", type=_positive_int,
-                   help="timed runs per measurement, the median is reported (default: "
-                        f"{DEFAULT_REPEATS['cpu']} on cpu, {DEFAULT_REPEATS['cuda']} on cuda)")
-    b.add_argument("--output", type=Path, help="JSON path, replaced if it exists (default: a new "
-                                               "./genkern-bench-<device>-<UTC time>.json)")
+    b.add_argument(
+        "--repeats",
+        type=_positive_int,
+        help="timed runs per measurement, the median is reported (default: "
+        f"{DEFAULT_REPEATS['cpu']} on cpu, {DEFAULT_REPEATS['cuda']} on cuda)",
+    )
+    b.add_argument(
+        "--output",
+        type=Path,
+        help="JSON path, replaced if it exists (default: a new ./genkern-bench-<device>-<UTC time>.json)",
+    )
     b.add_argument("--no-compile", dest="use_compile", action="store_false", help="skip torch.compile")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(run=_bench, parser=b)
@@ -86,9 +102,14 @@ def _bench_config(args: argparse.Namespace, command: Sequence[str]):
         for size in sizes:
             case.shape(size)
     return bench.Config(
-        device=device, cases=cases, sizes=sizes, dtype=dtype,
+        device=device,
+        cases=cases,
+        sizes=sizes,
+        dtype=dtype,
         backends=bench.genkern_backends(device, dtype, _split(args.backends)),
-        repeats=repeats, use_compile=args.use_compile, command=command,
+        repeats=repeats,
+        use_compile=args.use_compile,
+        command=command,
     )
 
 

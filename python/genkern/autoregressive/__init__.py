@@ -29,6 +29,7 @@ Each function normalises its arguments (defaults, dims, seeds, data dtypes) and 
 which checks them and runs the selected backend (see genkern.backend), so it works under autograd and
 torch.compile. `backend=` picks the backend for this call (None: the process-wide or automatic choice).
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,19 +66,35 @@ def _activation(activation) -> str:
     return activation
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, dilation: int = 1,
-                  activation: str | None = None, backend: str | None = None) -> Tensor:
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    dilation: int = 1,
+    activation: str | None = None,
+    backend: str | None = None,
+) -> Tensor:
     """y[b, o, l] = act(bias[o] + sum_{i, k} weight[o, i, k] x[b, i, l - (K - 1 - k) dilation]), x zero
     before position 0. x (B, C_in, L); weight (C_out, C_in, K), or (C, K) depthwise (output o sees input o
     only); bias (C_out,) or None; activation None, "silu" or "tanh". Returns (B, C_out, L), differentiable
     w.r.t. x, weight and bias."""
     _tensors(x=x, weight=weight, bias=bias)
-    return _backend.call(backend, torch.ops.genkern.causal_conv1d, x, weight, bias, _int("dilation", dilation),
-                         _activation(activation))
+    return _backend.call(
+        backend, torch.ops.genkern.causal_conv1d, x, weight, bias, _int("dilation", dilation), _activation(activation)
+    )
 
 
-def causal_conv1d_update(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None = None, *,
-                         dilation: int = 1, activation: str | None = None, backend: str | None = None) -> Tensor:
+def causal_conv1d_update(
+    x: Tensor,
+    state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    dilation: int = 1,
+    activation: str | None = None,
+    backend: str | None = None,
+) -> Tensor:
     """One step of causal_conv1d for generation: x (B, C_in) is the next input, and the result (B, C_out)
     equals causal_conv1d's output at that position.
 
@@ -86,8 +103,16 @@ def causal_conv1d_update(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor 
     zeros, which is the convolution's causal padding. state is updated in place: shifted left by one
     with x appended. Not differentiable."""
     _tensors(x=x, state=state, weight=weight, bias=bias)
-    return _backend.call(backend, torch.ops.genkern.causal_conv1d_update, x, state, weight, bias,
-                         _int("dilation", dilation), _activation(activation))
+    return _backend.call(
+        backend,
+        torch.ops.genkern.causal_conv1d_update,
+        x,
+        state,
+        weight,
+        bias,
+        _int("dilation", dilation),
+        _activation(activation),
+    )
 
 
 def gated_activation(x: Tensor, dim: int = 1, *, backend: str | None = None) -> Tensor:
@@ -97,8 +122,16 @@ def gated_activation(x: Tensor, dim: int = 1, *, backend: str | None = None) -> 
     return _backend.call(backend, torch.ops.genkern.gated_activation, x, _int("dim", dim))
 
 
-def masked_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, mask_type: str = "A",
-                  color_groups: int = 1, dilation: int = 1, backend: str | None = None) -> Tensor:
+def masked_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    mask_type: str = "A",
+    color_groups: int = 1,
+    dilation: int = 1,
+    backend: str | None = None,
+) -> Tensor:
     """A stride-1 convolution with 'same' output size (padding dilation * (k // 2)) whose k x k weight is
     masked for raster-order autoregression (docs/math.md, section 4).
 
@@ -108,8 +141,16 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, mask
     _tensors(x=x, weight=weight, bias=bias)
     if not isinstance(mask_type, str):
         raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
-    return _backend.call(backend, torch.ops.genkern.masked_conv2d, x, weight, bias, mask_type,
-                         _int("color_groups", color_groups), _int("dilation", dilation))
+    return _backend.call(
+        backend,
+        torch.ops.genkern.masked_conv2d,
+        x,
+        weight,
+        bias,
+        mask_type,
+        _int("color_groups", color_groups),
+        _int("dilation", dilation),
+    )
 
 
 _DATA_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *_checks.FLOAT_DTYPES)
@@ -137,8 +178,18 @@ def nade_log_prob(x: Tensor, weight: Tensor, c: Tensor, v: Tensor, b: Tensor, *,
     return _backend.call(backend, torch.ops.genkern.nade_log_prob, x, weight, c, v, b)
 
 
-def nade_sample(weight: Tensor, c: Tensor, v: Tensor, b: Tensor, num_samples: int, *, seed: int | None = None,
-                offset: int = 0, first: int = 0, backend: str | None = None) -> Tensor:
+def nade_sample(
+    weight: Tensor,
+    c: Tensor,
+    v: Tensor,
+    b: Tensor,
+    num_samples: int,
+    *,
+    seed: int | None = None,
+    offset: int = 0,
+    first: int = 0,
+    backend: str | None = None,
+) -> Tensor:
     """Samples first .. first + num_samples - 1 of the model as a (num_samples, D) tensor of 0.0 / 1.0 in the
     parameters' dtype. Dimension i of sample s is 1 iff u < p(x_i = 1 | x_<i), u the genkern uniform at stream
     element s * D + i of (seed, offset): a sample is the same whatever else is drawn with it. seed None draws
@@ -146,8 +197,9 @@ def nade_sample(weight: Tensor, c: Tensor, v: Tensor, b: Tensor, num_samples: in
     _tensors(weight=weight, c=c, v=v, b=b)
     num_samples, first = _int("num_samples", num_samples), _int("first", first)
     seed, offset = resolve_seed(seed), check_offset(offset)
-    return _backend.call(backend, torch.ops.genkern.nade_sample, weight, c, v, b, num_samples, to_signed(seed),
-                         to_signed(offset), first)
+    return _backend.call(
+        backend, torch.ops.genkern.nade_sample, weight, c, v, b, num_samples, to_signed(seed), to_signed(offset), first
+    )
 
 
 SAMPLING_FAMILY = _ops.SAMPLING_KERNELS.family
@@ -187,9 +239,21 @@ class Program:
         self.channels.append(int(channels))
         return len(self.channels) - 1
 
-    def conv(self, src: int, dst: int, weight: Tensor, keep: Tensor | None = None, *, anchor=(0, 0), bias=None,
-             cond=None, residual: int = -1, relu_input: bool = False, accumulate: bool = False,
-             row_level: bool = False) -> None:
+    def conv(
+        self,
+        src: int,
+        dst: int,
+        weight: Tensor,
+        keep: Tensor | None = None,
+        *,
+        anchor=(0, 0),
+        bias=None,
+        cond=None,
+        residual: int = -1,
+        relu_input: bool = False,
+        accumulate: bool = False,
+        row_level: bool = False,
+    ) -> None:
         weight = weight.detach().to(torch.float32)
         if keep is not None:
             weight = torch.where(keep.to(weight.device) != 0, weight, 0.0)  # masked entries may hold anything
@@ -206,13 +270,24 @@ class Program:
     def gate(self, src: int, dst: int, *, row_level: bool = False) -> None:
         self.nodes.append((GATE, row_level, src, dst, -1, False, False, [], [], None, None, None))
 
-    def run(self, out: Tensor, *, levels: int, scale: float, shift: float, seed: int, offset: int,
-            first_sample: int, backend: str | None = None) -> Tensor:
+    def run(
+        self,
+        out: Tensor,
+        *,
+        levels: int,
+        scale: float,
+        shift: float,
+        seed: int,
+        offset: int,
+        first_sample: int,
+        backend: str | None = None,
+    ) -> Tensor:
         """Sample into `out` (B, colours, H, W) of int64, on `backend` (None: the selected one for out's
         device; the cached sampler has cpu, cuda and reference backends)."""
         batch, _, height, width = out.shape
         caches = [torch.zeros(batch, height, width, c, dtype=torch.float32, device=out.device) for c in self.channels]
         nodes = [tuple(v.to(out.device) if isinstance(v, Tensor) else v for v in n) for n in self.nodes]
-        _backend.call(backend, _ops.run_program, caches, nodes, out, self.logits, levels, scale, shift, seed, offset,
-                      first_sample)
+        _backend.call(
+            backend, _ops.run_program, caches, nodes, out, self.logits, levels, scale, shift, seed, offset, first_sample
+        )
         return out

@@ -7,6 +7,7 @@ TypeError naming the argument), run before a backend is picked or a kernel asked
 (for the devices without kernels) and by the fake implementation (so meta tensors and traced calls fail the
 same way). A backward op runs on the forward's backend (`ctx.backend`).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -72,14 +73,20 @@ _ACTIVATION_CODES = {name: code for code, name in enumerate(ref.ACTIVATIONS)}  #
 def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, activation: str, step: bool) -> int:
     """Checks shared by the convolution ops; returns C_out."""
     _checks.float_tensor("x", x)
-    _require(x.dim() == (2 if step else 3),
-             f"x must have shape {'(B, C) (one step)' if step else '(B, C, L)'}, got {tuple(x.shape)}")
+    _require(
+        x.dim() == (2 if step else 3),
+        f"x must have shape {'(B, C) (one step)' if step else '(B, C, L)'}, got {tuple(x.shape)}",
+    )
     _checks.float_tensor("weight", weight)
     _checks.same_place("weight", weight, "x", x)
-    _require(weight.dim() in (2, 3) and weight.shape[-1] >= 1,
-             f"weight must have shape (C, K) or (C_out, C_in, K) with K >= 1, got {tuple(weight.shape)}")
-    _require(weight.shape[0 if weight.dim() == 2 else 1] == x.shape[1],
-             f"weight of shape {tuple(weight.shape)} does not match the {x.shape[1]} channels of x")
+    _require(
+        weight.dim() in (2, 3) and weight.shape[-1] >= 1,
+        f"weight must have shape (C, K) or (C_out, C_in, K) with K >= 1, got {tuple(weight.shape)}",
+    )
+    _require(
+        weight.shape[0 if weight.dim() == 2 else 1] == x.shape[1],
+        f"weight of shape {tuple(weight.shape)} does not match the {x.shape[1]} channels of x",
+    )
     c_out = weight.shape[0]
     if bias is not None:
         _checks.like("bias", bias, "x", x, shape=(c_out,))
@@ -117,14 +124,17 @@ def _(x, weight, bias, dilation, activation):
 def _check_causal_conv1d_backward(grad_y, x, weight, bias, dilation, activation) -> None:
     c_out = _check_conv(x, weight, bias, dilation, activation, step=False)
     _checks.float_tensor("grad_y", grad_y)
-    _require(tuple(grad_y.shape) == (x.shape[0], c_out, x.shape[2]),
-             f"grad_y has shape {tuple(grad_y.shape)}, expected {(x.shape[0], c_out, x.shape[2])}")
+    _require(
+        tuple(grad_y.shape) == (x.shape[0], c_out, x.shape[2]),
+        f"grad_y has shape {tuple(grad_y.shape)}, expected {(x.shape[0], c_out, x.shape[2])}",
+    )
     _require(grad_y.dtype == x.dtype and grad_y.device == x.device, "grad_y differs from x in dtype or device")
 
 
 @torch.library.custom_op("genkern::causal_conv1d_backward", mutates_args=())
-def causal_conv1d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int,
-                           activation: str) -> tuple[Tensor, Tensor, Tensor]:
+def causal_conv1d_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias); grad_bias is empty (0,) without a bias."""
     _check_causal_conv1d_backward(grad_y, x, weight, bias, dilation, activation)
     gx, gw, gb = ref.causal_conv1d_backward(grad_y, x, weight, bias, dilation, activation)
@@ -135,8 +145,17 @@ def causal_conv1d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Opti
 def _(kernels, grad_y, x, weight, bias, dilation, activation):
     grad_x, grad_w = _empty(x.shape, x), _empty(weight.shape, x)
     grad_b = _empty(bias.shape, x) if bias is not None else None
-    kernels.backward(grad_y.contiguous(), x.contiguous(), weight.contiguous(), _contig(bias), grad_x, grad_w, grad_b,
-                     dilation, _ACTIVATION_CODES[activation])
+    kernels.backward(
+        grad_y.contiguous(),
+        x.contiguous(),
+        weight.contiguous(),
+        _contig(bias),
+        grad_x,
+        grad_w,
+        grad_b,
+        dilation,
+        _ACTIVATION_CODES[activation],
+    )
     return grad_x, grad_w, _empty((0,), x) if grad_b is None else grad_b
 
 
@@ -170,14 +189,17 @@ def _check_causal_conv1d_update(x, state, weight, bias, dilation, activation) ->
     need = ref.receptive_field(weight.shape[-1], dilation)
     _checks.float_tensor("state", state)
     _checks.same_place("state", state, "x", x)
-    _require(state.dim() == 3 and tuple(state.shape[:2]) == tuple(x.shape) and state.shape[2] >= need,
-             f"state has shape {tuple(state.shape)}, expected ({x.shape[0]}, {x.shape[1]}, W) "
-             f"with W >= (K - 1) * dilation = {need}")
+    _require(
+        state.dim() == 3 and tuple(state.shape[:2]) == tuple(x.shape) and state.shape[2] >= need,
+        f"state has shape {tuple(state.shape)}, expected ({x.shape[0]}, {x.shape[1]}, W) "
+        f"with W >= (K - 1) * dilation = {need}",
+    )
 
 
 @torch.library.custom_op("genkern::causal_conv1d_update", mutates_args=("state",))
-def causal_conv1d_update(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int,
-                         activation: str) -> Tensor:
+def causal_conv1d_update(
+    x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, activation: str
+) -> Tensor:
     """y (B, C_out) for the new input x (B, C_in); state (B, C_in, W >= (K - 1) * dilation) shifts by one.
     Not differentiable: it serves generation, where the state's history is gone."""
     _check_causal_conv1d_update(x, state, weight, bias, dilation, activation)
@@ -209,8 +231,9 @@ def _check_gated_activation(x: Tensor, dim: int) -> None:
     _checks.float_tensor("x", x)
     _checks.integer("dim", dim)
     _require(-x.dim() <= dim < x.dim(), f"dim={dim} is out of range for a tensor of {x.dim()} dims")
-    _require(x.shape[dim] % 2 == 0, f"x has odd size {x.shape[dim]} along dim {dim % x.dim()}: it must split into "
-                                    "two halves")
+    _require(
+        x.shape[dim] % 2 == 0, f"x has odd size {x.shape[dim]} along dim {dim % x.dim()}: it must split into two halves"
+    )
 
 
 def _gated_layout(x: Tensor, dim: int) -> tuple[int, int, int]:
@@ -250,7 +273,9 @@ def _(x, dim):
 def _check_gated_activation_backward(grad_y: Tensor, x: Tensor, dim: int) -> None:
     _check_gated_activation(x, dim)
     _checks.float_tensor("grad_y", grad_y)
-    _require(list(grad_y.shape) == _halved(x, dim), f"grad_y has shape {tuple(grad_y.shape)}, expected {_halved(x, dim)}")
+    _require(
+        list(grad_y.shape) == _halved(x, dim), f"grad_y has shape {tuple(grad_y.shape)}, expected {_halved(x, dim)}"
+    )
     _require(grad_y.dtype == x.dtype and grad_y.device == x.device, "grad_y differs from x in dtype or device")
 
 
@@ -299,17 +324,22 @@ def _check_square_odd(name: str, kh: int, kw: int) -> None:
 
 
 def _check_mask(c_in: int, c_out: int, mask_type: str, color_groups: int, dilation: int) -> None:
-    _require(c_in >= 1 and c_out >= 1, f"the convolution needs at least one input and one output channel, got "
-                                       f"C_in={c_in} and C_out={c_out}")
+    _require(
+        c_in >= 1 and c_out >= 1,
+        f"the convolution needs at least one input and one output channel, got C_in={c_in} and C_out={c_out}",
+    )
     _require(mask_type in ref.MASK_TYPES, f"mask_type must be 'A' or 'B', got {mask_type!r}")
     _checks.integer("color_groups", color_groups, low=1)
-    _require(c_in % color_groups == 0 and c_out % color_groups == 0,
-             f"color_groups={color_groups} must divide both C_in={c_in} and C_out={c_out}")
+    _require(
+        c_in % color_groups == 0 and c_out % color_groups == 0,
+        f"color_groups={color_groups} must divide both C_in={c_in} and C_out={c_out}",
+    )
     _checks.integer("dilation", dilation, low=1)
 
 
-def _check_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: str, color_groups: int,
-                         dilation: int) -> None:
+def _check_masked_conv2d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: str, color_groups: int, dilation: int
+) -> None:
     _checks.float_tensor("x", x)
     _checks.float_tensor("weight", weight)
     _checks.same_place("weight", weight, "x", x)
@@ -331,8 +361,9 @@ def _out_shape(x: Tensor, weight: Tensor) -> list[int]:
 # forward
 # ---------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("genkern::masked_conv2d", mutates_args=())
-def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: str, color_groups: int,
-                  dilation: int) -> Tensor:
+def masked_conv2d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: str, color_groups: int, dilation: int
+) -> Tensor:
     _check_masked_conv2d(x, weight, bias, mask_type, color_groups, dilation)
     return ref.masked_conv2d(x, weight, bias, mask_type, color_groups, dilation).contiguous()
 
@@ -353,14 +384,17 @@ def _(x, weight, bias, mask_type, color_groups, dilation):
 # ---------------------------------------------------------------------------------------------------------
 # backward: d/dx
 # ---------------------------------------------------------------------------------------------------------
-def _check_masked_conv2d_grad_input(grad_y: Tensor, weight: Tensor, mask_type: str, color_groups: int,
-                                    dilation: int) -> None:
+def _check_masked_conv2d_grad_input(
+    grad_y: Tensor, weight: Tensor, mask_type: str, color_groups: int, dilation: int
+) -> None:
     _checks.float_tensor("grad_y", grad_y)
     _checks.float_tensor("weight", weight)
     _checks.same_place("weight", weight, "grad_y", grad_y)
     _require(weight.dim() == 4, f"weight must have shape (C_out, C_in, k, k), got {tuple(weight.shape)}")
-    _require(grad_y.dim() == 4 and grad_y.shape[1] == weight.shape[0],
-             f"grad_y must have shape (B, C_out={weight.shape[0]}, H, W), got {tuple(grad_y.shape)}")
+    _require(
+        grad_y.dim() == 4 and grad_y.shape[1] == weight.shape[0],
+        f"grad_y must have shape (B, C_out={weight.shape[0]}, H, W), got {tuple(grad_y.shape)}",
+    )
     _check_square_odd("weight", *weight.shape[2:])
     _check_mask(weight.shape[1], weight.shape[0], mask_type, color_groups, dilation)
 
@@ -370,8 +404,9 @@ def _grad_input_shape(grad_y: Tensor, weight: Tensor) -> list[int]:
 
 
 @torch.library.custom_op("genkern::masked_conv2d_grad_input", mutates_args=())
-def masked_conv2d_grad_input(grad_y: Tensor, weight: Tensor, mask_type: str, color_groups: int,
-                             dilation: int) -> Tensor:
+def masked_conv2d_grad_input(
+    grad_y: Tensor, weight: Tensor, mask_type: str, color_groups: int, dilation: int
+) -> Tensor:
     _check_masked_conv2d_grad_input(grad_y, weight, mask_type, color_groups, dilation)
     shape = _grad_input_shape(grad_y, weight)
     return ref.masked_conv2d_grad_input(grad_y, weight, shape, mask_type, color_groups, dilation).contiguous()
@@ -393,14 +428,17 @@ def _(grad_y, weight, mask_type, color_groups, dilation):
 # ---------------------------------------------------------------------------------------------------------
 # backward: d/dweight (zero at masked taps) and d/dbias
 # ---------------------------------------------------------------------------------------------------------
-def _check_masked_conv2d_grad_weight(grad_y: Tensor, x: Tensor, kernel_size: int, mask_type: str,
-                                     color_groups: int, dilation: int) -> None:
+def _check_masked_conv2d_grad_weight(
+    grad_y: Tensor, x: Tensor, kernel_size: int, mask_type: str, color_groups: int, dilation: int
+) -> None:
     _checks.float_tensor("grad_y", grad_y)
     _checks.float_tensor("x", x)
     _checks.same_place("grad_y", grad_y, "x", x)
     _require(x.dim() == 4, f"x must have shape (B, C_in, H, W), got {tuple(x.shape)}")
-    _require(grad_y.dim() == 4 and grad_y.shape[0] == x.shape[0] and grad_y.shape[2:] == x.shape[2:],
-             f"grad_y must have shape (B, C_out, H, W) with x's B, H and W, got {tuple(grad_y.shape)}")
+    _require(
+        grad_y.dim() == 4 and grad_y.shape[0] == x.shape[0] and grad_y.shape[2:] == x.shape[2:],
+        f"grad_y must have shape (B, C_out, H, W) with x's B, H and W, got {tuple(grad_y.shape)}",
+    )
     _checks.integer("kernel_size", kernel_size, low=1)
     _require(kernel_size % 2 == 1, f"kernel_size must be odd, got {kernel_size}")
     _check_mask(x.shape[1], grad_y.shape[1], mask_type, color_groups, dilation)
@@ -411,8 +449,9 @@ def _weight_shape(grad_y: Tensor, x: Tensor, kernel_size: int) -> list[int]:
 
 
 @torch.library.custom_op("genkern::masked_conv2d_grad_weight", mutates_args=())
-def masked_conv2d_grad_weight(grad_y: Tensor, x: Tensor, kernel_size: int, mask_type: str, color_groups: int,
-                              dilation: int) -> tuple[Tensor, Tensor]:
+def masked_conv2d_grad_weight(
+    grad_y: Tensor, x: Tensor, kernel_size: int, mask_type: str, color_groups: int, dilation: int
+) -> tuple[Tensor, Tensor]:
     _check_masked_conv2d_grad_weight(grad_y, x, kernel_size, mask_type, color_groups, dilation)
     shape = _weight_shape(grad_y, x, kernel_size)
     gw, gb = ref.masked_conv2d_grad_weight(grad_y, x, shape, mask_type, color_groups, dilation)
@@ -423,8 +462,9 @@ def masked_conv2d_grad_weight(grad_y: Tensor, x: Tensor, kernel_size: int, mask_
 def _(kernels, grad_y, x, kernel_size, mask_type, color_groups, dilation):
     shape = _weight_shape(grad_y, x, kernel_size)
     grad_weight, grad_bias = _empty(shape, x), _empty([shape[0]], x)
-    kernels.grad_weight(grad_y.contiguous(), x.contiguous(), grad_weight, grad_bias, mask_type == "B", color_groups,
-                        dilation)
+    kernels.grad_weight(
+        grad_y.contiguous(), x.contiguous(), grad_weight, grad_bias, mask_type == "B", color_groups, dilation
+    )
     return grad_weight, grad_bias
 
 
@@ -473,18 +513,21 @@ def check_params(weight: Tensor, c: Tensor, v: Tensor, b: Tensor) -> tuple[int, 
 
 def _check_x(x: Tensor, weight: Tensor, dims: int) -> None:
     _require(x.dim() == 2 and x.shape[1] == dims, f"x must have shape (B, {dims}), got {tuple(x.shape)}")
-    _require(x.dtype == weight.dtype and x.device == weight.device,
-             f"x differs from weight in dtype or device ({x.dtype} on {x.device}, weight {weight.dtype} on "
-             f"{weight.device})")
+    _require(
+        x.dtype == weight.dtype and x.device == weight.device,
+        f"x differs from weight in dtype or device ({x.dtype} on {x.device}, weight {weight.dtype} on {weight.device})",
+    )
 
 
 def check_sample_range(num_samples: int, first: int, dims: int) -> None:
     """Stream indices (first + s) * D + i must fit int64, or two samples would share their noise."""
     _require(num_samples >= 0, f"num_samples must be >= 0, got {num_samples}")
     _require(first >= 0, f"first must be >= 0, got {first}")
-    _require((first + num_samples) * max(dims, 1) <= INT64_MAX,
-             "first + num_samples is too large: (first + num_samples) * D must stay below 2^63 "
-             "(the stream index of the last draw)")
+    _require(
+        (first + num_samples) * max(dims, 1) <= INT64_MAX,
+        "first + num_samples is too large: (first + num_samples) * D must stay below 2^63 "
+        "(the stream index of the last draw)",
+    )
 
 
 def _kernel_args(*tensors: Tensor) -> list[Tensor]:
@@ -521,15 +564,19 @@ def _(x, weight, c, v, b):
 def _check_nade_log_prob_backward(grad_out, x, weight, c, v, b) -> None:
     _check_nade_log_prob(x, weight, c, v, b)
     _checks.float_tensor("grad_out", grad_out)
-    _require(tuple(grad_out.shape) == (x.shape[0],),
-             f"grad_out has shape {tuple(grad_out.shape)}, expected ({x.shape[0]},)")
-    _require(grad_out.dtype == weight.dtype and grad_out.device == weight.device,
-             "grad_out differs from weight in dtype or device")
+    _require(
+        tuple(grad_out.shape) == (x.shape[0],), f"grad_out has shape {tuple(grad_out.shape)}, expected ({x.shape[0]},)"
+    )
+    _require(
+        grad_out.dtype == weight.dtype and grad_out.device == weight.device,
+        "grad_out differs from weight in dtype or device",
+    )
 
 
 @torch.library.custom_op("genkern::nade_log_prob_backward", mutates_args=())
-def nade_log_prob_backward(grad_out: Tensor, x: Tensor, weight: Tensor, c: Tensor, v: Tensor,
-                           b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def nade_log_prob_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, c: Tensor, v: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_weight, grad_c, grad_v, grad_b) of sum_n grad_out[n] log p(x[n])."""
     _check_nade_log_prob_backward(grad_out, x, weight, c, v, b)
     return tuple(t.contiguous() for t in ref.nade_log_prob_backward(grad_out, x, weight, c, v, b))
@@ -571,8 +618,9 @@ def _check_nade_sample(weight, c, v, b, num_samples, seed, offset, first) -> Non
 
 
 @torch.library.custom_op("genkern::nade_sample", mutates_args=())
-def nade_sample(weight: Tensor, c: Tensor, v: Tensor, b: Tensor, num_samples: int, seed: int, offset: int,
-                first: int) -> Tensor:
+def nade_sample(
+    weight: Tensor, c: Tensor, v: Tensor, b: Tensor, num_samples: int, seed: int, offset: int, first: int
+) -> Tensor:
     """(num_samples, D) of 0.0 / 1.0 in the parameters' dtype. seed and offset are uint64 carried as int64."""
     _check_nade_sample(weight, c, v, b, num_samples, seed, offset, first)
     return ref.nade_sample(num_samples, weight, c, v, b, to_unsigned(seed), to_unsigned(offset), first).contiguous()
@@ -599,13 +647,17 @@ def _(weight, c, v, b, num_samples, seed, offset, first):
 def _check_gumbel_shapes(logits: Tensor, base: Tensor) -> None:
     """What the fake implementation can check: everything but base's values."""
     _checks.float_tensor("logits", logits)
-    _require(logits.dim() == 2 and logits.shape[1] >= 1,
-             f"logits must have shape (N, levels >= 1), got {tuple(logits.shape)}")
+    _require(
+        logits.dim() == 2 and logits.shape[1] >= 1,
+        f"logits must have shape (N, levels >= 1), got {tuple(logits.shape)}",
+    )
     _checks.tensor("base", base)
     if base.dtype != torch.int64:
         raise TypeError(f"base must be an int64 tensor, got {base.dtype}")
-    _require(tuple(base.shape) == (logits.shape[0],) and base.device == logits.device,
-             f"base must have shape ({logits.shape[0]},) on logits' device, got {tuple(base.shape)} on {base.device}")
+    _require(
+        tuple(base.shape) == (logits.shape[0],) and base.device == logits.device,
+        f"base must have shape ({logits.shape[0]},) on logits' device, got {tuple(base.shape)} on {base.device}",
+    )
 
 
 def _check_gumbel_argmax(logits: Tensor, base: Tensor, seed: int, offset: int) -> None:
@@ -633,8 +685,18 @@ def _(logits, base, seed, offset):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
-def run_program(caches: list[Tensor], nodes: list[tuple], out: Tensor, logits: int, levels: int, scale: float,
-                shift: float, seed: int, offset: int, first_sample: int) -> None:
+def run_program(
+    caches: list[Tensor],
+    nodes: list[tuple],
+    out: Tensor,
+    logits: int,
+    levels: int,
+    scale: float,
+    shift: float,
+    seed: int,
+    offset: int,
+    first_sample: int,
+) -> None:
     """Run a cached-sampling program (csrc/autoregressive/pixelcnn_sampling.h) into `out`, on the selected
     backend for out's device (genkern.backend.selected: the scoped choice, else the process-wide one, else
     automatic). The compiled runner checks the program itself."""
@@ -643,5 +705,6 @@ def run_program(caches: list[Tensor], nodes: list[tuple], out: Tensor, logits: i
         ref.run_program(caches, nodes, out, logits, levels, scale, shift, seed, offset, first_sample)
         return
     described = [tuple(_native.array(v) if isinstance(v, Tensor) else v for v in node) for node in nodes]
-    SAMPLING_KERNELS.on(backend).sample([_native.array(c) for c in caches], described, out, logits, levels, scale,
-                                        shift, seed, offset, first_sample)
+    SAMPLING_KERNELS.on(backend).sample(
+        [_native.array(c) for c in caches], described, out, logits, levels, scale, shift, seed, offset, first_sample
+    )

@@ -1,6 +1,7 @@
 """Benchmark cases of the autoregressive family: causal convolutions, masked convolutions, NADE and cached
 PixelCNN sampling (each group's notes below). `genkern bench --ops <name or group>` selects them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -125,19 +126,33 @@ def _train_bytes(size, dtype):
 
 CONV1D_CASES = (
     BenchCase(
-        name="causal_conv1d", family=_CONV1D,
-        make_inputs=_inputs, genkern=genkern_causal_conv1d, eager=eager_causal_conv1d,
-        shape=_shape, bytes_moved=_bytes,
+        name="causal_conv1d",
+        family=_CONV1D,
+        make_inputs=_inputs,
+        genkern=genkern_causal_conv1d,
+        eager=eager_causal_conv1d,
+        shape=_shape,
+        bytes_moved=_bytes,
     ),
     BenchCase(
-        name="causal_conv1d_update", family=_CONV1D,
-        make_inputs=_update_inputs, genkern=genkern_causal_conv1d_update, eager=eager_causal_conv1d_update,
-        shape=_update_shape, bytes_moved=_update_bytes,
+        name="causal_conv1d_update",
+        family=_CONV1D,
+        make_inputs=_update_inputs,
+        genkern=genkern_causal_conv1d_update,
+        eager=eager_causal_conv1d_update,
+        shape=_update_shape,
+        bytes_moved=_update_bytes,
     ),
     BenchCase(
-        name="causal_conv1d_train", family=_CONV1D,
-        make_inputs=_train_inputs, genkern=genkern_causal_conv1d_train, eager=eager_causal_conv1d_train,
-        shape=_shape, bytes_moved=_train_bytes, timed="forward+backward", default=False,
+        name="causal_conv1d_train",
+        family=_CONV1D,
+        make_inputs=_train_inputs,
+        genkern=genkern_causal_conv1d_train,
+        eager=eager_causal_conv1d_train,
+        shape=_shape,
+        bytes_moved=_train_bytes,
+        timed="forward+backward",
+        default=False,
     ),
 )
 
@@ -172,7 +187,7 @@ def _layer(c_in: int, k: int, mask_type: str):
     def make_inputs(size, device, dtype):
         b = _batch(size)
         x = torch.randn(b, c_in, SIDE, SIDE, device=device, dtype=dtype).requires_grad_(c_in > 1)
-        weight = (torch.randn(CHANNELS, c_in, k, k, device=device, dtype=dtype) / math.sqrt(c_in * k * k))
+        weight = torch.randn(CHANNELS, c_in, k, k, device=device, dtype=dtype) / math.sqrt(c_in * k * k)
         bias = torch.randn(CHANNELS, device=device, dtype=dtype)
         grad_y = torch.randn(b, CHANNELS, SIDE, SIDE, device=device, dtype=dtype)
         mask = ref.mask(k, mask_type, c_in, CHANNELS, dtype=dtype, device=device)
@@ -198,8 +213,17 @@ def _layer(c_in: int, k: int, mask_type: str):
 
 def _case(name: str, c_in: int, k: int, mask_type: str, default: bool) -> BenchCase:
     make_inputs, eager, ours, shape, bytes_moved = _layer(c_in, k, mask_type)
-    return BenchCase(name=name, family=_MASKED_CONV, make_inputs=make_inputs, genkern=ours, eager=eager, shape=shape,
-                     bytes_moved=bytes_moved, timed="forward+backward", default=default)
+    return BenchCase(
+        name=name,
+        family=_MASKED_CONV,
+        make_inputs=make_inputs,
+        genkern=ours,
+        eager=eager,
+        shape=shape,
+        bytes_moved=bytes_moved,
+        timed="forward+backward",
+        default=default,
+    )
 
 
 MASKED_CONV_CASES = (
@@ -261,9 +285,17 @@ def _nade_bytes(size, dtype):
 
 NADE_CASES = (
     BenchCase(
-        name="nade_log_prob", family=_NADE,
-        make_inputs=_nade_inputs, genkern=genkern_nade_log_prob, eager=eager_nade_log_prob,
-        shape=_nade_shape, bytes_moved=_nade_bytes, timed="forward+backward", default=False, max_repeats=3, sized=False,
+        name="nade_log_prob",
+        family=_NADE,
+        make_inputs=_nade_inputs,
+        genkern=genkern_nade_log_prob,
+        eager=eager_nade_log_prob,
+        shape=_nade_shape,
+        bytes_moved=_nade_bytes,
+        timed="forward+backward",
+        default=False,
+        max_repeats=3,
+        sized=False,
     ),
 )
 
@@ -287,11 +319,13 @@ _SAMPLING = "pixelcnn_sampling"
 LEVELS, LAYERS = 256, 9
 NAIVE_STEPS = 4
 # (name, colours, image side, hidden channels, batch, default)
-SHAPES = (*((f"pixelcnn_sample_b{b}", 1, 28, 64, b, b == 64) for b in (1, 4, 16, 64, 256)),
-          ("pixelcnn_sample_rgb32_b256", 3, 32, 96, 256, "cuda"))
+SHAPES = (
+    *((f"pixelcnn_sample_b{b}", 1, 28, 64, b, b == 64) for b in (1, 4, 16, 64, 256)),
+    ("pixelcnn_sample_rgb32_b256", 3, 32, 96, 256, "cuda"),
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(colors: int, side: int, hidden: int, device: torch.device) -> PixelCNN:
     torch.manual_seed(0)
     return PixelCNN(colors, LEVELS, side, hidden_channels=hidden, n_layers=LAYERS).to(device).eval()
@@ -325,10 +359,20 @@ def genkern_cached(model, x, backend=None):
 
 SAMPLING_CASES = tuple(
     BenchCase(
-        name=name, family=_SAMPLING, make_inputs=_sampling_inputs(colors, side, hidden, batch), genkern=genkern_cached,
-        eager=eager_naive_steps, shape=lambda size, s=(batch, colors, side, side): s, bytes_moved=lambda n, dt: 0,
-        default=default, compile=False, items=lambda size, b=batch: b, item_unit="img",
-        eager_scale=lambda size, d=colors * side * side: d / NAIVE_STEPS, max_repeats=3, timed="whole sampling run",
+        name=name,
+        family=_SAMPLING,
+        make_inputs=_sampling_inputs(colors, side, hidden, batch),
+        genkern=genkern_cached,
+        eager=eager_naive_steps,
+        shape=lambda size, s=(batch, colors, side, side): s,
+        bytes_moved=lambda n, dt: 0,
+        default=default,
+        compile=False,
+        items=lambda size, b=batch: b,
+        item_unit="img",
+        eager_scale=lambda size, d=colors * side * side: d / NAIVE_STEPS,
+        max_repeats=3,
+        timed="whole sampling run",
         sized=False,
     )
     for name, colors, side, hidden, batch, default in SHAPES

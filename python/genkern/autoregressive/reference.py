@@ -4,6 +4,7 @@ Causal 1-D convolutions (and WaveNet's gate), PixelCNN masked convolutions, NADE
 genkern stream and the cached sampler's program run position by position. Half types compute in float32,
 as the kernels do; random uniforms are exact (float64).
 """
+
 from __future__ import annotations
 
 import torch
@@ -98,7 +99,7 @@ def causal_conv1d_update(x, state, weight, bias=None, dilation=1, activation="no
     (y (B, C_out), new_state): y is the convolution's output at x's position, new_state is state shifted left
     by one with x appended."""
     need = receptive_field(weight.shape[-1], dilation)
-    window = torch.cat([state[..., state.shape[-1] - need:], x.unsqueeze(-1)], dim=-1)
+    window = torch.cat([state[..., state.shape[-1] - need :], x.unsqueeze(-1)], dim=-1)
     y = causal_conv1d(window, weight, bias, dilation, activation)[..., -1]
     new_state = torch.cat([state[..., 1:], x.unsqueeze(-1)], dim=-1) if state.shape[-1] else state
     return y, new_state
@@ -128,8 +129,16 @@ def gated_activation_backward(grad_y, x, dim=1):
 MASK_TYPES = ("A", "B")
 
 
-def mask(kernel_size: int, mask_type: str, in_channels: int, out_channels: int, color_groups: int = 1,
-         *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def mask(
+    kernel_size: int,
+    mask_type: str,
+    in_channels: int,
+    out_channels: int,
+    color_groups: int = 1,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
     """The (out_channels, in_channels, k, k) 0/1 mask: rows above the centre, the centre row left of the
     centre, and at the centre tap output group g sees input group h iff h < g (A) or h <= g (B)."""
     k, c = kernel_size, kernel_size // 2
@@ -161,16 +170,22 @@ def masked_conv2d(x, weight, bias=None, mask_type="A", color_groups=1, dilation=
         x, weight = x.float(), weight.float()
         bias = None if bias is None else bias.float()
     k = weight.shape[-1]
-    y = F.conv2d(x, _masked_weight(weight, mask_type, color_groups), bias,
-                 padding=padding(k, dilation), dilation=dilation)
+    y = F.conv2d(
+        x, _masked_weight(weight, mask_type, color_groups), bias, padding=padding(k, dilation), dilation=dilation
+    )
     return y.to(dtype)
 
 
 def masked_conv2d_grad_input(grad_y, weight, input_shape, mask_type="A", color_groups=1, dilation=1):
     """d/dx: the transposed convolution of grad_y with the masked weight."""
     k = weight.shape[-1]
-    return torch.nn.grad.conv2d_input(list(input_shape), _masked_weight(weight, mask_type, color_groups), grad_y,
-                                      padding=padding(k, dilation), dilation=dilation)
+    return torch.nn.grad.conv2d_input(
+        list(input_shape),
+        _masked_weight(weight, mask_type, color_groups),
+        grad_y,
+        padding=padding(k, dilation),
+        dilation=dilation,
+    )
 
 
 def masked_conv2d_grad_weight(grad_y, x, weight_shape, mask_type="A", color_groups=1, dilation=1):
@@ -254,8 +269,7 @@ def nade_log_prob_backward(grad_out, x, weight, c, v, b):
     delta = g[:, None] * (x - torch.sigmoid(l))  # dL/dl_i
     da = delta[:, None, :] * v.t()[None] * h * (1 - h)  # dL/da_i, (B, H, D)
     after = _sum_before(da.flip(-1)).flip(-1)  # sum over steps i > k
-    grads = (torch.einsum("bhd,bd->hd", after, x), da.sum((0, 2)), torch.einsum("bd,bhd->dh", delta, h),
-             delta.sum(0))
+    grads = (torch.einsum("bhd,bd->hd", after, x), da.sum((0, 2)), torch.einsum("bd,bhd->dh", delta, h), delta.sum(0))
     return tuple(t.to(dtype) for t in grads)
 
 
@@ -323,8 +337,18 @@ def _evaluate(node, caches, i: int, j: int) -> None:
     out[:, i, j] = out[:, i, j] + value if accumulate else value
 
 
-def run_program(caches, nodes, out: torch.Tensor, logits: int, levels: int, scale: float, shift: float, seed: int,
-           offset: int, first_sample: int) -> None:
+def run_program(
+    caches,
+    nodes,
+    out: torch.Tensor,
+    logits: int,
+    levels: int,
+    scale: float,
+    shift: float,
+    seed: int,
+    offset: int,
+    first_sample: int,
+) -> None:
     """Run the cached sampler's program (see csrc/autoregressive/pixelcnn_sampling.h): row nodes once per row before its
     first pixel, pixel nodes at every (row, column, colour) step, then a Gumbel-max draw for the colour."""
     batch, colors, height, width = out.shape
@@ -341,6 +365,6 @@ def run_program(caches, nodes, out: torch.Tensor, logits: int, levels: int, scal
                 for node in pixel_nodes:
                     _evaluate(node, caches, i, j)
                 base = (samples * dims + (i * width + j) * colors + c) * levels
-                level = gumbel_argmax(caches[logits][:, i, j, c * levels:(c + 1) * levels], base, seed, offset)
+                level = gumbel_argmax(caches[logits][:, i, j, c * levels : (c + 1) * levels], base, seed, offset)
                 out[:, c, i, j] = level
                 caches[0][:, i, j, c] = scale * level.to(caches[0].dtype) + shift

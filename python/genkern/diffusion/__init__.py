@@ -15,6 +15,7 @@ inside the kernels from the schedule's table on the data's device, so a step nev
 host and a captured CUDA graph replays with new timesteps written into its timestep tensors. The readable
 definitions, and where they differ from diffusers, are in genkern.diffusion.reference.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -24,15 +25,25 @@ from torch import Tensor
 
 from .. import _checks
 from .. import backend as _backend
-from . import _ops
 from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
+from . import _ops
 from . import reference as _spec
-from .schedules import NoiseSchedule
 from .samplers import DDIMSampler, DDPMSampler
+from .schedules import NoiseSchedule
 from .training import training_loss
 
-__all__ = ["DDIMSampler", "DDPMSampler", "ddim_step", "ddpm_step", "diffusion_loss", "q_sample", "training_loss"]
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "NoiseSchedule",
+    "ddim_step",
+    "ddpm_step",
+    "diffusion_loss",
+    "q_sample",
+    "schedules",
+    "training_loss",
+]
 
 # The public functions normalise their arguments (timesteps to per-sample int64 tensors, names to the kernels'
 # codes, options to floats, seeds drawn) and call the op, which checks every value once (genkern.diffusion._ops).
@@ -96,8 +107,16 @@ def _noise_args(noise, seed, offset) -> tuple[int, int]:
     return to_signed(resolve_seed(seed)), to_signed(offset)
 
 
-def q_sample(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None, seed: int | None = None,
-             offset: int = 0, backend: str | None = None) -> Tensor:
+def q_sample(
+    x0: Tensor,
+    t,
+    schedule: NoiseSchedule,
+    *,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> Tensor:
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps in one pass; eps is `noise` or the genkern stream's normals
     for (seed, offset) over x0's shape (element i of x_t uses stream element i)."""
     batch = _batch("x0", x0)
@@ -108,9 +127,20 @@ def q_sample(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = N
     return _backend.call(backend, torch.ops.genkern.q_sample, x0, t, schedule.table(x0.device), noise, seed, offset)
 
 
-def diffusion_loss(model_output: Tensor, x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None,
-                   seed: int | None = None, offset: int = 0, prediction_type: str = "epsilon",
-                   snr_gamma: float | None = None, reduction: str = "mean", backend: str | None = None) -> Tensor:
+def diffusion_loss(
+    model_output: Tensor,
+    x0: Tensor,
+    t,
+    schedule: NoiseSchedule,
+    *,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> Tensor:
     """The simplified diffusion loss: per sample, the mean over non-batch dims of (target - model_output)^2,
     target = eps, v or x0 by `prediction_type`, weighted by min-SNR-gamma when `snr_gamma` is set; the mean
     over the batch (reduction='mean') or the (B,) per-sample losses ('none'). With the (seed, offset) given
@@ -124,31 +154,57 @@ def diffusion_loss(model_output: Tensor, x0: Tensor, t, schedule: NoiseSchedule,
     t, _ = _timesteps(schedule, t, None, batch, x0.device)
     noise = _optional_tensor("noise", noise)
     seed, offset = _noise_args(noise, seed, offset)
-    per_sample = _backend.call(backend, torch.ops.genkern.diffusion_loss, model_output, x0, t,
-                               schedule.table(x0.device), noise, seed, offset, prediction, snr_gamma)
+    per_sample = _backend.call(
+        backend,
+        torch.ops.genkern.diffusion_loss,
+        model_output,
+        x0,
+        t,
+        schedule.table(x0.device),
+        noise,
+        seed,
+        offset,
+        prediction,
+        snr_gamma,
+    )
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale, *,
-                  variance_type: str = "fixed_small", eta=0.0, use_clipped_model_output=False) -> _ops.StepOptions:
+def _step_options(
+    prediction_type,
+    clip_sample,
+    dynamic_threshold,
+    guidance_scale,
+    guidance_rescale,
+    *,
+    variance_type: str = "fixed_small",
+    eta=0.0,
+    use_clipped_model_output=False,
+) -> _ops.StepOptions:
     """The public step arguments as the ops' StepOptions (names to codes, numbers to floats)."""
     if not isinstance(use_clipped_model_output, bool):
         raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
     ratio, max_value = None, 1.0
     if dynamic_threshold is not None:
-        if isinstance(dynamic_threshold, (str, bytes)) or not hasattr(dynamic_threshold, "__len__") \
-                or len(dynamic_threshold) != 2:
+        if (
+            isinstance(dynamic_threshold, (str, bytes))
+            or not hasattr(dynamic_threshold, "__len__")
+            or len(dynamic_threshold) != 2
+        ):
             raise TypeError("dynamic_threshold must be a pair (ratio, max_value)")
         ratio = _float("dynamic_threshold ratio", dynamic_threshold[0])
         max_value = _float("dynamic_threshold max_value", dynamic_threshold[1])
     return _ops.StepOptions(
         prediction=_ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS)),
         variance=_ops.VARIANCES.index(_spec.check_choice("variance_type", variance_type, _ops.VARIANCES)),
-        eta=_float("eta", eta), use_clipped_model_output=use_clipped_model_output,
+        eta=_float("eta", eta),
+        use_clipped_model_output=use_clipped_model_output,
         clip=None if clip_sample is None else _float("clip_sample", clip_sample),
-        dynamic_ratio=ratio, dynamic_max=max_value,
+        dynamic_ratio=ratio,
+        dynamic_max=max_value,
         guidance_scale=None if guidance_scale is None else _float("guidance_scale", guidance_scale),
-        guidance_rescale=_float("guidance_rescale", guidance_rescale))
+        guidance_rescale=_float("guidance_rescale", guidance_rescale),
+    )
 
 
 def _step_noise_args(noise, seed, offset, noisy: bool) -> tuple[int, int]:
@@ -164,15 +220,32 @@ def _out_buffers(out, sample: Tensor, return_pred_original: bool) -> tuple[Tenso
     if isinstance(out, Tensor):
         x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_pred_original else None
         return out, x0
-    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor) \
-            and (out[1] is None or isinstance(out[1], Tensor)):
+    if (
+        isinstance(out, (tuple, list))
+        and len(out) == 2
+        and isinstance(out[0], Tensor)
+        and (out[1] is None or isinstance(out[1], Tensor))
+    ):
         return out[0], out[1]
     raise TypeError("out must be a tensor or a pair (prev_sample, pred_original or None)")
 
 
-def _step(op, op_out, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor | None,
-          schedule: NoiseSchedule, noise, seed: int, offset: int, options: _ops.StepOptions, return_pred_original,
-          out, backend) -> tuple[Tensor, Tensor | None]:
+def _step(
+    op,
+    op_out,
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Tensor | None,
+    schedule: NoiseSchedule,
+    noise,
+    seed: int,
+    offset: int,
+    options: _ops.StepOptions,
+    return_pred_original,
+    out,
+    backend,
+) -> tuple[Tensor, Tensor | None]:
     floats, codes = options.pack()
     args = (model_output, sample, t, prev_t, schedule.table(sample.device), noise, seed, offset, floats, codes)
     if out is not None:
@@ -183,12 +256,26 @@ def _step(op, op_out, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: T
     return prev, (x0 if return_pred_original else None)
 
 
-def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None,
-              variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample: float | None = None,
-              dynamic_threshold: tuple[float, float] | None = None, noise: Tensor | None = None,
-              seed: int | None = None, offset: int = 0, guidance_scale: float | None = None,
-              guidance_rescale: float = 0.0, return_pred_original: bool = True, out=None,
-              backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+def ddpm_step(
+    model_output: Tensor,
+    t,
+    sample: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prev_t=None,
+    variance_type: str = "fixed_small",
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+    dynamic_threshold: tuple[float, float] | None = None,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    return_pred_original: bool = True,
+    out=None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """One ancestral DDPM step x_t -> x_prev in one pass; returns (prev_sample, pred_original_sample).
 
     prev_t defaults to t - 1 (strided steps: alpha' = ab_t / ab_prev); variance_type fixed_small, fixed_large
@@ -202,21 +289,51 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     _checks.tensor("model_output", model_output)
     batch = _batch("sample", sample)
     schedule = _spec.check_schedule(schedule)
-    options = _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
-                            variance_type=variance_type)
+    options = _step_options(
+        prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale, variance_type=variance_type
+    )
     t, prev_t = _timesteps(schedule, t, prev_t, batch, sample.device)
     noise = _optional_tensor("noise", noise)
     seed, offset = _noise_args(noise, seed, offset)
-    return _step(torch.ops.genkern.ddpm_step, torch.ops.genkern.ddpm_step_out, model_output, sample, t, prev_t,
-                 schedule, noise, seed, offset, options, return_pred_original, out, backend)
+    return _step(
+        torch.ops.genkern.ddpm_step,
+        torch.ops.genkern.ddpm_step_out,
+        model_output,
+        sample,
+        t,
+        prev_t,
+        schedule,
+        noise,
+        seed,
+        offset,
+        options,
+        return_pred_original,
+        out,
+        backend,
+    )
 
 
-def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None, eta: float = 0.0,
-              prediction_type: str = "epsilon", clip_sample: float | None = None,
-              dynamic_threshold: tuple[float, float] | None = None, use_clipped_model_output: bool = False,
-              noise: Tensor | None = None, seed: int | None = None, offset: int = 0,
-              guidance_scale: float | None = None, guidance_rescale: float = 0.0, return_pred_original: bool = True,
-              out=None, backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+def ddim_step(
+    model_output: Tensor,
+    t,
+    sample: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prev_t=None,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+    dynamic_threshold: tuple[float, float] | None = None,
+    use_clipped_model_output: bool = False,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    return_pred_original: bool = True,
+    out=None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """One DDIM step x_t -> x_prev (Song et al. 2021, eq. 12) in one pass; returns (prev_sample,
     pred_original_sample).
 
@@ -225,34 +342,70 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     Guidance, thresholding, return_pred_original and `out` as in ddpm_step. See genkern.diffusion.reference.ddim_step
     for the definition and where diffusers' DDIMScheduler differs."""
     if prev_t is None:
-        raise ValueError("prev_t is required for ddim_step: the next entry of the inference timesteps "
-                         "(schedule.timesteps(num_steps, spacing)[1]), -1 after the last step")
+        raise ValueError(
+            "prev_t is required for ddim_step: the next entry of the inference timesteps "
+            "(schedule.timesteps(num_steps, spacing)[1]), -1 after the last step"
+        )
     _checks.tensor("model_output", model_output)
     batch = _batch("sample", sample)
     schedule = _spec.check_schedule(schedule)
-    options = _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
-                            eta=eta, use_clipped_model_output=use_clipped_model_output)
+    options = _step_options(
+        prediction_type,
+        clip_sample,
+        dynamic_threshold,
+        guidance_scale,
+        guidance_rescale,
+        eta=eta,
+        use_clipped_model_output=use_clipped_model_output,
+    )
     t, prev_t = _timesteps(schedule, t, prev_t, batch, sample.device)
     noise = _optional_tensor("noise", noise)
     seed, offset = _step_noise_args(noise, seed, offset, options.eta > 0)
-    return _step(torch.ops.genkern.ddim_step, torch.ops.genkern.ddim_step_out, model_output, sample, t, prev_t,
-                 schedule, noise, seed, offset, options, return_pred_original, out, backend)
+    return _step(
+        torch.ops.genkern.ddim_step,
+        torch.ops.genkern.ddim_step_out,
+        model_output,
+        sample,
+        t,
+        prev_t,
+        schedule,
+        noise,
+        seed,
+        offset,
+        options,
+        return_pred_original,
+        out,
+        backend,
+    )
 
 
-def _prepared_step(kind: str, device: torch.device, schedule: NoiseSchedule, *, seed: int, prediction_type: str,
-                   clip_sample, dynamic_threshold, guidance_scale, guidance_rescale, backend: str | None,
-                   **kind_options):
+def _prepared_step(
+    kind: str,
+    device: torch.device,
+    schedule: NoiseSchedule,
+    *,
+    seed: int,
+    prediction_type: str,
+    clip_sample,
+    dynamic_threshold,
+    guidance_scale,
+    guidance_rescale,
+    backend: str | None,
+    **kind_options,
+):
     """A sampling loop's step with its options normalised once: returns step(model_output, sample, t, prev_t,
     offset) -> prev_sample, which calls the op directly (the op checks each call's arguments). The loop's
     steps share their options, the schedule's table and the seed, so the public functions' normalisation
     would only repeat."""
-    floats, codes = _step_options(prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale,
-                                  **kind_options).pack()
+    floats, codes = _step_options(
+        prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale, **kind_options
+    ).pack()
     table, seed = schedule.table(device), to_signed(seed)
     op = torch.ops.genkern.ddpm_step if kind == "ddpm" else torch.ops.genkern.ddim_step
 
     def step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, offset: int) -> Tensor:
-        return _backend.call(backend, op, model_output, sample, t, prev_t, table, None, seed, offset, floats, codes,
-                             False)[0]
+        return _backend.call(
+            backend, op, model_output, sample, t, prev_t, table, None, seed, offset, floats, codes, False
+        )[0]
 
     return step

@@ -10,8 +10,10 @@ Each op's body is its reference (the eager spec, on every device and for every d
 get the kernel registered below it (`@KERNELS.register(op, check=...)`) unless the reference is selected.
 Every op validates its arguments in one `_check_<op>` function (errors name the argument), run before a
 backend is picked or a kernel asked for, by the body, and by the fake implementation (a traced call fails the
-same way): the public functions in genkern.diffusion only normalise. The steps take their options grouped, as `StepOptions(...).pack()`.
+same way): the public functions in genkern.diffusion only normalise. The steps take their options grouped,
+as `StepOptions(...).pack()`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,11 +24,11 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import reference as ref
-from ..random import reference as ref_random
 from .. import _checks, _native
 from .. import backend as _backend
 from .._kernels import KernelGroup, to_unsigned
+from ..random import reference as ref_random
+from . import reference as ref
 
 
 def _triton_diffusion():
@@ -77,7 +79,6 @@ def _eager_weight(levels: Tensor, snr_gamma: float, prediction: int) -> Tensor:
     return clipped / (snr + 1) if prediction == 1 else clipped
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Checks: each op's arguments, once, whoever calls it (torch.ops.genkern.* is public), before any computation
 # ---------------------------------------------------------------------------------------------------------
@@ -90,8 +91,14 @@ def _check_batched(name: str, x) -> Tensor:
 
 def _check_table(table: Tensor, like: Tensor) -> int:
     """The schedule's table on the data's device; returns T, the number of training timesteps."""
-    if (not isinstance(table, Tensor) or table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != 4
-            or table.shape[0] < 2 or table.device != like.device):
+    if (
+        not isinstance(table, Tensor)
+        or table.dtype != torch.float32
+        or table.dim() != 2
+        or table.shape[1] != 4
+        or table.shape[0] < 2
+        or table.device != like.device
+    ):
         raise ValueError("table must be NoiseSchedule.table(device) of the data's device")
     return table.shape[0] - 1
 
@@ -119,10 +126,12 @@ def _host_values(x: Tensor) -> Optional[list[int]]:
 def _check_timesteps(name: str, t: Tensor, like: Tensor, low: int, high: int) -> Optional[list[int]]:
     """An int64 (B,) tensor on the data's device, values in [low, high] when they can be read; returns them."""
     B = like.shape[0]
-    if (not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (B,)
-            or t.device != like.device):
-        got = f"a tensor of dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else \
-            type(t).__name__
+    if not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (B,) or t.device != like.device:
+        got = (
+            f"a tensor of dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}"
+            if isinstance(t, Tensor)
+            else type(t).__name__
+        )
         raise ValueError(f"{name} must be an int64 tensor of shape ({B},) on {like.device}, got {got}")
     values = _host_values(t)
     if values is not None:
@@ -135,16 +144,26 @@ def _check_noise(noise: Optional[Tensor], ref_name: str, like: Tensor) -> None:
         _checks.like("noise", noise, ref_name, like)
 
 
-def _check_q_sample(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int = 0,
-                    offset: int = 0) -> None:
+def _check_q_sample(
+    x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int = 0, offset: int = 0
+) -> None:
     _check_batched("x0", x0)
     T = _check_table(table, x0)
     _check_timesteps("t", t, x0, 0, T - 1)
     _check_noise(noise, "x0", x0)
 
 
-def _check_loss(model_output: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int,
-                offset: int, prediction: int, snr_gamma: Optional[float]) -> None:
+def _check_loss(
+    model_output: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    prediction: int,
+    snr_gamma: Optional[float],
+) -> None:
     _check_q_sample(x0, t, table, noise)
     _checks.like("model_output", model_output, "x0", x0)
     _check_code("prediction", prediction, PREDICTIONS)
@@ -172,8 +191,9 @@ def q_sample(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed
 def _(kernels, x0, t, table, noise, seed, offset):
     x_t = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     noise = None if noise is None else noise.contiguous()
-    kernels.q_sample(x0.contiguous(), noise, t.contiguous(), table.contiguous(), x_t, to_unsigned(seed),
-                     to_unsigned(offset))
+    kernels.q_sample(
+        x0.contiguous(), noise, t.contiguous(), table.contiguous(), x_t, to_unsigned(seed), to_unsigned(offset)
+    )
     return x_t
 
 
@@ -204,8 +224,17 @@ q_sample.register_autograd(_q_sample_grad, setup_context=_q_sample_setup)
 # diffusion_loss: per-sample mean of (target - model_output)^2, min-SNR weighted; (B,)
 # ---------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("genkern::diffusion_loss", mutates_args=())
-def diffusion_loss(model_output: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], seed: int,
-                   offset: int, prediction: int, snr_gamma: Optional[float]) -> Tensor:
+def diffusion_loss(
+    model_output: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    prediction: int,
+    snr_gamma: Optional[float],
+) -> Tensor:
     """prediction: a PREDICTIONS code; snr_gamma None: no min-SNR weighting."""
     _check_loss(model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma)
     levels = _levels(table, t, x0)
@@ -219,8 +248,18 @@ def diffusion_loss(model_output: Tensor, x0: Tensor, t: Tensor, table: Tensor, n
 def _(kernels, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma):
     loss = torch.empty(x0.shape[:1], dtype=x0.dtype, device=x0.device)
     noise = None if noise is None else noise.contiguous()
-    kernels.loss(model_output.contiguous(), x0.contiguous(), noise, t.contiguous(), table.contiguous(), loss,
-                 prediction, snr_gamma or 0.0, to_unsigned(seed), to_unsigned(offset))
+    kernels.loss(
+        model_output.contiguous(),
+        x0.contiguous(),
+        noise,
+        t.contiguous(),
+        table.contiguous(),
+        loss,
+        prediction,
+        snr_gamma or 0.0,
+        to_unsigned(seed),
+        to_unsigned(offset),
+    )
     return loss
 
 
@@ -236,9 +275,18 @@ def _check_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, off
 
 
 @torch.library.custom_op("genkern::diffusion_loss_backward", mutates_args=())
-def diffusion_loss_backward(grad_loss: Tensor, model_output: Tensor, x0: Tensor, t: Tensor, table: Tensor,
-                            noise: Optional[Tensor], seed: int, offset: int, prediction: int,
-                            snr_gamma: Optional[float]) -> Tensor:
+def diffusion_loss_backward(
+    grad_loss: Tensor,
+    model_output: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    prediction: int,
+    snr_gamma: Optional[float],
+) -> Tensor:
     """d loss / d model_output = grad_loss[b] * weight[b] * 2 (model_output - target) / n."""
     _check_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma)
     levels = _levels(table, t, x0)
@@ -253,9 +301,19 @@ def diffusion_loss_backward(grad_loss: Tensor, model_output: Tensor, x0: Tensor,
 def _(kernels, grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma):
     grad = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     noise = None if noise is None else noise.contiguous()
-    kernels.loss_backward(grad_loss.contiguous(), model_output.contiguous(), x0.contiguous(), noise, t.contiguous(),
-                          table.contiguous(), grad, prediction, snr_gamma or 0.0, to_unsigned(seed),
-                          to_unsigned(offset))
+    kernels.loss_backward(
+        grad_loss.contiguous(),
+        model_output.contiguous(),
+        x0.contiguous(),
+        noise,
+        t.contiguous(),
+        table.contiguous(),
+        grad,
+        prediction,
+        snr_gamma or 0.0,
+        to_unsigned(seed),
+        to_unsigned(offset),
+    )
     return grad
 
 
@@ -276,8 +334,9 @@ def _loss_grad(ctx, grad_loss):
     model_output, x0, t, table, noise = ctx.saved_tensors
     seed, offset, prediction, snr_gamma = ctx.args
     with _backend.scoped(ctx.backend):
-        grad_m = diffusion_loss_backward(grad_loss, model_output, x0, t, table, noise, seed, offset, prediction,
-                                         snr_gamma)
+        grad_m = diffusion_loss_backward(
+            grad_loss, model_output, x0, t, table, noise, seed, offset, prediction, snr_gamma
+        )
     # The target is linear in x0 and in the noise: d/dx0 and d/dnoise are -grad_m times its coefficients.
     levels = _levels(table, t, grad_m)
     x0_coef = {0: None, 1: -levels[3], 2: 1.0}[prediction]
@@ -286,7 +345,9 @@ def _loss_grad(ctx, grad_loss):
     if ctx.needs_input_grad[1]:
         grad_x0 = torch.zeros_like(x0) if x0_coef is None else (-grad_m.to(levels.dtype) * x0_coef).to(x0.dtype)
     if ctx.needs_input_grad[4]:
-        grad_noise = torch.zeros_like(x0) if noise_coef is None else (-grad_m.to(levels.dtype) * noise_coef).to(x0.dtype)
+        grad_noise = (
+            torch.zeros_like(x0) if noise_coef is None else (-grad_m.to(levels.dtype) * noise_coef).to(x0.dtype)
+        )
     return grad_m, grad_x0, None, None, grad_noise, None, None, None, None
 
 
@@ -321,25 +382,52 @@ class StepOptions(NamedTuple):
     def pack(self) -> tuple[list[float], list[int]]:
         """(options, codes): the float options, absent ones as 0.0, and the codes with a presence flag for each
         optional float."""
-        options = [float(self.eta), _or_zero(self.clip), _or_zero(self.dynamic_ratio), float(self.dynamic_max),
-                   _or_zero(self.guidance_scale), float(self.guidance_rescale)]
-        codes = [int(self.prediction), int(self.variance), int(self.use_clipped_model_output),
-                 int(self.clip is not None), int(self.dynamic_ratio is not None), int(self.guidance_scale is not None)]
+        options = [
+            float(self.eta),
+            _or_zero(self.clip),
+            _or_zero(self.dynamic_ratio),
+            float(self.dynamic_max),
+            _or_zero(self.guidance_scale),
+            float(self.guidance_rescale),
+        ]
+        codes = [
+            int(self.prediction),
+            int(self.variance),
+            int(self.use_clipped_model_output),
+            int(self.clip is not None),
+            int(self.dynamic_ratio is not None),
+            int(self.guidance_scale is not None),
+        ]
         return options, codes
 
     @classmethod
     def unpack(cls, options: list[float], codes: list[int]) -> StepOptions:
         if len(options) != 6 or len(codes) != 6:
-            raise ValueError(f"options and codes must be StepOptions(...).pack()'s lists of 6 floats and 6 ints, got "
-                             f"{len(options)} and {len(codes)}")
+            raise ValueError(
+                f"options and codes must be StepOptions(...).pack()'s lists of 6 floats and 6 ints, got "
+                f"{len(options)} and {len(codes)}"
+            )
         eta, clip, ratio, max_value, scale, rescale = options
         prediction, variance, clipped, has_clip, has_dynamic, guided = codes
-        for name, flag in (("use_clipped_model_output", clipped), ("clip flag", has_clip),
-                           ("dynamic_threshold flag", has_dynamic), ("guidance flag", guided)):
+        for name, flag in (
+            ("use_clipped_model_output", clipped),
+            ("clip flag", has_clip),
+            ("dynamic_threshold flag", has_dynamic),
+            ("guidance flag", guided),
+        ):
             if flag not in (0, 1):
                 raise ValueError(f"codes: {name} must be 0 or 1, got {flag}")
-        return cls(prediction, variance, eta, bool(clipped), clip if has_clip else None,
-                   ratio if has_dynamic else None, max_value, scale if guided else None, rescale)
+        return cls(
+            prediction,
+            variance,
+            eta,
+            bool(clipped),
+            clip if has_clip else None,
+            ratio if has_dynamic else None,
+            max_value,
+            scale if guided else None,
+            rescale,
+        )
 
     @property
     def dynamic_threshold(self) -> Optional[tuple[float, float]]:
@@ -383,8 +471,9 @@ def _guided_prediction(model_output: Tensor, batch: int, learned: bool, guidance
     return uncond + guidance_scale * (cond - uncond), cond
 
 
-def _rescale_factors(model_output: Tensor, batch: int, learned: bool, guidance_scale: float,
-                     guidance_rescale: float) -> Tensor:
+def _rescale_factors(
+    model_output: Tensor, batch: int, learned: bool, guidance_scale: float, guidance_rescale: float
+) -> Tensor:
     """Each sample's guidance rescale factor k = phi std(c)/std(m) + 1 - phi (Lin et al. 2023), float32 (B,):
     the kernel multiplies the guided prediction by it. A pre-pass: the stds need the whole sample."""
     m, cond = _guided_prediction(model_output, batch, learned, guidance_scale)
@@ -403,9 +492,18 @@ def _quantile_rows(x: Tensor, q: float) -> Tensor:
     return torch.lerp(below, above, pos - lo)
 
 
-def _dynamic_thresholds(model_output: Tensor, sample: Tensor, t: Tensor, table: Tensor, prediction: int,
-                        learned: bool, guidance_scale: Optional[float], rescale: Optional[Tensor], ratio: float,
-                        max_value: float) -> Tensor:
+def _dynamic_thresholds(
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    table: Tensor,
+    prediction: int,
+    learned: bool,
+    guidance_scale: Optional[float],
+    rescale: Optional[Tensor],
+    ratio: float,
+    max_value: float,
+) -> Tensor:
     """Imagen's per-sample threshold q = clamp(quantile(|x0_hat|, ratio), 1, max_value), float32 (B,): a
     pre-pass computing x0_hat as the kernel does (prediction, guidance, rescale) before thresholding."""
     B = sample.shape[0]
@@ -420,7 +518,7 @@ def _dynamic_thresholds(model_output: Tensor, sample: Tensor, t: Tensor, table: 
         m = m[:, : m.shape[1] // 2] if learned else m
     levels = table[t + 1].to(ct)
     signal, noise = levels[:, 2:3], levels[:, 3:4]
-    x0 = ((x - noise * m) / signal if prediction == 0 else m if prediction == 2 else signal * x - noise * m)
+    x0 = (x - noise * m) / signal if prediction == 0 else m if prediction == 2 else signal * x - noise * m
     if x0.shape[1] == 0:
         return torch.ones(B, dtype=torch.float32, device=sample.device)
     q = _quantile_rows(x0.abs(), ratio).clamp(min=1.0, max=max_value)
@@ -435,9 +533,19 @@ def _checked_options(kind: int, options: tuple[float, ...], codes: tuple[int, ..
     return o
 
 
-def _check_step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
-                noise: Optional[Tensor], options: list[float], codes: list[int], prev: Optional[Tensor] = None,
-                x0: Optional[Tensor] = None) -> StepOptions:
+def _check_step(
+    kind: int,
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Optional[Tensor],
+    table: Tensor,
+    noise: Optional[Tensor],
+    options: list[float],
+    codes: list[int],
+    prev: Optional[Tensor] = None,
+    x0: Optional[Tensor] = None,
+) -> StepOptions:
     """Every argument of a step op (prev, x0: the _out ops' buffers); returns the options."""
     o = _checked_options(kind, tuple(options), tuple(codes))
     _check_batched("sample", sample)
@@ -454,50 +562,83 @@ def _check_step(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev
             _checks.like(name, out, "sample", sample)
             if not out.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
-    if (prev is not None and x0 is not None and x0.numel() and not isinstance(x0, FakeTensor)  # a fake tensor has no data
-            and x0.data_ptr() == prev.data_ptr()):
+    if (
+        prev is not None
+        and x0 is not None
+        and x0.numel()
+        and not isinstance(x0, FakeTensor)  # a fake tensor has no data
+        and x0.data_ptr() == prev.data_ptr()
+    ):
         raise ValueError("out prev_sample and pred_original must be different tensors")
     return o
 
 
-def _check_ddpm_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
-                     return_pred_original) -> StepOptions:
+def _check_ddpm_step(
+    model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original
+) -> StepOptions:
     return _check_step(DDPM, model_output, sample, t, prev_t, table, noise, options, codes)
 
 
-def _check_ddim_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
-                     return_pred_original) -> StepOptions:
+def _check_ddim_step(
+    model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original
+) -> StepOptions:
     return _check_step(DDIM, model_output, sample, t, prev_t, table, noise, options, codes)
 
 
-def _check_ddpm_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
-                         pred_original) -> StepOptions:
-    return _check_step(DDPM, model_output, sample, t, prev_t, table, noise, options, codes, prev_sample,
-                       pred_original)
+def _check_ddpm_step_out(
+    model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original
+) -> StepOptions:
+    return _check_step(DDPM, model_output, sample, t, prev_t, table, noise, options, codes, prev_sample, pred_original)
 
 
-def _check_ddim_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
-                         pred_original) -> StepOptions:
-    return _check_step(DDIM, model_output, sample, t, prev_t, table, noise, options, codes, prev_sample,
-                       pred_original)
+def _check_ddim_step_out(
+    model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original
+) -> StepOptions:
+    return _check_step(DDIM, model_output, sample, t, prev_t, table, noise, options, codes, prev_sample, pred_original)
 
 
-def _step_reference(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor],
-                    table: Tensor, noise: Optional[Tensor], seed: int, offset: int, o: StepOptions,
-                    return_pred_original: bool, prev: Optional[Tensor] = None,
-                    x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def _step_reference(
+    kind: int,
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Optional[Tensor],
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    o: StepOptions,
+    return_pred_original: bool,
+    prev: Optional[Tensor] = None,
+    x0: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """The steps' reference, into `prev` and `x0` when given (the _out ops), else into new tensors."""
-    kwargs = dict(prediction_type=PREDICTIONS[o.prediction], clip_sample=o.clip, dynamic_threshold=o.dynamic_threshold,
-                  noise=noise, seed=to_unsigned(seed), offset=to_unsigned(offset), guidance_scale=o.guidance_scale,
-                  guidance_rescale=o.guidance_rescale)
+    kwargs = dict(
+        prediction_type=PREDICTIONS[o.prediction],
+        clip_sample=o.clip,
+        dynamic_threshold=o.dynamic_threshold,
+        noise=noise,
+        seed=to_unsigned(seed),
+        offset=to_unsigned(offset),
+        guidance_scale=o.guidance_scale,
+        guidance_rescale=o.guidance_rescale,
+    )
     prev_rows = t - 1 if prev_t is None else prev_t
     ab_t, ab_prev = _alpha_bars(table, t), _alpha_bars(table, prev_rows)
     if kind == DDPM:
-        prev_ref, x0_ref = ref.ddpm_update(model_output, sample, ab_t, ab_prev, t > 0,
-                                           variance_type=VARIANCES[o.variance], **kwargs)
+        prev_ref, x0_ref = ref.ddpm_update(
+            model_output, sample, ab_t, ab_prev, t > 0, variance_type=VARIANCES[o.variance], **kwargs
+        )
     else:
-        prev_ref, x0_ref = ref.ddim_update(model_output, sample, ab_t, ab_prev, eta=o.eta,
-                                           use_clipped_model_output=o.use_clipped_model_output, **kwargs)
+        prev_ref, x0_ref = ref.ddim_update(
+            model_output,
+            sample,
+            ab_t,
+            ab_prev,
+            eta=o.eta,
+            use_clipped_model_output=o.use_clipped_model_output,
+            **kwargs,
+        )
     if prev is not None:
         prev.copy_(prev_ref)
         if x0 is not None:
@@ -506,10 +647,22 @@ def _step_reference(kind: int, model_output: Tensor, sample: Tensor, t: Tensor, 
     return prev_ref.contiguous(), (x0_ref.contiguous() if return_pred_original else sample.new_empty(0))
 
 
-def _step_kernel(kernels, kind: int, model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor],
-                 table: Tensor, noise: Optional[Tensor], seed: int, offset: int, o: StepOptions,
-                 return_pred_original: bool, prev: Optional[Tensor] = None,
-                 x0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def _step_kernel(
+    kernels,
+    kind: int,
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Optional[Tensor],
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    o: StepOptions,
+    return_pred_original: bool,
+    prev: Optional[Tensor] = None,
+    x0: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """The steps' kernel, into `prev` and `x0` when given (the _out ops), else into new tensors."""
     B = sample.shape[0]
     guided, learned = o.guidance_scale is not None, o.variance == 2
@@ -518,18 +671,44 @@ def _step_kernel(kernels, kind: int, model_output: Tensor, sample: Tensor, t: Te
         rescale = _rescale_factors(model_output, B, learned, o.guidance_scale, o.guidance_rescale)
     thresholds = None
     if o.dynamic_ratio is not None and sample.numel():
-        thresholds = _dynamic_thresholds(model_output, sample, t, table, o.prediction, learned, o.guidance_scale,
-                                         rescale, o.dynamic_ratio, o.dynamic_max)
+        thresholds = _dynamic_thresholds(
+            model_output,
+            sample,
+            t,
+            table,
+            o.prediction,
+            learned,
+            o.guidance_scale,
+            rescale,
+            o.dynamic_ratio,
+            o.dynamic_max,
+        )
     if prev is None:
         prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
         x0 = torch.empty(sample.shape if return_pred_original else (0,), dtype=sample.dtype, device=sample.device)
     noise = None if noise is None else noise.contiguous()
     kernels.step(
-        model_output.contiguous(), sample.contiguous(), noise, t.contiguous(),
-        None if prev_t is None else prev_t.contiguous(), table.contiguous(), rescale, thresholds, prev,
-        x0 if return_pred_original and x0 is not None and x0.numel() else None, kind, o.prediction, o.variance,
-        guided, _or_zero(o.guidance_scale), _or_zero(o.clip), float(o.eta), o.use_clipped_model_output,
-        to_unsigned(seed), to_unsigned(offset))
+        model_output.contiguous(),
+        sample.contiguous(),
+        noise,
+        t.contiguous(),
+        None if prev_t is None else prev_t.contiguous(),
+        table.contiguous(),
+        rescale,
+        thresholds,
+        prev,
+        x0 if return_pred_original and x0 is not None and x0.numel() else None,
+        kind,
+        o.prediction,
+        o.variance,
+        guided,
+        _or_zero(o.guidance_scale),
+        _or_zero(o.clip),
+        float(o.eta),
+        o.use_clipped_model_output,
+        to_unsigned(seed),
+        to_unsigned(offset),
+    )
     return prev, x0
 
 
@@ -540,23 +719,34 @@ def _step_fake(sample: Tensor, return_pred_original: bool) -> tuple[Tensor, Tens
 
 
 @torch.library.custom_op("genkern::ddpm_step", mutates_args=())
-def ddpm_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
-              noise: Optional[Tensor], seed: int, offset: int, options: list[float], codes: list[int],
-              return_pred_original: bool) -> tuple[Tensor, Tensor]:
+def ddpm_step(
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Optional[Tensor],
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    options: list[float],
+    codes: list[int],
+    return_pred_original: bool,
+) -> tuple[Tensor, Tensor]:
     """prev_t None: t - 1. options, codes: StepOptions(...).pack() (no eta, no use_clipped_model_output).
     Without guidance model_output has batch B, with it 2B (unconditional half first). pred_original is empty
     (0,) unless return_pred_original."""
-    o = _check_ddpm_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
-                         return_pred_original)
-    return _step_reference(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
-                           return_pred_original)
+    o = _check_ddpm_step(
+        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original
+    )
+    return _step_reference(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original)
 
 
 @KERNELS.register(ddpm_step, check=_check_ddpm_step)
 def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
     o = StepOptions.unpack(options, codes)  # checked
-    return _step_kernel(kernels, DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
-                        return_pred_original)
+    return _step_kernel(
+        kernels, DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original
+    )
 
 
 @ddpm_step.register_fake
@@ -566,22 +756,33 @@ def _(model_output, sample, t, prev_t, table, noise, seed, offset, options, code
 
 
 @torch.library.custom_op("genkern::ddim_step", mutates_args=())
-def ddim_step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, table: Tensor, noise: Optional[Tensor],
-              seed: int, offset: int, options: list[float], codes: list[int],
-              return_pred_original: bool) -> tuple[Tensor, Tensor]:
+def ddim_step(
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Tensor,
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    options: list[float],
+    codes: list[int],
+    return_pred_original: bool,
+) -> tuple[Tensor, Tensor]:
     """As ddpm_step, with prev_t required and the DDIM options (eta >= 0: noise is drawn only when eta > 0;
     use_clipped_model_output), variance code 0."""
-    o = _check_ddim_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes,
-                         return_pred_original)
-    return _step_reference(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
-                           return_pred_original)
+    o = _check_ddim_step(
+        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original
+    )
+    return _step_reference(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original)
 
 
 @KERNELS.register(ddim_step, check=_check_ddim_step)
 def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
     o = StepOptions.unpack(options, codes)  # checked
-    return _step_kernel(kernels, DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
-                        return_pred_original)
+    return _step_kernel(
+        kernels, DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original
+    )
 
 
 @ddim_step.register_fake
@@ -594,39 +795,115 @@ def _(model_output, sample, t, prev_t, table, noise, seed, offset, options, code
 # instead of allocating (and, on the CPU, page-faulting) two fresh outputs per step. prev_sample may be the
 # sample itself: each element is read before it is written.
 @torch.library.custom_op("genkern::ddpm_step_out", mutates_args=("prev_sample", "pred_original"))
-def ddpm_step_out(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Optional[Tensor], table: Tensor,
-                  noise: Optional[Tensor], seed: int, offset: int, options: list[float], codes: list[int],
-                  prev_sample: Tensor, pred_original: Optional[Tensor]) -> None:
-    o = _check_ddpm_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
-                             pred_original)
-    _step_reference(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o, pred_original is not None,
-                    prev_sample, pred_original)
+def ddpm_step_out(
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Optional[Tensor],
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    options: list[float],
+    codes: list[int],
+    prev_sample: Tensor,
+    pred_original: Optional[Tensor],
+) -> None:
+    o = _check_ddpm_step_out(
+        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original
+    )
+    _step_reference(
+        DDPM,
+        model_output,
+        sample,
+        t,
+        prev_t,
+        table,
+        noise,
+        seed,
+        offset,
+        o,
+        pred_original is not None,
+        prev_sample,
+        pred_original,
+    )
 
 
 @KERNELS.register(ddpm_step_out, check=_check_ddpm_step_out)
-def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
-      pred_original):
+def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original):
     o = StepOptions.unpack(options, codes)  # checked
-    _step_kernel(kernels, DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
-                 pred_original is not None, prev_sample, pred_original)
+    _step_kernel(
+        kernels,
+        DDPM,
+        model_output,
+        sample,
+        t,
+        prev_t,
+        table,
+        noise,
+        seed,
+        offset,
+        o,
+        pred_original is not None,
+        prev_sample,
+        pred_original,
+    )
 
 
 @torch.library.custom_op("genkern::ddim_step_out", mutates_args=("prev_sample", "pred_original"))
-def ddim_step_out(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, table: Tensor,
-                  noise: Optional[Tensor], seed: int, offset: int, options: list[float], codes: list[int],
-                  prev_sample: Tensor, pred_original: Optional[Tensor]) -> None:
-    o = _check_ddim_step_out(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
-                             pred_original)
-    _step_reference(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o, pred_original is not None,
-                    prev_sample, pred_original)
+def ddim_step_out(
+    model_output: Tensor,
+    sample: Tensor,
+    t: Tensor,
+    prev_t: Tensor,
+    table: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    options: list[float],
+    codes: list[int],
+    prev_sample: Tensor,
+    pred_original: Optional[Tensor],
+) -> None:
+    o = _check_ddim_step_out(
+        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original
+    )
+    _step_reference(
+        DDIM,
+        model_output,
+        sample,
+        t,
+        prev_t,
+        table,
+        noise,
+        seed,
+        offset,
+        o,
+        pred_original is not None,
+        prev_sample,
+        pred_original,
+    )
 
 
 @KERNELS.register(ddim_step_out, check=_check_ddim_step_out)
-def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample,
-      pred_original):
+def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original):
     o = StepOptions.unpack(options, codes)  # checked
-    _step_kernel(kernels, DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o,
-                 pred_original is not None, prev_sample, pred_original)
+    _step_kernel(
+        kernels,
+        DDIM,
+        model_output,
+        sample,
+        t,
+        prev_t,
+        table,
+        noise,
+        seed,
+        offset,
+        o,
+        pred_original is not None,
+        prev_sample,
+        pred_original,
+    )
 
 
 @ddpm_step_out.register_fake

@@ -12,6 +12,7 @@ trivial denoiser, to expose per-step overhead; its baseline is the same loop dri
 DDIMScheduler (needs diffusers, a test extra), and it ignores the size. genkern runs it with DDIMSampler
 (on CUDA with the whole loop captured in a CUDA graph).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,9 @@ import functools
 import torch
 
 import genkern
-from .schedules import NoiseSchedule
 
 from ..bench import BenchCase
+from .schedules import NoiseSchedule
 
 FAMILY = "diffusion"
 _SAMPLE = (3, 32, 32)
@@ -132,7 +133,7 @@ def diffusers_ddim_loop(x):
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _diffusers_scheduler(cls):
     scheduler = cls(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
     scheduler.set_timesteps(_LOOP_STEPS)
@@ -143,8 +144,15 @@ def genkern_ddim_loop(x, backend=None):
     from . import DDIMSampler
 
     sampler = DDIMSampler(_SCHEDULE, backend=backend)
-    return sampler.sample(_trivial_denoiser, x.shape, _LOOP_STEPS, x_T=x, device=x.device, dtype=x.dtype,
-                          cuda_graph=x.device.type == "cuda")
+    return sampler.sample(
+        _trivial_denoiser,
+        x.shape,
+        _LOOP_STEPS,
+        x_T=x,
+        device=x.device,
+        dtype=x.dtype,
+        cuda_graph=x.device.type == "cuda",
+    )
 
 
 def genkern_q_sample(x0, t, backend=None):
@@ -157,41 +165,77 @@ def genkern_diffusion_loss(model_output, x0, t, backend=None):
 
 CASES = (
     BenchCase(
-        name="q_sample", family=FAMILY, make_inputs=_x0_t, genkern=genkern_q_sample, eager=eager_q_sample,
+        name="q_sample",
+        family=FAMILY,
+        make_inputs=_x0_t,
+        genkern=genkern_q_sample,
+        eager=eager_q_sample,
         shape=_shape,
         # reads x0, writes x_t; the noise is generated, never read from memory
-        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
+        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        default=False,
     ),
     BenchCase(
-        name="diffusion_loss", family=FAMILY, make_inputs=_m_x0_t, genkern=genkern_diffusion_loss,
-        eager=eager_diffusion_loss, shape=_shape,
+        name="diffusion_loss",
+        family=FAMILY,
+        make_inputs=_m_x0_t,
+        genkern=genkern_diffusion_loss,
+        eager=eager_diffusion_loss,
+        shape=_shape,
         # reads model_output and x0 (the noise is regenerated, the target never stored)
-        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
+        bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        default=False,
     ),
     BenchCase(
-        name="ddpm_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddpm_step,
-        eager=eager_ddpm_step, shape=_shape,
+        name="ddpm_step",
+        family=FAMILY,
+        make_inputs=_step_inputs,
+        genkern=genkern_ddpm_step,
+        eager=eager_ddpm_step,
+        shape=_shape,
         # reads model_output and sample, writes prev_sample and pred_original (the noise is generated)
         bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
     ),
     BenchCase(
-        name="ddim_step", family=FAMILY, make_inputs=_step_inputs, genkern=genkern_ddim_step,
-        eager=eager_ddim_step, shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
+        name="ddim_step",
+        family=FAMILY,
+        make_inputs=_step_inputs,
+        genkern=genkern_ddim_step,
+        eager=eager_ddim_step,
+        shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        default=False,
     ),
     BenchCase(
-        name="ddpm_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddpm_step,
-        eager=eager_ddpm_step, shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
+        name="ddpm_step_out",
+        family=FAMILY,
+        make_inputs=_step_out_inputs,
+        genkern=genkern_ddpm_step,
+        eager=eager_ddpm_step,
+        shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        default=False,
     ),
     BenchCase(
-        name="ddim_step_out", family=FAMILY, make_inputs=_step_out_inputs, genkern=genkern_ddim_step,
-        eager=eager_ddim_step, shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32, default=False,
+        name="ddim_step_out",
+        family=FAMILY,
+        make_inputs=_step_out_inputs,
+        genkern=genkern_ddim_step,
+        eager=eager_ddim_step,
+        shape=_shape,
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        default=False,
     ),
     BenchCase(
-        name="ddim_loop", family=FAMILY, make_inputs=_loop_inputs, genkern=genkern_ddim_loop,
-        eager=diffusers_ddim_loop, shape=lambda n: _LOOP_SHAPE, compile=False, sized=False, requires=("diffusers",),
+        name="ddim_loop",
+        family=FAMILY,
+        make_inputs=_loop_inputs,
+        genkern=genkern_ddim_loop,
+        eager=diffusers_ddim_loop,
+        shape=lambda n: _LOOP_SHAPE,
+        compile=False,
+        sized=False,
+        requires=("diffusers",),
         # per step: reads the model output and the sample, writes the next sample (the denoiser excluded)
         bytes_moved=lambda n, dt: _LOOP_STEPS * 3 * _itemsize(dt) * 4 * 64 * 64,
     ),

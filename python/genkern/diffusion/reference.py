@@ -45,6 +45,7 @@ Where this differs from diffusers (DDPMScheduler, DDIMScheduler, version 0.42):
 * DDPMScheduler always uses alpha-bar 1 at prev_t = -1; here it is the schedule's final alpha (1 unless
   final_alpha_one=False).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,8 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .schedules import NoiseSchedule
 from ..random.reference import randn
+from .schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -63,12 +64,35 @@ REDUCTIONS = ("mean", "none")
 MIN_VARIANCE = 1e-20  # fixed_small's floor (diffusers' clamp), also under learned_range's log
 
 __all__ = [
-    "q_sample", "get_velocity", "diffusion_loss", "ddpm_step", "ddim_step",
-    "check_q_sample_args", "check_velocity_args", "check_schedule", "check_choice", "check_threshold",
-    "check_guidance", "check_loss_args", "check_ddpm_args", "check_ddim_args",
-    "alpha_bar", "predict_x0_eps", "eps_from_x0", "loss_target", "snr", "min_snr_weight",
-    "threshold_x0", "clip_x0", "dynamic_threshold_x0", "guide", "rescale_guidance",
-    "ddpm_coefficients", "ddim_coefficients", "ddpm_update", "ddim_update",
+    "q_sample",
+    "get_velocity",
+    "diffusion_loss",
+    "ddpm_step",
+    "ddim_step",
+    "check_q_sample_args",
+    "check_velocity_args",
+    "check_schedule",
+    "check_choice",
+    "check_threshold",
+    "check_guidance",
+    "check_loss_args",
+    "check_ddpm_args",
+    "check_ddim_args",
+    "alpha_bar",
+    "predict_x0_eps",
+    "eps_from_x0",
+    "loss_target",
+    "snr",
+    "min_snr_weight",
+    "threshold_x0",
+    "clip_x0",
+    "dynamic_threshold_x0",
+    "guide",
+    "rescale_guidance",
+    "ddpm_coefficients",
+    "ddim_coefficients",
+    "ddpm_update",
+    "ddim_update",
 ]
 
 
@@ -113,8 +137,10 @@ def _check_timestep(name: str, t, batch: int, low: int, high: int, check_values:
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {t.dtype}")
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
-            raise ValueError(f"{name} must be an int or a tensor of shape () or ({batch},) (one timestep per "
-                             f"sample), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be an int or a tensor of shape () or ({batch},) (one timestep per "
+                f"sample), got shape {tuple(t.shape)}"
+            )
         if check_values and t.numel():
             lo, hi = int(t.min()), int(t.max())
             if lo < low or hi > high:
@@ -147,8 +173,11 @@ def check_threshold(clip_sample, dynamic_threshold) -> None:
     if clip_sample is not None and _real("clip_sample", clip_sample) <= 0:
         raise ValueError(f"clip_sample must be positive (the range [-r, r]), got {clip_sample}")
     if dynamic_threshold is not None:
-        if isinstance(dynamic_threshold, (str, bytes)) or not hasattr(dynamic_threshold, "__len__") \
-                or len(dynamic_threshold) != 2:
+        if (
+            isinstance(dynamic_threshold, (str, bytes))
+            or not hasattr(dynamic_threshold, "__len__")
+            or len(dynamic_threshold) != 2
+        ):
             raise TypeError("dynamic_threshold must be a pair (ratio, max_value)")
         ratio = _real("dynamic_threshold ratio", dynamic_threshold[0])
         max_value = _real("dynamic_threshold max_value", dynamic_threshold[1])
@@ -185,8 +214,10 @@ def _check_model_output(model_output, sample, guided: bool, learned: bool) -> No
             why.append("2B: unconditional then conditional halves, for guidance")
         if learned:
             why.append("2C channels: prediction then variance, for learned_range")
-        raise ValueError(f"model_output has shape {tuple(model_output.shape)}, expected {tuple(expected)}"
-                         + (f" ({'; '.join(why)})" if why else ""))
+        raise ValueError(
+            f"model_output has shape {tuple(model_output.shape)}, expected {tuple(expected)}"
+            + (f" ({'; '.join(why)})" if why else "")
+        )
 
 
 def check_q_sample_args(x0, t, schedule, noise=None, seed=0, offset=0, *, check_values: bool = True) -> None:
@@ -200,8 +231,20 @@ def check_q_sample_args(x0, t, schedule, noise=None, seed=0, offset=0, *, check_
 check_velocity_args = check_q_sample_args
 
 
-def check_loss_args(model_output, x0, t, schedule, noise=None, seed=0, offset=0, prediction_type="epsilon",
-                    snr_gamma=None, reduction="mean", *, check_values: bool = True) -> None:
+def check_loss_args(
+    model_output,
+    x0,
+    t,
+    schedule,
+    noise=None,
+    seed=0,
+    offset=0,
+    prediction_type="epsilon",
+    snr_gamma=None,
+    reduction="mean",
+    *,
+    check_values: bool = True,
+) -> None:
     """Arguments of diffusion_loss: model_output like x0; the rest as q_sample; a prediction type,
     snr_gamma None or > 0, reduction 'mean' or 'none'."""
     check_q_sample_args(x0, t, schedule, noise, seed, offset, check_values=check_values)
@@ -212,9 +255,23 @@ def check_loss_args(model_output, x0, t, schedule, noise=None, seed=0, offset=0,
     check_choice("reduction", reduction, REDUCTIONS)
 
 
-def _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample,
-                     dynamic_threshold, noise, seed, offset, guidance_scale, guidance_rescale,
-                     learned: bool, check_values: bool) -> None:
+def _check_step_args(
+    model_output,
+    t,
+    sample,
+    schedule,
+    prev_t,
+    prediction_type,
+    clip_sample,
+    dynamic_threshold,
+    noise,
+    seed,
+    offset,
+    guidance_scale,
+    guidance_rescale,
+    learned: bool,
+    check_values: bool,
+) -> None:
     _check_batched("sample", sample)
     schedule = check_schedule(schedule)
     guided = check_guidance(guidance_scale, guidance_rescale)
@@ -228,29 +285,92 @@ def _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type,
     _check_noise(noise, seed, offset, "sample", sample)
 
 
-def check_ddpm_args(model_output, t, sample, schedule, prev_t=None, variance_type="fixed_small",
-                    prediction_type="epsilon", clip_sample=None, dynamic_threshold=None, noise=None, seed=0,
-                    offset=0, guidance_scale=None, guidance_rescale=0.0, *, check_values: bool = True) -> None:
+def check_ddpm_args(
+    model_output,
+    t,
+    sample,
+    schedule,
+    prev_t=None,
+    variance_type="fixed_small",
+    prediction_type="epsilon",
+    clip_sample=None,
+    dynamic_threshold=None,
+    noise=None,
+    seed=0,
+    offset=0,
+    guidance_scale=None,
+    guidance_rescale=0.0,
+    *,
+    check_values: bool = True,
+) -> None:
     """Arguments of ddpm_step: sample float (B, ...); model_output of sample's dtype and device with batch B
     (2B with guidance) and C channels (2C for learned_range); t in [0, T); prev_t (default t - 1) in [-1, t)."""
     learned = check_choice("variance_type", variance_type, VARIANCE_TYPES) == "learned_range"
-    _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample, dynamic_threshold,
-                     noise, seed, offset, guidance_scale, guidance_rescale, learned, check_values)
+    _check_step_args(
+        model_output,
+        t,
+        sample,
+        schedule,
+        prev_t,
+        prediction_type,
+        clip_sample,
+        dynamic_threshold,
+        noise,
+        seed,
+        offset,
+        guidance_scale,
+        guidance_rescale,
+        learned,
+        check_values,
+    )
 
 
-def check_ddim_args(model_output, t, sample, schedule, prev_t=None, eta=0.0, prediction_type="epsilon",
-                    clip_sample=None, dynamic_threshold=None, use_clipped_model_output=False, noise=None, seed=0,
-                    offset=0, guidance_scale=None, guidance_rescale=0.0, *, check_values: bool = True) -> None:
+def check_ddim_args(
+    model_output,
+    t,
+    sample,
+    schedule,
+    prev_t=None,
+    eta=0.0,
+    prediction_type="epsilon",
+    clip_sample=None,
+    dynamic_threshold=None,
+    use_clipped_model_output=False,
+    noise=None,
+    seed=0,
+    offset=0,
+    guidance_scale=None,
+    guidance_rescale=0.0,
+    *,
+    check_values: bool = True,
+) -> None:
     """Arguments of ddim_step: as ddpm_step's (no learned variance), with prev_t required and eta >= 0."""
     if prev_t is None:
-        raise ValueError("prev_t is required for ddim_step: the next entry of the inference timesteps "
-                         "(schedule.timesteps(num_steps, spacing)[1]), -1 after the last step")
+        raise ValueError(
+            "prev_t is required for ddim_step: the next entry of the inference timesteps "
+            "(schedule.timesteps(num_steps, spacing)[1]), -1 after the last step"
+        )
     if _real("eta", eta) < 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
     if not isinstance(use_clipped_model_output, bool):
         raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
-    _check_step_args(model_output, t, sample, schedule, prev_t, prediction_type, clip_sample, dynamic_threshold,
-                     noise, seed, offset, guidance_scale, guidance_rescale, False, check_values)
+    _check_step_args(
+        model_output,
+        t,
+        sample,
+        schedule,
+        prev_t,
+        prediction_type,
+        clip_sample,
+        dynamic_threshold,
+        noise,
+        seed,
+        offset,
+        guidance_scale,
+        guidance_rescale,
+        False,
+        check_values,
+    )
 
 
 # ============================================================================================ pure helpers
@@ -302,13 +422,14 @@ def min_snr_weight(alpha_t: Tensor, prediction_type: str, snr_gamma: float) -> T
     return torch.clamp(s, max=snr_gamma)
 
 
-def predict_x0_eps(model_output: Tensor, sample: Tensor, alpha_t: Tensor, prediction_type: str
-                   ) -> tuple[Tensor, Tensor]:
+def predict_x0_eps(
+    model_output: Tensor, sample: Tensor, alpha_t: Tensor, prediction_type: str
+) -> tuple[Tensor, Tensor]:
     """(x0_hat, eps_hat) from a model output m at x_t = sample, alpha_t float64 per sample:
 
-        epsilon:       x0 = (x_t - sqrt(1 - ab) m) / sqrt(ab),   eps = m
-        sample:        x0 = m,                                   eps = (x_t - sqrt(ab) m) / sqrt(1 - ab)
-        v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) m,       eps = sqrt(ab) m + sqrt(1 - ab) x_t
+    epsilon:       x0 = (x_t - sqrt(1 - ab) m) / sqrt(ab),   eps = m
+    sample:        x0 = m,                                   eps = (x_t - sqrt(ab) m) / sqrt(1 - ab)
+    v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) m,       eps = sqrt(ab) m + sqrt(1 - ab) x_t
     """
     a, s = _coef(alpha_t.sqrt(), sample), _coef((1.0 - alpha_t).sqrt(), sample)
     if prediction_type == "epsilon":
@@ -370,8 +491,9 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     return phi * (guided * ratio) + (1.0 - phi) * guided
 
 
-def guide(model_output: Tensor, guidance_scale: float, guidance_rescale: float = 0.0,
-          channels: int | None = None) -> Tensor:
+def guide(
+    model_output: Tensor, guidance_scale: float, guidance_rescale: float = 0.0, channels: int | None = None
+) -> Tensor:
     """Classifier-free guidance on a (2B, ...) model output, unconditional half first: u + s (c - u), then
     the std rescale when guidance_rescale > 0. With `channels=C` (learned_range), only channels [0, C) are
     combined; channels [C, 2C) (the variance) are taken from the conditional half."""
@@ -390,11 +512,11 @@ def guide(model_output: Tensor, guidance_scale: float, guidance_rescale: float =
 def ddpm_coefficients(alpha_t: Tensor, alpha_prev: Tensor) -> dict[str, Tensor]:
     """The DDPM posterior q(x_prev | x_t, x0) for a (possibly strided) step, from float64 alpha-bars:
 
-        alpha' = ab_t / ab_prev,  beta' = 1 - alpha'
-        mean = x0_coef x0 + xt_coef x_t,  x0_coef = sqrt(ab_prev) beta' / (1 - ab_t),
-                                          xt_coef = sqrt(alpha') (1 - ab_prev) / (1 - ab_t)
-        var_small = max((1 - ab_prev) / (1 - ab_t) beta', 1e-20)   (fixed_small)
-        var_large = beta'                                          (fixed_large)
+    alpha' = ab_t / ab_prev,  beta' = 1 - alpha'
+    mean = x0_coef x0 + xt_coef x_t,  x0_coef = sqrt(ab_prev) beta' / (1 - ab_t),
+                                      xt_coef = sqrt(alpha') (1 - ab_prev) / (1 - ab_t)
+    var_small = max((1 - ab_prev) / (1 - ab_t) beta', 1e-20)   (fixed_small)
+    var_large = beta'                                          (fixed_large)
     """
     alpha_step = alpha_t / alpha_prev
     beta_step = 1.0 - alpha_step
@@ -440,8 +562,9 @@ def _noise(noise, seed, offset, shape, like: Tensor) -> Tensor:
 # ============================================================================================ the ops
 
 
-def q_sample(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None, seed: int = 0,
-             offset: int = 0) -> Tensor:
+def q_sample(
+    x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None, seed: int = 0, offset: int = 0
+) -> Tensor:
     """The forward process: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, eps = `noise` or the stream's normals
     for (seed, offset) over x0's shape."""
     check_q_sample_args(x0, t, schedule, noise, seed, offset)
@@ -451,8 +574,9 @@ def q_sample(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = N
     return (_coef(ab.sqrt(), x) * x + _coef((1.0 - ab).sqrt(), x) * eps).to(dtype)
 
 
-def get_velocity(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None, seed: int = 0,
-                 offset: int = 0) -> Tensor:
+def get_velocity(
+    x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None, seed: int = 0, offset: int = 0
+) -> Tensor:
     """The v-prediction target v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0, eps as in q_sample (the same
     (seed, offset) gives the eps that q_sample used)."""
     check_velocity_args(x0, t, schedule, noise, seed, offset)
@@ -462,9 +586,19 @@ def get_velocity(x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None
     return loss_target(x, eps, ab, "v_prediction").to(dtype)
 
 
-def diffusion_loss(model_output: Tensor, x0: Tensor, t, schedule: NoiseSchedule, *, noise: Tensor | None = None,
-                   seed: int = 0, offset: int = 0, prediction_type: str = "epsilon", snr_gamma: float | None = None,
-                   reduction: str = "mean") -> Tensor:
+def diffusion_loss(
+    model_output: Tensor,
+    x0: Tensor,
+    t,
+    schedule: NoiseSchedule,
+    *,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
+    reduction: str = "mean",
+) -> Tensor:
     """The simplified loss: per sample, the mean over non-batch dims of (target - model_output)^2, with target
     eps, v or x0 by `prediction_type` (eps = `noise` or the stream's normals for (seed, offset) over x0's
     shape: those q_sample used to make the model's input), times the min-SNR-gamma weight when `snr_gamma`
@@ -481,11 +615,23 @@ def diffusion_loss(model_output: Tensor, x0: Tensor, t, schedule: NoiseSchedule,
     return (per_sample.mean() if reduction == "mean" else per_sample).to(dtype)
 
 
-def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None,
-              variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample: float | None = None,
-              dynamic_threshold: tuple[float, float] | None = None, noise: Tensor | None = None, seed: int = 0,
-              offset: int = 0, guidance_scale: float | None = None, guidance_rescale: float = 0.0
-              ) -> tuple[Tensor, Tensor]:
+def ddpm_step(
+    model_output: Tensor,
+    t,
+    sample: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prev_t=None,
+    variance_type: str = "fixed_small",
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+    dynamic_threshold: tuple[float, float] | None = None,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """One ancestral DDPM step x_t -> x_prev (Ho et al. 2020); returns (prev_sample, pred_original_sample).
 
     prev_t defaults to t - 1; a strided step (prev_t < t - 1, e.g. from schedule.timesteps) uses
@@ -495,20 +641,59 @@ def ddpm_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     v in [-1, 1] interpolates log sigma^2 = f log beta' + (1 - f) log var_small, f = (v + 1) / 2.
     No noise is added to the samples whose t is 0. Noise and guidance: see the module notes.
     """
-    check_ddpm_args(model_output, t, sample, schedule, prev_t, variance_type, prediction_type, clip_sample,
-                    dynamic_threshold, noise, seed, offset, guidance_scale, guidance_rescale)
+    check_ddpm_args(
+        model_output,
+        t,
+        sample,
+        schedule,
+        prev_t,
+        variance_type,
+        prediction_type,
+        clip_sample,
+        dynamic_threshold,
+        noise,
+        seed,
+        offset,
+        guidance_scale,
+        guidance_rescale,
+    )
     t = _timestep(t, sample.device)
     prev_t = t - 1 if prev_t is None else _timestep(prev_t, sample.device)
-    return ddpm_update(model_output, sample, alpha_bar(schedule, t), alpha_bar(schedule, prev_t), t > 0,
-                       variance_type=variance_type, prediction_type=prediction_type, clip_sample=clip_sample,
-                       dynamic_threshold=dynamic_threshold, noise=noise, seed=seed, offset=offset,
-                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+    return ddpm_update(
+        model_output,
+        sample,
+        alpha_bar(schedule, t),
+        alpha_bar(schedule, prev_t),
+        t > 0,
+        variance_type=variance_type,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        dynamic_threshold=dynamic_threshold,
+        noise=noise,
+        seed=seed,
+        offset=offset,
+        guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
+    )
 
 
-def ddpm_update(model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, noisy: Tensor, *,
-                variance_type: str = "fixed_small", prediction_type: str = "epsilon", clip_sample=None,
-                dynamic_threshold=None, noise: Tensor | None = None, seed: int = 0, offset: int = 0,
-                guidance_scale: float | None = None, guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+def ddpm_update(
+    model_output: Tensor,
+    sample: Tensor,
+    alpha_t: Tensor,
+    alpha_prev: Tensor,
+    noisy: Tensor,
+    *,
+    variance_type: str = "fixed_small",
+    prediction_type: str = "epsilon",
+    clip_sample=None,
+    dynamic_threshold=None,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """ddpm_step given the step's float64 alpha-bars (shape () or (B,)) and which samples get noise (t > 0),
     instead of timesteps and a schedule; arguments unchecked."""
     dtype, x, m = sample.dtype, _compute(sample), _compute(model_output)
@@ -539,11 +724,24 @@ def ddpm_update(model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_pre
     return prev.to(dtype), x0.to(dtype)
 
 
-def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, *, prev_t=None, eta: float = 0.0,
-              prediction_type: str = "epsilon", clip_sample: float | None = None,
-              dynamic_threshold: tuple[float, float] | None = None, use_clipped_model_output: bool = False,
-              noise: Tensor | None = None, seed: int = 0, offset: int = 0, guidance_scale: float | None = None,
-              guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+def ddim_step(
+    model_output: Tensor,
+    t,
+    sample: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prev_t=None,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+    dynamic_threshold: tuple[float, float] | None = None,
+    use_clipped_model_output: bool = False,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """One DDIM step x_t -> x_prev (Song et al. 2021, eq. 12); returns (prev_sample, pred_original_sample).
 
     `prev_t` is required: the next entry of the inference timesteps, schedule.timesteps(N, spacing)[1][i]
@@ -556,20 +754,60 @@ def ddim_step(model_output: Tensor, t, sample: Tensor, schedule: NoiseSchedule, 
     sigma = eta sqrt((1 - ab_prev)/(1 - ab_t)) sqrt(1 - ab_t/ab_prev); z is drawn (or read) only when eta > 0.
     Noise and guidance: see the module notes.
     """
-    check_ddim_args(model_output, t, sample, schedule, prev_t, eta, prediction_type, clip_sample, dynamic_threshold,
-                    use_clipped_model_output, noise, seed, offset, guidance_scale, guidance_rescale)
+    check_ddim_args(
+        model_output,
+        t,
+        sample,
+        schedule,
+        prev_t,
+        eta,
+        prediction_type,
+        clip_sample,
+        dynamic_threshold,
+        use_clipped_model_output,
+        noise,
+        seed,
+        offset,
+        guidance_scale,
+        guidance_rescale,
+    )
     ab_t = alpha_bar(schedule, _timestep(t, sample.device))
     ab_prev = alpha_bar(schedule, _timestep(prev_t, sample.device))
-    return ddim_update(model_output, sample, ab_t, ab_prev, eta=eta, prediction_type=prediction_type,
-                       clip_sample=clip_sample, dynamic_threshold=dynamic_threshold,
-                       use_clipped_model_output=use_clipped_model_output, noise=noise, seed=seed, offset=offset,
-                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+    return ddim_update(
+        model_output,
+        sample,
+        ab_t,
+        ab_prev,
+        eta=eta,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        dynamic_threshold=dynamic_threshold,
+        use_clipped_model_output=use_clipped_model_output,
+        noise=noise,
+        seed=seed,
+        offset=offset,
+        guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
+    )
 
 
-def ddim_update(model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, *, eta: float = 0.0,
-                prediction_type: str = "epsilon", clip_sample=None, dynamic_threshold=None,
-                use_clipped_model_output: bool = False, noise: Tensor | None = None, seed: int = 0, offset: int = 0,
-                guidance_scale: float | None = None, guidance_rescale: float = 0.0) -> tuple[Tensor, Tensor]:
+def ddim_update(
+    model_output: Tensor,
+    sample: Tensor,
+    alpha_t: Tensor,
+    alpha_prev: Tensor,
+    *,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_sample=None,
+    dynamic_threshold=None,
+    use_clipped_model_output: bool = False,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """ddim_step given the step's float64 alpha-bars (shape () or (B,)) instead of timesteps and a schedule;
     arguments unchecked."""
     dtype, x, m = sample.dtype, _compute(sample), _compute(model_output)

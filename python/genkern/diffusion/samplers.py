@@ -21,6 +21,7 @@ The loop runs without gradients and without host synchronisation: timesteps are 
 read back. `cuda_graph=True` captures the whole loop once per configuration and replays it (see
 `sample`).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,25 @@ class _Sampler:
         self.backend = backend
         self._graphs: dict[tuple, _GraphedLoop] = {}
 
-    def _sample(self, model, shape, num_steps, step_kwargs: dict, draws_noise: bool, *, guidance_scale,
-                guidance_rescale, seed, spacing, steps_offset, model_kwargs, x_T, device, dtype, cuda_graph) -> Tensor:
+    def _sample(
+        self,
+        model,
+        shape,
+        num_steps,
+        step_kwargs: dict,
+        draws_noise: bool,
+        *,
+        guidance_scale,
+        guidance_rescale,
+        seed,
+        spacing,
+        steps_offset,
+        model_kwargs,
+        x_T,
+        device,
+        dtype,
+        cuda_graph,
+    ) -> Tensor:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **model_kwargs), got {type(model).__name__}")
         shape = _check_shape(shape)
@@ -101,12 +119,25 @@ class _Sampler:
             device = torch.device("cuda", torch.cuda.current_device())  # one cache key for "cuda" and "cuda:0"
         seed = resolve_seed(seed)
 
-        x = x_T.to(device=device, dtype=dtype) if x_T is not None else \
-            randn(shape, seed=seed, offset=0, device=device, dtype=dtype, backend=self.backend)
+        x = (
+            x_T.to(device=device, dtype=dtype)
+            if x_T is not None
+            else randn(shape, seed=seed, offset=0, device=device, dtype=dtype, backend=self.backend)
+        )
 
         def loop() -> _Loop:
-            return _Loop(self, model, step_kwargs, timesteps, prev_timesteps, shape[0], device,
-                         guidance_scale, guidance_rescale, seed)
+            return _Loop(
+                self,
+                model,
+                step_kwargs,
+                timesteps,
+                prev_timesteps,
+                shape[0],
+                device,
+                guidance_scale,
+                guidance_rescale,
+                seed,
+            )
 
         with torch.no_grad():
             if not cuda_graph:
@@ -114,8 +145,18 @@ class _Sampler:
             # The step kernels take the seed as a host scalar, so a capture holds its per-step noise: a
             # sampler that draws noise (DDPM, DDIM with eta > 0) needs one graph per seed. x_T and the
             # model_kwargs tensors are inputs of the graph, copied into its static buffers on each call.
-            key = (shape, dtype, device, id(model), tuple(timesteps.tolist()), tuple(sorted(step_kwargs.items())),
-                   guidance_scale, guidance_rescale, seed if draws_noise else None, _kwargs_key(model_kwargs))
+            key = (
+                shape,
+                dtype,
+                device,
+                id(model),
+                tuple(timesteps.tolist()),
+                tuple(sorted(step_kwargs.items())),
+                guidance_scale,
+                guidance_rescale,
+                seed if draws_noise else None,
+                _kwargs_key(model_kwargs),
+            )
             graphed = self._graphs.get(key)
             if graphed is None:
                 graphed = self._graphs[key] = _GraphedLoop(loop(), model, x, model_kwargs)
@@ -129,8 +170,19 @@ class _Sampler:
 class _Loop:
     """One denoising run from x_T: everything on the device built once, so a CUDA graph can capture it."""
 
-    def __init__(self, sampler: _Sampler, model, step_kwargs: dict, timesteps: Tensor, prev_timesteps: Tensor,
-                 batch: int, device: torch.device, guidance_scale, guidance_rescale, seed: int):
+    def __init__(
+        self,
+        sampler: _Sampler,
+        model,
+        step_kwargs: dict,
+        timesteps: Tensor,
+        prev_timesteps: Tensor,
+        batch: int,
+        device: torch.device,
+        guidance_scale,
+        guidance_rescale,
+        seed: int,
+    ):
         self.sampler, self.model, self.step_kwargs, self.seed = sampler, model, step_kwargs, seed
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
         # Row i: step i's timestep for every sample (contiguous (B,) rows, indexed without reading them).
@@ -143,10 +195,19 @@ class _Loop:
 
         sampler = self.sampler
         # The options normalised once for the whole loop; the op checks each step's tensors.
-        step = _prepared_step(sampler.kind, x.device, sampler.schedule, seed=self.seed,
-                              prediction_type=sampler.prediction_type, clip_sample=sampler.clip_sample,
-                              dynamic_threshold=sampler.dynamic_threshold, guidance_scale=self.guidance_scale,
-                              guidance_rescale=self.guidance_rescale, backend=sampler.backend, **self.step_kwargs)
+        step = _prepared_step(
+            sampler.kind,
+            x.device,
+            sampler.schedule,
+            seed=self.seed,
+            prediction_type=sampler.prediction_type,
+            clip_sample=sampler.clip_sample,
+            dynamic_threshold=sampler.dynamic_threshold,
+            guidance_scale=self.guidance_scale,
+            guidance_rescale=self.guidance_rescale,
+            backend=sampler.backend,
+            **self.step_kwargs,
+        )
         for i in range(self.t.shape[0]):
             x_in = torch.cat([x, x]) if self.guidance_scale is not None else x
             model_output = self.model(x_in, self.t_model[i], **model_kwargs)
@@ -165,8 +226,10 @@ def _kwargs_key(model_kwargs: dict) -> tuple:
             try:
                 hash(value)
             except TypeError:
-                raise TypeError(f"with cuda_graph=True, model_kwargs[{name!r}] must be a tensor or hashable, "
-                                f"got {type(value).__name__}") from None
+                raise TypeError(
+                    f"with cuda_graph=True, model_kwargs[{name!r}] must be a tensor or hashable, "
+                    f"got {type(value).__name__}"
+                ) from None
             key.append((name, "value", value))
     return tuple(key)
 
@@ -216,16 +279,36 @@ class DDPMSampler(_Sampler):
     kind = "ddpm"
     max_default_steps = None  # every training timestep
 
-    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon",
-                 variance_type: str = "fixed_small", clip_sample: float | None = None,
-                 dynamic_threshold: tuple[float, float] | None = None, backend: str | None = None):
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        *,
+        prediction_type: str = "epsilon",
+        variance_type: str = "fixed_small",
+        clip_sample: float | None = None,
+        dynamic_threshold: tuple[float, float] | None = None,
+        backend: str | None = None,
+    ):
         super().__init__(schedule, prediction_type, clip_sample, dynamic_threshold, backend)
         self.variance_type = _spec.check_choice("variance_type", variance_type, _spec.VARIANCE_TYPES)
 
-    def sample(self, model, shape, num_steps: int | None = None, *, guidance_scale: float | None = None,
-               guidance_rescale: float = 0.0, seed: int | None = None, spacing: str = "leading",
-               steps_offset: int = 0, model_kwargs: dict | None = None, x_T: Tensor | None = None, device=None,
-               dtype: torch.dtype = torch.float32, cuda_graph: bool = False) -> Tensor:
+    def sample(
+        self,
+        model,
+        shape,
+        num_steps: int | None = None,
+        *,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        seed: int | None = None,
+        spacing: str = "leading",
+        steps_offset: int = 0,
+        model_kwargs: dict | None = None,
+        x_T: Tensor | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        cuda_graph: bool = False,
+    ) -> Tensor:
         """Samples of `shape` (B, ...) after num_steps steps (default: T, every training timestep).
 
         guidance_scale: classifier-free guidance; model_kwargs must then hold batch-2B values, the
@@ -241,10 +324,23 @@ class DDPMSampler(_Sampler):
             changes that alter its code path (e.g. train/eval). Captures stay cached until
             clear_cuda_graphs().
         """
-        return self._sample(model, shape, num_steps, {"variance_type": self.variance_type}, True,
-                            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                            spacing=spacing, steps_offset=steps_offset, model_kwargs=model_kwargs, x_T=x_T,
-                            device=device, dtype=dtype, cuda_graph=cuda_graph)
+        return self._sample(
+            model,
+            shape,
+            num_steps,
+            {"variance_type": self.variance_type},
+            True,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            seed=seed,
+            spacing=spacing,
+            steps_offset=steps_offset,
+            model_kwargs=model_kwargs,
+            x_T=x_T,
+            device=device,
+            dtype=dtype,
+            cuda_graph=cuda_graph,
+        )
 
 
 class DDIMSampler(_Sampler):
@@ -257,17 +353,37 @@ class DDIMSampler(_Sampler):
     kind = "ddim"
     max_default_steps = DDIM_DEFAULT_STEPS
 
-    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon",
-                 clip_sample: float | None = None, dynamic_threshold: tuple[float, float] | None = None,
-                 use_clipped_model_output: bool = False, backend: str | None = None):
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        *,
+        prediction_type: str = "epsilon",
+        clip_sample: float | None = None,
+        dynamic_threshold: tuple[float, float] | None = None,
+        use_clipped_model_output: bool = False,
+        backend: str | None = None,
+    ):
         super().__init__(schedule, prediction_type, clip_sample, dynamic_threshold, backend)
         self.use_clipped_model_output = _check_flag("use_clipped_model_output", use_clipped_model_output)
 
-    def sample(self, model, shape, num_steps: int | None = None, *, eta: float = 0.0,
-               guidance_scale: float | None = None, guidance_rescale: float = 0.0, seed: int | None = None,
-               spacing: str = "leading", steps_offset: int = 0, model_kwargs: dict | None = None,
-               x_T: Tensor | None = None, device=None, dtype: torch.dtype = torch.float32,
-               cuda_graph: bool = False) -> Tensor:
+    def sample(
+        self,
+        model,
+        shape,
+        num_steps: int | None = None,
+        *,
+        eta: float = 0.0,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        seed: int | None = None,
+        spacing: str = "leading",
+        steps_offset: int = 0,
+        model_kwargs: dict | None = None,
+        x_T: Tensor | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        cuda_graph: bool = False,
+    ) -> Tensor:
         """Samples of `shape` (B, ...) after num_steps steps (default 50, at most T). eta: the noise
         injected per step (0: the deterministic DDIM ODE, 1: DDPM-like); with cuda_graph=True and eta = 0
         a capture serves every seed (only x_T depends on it). Other arguments: DDPMSampler.sample."""
@@ -276,7 +392,20 @@ class DDIMSampler(_Sampler):
         if eta < 0:
             raise ValueError(f"eta must be non-negative, got {eta}")
         step_kwargs = {"eta": float(eta), "use_clipped_model_output": self.use_clipped_model_output}
-        return self._sample(model, shape, num_steps, step_kwargs, eta > 0,
-                            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                            spacing=spacing, steps_offset=steps_offset, model_kwargs=model_kwargs, x_T=x_T,
-                            device=device, dtype=dtype, cuda_graph=cuda_graph)
+        return self._sample(
+            model,
+            shape,
+            num_steps,
+            step_kwargs,
+            eta > 0,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            seed=seed,
+            spacing=spacing,
+            steps_offset=steps_offset,
+            model_kwargs=model_kwargs,
+            x_T=x_T,
+            device=device,
+            dtype=dtype,
+            cuda_graph=cuda_graph,
+        )

@@ -21,6 +21,7 @@ Correspondence with diffusers' DDPMScheduler / DDIMScheduler configurations:
 diffusers builds its betas in float32 (the cosine ones in Python floats, then rounds them to float32) and
 takes the cumulative product in float32, so its alpha-bar agrees with ours to float32 precision only.
 """
+
 from __future__ import annotations
 
 import math
@@ -104,9 +105,16 @@ class NoiseSchedule:
             alpha-bar_0 when False (diffusers' DDIM `set_alpha_to_one`).
     """
 
-    def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int | None = None,
-                 beta_start: float = 1e-4, beta_end: float = 0.02, betas=None,
-                 rescale_zero_terminal_snr: bool = False, final_alpha_one: bool = True):
+    def __init__(
+        self,
+        beta_schedule: str = "linear",
+        num_train_timesteps: int | None = None,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        betas=None,
+        rescale_zero_terminal_snr: bool = False,
+        final_alpha_one: bool = True,
+    ):
         if num_train_timesteps is not None:
             num_train_timesteps = _checks.integer("num_train_timesteps", num_train_timesteps, low=1)
         rescale = _flag("rescale_zero_terminal_snr", rescale_zero_terminal_snr)
@@ -115,8 +123,10 @@ class NoiseSchedule:
         if betas is not None:
             betas = self._explicit_betas(betas)
             if num_train_timesteps is not None and num_train_timesteps != betas.numel():
-                raise ValueError(f"num_train_timesteps={num_train_timesteps} but betas has {betas.numel()} "
-                                 "values (leave num_train_timesteps out to use len(betas))")
+                raise ValueError(
+                    f"num_train_timesteps={num_train_timesteps} but betas has {betas.numel()} "
+                    "values (leave num_train_timesteps out to use len(betas))"
+                )
             self._schedule = "custom"
         else:
             if not isinstance(beta_schedule, str):
@@ -261,8 +271,9 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------------------------------ inference steps
 
-    def timesteps(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def timesteps(
+        self, num_steps: int, spacing: str = "leading", steps_offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The N = num_steps inference timesteps, descending, and the previous timestep of each step.
 
         Returns (timesteps, prev_timesteps), int64 CPU tensors of length N; prev_timesteps[i] is
@@ -289,8 +300,10 @@ class NoiseSchedule:
         if spacing == "leading":
             ts = np.arange(N, dtype=np.int64)[::-1] * (T // N)
             if ts[0] + steps_offset >= T:
-                raise ValueError(f"steps_offset={steps_offset} puts the first timestep at {ts[0] + steps_offset}, "
-                                 f"past the last training timestep {T - 1} (num_steps={N}, leading spacing)")
+                raise ValueError(
+                    f"steps_offset={steps_offset} puts the first timestep at {ts[0] + steps_offset}, "
+                    f"past the last training timestep {T - 1} (num_steps={N}, leading spacing)"
+                )
             ts = ts + steps_offset
         elif spacing == "trailing":
             ts = np.round(np.arange(T, 0, -T / N))[:N].astype(np.int64) - 1
@@ -314,8 +327,10 @@ class NoiseSchedule:
         if not self._final_alpha_one:
             flags += ", final_alpha_one=False"
         ab = self._alphas_cumprod
-        return (f"NoiseSchedule({what}, num_train_timesteps={T}{flags}; "
-                f"alpha-bar {float(ab[0]):.6g} -> {float(ab[-1]):.6g})")
+        return (
+            f"NoiseSchedule({what}, num_train_timesteps={T}{flags}; "
+            f"alpha-bar {float(ab[0]):.6g} -> {float(ab[-1]):.6g})"
+        )
 
 
 def _normalize_device(device) -> torch.device:

@@ -6,6 +6,7 @@
 x_t comes from genkern.q_sample and the loss from genkern.diffusion_loss with the same (seed, offset), so
 the noise is drawn inside the first kernel and regenerated inside the second: it is never stored.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -17,9 +18,20 @@ from ..random import resolve_seed
 from .schedules import NoiseSchedule
 
 
-def training_loss(model, x0: Tensor, schedule: NoiseSchedule, *, t=None, seed: int | None = None, offset: int = 0,
-                  prediction_type: str = "epsilon", snr_gamma: float | None = None, model_kwargs: dict | None = None,
-                  cond_drop_prob: float = 0.0, backend: str | None = None) -> Tensor:
+def training_loss(
+    model,
+    x0: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    t=None,
+    seed: int | None = None,
+    offset: int = 0,
+    prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
+    model_kwargs: dict | None = None,
+    cond_drop_prob: float = 0.0,
+    backend: str | None = None,
+) -> Tensor:
     """The mean simplified diffusion loss of `model` on the batch x0 (B, ...).
 
     t: per-sample timesteps (an int or a (B,) integer tensor); None draws them uniformly from [0, T) with
@@ -45,7 +57,9 @@ def training_loss(model, x0: Tensor, schedule: NoiseSchedule, *, t=None, seed: i
         raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
     if t is None:
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a genkern.diffusion.schedules.NoiseSchedule, got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule must be a genkern.diffusion.schedules.NoiseSchedule, got {type(schedule).__name__}"
+            )
         t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=x0.device)
     if isinstance(cond_drop_prob, bool) or not isinstance(cond_drop_prob, numbers.Real):
         raise TypeError(f"cond_drop_prob must be a real number, got {type(cond_drop_prob).__name__}")
@@ -57,16 +71,27 @@ def training_loss(model, x0: Tensor, schedule: NoiseSchedule, *, t=None, seed: i
 
     x_t = q_sample(x0, t, schedule, seed=seed, offset=offset, backend=backend)
     out = model(x_t, t, **model_kwargs)
-    return diffusion_loss(out, x0, t, schedule, seed=seed, offset=offset, prediction_type=prediction_type,
-                          snr_gamma=snr_gamma, backend=backend)
+    return diffusion_loss(
+        out,
+        x0,
+        t,
+        schedule,
+        seed=seed,
+        offset=offset,
+        prediction_type=prediction_type,
+        snr_gamma=snr_gamma,
+        backend=backend,
+    )
 
 
 def _drop_labels(model, model_kwargs: dict, p: float) -> Tensor:
     """class_labels with each entry replaced by the null class with probability p."""
     null = getattr(model, "num_classes", None)
     if not isinstance(null, int):
-        raise ValueError("cond_drop_prob needs a class-conditional model with an int attribute num_classes "
-                         "(the null class label, as genkern.models.UNet has)")
+        raise ValueError(
+            "cond_drop_prob needs a class-conditional model with an int attribute num_classes "
+            "(the null class label, as genkern.models.UNet has)"
+        )
     labels = model_kwargs.get("class_labels")
     if not isinstance(labels, Tensor):
         raise ValueError("cond_drop_prob needs model_kwargs['class_labels'], a tensor of labels")

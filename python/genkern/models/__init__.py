@@ -1,4 +1,5 @@
 """Models on genkern's ops: denoisers for the diffusion family, autoregressive image models."""
+
 from .gated_pixelcnn import GatedPixelCNN
 from .nade import NADE
 from .pixelcnn import PixelCNN

@@ -1,5 +1,6 @@
 """What PixelCNN and GatedPixelCNN share: level checks, input scaling, exact likelihood, and sampling
 (naive: the whole network per pixel and colour; cached: the model's Program, see genkern.autoregressive)."""
+
 from __future__ import annotations
 
 import math
@@ -93,8 +94,17 @@ class AutoregressiveImageModel(nn.Module):
     # sampling
     # -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, *, seed=None, offset=0, method: str = "cached", cond: Tensor | None = None,
-               first_sample: int = 0, backend: str | None = None) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        seed=None,
+        offset=0,
+        method: str = "cached",
+        cond: Tensor | None = None,
+        first_sample: int = 0,
+        backend: str | None = None,
+    ) -> Tensor:
         """n images (n, C, H, W) of int64 levels. Sample s of a call draws from the stream as sample
         first_sample + s, so the same (seed, offset, sample index) gives the same image in any batch.
         method='cached' (default) computes each position once per layer; 'naive' reruns the network for
@@ -111,8 +121,16 @@ class AutoregressiveImageModel(nn.Module):
             return out
         if method == "naive":
             return self._sample_naive(out, cond, seed, offset, first_sample, backend)
-        return self.program(n, cond).run(out, levels=self.levels, scale=self.input_scale, shift=self.input_shift,
-                                          seed=seed, offset=offset, first_sample=first_sample, backend=backend)
+        return self.program(n, cond).run(
+            out,
+            levels=self.levels,
+            scale=self.input_scale,
+            shift=self.input_shift,
+            seed=seed,
+            offset=offset,
+            first_sample=first_sample,
+            backend=backend,
+        )
 
     def _sample_naive(self, out, cond, seed, offset, first_sample, backend):
         n, colors, height, width = out.shape

@@ -1,14 +1,15 @@
 """Gated PixelCNN (van den Oord et al. 2016): vertical and horizontal stacks of gated layers, no blind spot,
 skip connections into a 1x1 head, optional conditioning vector."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..nn import GatedMaskedConv2d, MaskedConv2d
 from ..autoregressive import Program
 from ..autoregressive.reference import mask
+from ..nn import GatedMaskedConv2d, MaskedConv2d
 from ._autoregressive import AutoregressiveImageModel
 from .pixelcnn import _masked
 
@@ -21,8 +22,18 @@ class GatedPixelCNN(AutoregressiveImageModel):
     `cond_channels` > 0 adds a conditioning vector cond (B, cond_channels) to every gate (forward, log_prob
     and sample take it)."""
 
-    def __init__(self, in_channels: int, levels: int, image_size, hidden_channels: int = 64, n_layers: int = 8,
-                 kernel_size: int = 7, *, hidden_kernel_size: int = 3, cond_channels: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        levels: int,
+        image_size,
+        hidden_channels: int = 64,
+        n_layers: int = 8,
+        kernel_size: int = 7,
+        *,
+        hidden_kernel_size: int = 3,
+        cond_channels: int = 0,
+    ):
         super().__init__(in_channels, levels, image_size, cond_channels)
         hidden = _checks.integer("hidden_channels", hidden_channels, low=1)
         n_layers = _checks.integer("n_layers", n_layers, low=1)
@@ -31,8 +42,11 @@ class GatedPixelCNN(AutoregressiveImageModel):
             raise ValueError(f"hidden_channels={hidden} must be divisible by in_channels={groups} (colour groups)")
         self.layers = nn.ModuleList(
             [GatedMaskedConv2d(self.in_channels, hidden, kernel_size, "A", groups, self.cond_channels)]
-            + [GatedMaskedConv2d(hidden, hidden, hidden_kernel_size, "B", groups, self.cond_channels)
-               for _ in range(n_layers - 1)])
+            + [
+                GatedMaskedConv2d(hidden, hidden, hidden_kernel_size, "B", groups, self.cond_channels)
+                for _ in range(n_layers - 1)
+            ]
+        )
         self.head = MaskedConv2d(hidden, hidden, 1, "B", groups)
         self.output = MaskedConv2d(hidden, self.in_channels * self.levels, 1, "B", groups)
 
@@ -63,8 +77,15 @@ def _gated(p: Program, layer: GatedMaskedConv2d, v: int, h: int, skip: int | Non
     cond_v = None if cond is None else layer.cond_v(cond)
     cond_h = None if cond is None else layer.cond_h(cond)
     v_pre, v_out = p.cache(2 * n), p.cache(n)
-    p.conv(v, v_pre, layer.v_conv.weight, anchor=(r + 1 if first else r, r), bias=layer.v_conv.bias, cond=cond_v,
-           row_level=True)
+    p.conv(
+        v,
+        v_pre,
+        layer.v_conv.weight,
+        anchor=(r + 1 if first else r, r),
+        bias=layer.v_conv.bias,
+        cond=cond_v,
+        row_level=True,
+    )
     p.gate(v_pre, v_out, row_level=True)
     h_pre, gated = p.cache(2 * n), p.cache(n)
     p.conv(h, h_pre, layer.h_conv.weight, layer.h_mask, anchor=(0, r), bias=layer.h_conv.bias)

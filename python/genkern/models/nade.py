@@ -8,6 +8,7 @@
 log p(x) is exact, O(D H) per example through the shared-weight recurrence (genkern.nade_log_prob, fused
 kernels forward and backward); images are flattened in raster order.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,10 @@ class NADE(nn.Module):
         if x.dim() == 4 and x.shape[1] != 1:
             raise ValueError(f"x images must have one channel, (B, 1, H, W); got {tuple(x.shape)}")
         if x.dim() not in (2, 3, 4) or math.prod(x.shape[1:]) != self.n_dims:
-            raise ValueError(f"x must have shape (B, {self.n_dims}), (B, H, W) or (B, 1, H, W) with H * W = "
-                             f"{self.n_dims}; got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, {self.n_dims}), (B, H, W) or (B, 1, H, W) with H * W = "
+                f"{self.n_dims}; got {tuple(x.shape)}"
+            )
         return x.reshape(x.shape[0], self.n_dims)
 
     def log_prob(self, x: Tensor) -> Tensor:

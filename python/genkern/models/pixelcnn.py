@@ -1,13 +1,14 @@
 """PixelCNN (van den Oord et al. 2016): a mask-A convolution, residual mask-B layers, a 1x1 head."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..nn import MaskedConv2d
 from ..autoregressive import Program
 from ..autoregressive.reference import mask
+from ..nn import MaskedConv2d
 from ._autoregressive import AutoregressiveImageModel
 
 
@@ -20,8 +21,17 @@ class PixelCNN(AutoregressiveImageModel):
     be divisible by in_channels. forward(x) gives logits (B, levels, C, H, W); see log_prob, bits_per_dim,
     sample (cached by default)."""
 
-    def __init__(self, in_channels: int, levels: int, image_size, hidden_channels: int = 64, n_layers: int = 8,
-                 kernel_size: int = 7, *, hidden_kernel_size: int = 3):
+    def __init__(
+        self,
+        in_channels: int,
+        levels: int,
+        image_size,
+        hidden_channels: int = 64,
+        n_layers: int = 8,
+        kernel_size: int = 7,
+        *,
+        hidden_kernel_size: int = 3,
+    ):
         super().__init__(in_channels, levels, image_size)
         hidden = _checks.integer("hidden_channels", hidden_channels, low=1)
         n_layers = _checks.integer("n_layers", n_layers, low=1)
@@ -29,8 +39,9 @@ class PixelCNN(AutoregressiveImageModel):
         if hidden % groups:
             raise ValueError(f"hidden_channels={hidden} must be divisible by in_channels={groups} (colour groups)")
         self.input = MaskedConv2d(self.in_channels, hidden, kernel_size, "A", groups)
-        self.layers = nn.ModuleList(MaskedConv2d(hidden, hidden, hidden_kernel_size, "B", groups)
-                                    for _ in range(n_layers - 1))
+        self.layers = nn.ModuleList(
+            MaskedConv2d(hidden, hidden, hidden_kernel_size, "B", groups) for _ in range(n_layers - 1)
+        )
         self.head = MaskedConv2d(hidden, hidden, 1, "B", groups)
         self.output = MaskedConv2d(hidden, self.in_channels * self.levels, 1, "B", groups)
 

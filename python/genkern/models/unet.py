@@ -10,6 +10,7 @@ added to every residual block; a class label (optional) adds a learned embedding
 `num_classes` is the "null" class: train with it in place of some labels and classifier-free guidance can
 ask the same model for the unconditional prediction.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,11 +39,16 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_channels), nn.SiLU(),
-                                       nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        )
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -134,10 +140,20 @@ class UNet(nn.Module):
         groups: GroupNorm groups; must divide base_channels * mult for every mult.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 32,
-                 channel_mults=(1, 2), num_res_blocks: int = 1, attention_resolutions=(),
-                 num_classes: int | None = None, learned_variance: bool = False, dropout: float = 0.0,
-                 groups: int = 8, image_size: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        base_channels: int = 32,
+        channel_mults=(1, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions=(),
+        num_classes: int | None = None,
+        learned_variance: bool = False,
+        dropout: float = 0.0,
+        groups: int = 8,
+        image_size: int | None = None,
+    ):
         super().__init__()
         in_channels = _positive_int("in_channels", in_channels)
         out_channels = in_channels if out_channels is None else _positive_int("out_channels", out_channels)
@@ -158,21 +174,26 @@ class UNet(nn.Module):
         groups = _positive_int("groups", groups)
         for mult in channel_mults:
             if base_channels * mult % groups:
-                raise ValueError(f"groups={groups} must divide the channels of every level, but base_channels * "
-                                 f"mult = {base_channels} * {mult} = {base_channels * mult} is not a multiple")
+                raise ValueError(
+                    f"groups={groups} must divide the channels of every level, but base_channels * "
+                    f"mult = {base_channels} * {mult} = {base_channels * mult} is not a multiple"
+                )
         levels = len(channel_mults)
         if image_size is not None:
             image_size = _positive_int("image_size", image_size)
             if image_size % 2 ** (levels - 1):
-                raise ValueError(f"image_size={image_size} must be divisible by 2 ** (len(channel_mults) - 1) = "
-                                 f"{2 ** (levels - 1)}")
+                raise ValueError(
+                    f"image_size={image_size} must be divisible by 2 ** (len(channel_mults) - 1) = {2 ** (levels - 1)}"
+                )
         if attention_resolutions:
             if image_size is None:
                 raise ValueError("attention_resolutions needs image_size, to know which level has which size")
             sizes = {image_size >> level for level in range(levels)}
             if not attention_resolutions <= sizes:
-                raise ValueError(f"attention_resolutions {sorted(attention_resolutions)} must be spatial sizes of "
-                                 f"the levels, {sorted(sizes, reverse=True)} for image_size={image_size}")
+                raise ValueError(
+                    f"attention_resolutions {sorted(attention_resolutions)} must be spatial sizes of "
+                    f"the levels, {sorted(sizes, reverse=True)} for image_size={image_size}"
+                )
 
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.out_channels = out_channels * (2 if learned_variance else 1)
@@ -180,8 +201,9 @@ class UNet(nn.Module):
         self.base_channels, self.num_levels = base_channels, levels
 
         emb_channels = 4 * base_channels
-        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(),
-                                      nn.Linear(emb_channels, emb_channels))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
         self.class_emb = None if num_classes is None else nn.Embedding(num_classes + 1, emb_channels)
 
         def stage(ch_in: int, ch_out: int, level: int) -> Stage:
@@ -251,8 +273,9 @@ class UNet(nn.Module):
         H, W = x.shape[2:]
         factor = 2 ** (self.num_levels - 1)
         if H % factor or W % factor:
-            raise ValueError(f"x's height and width must be divisible by 2 ** (len(channel_mults) - 1) = {factor}, "
-                             f"got {H}x{W}")
+            raise ValueError(
+                f"x's height and width must be divisible by 2 ** (len(channel_mults) - 1) = {factor}, got {H}x{W}"
+            )
         if self.image_size is not None and (H, W) != (self.image_size, self.image_size):
             raise ValueError(f"x must be {self.image_size}x{self.image_size} (image_size), got {H}x{W}")
 
@@ -281,6 +304,8 @@ class UNet(nn.Module):
         if class_labels.device.type == "cpu" and class_labels.numel():
             lo, hi = int(class_labels.min()), int(class_labels.max())
             if lo < 0 or hi > self.num_classes:
-                raise ValueError(f"class_labels must be in [0, {self.num_classes}] (num_classes is the null "
-                                 f"class), got values in [{lo}, {hi}]")
+                raise ValueError(
+                    f"class_labels must be in [0, {self.num_classes}] (num_classes is the null "
+                    f"class), got values in [{lo}, {hi}]"
+                )
         return class_labels.to(device)

@@ -1,4 +1,5 @@
 """genkern.nn.GatedMaskedConv2d: the Gated PixelCNN block (van den Oord et al. 2016, docs/math.md §4)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
-from ..autoregressive import gated_activation
-from ..autoregressive import masked_conv2d
+from ..autoregressive import gated_activation, masked_conv2d
 
 
 def _centre_sees(out_channels: int, in_channels: int, groups: int, mask_type: str, out_group_size: int) -> Tensor:
@@ -32,8 +32,16 @@ class GatedMaskedConv2d(nn.Module):
     The first layer takes the image as both v and h, with mask_type='A'. Output channels split into
     color_groups groups; each gate half keeps the same grouping, so a group's gate reads its own group."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, mask_type: str = "B",
-                 color_groups: int = 1, cond_channels: int = 0, residual: bool | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        mask_type: str = "B",
+        color_groups: int = 1,
+        cond_channels: int = 0,
+        residual: bool | None = None,
+    ):
         super().__init__()
         self.in_channels = _checks.integer("in_channels", in_channels, low=1)
         self.out_channels = _checks.integer("out_channels", out_channels, low=1)
@@ -92,6 +100,8 @@ class GatedMaskedConv2d(nn.Module):
         return gated_activation(v_pre), (h + out if self.residual else out), skip
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"mask_type={self.mask_type!r}, color_groups={self.color_groups}, cond_channels={self.cond_channels}, "
-                f"residual={self.residual}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"mask_type={self.mask_type!r}, color_groups={self.color_groups}, cond_channels={self.cond_channels}, "
+            f"residual={self.residual}"
+        )

@@ -1,4 +1,5 @@
 """genkern.nn.MaskedConv2d: a module around genkern.masked_conv2d, initialised as nn.Conv2d is."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,19 @@ class MaskedConv2d(nn.Module):
     The full (C_out, C_in, k, k) weight is a parameter, initialised like nn.Conv2d's; its masked taps are
     never used and get zero gradient, so an optimizer without weight decay leaves them untouched."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask_type: str,
-                 color_groups: int = 1, dilation: int = 1, bias: bool = True, *, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        mask_type: str,
+        color_groups: int = 1,
+        dilation: int = 1,
+        bias: bool = True,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         in_channels = _checks.integer("in_channels", in_channels, low=1)
         out_channels = _checks.integer("out_channels", out_channels, low=1)
@@ -46,12 +58,15 @@ class MaskedConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return masked_conv2d(x, self.weight, self.bias, mask_type=self.mask_type, color_groups=self.color_groups,
-                             dilation=self.dilation)
+        return masked_conv2d(
+            x, self.weight, self.bias, mask_type=self.mask_type, color_groups=self.color_groups, dilation=self.dilation
+        )
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"mask_type={self.mask_type!r}, color_groups={self.color_groups}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"mask_type={self.mask_type!r}, color_groups={self.color_groups}"
+        )
         if self.dilation != 1:
             s += f", dilation={self.dilation}"
         return s + f", bias={self.bias is not None}"

@@ -5,6 +5,7 @@ batch, the block size, the thread count or the device. Ops that draw noise take 
 torch's default generator, so `torch.manual_seed` makes genkern reproducible) and `offset`, which selects
 an independent stream for the same seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ def randn(shape, *, seed=None, offset=0, device=None, dtype=torch.float32, backe
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
     device = _device(device)
     seed, offset = resolve_seed(seed), check_offset(offset)
-    return _backend.call(backend, torch.ops.genkern.randn, list(shape), to_signed(seed), to_signed(offset), dtype,
-                         device)
+    return _backend.call(
+        backend, torch.ops.genkern.randn, list(shape), to_signed(seed), to_signed(offset), dtype, device
+    )
 
 
 def bits(shape, *, seed=None, offset=0, device=None, backend=None) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """The genkern stream as ops: `genkern::randn` (normals) and raw uint32 bits."""
+
 from __future__ import annotations
 
 import torch
 
-from . import reference as ref
 from .. import _native
 from .. import backend as _backend
 from .._kernels import KernelGroup, to_unsigned
+from . import reference as ref
 
 
 def _triton_random():

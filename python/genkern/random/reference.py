@@ -1,4 +1,5 @@
 """The genkern stream in plain torch integer arithmetic (docs/math.md, section 1)."""
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@
 Every function normalises its arguments (dims, defaults, seeds) and calls its `genkern::` op, which checks
 them and runs on the selected backend (see genkern.backend), so it works under autograd and torch.compile.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,8 +69,16 @@ def _permuted(perm: tuple[int, ...], *tensors):
     return [t.permute(perm) if t is not None and t.dim() == len(perm) else t for t in tensors]
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None, seed: int | None = None,
-                   offset: int = 0, num_samples: int | None = None, backend: str | None = None) -> Tensor:
+def reparameterize(
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    eps: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    num_samples: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
     """z = mu + exp(logvar / 2) * eps.
 
     eps is drawn inside the kernel from the genkern stream for (seed, offset) unless given. With
@@ -93,8 +102,16 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, dim=-1, *, backend: str | None = Non
     return _backend.call(backend, torch.ops.genkern.gaussian_kl, mu, logvar, start, end)
 
 
-def reparameterize_kl(mu: Tensor, logvar: Tensor, *, eps: Tensor | None = None, seed: int | None = None,
-                      offset: int = 0, dim=-1, backend: str | None = None) -> tuple[Tensor, Tensor]:
+def reparameterize_kl(
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    eps: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    dim=-1,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """(z, kl) in one pass over memory: z as `reparameterize` gives for the same (seed, offset), and
     `gaussian_kl(mu, logvar, dim)`."""
     _tensors(mu=mu, logvar=logvar, eps=eps)
@@ -128,8 +145,9 @@ def _expanded(name: str, p: Tensor, z: Tensor) -> Tensor:
         raise ValueError(message) from None
 
 
-def gaussian_log_prob(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None, dim=-1, *,
-                      backend: str | None = None) -> Tensor:
+def gaussian_log_prob(
+    z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None, dim=-1, *, backend: str | None = None
+) -> Tensor:
     """log N(z; mu, exp(logvar)) summed over `dim`; mu = 0 and logvar = 0 when None (standard normal).
 
     mu and logvar broadcast to z; leading dims that z has and they lack (K samples of a batch of

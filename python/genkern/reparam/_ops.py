@@ -8,6 +8,7 @@ and preallocated outputs; reductions see their input as (outer, dim, inner) over
 [start, end). Random ops carry (seed, offset) as int64 and regenerate their noise in backward instead of
 saving it.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,10 @@ def _check_pair(mu: Tensor, logvar: Tensor) -> None:
 
 
 def _check_range(x: Tensor, start: int, end: int) -> None:
-    _require(0 <= start < end <= max(x.dim(), 1),
-             f"start, end: reduced dims [{start}, {end}) out of range for {x.dim()} dims")
+    _require(
+        0 <= start < end <= max(x.dim(), 1),
+        f"start, end: reduced dims [{start}, {end}) out of range for {x.dim()} dims",
+    )
 
 
 def _check_optional(name: str, x: Optional[Tensor], mu: Tensor, shape) -> None:
@@ -124,12 +127,16 @@ def _check_gaussian_log_prob(z, mu, logvar, start, end) -> None:
         _checks.float_tensor(name, p)
         _checks.same_place(name, p, "z", z)
         lead = z.dim() - p.dim()
-        _require(0 <= lead <= start and p.shape == z.shape[lead:],
-                 f"{name} of shape {tuple(p.shape)} must be z's shape {tuple(z.shape)} or a suffix of it "
-                 f"covering the reduced dims")
+        _require(
+            0 <= lead <= start and p.shape == z.shape[lead:],
+            f"{name} of shape {tuple(p.shape)} must be z's shape {tuple(z.shape)} or a suffix of it "
+            f"covering the reduced dims",
+        )
     if mu is not None and logvar is not None:
-        _require(mu.shape == logvar.shape,
-                 f"logvar has shape {tuple(logvar.shape)} but mu has shape {tuple(mu.shape)}: they must agree")
+        _require(
+            mu.shape == logvar.shape,
+            f"logvar has shape {tuple(logvar.shape)} but mu has shape {tuple(mu.shape)}: they must agree",
+        )
 
 
 def _check_gaussian_log_prob_backward(grad_out, z, mu, logvar, start, end) -> None:
@@ -187,8 +194,16 @@ def reparameterize_backward(
 @KERNELS.register(reparameterize_backward, check=_check_reparameterize_backward)
 def _(kernels, grad_z, mu, logvar, eps, seed, offset):
     grad_mu, grad_logvar = _empty(mu.shape, mu), _empty(mu.shape, mu)
-    kernels.sample_backward(grad_z.contiguous(), mu.contiguous(), logvar.contiguous(), _contig(eps), grad_mu,
-                            grad_logvar, to_unsigned(seed), to_unsigned(offset))
+    kernels.sample_backward(
+        grad_z.contiguous(),
+        mu.contiguous(),
+        logvar.contiguous(),
+        _contig(eps),
+        grad_mu,
+        grad_logvar,
+        to_unsigned(seed),
+        to_unsigned(offset),
+    )
     return grad_mu, grad_logvar
 
 
@@ -253,8 +268,14 @@ def gaussian_kl_backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, start: int
 @KERNELS.register(gaussian_kl_backward, check=_check_gaussian_kl_backward)
 def _(kernels, grad_kl, mu, logvar, start, end):
     grad_mu, grad_logvar = _empty(mu.shape, mu), _empty(mu.shape, mu)
-    kernels.kl_backward(grad_kl.contiguous(), mu.contiguous(), logvar.contiguous(), grad_mu, grad_logvar,
-                        *reduce_shape(mu.shape, start, end))
+    kernels.kl_backward(
+        grad_kl.contiguous(),
+        mu.contiguous(),
+        logvar.contiguous(),
+        grad_mu,
+        grad_logvar,
+        *reduce_shape(mu.shape, start, end),
+    )
     return grad_mu, grad_logvar
 
 
@@ -296,8 +317,16 @@ def reparameterize_kl(
 @KERNELS.register(reparameterize_kl, check=_check_reparameterize_kl)
 def _(kernels, mu, logvar, eps, seed, offset, start, end):
     z, kl = _empty(mu.shape, mu), _empty(_reduced(mu.shape, start, end), mu)
-    kernels.sample_kl(mu.contiguous(), logvar.contiguous(), _contig(eps), z, kl, *reduce_shape(mu.shape, start, end),
-                      to_unsigned(seed), to_unsigned(offset))
+    kernels.sample_kl(
+        mu.contiguous(),
+        logvar.contiguous(),
+        _contig(eps),
+        z,
+        kl,
+        *reduce_shape(mu.shape, start, end),
+        to_unsigned(seed),
+        to_unsigned(offset),
+    )
     return z, kl
 
 
@@ -309,8 +338,15 @@ def _(mu, logvar, eps, seed, offset, start, end):
 
 @torch.library.custom_op("genkern::reparameterize_kl_backward", mutates_args=())
 def reparameterize_kl_backward(
-    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
-    seed: int, offset: int, start: int, end: int,
+    grad_z: Optional[Tensor],
+    grad_kl: Optional[Tensor],
+    mu: Tensor,
+    logvar: Tensor,
+    eps: Optional[Tensor],
+    seed: int,
+    offset: int,
+    start: int,
+    end: int,
 ) -> tuple[Tensor, Tensor]:
     _check_reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, offset, start, end)
     seed, offset = to_unsigned(seed), to_unsigned(offset)
@@ -322,8 +358,16 @@ def reparameterize_kl_backward(
 def _(kernels, grad_z, grad_kl, mu, logvar, eps, seed, offset, start, end):
     grad_mu, grad_logvar = _empty(mu.shape, mu), _empty(mu.shape, mu)
     kernels.sample_kl_backward(
-        _contig(grad_z), _contig(grad_kl), mu.contiguous(), logvar.contiguous(), _contig(eps), grad_mu, grad_logvar,
-        *reduce_shape(mu.shape, start, end), to_unsigned(seed), to_unsigned(offset),
+        _contig(grad_z),
+        _contig(grad_kl),
+        mu.contiguous(),
+        logvar.contiguous(),
+        _contig(eps),
+        grad_mu,
+        grad_logvar,
+        *reduce_shape(mu.shape, start, end),
+        to_unsigned(seed),
+        to_unsigned(offset),
     )
     return grad_mu, grad_logvar
 
@@ -380,8 +424,14 @@ def gaussian_log_prob(z: Tensor, mu: Optional[Tensor], logvar: Optional[Tensor],
 @KERNELS.register(gaussian_log_prob, check=_check_gaussian_log_prob)
 def _(kernels, z, mu, logvar, start, end):
     out = _empty(_reduced(z.shape, start, end), z)
-    kernels.log_prob(z.contiguous(), _contig(mu), _contig(logvar), out, *reduce_shape(z.shape, start, end),
-                     _param_outer(z, mu, logvar, start, end))
+    kernels.log_prob(
+        z.contiguous(),
+        _contig(mu),
+        _contig(logvar),
+        out,
+        *reduce_shape(z.shape, start, end),
+        _param_outer(z, mu, logvar, start, end),
+    )
     return out
 
 
@@ -405,8 +455,13 @@ def gaussian_log_prob_backward(
 def _(kernels, grad_out, z, mu, logvar, start, end):
     grad_z, grad_logvar = _empty(z.shape, z), _empty(z.shape if logvar is not None else (0,), z)
     kernels.log_prob_backward(
-        grad_out.contiguous(), z.contiguous(), _contig(mu), _contig(logvar), grad_z,
-        grad_logvar if logvar is not None else None, *reduce_shape(z.shape, start, end),
+        grad_out.contiguous(),
+        z.contiguous(),
+        _contig(mu),
+        _contig(logvar),
+        grad_z,
+        grad_logvar if logvar is not None else None,
+        *reduce_shape(z.shape, start, end),
         _param_outer(z, mu, logvar, start, end),
     )
     return grad_z, grad_logvar
@@ -480,8 +535,16 @@ def _(kernels, grad_bound, log_w, bound, log_px_z, z, mu, logvar):
     grad_log_px_z, grad_z = _empty(log_w.shape, z), _empty(z.shape, z)
     grad_mu, grad_logvar = _empty(mu.shape, z), _empty(mu.shape, z)
     kernels.iwae_backward(
-        grad_bound.contiguous(), log_w.contiguous(), bound.contiguous(), z.contiguous(), mu.contiguous(),
-        logvar.contiguous(), grad_log_px_z, grad_z, grad_mu, grad_logvar,
+        grad_bound.contiguous(),
+        log_w.contiguous(),
+        bound.contiguous(),
+        z.contiguous(),
+        mu.contiguous(),
+        logvar.contiguous(),
+        grad_log_px_z,
+        grad_z,
+        grad_mu,
+        grad_logvar,
     )
     return grad_log_px_z, grad_z, grad_mu, grad_logvar
 

@@ -4,6 +4,7 @@ The eager baselines are the code a PyTorch user writes: the formulas of genkern.
 noise from torch.randn inside the call for the random ops, because that is how eager code draws it. The
 genkern calls leave `seed` unset, so they too draw fresh noise on every call.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import math
 import torch
 
 import genkern
-from . import reference as ref
 
 from ..bench import BenchCase, matrix_shape
+from . import reference as ref
 
 FAMILY = "reparam"
 IWAE_SAMPLES = 16  # K importance samples per example, a common IWAE setting
@@ -81,36 +82,55 @@ def _iwae_bytes(size, dtype):
 
 CASES = (
     BenchCase(
-        name="reparameterize_kl", family=FAMILY,
-        make_inputs=_mu_logvar, genkern=genkern.reparameterize_kl, eager=eager_reparameterize_kl,
+        name="reparameterize_kl",
+        family=FAMILY,
+        make_inputs=_mu_logvar,
+        genkern=genkern.reparameterize_kl,
+        eager=eager_reparameterize_kl,
         shape=matrix_shape,
         # reads mu and logvar, writes z and one KL per row
         bytes_moved=lambda n, dt: (3 * n + _rows(n)) * _itemsize(dt),
     ),
     BenchCase(
-        name="reparameterize", family=FAMILY,
-        make_inputs=_mu_logvar, genkern=genkern.reparameterize, eager=eager_reparameterize,
+        name="reparameterize",
+        family=FAMILY,
+        make_inputs=_mu_logvar,
+        genkern=genkern.reparameterize,
+        eager=eager_reparameterize,
         shape=matrix_shape,
         # reads mu and logvar, writes z; the noise is generated, never read from memory
-        bytes_moved=lambda n, dt: 3 * n * _itemsize(dt), default=False,
+        bytes_moved=lambda n, dt: 3 * n * _itemsize(dt),
+        default=False,
     ),
     BenchCase(
-        name="gaussian_kl", family=FAMILY,
-        make_inputs=_mu_logvar, genkern=genkern.gaussian_kl, eager=ref.gaussian_kl,
+        name="gaussian_kl",
+        family=FAMILY,
+        make_inputs=_mu_logvar,
+        genkern=genkern.gaussian_kl,
+        eager=ref.gaussian_kl,
         shape=matrix_shape,
         # reads mu and logvar, writes one KL per row
-        bytes_moved=lambda n, dt: (2 * n + _rows(n)) * _itemsize(dt), default=False,
+        bytes_moved=lambda n, dt: (2 * n + _rows(n)) * _itemsize(dt),
+        default=False,
     ),
     BenchCase(
-        name="gaussian_log_prob", family=FAMILY,
-        make_inputs=_z_mu_logvar, genkern=genkern.gaussian_log_prob, eager=ref.gaussian_log_prob,
+        name="gaussian_log_prob",
+        family=FAMILY,
+        make_inputs=_z_mu_logvar,
+        genkern=genkern.gaussian_log_prob,
+        eager=ref.gaussian_log_prob,
         shape=matrix_shape,
         # reads z, mu and logvar, writes one log-density per row
-        bytes_moved=lambda n, dt: (3 * n + _rows(n)) * _itemsize(dt), default=False,
+        bytes_moved=lambda n, dt: (3 * n + _rows(n)) * _itemsize(dt),
+        default=False,
     ),
     BenchCase(
-        name="iwae_bound", family=FAMILY,
-        make_inputs=_iwae_inputs, genkern=genkern.iwae_bound, eager=eager_iwae_bound,
-        shape=_iwae_shape, bytes_moved=_iwae_bytes,
+        name="iwae_bound",
+        family=FAMILY,
+        make_inputs=_iwae_inputs,
+        genkern=genkern.iwae_bound,
+        eager=eager_iwae_bound,
+        shape=_iwae_shape,
+        bytes_moved=_iwae_bytes,
     ),
 )

@@ -3,6 +3,7 @@
 The gradients are written out below as well: they are what the backward kernels compute, and the
 tests check them against autograd through the forward functions.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,10 @@ def gaussian_log_prob(z, mu=None, logvar=None, dim=-1):
 
 def iwae_log_weights(log_px_z, z, mu, logvar):
     """log w[k, b] = log p(x | z_k) + log p(z_k) - log q(z_k | x) for z (K, B, D), mu and logvar (B, D)."""
-    return _compute(log_px_z) + gaussian_log_prob(_compute(z), None, None, -1) - gaussian_log_prob(
-        _compute(z), _compute(mu), _compute(logvar), -1
+    return (
+        _compute(log_px_z)
+        + gaussian_log_prob(_compute(z), None, None, -1)
+        - gaussian_log_prob(_compute(z), _compute(mu), _compute(logvar), -1)
     )
 
 
