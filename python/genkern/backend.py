@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib
 import os
+import threading
 
 import torch
 
@@ -35,9 +37,22 @@ _FAMILY_BACKENDS = {
     "pixelcnn_sampling": ("cpu", "cuda", "reference"),
 }
 
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A scoped choice: `name` (None: automatic), and whether it is `strict` (an op whose family lacks the
+    backend is an error, as for an explicit `backend=` argument) or not (that op runs automatically, as for
+    `set_backend`)."""
+
+    name: str | None
+    strict: bool
+
+
 _process_backend: str | None = None
+_process_owner: object = None  # the set_backend call that made the process-wide choice
+_process_lock = threading.Lock()
 # Per thread and per asyncio task: a scoped choice never leaks into another thread's ops.
-_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("genkern_backend", default=None)
+_scoped_backend: contextvars.ContextVar[Choice | None] = contextvars.ContextVar("genkern_backend", default=None)
 
 
 def triton_interpreted() -> bool:
@@ -83,45 +98,59 @@ def _check_name(name: str) -> None:
 
 
 class set_backend:
-    """Choose the backend for the whole process: `genkern.set_backend("triton")`, or scoped:
-    `with genkern.set_backend("reference"): ...` (the previous choice comes back on exit). None restores auto."""
+    """Choose the backend for the whole process: `genkern.set_backend("triton")` (None restores the automatic
+    choice). Used as a context manager, `with genkern.set_backend("reference"): ...`, the choice holds for
+    this thread (or asyncio task) only, inside the block, and the process-wide choice is left as it was.
+
+    A backend this process cannot run (CUDA without a GPU, say) is refused here, not at the first op."""
 
     def __init__(self, name: str | None):
         if name is not None:
             _check_name(name)
             if not is_available(name):
-                # Refused here, not at the first op far from the cause.
                 raise ValueError(f"backend {name!r} is not available in this process (available: {backends()})")
-        global _process_backend
-        self._previous = _process_backend
-        _process_backend = name
+        global _process_backend, _process_owner
+        with _process_lock:
+            self._previous = (_process_backend, _process_owner)
+            _process_backend, _process_owner = name, self
+        self._name = name
+        self._token = None
 
     def __enter__(self):
+        global _process_backend, _process_owner
+        with _process_lock:  # a scope, not a process-wide change: undo ours unless another call replaced it
+            if _process_owner is self:
+                _process_backend, _process_owner = self._previous
+        self._token = _scoped_backend.set(Choice(self._name, strict=False))
         return self
 
     def __exit__(self, *exc):
-        global _process_backend
-        _process_backend = self._previous
+        _scoped_backend.reset(self._token)
         return False
 
 
 def get_backend() -> str | None:
-    return _process_backend
+    """The backend chosen for this thread: its scoped choice if any, else the process-wide one (None:
+    automatic)."""
+    choice = _scoped_backend.get()
+    return choice.name if choice is not None else _process_backend
 
 
-def scoped_choice() -> str | None:
-    """The backend chosen for this thread or context by `scoped`, if any."""
+def scoped_choice() -> Choice | None:
+    """The choice scoped to this thread or context (by `scoped` or `with set_backend(...)`), if any: what
+    an op's backward passes back to `scoped` so that it runs where the forward did."""
     return _scoped_backend.get()
 
 
 @contextlib.contextmanager
-def scoped(name: str | None):
-    """Run this thread's (context's) genkern ops on backend `name` inside the block; None: no scoped choice.
-    A choice the ops cannot honour (unknown, unavailable, or unable to run their tensors) is a ValueError
-    from the op, before any kernel runs."""
-    if name is not None:
-        _check_name(name)
-    token = _scoped_backend.set(name)
+def scoped(choice: str | Choice | None):
+    """Run this thread's (context's) genkern ops on a backend inside the block: a name (strict: an op that
+    cannot honour it raises a ValueError before any kernel runs), a `Choice` from `scoped_choice`, or None
+    (no scoped choice: the process-wide one, else automatic)."""
+    if isinstance(choice, str):
+        _check_name(choice)
+        choice = Choice(choice, strict=True)
+    token = _scoped_backend.set(choice)
     try:
         yield
     finally:
@@ -138,7 +167,7 @@ def call(backend: str | None, op, *args):
 
 def selected(device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
     """The backend an op of `family` runs on for tensors of this device and dtype, right now."""
-    return resolve(_scoped_backend.get(), device, dtype, family)
+    return resolve(None, device, dtype, family)
 
 
 def runs_on(name: str, device: torch.device, dtype: torch.dtype, family: str | None = None) -> bool:
@@ -166,11 +195,16 @@ def auto(device: torch.device, dtype: torch.dtype, family: str | None = None) ->
 
 
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, family: str | None = None) -> str:
-    """The backend an op (of `family`) runs on: the argument, else the process choice, else automatic.
-    Raises ValueError when the chosen backend is unknown, has no kernels for the family, or cannot run on
-    this device and dtype."""
-    name = backend if backend is not None else _process_backend
-    if backend is None and name is not None and not has_family(name, family):
+    """The backend an op (of `family`) runs on: `backend` when given, else this thread's scoped choice, else
+    the process-wide one, else automatic. An explicit or strictly scoped choice that cannot run the op is a
+    ValueError (unknown, no kernels for the family, unavailable, or unable to run this device and dtype); a
+    `set_backend` choice whose family lacks the backend falls back to the automatic one."""
+    if backend is not None:
+        choice = Choice(backend, strict=True)
+    else:
+        choice = _scoped_backend.get() or Choice(_process_backend, strict=False)
+    name = choice.name
+    if name is not None and not choice.strict and not has_family(name, family):
         name = None
     if name is None:
         return auto(device, dtype, family)
