@@ -351,3 +351,42 @@ def test_out_buffers_and_in_place(backend):
             torch.ops.genkern.ddpm_step_out,
             (m, x, t, None, table, None, 3, 1, *StepOptions().pack(), torch.empty_like(x), None),
         )
+
+
+@pytest.mark.parametrize("backend", genkern.backends())
+@pytest.mark.parametrize("op", ["ddpm_step", "ddim_step"])
+def test_pred_original_is_a_new_tensor_for_prediction_sample(backend, op):
+    """With prediction_type='sample' and no clipping, thresholding or guidance, x0_hat is the model output
+    itself: the op must still return a new tensor (torch's custom-op rules reject an output aliasing an
+    input), which the reference once did not."""
+    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    x, m = make((2, 3, 4), torch.float32, device), make((2, 3, 4), torch.float32, device, 1)
+    t, prev = step_timesteps(2, device)
+    args = (m, x, t, None if op == "ddpm_step" else prev, SCHEDULE.table(device), None, 3, 1)
+    with gk_backend.scoped(backend):
+        _, x0 = getattr(torch.ops.genkern, op)(*args, *StepOptions(prediction=2).pack(), True)
+        torch.library.opcheck(getattr(torch.ops.genkern, op), (*args, *StepOptions(prediction=2).pack(), True))
+    assert torch.equal(x0, m)
+    assert x0.untyped_storage().data_ptr() != m.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
+def test_reference_steps_with_sample_prediction_return_new_tensors(variance_type):
+    """prediction_type='sample' with no clip, threshold or guidance: x0_hat is the model output itself, which
+    the reference returned as is (torch's custom-op rules reject an output aliasing an input: issue 16)."""
+    schedule = NoiseSchedule("linear", num_train_timesteps=10)
+    sample = torch.randn(2, 3, 4)
+    channels = 6 if variance_type == "learned_range" else 3
+    model_output = torch.randn(2, channels, 4).clamp(-1, 1)
+    for backend in ("reference", *KERNEL_BACKENDS):
+        _, x0 = genkern.ddpm_step(
+            model_output, 5, sample, schedule, prediction_type="sample", variance_type=variance_type, seed=0,
+            backend=backend,
+        )  # fmt: skip
+        assert torch.equal(x0, model_output[:, :3]) and x0.data_ptr() != model_output.data_ptr()
+    _, x0 = genkern.ddim_step(
+        model_output[:, :3], 5, sample, schedule, prev_t=2, prediction_type="sample", backend="reference"
+    )
+    assert torch.equal(x0, model_output[:, :3])
+    prev, x0 = ref.ddim_step(model_output[:, :3], 5, sample, schedule, prev_t=2, prediction_type="sample")
+    assert x0.data_ptr() != model_output.data_ptr()

@@ -324,3 +324,23 @@ def test_training_on_digits_beats_independent_pixels(cls, levels, steps, ratio):
     )
     assert samples.shape == (4, 1, 8, 8)
     assert bits < ratio * baseline
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_first_sample_is_bounded_by_the_int64_stream(cls):
+    """Draw k of dimension i of sample s is stream element ((first_sample + s) * dims + i) * levels + k. Past
+    2**63 the compiled sampler (uint64) and the reference (int64) drew different levels (17 of 18 at
+    first_sample = 4003199668773775); now that is a ValueError naming first_sample, on every backend and
+    method, and up to the bound every backend draws the same levels."""
+    m = randomize(make(cls, 1, levels=256, size=(3, 3), hidden=4, n_layers=2, kernel_size=3), 0.5)
+    per_sample = m.dims * m.levels  # 2304
+    for backend in SAMPLER_BACKENDS:
+        for method in ("cached", "naive"):
+            with pytest.raises(ValueError, match="first_sample"):
+                m.sample(1, seed=3, first_sample=4003199668773775, method=method, backend=backend)
+            with pytest.raises(ValueError, match="first_sample"):
+                m.sample(3, seed=3, first_sample=(2**63 - 1) // per_sample - 2, method=method, backend=backend)
+    last = (2**63 - 1) // per_sample - 2  # samples last and last + 1 draw up to stream element 2**63 - 1
+    drawn = [m.sample(2, seed=3, first_sample=last, backend=b) for b in SAMPLER_BACKENDS]
+    for other in drawn[1:]:
+        assert torch.equal(drawn[0], other)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 UINT64_MAX = (1 << 64) - 1
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def tensor(name: str, x) -> torch.Tensor:
@@ -32,7 +36,11 @@ def like(name: str, x, ref_name: str, ref: torch.Tensor, *, shape: Sequence[int]
     same_place(name, x, ref_name, ref)
     expected = tuple(ref.shape) if shape is None else tuple(shape)
     if tuple(x.shape) != expected:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {expected}")
+        if shape is None:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {ref_name}'s shape {expected}")
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, expected {expected} (for {ref_name} of shape {tuple(ref.shape)})"
+        )
     return x
 
 
@@ -51,8 +59,71 @@ def integer(name: str, x, *, low: int | None = None, high: int | None = None) ->
             raise TypeError(f"{name} must be an int, got {type(x).__name__}")
         x = x.__index__()
     if (low is not None and x < low) or (high is not None and x > high):
+        if high is None:
+            raise ValueError(f"{name} must be >= {low}, got {x}")
+        if low is None:
+            raise ValueError(f"{name} must be <= {high}, got {x}")
         raise ValueError(f"{name} must be in [{low}, {high}], got {x}")
     return x
+
+
+def int64(name: str, x, *, low: int | None = None) -> int:
+    """An int argument as an op's schema carries it (int64), at least `low` when given."""
+    x = integer(name, x, low=low)
+    if not INT64_MIN <= x <= INT64_MAX:
+        raise ValueError(f"{name}={x} is outside the int64 range [-2^63, 2^63)")
+    return x
+
+
+@functools.cache
+def _memory_of(device: torch.device) -> int | None:
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    return None  # meta tensors have no memory; other devices: unknown
+
+
+def device_memory(device: torch.device) -> int | None:
+    """The memory of `device` in bytes (the host's physical memory for the CPU), None when unknown or unbounded
+    (a meta tensor's device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
+    return _memory_of(device)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def allocation(name: str, shape: Sequence[int] | int, itemsize: int, device, what: str = "the output") -> None:
+    """Refuse, naming the argument `name` that sized it, a buffer of `shape` (or a count of elements) whose
+    element count passes int64 or whose bytes pass the device's whole memory: it could never be allocated,
+    and its index arithmetic would overflow. Checked before anything is allocated or launched."""
+    numel = math.prod(shape) if isinstance(shape, Sequence) else shape
+    if not isinstance(numel, int):  # symbolic while torch.compile traces: the call itself is checked
+        return
+    if numel > INT64_MAX // max(itemsize, 1):
+        raise ValueError(f"{name} is too large: {what} would have {numel} elements, past the int64 range")
+    memory = device_memory(device)
+    if memory is not None and numel * itemsize > memory:
+        raise ValueError(
+            f"{name} is too large: {what} would take {_bytes(numel * itemsize)}, more than the "
+            f"{_bytes(memory)} of {torch.device(device).type} memory"
+        )
+
+
+def has_values(x: torch.Tensor) -> bool:
+    """Whether x's values can be read for a data-dependent check: not for a meta or fake tensor, nor while
+    torch.compile traces (the check then skips, as the kernels never read out of bounds on such values)."""
+    return x.device.type != "meta" and not isinstance(x, FakeTensor) and not torch.compiler.is_compiling()
 
 
 def reduced_dims(name: str, dim, ndim: int) -> tuple[int, ...]:

@@ -160,11 +160,11 @@ def binary_data(name: str, x, weight: Tensor) -> Tensor:
     """x of 0/1 values in any real dtype (bool and integers too), as the parameters' dtype (the op checks its
     shape and device). Other values are a ValueError (on a GPU this check waits for the data), checked here,
     before the conversion could round them to 0 or 1. Under torch.compile the values are not checked: a
-    data-dependent branch would break the graph."""
+    data-dependent branch would break the graph; nor for meta tensors, which have none."""
     _checks.tensor(name, x)
     if x.dtype not in _DATA_DTYPES:
         raise TypeError(f"{name} must be a bool, integer or float tensor of 0/1 values, got dtype {x.dtype}")
-    checkable = x.dtype != torch.bool and x.numel() and not torch.compiler.is_compiling()
+    checkable = x.dtype != torch.bool and x.numel() and _checks.has_values(x)
     if checkable and not bool(((x == 0) | (x == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1 (binary data)")
     return x.to(weight.dtype)
@@ -267,6 +267,12 @@ class Program:
         flat = [None if t is None else t.detach().to(torch.float32).contiguous() for t in (bias, cond)]
         self.nodes.append((CONV, row_level, src, dst, residual, relu_input, accumulate, dy, dx, packed, *flat))
 
+    def check_caches(self, name: str, batch: int, height: int, width: int, device) -> None:
+        """Refuse, naming `name` (what sized the batch), caches (float32, batch x height x width x channels
+        each) that could never be allocated."""
+        numel = batch * height * width * sum(self.channels)
+        _checks.allocation(name, numel, 4, device, "the sampler's activation caches")
+
     def gate(self, src: int, dst: int, *, row_level: bool = False) -> None:
         self.nodes.append((GATE, row_level, src, dst, -1, False, False, [], [], None, None, None))
 
@@ -285,6 +291,7 @@ class Program:
         """Sample into `out` (B, colours, H, W) of int64, on `backend` (None: the selected one for out's
         device; the cached sampler has cpu, cuda and reference backends)."""
         batch, _, height, width = out.shape
+        self.check_caches("out", batch, height, width, out.device)
         caches = [torch.zeros(batch, height, width, c, dtype=torch.float32, device=out.device) for c in self.channels]
         nodes = [tuple(v.to(out.device) if isinstance(v, Tensor) else v for v in n) for n in self.nodes]
         _backend.call(

@@ -91,6 +91,11 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int
     if bias is not None:
         _checks.like("bias", bias, "x", x, shape=(c_out,))
     _checks.integer("dilation", dilation, low=1, high=MAX_DILATION)
+    # The receptive field (K - 1) * dilation, with room for the kernels' index arithmetic (as the C++ entry).
+    _require(
+        (weight.shape[-1] - 1) * dilation <= INT64_MAX // 4,
+        f"dilation={dilation} is too large for K={weight.shape[-1]} taps: (K - 1) * dilation must stay below 2^61",
+    )
     _require(activation in _ACTIVATION_CODES, f"activation must be one of {ref.ACTIVATIONS}, got {activation!r}")
     return c_out
 
@@ -192,7 +197,7 @@ def _check_causal_conv1d_update(x, state, weight, bias, dilation, activation) ->
     _require(
         state.dim() == 3 and tuple(state.shape[:2]) == tuple(x.shape) and state.shape[2] >= need,
         f"state has shape {tuple(state.shape)}, expected ({x.shape[0]}, {x.shape[1]}, W) "
-        f"with W >= (K - 1) * dilation = {need}",
+        f"with W >= (K - 1) * dilation = {need} (K = {weight.shape[-1]}: weight's last dim)",
     )
 
 
@@ -230,7 +235,7 @@ def _(x, state, weight, bias, dilation, activation):
 def _check_gated_activation(x: Tensor, dim: int) -> None:
     _checks.float_tensor("x", x)
     _checks.integer("dim", dim)
-    _require(-x.dim() <= dim < x.dim(), f"dim={dim} is out of range for a tensor of {x.dim()} dims")
+    _require(-x.dim() <= dim < x.dim(), f"dim={dim} is out of range for x of {x.dim()} dims")
     _require(
         x.shape[dim] % 2 == 0, f"x has odd size {x.shape[dim]} along dim {dim % x.dim()}: it must split into two halves"
     )
@@ -334,7 +339,22 @@ def _check_mask(c_in: int, c_out: int, mask_type: str, color_groups: int, dilati
         c_in % color_groups == 0 and c_out % color_groups == 0,
         f"color_groups={color_groups} must divide both C_in={c_in} and C_out={c_out}",
     )
-    _checks.integer("dilation", dilation, low=1)
+    _checks.integer("dilation", dilation, low=1, high=MAX_DILATION)
+
+
+_PADDED_WIDTH_ROUND = 64  # the CPU kernels pad rows to whole register tiles (at most 64 elements)
+
+
+def _check_padding(x: Tensor, channels: int, kernel_size: int, dilation: int) -> None:
+    """The padded copy of an input (B, channels, H, W) the kernels work on: rows padded by dilation * (k // 2)
+    above, columns on both sides. Refused, naming dilation, when it could never be allocated (a buffer past
+    the device's memory, or an index past int64), before anything is."""
+    batch, _, height, width = x.shape
+    pad = dilation * (kernel_size // 2)
+    padded_width = -(-max(width, 1) // _PADDED_WIDTH_ROUND) * _PADDED_WIDTH_ROUND + 2 * pad
+    numel = batch * channels * (height + pad) * padded_width
+    what = f"the padded copy of the input (padding dilation * (k // 2) = {pad})"
+    _checks.allocation("dilation", numel, x.element_size(), x.device, what)
 
 
 def _check_masked_conv2d(
@@ -351,6 +371,7 @@ def _check_masked_conv2d(
     if bias is not None:
         _checks.like("bias", bias, "x", x, shape=(c_out,))
     _check_mask(c_in, c_out, mask_type, color_groups, dilation)
+    _check_padding(x, c_in, weight.shape[-1], dilation)
 
 
 def _out_shape(x: Tensor, weight: Tensor) -> list[int]:
@@ -397,6 +418,7 @@ def _check_masked_conv2d_grad_input(
     )
     _check_square_odd("weight", *weight.shape[2:])
     _check_mask(weight.shape[1], weight.shape[0], mask_type, color_groups, dilation)
+    _check_padding(grad_y, weight.shape[0], weight.shape[-1], dilation)
 
 
 def _grad_input_shape(grad_y: Tensor, weight: Tensor) -> list[int]:
@@ -441,7 +463,9 @@ def _check_masked_conv2d_grad_weight(
     )
     _checks.integer("kernel_size", kernel_size, low=1)
     _require(kernel_size % 2 == 1, f"kernel_size must be odd, got {kernel_size}")
+    _checks.allocation("kernel_size", _weight_shape(grad_y, x, kernel_size), x.element_size(), x.device)
     _check_mask(x.shape[1], grad_y.shape[1], mask_type, color_groups, dilation)
+    _check_padding(x, x.shape[1], kernel_size, dilation)
 
 
 def _weight_shape(grad_y: Tensor, x: Tensor, kernel_size: int) -> list[int]:
@@ -519,14 +543,27 @@ def _check_x(x: Tensor, weight: Tensor, dims: int) -> None:
     )
 
 
-def check_sample_range(num_samples: int, first: int, dims: int) -> None:
-    """Stream indices (first + s) * D + i must fit int64, or two samples would share their noise."""
+def check_sample_range(num_samples: int, first: int, dims: int, *, first_name: str = "first") -> None:
+    """Stream indices (first + s) * D + i must fit int64, or two samples would share their noise (and the
+    uint64 kernels and the int64 reference would draw different ones)."""
     _require(num_samples >= 0, f"num_samples must be >= 0, got {num_samples}")
-    _require(first >= 0, f"first must be >= 0, got {first}")
+    _require(first >= 0, f"{first_name} must be >= 0, got {first}")
     _require(
         (first + num_samples) * max(dims, 1) <= INT64_MAX,
-        "first + num_samples is too large: (first + num_samples) * D must stay below 2^63 "
-        "(the stream index of the last draw)",
+        f"{first_name} + num_samples is too large: ({first_name} + num_samples) * D must stay below 2^63 "
+        f"(the stream index of the last draw), got ({first} + {num_samples}) * {dims}",
+    )
+
+
+def check_draw_range(n: int, first_sample: int, dims: int, levels: int, *, n_name: str = "n") -> None:
+    """The cached sampler's (and PixelCNN.sample's) draws: sample s, dimension i, level k uses stream element
+    ((first_sample + s) * D + i) * levels + k, which must fit int64 as in the reference."""
+    _require(n >= 0, f"{n_name} must be >= 0, got {n}")
+    _require(first_sample >= 0, f"first_sample must be >= 0, got {first_sample}")
+    _require(
+        (first_sample + n) * max(dims, 1) * max(levels, 1) <= INT64_MAX,
+        f"first_sample + {n_name} is too large: (first_sample + {n_name}) * dims * levels must stay below 2^63 "
+        f"(the stream index of the last draw), got ({first_sample} + {n}) * {dims} * {levels}",
     )
 
 
@@ -615,6 +652,7 @@ nade_log_prob.register_autograd(_nade_grad, setup_context=_nade_setup)
 def _check_nade_sample(weight, c, v, b, num_samples, seed, offset, first) -> None:
     dims, _ = check_params(weight, c, v, b)
     check_sample_range(num_samples, first, dims)
+    _checks.allocation("num_samples", (num_samples, dims), weight.element_size(), weight.device)
 
 
 @torch.library.custom_op("genkern::nade_sample", mutates_args=())
@@ -662,8 +700,16 @@ def _check_gumbel_shapes(logits: Tensor, base: Tensor) -> None:
 
 def _check_gumbel_argmax(logits: Tensor, base: Tensor, seed: int, offset: int) -> None:
     _check_gumbel_shapes(logits, base)
-    # Data-dependent: on a GPU this waits for base.
-    _require(not base.numel() or not bool((base < 0).any()), "base must be non-negative")
+    # Data-dependent: on a GPU this waits for base; skipped for meta and fake tensors (no values).
+    if base.numel() and _checks.has_values(base):
+        lo, hi = torch.stack((base.min(), base.max())).tolist()
+        _require(lo >= 0, f"base must be non-negative, got a row at {lo}")
+        levels = logits.shape[1]
+        _require(
+            hi <= INT64_MAX - (levels - 1),
+            f"base + levels - 1 (the stream index of a row's last draw) must stay below 2^63, got base {hi} "
+            f"with {levels} levels",
+        )
 
 
 @torch.library.custom_op("genkern::gumbel_argmax", mutates_args=())
@@ -700,6 +746,8 @@ def run_program(
     """Run a cached-sampling program (csrc/autoregressive/pixelcnn_sampling.h) into `out`, on the selected
     backend for out's device (genkern.backend.selected: the scoped choice, else the process-wide one, else
     automatic). The compiled runner checks the program itself."""
+    batch, colors, height, width = out.shape
+    check_draw_range(batch, first_sample, colors * height * width, levels, n_name="batch")
     backend = _backend.selected(out.device, torch.float32, SAMPLING_KERNELS.family)
     if backend == "reference":
         ref.run_program(caches, nodes, out, logits, levels, scale, shift, seed, offset, first_sample)

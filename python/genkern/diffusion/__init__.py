@@ -72,12 +72,14 @@ def _timestep_tensor(name: str, t, batch: int, device: torch.device) -> tuple[Te
     if isinstance(t, Tensor):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {t.dtype}")
+        if t.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"{name} is a meta tensor (no values) but the data is on {device}")
         values = None
         if device.type != "cpu" and t.device.type == "cpu" and not torch.compiler.is_compiling():
             values = t.reshape(-1).tolist()
         t = t.to(device=device, dtype=torch.int64)
         return (t.expand(batch) if t.dim() == 0 else t).contiguous(), values
-    t = _checks.integer(name, t)
+    t = _checks.int64(name, t)  # its range is the op's check
     return torch.full((batch,), t, dtype=torch.int64, device=device), ([t] if device.type != "cpu" else None)
 
 

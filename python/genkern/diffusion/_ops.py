@@ -123,7 +123,9 @@ def _host_values(x: Tensor) -> Optional[list[int]]:
     return x.tolist() if x.device.type == "cpu" and not isinstance(x, FakeTensor) else None
 
 
-def _check_timesteps(name: str, t: Tensor, like: Tensor, low: int, high: int) -> Optional[list[int]]:
+def _check_timesteps(
+    name: str, t: Tensor, like: Tensor, low: int, high: int, like_name: str = "sample"
+) -> Optional[list[int]]:
     """An int64 (B,) tensor on the data's device, values in [low, high] when they can be read; returns them."""
     B = like.shape[0]
     if not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (B,) or t.device != like.device:
@@ -132,7 +134,9 @@ def _check_timesteps(name: str, t: Tensor, like: Tensor, low: int, high: int) ->
             if isinstance(t, Tensor)
             else type(t).__name__
         )
-        raise ValueError(f"{name} must be an int64 tensor of shape ({B},) on {like.device}, got {got}")
+        raise ValueError(
+            f"{name} must be an int64 tensor of shape ({B},) ({like_name}'s batch) on {like.device}, got {got}"
+        )
     values = _host_values(t)
     if values is not None:
         check_timestep_values(name, values, low, high)
@@ -149,7 +153,7 @@ def _check_q_sample(
 ) -> None:
     _check_batched("x0", x0)
     T = _check_table(table, x0)
-    _check_timesteps("t", t, x0, 0, T - 1)
+    _check_timesteps("t", t, x0, 0, T - 1, "x0")
     _check_noise(noise, "x0", x0)
 
 
@@ -549,7 +553,10 @@ def _check_step(
     """Every argument of a step op (prev, x0: the _out ops' buffers); returns the options."""
     o = _checked_options(kind, tuple(options), tuple(codes))
     _check_batched("sample", sample)
-    ref._check_model_output(model_output, sample, o.guidance_scale is not None, o.variance == 2)
+    try:
+        ref._check_model_output(model_output, sample, o.guidance_scale is not None, o.variance == 2)
+    except ValueError as exc:  # a wrong shape may be sample's: name it too
+        raise ValueError(f"{exc}, for sample of shape {tuple(sample.shape)}") from None
     T = _check_table(table, sample)
     t_values = _check_timesteps("t", t, sample, 0, T - 1)
     if prev_t is not None:
@@ -566,7 +573,8 @@ def _check_step(
         prev is not None
         and x0 is not None
         and x0.numel()
-        and not isinstance(x0, FakeTensor)  # a fake tensor has no data
+        and x0.device.type != "meta"  # a meta or fake tensor has no data
+        and not isinstance(x0, FakeTensor)
         and x0.data_ptr() == prev.data_ptr()
     ):
         raise ValueError("out prev_sample and pred_original must be different tensors")
@@ -644,7 +652,19 @@ def _step_reference(
         if x0 is not None:
             x0.copy_(x0_ref)
         return prev, x0
-    return prev_ref.contiguous(), (x0_ref.contiguous() if return_pred_original else sample.new_empty(0))
+    inputs = (model_output, sample, noise)
+    x0_out = _new(x0_ref.contiguous(), *inputs) if return_pred_original else sample.new_empty(0)
+    return _new(prev_ref.contiguous(), *inputs), x0_out
+
+
+def _new(x: Tensor, *inputs: Optional[Tensor]) -> Tensor:
+    """x, or a copy of it when it shares memory with an input: an op's outputs are new tensors (torch's
+    custom-op rules reject an output aliasing an input), and the spec may hand back an input itself, e.g.
+    x0_hat = model_output for prediction 'sample' without clipping, thresholding or guidance."""
+    ptr = x.untyped_storage().data_ptr()
+    if any(t is not None and t.untyped_storage().data_ptr() == ptr for t in inputs):
+        return x.clone()
+    return x
 
 
 def _step_kernel(

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..autoregressive import draw_base, gumbel_argmax
+from ..autoregressive._ops import check_draw_range
 from ..random import check_offset, resolve_seed
 
 METHODS = ("cached", "naive")
@@ -48,7 +49,7 @@ class AutoregressiveImageModel(nn.Module):
             raise ValueError(f"x must have shape (B, {shape[0]}, {shape[1]}, {shape[2]}), got {tuple(x.shape)}")
         if x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"x must hold integer levels in a real numeric dtype, got {x.dtype}")
-        if x.numel():
+        if x.numel() and _checks.has_values(x):
             bad = (x < 0) | (x > self.levels - 1)
             if x.is_floating_point():
                 bad = bad | (x != torch.floor(x)) | torch.isnan(x)
@@ -109,19 +110,27 @@ class AutoregressiveImageModel(nn.Module):
         first_sample + s, so the same (seed, offset, sample index) gives the same image in any batch.
         method='cached' (default) computes each position once per layer; 'naive' reruns the network for
         every pixel and colour (the reference: same draws, logits equal to float tolerance)."""
-        n = _checks.integer("n", n, low=0)
+        n = _checks.int64("n", n, low=0)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         seed, offset = resolve_seed(seed), check_offset(offset)
-        first_sample = _checks.integer("first_sample", first_sample, low=0)
+        first_sample = _checks.int64("first_sample", first_sample, low=0)
+        # Draw k of dimension i of sample s is stream element ((first_sample + s) * dims + i) * levels + k:
+        # past int64 the kernels (uint64) and the reference (int64) would draw different levels.
+        check_draw_range(n, first_sample, self.dims, self.levels)
         device = next(self.parameters()).device
+        _checks.allocation("n", (n, self.dims), 8, device, "the samples")
         cond = self.check_cond(cond, n, device)
+        program = None
+        if method == "cached" and n:
+            program = self.program(n, cond)
+            program.check_caches("n", n, *self.image_size, device)  # before anything is allocated
         out = torch.zeros(n, self.in_channels, *self.image_size, dtype=torch.int64, device=device)
         if n == 0:
             return out
         if method == "naive":
             return self._sample_naive(out, cond, seed, offset, first_sample, backend)
-        return self.program(n, cond).run(
+        return program.run(
             out,
             levels=self.levels,
             scale=self.input_scale,

@@ -74,6 +74,8 @@ class NADE(nn.Module):
         """n samples as a (n, n_dims) tensor of 0.0 / 1.0 in the parameters' dtype (reshape for images).
         Sample s of (seed, offset) is the same whatever n: dimension i draws from stream element s * n_dims + i.
         seed None draws one from torch's generator, so torch.manual_seed makes it reproducible."""
+        n = _checks.int64("n", n, low=0)
+        _checks.allocation("n", (n, self.n_dims), self.W.element_size(), self.W.device, "the samples")
         return nade_sample(self.W, self.c, self.V, self.b, n, seed=seed, offset=offset, backend=self.backend)
 
     def extra_repr(self) -> str:

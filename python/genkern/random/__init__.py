@@ -52,7 +52,7 @@ def _shape(shape) -> tuple[int, ...]:
         shape = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__}") from None
-    return tuple(_checks.integer("shape", s, low=0) for s in shape)
+    return tuple(_checks.int64("shape", s, low=0) for s in shape)
 
 
 def _device(device) -> torch.device:

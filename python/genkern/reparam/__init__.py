@@ -87,7 +87,7 @@ def reparameterize(
     """
     _tensors(mu=mu, logvar=logvar, eps=eps)
     # The op takes 0 for "no sample dimension"; here that is None, and a count is at least 1.
-    num_samples = 0 if num_samples is None else _checks.integer("num_samples", num_samples, low=1)
+    num_samples = 0 if num_samples is None else _checks.int64("num_samples", num_samples, low=1)
     seed, offset = _noise_args(eps, seed, offset)
     return _backend.call(backend, torch.ops.genkern.reparameterize, mu, logvar, eps, seed, offset, num_samples)
 

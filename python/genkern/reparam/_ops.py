@@ -86,6 +86,8 @@ def _check_optional(name: str, x: Optional[Tensor], mu: Tensor, shape) -> None:
 def _check_reparameterize(mu, logvar, eps, seed, offset, num_samples) -> None:
     _check_pair(mu, logvar)
     _require(num_samples >= 0, f"num_samples must be >= 0 (0: no sample dimension), got {num_samples}")
+    # Sample k draws stream elements k * mu.numel() + j: the output's size bounds every stream index.
+    _checks.allocation("num_samples", _sample_shape(mu, num_samples), mu.element_size(), mu.device)
     _check_optional("eps", eps, mu, _sample_shape(mu, num_samples))
 
 
