@@ -6,6 +6,7 @@ Families: `genkern.random` (the Philox stream), `genkern.reparam`, `genkern.diff
 """
 
 from . import autoregressive, diffusion, models, nn, random, reparam
+from ._sampling import sample
 from .autoregressive import (
     causal_conv1d,
     causal_conv1d_update,
@@ -48,6 +49,7 @@ __all__ = [
     "reparam",
     "reparameterize",
     "reparameterize_kl",
+    "sample",
     "schedules",
     "set_backend",
 ]

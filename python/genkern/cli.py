@@ -3,9 +3,15 @@
     genkern bench [--device cpu|cuda] [--ops OP,... | --all] [--list] [--sizes 1M,16M] [--backends cpu,...]
                   [--dtype float32] [--repeats N] [--output PATH] [--no-compile] [--quiet]
     genkern info
+    genkern sample MODEL [--checkpoint CKPT] --n N [--batch-size B] [--seed S] [--first-sample I] [--out DIR]
+                   [--device cpu|cuda] [--steps K] [--resume] [--force] [--quiet]
+    genkern train MODEL [--data digits|digits-binary|PATH.npz] [--steps N] [--batch-size B] [--lr LR]
+                  [--out CKPT] [--seed S] [--device cpu|cuda] [--quiet]
 
 `bench` times each op against eager PyTorch and torch.compile (see genkern.bench), prints a table and
-writes the measurements as JSON. `info` says what this installation can run.
+writes the measurements as JSON. `info` says what this installation can run. `sample` draws images from a
+trained model into shard files (genkern.sample; under torchrun every rank writes its share); `train` trains
+one on scikit-learn's digits or a .npz of images and writes a safetensors checkpoint.
 
 This module imports torch (through genkern.bench) only when a command runs, so that `--help` and mistakes
 on the command line are answered at once.
@@ -19,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from ._checkpoints import MODEL_NAMES
 
 DTYPES = ("bfloat16", "float16", "float32", "float64")  # names of torch dtypes
 DEFAULT_SIZES = {"cpu": "1M,16M", "cuda": "16M,64M"}
@@ -36,10 +43,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genkern", description="genkern: compiled kernels for generative models")
     parser.add_argument("--version", action="version", version=f"genkern {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,info,sample,train}")
 
     b = commands.add_parser(
         "bench",
@@ -81,6 +95,53 @@ def _parser() -> argparse.ArgumentParser:
 
     i = commands.add_parser("info", help="version, backends and device of this installation")
     i.set_defaults(run=_info, parser=i)
+
+    s = commands.add_parser(
+        "sample",
+        help="draw images from a trained model into .npz shards, a grid.png and a manifest.json",
+        description="Draw samples first .. first + N - 1 of a model for a seed as uint8 images: sample i "
+        "depends only on (seed, i), whatever the batch size, resume point or process count. Run under "
+        "`torchrun --nproc-per-node P` (or `python -m torch.distributed.run`) to split the shards over P "
+        "processes (NCCL on GPUs, gloo on CPUs); over several nodes, torchrun's own rendezvous options "
+        "(--nnodes, --rdzv-backend c10d, --rdzv-endpoint HOST:PORT) and a --out every node can write.",
+    )
+    s.add_argument("model", choices=MODEL_NAMES)
+    s.add_argument("--checkpoint", type=Path, help="a checkpoint of `genkern train` (default: the shipped one)")
+    s.add_argument(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=_positive_int,
+        required=True,
+        help="number of samples (under torchrun write --num-samples: torchrun reads --n as one of its own options)",
+    )
+    s.add_argument("--batch-size", type=_positive_int, default=256, help="samples per model call and shard")
+    s.add_argument("--seed", type=_non_negative_int, default=0)
+    s.add_argument("--first-sample", type=_non_negative_int, default=0, help="index of the first sample")
+    s.add_argument("--out", type=Path, default=Path("samples"), help="output directory (default: ./samples)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
+    s.add_argument("--steps", type=_positive_int, help="sampler steps of the diffusion model (unet)")
+    s.add_argument("--resume", action="store_true", help="keep the shards of this run already complete")
+    s.add_argument("--force", action="store_true", help="replace another run's output in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=_sample, parser=s)
+
+    t = commands.add_parser(
+        "train",
+        help="train a model on scikit-learn's digits or a .npz of images; write a safetensors checkpoint",
+        description="Train a model and write CKPT (safetensors weights with a JSON config, and CKPT's .json "
+        "beside it), with the held-out test NLL in bits/dim (a stated proxy for dcgan and unet).",
+    )
+    t.add_argument("model", choices=MODEL_NAMES)
+    t.add_argument("--data", help="digits, digits-binary or PATH.npz (default: what the model needs)")
+    t.add_argument("--steps", type=_positive_int, help="optimiser steps (default: per model)")
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--lr", type=float, help="Adam's learning rate (default: per model)")
+    t.add_argument("--out", type=Path, help="checkpoint path (default: ./MODEL.safetensors)")
+    t.add_argument("--seed", type=_non_negative_int, default=0)
+    t.add_argument("--device", help="cpu or cuda (default: cpu)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(run=_train, parser=t)
     return parser
 
 
@@ -152,6 +213,104 @@ def _info(args: argparse.Namespace, command: Sequence[str]) -> int:
     print(f"compiled core: {core}; built with CUDA: {'yes' if _native.with_cuda() else 'no'}")
     print(f"backends available: {', '.join(_backend.backends())}")
     print(f"device: {device.type} ({described.name}), torch threads: {described.threads}")
+    return 0
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr, status 2 (as argparse's own errors)."""
+    print(f"genkern {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _sample(args: argparse.Namespace, command: Sequence[str]) -> int:
+    import os
+
+    import torch
+
+    from . import _sampling
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        device = _sampling._device(args.device)
+    except _sampling.SampleError as exc:
+        return _fail(args, str(exc))
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        try:
+            device = _sampling._device(device)
+        except _sampling.SampleError as exc:
+            return _fail(args, str(exc))
+        torch.cuda.set_device(device)
+    distributed = world > 1
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
+    try:
+        manifest = _sampling.sample(
+            args.checkpoint if args.checkpoint is not None else args.model,
+            args.n,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            first_sample=args.first_sample,
+            out_dir=args.out,
+            device=device,
+            steps=args.steps,
+            resume=args.resume,
+            force=args.force,
+            progress=not args.quiet,
+            model_name=args.model,
+        )
+    except _sampling.SampleError as exc:
+        return _fail(args, str(exc))
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        rate = manifest["samples_per_s"]
+        rate_text = f"{rate:.1f} samples/s" if rate else "nothing to draw"
+        print(
+            f"{manifest['n']} samples ({manifest['drawn']} drawn, {manifest['reused']} kept) in "
+            f"{manifest['seconds']:.2f} s: {rate_text} on {manifest['device']}; wrote {args.out}"
+        )
+    return 0
+
+
+def _train(args: argparse.Namespace, command: Sequence[str]) -> int:
+    from . import _training
+
+    try:
+        if args.device is not None:
+            from . import _sampling
+
+            _sampling._device(args.device)
+        data = _training.load_data(args.data or _training.MODEL_DATA[args.model])
+        _training.build(args.model, data)  # the data fits the model, before any training
+        out = args.out or Path(f"{args.model}.safetensors")
+        if out.is_dir():
+            raise _training.TrainError("--out", f"{out} is a directory; give a file path")
+    except ValueError as exc:
+        return _fail(args, str(exc))
+    config = _training.train(
+        args.model,
+        data=args.data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out=out,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    metrics = config["metrics"]
+    shown = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "final_loss"}
+    print(", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f"; wrote {out}")
     return 0
 
 
