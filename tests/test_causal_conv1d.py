@@ -444,3 +444,20 @@ def test_native_checks_guard_the_kernels():
         fam.forward(x, w, b, torch.empty(2, 3, 7), 1, 7)
     with pytest.raises(ValueError, match="contiguous"):
         fam.forward(x.transpose(1, 2), w, b, torch.empty(2, 3, 7), 1, 0)
+
+
+def test_reference_padding_contributes_nothing():
+    """The NaN rule (issue 16): the causal zero padding is not data, so an inf weight reaches only the outputs
+    whose tap reads a real input (it made NaN, inf * 0, at the start through F.pad), as on the cpu backend;
+    its gradient sums real inputs only."""
+    x = torch.ones(1, 1, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[float("inf"), 1.0, 1.0]], dtype=torch.float64, requires_grad=True)  # depthwise, K = 3
+    y = ref.causal_conv1d(x, weight, None, 1, "none")
+    assert torch.equal(y[0, 0, :2], torch.tensor([1.0, 2.0], dtype=torch.float64)) and y[0, 0, 2] == float("inf")
+    gy = torch.tensor([[[1.0, 1.0, 0.0]]], dtype=torch.float64)
+    gx, gw, _ = ref.causal_conv1d_backward(gy, x.detach(), weight.detach(), None, 1, "none")
+    assert torch.equal(gw, torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64))  # tap 0 met the padding only
+    # x_0 meets the inf weight through output 2, whose gradient is 0: 0 * inf = NaN there, a real product.
+    assert gx[0, 0, 0].isnan() and torch.equal(gx[0, 0, 1:], torch.tensor([1.0, 0.0], dtype=torch.float64))
+    if "cpu" in genkern.backends():
+        torch.testing.assert_close(genkern.causal_conv1d(x, weight, backend="cpu"), y)

@@ -265,3 +265,35 @@ def test_dispatch_reaches_the_kernels_of_the_chosen_backend(monkeypatch):
         assert run("cpu") == (["cpu", "cpu"], ["cpu"], ["cpu"])
     assert run("reference") == ([], [], [])
     assert m.grad is not None
+
+
+# ------------------------------------------------------------------------ the reference's NaN rule (issue 16)
+
+
+def test_reference_loss_propagates_nan_and_inf():
+    """The spec must not hide non-finite values: a NaN model output gives a NaN loss (it was 0 where the
+    reference zeroed NaN), an overflowing squared error inf (it was 3.4e38), other samples unaffected."""
+    x0 = torch.zeros(3, 4)
+    m = torch.zeros(3, 4)
+    m[0, 1], m[1, 2] = float("nan"), 1e30
+    noise = torch.zeros(3, 4)
+    loss = ref.diffusion_loss(m, x0, 5, SCHEDULE, noise=noise, reduction="none")
+    assert loss[0].isnan() and loss[1] == float("inf") and loss[2] == 0
+    assert ref.diffusion_loss(m, x0, 5, SCHEDULE, noise=noise).isnan()
+    cpu = genkern.diffusion_loss(m, x0, 5, SCHEDULE, noise=noise, reduction="none", backend="cpu")
+    torch.testing.assert_close(cpu, loss, equal_nan=True)
+
+
+def test_reference_loss_of_empty_samples_and_batches():
+    """A sample with no elements has loss 0 (an empty sum; it was NaN, the mean of nothing), as on the kernel
+    backends; an empty batch gives a (0,) tensor."""
+    empty_samples = ref.diffusion_loss(torch.zeros(2, 0), torch.zeros(2, 0), 5, SCHEDULE, seed=1, reduction="none")
+    assert torch.equal(empty_samples, torch.zeros(2))
+    empty_batch = ref.diffusion_loss(torch.zeros(0, 3), torch.zeros(0, 3), 5, SCHEDULE, seed=1, reduction="none")
+    assert empty_batch.shape == (0,)
+    assert torch.equal(
+        genkern.diffusion_loss(
+            torch.zeros(2, 0), torch.zeros(2, 0), 5, SCHEDULE, seed=1, reduction="none", backend="cpu"
+        ),
+        empty_samples,
+    )

@@ -420,3 +420,21 @@ def test_torch_compile_fullgraph():
     (ex,) = torch.autograd.grad(expected, x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(gx, ex)
+
+
+def test_reference_reads_visible_taps_inside_the_image_only():
+    """The NaN rule (issue 16): masked taps and the zero padding are not read. An inf input of a colour group
+    that an output group must not see leaves that output finite (F.conv2d on the masked weight made 0 * inf =
+    NaN), and so does an inf weight at a tap that reads only the padding; masked taps get exactly zero gradient
+    even when the input is inf."""
+    x = torch.zeros(1, 3, 1, 1, dtype=torch.float64)
+    x[0, 0] = float("inf")  # group 0 (R)
+    weight = torch.ones(3, 3, 3, 3, dtype=torch.float64)
+    weight[:, :, 0, 0] = float("inf")  # a visible tap, above and left: on a 1 x 1 image it reads padding only
+    y = ref.masked_conv2d(x, weight, None, "A", 3, 1)
+    # Mask A: R sees nothing at the centre, G sees R, B sees R and G.
+    assert y[0, 0, 0, 0] == 0 and y[0, 1, 0, 0] == float("inf") and y[0, 2, 0, 0] == float("inf")
+    gw, _ = ref.masked_conv2d_grad_weight(torch.ones(1, 3, 1, 1, dtype=torch.float64), x, weight.shape, "A", 3, 1)
+    m = ref.mask(3, "A", 3, 3, 3, dtype=torch.float64)
+    assert torch.equal(gw[m == 0], torch.zeros(int((m == 0).sum()), dtype=torch.float64))
+    assert gw[1, 0, 1, 1] == float("inf") and torch.equal(gw[:, :, 0, 0], torch.zeros(3, 3, dtype=torch.float64))

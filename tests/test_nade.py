@@ -608,3 +608,24 @@ def test_train_on_binarised_digits():
     samples = model.sample(300, seed=0)
     # The samples' pixel marginals follow the data's.
     assert (samples.mean(0) - train.mean(0)).abs().mean() < 0.05
+
+
+def test_reference_terms_of_zero_dimensions_are_absent():
+    """The NaN rule (issue 16): W[:, k] enters only for x_k = 1 (x_k W[:, k] made 0 * inf = NaN for x_k = 0,
+    where the cpu kernel adds nothing), and log p adds l_i only where x_i = 1: p(x_i = 0) = 0 at l_i = inf
+    gives -inf, not 0 * inf."""
+    weight = torch.tensor([[float("inf"), 1.0]], dtype=torch.float64)  # H = 1, D = 2
+    c, v, b = (
+        torch.zeros(1, dtype=torch.float64),
+        torch.ones(2, 1, dtype=torch.float64),
+        torch.zeros(2, dtype=torch.float64),
+    )
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    logp = ref.nade_log_prob(x, weight, c, v, b)
+    assert logp.isfinite().all()
+    grads = ref.nade_log_prob_backward(torch.ones(2, dtype=torch.float64), x[:1], weight, c, v, b)
+    assert all(g.isfinite().all() for g in grads)
+    if "cpu" in genkern.backends():
+        torch.testing.assert_close(genkern.nade_log_prob(x, weight, c, v, b, backend="cpu"), logp)
+    b_inf = torch.tensor([float("inf"), 0.0], dtype=torch.float64)
+    assert ref.nade_log_prob(x[:1], weight.nan_to_num(posinf=1.0), c, v, b_inf)[0] == float("-inf")

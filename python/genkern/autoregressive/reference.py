@@ -33,11 +33,6 @@ def _compute(x: torch.Tensor | None) -> torch.Tensor | None:
     return x
 
 
-def _conv_weight(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The weight as F.conv1d takes it, and its groups: depthwise (C, K) is (C, 1, K) with C groups."""
-    return (weight.unsqueeze(1), weight.shape[0]) if weight.dim() == 2 else (weight, 1)
-
-
 def _activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(z)
@@ -60,36 +55,65 @@ def receptive_field(kernel_size: int, dilation: int) -> int:
     return (kernel_size - 1) * dilation
 
 
-def _degenerate(x, weight) -> bool:
-    """No length or no channels: F.conv1d rejects these, but the convolution is still well defined."""
-    return x.shape[2] == 0 or x.shape[1] == 0 or weight.shape[0] == 0
+def _zeros_on(shape, *inputs):
+    """Zeros of `shape` that autograd sees as depending on the inputs (each reduced to a sum), with their
+    values never read: torch.where picks the zeros, so a NaN in an input does not reach them and the inputs'
+    gradient through them is exactly 0. A convolution with no tap inside the data still has the graph its
+    callers differentiate."""
+    link = sum(t.sum() for t in inputs)
+    return torch.where(torch.zeros((), dtype=torch.bool, device=link.device), link, link.new_zeros(shape))
+
+
+def _taps(kernel_size: int, dilation: int, length: int):
+    """(k, shift) for each tap that reads inside the sequence somewhere: tap k of output l reads input
+    l - shift, shift = (K - 1 - k) dilation; a tap whose shift is >= L reads only the zero padding."""
+    for k in range(kernel_size):
+        shift = (kernel_size - 1 - k) * dilation
+        if shift < length:
+            yield k, shift
 
 
 def _pre_activation(x, weight, bias, dilation):
-    if _degenerate(x, weight):
-        z = _compute(x).new_zeros(x.shape[0], weight.shape[0], x.shape[2])
-        return z if bias is None else z + _compute(bias)[:, None]
-    w, groups = _conv_weight(_compute(weight))
-    pad = receptive_field(weight.shape[-1], dilation)
-    return F.conv1d(F.pad(_compute(x), (pad, 0)), w, _compute(bias), dilation=dilation, groups=groups)
+    """z = bias + the sum over taps, each tap adding its weight times the inputs it reads inside the
+    sequence: positions before 0 (the zero padding) contribute nothing, not weight * 0 (NaN rule below)."""
+    x, w = _compute(x), _compute(weight)
+    B, _, L = x.shape
+    z = _zeros_on((B, weight.shape[0], L), x, w)
+    for k, shift in _taps(weight.shape[-1], dilation, L):
+        xs = x[..., : L - shift]
+        if weight.dim() == 2:
+            z[..., shift:] += w[:, k, None] * xs
+        else:
+            z[..., shift:] += torch.einsum("oi,bil->bol", w[..., k], xs)
+    return z if bias is None else z + _compute(bias)[:, None]
 
 
 def causal_conv1d(x, weight, bias=None, dilation=1, activation="none"):
-    """x (B, C_in, L), weight (C_out, C_in, K) or depthwise (C, K), bias (C_out,) or None -> (B, C_out, L)."""
+    """x (B, C_in, L), weight (C_out, C_in, K) or depthwise (C, K), bias (C_out,) or None -> (B, C_out, L).
+
+    NaN rule: the causal zero padding is not data: a tap contributes only where it reads an input at a
+    position >= 0, so an inf or NaN weight reaches the outputs (and the gradients) that read real inputs
+    through it, and never the outputs whose tap falls before the start (no 0 * inf). Any NaN or inf in an
+    input that a tap does read propagates as IEEE arithmetic has it (inf * 0 = NaN there)."""
     return _activate(_pre_activation(x, weight, bias, dilation), activation).to(x.dtype)
 
 
 def causal_conv1d_backward(grad_y, x, weight, bias=None, dilation=1, activation="none"):
-    """(grad_x, grad_weight, grad_bias or None), written out: what the backward kernels compute."""
+    """(grad_x, grad_weight, grad_bias or None), written out: what the backward kernels compute. Each tap
+    pairs only the positions it reads inside the sequence (the NaN rule of causal_conv1d)."""
     gz = _compute(grad_y) * _activate_grad(_pre_activation(x, weight, bias, dilation), activation)
     grad_b = gz.sum((0, 2)).to(bias.dtype) if bias is not None else None
-    if _degenerate(x, weight):
-        return torch.zeros_like(x), torch.zeros_like(weight), grad_b
-    w, groups = _conv_weight(_compute(weight))
-    pad = receptive_field(weight.shape[-1], dilation)
-    x_pad = F.pad(_compute(x), (pad, 0))
-    grad_x = torch.nn.grad.conv1d_input(x_pad.shape, w, gz, dilation=dilation, groups=groups)[..., pad:]
-    grad_w = torch.nn.grad.conv1d_weight(x_pad, w.shape, gz, dilation=dilation, groups=groups).reshape(weight.shape)
+    xc, w = _compute(x), _compute(weight)
+    L = x.shape[2]
+    grad_x, grad_w = torch.zeros_like(xc), torch.zeros_like(w)
+    for k, shift in _taps(weight.shape[-1], dilation, L):
+        xs, gs = xc[..., : L - shift], gz[..., shift:]
+        if weight.dim() == 2:
+            grad_x[..., : L - shift] += w[:, k, None] * gs
+            grad_w[:, k] = (gs * xs).sum((0, 2))
+        else:
+            grad_x[..., : L - shift] += torch.einsum("oi,bol->bil", w[..., k], gs)
+            grad_w[..., k] = torch.einsum("bol,bil->oi", gs, xs)
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b
 
 
@@ -122,8 +146,9 @@ def gated_activation_backward(grad_y, x, dim=1):
 # ---------------------------------------------------------------------------------------------------------
 # Reference of the masked_conv family (docs/math.md, section 4): the PixelCNN masked convolution.
 #
-# `masked_conv2d` is F.conv2d on the weight times its 0/1 mask: stride 1, 'same' output size. The kernels
-# follow it without ever reading the masked weights, so garbage there changes nothing.
+# `masked_conv2d` is F.conv2d on the weight times its 0/1 mask: stride 1, 'same' output size, written here as
+# the sum over the visible taps of each tap's weights times the inputs it reads inside the image. Like the
+# kernels, it never reads the masked weights (garbage there changes nothing) nor multiplies the padding.
 
 
 MASK_TYPES = ("A", "B")
@@ -156,44 +181,71 @@ def padding(kernel_size: int, dilation: int) -> int:
     return dilation * (kernel_size // 2)
 
 
-def _masked_weight(weight, mask_type, color_groups):
-    c_out, c_in, k, _ = weight.shape
-    m = mask(k, mask_type, c_in, c_out, color_groups, dtype=weight.dtype, device=weight.device)
-    # where, not a product: garbage (inf, nan) in masked taps must not leak as 0 * inf = nan.
-    return torch.where(m.bool(), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+def _masked_taps(weight_shape, mask_type, color_groups, dilation, height, width, device):
+    """The taps a masked convolution reads, each as (ky, kx, rows, cols, visible): for outputs at rows[0] x
+    cols[0] it reads inputs at rows[1] x cols[1] (the part of the shifted window inside the image), and
+    `visible` lists (output channels, n): those outputs see input channels [0, n) through the tap (the
+    mask's centre tap shows a prefix of the channel groups; the other visible taps show every channel)."""
+    c_out, c_in, k, _ = weight_shape
+    centre = k // 2
+    m = mask(k, mask_type, c_in, c_out, color_groups, dtype=torch.bool, device=device)
+    for ky in range(k):
+        for kx in range(k):
+            dy, dx = (ky - centre) * dilation, (kx - centre) * dilation
+            if not m[:, :, ky, kx].any() or abs(dy) >= height or abs(dx) >= width:
+                continue
+            rows = (slice(max(0, -dy), height - max(0, dy)), slice(max(0, dy), height - max(0, -dy)))
+            cols = (slice(max(0, -dx), width - max(0, dx)), slice(max(0, dx), width - max(0, -dx)))
+            seen = m[:, :, ky, kx].sum(1)  # a prefix of the input channels for each output channel
+            visible = [((seen == n).nonzero().flatten(), int(n)) for n in seen.unique().tolist() if n > 0]
+            yield rows, cols, visible, ky, kx
 
 
 def masked_conv2d(x, weight, bias=None, mask_type="A", color_groups=1, dilation=1):
-    """F.conv2d(x, weight * mask, bias) with 'same' padding; half types compute in float32."""
+    """F.conv2d(x, weight * mask, bias) with 'same' padding; half types compute in float32.
+
+    NaN rule: a masked tap and a tap position outside the image (the zero padding) are not read at all:
+    neither the weight there nor the input it would meet is multiplied in, so an inf or NaN in a masked
+    weight, or in an input that an output sees only through masked taps, never reaches that output (no
+    0 * inf). What a visible tap reads inside the image propagates as IEEE arithmetic has it."""
     dtype = x.dtype
-    if dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
-        x, weight = x.float(), weight.float()
-        bias = None if bias is None else bias.float()
-    k = weight.shape[-1]
-    y = F.conv2d(
-        x, _masked_weight(weight, mask_type, color_groups), bias, padding=padding(k, dilation), dilation=dilation
-    )
+    xc, w = _compute(x), _compute(weight)
+    B, _, H, W = x.shape
+    y = _zeros_on((B, weight.shape[0], H, W), xc, w)
+    for rows, cols, visible, ky, kx in _masked_taps(weight.shape, mask_type, color_groups, dilation, H, W, x.device):
+        for outs, n in visible:
+            contrib = torch.einsum("oi,bihw->bohw", w[outs, :n, ky, kx], xc[:, :n, rows[1], cols[1]])
+            y[:, outs, rows[0], cols[0]] += contrib
+    if bias is not None:
+        y = y + _compute(bias)[:, None, None]
     return y.to(dtype)
 
 
 def masked_conv2d_grad_input(grad_y, weight, input_shape, mask_type="A", color_groups=1, dilation=1):
-    """d/dx: the transposed convolution of grad_y with the masked weight."""
-    k = weight.shape[-1]
-    return torch.nn.grad.conv2d_input(
-        list(input_shape),
-        _masked_weight(weight, mask_type, color_groups),
-        grad_y,
-        padding=padding(k, dilation),
-        dilation=dilation,
-    )
+    """d/dx: the transposed convolution of grad_y with the visible taps only (masked_conv2d's NaN rule)."""
+    g, w = _compute(grad_y), _compute(weight)
+    B, c_in, H, W = input_shape
+    grad_x = g.new_zeros(B, c_in, H, W)
+    for rows, cols, visible, ky, kx in _masked_taps(weight.shape, mask_type, color_groups, dilation, H, W, g.device):
+        for outs, n in visible:
+            contrib = torch.einsum("oi,bohw->bihw", w[outs, :n, ky, kx], g[:, outs, rows[0], cols[0]])
+            grad_x[:, :n, rows[1], cols[1]] += contrib
+    return grad_x.to(grad_y.dtype)
 
 
 def masked_conv2d_grad_weight(grad_y, x, weight_shape, mask_type="A", color_groups=1, dilation=1):
-    """(d/dweight, d/dbias): the weight gradient is zero at masked taps, the bias gradient sums grad_y."""
-    c_out, c_in, k, _ = weight_shape
-    gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), grad_y, padding=padding(k, dilation), dilation=dilation)
-    m = mask(k, mask_type, c_in, c_out, color_groups, dtype=gw.dtype, device=gw.device)
-    return gw * m, grad_y.sum((0, 2, 3))
+    """(d/dweight, d/dbias): the weight gradient sums grad_y times the inputs each visible tap reads inside
+    the image, and is exactly zero at masked taps (never computed: a NaN in x or grad_y does not reach
+    them); the bias gradient sums grad_y."""
+    g, xc = _compute(grad_y), _compute(x)
+    _, _, H, W = x.shape
+    gw = g.new_zeros(weight_shape)
+    for rows, cols, visible, ky, kx in _masked_taps(weight_shape, mask_type, color_groups, dilation, H, W, g.device):
+        for outs, n in visible:
+            gw[outs, :n, ky, kx] = torch.einsum(
+                "bohw,bihw->oi", g[:, outs, rows[0], cols[0]], xc[:, :n, rows[1], cols[1]]
+            )
+    return gw.to(grad_y.dtype), g.sum((0, 2, 3)).to(grad_y.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,6 +264,10 @@ def masked_conv2d_grad_weight(grad_y, x, weight_shape, mask_type="A", color_grou
 # compared exactly. A sample therefore depends on (seed, offset, s) only, never on how many are drawn at once.
 #
 # Half types compute in float32, as the kernels do; random uniforms are exact (float64).
+#
+# NaN rule: x is binary, and a term with x_k = 0 is absent, not multiplied by 0: W[:, k] enters a_{k+1} (and
+# gets a gradient) only from the examples with x_k = 1, and log p adds l_i only where x_i = 1. So an inf or
+# NaN in W[:, k] reaches exactly the examples with x_k = 1; everything else propagates as IEEE has it.
 
 
 def _nade_compute(t: torch.Tensor) -> torch.Tensor:
@@ -223,9 +279,15 @@ def nade_logits(x, weight, c, v, b):
     V (D, H), b (D). The pre-activations a_i = c + sum_{k < i} W[:, k] x_k come from one exclusive cumulative
     sum over k, (B, H, D) in memory."""
     x, weight, c, v, b = (_nade_compute(t) for t in (x, weight, c, v, b))
-    steps = x[:, None, :] * weight[None]  # W[:, k] x_k, (B, H, D)
-    h = torch.sigmoid(c[None, :, None] + _sum_before(steps))
+    h = torch.sigmoid(c[None, :, None] + _sum_before(_steps(x, weight)))
     return b + torch.einsum("bhd,dh->bd", h, v)
+
+
+def _steps(x, weight):
+    """W[:, k] x_k as (B, H, D): W[:, k] where x_k = 1 and exactly 0 where x_k = 0 (NaN rule: a weight column
+    is added only for the dimensions that are on, so an inf or NaN in W[:, k] never meets x_k = 0)."""
+    on = (x != 0)[:, None, :]
+    return torch.where(on, weight[None] * x[:, None, :], torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
 def _sum_before(t: torch.Tensor) -> torch.Tensor:
@@ -236,7 +298,13 @@ def _sum_before(t: torch.Tensor) -> torch.Tensor:
 def nade_log_prob(x, weight, c, v, b):
     """log p(x) in nats, (B,), in the parameters' dtype (half types: computed in float32, rounded once)."""
     l = nade_logits(x, weight, c, v, b)
-    return (_nade_compute(x) * l - F.softplus(l)).sum(-1).to(weight.dtype)
+    return (_on(x, l) - F.softplus(l)).sum(-1).to(weight.dtype)
+
+
+def _on(x, t):
+    """x t for x of 0/1 values, exactly 0 where x = 0 (whatever t is there: inf or NaN included)."""
+    x = _nade_compute(x)
+    return torch.where(x != 0, x * t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def nade_sample(num_samples: int, weight, c, v, b, seed: int, offset: int = 0, first: int = 0):
@@ -255,7 +323,7 @@ def nade_sample(num_samples: int, weight, c, v, b, seed: int, offset: int = 0, f
     for i in range(dims):
         p = torch.sigmoid(b[i] + torch.sigmoid(a) @ v[i])
         x[:, i] = (twice_u[:, i] < p.to(torch.float64) * 2.0**25).to(weight.dtype)
-        a = a + x[:, i, None] * weight[:, i]
+        a = torch.where(x[:, i, None] != 0, a + weight[:, i], a)
     return x.to(dtype)
 
 
@@ -264,12 +332,13 @@ def nade_log_prob_backward(grad_out, x, weight, c, v, b):
     kernels compute (they run the recurrence backwards instead of holding (B, H, D) in memory)."""
     dtype = weight.dtype
     g, x, weight, c, v, b = (_nade_compute(t) for t in (grad_out, x, weight, c, v, b))
-    h = torch.sigmoid(c[None, :, None] + _sum_before(x[:, None, :] * weight[None]))  # h[n, :, i] = h_i
+    h = torch.sigmoid(c[None, :, None] + _sum_before(_steps(x, weight)))  # h[n, :, i] = h_i
     l = b + torch.einsum("bhd,dh->bd", h, v)
     delta = g[:, None] * (x - torch.sigmoid(l))  # dL/dl_i
     da = delta[:, None, :] * v.t()[None] * h * (1 - h)  # dL/da_i, (B, H, D)
     after = _sum_before(da.flip(-1)).flip(-1)  # sum over steps i > k
-    grads = (torch.einsum("bhd,bd->hd", after, x), da.sum((0, 2)), torch.einsum("bd,bhd->dh", delta, h), delta.sum(0))
+    grad_w = _on(x[:, None, :], after).sum(0)  # column k from the examples with x_k = 1 only
+    grads = (grad_w, da.sum((0, 2)), torch.einsum("bd,bhd->dh", delta, h), delta.sum(0))
     return tuple(t.to(dtype) for t in grads)
 
 
@@ -303,7 +372,12 @@ def gumbel(index: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
 
 
 def gumbel_argmax(logits: torch.Tensor, base: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
-    """Row n of logits (N, K) draws argmax_k logits[n, k] + gumbel(base[n] + k): (N,) int64."""
+    """Row n of logits (N, K) draws argmax_k logits[n, k] + gumbel(base[n] + k): (N,) int64.
+
+    Scored in float64 whatever the logits' dtype (float64 logits at their own precision: [1e8, 1e8 + 4] draws
+    1 about 98 % of the time). NaN rule: NaN is the maximum (torch.argmax's rule), so a row with a NaN logit
+    draws its first NaN level (the NaN is reported, never skipped); ties go to the lowest level; +inf beats
+    every finite score and a row of -inf only draws level 0."""
     k = torch.arange(logits.shape[-1], dtype=torch.int64, device=logits.device)
     noise = gumbel(base.to(torch.int64).unsqueeze(-1) + k, seed, offset)
     return (logits.to(torch.float64) + noise).argmax(dim=-1)

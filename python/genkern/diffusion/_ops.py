@@ -244,7 +244,7 @@ def diffusion_loss(
     levels = _levels(table, t, x0)
     eps = _eager_noise(noise, to_unsigned(seed), to_unsigned(offset), x0)
     diff = _eager_target(x0.to(eps.dtype), eps, levels, prediction) - model_output.to(eps.dtype)
-    per_sample = (diff * diff).reshape(x0.shape[0], -1).mean(dim=1).nan_to_num(0.0)
+    per_sample = ref.per_sample_mean(diff * diff)  # NaN and inf propagate; an empty sample's mean is 0
     return (per_sample * _eager_weight(levels, snr_gamma or 0.0, prediction)).to(x0.dtype)
 
 

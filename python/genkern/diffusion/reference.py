@@ -397,6 +397,22 @@ def _per_sample(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
+def per_sample_mean(x: Tensor) -> Tensor:
+    """(B, ...) -> (B,): each sample's mean over its non-batch dims, 0 for a sample with no elements (and a
+    (0,) tensor for an empty batch). NaN and inf propagate (nothing is replaced: the spec must not hide them)."""
+    n = math.prod(x.shape[1:])
+    return _per_sample(x).sum(dim=1) / max(n, 1)
+
+
+def _fresh(x: Tensor, *inputs: Tensor | None) -> Tensor:
+    """x, or a copy when it shares memory with one of the inputs: an op's outputs are new tensors (torch's
+    custom-op rules reject an output aliasing an input), e.g. x0_hat = model_output for prediction 'sample'."""
+    ptr = x.untyped_storage().data_ptr()
+    if any(t is not None and t.untyped_storage().data_ptr() == ptr for t in inputs):
+        return x.clone()
+    return x
+
+
 def alpha_bar(schedule: NoiseSchedule, t, device=None) -> Tensor:
     """alpha-bar_t in float64 for t an int or an integer tensor ((), (B,)) in [-1, T) (-1: the final alpha)."""
     if isinstance(t, Tensor):
@@ -602,13 +618,18 @@ def diffusion_loss(
     """The simplified loss: per sample, the mean over non-batch dims of (target - model_output)^2, with target
     eps, v or x0 by `prediction_type` (eps = `noise` or the stream's normals for (seed, offset) over x0's
     shape: those q_sample used to make the model's input), times the min-SNR-gamma weight when `snr_gamma`
-    is set. reduction='mean': the mean over the batch (a 0-dim tensor); 'none': the (B,) per-sample losses."""
+    is set. reduction='mean': the mean over the batch (a 0-dim tensor); 'none': the (B,) per-sample losses.
+
+    Non-finite values are never hidden: a NaN or inf in a sample's model output, x0 or noise makes that
+    sample's loss NaN or inf (and the mean's), and a squared error that overflows is inf. A sample with no
+    elements (x0 of shape (B, 0, ...)) has loss 0, the value of an empty sum, and an empty batch (B = 0)
+    gives a (0,) tensor, whose mean (reduction='mean') is NaN as torch's mean of nothing is."""
     check_loss_args(model_output, x0, t, schedule, noise, seed, offset, prediction_type, snr_gamma, reduction)
     dtype, x, m = x0.dtype, _compute(x0), _compute(model_output)
     eps = _noise(noise, seed, offset, x.shape, x)
     ab = alpha_bar(schedule, _timestep(t, x.device))
     target = loss_target(x, eps, ab, prediction_type)
-    per_sample = _per_sample((target - m) ** 2).mean(dim=1)
+    per_sample = per_sample_mean((target - m) ** 2)
     if snr_gamma is not None:
         weight = min_snr_weight(ab, prediction_type, float(snr_gamma)).to(per_sample.dtype)
         per_sample = per_sample * weight
@@ -721,7 +742,7 @@ def ddpm_update(
     noisy = noisy.to(x.device)
     noisy = noisy.reshape(-1, *([1] * (x.dim() - 1))) if noisy.dim() == 1 else noisy
     prev = torch.where(noisy, mean + std * z, mean)
-    return prev.to(dtype), x0.to(dtype)
+    return _fresh(prev.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample)
 
 
 def ddim_step(
@@ -823,4 +844,4 @@ def ddim_update(
     prev = _coef(coef["x0_coef"], x) * x0 + _coef(coef["eps_coef"], x) * eps
     if eta > 0:
         prev = prev + _coef(coef["sigma"], x) * _noise(noise, seed, offset, x.shape, x)
-    return prev.to(dtype), x0.to(dtype)
+    return _fresh(prev.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample)
