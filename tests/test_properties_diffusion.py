@@ -193,12 +193,7 @@ def _step_setup(data, extreme, kind):
     learned = kind == "ddpm" and data.draw(st.booleans(), label="learned_range")
     schedule, dtype, shape, t = _setup(data, extreme, channels=learned)
     threshold = data.draw(st.sampled_from(("none", "clip", "dynamic")), label="threshold")
-    # KNOWN DEFECT (issue 16, found here): the cpu backend's dynamic-threshold pre-pass (genkern/diffusion/
-    # _ops.py, _quantile_rows, by torch.kthvalue) skips a NaN in x0_hat unless the order statistic lands on it,
-    # so the rest of the sample comes out finite; the reference's torch.quantile makes q, hence the whole
-    # sample, NaN. Until the pre-pass gives q = NaN for a row holding a NaN, the inputs of dynamically
-    # thresholded steps get finite extremes only (+-1e30, subnormals: no inf or NaN, which make NaN in x0_hat).
-    finite = threshold == "dynamic"
+    finite = False
     sample = tensor(data, shape, dtype, label="sample", extreme=extreme, finite=finite)
     guidance = data.draw(st.sampled_from((None, 1.0, 7.5, -2.0)), label="guidance_scale")
     rescale = data.draw(st.sampled_from((0.0, 0.7, 1.0)), label="guidance_rescale") if guidance is not None else 0.0

@@ -486,14 +486,16 @@ def _rescale_factors(
 
 
 def _quantile_rows(x: Tensor, q: float) -> Tensor:
-    """torch.quantile(x, q, dim=1) (linear interpolation) by two selections, without quantile's size limit."""
+    """torch.quantile(x, q, dim=1) (linear interpolation) by two selections, without quantile's size limit.
+    A row holding a NaN has a NaN quantile, as torch.quantile gives (kthvalue alone would skip it)."""
     n = x.shape[1]
     pos = q * (n - 1)
     lo = int(math.floor(pos))
     hi = min(lo + 1, n - 1)
     below = torch.kthvalue(x, lo + 1, dim=1).values
     above = torch.kthvalue(x, hi + 1, dim=1).values if hi != lo else below
-    return torch.lerp(below, above, pos - lo)
+    quantile = torch.lerp(below, above, pos - lo)
+    return torch.where(x.isnan().any(dim=1), torch.nan, quantile)
 
 
 def _dynamic_thresholds(
