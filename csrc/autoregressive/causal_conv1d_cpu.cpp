@@ -222,14 +222,22 @@ struct UpdateKernel {
   }
 };
 
+// The gate's work items: f(o, j0, j1) for positions j0 .. j1 - 1 (a chunk) of row o, in parallel.
+template <typename F>
+void for_each_gate_chunk(int64_t outer, int64_t inner, F f) {
+  const int64_t nt = tiles(inner);
+  cpu::parallel_for(outer * nt, [&](int64_t item) {
+    const int64_t o = item / nt, j0 = (item % nt) * kChunk;
+    f(o, j0, std::min(inner, j0 + kChunk));
+  });
+}
+
 template <typename T>
 struct GatedKernel {
   static void run(const GatedArgs& a) {
     const T* x = static_cast<const T*>(a.x);
     T* y = static_cast<T*>(a.y);
-    const int64_t nt = tiles(a.inner);
-    cpu::parallel_for(a.outer * nt, [&](int64_t item) {
-      const int64_t o = item / nt, j0 = (item % nt) * kChunk, j1 = std::min(a.inner, j0 + kChunk);
+    for_each_gate_chunk(a.outer, a.inner, [&](int64_t o, int64_t j0, int64_t j1) {
       const T* gate_a = x + o * 2 * a.inner;
       const T* gate_b = gate_a + a.inner;
       T* out = y + o * a.inner;
@@ -245,9 +253,7 @@ struct GatedBackwardKernel {
     const T* g = static_cast<const T*>(a.grad_y);
     const T* x = static_cast<const T*>(a.x);
     T* gx = static_cast<T*>(a.grad_x);
-    const int64_t nt = tiles(a.inner);
-    cpu::parallel_for(a.outer * nt, [&](int64_t item) {
-      const int64_t o = item / nt, j0 = (item % nt) * kChunk, j1 = std::min(a.inner, j0 + kChunk);
+    for_each_gate_chunk(a.outer, a.inner, [&](int64_t o, int64_t j0, int64_t j1) {
       const T* xa = x + o * 2 * a.inner;
       const T* xb = xa + a.inner;
       T* ga = gx + o * 2 * a.inner;

@@ -31,6 +31,10 @@ Shape param_shape(const Array& w, const Array& c, const Array& v, const Array& b
   return s;
 }
 
+Params params_of(const Array& w, const Array& c, const Array& v, const Array& b) {
+  return Params{w.raw(), c.raw(), v.raw(), b.raw()};
+}
+
 Shape data_shape(const Array& x, const Array& w, const Array& c, const Array& v, const Array& b) {
   if (x.ndim() != 2) throw ValueError("x must have shape (B, D)");
   const Shape s = param_shape(w, c, v, b, x.shape[0]);
@@ -44,7 +48,7 @@ void log_prob_entry(const Array& x, const Array& w, const Array& c, const Array&
   const Shape s = data_shape(x, w, c, v, b);
   check_numel(out, s.batch, "out");
   if (s.batch == 0) return;
-  const LogProbArgs args{x.raw(), w.raw(), c.raw(), v.raw(), b.raw(), out.raw(), s, w.dtype};
+  const LogProbArgs args{x.raw(), params_of(w, c, v, b), out.raw(), s, w.dtype};
   run_on_device(w, args, stream, log_prob_cpu, GK_CUDA(log_prob_cuda));
 }
 
@@ -59,8 +63,9 @@ void log_prob_backward_entry(const Array& grad_out, const Array& x, const Array&
   check_numel(grad_c, c.numel(), "grad_c");
   check_numel(grad_v, v.numel(), "grad_v");
   check_numel(grad_b, b.numel(), "grad_b");
-  const LogProbBackwardArgs args{grad_out.raw(), x.raw(),      w.raw(),      c.raw(),      v.raw(), b.raw(),
-                                 grad_w.raw(),   grad_c.raw(), grad_v.raw(), grad_b.raw(), s,       w.dtype};
+  const LogProbBackwardArgs args{grad_out.raw(), x.raw(),      params_of(w, c, v, b), grad_w.raw(),
+                                 grad_c.raw(),   grad_v.raw(), grad_b.raw(),          s,
+                                 w.dtype};
   // An empty batch still owes zero gradients: the kernels write them.
   prepare_output(grad_w);
   prepare_output(grad_v);
@@ -79,7 +84,7 @@ void sample_entry(const Array& w, const Array& c, const Array& v, const Array& b
   if (first > kMax - n || first + n > kMax / d)
     throw ValueError("first: (first + n) * D must stay below 2^63 (the stream index of the last draw)");
   if (out.numel() == 0) return;
-  const SampleArgs args{w.raw(), c.raw(), v.raw(), b.raw(), out.raw(), s, seed, offset, first, w.dtype};
+  const SampleArgs args{params_of(w, c, v, b), out.raw(), s, seed, offset, first, w.dtype};
   run_on_device(w, args, stream, sample_cpu, GK_CUDA(sample_cuda));
 }
 

@@ -13,14 +13,19 @@ struct Shape {
   int64_t hidden;  // H
 };
 
+// The model's parameters; their gradients (LogProbBackwardArgs) have the same shapes.
+struct Params {
+  const void* w;  // (H, D)
+  const void* c;  // (H)
+  const void* v;  // (D, H)
+  const void* b;  // (D)
+};
+
 // out[n] = log p(x[n]) in nats, x (B, D) with entries 0 or 1 (the formula is evaluated for any values).
 // Nothing is saved: backward recomputes the recurrence.
 struct LogProbArgs {
   const void* x;
-  const void* w;
-  const void* c;
-  const void* v;
-  const void* b;
+  Params params;
   void* out;
   Shape shape;
   DType dtype;
@@ -31,10 +36,7 @@ struct LogProbArgs {
 struct LogProbBackwardArgs {
   const void* grad_out;
   const void* x;
-  const void* w;
-  const void* c;
-  const void* v;
-  const void* b;
+  Params params;
   void* grad_w;
   void* grad_c;
   void* grad_v;
@@ -46,10 +48,7 @@ struct LogProbBackwardArgs {
 // out (n, D): samples first .. first + n - 1 of the model, dimension i of sample s drawn from stream
 // element s * D + i of (seed, offset) as x_i = 1 iff u < p(x_i = 1 | x_<i).
 struct SampleArgs {
-  const void* w;
-  const void* c;
-  const void* v;
-  const void* b;
+  Params params;
   void* out;
   Shape shape;
   uint64_t seed, offset, first;

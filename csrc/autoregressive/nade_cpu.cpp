@@ -82,12 +82,12 @@ struct Model {
   const T* b;
   int64_t dims, hidden;
 
-  Model(const void* w, const void* c_, const void* v_, const void* b_, const Shape& s)
-      : wt_owner(transposed(static_cast<const T*>(w), s.hidden, s.dims)),
+  Model(const Params& p, const Shape& s)
+      : wt_owner(transposed(static_cast<const T*>(p.w), s.hidden, s.dims)),
         wt(wt_owner.get()),
-        c(static_cast<const T*>(c_)),
-        v(static_cast<const T*>(v_)),
-        b(static_cast<const T*>(b_)),
+        c(static_cast<const T*>(p.c)),
+        v(static_cast<const T*>(p.v)),
+        b(static_cast<const T*>(p.b)),
         dims(s.dims),
         hidden(s.hidden) {}
 
@@ -133,7 +133,7 @@ template <typename T>
 struct LogProbKernel {
   static void run(const LogProbArgs& args) {
     const Shape& s = args.shape;
-    const Model<T> m(args.w, args.c, args.v, args.b, s);
+    const Model<T> m(args.params, s);
     const T* x = static_cast<const T*>(args.x);
     T* out = static_cast<T*>(args.out);
     cpu::parallel_for((s.batch + kTile - 1) / kTile, [&](int64_t tile) {
@@ -221,7 +221,7 @@ struct LogProbBackwardKernel {
       std::fill(grad_c, grad_c + H, T(0));
       return;
     }
-    const Model<T> m(args.w, args.c, args.v, args.b, s);
+    const Model<T> m(args.params, s);
     const T* x = static_cast<const T*>(args.x);
     const T* g = static_cast<const T*>(args.grad_out);
     const int64_t slots = slot_count(s, sizeof(T));
@@ -271,7 +271,7 @@ template <typename T>
 struct SampleKernel {
   static void run(const SampleArgs& args) {
     const Shape& s = args.shape;
-    const Model<T> m(args.w, args.c, args.v, args.b, s);
+    const Model<T> m(args.params, s);
     T* out = static_cast<T*>(args.out);
     cpu::parallel_for((s.batch + kTile - 1) / kTile, [&](int64_t tile) {
       const int64_t n0 = tile * kTile;

@@ -21,18 +21,14 @@
 
 #include "autoregressive/causal_conv1d.h"
 #include "autoregressive/causal_conv1d_math.h"
-#include "core/dtype.cuh"
+#include "core/launch.cuh"
 #include "core/reduce.cuh"
 
 namespace gk {
 namespace causal_conv1d {
 namespace {
 
-using gpu::ceil_div;
-using gpu::divmod;
-using gpu::compute_t;
-using gpu::load;
-using gpu::store;
+using namespace gpu::common;
 
 constexpr int kThreads = 256;
 constexpr int kPer = 4;  // positions per thread, depthwise kernels
@@ -209,34 +205,20 @@ void launch_conv(const ConvShape& s, const In* in, const S* w, const S* bias, Ep
                  const char* what) {
   if (s.depthwise) {
     const int64_t items = s.batch * s.c_out * ceil_div(s.length, kPer);
-    depthwise_kernel<S, In, Transposed, Epi>
-        <<<gpu::grid_for(ceil_div(items, kThreads)), kThreads, 0, stream>>>(in, w, bias, s, epi);
+    gpu::launch_items(what, depthwise_kernel<S, In, Transposed, Epi>, items, kThreads, stream, in, w, bias, s, epi);
   } else {
     const int64_t n_out = Transposed ? s.c_in : s.c_out;
     const int64_t items = s.batch * ceil_div(n_out, kTileQ) * ceil_div(s.length, kTileL);
-    full_kernel<S, In, Transposed, Epi><<<gpu::grid_for(items), kThreads, 0, stream>>>(in, w, bias, s, epi);
+    gpu::launch(what, full_kernel<S, In, Transposed, Epi>, gpu::grid_for(items), kThreads, 0, stream, in, w, bias, s,
+                epi);
   }
-  gpu::check_launch(what);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Weight and bias gradients: segment sums, then the segments added in order.
 
-// Stream-ordered scratch (no host synchronisation), freed on every exit path.
-template <typename T>
-struct AsyncBuffer {
-  T* data = nullptr;
-  cudaStream_t stream;
-  AsyncBuffer(int64_t count, cudaStream_t s, const char* what) : stream(s) {
-    if (count > 0)
-      gpu::check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&data), sizeof(T) * count, s), what);
-  }
-  ~AsyncBuffer() {
-    if (data) cudaFreeAsync(data, stream);
-  }
-  AsyncBuffer(const AsyncBuffer&) = delete;
-  AsyncBuffer& operator=(const AsyncBuffer&) = delete;
-};
+// Scratch comes from gpu::AsyncBuffer: stream-ordered, freed on every exit path.
+using gpu::AsyncBuffer;
 
 struct Segments {
   int64_t count, length;  // count segments of `length` positions (the last may be shorter)
@@ -264,8 +246,8 @@ __global__ void __launch_bounds__(kThreads) sum_segments_kernel(const compute_t<
 
 template <typename S>
 void sum_segments(const compute_t<S>* partial, int64_t segs, int64_t count, S* out, cudaStream_t stream) {
-  sum_segments_kernel<S><<<gpu::grid_for(ceil_div(count, kThreads)), kThreads, 0, stream>>>(partial, segs, count, out);
-  gpu::check_launch("causal_conv1d.backward (segment sums)");
+  gpu::launch_items("causal_conv1d.backward (segment sums)", sum_segments_kernel<S>, count, kThreads, stream, partial,
+                    segs, count, out);
 }
 
 // A block per (channel c, segment): partial_w[seg][c][k] = sum of gz[b, c, l] x[b, c, l - shift_k] over the
@@ -402,9 +384,9 @@ void conv_grads(const ConvBackwardArgs& a, const G* gz, cudaStream_t stream) {
     AsyncBuffer<C> partial_b(grad_b ? segs.count * s.c_out : 0, stream, "causal_conv1d.backward: cudaMallocAsync");
     const unsigned grid = gpu::grid_for(s.c_out * segs.count);
     for (int64_t k0 = 0; k0 < std::max<int64_t>(taps, 1); k0 += kTapsPerPass) {
-      channel_grad_kernel<S, G><<<grid, kThreads, 0, stream>>>(gz, x, s.batch, s.c_out, s.length, taps, s.dilation, k0,
-                                                               segs, partial_w.data, k0 == 0 ? partial_b.data : nullptr);
-      gpu::check_launch("causal_conv1d.backward (channel sums)");
+      gpu::launch("causal_conv1d.backward (channel sums)", channel_grad_kernel<S, G>, grid, kThreads, 0, stream, gz, x,
+                  s.batch, s.c_out, s.length, taps, s.dilation, k0, segs, partial_w.data,
+                  k0 == 0 ? partial_b.data : nullptr);
     }
     if (taps > 0) sum_segments<S>(partial_w.data, segs.count, s.c_out * taps, grad_w, stream);
     if (grad_b) sum_segments<S>(partial_b.data, segs.count, s.c_out, grad_b, stream);
@@ -413,9 +395,8 @@ void conv_grads(const ConvBackwardArgs& a, const G* gz, cudaStream_t stream) {
     const int64_t pairs = s.c_in * s.k, tiles = ceil_div(s.c_out, kTileO) * ceil_div(pairs, kTileP);
     const Segments segs = segments_for(n, tiles, kChunkL);
     AsyncBuffer<C> partial(segs.count * w_numel, stream, "causal_conv1d.backward: cudaMallocAsync");
-    full_grad_weight_kernel<S, G><<<gpu::grid_for(tiles * segs.count), kThreads, 0, stream>>>(gz, x, s, segs,
-                                                                                              partial.data);
-    gpu::check_launch("causal_conv1d.backward (grad_weight)");
+    gpu::launch("causal_conv1d.backward (grad_weight)", full_grad_weight_kernel<S, G>,
+                gpu::grid_for(tiles * segs.count), kThreads, 0, stream, gz, x, s, segs, partial.data);
     sum_segments<S>(partial.data, segs.count, w_numel, grad_w, stream);
   }
 }
@@ -485,17 +466,24 @@ __global__ void __launch_bounds__(kThreads) shift_state_kernel(S* state, const S
 // ---------------------------------------------------------------------------------------------------------
 // The gate, over x viewed as (outer, 2, inner)
 
+// A thread per group of 4 positions: f(o, j0, count) for positions j0 .. j0 + count - 1 of row o.
+template <typename F>
+__device__ __forceinline__ void for_each_gate_group(int64_t outer, int64_t inner, F f) {
+  const int64_t groups = ceil_div(inner, 4), items = outer * groups;
+  for (int64_t item = gpu::thread_index(); item < items; item += gpu::thread_count()) {
+    int64_t o, g;
+    divmod(item, groups, o, g);
+    const int64_t j0 = 4 * g;
+    f(o, j0, static_cast<int>(min(int64_t(4), inner - j0)));
+  }
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kThreads) gated_kernel(GatedArgs a) {
   using C = compute_t<S>;
   const S* x = static_cast<const S*>(a.x);
   S* y = static_cast<S*>(a.y);
-  const int64_t groups = ceil_div(a.inner, 4), items = a.outer * groups;
-  for (int64_t item = gpu::thread_index(); item < items; item += gpu::thread_count()) {
-    int64_t o, g;
-    divmod(item, groups, o, g);
-    const int64_t j0 = 4 * g;
-    const int count = static_cast<int>(min(int64_t(4), a.inner - j0));
+  for_each_gate_group(a.outer, a.inner, [&](int64_t o, int64_t j0, int count) {
     const S* xa = x + o * 2 * a.inner;
     C va[4], vb[4], out[4];
     gpu::load4(xa, j0, count, va);
@@ -503,7 +491,7 @@ __global__ void __launch_bounds__(kThreads) gated_kernel(GatedArgs a) {
 #pragma unroll
     for (int l = 0; l < 4; ++l) out[l] = gated(va[l], vb[l]);
     gpu::store4(y + o * a.inner, j0, count, out);
-  }
+  });
 }
 
 template <typename S>
@@ -512,12 +500,7 @@ __global__ void __launch_bounds__(kThreads) gated_backward_kernel(GatedBackwardA
   const S* grad_y = static_cast<const S*>(a.grad_y);
   const S* x = static_cast<const S*>(a.x);
   S* grad_x = static_cast<S*>(a.grad_x);
-  const int64_t groups = ceil_div(a.inner, 4), items = a.outer * groups;
-  for (int64_t item = gpu::thread_index(); item < items; item += gpu::thread_count()) {
-    int64_t o, g;
-    divmod(item, groups, o, g);
-    const int64_t j0 = 4 * g;
-    const int count = static_cast<int>(min(int64_t(4), a.inner - j0));
+  for_each_gate_group(a.outer, a.inner, [&](int64_t o, int64_t j0, int count) {
     const S* xa = x + o * 2 * a.inner;
     C va[4], vb[4], go[4], da[4], db[4];
     gpu::load4(xa, j0, count, va);
@@ -532,13 +515,13 @@ __global__ void __launch_bounds__(kThreads) gated_backward_kernel(GatedBackwardA
     S* ga = grad_x + o * 2 * a.inner;
     gpu::store4(ga, j0, count, da);
     gpu::store4(ga + a.inner, j0, count, db);
-  }
+  });
 }
 
 }  // namespace
 
 void conv_cuda(const ConvArgs& a, void* stream) {
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const cudaStream_t st = gpu::as_stream(stream);
   gpu::dispatch_float(a.dtype, "causal_conv1d.forward", [&](auto type) {
     using S = typename decltype(type)::type;
     with_activation(a.activation, [&](auto act) {
@@ -551,7 +534,7 @@ void conv_cuda(const ConvArgs& a, void* stream) {
 }
 
 void conv_backward_cuda(const ConvBackwardArgs& a, void* stream) {
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const cudaStream_t st = gpu::as_stream(stream);
   const ConvShape& s = a.shape;
   gpu::dispatch_float(a.dtype, "causal_conv1d.backward", [&](auto type) {
     using S = typename decltype(type)::type;
@@ -576,7 +559,7 @@ void conv_backward_cuda(const ConvBackwardArgs& a, void* stream) {
 }
 
 void update_cuda(const UpdateArgs& a, void* stream) {
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const cudaStream_t st = gpu::as_stream(stream);
   const ConvShape& s = a.shape;
   gpu::dispatch_float(a.dtype, "causal_conv1d.update", [&](auto type) {
     using S = typename decltype(type)::type;
@@ -584,38 +567,29 @@ void update_cuda(const UpdateArgs& a, void* stream) {
     if (s.c_out > 0) {
       with_activation(a.activation, [&](auto act) {
         constexpr int Act = decltype(act)::value;
-        update_kernel<S, Act><<<gpu::grid_for(ceil_div(s.batch * s.c_out, kThreads)), kThreads, 0, st>>>(a);
+        gpu::launch_items("causal_conv1d.update", update_kernel<S, Act>, s.batch * s.c_out, kThreads, st, a);
       });
-      gpu::check_launch("causal_conv1d.update");
     }
     const int64_t rows = s.batch * s.c_in, width = a.state_len;
     if (rows == 0 || width == 0) return;
     const int64_t rows_per_block = std::max<int64_t>(1, int64_t(kThreads) * kShiftPer / width);
-    shift_state_kernel<S><<<gpu::grid_for(ceil_div(rows, rows_per_block)), kThreads, 0, st>>>(
-        static_cast<S*>(a.state), static_cast<const S*>(a.x), rows, width, rows_per_block);
-    gpu::check_launch("causal_conv1d.update (state shift)");
+    gpu::launch("causal_conv1d.update (state shift)", shift_state_kernel<S>,
+                gpu::grid_for(ceil_div(rows, rows_per_block)), kThreads, 0, st, static_cast<S*>(a.state),
+                static_cast<const S*>(a.x), rows, width, rows_per_block);
   });
 }
 
 void gated_cuda(const GatedArgs& a, void* stream) {
-  const int64_t items = a.outer * ceil_div(a.inner, 4);
-  if (items == 0) return;
-  gpu::dispatch_float(a.dtype, "causal_conv1d.gated", [&](auto type) {
-    using S = typename decltype(type)::type;
-    gated_kernel<S><<<gpu::grid_for(ceil_div(items, kThreads)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
-    gpu::check_launch("causal_conv1d.gated");
-  });
+  gpu::launch_typed(
+      a.dtype, "causal_conv1d.gated", [](auto type) { return gated_kernel<typename decltype(type)::type>; },
+      a.outer * ceil_div(a.inner, 4), kThreads, stream, a);
 }
 
 void gated_backward_cuda(const GatedBackwardArgs& a, void* stream) {
-  const int64_t items = a.outer * ceil_div(a.inner, 4);
-  if (items == 0) return;
-  gpu::dispatch_float(a.dtype, "causal_conv1d.gated_backward", [&](auto type) {
-    using S = typename decltype(type)::type;
-    gated_backward_kernel<S>
-        <<<gpu::grid_for(ceil_div(items, kThreads)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
-    gpu::check_launch("causal_conv1d.gated_backward");
-  });
+  gpu::launch_typed(
+      a.dtype, "causal_conv1d.gated_backward",
+      [](auto type) { return gated_backward_kernel<typename decltype(type)::type>; }, a.outer * ceil_div(a.inner, 4),
+      kThreads, stream, a);
 }
 
 }  // namespace causal_conv1d

@@ -23,17 +23,14 @@
 #include <type_traits>
 
 #include "autoregressive/masked_conv_math.h"
-#include "core/dtype.cuh"
+#include "core/launch.cuh"
 #include "autoregressive/masked_conv.h"
 
 namespace gk {
 namespace masked_conv {
 namespace {
 
-using gpu::ceil_div;
-using gpu::compute_t;
-using gpu::load;
-using gpu::store;
+using namespace gpu::common;
 
 constexpr int kThreads = 256;
 
@@ -261,8 +258,7 @@ void launch_direct(Direct<S> a, cudaStream_t stream, const char* what) {
     if (bytes(stage) > limit || tiles_w * out_blocks > INT32_MAX) {
       const dim3 grid(grid_dim(ceil_div(a.width, kThreads), INT32_MAX), grid_dim(a.height, kMaxGridYZ),
                       grid_dim(a.outputs, kMaxGridYZ));
-      direct_global_kernel<S, Transposed><<<grid, kThreads, 0, stream>>>(a);
-      gpu::check_launch(what);
+      gpu::launch(what, direct_global_kernel<S, Transposed>, grid, kThreads, 0, stream, a);
       return;
     }
     a.stage = stage;
@@ -277,8 +273,7 @@ void launch_direct(Direct<S> a, cudaStream_t stream, const char* what) {
                       what);
     const dim3 grid(grid_dim(tiles_w * out_blocks, INT32_MAX), grid_dim(ceil_div(a.height, kTileH), kMaxGridYZ),
                     grid_dim(a.images, kMaxGridYZ));
-    kernel<<<grid, kThreads, shared, stream>>>(a);
-    gpu::check_launch(what);
+    gpu::launch(what, kernel, grid, kThreads, shared, stream, a);
   };
   // Few output channels (a last layer to RGB logits, say) would leave most of a 32-channel block idle;
   // float64 accumulators take two registers each, so there a thread keeps 4 channels, not 8.
@@ -463,21 +458,21 @@ __global__ void __launch_bounds__(kThreads) weight_grad_finish_kernel(WeightGrad
 void forward_cuda(const ForwardArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "masked_conv.forward", [&](auto type) {
     using S = typename decltype(type)::type;
-    launch_direct<S, false>(direct_args<S>(a.s, a.x, a.weight, a.bias, a.y, false),
-                            static_cast<cudaStream_t>(stream), "masked_conv.forward");
+    launch_direct<S, false>(direct_args<S>(a.s, a.x, a.weight, a.bias, a.y, false), gpu::as_stream(stream),
+                            "masked_conv.forward");
   });
 }
 
 void grad_input_cuda(const GradInputArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "masked_conv.grad_input", [&](auto type) {
     using S = typename decltype(type)::type;
-    launch_direct<S, true>(direct_args<S>(a.s, a.grad_y, a.weight, nullptr, a.grad_x, true),
-                           static_cast<cudaStream_t>(stream), "masked_conv.grad_input");
+    launch_direct<S, true>(direct_args<S>(a.s, a.grad_y, a.weight, nullptr, a.grad_x, true), gpu::as_stream(stream),
+                           "masked_conv.grad_input");
   });
 }
 
 void grad_weight_cuda(const GradWeightArgs& a, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const cudaStream_t s = gpu::as_stream(stream);
   const ConvShape& sh = a.s;
   gpu::dispatch_float(a.dtype, "masked_conv.grad_weight", [&](auto type) {
     using S = typename decltype(type)::type;
@@ -514,19 +509,15 @@ void grad_weight_cuda(const GradWeightArgs& a, void* stream) {
     const int64_t weight_partials = w.chunks * sh.out_channels * w.columns;
     const int64_t bias_partials = a.grad_bias ? w.chunks * sh.out_channels : 0;
     // Stream-ordered scratch: no host synchronisation.
-    C* scratch = nullptr;
-    gpu::check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&scratch),
-                                    sizeof(C) * (weight_partials + bias_partials), s),
-                    "masked_conv.grad_weight: cudaMallocAsync");
-    w.partial = scratch;
-    w.bias_partial = a.grad_bias ? scratch + weight_partials : nullptr;
-    weight_grad_kernel<S><<<gpu::grid_for(w.chunks * w.m_tiles * w.n_tiles), kThreads, 0, s>>>(w);
-    gpu::check_launch("masked_conv.grad_weight");
+    gpu::AsyncBuffer<C> scratch(weight_partials + bias_partials, s, "masked_conv.grad_weight: cudaMallocAsync");
+    w.partial = scratch.data;
+    w.bias_partial = a.grad_bias ? scratch.data + weight_partials : nullptr;
+    gpu::launch("masked_conv.grad_weight", weight_grad_kernel<S>, gpu::grid_for(w.chunks * w.m_tiles * w.n_tiles),
+                kThreads, 0, s, w);
     const int64_t outputs = sh.out_channels * sh.in_channels * k * k + (a.grad_bias ? sh.out_channels : 0);
-    weight_grad_finish_kernel<S><<<gpu::grid_for(ceil_div(outputs, kThreads)), kThreads, 0, s>>>(
-        w, static_cast<S*>(a.grad_weight), static_cast<S*>(a.grad_bias), sh.mask_b, sh.groups);
-    gpu::check_launch("masked_conv.grad_weight (finish)");
-    gpu::check_cuda(cudaFreeAsync(scratch, s), "masked_conv.grad_weight: cudaFreeAsync");
+    gpu::launch_items("masked_conv.grad_weight (finish)", weight_grad_finish_kernel<S>, outputs, kThreads, s, w,
+                      static_cast<S*>(a.grad_weight), static_cast<S*>(a.grad_bias), sh.mask_b, sh.groups);
+    scratch.release("masked_conv.grad_weight: cudaFreeAsync");
   });
 }
 

@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "autoregressive/nade_math.h"
-#include "core/dtype.cuh"
+#include "core/launch.cuh"
 #include "autoregressive/nade.h"
 #include "core/reduce.cuh"
 
@@ -23,10 +23,8 @@ namespace gk {
 namespace nade {
 namespace {
 
-using gpu::ceil_div;
-using gpu::compute_t;
-using gpu::load;
-using gpu::store;
+using namespace gpu::common;
+using gpu::AsyncBuffer;
 
 // Threads per block when H > 32; each owns up to kMaxPer units in registers, more live in global scratch.
 constexpr int kThreads = 128;
@@ -267,23 +265,6 @@ __global__ void __launch_bounds__(256) transpose_kernel(const S* in, S* out, int
 }
 
 // Stream-ordered device memory for one call, freed (in stream order) when the call's kernels are queued.
-struct Scratch {
-  void* ptr = nullptr;
-  cudaStream_t stream;
-  Scratch(int64_t bytes, cudaStream_t s, const char* what) : stream(s) {
-    if (bytes > 0) gpu::check_cuda(cudaMallocAsync(&ptr, static_cast<size_t>(bytes), s), what);
-  }
-  ~Scratch() {
-    if (ptr) cudaFreeAsync(ptr, stream);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr);
-  }
-};
-
 // Threads per block, and units per thread in registers (0: in global scratch).
 struct Config {
   int threads, per;
@@ -312,15 +293,13 @@ void with_per(int per, Fn fn) {
 
 // W^T into fresh scratch, and the model view over it.
 template <typename S>
-Net<S> transposed_net(const void* w, const void* c, const void* v, const void* b, const Shape& s, const Scratch& wt,
-                      cudaStream_t stream) {
+Net<S> transposed_net(const Params& p, const Shape& s, S* wt, cudaStream_t stream) {
   if (s.dims * s.hidden > 0) {
     const int64_t tiles = ceil_div(s.hidden, 32) * ceil_div(s.dims, 32);
-    transpose_kernel<S><<<gpu::grid_for(tiles), dim3(32, 8), 0, stream>>>(static_cast<const S*>(w), wt.as<S>(),
-                                                                          s.hidden, s.dims);
-    gpu::check_launch("nade: transpose");
+    gpu::launch("nade: transpose", transpose_kernel<S>, gpu::grid_for(tiles), dim3(32, 8), 0, stream,
+                static_cast<const S*>(p.w), wt, s.hidden, s.dims);
   }
-  return Net<S>{wt.as<S>(), static_cast<const S*>(c), static_cast<const S*>(v), static_cast<const S*>(b), s.dims,
+  return Net<S>{wt,      static_cast<const S*>(p.c), static_cast<const S*>(p.v), static_cast<const S*>(p.b), s.dims,
                 s.hidden};
 }
 
@@ -335,14 +314,13 @@ struct ForwardLaunch {
 };
 
 template <typename S, typename Kernel>
-void run_forward(const void* w, const void* c, const void* v, const void* b, const Shape& s, cudaStream_t st,
-                 const char* what, Kernel kernel) {
+void run_forward(const Params& p, const Shape& s, cudaStream_t st, const char* what, Kernel kernel) {
   using C = compute_t<S>;
-  const Scratch wt(s.dims * s.hidden * int64_t(sizeof(S)), st, what);
+  const AsyncBuffer<S> wt(s.dims * s.hidden, st, what);
   const Config cfg = config_for(s.hidden);
   const unsigned grid = gpu::grid_for(s.batch);
-  const Scratch units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden * int64_t(sizeof(C)) : 0, st, what);
-  const ForwardLaunch<S> launch{transposed_net<S>(w, c, v, b, s, wt, st), grid, cfg.threads, units.as<C>()};
+  const AsyncBuffer<C> units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden : 0, st, what);
+  const ForwardLaunch<S> launch{transposed_net<S>(p, s, wt.data, st), grid, cfg.threads, units.data};
   with_per(cfg.per, [&](auto per) { kernel(per, launch); });
 }
 
@@ -351,10 +329,10 @@ void run_forward(const void* w, const void* c, const void* v, const void* b, con
 void log_prob_cuda(const LogProbArgs& a, void* stream) {
   const Shape& s = a.shape;
   if (s.batch == 0) return;
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const cudaStream_t st = gpu::as_stream(stream);
   gpu::dispatch_float(a.dtype, "nade.log_prob", [&](auto type) {
     using S = typename decltype(type)::type;
-    run_forward<S>(a.w, a.c, a.v, a.b, s, st, "nade.log_prob: cudaMallocAsync", [&](auto per, auto launch) {
+    run_forward<S>(a.params, s, st, "nade.log_prob: cudaMallocAsync", [&](auto per, auto launch) {
       log_prob_kernel<S, decltype(per)::value><<<launch.grid, launch.threads, 0, st>>>(
           launch.net, static_cast<const S*>(a.x), static_cast<S*>(a.out), s.batch, launch.units);
     });
@@ -365,10 +343,10 @@ void log_prob_cuda(const LogProbArgs& a, void* stream) {
 void sample_cuda(const SampleArgs& a, void* stream) {
   const Shape& s = a.shape;
   if (s.batch * s.dims == 0) return;
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const cudaStream_t st = gpu::as_stream(stream);
   gpu::dispatch_float(a.dtype, "nade.sample", [&](auto type) {
     using S = typename decltype(type)::type;
-    run_forward<S>(a.w, a.c, a.v, a.b, s, st, "nade.sample: cudaMallocAsync", [&](auto per, auto launch) {
+    run_forward<S>(a.params, s, st, "nade.sample: cudaMallocAsync", [&](auto per, auto launch) {
       sample_kernel<S, decltype(per)::value><<<launch.grid, launch.threads, 0, st>>>(
           launch.net, static_cast<S*>(a.out), s.batch, a.seed, a.offset, a.first, launch.units);
     });
@@ -378,7 +356,7 @@ void sample_cuda(const SampleArgs& a, void* stream) {
 
 void log_prob_backward_cuda(const LogProbBackwardArgs& a, void* stream) {
   const Shape& s = a.shape;
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const cudaStream_t st = gpu::as_stream(stream);
   gpu::dispatch_float(a.dtype, "nade.log_prob_backward", [&](auto type) {
     using S = typename decltype(type)::type;
     using C = compute_t<S>;
@@ -386,28 +364,27 @@ void log_prob_backward_cuda(const LogProbBackwardArgs& a, void* stream) {
     // A function of the sizes only, never of the device: the same bits on every GPU that runs it.
     const int64_t by_memory = std::max<int64_t>(1, kGroupBudgetBytes / (size * int64_t(sizeof(C))));
     const int64_t groups = std::min({kMaxGroups, ceil_div(s.batch, kMinPerGroup), by_memory});
-    const Scratch partials(groups * size * int64_t(sizeof(C)), st, "nade.log_prob_backward: cudaMallocAsync");
+    const AsyncBuffer<C> partials(groups * size, st, "nade.log_prob_backward: cudaMallocAsync");
     if (groups > 0) {
-      const Scratch wt(s.dims * s.hidden * int64_t(sizeof(S)), st, "nade.log_prob_backward: cudaMallocAsync");
-      const Net<S> net = transposed_net<S>(a.w, a.c, a.v, a.b, s, wt, st);
+      const AsyncBuffer<S> wt(s.dims * s.hidden, st, "nade.log_prob_backward: cudaMallocAsync");
+      const Net<S> net = transposed_net<S>(a.params, s, wt.data, st);
       const Config cfg = config_for(s.hidden);
       const unsigned grid = gpu::grid_for(groups);
-      const Scratch units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden * int64_t(sizeof(C)) : 0, st,
-                          "nade.log_prob_backward: cudaMallocAsync");
+      const AsyncBuffer<C> units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden : 0, st,
+                                 "nade.log_prob_backward: cudaMallocAsync");
       with_per(cfg.per, [&](auto per) {
-        backward_kernel<S, decltype(per)::value><<<grid, cfg.threads, 0, st>>>(
-            net, static_cast<const S*>(a.grad_out), static_cast<const S*>(a.x), s.batch, groups,
-            partials.as<C>(), units.as<C>());
+        backward_kernel<S, decltype(per)::value><<<grid, cfg.threads, 0, st>>>(net, static_cast<const S*>(a.grad_out),
+                                                                               static_cast<const S*>(a.x), s.batch,
+                                                                               groups, partials.data, units.data);
       });
       gpu::check_launch("nade.log_prob_backward");
     }
     // With no examples (groups = 0) this writes the zero gradients.
     const int64_t total = s.dims * s.hidden + s.dims + s.hidden;
     if (total == 0) return;
-    finish_kernel<S><<<gpu::grid_for(ceil_div(total, 256)), 256, 0, st>>>(
-        partials.as<C>(), groups, s.dims, s.hidden, static_cast<S*>(a.grad_w), static_cast<S*>(a.grad_c),
-        static_cast<S*>(a.grad_v), static_cast<S*>(a.grad_b));
-    gpu::check_launch("nade.log_prob_backward (finish)");
+    gpu::launch_items("nade.log_prob_backward (finish)", finish_kernel<S>, total, 256, st, partials.data, groups,
+                      s.dims, s.hidden, static_cast<S*>(a.grad_w), static_cast<S*>(a.grad_c), static_cast<S*>(a.grad_v),
+                      static_cast<S*>(a.grad_b));
   });
 }
 

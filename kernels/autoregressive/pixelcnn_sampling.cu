@@ -19,7 +19,7 @@
 #include <string>
 
 #include "autoregressive/categorical_math.h"
-#include "core/dtype.cuh"
+#include "core/launch.cuh"
 #include "autoregressive/pixelcnn_sampling.h"
 
 #if defined(CUDART_VERSION) && CUDART_VERSION < 12010
@@ -30,7 +30,7 @@ namespace gk {
 namespace pixelcnn_sampling {
 namespace {
 
-using gpu::ceil_div;
+using namespace gpu::common;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -328,10 +328,9 @@ void launch_sampler(const DeviceProgram& p, size_t bytes, cudaStream_t stream) {
 void gumbel_argmax_cuda(const GumbelArgmaxArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "gumbel_argmax", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const unsigned grid = gpu::grid_for(ceil_div(a.rows, kWarps));
-    gumbel_argmax_kernel<T><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(a.logits), a.base, a.out, a.rows, a.levels, a.seed, a.offset);
-    gpu::check_launch("gumbel_argmax");
+    gpu::launch("gumbel_argmax", gumbel_argmax_kernel<T>, gpu::grid_for(ceil_div(a.rows, kWarps)), kThreads, 0,
+                gpu::as_stream(stream), static_cast<const T*>(a.logits), a.base, a.out, a.rows, a.levels, a.seed,
+                a.offset);
   });
 }
 
@@ -352,7 +351,7 @@ void sample_cuda(const SampleArgs& a, void* stream) {
   if (bytes > static_cast<size_t>(optin))
     throw ValueError("the cuda sampler: a node's taps x C_in (" + std::to_string(p.max_rows) +
                      ") do not fit in shared memory");
-  const auto s = static_cast<cudaStream_t>(stream);
+  const auto s = gpu::as_stream(stream);
   switch (samples) {
     case 8: launch_sampler<8>(p, bytes, s); break;
     case 4: launch_sampler<4>(p, bytes, s); break;

@@ -2,6 +2,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace gk {
 namespace gpu {
 
@@ -33,6 +35,23 @@ __device__ __forceinline__ C team_sum(C v, int team) {
   for (int off = team >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
+
+// Host side: a team for rows of `len` elements taken in groups of 4, about one group per member and at most
+// `max_threads`; blocks of `threads` hold whole teams (a team beyond a warp takes the whole block).
+struct TeamLaunch {
+  int team, threads;
+};
+inline TeamLaunch team_for(int64_t len, int max_threads) {
+  int team = 1;
+  while (team < max_threads && 4 * team < len) team *= 2;
+  return TeamLaunch{team, team > 32 ? team : max_threads};
+}
+
+namespace common {  // see core/launch.cuh
+using gpu::block_sum;
+using gpu::team_sum;
+using gpu::warp_sum;
+}  // namespace common
 
 }  // namespace gpu
 }  // namespace gk

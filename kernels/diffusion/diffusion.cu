@@ -20,18 +20,14 @@
 #include "diffusion/diffusion_math.h"
 #include "core/normal.h"
 #include "diffusion/diffusion.h"
-#include "core/dtype.cuh"
+#include "core/launch.cuh"
 #include "core/reduce.cuh"
 
 namespace gk {
 namespace diffusion {
 namespace {
 
-using gpu::ceil_div;
-using gpu::divmod;
-using gpu::compute_t;
-using gpu::load;
-using gpu::store;
+using namespace gpu::common;
 
 constexpr int kThreads = 256;
 
@@ -155,10 +151,6 @@ __global__ void __launch_bounds__(kThreads) loss_backward_kernel(LossBackwardArg
 
 // ---------------------------------------------------------------------------------------------------------
 // The loss
-
-using gpu::block_sum;
-using gpu::team_sum;
-using gpu::warp_sum;
 
 // loss[b] = weight * (sum / n), the order the reference uses (mean, then weight); n == 0 gives 0.
 template <typename S>
@@ -312,31 +304,27 @@ __global__ void __launch_bounds__(kThreads) step_kernel(StepArgs a) {
 // ---------------------------------------------------------------------------------------------------------
 // Entry points
 
+// A thread per group of 4 flat elements of the (batch, n) arrays.
+template <typename Args>
+int64_t groups_of(const Args& a) {
+  return ceil_div(a.batch * a.n, 4);
+}
+
 void q_sample_cuda(const QSampleArgs& a, void* stream) {
-  const int64_t total = a.batch * a.n;
-  if (total == 0) return;
-  gpu::dispatch_float(a.dtype, "diffusion.q_sample", [&](auto type) {
-    using S = typename decltype(type)::type;
-    q_sample_kernel<S><<<gpu::grid_for(ceil_div(ceil_div(total, 4), kThreads)), kThreads, 0,
-                         static_cast<cudaStream_t>(stream)>>>(a);
-    gpu::check_launch("diffusion.q_sample");
-  });
+  gpu::launch_typed(
+      a.dtype, "diffusion.q_sample", [](auto type) { return q_sample_kernel<typename decltype(type)::type>; },
+      groups_of(a), kThreads, stream, a);
 }
 
 void loss_backward_cuda(const LossBackwardArgs& a, void* stream) {
-  const int64_t total = a.batch * a.n;
-  if (total == 0) return;
-  gpu::dispatch_float(a.dtype, "diffusion.loss_backward", [&](auto type) {
-    using S = typename decltype(type)::type;
-    loss_backward_kernel<S><<<gpu::grid_for(ceil_div(ceil_div(total, 4), kThreads)), kThreads, 0,
-                              static_cast<cudaStream_t>(stream)>>>(a);
-    gpu::check_launch("diffusion.loss_backward");
-  });
+  gpu::launch_typed(
+      a.dtype, "diffusion.loss_backward", [](auto type) { return loss_backward_kernel<typename decltype(type)::type>; },
+      groups_of(a), kThreads, stream, a);
 }
 
 void loss_cuda(const LossArgs& a, void* stream) {
   if (a.batch == 0) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const cudaStream_t s = gpu::as_stream(stream);
   gpu::dispatch_float(a.dtype, "diffusion.loss", [&](auto type) {
     using S = typename decltype(type)::type;
     using C = compute_t<S>;
@@ -348,33 +336,26 @@ void loss_cuda(const LossArgs& a, void* stream) {
       segs = ceil_div(n, seg_len);
     }
     // Per item, about one group of 4 per team member, up to a whole block.
-    const int64_t len = segs > 1 ? seg_len : n;
-    int team = 1;
-    while (team < kThreads && 4 * team < len) team *= 2;
-    const int threads = team > 32 ? team : kThreads;
-    const unsigned grid = gpu::grid_for(ceil_div(a.batch * segs, threads / team));
+    const gpu::TeamLaunch tl = gpu::team_for(segs > 1 ? seg_len : n, kThreads);
+    const unsigned grid = gpu::grid_for(ceil_div(a.batch * segs, tl.threads / tl.team));
     if (segs == 1) {
-      loss_kernel<S><<<grid, threads, 0, s>>>(a, team, 1, seg_len, nullptr);
-      gpu::check_launch("diffusion.loss");
+      gpu::launch("diffusion.loss", loss_kernel<S>, grid, tl.threads, 0, s, a, tl.team, int64_t(1), seg_len,
+                  static_cast<C*>(nullptr));
       return;
     }
     // Stream-ordered scratch for the segment sums: no host synchronisation.
-    C* partial = nullptr;
-    gpu::check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&partial), sizeof(C) * a.batch * segs, s),
-                    "diffusion.loss: cudaMallocAsync");
-    loss_kernel<S><<<grid, threads, 0, s>>>(a, team, segs, seg_len, partial);
-    gpu::check_launch("diffusion.loss");
-    loss_finish_kernel<S><<<gpu::grid_for(ceil_div(a.batch, kThreads)), kThreads, 0, s>>>(a, segs, partial);
-    gpu::check_launch("diffusion.loss (finish)");
-    gpu::check_cuda(cudaFreeAsync(partial, s), "diffusion.loss: cudaFreeAsync");
+    gpu::AsyncBuffer<C> partial(a.batch * segs, s, "diffusion.loss: cudaMallocAsync");
+    gpu::launch("diffusion.loss", loss_kernel<S>, grid, tl.threads, 0, s, a, tl.team, segs, seg_len, partial.data);
+    gpu::launch_items("diffusion.loss (finish)", loss_finish_kernel<S>, a.batch, kThreads, s, a, segs, partial.data);
+    partial.release("diffusion.loss: cudaFreeAsync");
   });
 }
 
 void step_cuda(const StepArgs& a, void* stream) {
   const int64_t total = a.batch * a.n;
   if (total == 0) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const unsigned grid = gpu::grid_for(ceil_div(ceil_div(total, 4), kThreads));
+  const cudaStream_t s = gpu::as_stream(stream);
+  const unsigned grid = gpu::grid_for(ceil_div(groups_of(a), kThreads));
   gpu::dispatch_float(a.dtype, "diffusion.step", [&](auto type) {
     using S = typename decltype(type)::type;
     // The entry point has validated kind and prediction.

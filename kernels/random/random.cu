@@ -6,7 +6,7 @@
 
 #include "core/normal.h"
 #include "core/philox.h"
-#include "core/dtype.cuh"
+#include "core/launch.cuh"
 #include "random/random.h"
 
 namespace gk {
@@ -41,20 +41,16 @@ __global__ void __launch_bounds__(kThreads)
 
 void bits_cuda(const StreamArgs& a, void* stream) {
   if (a.n <= 0) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const unsigned grid = gpu::grid_for(gpu::ceil_div(gpu::ceil_div(a.n, 4), kThreads));
-  bits_kernel<<<grid, kThreads, 0, s>>>(static_cast<uint32_t*>(a.out), a.n, a.seed, a.offset);
-  gpu::check_launch("random.bits");
+  gpu::launch_items("random.bits", bits_kernel, gpu::ceil_div(a.n, 4), kThreads, gpu::as_stream(stream),
+                    static_cast<uint32_t*>(a.out), a.n, a.seed, a.offset);
 }
 
 void normal_cuda(const StreamArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "random.normal", [&](auto type) {
     using S = typename decltype(type)::type;
     if (a.n <= 0) return;
-    const cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const unsigned grid = gpu::grid_for(gpu::ceil_div(gpu::ceil_div(a.n, 4), kThreads));
-    normal_kernel<S><<<grid, kThreads, 0, s>>>(static_cast<S*>(a.out), a.n, a.seed, a.offset);
-    gpu::check_launch("random.normal");
+    gpu::launch_items("random.normal", normal_kernel<S>, gpu::ceil_div(a.n, 4), kThreads, gpu::as_stream(stream),
+                      static_cast<S*>(a.out), a.n, a.seed, a.offset);
   });
 }
 

@@ -25,16 +25,20 @@ def _bits_kernel(out_ptr, n, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constex
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty, bitcast=True), mask=offs < n)
 
 
-def bits(out, seed, offset):
-    """Fill `out` (contiguous int32 or uint32) with stream elements 0 .. n-1: the raw Philox uint32 bits."""
-    _check_out(out, (torch.int32, getattr(torch, "uint32", torch.int32)))
+def _fill(kernel, out, seed, offset):
+    """Stream elements 0 .. n-1 into out, a program per BLOCK of them."""
     n = out.numel()
     if n == 0:
         return out
-    grid = (triton.cdiv(n, BLOCK),)
-    _bits_kernel[grid](out, n, *key_args(seed, offset), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                       enable_fp_fusion=False)
+    kernel[(triton.cdiv(n, BLOCK),)](out, n, *key_args(seed, offset), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                                     enable_fp_fusion=False)
     return out
+
+
+def bits(out, seed, offset):
+    """Fill `out` (contiguous int32 or uint32) with stream elements 0 .. n-1: the raw Philox uint32 bits."""
+    _check_out(out, (torch.int32, getattr(torch, "uint32", torch.int32)))
+    return _fill(_bits_kernel, out, seed, offset)
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)
@@ -51,10 +55,4 @@ def normal(out, seed, offset):
 
     The normals are computed in float32 and then cast (rounded to nearest) to out's dtype."""
     _check_out(out, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    n = out.numel()
-    if n == 0:
-        return out
-    grid = (triton.cdiv(n, BLOCK),)
-    _normal_kernel[grid](out, n, *key_args(seed, offset), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                         enable_fp_fusion=False)
-    return out
+    return _fill(_normal_kernel, out, seed, offset)

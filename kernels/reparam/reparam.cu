@@ -13,7 +13,7 @@
 
 #include "core/normal.h"
 #include "reparam/reparam_math.h"
-#include "core/dtype.cuh"
+#include "core/launch.cuh"
 #include "core/reduce.cuh"
 #include "reparam/reparam.h"
 
@@ -21,11 +21,7 @@ namespace gk {
 namespace reparam {
 namespace {
 
-using gpu::ceil_div;
-using gpu::divmod;
-using gpu::compute_t;
-using gpu::load;
-using gpu::store;
+using namespace gpu::common;
 
 constexpr int kThreads = 256;
 constexpr int kColX = 32, kColY = 8;  // reduce_cols_kernel and iwae_backward_kernel blocks
@@ -229,8 +225,7 @@ template <typename Op>
 void launch_elementwise(const Op& op, cudaStream_t s, const char* name) {
   const int64_t n = op.shape.numel();
   if (n == 0) return;
-  elementwise_kernel<<<gpu::grid_for(ceil_div(ceil_div(n, 4), kThreads)), kThreads, 0, s>>>(op);
-  gpu::check_launch(name);
+  gpu::launch_items(name, elementwise_kernel<Op>, ceil_div(n, 4), kThreads, s, op);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -238,10 +233,6 @@ void launch_elementwise(const Op& op, cudaStream_t s, const char* name) {
 // `shape`, `S* out[kOut]` and
 //   terms(base, c, count, t): t[k][l] the k-th summand of element base + l, c the coordinates of base.
 // The count elements are consecutive in memory and, for every op but SampleBackwardOp, in the parameters.
-
-using gpu::block_sum;
-using gpu::team_sum;
-using gpu::warp_sum;
 
 // A team of `team` threads per row: up to 32 share a warp (adjacent rows, so short rows still coalesce),
 // more take the whole block. A team takes its row in the groups of 4 that the flat index defines (a row
@@ -336,10 +327,8 @@ void launch_reduce(const Op& op, cudaStream_t s, const char* name) {
   const ReduceShape& sh = op.shape;
   if (sh.rows() == 0) return;
   if (sh.inner == 1 && sh.dim > 0) {
-    int team = 1;
-    while (team < kThreads && 4 * team < sh.dim) team *= 2;
-    const int threads = team > 32 ? team : kThreads;
-    reduce_rows_kernel<<<gpu::grid_for(ceil_div(sh.outer, threads / team)), threads, 0, s>>>(op, team);
+    const gpu::TeamLaunch tl = gpu::team_for(sh.dim, kThreads);
+    reduce_rows_kernel<<<gpu::grid_for(ceil_div(sh.outer, tl.threads / tl.team)), tl.threads, 0, s>>>(op, tl.team);
   } else {
     launch_cols(op, s);
   }
@@ -568,125 +557,141 @@ __global__ void __launch_bounds__(kColX* kColY) iwae_backward_kernel(IwaeBackwar
   }
 }
 
-}  // namespace
-
 // ---------------------------------------------------------------------------------------------------------
 // Entry points
 
-void sample_cuda(const SampleArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.sample", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const SampleOp<S> op{ReduceShape{a.samples, 1, a.n},
-                         static_cast<const S*>(a.mu),
-                         static_cast<const S*>(a.logvar),
-                         static_cast<const S*>(a.eps),
-                         static_cast<S*>(a.z),
-                         a.seed,
-                         a.offset};
-    launch_elementwise(op, static_cast<cudaStream_t>(stream), "reparam.sample");
-  });
+// The op of each entry point at the storage type S (make<S> overloaded on the entry's arguments).
+template <typename S>
+SampleOp<S> make(const SampleArgs& a) {
+  return {ReduceShape{a.samples, 1, a.n},
+          gpu::typed<S>(a.mu),
+          gpu::typed<S>(a.logvar),
+          gpu::typed<S>(a.eps),
+          gpu::typed<S>(a.z),
+          a.seed,
+          a.offset};
 }
 
-void sample_backward_cuda(const SampleBackwardArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.sample_backward", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const SampleBackwardOp<S> op{ReduceShape{1, a.samples, a.n},
-                                 {static_cast<S*>(a.grad_mu), static_cast<S*>(a.grad_logvar)},
-                                 static_cast<const S*>(a.grad_z),
-                                 static_cast<const S*>(a.logvar),
-                                 static_cast<const S*>(a.eps),
-                                 a.seed,
-                                 a.offset};
+template <typename S>
+SampleBackwardOp<S> make(const SampleBackwardArgs& a) {
+  return {ReduceShape{1, a.samples, a.n},
+          {gpu::typed<S>(a.grad_mu), gpu::typed<S>(a.grad_logvar)},
+          gpu::typed<S>(a.grad_z),
+          gpu::typed<S>(a.logvar),
+          gpu::typed<S>(a.eps),
+          a.seed,
+          a.offset};
+}
+
+template <typename S>
+KlOp<S> make(const KlArgs& a) {
+  return {a.shape, {gpu::typed<S>(a.kl)}, gpu::typed<S>(a.mu), gpu::typed<S>(a.logvar)};
+}
+
+// kl_backward is sample_kl_backward without grad_z (so without eps).
+template <typename S>
+SampleKlBackwardOp<S> make(const KlBackwardArgs& a) {
+  return {a.shape,
+          nullptr,
+          gpu::typed<S>(a.grad_kl),
+          gpu::typed<S>(a.mu),
+          gpu::typed<S>(a.logvar),
+          nullptr,
+          gpu::typed<S>(a.grad_mu),
+          gpu::typed<S>(a.grad_logvar),
+          0,
+          0};
+}
+
+template <typename S>
+SampleKlOp<S> make(const SampleKlArgs& a) {
+  return {a.shape,
+          {gpu::typed<S>(a.kl)},
+          gpu::typed<S>(a.mu),
+          gpu::typed<S>(a.logvar),
+          gpu::typed<S>(a.eps),
+          gpu::typed<S>(a.z),
+          a.seed,
+          a.offset};
+}
+
+template <typename S>
+SampleKlBackwardOp<S> make(const SampleKlBackwardArgs& a) {
+  return {a.shape,
+          gpu::typed<S>(a.grad_z),
+          gpu::typed<S>(a.grad_kl),
+          gpu::typed<S>(a.mu),
+          gpu::typed<S>(a.logvar),
+          gpu::typed<S>(a.eps),
+          gpu::typed<S>(a.grad_mu),
+          gpu::typed<S>(a.grad_logvar),
+          a.seed,
+          a.offset};
+}
+
+template <typename S>
+LogProbOp<S> make(const LogProbArgs& a) {
+  return {a.shape,      {gpu::typed<S>(a.out)}, gpu::typed<S>(a.z), gpu::typed<S>(a.mu), gpu::typed<S>(a.logvar),
+          a.param_outer};
+}
+
+template <typename S>
+LogProbBackwardOp<S> make(const LogProbBackwardArgs& a) {
+  return {a.shape,
+          gpu::typed<S>(a.grad_out),
+          gpu::typed<S>(a.z),
+          gpu::typed<S>(a.mu),
+          gpu::typed<S>(a.logvar),
+          gpu::typed<S>(a.grad_z),
+          gpu::typed<S>(a.grad_logvar),
+          a.param_outer};
+}
+
+// How each kind of op runs.
+struct Elementwise {
+  template <typename Op>
+  static void run(const Op& op, cudaStream_t s, const char* name) {
+    launch_elementwise(op, s, name);
+  }
+};
+struct Reduce {
+  template <typename Op>
+  static void run(const Op& op, cudaStream_t s, const char* name) {
+    launch_reduce(op, s, name);
+  }
+};
+struct Columns {  // the column kernel only (see SampleBackwardOp)
+  template <typename Op>
+  static void run(const Op& op, cudaStream_t s, const char* name) {
     if (op.shape.rows() == 0) return;
-    launch_cols(op, static_cast<cudaStream_t>(stream));
-    gpu::check_launch("reparam.sample_backward");
+    launch_cols(op, s);
+    gpu::check_launch(name);
+  }
+};
+
+// make<S>(a) for the storage type S of a.dtype, run as Launch says.
+template <typename Launch, typename Args>
+void run_op(const Args& a, void* stream, const char* name) {
+  gpu::dispatch_float(a.dtype, name, [&](auto type) {
+    Launch::run(make<typename decltype(type)::type>(a), gpu::as_stream(stream), name);
   });
 }
 
-void kl_cuda(const KlArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.kl", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const KlOp<S> op{a.shape, {static_cast<S*>(a.kl)}, static_cast<const S*>(a.mu),
-                     static_cast<const S*>(a.logvar)};
-    launch_reduce(op, static_cast<cudaStream_t>(stream), "reparam.kl");
-  });
-}
+}  // namespace
 
-void kl_backward_cuda(const KlBackwardArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.kl_backward", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const SampleKlBackwardOp<S> op{a.shape,
-                                   nullptr,
-                                   static_cast<const S*>(a.grad_kl),
-                                   static_cast<const S*>(a.mu),
-                                   static_cast<const S*>(a.logvar),
-                                   nullptr,
-                                   static_cast<S*>(a.grad_mu),
-                                   static_cast<S*>(a.grad_logvar),
-                                   0,
-                                   0};
-    launch_elementwise(op, static_cast<cudaStream_t>(stream), "reparam.kl_backward");
-  });
+void sample_cuda(const SampleArgs& a, void* stream) { run_op<Elementwise>(a, stream, "reparam.sample"); }
+void sample_backward_cuda(const SampleBackwardArgs& a, void* stream) {
+  run_op<Columns>(a, stream, "reparam.sample_backward");
 }
-
-void sample_kl_cuda(const SampleKlArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.sample_kl", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const SampleKlOp<S> op{a.shape,
-                           {static_cast<S*>(a.kl)},
-                           static_cast<const S*>(a.mu),
-                           static_cast<const S*>(a.logvar),
-                           static_cast<const S*>(a.eps),
-                           static_cast<S*>(a.z),
-                           a.seed,
-                           a.offset};
-    launch_reduce(op, static_cast<cudaStream_t>(stream), "reparam.sample_kl");
-  });
-}
-
+void kl_cuda(const KlArgs& a, void* stream) { run_op<Reduce>(a, stream, "reparam.kl"); }
+void kl_backward_cuda(const KlBackwardArgs& a, void* stream) { run_op<Elementwise>(a, stream, "reparam.kl_backward"); }
+void sample_kl_cuda(const SampleKlArgs& a, void* stream) { run_op<Reduce>(a, stream, "reparam.sample_kl"); }
 void sample_kl_backward_cuda(const SampleKlBackwardArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.sample_kl_backward", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const SampleKlBackwardOp<S> op{a.shape,
-                                   static_cast<const S*>(a.grad_z),
-                                   static_cast<const S*>(a.grad_kl),
-                                   static_cast<const S*>(a.mu),
-                                   static_cast<const S*>(a.logvar),
-                                   static_cast<const S*>(a.eps),
-                                   static_cast<S*>(a.grad_mu),
-                                   static_cast<S*>(a.grad_logvar),
-                                   a.seed,
-                                   a.offset};
-    launch_elementwise(op, static_cast<cudaStream_t>(stream), "reparam.sample_kl_backward");
-  });
+  run_op<Elementwise>(a, stream, "reparam.sample_kl_backward");
 }
-
-void log_prob_cuda(const LogProbArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.log_prob", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const LogProbOp<S> op{a.shape,
-                          {static_cast<S*>(a.out)},
-                          static_cast<const S*>(a.z),
-                          static_cast<const S*>(a.mu),
-                          static_cast<const S*>(a.logvar),
-                          a.param_outer};
-    launch_reduce(op, static_cast<cudaStream_t>(stream), "reparam.log_prob");
-  });
-}
-
+void log_prob_cuda(const LogProbArgs& a, void* stream) { run_op<Reduce>(a, stream, "reparam.log_prob"); }
 void log_prob_backward_cuda(const LogProbBackwardArgs& a, void* stream) {
-  gpu::dispatch_float(a.dtype, "reparam.log_prob_backward", [&](auto type) {
-    using S = typename decltype(type)::type;
-    const LogProbBackwardOp<S> op{a.shape,
-                                  static_cast<const S*>(a.grad_out),
-                                  static_cast<const S*>(a.z),
-                                  static_cast<const S*>(a.mu),
-                                  static_cast<const S*>(a.logvar),
-                                  static_cast<S*>(a.grad_z),
-                                  static_cast<S*>(a.grad_logvar),
-                                  a.param_outer};
-    launch_elementwise(op, static_cast<cudaStream_t>(stream), "reparam.log_prob_backward");
-  });
+  run_op<Elementwise>(a, stream, "reparam.log_prob_backward");
 }
 
 void iwae_cuda(const IwaeArgs& a, void* stream) {
@@ -696,8 +701,7 @@ void iwae_cuda(const IwaeArgs& a, void* stream) {
     int width = 1;  // lanes per sample: enough for dim, at most a warp
     while (width < 32 && width < a.dim) width *= 2;
     const int threads = static_cast<int>(std::min<int64_t>(kThreads, ceil_div(width * a.samples, 32) * 32));
-    iwae_kernel<S><<<gpu::grid_for(a.batch), threads, 0, static_cast<cudaStream_t>(stream)>>>(a, width);
-    gpu::check_launch("reparam.iwae");
+    gpu::launch("reparam.iwae", iwae_kernel<S>, gpu::grid_for(a.batch), threads, 0, gpu::as_stream(stream), a, width);
   });
 }
 
@@ -707,9 +711,8 @@ void iwae_backward_cuda(const IwaeBackwardArgs& a, void* stream) {
     if (a.batch == 0) return;
     const int64_t cols = a.batch * std::max<int64_t>(a.dim, 1);
     const dim3 block(kColX, static_cast<unsigned>(std::min<int64_t>(kColY, a.samples)));
-    iwae_backward_kernel<S>
-        <<<gpu::grid_for(ceil_div(cols, kColX)), block, 0, static_cast<cudaStream_t>(stream)>>>(a);
-    gpu::check_launch("reparam.iwae_backward");
+    gpu::launch("reparam.iwae_backward", iwae_backward_kernel<S>, gpu::grid_for(ceil_div(cols, kColX)), block, 0,
+                gpu::as_stream(stream), a);
   });
 }
 
