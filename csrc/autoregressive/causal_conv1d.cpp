@@ -43,8 +43,8 @@ ConvShape conv_shape(const Array& x, const Array& w, int64_t dilation, bool step
   return s;
 }
 
-void conv_entry(const Array& x, const Array& w, const OptArray& bias, const Array& y, int64_t dilation, int64_t activation,
-          uintptr_t stream) {
+void conv_entry(const Array& x, const Array& w, const OptArray& bias, const Array& y, int64_t dilation,
+                int64_t activation, uintptr_t stream) {
   Checked(x, "x")(w, "weight")(bias, "bias")(y, "y");
   const ConvShape s = conv_shape(x, w, dilation, false);
   if (bias) check_numel(*bias, s.c_out, "bias");
@@ -56,25 +56,33 @@ void conv_entry(const Array& x, const Array& w, const OptArray& bias, const Arra
 }
 
 void conv_backward_entry(const Array& grad_y, const Array& x, const Array& w, const OptArray& bias, const Array& grad_x,
-                   const Array& grad_w, const OptArray& grad_bias, int64_t dilation, int64_t activation,
-                   uintptr_t stream) {
+                         const Array& grad_w, const OptArray& grad_bias, int64_t dilation, int64_t activation,
+                         uintptr_t stream) {
   Checked(x, "x")(grad_y, "grad_y")(w, "weight")(bias, "bias")(grad_x, "grad_x")(grad_w, "grad_weight")(grad_bias,
-                                                                                                     "grad_bias");
+                                                                                                        "grad_bias");
   const ConvShape s = conv_shape(x, w, dilation, false);
   if (bias) check_numel(*bias, s.c_out, "bias");
   if (grad_bias) check_numel(*grad_bias, s.c_out, "grad_bias");
   check_numel(grad_y, s.batch * s.c_out * s.length, "grad_y");
   check_numel(grad_x, x.numel(), "grad_x");
   check_numel(grad_w, w.numel(), "grad_weight");
-  const ConvBackwardArgs args{grad_y.raw(), x.raw(), w.raw(), data_or_null(bias), grad_x.raw(), grad_w.raw(),
-                              data_or_null(grad_bias), s, check_activation(activation), x.dtype};
+  const ConvBackwardArgs args{grad_y.raw(),
+                              x.raw(),
+                              w.raw(),
+                              data_or_null(bias),
+                              grad_x.raw(),
+                              grad_w.raw(),
+                              data_or_null(grad_bias),
+                              s,
+                              check_activation(activation),
+                              x.dtype};
   prepare_output(grad_x);
   // Empty batch or length still owes zero weight and bias gradients: the kernels write them.
   run_on_device(x, args, stream, conv_backward_cpu, GK_CUDA(conv_backward_cuda));
 }
 
 void update_entry(const Array& x, const Array& state, const Array& w, const OptArray& bias, const Array& y,
-            int64_t dilation, int64_t activation, uintptr_t stream) {
+                  int64_t dilation, int64_t activation, uintptr_t stream) {
   Checked(x, "x")(state, "state")(w, "weight")(bias, "bias")(y, "y");
   const ConvShape s = conv_shape(x, w, dilation, true);
   if (state.ndim() != 3 || state.shape[0] != s.batch || state.shape[1] != s.c_in)
@@ -83,8 +91,8 @@ void update_entry(const Array& x, const Array& state, const Array& w, const OptA
   if (state_len < (s.k - 1) * dilation) throw ValueError("state must hold at least (K - 1) * dilation past inputs");
   if (bias) check_numel(*bias, s.c_out, "bias");
   check_numel(y, s.batch * s.c_out, "y");
-  const UpdateArgs args{x.raw(), state.raw(), w.raw(), data_or_null(bias), y.raw(), s, state_len,
-                        check_activation(activation), x.dtype};
+  const UpdateArgs args{
+      x.raw(), state.raw(), w.raw(), data_or_null(bias), y.raw(), s, state_len, check_activation(activation), x.dtype};
   if (s.batch == 0) return;
   run_on_device(x, args, stream, update_cpu, GK_CUDA(update_cuda));
 }
@@ -104,7 +112,7 @@ void gated_entry(const Array& x, const Array& y, int64_t outer, int64_t inner, u
 }
 
 void gated_backward_entry(const Array& grad_y, const Array& x, const Array& grad_x, int64_t outer, int64_t inner,
-                    uintptr_t stream) {
+                          uintptr_t stream) {
   Checked(x, "x")(grad_y, "grad_y")(grad_x, "grad_x");
   check_gated_shape(outer, inner);
   check_numel(x, outer * 2 * inner, "x");
@@ -121,15 +129,15 @@ void gated_backward_entry(const Array& grad_y, const Array& x, const Array& grad
 void bind_causal_conv1d(py::module_& parent) {
   py::module_ m = parent.def_submodule("causal_conv1d", "genkern._C.causal_conv1d: causal 1-D convolution kernels");
   using py::arg;
-  m.def("forward", &conv_entry, arg("x"), arg("weight"), arg("bias"), arg("y"), arg("dilation"),
-        arg("activation"), arg("stream") = 0);
+  m.def("forward", &conv_entry, arg("x"), arg("weight"), arg("bias"), arg("y"), arg("dilation"), arg("activation"),
+        arg("stream") = 0);
   m.def("backward", &conv_backward_entry, arg("grad_y"), arg("x"), arg("weight"), arg("bias"), arg("grad_x"),
         arg("grad_weight"), arg("grad_bias"), arg("dilation"), arg("activation"), arg("stream") = 0);
   m.def("update", &update_entry, arg("x"), arg("state"), arg("weight"), arg("bias"), arg("y"), arg("dilation"),
         arg("activation"), arg("stream") = 0);
   m.def("gated", &gated_entry, arg("x"), arg("y"), arg("outer"), arg("inner"), arg("stream") = 0);
-  m.def("gated_backward", &gated_backward_entry, arg("grad_y"), arg("x"), arg("grad_x"), arg("outer"),
-        arg("inner"), arg("stream") = 0);
+  m.def("gated_backward", &gated_backward_entry, arg("grad_y"), arg("x"), arg("grad_x"), arg("outer"), arg("inner"),
+        arg("stream") = 0);
 }
 
 }  // namespace gk

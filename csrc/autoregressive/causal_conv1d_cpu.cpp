@@ -22,8 +22,8 @@ int64_t tiles(int64_t length) { return (length + kChunk - 1) / kChunk; }
 // acc[0, l1 - l0) = bias[o] + sum_i sum_k w[o, i, k] x[b, i, l - (K-1-k) d] for l in [l0, l1): the
 // pre-activation of one tile, k ascending inside i ascending (the order update() repeats for one step).
 template <typename T>
-void conv_tile(const ConvShape& s, const T* x, const T* w, const T* bias, int64_t b, int64_t o, int64_t l0,
-               int64_t l1, T* acc) {
+void conv_tile(const ConvShape& s, const T* x, const T* w, const T* bias, int64_t b, int64_t o, int64_t l0, int64_t l1,
+               T* acc) {
   std::fill(acc, acc + (l1 - l0), bias ? bias[o] : T(0));
   for (int64_t j = 0; j < s.inputs_per_output(); ++j) {
     const T* xrow = x + (b * s.c_in + s.input_of(o, j)) * s.length;

@@ -75,12 +75,12 @@ void grad_weight(const Array& grad_y, const Array& x, const Array& grad_weight_o
 void bind_masked_conv(py::module_& parent) {
   py::module_ m = parent.def_submodule("masked_conv", "genkern._C.masked_conv: masked (PixelCNN) convolution kernels");
   using py::arg;
-  m.def("forward", &forward, arg("x"), arg("weight"), arg("bias"), arg("y"), arg("mask_b"),
+  m.def("forward", &forward, arg("x"), arg("weight"), arg("bias"), arg("y"), arg("mask_b"), arg("groups"),
+        arg("dilation"), arg("stream") = 0);
+  m.def("grad_input", &grad_input, arg("grad_y"), arg("weight"), arg("grad_x"), arg("mask_b"), arg("groups"),
+        arg("dilation"), arg("stream") = 0);
+  m.def("grad_weight", &grad_weight, arg("grad_y"), arg("x"), arg("grad_weight"), arg("grad_bias"), arg("mask_b"),
         arg("groups"), arg("dilation"), arg("stream") = 0);
-  m.def("grad_input", &grad_input, arg("grad_y"), arg("weight"), arg("grad_x"), arg("mask_b"),
-        arg("groups"), arg("dilation"), arg("stream") = 0);
-  m.def("grad_weight", &grad_weight, arg("grad_y"), arg("x"), arg("grad_weight"), arg("grad_bias"),
-        arg("mask_b"), arg("groups"), arg("dilation"), arg("stream") = 0);
 }
 
 }  // namespace gk

@@ -88,7 +88,7 @@ T* scratch(Slot slot, int64_t n) {
 // Where the padded buffers put things, and which taps any output channel reads.
 struct Geometry {
   int64_t pad, left, tile, tiled_width, padded_width, padded_rows;  // left: column where the image starts
-  std::vector<int64_t> ky, kx;  // the visited taps, raster order
+  std::vector<int64_t> ky, kx;                                      // the visited taps, raster order
 
   Geometry(const ConvShape& s, int64_t lanes) {
     const int64_t k = s.kernel_size, c = k / 2;
@@ -115,7 +115,7 @@ struct Geometry {
 // beyond `planes` (up to `planes_out`) are all zero.
 template <typename T>
 const T* padded(Slot slot, const T* src, int64_t images, int64_t channels, int64_t channels_out, int64_t height,
-                            int64_t width, int64_t top, int64_t left, int64_t rows_out, int64_t width_out) {
+                int64_t width, int64_t top, int64_t left, int64_t rows_out, int64_t width_out) {
   const int64_t plane = rows_out * width_out;
   T* dst = scratch<T>(slot, images * channels_out * plane);
   parallel_for_work(images * channels_out, images * channels_out * plane, [&](int64_t p) {
@@ -150,8 +150,8 @@ struct Packed {
 template <typename T, typename Kept, typename Value>
 Packed<T> pack(int64_t outputs, int64_t inputs, int64_t taps, Kept kept, Value value) {
   const int64_t blocks = (outputs + kBlock - 1) / kBlock;
-  Packed<T> p{cpu::allocate_aligned<T>(blocks * taps * inputs * kBlock),
-              std::vector<int64_t>(blocks * taps, 0), std::vector<int64_t>(blocks * taps, 0)};
+  Packed<T> p{cpu::allocate_aligned<T>(blocks * taps * inputs * kBlock), std::vector<int64_t>(blocks * taps, 0),
+              std::vector<int64_t>(blocks * taps, 0)};
   for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t t = 0; t < taps; ++t) {
       int64_t lo = inputs, hi = 0;
@@ -260,8 +260,19 @@ struct ForwardKernel {
     const auto x = padded_input(static_cast<const T*>(a.x), s, g);
     const std::vector<int64_t> offset = input_offsets(s, g);
     const int64_t plane = g.padded_rows * g.padded_width;
-    Direct<T>{x, s.in_channels * plane, plane, g.padded_width, s.in_channels, &pk, &offset,
-              static_cast<const T*>(a.bias), static_cast<T*>(a.y), s.batch, s.out_channels, s.height, s.width}
+    Direct<T>{x,
+              s.in_channels * plane,
+              plane,
+              g.padded_width,
+              s.in_channels,
+              &pk,
+              &offset,
+              static_cast<const T*>(a.bias),
+              static_cast<T*>(a.y),
+              s.batch,
+              s.out_channels,
+              s.height,
+              s.width}
         .run();
   }
 };
@@ -269,8 +280,8 @@ struct ForwardKernel {
 // grad_y padded for grad_input: rows below (the transposed taps look down), columns both sides.
 template <typename T>
 const T* padded_grad(const T* grad_y, const ConvShape& s, const Geometry& g) {
-  return padded(kGradSlot, grad_y, s.batch, s.out_channels, s.out_channels, s.height, s.width, 0, g.left,
-                g.padded_rows, g.padded_width);
+  return padded(kGradSlot, grad_y, s.batch, s.out_channels, s.out_channels, s.height, s.width, 0, g.left, g.padded_rows,
+                g.padded_width);
 }
 
 template <typename T>
@@ -288,11 +299,10 @@ struct GradInputKernel {
         [&](int64_t ic, int64_t oc, int64_t t) { return w[((oc * s.in_channels + ic) * k + g.ky[t]) * k + g.kx[t]]; });
     const auto gy = padded_grad(static_cast<const T*>(a.grad_y), s, g);
     std::vector<int64_t> offset(g.taps());
-    for (int64_t t = 0; t < g.taps(); ++t)
-      offset[t] = d * (c - g.ky[t]) * g.padded_width + g.left + d * (c - g.kx[t]);
+    for (int64_t t = 0; t < g.taps(); ++t) offset[t] = d * (c - g.ky[t]) * g.padded_width + g.left + d * (c - g.kx[t]);
     const int64_t plane = g.padded_rows * g.padded_width;
-    Direct<T>{gy, s.out_channels * plane, plane, g.padded_width, s.out_channels, &pk, &offset,
-              nullptr, static_cast<T*>(a.grad_x), s.batch, s.in_channels, s.height, s.width}
+    Direct<T>{gy,      s.out_channels * plane,    plane,   g.padded_width, s.out_channels, &pk,    &offset,
+              nullptr, static_cast<T*>(a.grad_x), s.batch, s.in_channels,  s.height,       s.width}
         .run();
   }
 };
@@ -403,7 +413,8 @@ struct GradWeightPixelLanes {
 };
 
 template <typename T>
-void grad_weight_pixel_lanes(const GradWeightArgs& a, const Geometry& g, const T* x, const std::vector<int64_t>& offset) {
+void grad_weight_pixel_lanes(const GradWeightArgs& a, const Geometry& g, const T* x,
+                             const std::vector<int64_t>& offset) {
   using S = Simd<T>;
   using vec = typename S::vec;
   const ConvShape& s = a.s;
@@ -438,15 +449,27 @@ void grad_weight_pixel_lanes(const GradWeightArgs& a, const Geometry& g, const T
         const int64_t* off = &offset[grp * kFewTaps];
         const auto run = [&](auto nt) {
           GradWeightPixelLanes<T, decltype(nt)::value>::run(ga, staged.get(), gy_plane, xb, off, s.height,
-                                                             g.padded_width, g.tiled_width);
+                                                            g.padded_width, g.tiled_width);
         };
         switch (std::min<int64_t>(kFewTaps, taps - grp * kFewTaps)) {
-          case 6: run(std::integral_constant<int, 6>{}); break;
-          case 5: run(std::integral_constant<int, 5>{}); break;
-          case 4: run(std::integral_constant<int, 4>{}); break;
-          case 3: run(std::integral_constant<int, 3>{}); break;
-          case 2: run(std::integral_constant<int, 2>{}); break;
-          default: run(std::integral_constant<int, 1>{}); break;
+          case 6:
+            run(std::integral_constant<int, 6>{});
+            break;
+          case 5:
+            run(std::integral_constant<int, 5>{});
+            break;
+          case 4:
+            run(std::integral_constant<int, 4>{});
+            break;
+          case 3:
+            run(std::integral_constant<int, 3>{});
+            break;
+          case 2:
+            run(std::integral_constant<int, 2>{});
+            break;
+          default:
+            run(std::integral_constant<int, 1>{});
+            break;
         }
       }
     }

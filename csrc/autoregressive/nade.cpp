@@ -95,10 +95,10 @@ void bind_nade(py::module_& parent) {
   using py::arg;
   m.def("log_prob", &log_prob_entry, arg("x"), arg("weight"), arg("c"), arg("v"), arg("b"), arg("out"),
         arg("stream") = 0);
-  m.def("log_prob_backward", &log_prob_backward_entry, arg("grad_out"), arg("x"), arg("weight"), arg("c"),
-        arg("v"), arg("b"), arg("grad_weight"), arg("grad_c"), arg("grad_v"), arg("grad_b"), arg("stream") = 0);
-  m.def("sample", &sample_entry, arg("weight"), arg("c"), arg("v"), arg("b"), arg("out"), arg("seed"),
-        arg("offset"), arg("first"), arg("stream") = 0);
+  m.def("log_prob_backward", &log_prob_backward_entry, arg("grad_out"), arg("x"), arg("weight"), arg("c"), arg("v"),
+        arg("b"), arg("grad_weight"), arg("grad_c"), arg("grad_v"), arg("grad_b"), arg("stream") = 0);
+  m.def("sample", &sample_entry, arg("weight"), arg("c"), arg("v"), arg("b"), arg("out"), arg("seed"), arg("offset"),
+        arg("first"), arg("stream") = 0);
 }
 
 }  // namespace gk

@@ -281,8 +281,8 @@ struct SampleKernel {
       for (int64_t i = 0; i < s.dims; ++i) {
         for (int e = 0; e < count; ++e) {
           const T p = sigmoid(m.logit(i, st.hidden_units(e)));
-          const uint64_t index = (args.first + static_cast<uint64_t>(n0 + e)) * static_cast<uint64_t>(s.dims) +
-                                 static_cast<uint64_t>(i);
+          const uint64_t index =
+              (args.first + static_cast<uint64_t>(n0 + e)) * static_cast<uint64_t>(s.dims) + static_cast<uint64_t>(i);
           const T xi = bernoulli(stream_element(args.seed, args.offset, index), p) ? T(1) : T(0);
           out[(n0 + e) * s.dims + i] = xi;
           st.add_column(e, m.w_row(i), xi);

@@ -35,8 +35,9 @@ void gumbel_argmax_entry(const Array& logits, const Array& base, const Array& ou
     check_numel(*a, logits.shape[0], name);
     check_device(*a, logits, name, "logits");
   }
-  const GumbelArgmaxArgs args{logits.raw(), base.ptr<int64_t>(), out.ptr<int64_t>(), logits.shape[0],
-                              logits.shape[1], seed, offset, logits.dtype};
+  const GumbelArgmaxArgs args{logits.raw(),    base.ptr<int64_t>(), out.ptr<int64_t>(),
+                              logits.shape[0], logits.shape[1],     seed,
+                              offset,          logits.dtype};
   if (args.rows == 0) return;
   run_on_device(logits, args, stream, gumbel_argmax_cpu, GK_CUDA(gumbel_argmax_cuda));
 }
@@ -114,7 +115,8 @@ void check_order(const std::vector<Node>& nodes, int caches) {
     const bool reads_row = row_cache[n.in] == 1;
     for (size_t t = 0; t < n.dy.size(); ++t) {
       const int64_t dy = n.dy[t], dx = n.dx[t];
-      const bool ok = n.row_level ? (reads_row ? dy <= 0 : dy < 0) : (reads_row ? dy <= 0 : dy < 0 || (dy == 0 && dx <= 0));
+      const bool ok =
+          n.row_level ? (reads_row ? dy <= 0 : dy < 0) : (reads_row ? dy <= 0 : dy < 0 || (dy == 0 && dx <= 0));
       if (!ok) throw ValueError("a tap reads a position that is not computed yet");
     }
     if (n.kind == kGate && !n.row_level && row_cache[n.in] == 1) {
@@ -168,12 +170,13 @@ void sample_entry(const py::list& caches, const py::list& nodes, const Array& ou
 }  // namespace
 
 void bind_pixelcnn_sampling(py::module_& parent) {
-  py::module_ m = parent.def_submodule("pixelcnn_sampling", "genkern._C.pixelcnn_sampling: Gumbel-max draws and the cached sampler");
+  py::module_ m = parent.def_submodule("pixelcnn_sampling",
+                                       "genkern._C.pixelcnn_sampling: Gumbel-max draws and the cached sampler");
   using py::arg;
   m.def("gumbel_argmax", &gumbel_argmax_entry, arg("logits"), arg("base"), arg("out"), arg("seed"), arg("offset"),
         arg("stream") = 0);
-  m.def("sample", &sample_entry, arg("caches"), arg("nodes"), arg("out"), arg("logits"), arg("levels"),
-        arg("scale"), arg("shift"), arg("seed"), arg("offset"), arg("first_sample"), arg("stream") = 0);
+  m.def("sample", &sample_entry, arg("caches"), arg("nodes"), arg("out"), arg("logits"), arg("levels"), arg("scale"),
+        arg("shift"), arg("seed"), arg("offset"), arg("first_sample"), arg("stream") = 0);
 }
 
 }  // namespace gk

@@ -33,12 +33,12 @@ struct Node {
   int kind = kConv;
   bool row_level = false;
   int in = 0, out = 0, residual = -1;  // cache indices; residual: a cache added to the output, or -1
-  bool relu_input = false;               // the convolution reads max(input, 0)
-  bool accumulate = false;               // add to what the output cache holds at the position
-  std::vector<int64_t> dy, dx;           // the taps
-  const float* weight = nullptr;         // (taps, C_in, C_out)
-  const float* bias = nullptr;           // (C_out,) or null
-  const float* cond = nullptr;           // (B, C_out) per-sample bias, or null
+  bool relu_input = false;             // the convolution reads max(input, 0)
+  bool accumulate = false;             // add to what the output cache holds at the position
+  std::vector<int64_t> dy, dx;         // the taps
+  const float* weight = nullptr;       // (taps, C_in, C_out)
+  const float* bias = nullptr;         // (C_out,) or null
+  const float* cond = nullptr;         // (B, C_out) per-sample bias, or null
   int64_t c_in = 0, c_out = 0;
 };
 
@@ -47,9 +47,9 @@ struct SampleArgs {
   std::vector<int64_t> channels;  // of each cache
   std::vector<Node> nodes;
   int64_t batch, colors, height, width, levels;
-  int logits;         // the cache holding the logits: colour c's are channels [c * levels, (c + 1) * levels)
-  int64_t* out;       // (B, colors, H, W) levels
-  float scale, shift; // cache 0 gets scale * level + shift
+  int logits;          // the cache holding the logits: colour c's are channels [c * levels, (c + 1) * levels)
+  int64_t* out;        // (B, colors, H, W) levels
+  float scale, shift;  // cache 0 gets scale * level + shift
   uint64_t seed, offset, first_sample;
 };
 

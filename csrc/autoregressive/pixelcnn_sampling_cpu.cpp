@@ -88,20 +88,36 @@ template <int NS>
 void multiply(const float* rows, const PackedWeight& p, float* result) {
   for (int64_t o = 0; o < p.padded; o += kVectorBlock * kLanes) {
     switch (std::min<int64_t>(kVectorBlock, (p.padded - o) / kLanes)) {
-      case 4: multiply_tile<NS, 4>(rows, p.rows, p.w.get(), p.padded, o, result); break;
-      case 3: multiply_tile<NS, 3>(rows, p.rows, p.w.get(), p.padded, o, result); break;
-      case 2: multiply_tile<NS, 2>(rows, p.rows, p.w.get(), p.padded, o, result); break;
-      default: multiply_tile<NS, 1>(rows, p.rows, p.w.get(), p.padded, o, result); break;
+      case 4:
+        multiply_tile<NS, 4>(rows, p.rows, p.w.get(), p.padded, o, result);
+        break;
+      case 3:
+        multiply_tile<NS, 3>(rows, p.rows, p.w.get(), p.padded, o, result);
+        break;
+      case 2:
+        multiply_tile<NS, 2>(rows, p.rows, p.w.get(), p.padded, o, result);
+        break;
+      default:
+        multiply_tile<NS, 1>(rows, p.rows, p.w.get(), p.padded, o, result);
+        break;
     }
   }
 }
 
 void multiply_block(int ns, const float* rows, const PackedWeight& p, float* result) {
   switch (ns) {
-    case 4: multiply<4>(rows, p, result); break;
-    case 3: multiply<3>(rows, p, result); break;
-    case 2: multiply<2>(rows, p, result); break;
-    default: multiply<1>(rows, p, result); break;
+    case 4:
+      multiply<4>(rows, p, result);
+      break;
+    case 3:
+      multiply<3>(rows, p, result);
+      break;
+    case 2:
+      multiply<2>(rows, p, result);
+      break;
+    default:
+      multiply<1>(rows, p, result);
+      break;
   }
 }
 
@@ -216,7 +232,7 @@ class SliceSampler {
     const uint64_t first_block = base >> 2;
     const int64_t blocks = static_cast<int64_t>(((base + a_.levels + 3) >> 2) - first_block);
     cpu::philox_blocks(a_.seed, a_.offset, first_block, blocks, words_[0].data(), words_[1].data(), words_[2].data(),
-                  words_[3].data());
+                       words_[3].data());
     float* noise = noise_.data();
     for (int lane = 0; lane < 4; ++lane) {
       const uint32_t* w = words_[lane].data();

@@ -4,12 +4,18 @@ namespace gk {
 
 const char* dtype_name(DType d) {
   switch (d) {
-    case DType::float16: return "float16";
-    case DType::bfloat16: return "bfloat16";
-    case DType::float32: return "float32";
-    case DType::float64: return "float64";
-    case DType::uint32: return "uint32";
-    case DType::int64: return "int64";
+    case DType::float16:
+      return "float16";
+    case DType::bfloat16:
+      return "bfloat16";
+    case DType::float32:
+      return "float32";
+    case DType::float64:
+      return "float64";
+    case DType::uint32:
+      return "uint32";
+    case DType::int64:
+      return "int64";
   }
   return "unknown";
 }
@@ -17,11 +23,14 @@ const char* dtype_name(DType d) {
 int64_t dtype_size(DType d) {
   switch (d) {
     case DType::float16:
-    case DType::bfloat16: return 2;
+    case DType::bfloat16:
+      return 2;
     case DType::float32:
-    case DType::uint32: return 4;
+    case DType::uint32:
+      return 4;
     case DType::float64:
-    case DType::int64: return 8;
+    case DType::int64:
+      return 8;
   }
   return 0;
 }
@@ -37,8 +46,7 @@ bool Array::is_contiguous() const {
 }
 
 void check_contiguous(const Array& a, const char* name) {
-  if (a.shape.size() != a.strides.size())
-    throw ValueError(std::string(name) + ": shape and strides differ in length");
+  if (a.shape.size() != a.strides.size()) throw ValueError(std::string(name) + ": shape and strides differ in length");
   for (int64_t s : a.shape)
     if (s < 0) throw ValueError(std::string(name) + ": negative size");
   if (!a.is_contiguous()) throw ValueError(std::string(name) + " must be contiguous");

@@ -62,7 +62,7 @@ GK_HD float log_uniform24(uint32_t k) {
   const bool upper = k >= (1u << 23);
   const float w = static_cast<float>(2u * ((1u << 24) - k) - 1u) * 0x1p-25f;  // 1 - u, exact (upper only)
   const bool near_one = w <= 0.29289321881f;
-  const float f_upper = near_one ? -w : 1.0f - 2.0f * w;                     // exact either way
+  const float f_upper = near_one ? -w : 1.0f - 2.0f * w;  // exact either way
   const float e_upper = near_one ? 0.0f : -1.0f;
   const LogArg lower = log_reduce(static_cast<float>(2u * k + 1u) * 0x1p-25f);  // u exact below 1/2
   return log_core(upper ? f_upper : lower.f, upper ? e_upper : lower.e);
@@ -101,9 +101,9 @@ struct SinCos {
 // sin(2*pi*u) and cos(2*pi*u) for the genkern uniform u = (k + 0.5) * 2^-24, k a 24-bit integer.
 // The quadrant and the reduced argument come from k in exact integer arithmetic.
 GK_HD SinCos sincos_2pi_uniform24(uint32_t k) {
-  const uint32_t q = (k + (1u << 21)) >> 22;                      // nearest multiple of pi/2, 0..4
+  const uint32_t q = (k + (1u << 21)) >> 22;  // nearest multiple of pi/2, 0..4
   const int32_t j = static_cast<int32_t>(k) - static_cast<int32_t>(q << 22);
-  const float r = static_cast<float>(2 * j + 1) * 0x1p-24f;        // angle = pi * (r + q/2), |r| <= 1/4
+  const float r = static_cast<float>(2 * j + 1) * 0x1p-24f;  // angle = pi * (r + q/2), |r| <= 1/4
   const float s = r * r;
   float ps = 8.099576830863953e-2f;
   ps = fma32(ps, s, -5.992013216018677e-1f);

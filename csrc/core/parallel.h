@@ -24,8 +24,12 @@ void parallel_for(int64_t n, Fn fn) {
 template <template <typename> class Kernel, typename Args>
 void dispatch_float(DType dtype, const Args& args) {
   switch (dtype) {
-    case DType::float32: Kernel<float>::run(args); return;
-    case DType::float64: Kernel<double>::run(args); return;
+    case DType::float32:
+      Kernel<float>::run(args);
+      return;
+    case DType::float64:
+      Kernel<double>::run(args);
+      return;
     default:
       throw TypeError(std::string("the cpu backend computes in float32 or float64, got ") + dtype_name(dtype));
   }

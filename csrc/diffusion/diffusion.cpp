@@ -39,7 +39,7 @@ int32_t check_prediction(int64_t prediction) {
 }
 
 void q_sample_entry(const Array& x0, const OptArray& noise, const Array& t, const Array& table, const Array& x_t,
-              uint64_t seed, uint64_t offset, uintptr_t stream) {
+                    uint64_t seed, uint64_t offset, uintptr_t stream) {
   Checked(x0, "x0")(noise, "noise")(x_t, "x_t");
   const int64_t batch = batch_of(x0, "x0");
   check_numel(x_t, x0.numel(), "x_t");
@@ -47,13 +47,23 @@ void q_sample_entry(const Array& x0, const OptArray& noise, const Array& t, cons
   check_schedule(t, table, x0, batch);
   if (x0.numel() == 0) return;
   prepare_output(x_t);
-  const QSampleArgs args{x0.raw(), data_or_null(noise), t.ptr<const int64_t>(), table.ptr<const float>(),
-                         table.shape[0], x_t.raw(), batch, x0.numel() / batch, seed, offset, x0.dtype};
+  const QSampleArgs args{x0.raw(),
+                         data_or_null(noise),
+                         t.ptr<const int64_t>(),
+                         table.ptr<const float>(),
+                         table.shape[0],
+                         x_t.raw(),
+                         batch,
+                         x0.numel() / batch,
+                         seed,
+                         offset,
+                         x0.dtype};
   run_on_device(x0, args, stream, q_sample_cpu, GK_CUDA(q_sample_cuda));
 }
 
 void loss_entry(const Array& model_output, const Array& x0, const OptArray& noise, const Array& t, const Array& table,
-          const Array& out, int64_t prediction, double snr_gamma, uint64_t seed, uint64_t offset, uintptr_t stream) {
+                const Array& out, int64_t prediction, double snr_gamma, uint64_t seed, uint64_t offset,
+                uintptr_t stream) {
   Checked(model_output, "model_output")(x0, "x0")(noise, "noise")(out, "loss");
   const int64_t batch = batch_of(x0, "x0");
   check_numel(model_output, x0.numel(), "model_output");
@@ -61,17 +71,28 @@ void loss_entry(const Array& model_output, const Array& x0, const OptArray& nois
   check_numel(out, batch, "loss");
   check_schedule(t, table, x0, batch);
   if (batch == 0) return;
-  const LossArgs args{model_output.raw(), x0.raw(), data_or_null(noise), t.ptr<const int64_t>(),
-                      table.ptr<const float>(), table.shape[0], out.raw(), batch, x0.numel() / batch, check_prediction(prediction),
-                      static_cast<float>(snr_gamma), seed, offset, x0.dtype};
+  const LossArgs args{model_output.raw(),
+                      x0.raw(),
+                      data_or_null(noise),
+                      t.ptr<const int64_t>(),
+                      table.ptr<const float>(),
+                      table.shape[0],
+                      out.raw(),
+                      batch,
+                      x0.numel() / batch,
+                      check_prediction(prediction),
+                      static_cast<float>(snr_gamma),
+                      seed,
+                      offset,
+                      x0.dtype};
   run_on_device(x0, args, stream, loss_cpu, GK_CUDA(loss_cuda));
 }
 
 void loss_backward_entry(const Array& grad_loss, const Array& model_output, const Array& x0, const OptArray& noise,
-                   const Array& t, const Array& table, const Array& grad_model_output, int64_t prediction,
-                   double snr_gamma, uint64_t seed, uint64_t offset, uintptr_t stream) {
+                         const Array& t, const Array& table, const Array& grad_model_output, int64_t prediction,
+                         double snr_gamma, uint64_t seed, uint64_t offset, uintptr_t stream) {
   Checked(model_output, "model_output")(grad_loss, "grad_loss")(x0, "x0")(noise, "noise")(grad_model_output,
-                                                                                         "grad_model_output");
+                                                                                          "grad_model_output");
   const int64_t batch = batch_of(x0, "x0");
   check_numel(model_output, x0.numel(), "model_output");
   check_numel(grad_model_output, x0.numel(), "grad_model_output");
@@ -80,11 +101,21 @@ void loss_backward_entry(const Array& grad_loss, const Array& model_output, cons
   check_schedule(t, table, x0, batch);
   if (x0.numel() == 0) return;
   prepare_output(grad_model_output);
-  const LossBackwardArgs args{grad_loss.raw(), model_output.raw(), x0.raw(), data_or_null(noise),
-                              t.ptr<const int64_t>(), table.ptr<const float>(), table.shape[0],
-                              grad_model_output.raw(), batch,
-                              x0.numel() / batch, check_prediction(prediction), static_cast<float>(snr_gamma),
-                              seed, offset, x0.dtype};
+  const LossBackwardArgs args{grad_loss.raw(),
+                              model_output.raw(),
+                              x0.raw(),
+                              data_or_null(noise),
+                              t.ptr<const int64_t>(),
+                              table.ptr<const float>(),
+                              table.shape[0],
+                              grad_model_output.raw(),
+                              batch,
+                              x0.numel() / batch,
+                              check_prediction(prediction),
+                              static_cast<float>(snr_gamma),
+                              seed,
+                              offset,
+                              x0.dtype};
   run_on_device(x0, args, stream, loss_backward_cpu, GK_CUDA(loss_backward_cuda));
 }
 
@@ -103,8 +134,8 @@ void step_entry(const Array& model_output, const Array& sample, const OptArray& 
                 const OptArray& dynamic_threshold, const Array& prev_sample, const OptArray& pred_original,
                 int64_t kind, int64_t prediction, int64_t variance, bool guided, double guidance_scale, double clip,
                 double eta, bool use_clipped_model_output, uint64_t seed, uint64_t offset, uintptr_t stream) {
-  Checked(sample, "sample")(model_output, "model_output")(noise, "noise")(prev_sample, "prev_sample")(
-      pred_original, "pred_original");
+  Checked(sample, "sample")(model_output, "model_output")(noise, "noise")(prev_sample, "prev_sample")(pred_original,
+                                                                                                      "pred_original");
   if (kind != kDdpm && kind != kDdim) throw ValueError("kind must be 0 (DDPM) or 1 (DDIM)");
   if (variance < kFixedSmall || variance > kLearnedRange) throw ValueError("unknown variance type");
   const int64_t batch = batch_of(sample, "sample");
@@ -129,14 +160,30 @@ void step_entry(const Array& model_output, const Array& sample, const OptArray& 
   if (sample.numel() == 0) return;
   prepare_output(prev_sample);
   prepare_output(pred_original);
-  const StepArgs args{model_output.raw(), sample.raw(), data_or_null(noise), t.ptr<const int64_t>(),
-                      prev_t ? prev_t->ptr<const int64_t>() : nullptr, table.ptr<const float>(), table.shape[0],
+  const StepArgs args{model_output.raw(),
+                      sample.raw(),
+                      data_or_null(noise),
+                      t.ptr<const int64_t>(),
+                      prev_t ? prev_t->ptr<const int64_t>() : nullptr,
+                      table.ptr<const float>(),
+                      table.shape[0],
                       guidance_rescale ? guidance_rescale->ptr<const float>() : nullptr,
-                      dynamic_threshold ? dynamic_threshold->ptr<const float>() : nullptr, prev_sample.raw(),
-                      data_or_null(pred_original), batch, n, static_cast<int32_t>(kind), check_prediction(prediction),
-                      static_cast<int32_t>(variance), guided ? 1 : 0, static_cast<float>(guidance_scale),
-                      static_cast<float>(clip), static_cast<float>(eta), use_clipped_model_output ? 1 : 0, seed,
-                      offset, sample.dtype};
+                      dynamic_threshold ? dynamic_threshold->ptr<const float>() : nullptr,
+                      prev_sample.raw(),
+                      data_or_null(pred_original),
+                      batch,
+                      n,
+                      static_cast<int32_t>(kind),
+                      check_prediction(prediction),
+                      static_cast<int32_t>(variance),
+                      guided ? 1 : 0,
+                      static_cast<float>(guidance_scale),
+                      static_cast<float>(clip),
+                      static_cast<float>(eta),
+                      use_clipped_model_output ? 1 : 0,
+                      seed,
+                      offset,
+                      sample.dtype};
   run_on_device(sample, args, stream, step_cpu, GK_CUDA(step_cuda));
 }
 
@@ -149,12 +196,12 @@ void bind_diffusion(py::module_& parent) {
         arg("offset"), arg("stream") = 0);
   m.def("loss", &loss_entry, arg("model_output"), arg("x0"), arg("noise"), arg("t"), arg("table"), arg("loss"),
         arg("prediction"), arg("snr_gamma"), arg("seed"), arg("offset"), arg("stream") = 0);
-  m.def("loss_backward", &loss_backward_entry, arg("grad_loss"), arg("model_output"), arg("x0"), arg("noise"),
-        arg("t"), arg("table"), arg("grad_model_output"), arg("prediction"), arg("snr_gamma"), arg("seed"),
-        arg("offset"), arg("stream") = 0);
-  m.def("step", &step_entry, arg("model_output"), arg("sample"), arg("noise"), arg("t"), arg("prev_t"),
-        arg("table"), arg("guidance_rescale"), arg("dynamic_threshold"), arg("prev_sample"), arg("pred_original"),
-        arg("kind"), arg("prediction"), arg("variance"), arg("guided"), arg("guidance_scale"), arg("clip"), arg("eta"),
+  m.def("loss_backward", &loss_backward_entry, arg("grad_loss"), arg("model_output"), arg("x0"), arg("noise"), arg("t"),
+        arg("table"), arg("grad_model_output"), arg("prediction"), arg("snr_gamma"), arg("seed"), arg("offset"),
+        arg("stream") = 0);
+  m.def("step", &step_entry, arg("model_output"), arg("sample"), arg("noise"), arg("t"), arg("prev_t"), arg("table"),
+        arg("guidance_rescale"), arg("dynamic_threshold"), arg("prev_sample"), arg("pred_original"), arg("kind"),
+        arg("prediction"), arg("variance"), arg("guided"), arg("guidance_scale"), arg("clip"), arg("eta"),
         arg("use_clipped_model_output"), arg("seed"), arg("offset"), arg("stream") = 0);
 }
 

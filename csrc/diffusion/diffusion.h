@@ -65,21 +65,21 @@ struct LossBackwardArgs {
 struct StepArgs {
   const void* model_output;
   const void* sample;
-  const void* noise;            // nullable
+  const void* noise;  // nullable
   const int64_t* t;
-  const int64_t* prev_t;        // nullable: t - 1
+  const int64_t* prev_t;  // nullable: t - 1
   const float* table;
   int64_t table_rows;
-  const float* guidance_rescale;  // (batch,) nullable: each sample's rescale factor k (guide)
+  const float* guidance_rescale;   // (batch,) nullable: each sample's rescale factor k (guide)
   const float* dynamic_threshold;  // (batch,) nullable: each sample's threshold q (clamp to +-q, divide by q)
   void* prev_sample;
-  void* pred_original;          // nullable
+  void* pred_original;  // nullable
   int64_t batch, n;
   int32_t kind, prediction, variance;
-  int32_t guided;               // 0 or 1
+  int32_t guided;  // 0 or 1
   float guidance_scale;
-  float clip;                   // > 0: clamp x0_hat to [-clip, clip] (when no dynamic_threshold)
-  float eta;                    // DDIM
+  float clip;  // > 0: clamp x0_hat to [-clip, clip] (when no dynamic_threshold)
+  float eta;   // DDIM
   int32_t use_clipped_model_output;
   uint64_t seed, offset;
   DType dtype;

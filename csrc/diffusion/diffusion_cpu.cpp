@@ -30,9 +30,15 @@ inline Level level_of(const float* table, int64_t rows, const int64_t* t, int64_
 template <typename Fn>
 void with_prediction(int32_t prediction, Fn fn) {
   switch (prediction) {
-    case kEpsilon: fn(std::integral_constant<int32_t, kEpsilon>{}); return;
-    case kVPrediction: fn(std::integral_constant<int32_t, kVPrediction>{}); return;
-    default: fn(std::integral_constant<int32_t, kSample>{}); return;
+    case kEpsilon:
+      fn(std::integral_constant<int32_t, kEpsilon>{});
+      return;
+    case kVPrediction:
+      fn(std::integral_constant<int32_t, kVPrediction>{});
+      return;
+    default:
+      fn(std::integral_constant<int32_t, kSample>{});
+      return;
   }
 }
 
@@ -101,7 +107,8 @@ struct LossKernel {
           alignas(64) T e[kChunk];
           const int64_t b0 = sp * per_span, b1 = std::min(B, b0 + per_span);
           cpu::load_eps(noise, a.seed, a.offset, b0 * n, (b1 - b0) * n, e);
-          for (int64_t b = b0; b < b1; ++b) finish(b, sse(level_of(a.table, a.table_rows, a.t, b), b * n, n, e + (b - b0) * n));
+          for (int64_t b = b0; b < b1; ++b)
+            finish(b, sse(level_of(a.table, a.table_rows, a.t, b), b * n, n, e + (b - b0) * n));
         });
         return;
       }
@@ -147,7 +154,7 @@ struct LossBackwardKernel {
         const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
         cpu::load_eps(noise, a.seed, a.offset, start, len, e);
         cpu::for_each_periodic(start, len, a.n, [&](int64_t t0, int64_t, int64_t cnt) {
-        const int64_t b = (start + t0) / a.n;  // the sample of this run
+          const int64_t b = (start + t0) / a.n;  // the sample of this run
           const Level l = level_of(a.table, a.table_rows, a.t, b);
           const float w = min_snr_weight(l, a.snr_gamma, a.prediction);
           // (grad_loss * weight) / n, then times 2 (m - target): the order of the reference's autograd.
@@ -200,8 +207,8 @@ struct StepKernel {
         if (any_noisy) cpu::load_eps(noise, a.seed, a.offset, start, len, z);
         cpu::for_each_periodic(start, len, n, [&](int64_t t0, int64_t j0, int64_t cnt) {
           const int64_t b = (start + t0) / n;
-          const StepCoefficients<T> c = step_coefficients<T>(a.table, a.table_rows, a.t, a.prev_t, b, Kind,
-                                                             a.variance, T(a.eta));
+          const StepCoefficients<T> c =
+              step_coefficients<T>(a.table, a.table_rows, a.t, a.prev_t, b, Kind, a.variance, T(a.eta));
           // Thresholding: dynamic (clamp to +-q, divide by q), clip, or none (+inf).
           T limit = std::numeric_limits<T>::infinity();
           const bool divide = a.dynamic_threshold != nullptr;
@@ -240,13 +247,19 @@ struct StepKernel {
           const bool noisy = c.noisy && any_noisy;
           const bool learned = Kind == kDdpm && a.variance == kLearnedRange && noisy;
           if (divide) {
-            if (learned) loop(yes{}, yes{}, yes{});
-            else if (noisy) loop(yes{}, no{}, yes{});
-            else loop(no{}, no{}, yes{});
+            if (learned)
+              loop(yes{}, yes{}, yes{});
+            else if (noisy)
+              loop(yes{}, no{}, yes{});
+            else
+              loop(no{}, no{}, yes{});
           } else {
-            if (learned) loop(yes{}, yes{}, no{});
-            else if (noisy) loop(yes{}, no{}, no{});
-            else loop(no{}, no{}, no{});
+            if (learned)
+              loop(yes{}, yes{}, no{});
+            else if (noisy)
+              loop(yes{}, no{}, no{});
+            else
+              loop(no{}, no{}, no{});
           }
         });
       });

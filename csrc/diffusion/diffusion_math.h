@@ -81,15 +81,15 @@ struct StepCoefficients {
   C x0_coef, other_coef;  // DDPM: mean = x0_coef x0_hat + other_coef x_t;  DDIM: x0_coef x0_hat + other_coef eps_hat
   C sigma;                // the noise's std (DDPM fixed variances, DDIM); used only where `noisy`
   C log_var_large, log_var_small;  // learned_range: log sigma^2 = f log_var_large + (1 - f) log_var_small
-  bool noisy;             // whether z is added: DDPM t > 0, DDIM eta > 0
+  bool noisy;                      // whether z is added: DDPM t > 0, DDIM eta > 0
 };
 
 // beta' = 1 - ab_t / ab_prev, written (ab_prev - ab_t) / ab_prev with the difference taken from the columns
 // that hold its digits: 1 - ab near t = 0 (where ab rounds towards 1), ab itself further on.
 template <typename C>
 GK_HD C step_beta(const Level& lt, const Level& lp) {
-  const C diff = lt.alpha_bar > 0.5f ? C(lt.one_minus_alpha_bar) - C(lp.one_minus_alpha_bar)
-                                     : C(lp.alpha_bar) - C(lt.alpha_bar);
+  const C diff =
+      lt.alpha_bar > 0.5f ? C(lt.one_minus_alpha_bar) - C(lp.one_minus_alpha_bar) : C(lp.alpha_bar) - C(lt.alpha_bar);
   return diff / C(lp.alpha_bar);
 }
 

@@ -6,7 +6,7 @@ namespace gk {
 namespace random {
 
 struct StreamArgs {
-  void* out;        // n elements: uint32 bits, or normals of `dtype`
+  void* out;  // n elements: uint32 bits, or normals of `dtype`
   int64_t n;
   uint64_t seed, offset;
   DType dtype;

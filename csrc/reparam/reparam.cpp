@@ -41,9 +41,9 @@ void sample_backward(const Array& grad_z, const Array& mu, const Array& logvar, 
   if (n == 0) return;
   if (grad_z.numel() % n != 0) throw ValueError("grad_z must hold a whole number of samples of mu");
   if (eps) check_numel(*eps, grad_z.numel(), "eps");
-  const SampleBackwardArgs args{grad_z.raw(), mu.raw(),      logvar.raw(),         data_or_null(eps), grad_mu.raw(),
-                                grad_logvar.raw(), n,        grad_z.numel() / n,   seed,              offset,
-                                mu.dtype};
+  const SampleBackwardArgs args{
+      grad_z.raw(),       mu.raw(), logvar.raw(), data_or_null(eps), grad_mu.raw(), grad_logvar.raw(), n,
+      grad_z.numel() / n, seed,     offset,       mu.dtype};
   prepare_output(grad_mu);
   prepare_output(grad_logvar);
   run_on_device(mu, args, stream, sample_backward_cpu, GK_CUDA(sample_backward_cuda));
@@ -64,7 +64,8 @@ void kl_backward(const Array& grad_kl, const Array& mu, const Array& logvar, con
                  const Array& grad_logvar, int64_t outer, int64_t dim, int64_t inner, uintptr_t stream) {
   Checked(mu, "mu")(logvar, "logvar")(grad_kl, "grad_kl")(grad_mu, "grad_mu")(grad_logvar, "grad_logvar");
   const ReduceShape s = reduce_shape(outer, dim, inner);
-  for (auto [a, name] : {std::pair{&mu, "mu"}, {&logvar, "logvar"}, {&grad_mu, "grad_mu"}, {&grad_logvar, "grad_logvar"}})
+  for (auto [a, name] :
+       {std::pair{&mu, "mu"}, {&logvar, "logvar"}, {&grad_mu, "grad_mu"}, {&grad_logvar, "grad_logvar"}})
     check_numel(*a, s.numel(), name);
   check_numel(grad_kl, s.rows(), "grad_kl");
   if (s.numel() == 0) return;
@@ -93,14 +94,23 @@ void sample_kl_backward(const OptArray& grad_z, const OptArray& grad_kl, const A
   Checked(mu, "mu")(logvar, "logvar")(grad_z, "grad_z")(grad_kl, "grad_kl")(eps, "eps")(grad_mu, "grad_mu")(
       grad_logvar, "grad_logvar");
   const ReduceShape s = reduce_shape(outer, dim, inner);
-  for (auto [a, name] : {std::pair{&mu, "mu"}, {&logvar, "logvar"}, {&grad_mu, "grad_mu"}, {&grad_logvar, "grad_logvar"}})
+  for (auto [a, name] :
+       {std::pair{&mu, "mu"}, {&logvar, "logvar"}, {&grad_mu, "grad_mu"}, {&grad_logvar, "grad_logvar"}})
     check_numel(*a, s.numel(), name);
   if (grad_z) check_numel(*grad_z, s.numel(), "grad_z");
   if (eps) check_numel(*eps, s.numel(), "eps");
   if (grad_kl) check_numel(*grad_kl, s.rows(), "grad_kl");
   if (s.numel() == 0) return;
-  const SampleKlBackwardArgs args{data_or_null(grad_z), data_or_null(grad_kl), mu.raw(), logvar.raw(), data_or_null(eps),
-                                  grad_mu.raw(),        grad_logvar.raw(),     s,        seed,         offset,
+  const SampleKlBackwardArgs args{data_or_null(grad_z),
+                                  data_or_null(grad_kl),
+                                  mu.raw(),
+                                  logvar.raw(),
+                                  data_or_null(eps),
+                                  grad_mu.raw(),
+                                  grad_logvar.raw(),
+                                  s,
+                                  seed,
+                                  offset,
                                   mu.dtype};
   prepare_output(grad_mu);
   prepare_output(grad_logvar);
@@ -118,8 +128,8 @@ int64_t check_param_outer(int64_t outer, int64_t param_outer) {
   return param_outer;
 }
 
-void log_prob(const Array& z, const OptArray& mu, const OptArray& logvar, const Array& out, int64_t outer,
-              int64_t dim, int64_t inner, int64_t param_outer, uintptr_t stream) {
+void log_prob(const Array& z, const OptArray& mu, const OptArray& logvar, const Array& out, int64_t outer, int64_t dim,
+              int64_t inner, int64_t param_outer, uintptr_t stream) {
   Checked(z, "z")(mu, "mu")(logvar, "logvar")(out, "out");
   const ReduceShape s = reduce_shape(outer, dim, inner);
   check_numel(z, s.numel(), "z");
@@ -141,8 +151,9 @@ void log_prob_backward(const Array& grad_out, const Array& z, const OptArray& mu
   check_params(mu, logvar, check_param_outer(outer, param_outer) * dim * inner);
   check_numel(grad_out, s.rows(), "grad_out");
   if (s.numel() == 0) return;
-  const LogProbBackwardArgs args{grad_out.raw(), z.raw(), data_or_null(mu), data_or_null(logvar), grad_z.raw(),
-                                 data_or_null(grad_logvar), s, param_outer, z.dtype};
+  const LogProbBackwardArgs args{
+      grad_out.raw(), z.raw(), data_or_null(mu), data_or_null(logvar), grad_z.raw(), data_or_null(grad_logvar), s,
+      param_outer,    z.dtype};
   prepare_output(grad_z);
   prepare_output(grad_logvar);
   run_on_device(z, args, stream, log_prob_backward_cpu, GK_CUDA(log_prob_backward_cuda));
@@ -170,8 +181,8 @@ void iwae(const Array& log_px_z, const Array& z, const Array& mu, const Array& l
   check_numel(log_w, s.samples * s.batch, "log_w");
   check_numel(bound, s.batch, "bound");
   if (s.batch == 0) return;
-  const IwaeArgs args{log_px_z.raw(), z.raw(),   mu.raw(), logvar.raw(), bound.raw(), log_w.raw(),
-                      s.samples,      s.batch,   s.dim,    z.dtype};
+  const IwaeArgs args{log_px_z.raw(), z.raw(),   mu.raw(), logvar.raw(), bound.raw(),
+                      log_w.raw(),    s.samples, s.batch,  s.dim,        z.dtype};
   run_on_device(z, args, stream, iwae_cpu, GK_CUDA(iwae_cuda));
 }
 
@@ -188,9 +199,9 @@ void iwae_backward(const Array& grad_bound, const Array& log_w, const Array& bou
   check_numel(grad_mu, mu.numel(), "grad_mu");
   check_numel(grad_logvar, mu.numel(), "grad_logvar");
   if (s.batch == 0) return;
-  const IwaeBackwardArgs args{grad_bound.raw(), log_w.raw(),   bound.raw(),       z.raw(), mu.raw(),
-                              logvar.raw(),     grad_log_px_z.raw(), grad_z.raw(), grad_mu.raw(), grad_logvar.raw(),
-                              s.samples,        s.batch,       s.dim,             z.dtype};
+  const IwaeBackwardArgs args{
+      grad_bound.raw(), log_w.raw(),   bound.raw(),       z.raw(),   mu.raw(), logvar.raw(), grad_log_px_z.raw(),
+      grad_z.raw(),     grad_mu.raw(), grad_logvar.raw(), s.samples, s.batch,  s.dim,        z.dtype};
   prepare_output(grad_z);
   run_on_device(z, args, stream, iwae_backward_cpu, GK_CUDA(iwae_backward_cuda));
 }
@@ -202,22 +213,20 @@ void bind_reparam(py::module_& parent) {
   using py::arg;
   m.def("sample", &sample, arg("mu"), arg("logvar"), arg("eps"), arg("z"), arg("seed"), arg("offset"),
         arg("stream") = 0);
-  m.def("sample_backward", &sample_backward, arg("grad_z"), arg("mu"), arg("logvar"), arg("eps"),
-        arg("grad_mu"), arg("grad_logvar"), arg("seed"), arg("offset"), arg("stream") = 0);
-  m.def("kl", &kl, arg("mu"), arg("logvar"), arg("kl"), arg("outer"), arg("dim"), arg("inner"),
+  m.def("sample_backward", &sample_backward, arg("grad_z"), arg("mu"), arg("logvar"), arg("eps"), arg("grad_mu"),
+        arg("grad_logvar"), arg("seed"), arg("offset"), arg("stream") = 0);
+  m.def("kl", &kl, arg("mu"), arg("logvar"), arg("kl"), arg("outer"), arg("dim"), arg("inner"), arg("stream") = 0);
+  m.def("kl_backward", &kl_backward, arg("grad_kl"), arg("mu"), arg("logvar"), arg("grad_mu"), arg("grad_logvar"),
+        arg("outer"), arg("dim"), arg("inner"), arg("stream") = 0);
+  m.def("sample_kl", &sample_kl, arg("mu"), arg("logvar"), arg("eps"), arg("z"), arg("kl"), arg("outer"), arg("dim"),
+        arg("inner"), arg("seed"), arg("offset"), arg("stream") = 0);
+  m.def("sample_kl_backward", &sample_kl_backward, arg("grad_z"), arg("grad_kl"), arg("mu"), arg("logvar"), arg("eps"),
+        arg("grad_mu"), arg("grad_logvar"), arg("outer"), arg("dim"), arg("inner"), arg("seed"), arg("offset"),
         arg("stream") = 0);
-  m.def("kl_backward", &kl_backward, arg("grad_kl"), arg("mu"), arg("logvar"), arg("grad_mu"),
-        arg("grad_logvar"), arg("outer"), arg("dim"), arg("inner"), arg("stream") = 0);
-  m.def("sample_kl", &sample_kl, arg("mu"), arg("logvar"), arg("eps"), arg("z"), arg("kl"), arg("outer"),
-        arg("dim"), arg("inner"), arg("seed"), arg("offset"), arg("stream") = 0);
-  m.def("sample_kl_backward", &sample_kl_backward, arg("grad_z"), arg("grad_kl"), arg("mu"), arg("logvar"),
-        arg("eps"), arg("grad_mu"), arg("grad_logvar"), arg("outer"), arg("dim"), arg("inner"), arg("seed"),
-        arg("offset"), arg("stream") = 0);
-  m.def("log_prob", &log_prob, arg("z"), arg("mu"), arg("logvar"), arg("out"), arg("outer"), arg("dim"),
-        arg("inner"), arg("param_outer"), arg("stream") = 0);
-  m.def("log_prob_backward", &log_prob_backward, arg("grad_out"), arg("z"), arg("mu"), arg("logvar"),
-        arg("grad_z"), arg("grad_logvar"), arg("outer"), arg("dim"), arg("inner"), arg("param_outer"),
-        arg("stream") = 0);
+  m.def("log_prob", &log_prob, arg("z"), arg("mu"), arg("logvar"), arg("out"), arg("outer"), arg("dim"), arg("inner"),
+        arg("param_outer"), arg("stream") = 0);
+  m.def("log_prob_backward", &log_prob_backward, arg("grad_out"), arg("z"), arg("mu"), arg("logvar"), arg("grad_z"),
+        arg("grad_logvar"), arg("outer"), arg("dim"), arg("inner"), arg("param_outer"), arg("stream") = 0);
   m.def("iwae", &iwae, arg("log_px_z"), arg("z"), arg("mu"), arg("logvar"), arg("bound"), arg("log_w"),
         arg("stream") = 0);
   m.def("iwae_backward", &iwae_backward, arg("grad_bound"), arg("log_w"), arg("bound"), arg("z"), arg("mu"),

@@ -122,23 +122,24 @@ struct SampleKlBackwardKernel {
     const T* eps = static_cast<const T*>(a.eps);
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
-    cpu::broadcast_spans<T>(a.shape, static_cast<const T*>(a.grad_kl), [&](int64_t start, int64_t len, const T* grad_kl) {
-      alignas(64) T e[kChunk];
-      alignas(64) T gz[kChunk];
-      if (grad_z) {
-        cpu::load_eps(eps, a.seed, a.offset, start, len, e);
-        std::copy(grad_z + start, grad_z + start + len, gz);
-      } else {
-        std::fill(e, e + len, T(0));
-        std::fill(gz, gz + len, T(0));
-      }
+    cpu::broadcast_spans<T>(a.shape, static_cast<const T*>(a.grad_kl),
+                            [&](int64_t start, int64_t len, const T* grad_kl) {
+                              alignas(64) T e[kChunk];
+                              alignas(64) T gz[kChunk];
+                              if (grad_z) {
+                                cpu::load_eps(eps, a.seed, a.offset, start, len, e);
+                                std::copy(grad_z + start, grad_z + start + len, gz);
+                              } else {
+                                std::fill(e, e + len, T(0));
+                                std::fill(gz, gz + len, T(0));
+                              }
 #pragma omp simd
-      for (int64_t t = 0; t < len; ++t) {
-        const T m = mu[start + t], lv = logvar[start + t];
-        grad_mu[start + t] = gz[t] + grad_kl[t] * kl_dmu(m);
-        grad_logvar[start + t] = gz[t] * sample_dlogvar(lv, e[t]) + grad_kl[t] * kl_dlogvar(lv);
-      }
-    });
+                              for (int64_t t = 0; t < len; ++t) {
+                                const T m = mu[start + t], lv = logvar[start + t];
+                                grad_mu[start + t] = gz[t] + grad_kl[t] * kl_dmu(m);
+                                grad_logvar[start + t] = gz[t] * sample_dlogvar(lv, e[t]) + grad_kl[t] * kl_dlogvar(lv);
+                              }
+                            });
   }
 };
 

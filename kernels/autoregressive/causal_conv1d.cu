@@ -58,7 +58,6 @@ constexpr int64_t kSegmentMin = 4096;
 // State shift: elements per thread per stage.
 constexpr int kShiftPer = 4;
 
-
 // ---------------------------------------------------------------------------------------------------------
 // What the convolution kernels do with the finished sum z of output element idx.
 
@@ -89,8 +88,8 @@ struct StorePlain {  // grad_x
 // `In` is the input's element type: S, or the compute type for a dL/dz scratch.
 
 template <typename S, typename In, bool Transposed, typename Epi>
-__global__ void __launch_bounds__(kThreads) depthwise_kernel(const In* in, const S* w, const S* bias, ConvShape s,
-                                                             Epi epi) {
+__global__ void __launch_bounds__(kThreads)
+    depthwise_kernel(const In* in, const S* w, const S* bias, ConvShape s, Epi epi) {
   using C = compute_t<S>;
   const int64_t len = s.length, tiles = ceil_div(len, kPer), items = s.batch * s.c_out * tiles;
   for (int64_t item = gpu::thread_index(); item < items; item += gpu::thread_count()) {
@@ -234,8 +233,8 @@ Segments segments_for(int64_t n, int64_t tiles, int64_t multiple) {
 
 // out[j] = sum_s partial[s * count + j], s ascending.
 template <typename S>
-__global__ void __launch_bounds__(kThreads) sum_segments_kernel(const compute_t<S>* partial, int64_t segs,
-                                                                int64_t count, S* out) {
+__global__ void __launch_bounds__(kThreads)
+    sum_segments_kernel(const compute_t<S>* partial, int64_t segs, int64_t count, S* out) {
   using C = compute_t<S>;
   for (int64_t j = gpu::thread_index(); j < count; j += gpu::thread_count()) {
     C acc = C(0);
@@ -255,10 +254,9 @@ void sum_segments(const compute_t<S>* partial, int64_t segs, int64_t count, S* o
 // (when not null) = sum of gz[b, c, l]. Each thread sums its strided positions in order, then the block adds
 // the threads' sums in a fixed tree. taps == 0 gives the bias alone (x unused).
 template <typename S, typename G>
-__global__ void __launch_bounds__(kThreads) channel_grad_kernel(const G* gz, const S* x, int64_t batch,
-                                                                int64_t channels, int64_t len, int64_t taps,
-                                                                int64_t dilation, int64_t k0, Segments segs,
-                                                                compute_t<S>* partial_w, compute_t<S>* partial_b) {
+__global__ void __launch_bounds__(kThreads)
+    channel_grad_kernel(const G* gz, const S* x, int64_t batch, int64_t channels, int64_t len, int64_t taps,
+                        int64_t dilation, int64_t k0, Segments segs, compute_t<S>* partial_w, compute_t<S>* partial_b) {
   using C = compute_t<S>;
   const int64_t n = batch * len, items = channels * segs.count;
   const int64_t nk = min(taps - k0, int64_t(kTapsPerPass));
@@ -298,8 +296,8 @@ __global__ void __launch_bounds__(kThreads) channel_grad_kernel(const G* gz, con
 // Full weight gradient, a GEMM over positions: partial[seg][o][p] = sum over the segment's flat positions
 // q = b * L + l, ascending, of gz[b, o, l] x[b, i, l - shift_k], p = i * K + k.
 template <typename S, typename G>
-__global__ void __launch_bounds__(kThreads) full_grad_weight_kernel(const G* gz, const S* x, ConvShape s, Segments segs,
-                                                                    compute_t<S>* partial) {
+__global__ void __launch_bounds__(kThreads)
+    full_grad_weight_kernel(const G* gz, const S* x, ConvShape s, Segments segs, compute_t<S>* partial) {
   using C = compute_t<S>;
   __shared__ C gs[kTileO][kChunkL + 1];  // +1: the compute loop reads columns of xs without bank conflicts
   __shared__ C xs[kTileP][kChunkL + 1];
@@ -307,7 +305,7 @@ __global__ void __launch_bounds__(kThreads) full_grad_weight_kernel(const G* gz,
   const int64_t tiles_o = ceil_div(s.c_out, kTileO), tiles_p = ceil_div(pairs, kTileP);
   const int64_t items = tiles_o * tiles_p * segs.count;
   const int tid = threadIdx.x, col = tid % kChunkL, row0 = tid / kChunkL;  // staging: rows row0 + 8 m
-  const int lane = tid % 32, warp = tid / 32;                               // compute: p = lane, o = warp + 8 e
+  const int lane = tid % 32, warp = tid / 32;                              // compute: p = lane, o = warp + 8 e
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     int64_t rest, seg, tile_o, tile_p;
     divmod(item, segs.count, rest, seg);
@@ -335,8 +333,8 @@ __global__ void __launch_bounds__(kThreads) full_grad_weight_kernel(const G* gz,
         const int r = row0 + 8 * m;
         const int64_t o = o0 + r;
         gs[r][col] = q_ok && o < s.c_out ? C(load(gz, (b * s.c_out + o) * len + l)) : C(0);
-        xs[r][col] = q_ok && chan[m] >= 0 && l >= shift[m] ? load(x, (b * s.c_in + chan[m]) * len + l - shift[m])
-                                                           : C(0);
+        xs[r][col] =
+            q_ok && chan[m] >= 0 && l >= shift[m] ? load(x, (b * s.c_in + chan[m]) * len + l - shift[m]) : C(0);
       }
       __syncthreads();
       const int count = static_cast<int>(min(q_end - q0, int64_t(kChunkL)));
@@ -436,8 +434,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
 // are written. So nothing is overwritten before it is read, and a later stage reads only elements that no
 // earlier stage wrote (it reads at or after its own start, earlier stages wrote before it).
 template <typename S>
-__global__ void __launch_bounds__(kThreads) shift_state_kernel(S* state, const S* x, int64_t rows, int64_t width,
-                                                               int64_t rows_per_block) {
+__global__ void __launch_bounds__(kThreads)
+    shift_state_kernel(S* state, const S* x, int64_t rows, int64_t width, int64_t rows_per_block) {
   constexpr int64_t kStage = int64_t(kThreads) * kShiftPer;
   const int64_t groups = ceil_div(rows, rows_per_block);
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {

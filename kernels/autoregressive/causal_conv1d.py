@@ -24,6 +24,7 @@ Work per program:
 * the gate runs over [BLOCK_R, BLOCK_J] tiles of x viewed as (outer, 2, inner).
 All indices are int64.
 """
+
 from collections import namedtuple
 
 import torch
@@ -172,10 +173,31 @@ def _sizes(t):
 
 
 @triton.jit
-def _conv_kernel(in_ptr, w_ptr, bias_ptr, g_ptr, out_ptr, n_rows, n_red, n_out, length, taps, dilation, w_q, w_r,
-                 q_blocks, l_blocks,
-                 DEPTHWISE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                 MODE: tl.constexpr, CT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr):
+def _conv_kernel(
+    in_ptr,
+    w_ptr,
+    bias_ptr,
+    g_ptr,
+    out_ptr,
+    n_rows,
+    n_red,
+    n_out,
+    length,
+    taps,
+    dilation,
+    w_q,
+    w_r,
+    q_blocks,
+    l_blocks,
+    DEPTHWISE: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    MODE: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """A [BLOCK_Q rows, BLOCK_L positions] tile. Depthwise, the rows are any BLOCK_Q consecutive (b, c) rows
     (each reads its own input row) of the n_rows = B * C; otherwise BLOCK_Q channels of one sample b, which
     share the input rows."""
@@ -263,11 +285,33 @@ def _launch_conv(s, inp, weight, bias, g, out, activation, mode, transposed, ct)
         block_q = min(triton.next_power_of_2(n_out), max(1, sizes.tile // block_l), FULL_BLOCK_Q)
         q_blocks = triton.cdiv(n_out, block_q)
         programs = s.batch * q_blocks * l_blocks
-    launch(_conv_kernel, (programs,), inp, weight, bias if bias is not None else weight,
-           g if g is not None else out, out, s.batch * n_out, n_red, n_out, s.length, s.taps, s.dilation, w_q, w_r,
-           q_blocks, l_blocks,
-           DEPTHWISE=s.depthwise, TRANSPOSED=transposed, HAS_BIAS=bias is not None, ACT=activation, MODE=mode, CT=ct,
-           BLOCK_Q=block_q, BLOCK_L=block_l)
+    launch(
+        _conv_kernel,
+        (programs,),
+        inp,
+        weight,
+        bias if bias is not None else weight,
+        g if g is not None else out,
+        out,
+        s.batch * n_out,
+        n_red,
+        n_out,
+        s.length,
+        s.taps,
+        s.dilation,
+        w_q,
+        w_r,
+        q_blocks,
+        l_blocks,
+        DEPTHWISE=s.depthwise,
+        TRANSPOSED=transposed,
+        HAS_BIAS=bias is not None,
+        ACT=activation,
+        MODE=mode,
+        CT=ct,
+        BLOCK_Q=block_q,
+        BLOCK_L=block_l,
+    )
 
 
 def forward(x, weight, bias, y, dilation, activation):
@@ -296,9 +340,26 @@ def _segments(n, tiles):
 
 
 @triton.jit
-def _channel_grad_kernel(gz_ptr, x_ptr, pw_ptr, pb_ptr, channels, length, taps, dilation, n, seg_len, segs,
-                         k_blocks, HAS_TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+def _channel_grad_kernel(
+    gz_ptr,
+    x_ptr,
+    pw_ptr,
+    pb_ptr,
+    channels,
+    length,
+    taps,
+    dilation,
+    n,
+    seg_len,
+    segs,
+    k_blocks,
+    HAS_TAPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """Program (channel block, segment, tap block): pw[seg, c, k] = sum over the segment's flat positions
     b * L + l of gz[b, c, l] x[b, c, l - shift_k]; pb[seg, c] = sum of gz[b, c, l] (tap block 0 writes it).
     Tiles are [BLOCK_C channels, BLOCK_K taps, BLOCK_L positions]."""
@@ -331,16 +392,34 @@ def _channel_grad_kernel(gz_ptr, x_ptr, pw_ptr, pb_ptr, channels, length, taps, 
             xv = tl.load(x_ptr + rows[:, None, :] + src[None, :, :], mask=m, other=0.0).to(CT)
             acc += g[:, None, :] * xv
     if HAS_TAPS:
-        tl.store(pw_ptr + ((seg * channels + c) * taps)[:, None] + k[None, :], tl.sum(acc, axis=2),
-                 mask=cmask[:, None] & kmask[None, :])
+        tl.store(
+            pw_ptr + ((seg * channels + c) * taps)[:, None] + k[None, :],
+            tl.sum(acc, axis=2),
+            mask=cmask[:, None] & kmask[None, :],
+        )
     if HAS_BIAS:
         tl.store(pb_ptr + seg * channels + c, tl.sum(acc_b, axis=1), mask=cmask & ((c * 0 + kb) == 0))
 
 
 @triton.jit
-def _full_grad_weight_kernel(gz_ptr, x_ptr, pw_ptr, c_out, c_in, length, taps, dilation, n, seg_len, segs,
-                             p_blocks, CT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
-                             BLOCK_L: tl.constexpr):
+def _full_grad_weight_kernel(
+    gz_ptr,
+    x_ptr,
+    pw_ptr,
+    c_out,
+    c_in,
+    length,
+    taps,
+    dilation,
+    n,
+    seg_len,
+    segs,
+    p_blocks,
+    CT: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """Program (o tile, segment, pair tile): pw[seg, o, p] = sum over the segment's flat positions b * L + l
     of gz[b, o, l] x[b, i, l - shift_k], p = i * K + k."""
     pid = tl.program_id(0).to(tl.int64)
@@ -362,11 +441,17 @@ def _full_grad_weight_kernel(gz_ptr, x_ptr, pw_ptr, c_out, c_in, length, taps, d
         qmask = q < end
         b = q // length
         l = q - b * length
-        g = tl.load(gz_ptr + (b[None, :] * c_out + o[:, None]) * length + l[None, :],
-                    mask=omask[:, None] & qmask[None, :], other=0.0).to(CT)
+        g = tl.load(
+            gz_ptr + (b[None, :] * c_out + o[:, None]) * length + l[None, :],
+            mask=omask[:, None] & qmask[None, :],
+            other=0.0,
+        ).to(CT)
         src = l[None, :] - shift[:, None]
-        xv = tl.load(x_ptr + (b[None, :] * c_in + i[:, None]) * length + src,
-                     mask=pmask[:, None] & qmask[None, :] & (src >= 0), other=0.0).to(CT)
+        xv = tl.load(
+            x_ptr + (b[None, :] * c_in + i[:, None]) * length + src,
+            mask=pmask[:, None] & qmask[None, :] & (src >= 0),
+            other=0.0,
+        ).to(CT)
         acc += tl.sum(g[:, None, :] * xv[None, :, :], axis=2)
     tl.store(pw_ptr + (seg * c_out + o[:, None]) * pairs + p[None, :], acc, mask=omask[:, None] & pmask[None, :])
 
@@ -410,10 +495,28 @@ def _weight_grads(s, gz, x, grad_w, grad_b, ct):
         block_c = min(triton.next_power_of_2(s.c_out), sizes.reduce_c)
         pw = torch.empty((segs, s.c_out, taps), dtype=dtype, device=x.device) if taps else None
         pb = torch.empty((segs, s.c_out), dtype=dtype, device=x.device) if grad_b is not None else None
-        launch(_channel_grad_kernel, (triton.cdiv(s.c_out, block_c) * segs * k_blocks,), gz, x,
-               pw if pw is not None else pb, pb if pb is not None else pw, s.c_out, s.length, max(taps, 1), s.dilation,
-               n, seg_len, segs, k_blocks, HAS_TAPS=taps > 0, HAS_BIAS=grad_b is not None, CT=ct, BLOCK_C=block_c,
-               BLOCK_K=block_k, BLOCK_L=block_l)
+        launch(
+            _channel_grad_kernel,
+            (triton.cdiv(s.c_out, block_c) * segs * k_blocks,),
+            gz,
+            x,
+            pw if pw is not None else pb,
+            pb if pb is not None else pw,
+            s.c_out,
+            s.length,
+            max(taps, 1),
+            s.dilation,
+            n,
+            seg_len,
+            segs,
+            k_blocks,
+            HAS_TAPS=taps > 0,
+            HAS_BIAS=grad_b is not None,
+            CT=ct,
+            BLOCK_C=block_c,
+            BLOCK_K=block_k,
+            BLOCK_L=block_l,
+        )
         if pw is not None:
             _sum_segments(pw, segs, grad_w)
         if pb is not None:
@@ -423,22 +526,52 @@ def _weight_grads(s, gz, x, grad_w, grad_b, ct):
         o_blocks, p_blocks = triton.cdiv(s.c_out, WEIGHT_TILE), triton.cdiv(pairs, WEIGHT_TILE)
         segs, seg_len = _segments(n, o_blocks * p_blocks)
         pw = torch.empty((segs, s.c_out, pairs), dtype=dtype, device=x.device)
-        launch(_full_grad_weight_kernel, (o_blocks * segs * p_blocks,), gz, x, pw, s.c_out, s.c_in, s.length, s.taps,
-               s.dilation, n, seg_len, segs, p_blocks, CT=ct, BLOCK_O=WEIGHT_TILE, BLOCK_P=WEIGHT_TILE,
-               BLOCK_L=min(triton.next_power_of_2(seg_len), sizes.weight_l))
+        launch(
+            _full_grad_weight_kernel,
+            (o_blocks * segs * p_blocks,),
+            gz,
+            x,
+            pw,
+            s.c_out,
+            s.c_in,
+            s.length,
+            s.taps,
+            s.dilation,
+            n,
+            seg_len,
+            segs,
+            p_blocks,
+            CT=ct,
+            BLOCK_O=WEIGHT_TILE,
+            BLOCK_P=WEIGHT_TILE,
+            BLOCK_L=min(triton.next_power_of_2(seg_len), sizes.weight_l),
+        )
         _sum_segments(pw, segs, grad_w)
 
 
 def backward(grad_y, x, weight, bias, grad_x, grad_weight, grad_bias, dilation, activation):
-    """(grad_x, grad_weight, grad_bias) of forward: ConvBackwardArgs of csrc/autoregressive/causal_conv1d.h. grad_bias is
+    """(grad_x, grad_weight, grad_bias) of forward: ConvBackwardArgs of csrc/autoregressive/causal_conv1d.h.
+    grad_bias is
     None without a bias (or when not wanted); the pre-activation is recomputed."""
-    check(x.dtype, grad_y=grad_y, x=x, weight=weight, bias=bias, grad_x=grad_x, grad_weight=grad_weight,
-          grad_bias=grad_bias)
+    check(
+        x.dtype,
+        grad_y=grad_y,
+        x=x,
+        weight=weight,
+        bias=bias,
+        grad_x=grad_x,
+        grad_weight=grad_weight,
+        grad_bias=grad_bias,
+    )
     s = _conv_shape(x, weight, dilation)
     activation = _check_activation(activation)
-    for name, t, numel in (("bias", bias, s.c_out), ("grad_bias", grad_bias, s.c_out),
-                           ("grad_y", grad_y, s.batch * s.c_out * s.length), ("grad_x", grad_x, x.numel()),
-                           ("grad_weight", grad_weight, weight.numel())):
+    for name, t, numel in (
+        ("bias", bias, s.c_out),
+        ("grad_bias", grad_bias, s.c_out),
+        ("grad_y", grad_y, s.batch * s.c_out * s.length),
+        ("grad_x", grad_x, x.numel()),
+        ("grad_weight", grad_weight, weight.numel()),
+    ):
         if t is not None:
             _check_numel(name, t, numel)
     ct = compute_type(x)
@@ -457,9 +590,25 @@ def backward(grad_y, x, weight, bias, grad_x, grad_weight, grad_bias, dilation, 
 
 
 @triton.jit
-def _update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, rows, c_in, c_out, taps, dilation, width,
-                   DEPTHWISE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CT: tl.constexpr,
-                   BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _update_kernel(
+    x_ptr,
+    state_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    rows,
+    c_in,
+    c_out,
+    taps,
+    dilation,
+    width,
+    DEPTHWISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """y[b, o] = act(bias[o] + sum_j (sum_{k < K-1} w[o, j, k] state[b, i, W - shift_k] + w[o, j, K-1] x[b, i]))
     with i = o depthwise, else j: BLOCK outputs, the past taps BLOCK_K at a time."""
     row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -531,16 +680,34 @@ def update(x, state, weight, bias, y, dilation, activation):
     rows = s.batch * s.c_out
     if rows > 0:
         # Every output reads the old state before any of it shifts: two kernels, in launch order.
-        launch(_update_kernel, (triton.cdiv(rows, UPDATE_BLOCK),), x, state, weight,
-               bias if bias is not None else weight, y, rows, s.c_in, s.c_out, s.taps, s.dilation, width,
-               DEPTHWISE=s.depthwise, HAS_BIAS=bias is not None, ACT=activation, CT=compute_type(x),
-               BLOCK=UPDATE_BLOCK, BLOCK_K=min(triton.next_power_of_2(max(s.taps - 1, 1)), UPDATE_TAPS))
+        launch(
+            _update_kernel,
+            (triton.cdiv(rows, UPDATE_BLOCK),),
+            x,
+            state,
+            weight,
+            bias if bias is not None else weight,
+            y,
+            rows,
+            s.c_in,
+            s.c_out,
+            s.taps,
+            s.dilation,
+            width,
+            DEPTHWISE=s.depthwise,
+            HAS_BIAS=bias is not None,
+            ACT=activation,
+            CT=compute_type(x),
+            BLOCK=UPDATE_BLOCK,
+            BLOCK_K=min(triton.next_power_of_2(max(s.taps - 1, 1)), UPDATE_TAPS),
+        )
     rows = s.batch * s.c_in
     if rows > 0 and width > 0:
         block_w = min(triton.next_power_of_2(width), SHIFT_TILE)
         block_r = max(1, SHIFT_TILE // block_w)
-        launch(_shift_state_kernel, (triton.cdiv(rows, block_r),), state, x, rows, width,
-               BLOCK_R=block_r, BLOCK_W=block_w)
+        launch(
+            _shift_state_kernel, (triton.cdiv(rows, block_r),), state, x, rows, width, BLOCK_R=block_r, BLOCK_W=block_w
+        )
     return y
 
 
@@ -567,8 +734,7 @@ def _gate_tile(outer, inner, j_blocks, BLOCK_R: tl.constexpr, BLOCK_J: tl.conste
 
 
 @triton.jit
-def _gated_kernel(x_ptr, y_ptr, outer, inner, j_blocks, CT: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_J: tl.constexpr):
+def _gated_kernel(x_ptr, y_ptr, outer, inner, j_blocks, CT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
     y_offs, a_offs, mask = _gate_tile(outer, inner, j_blocks, BLOCK_R, BLOCK_J)
     a = tl.load(x_ptr + a_offs, mask=mask, other=0.0).to(CT)
     b = tl.load(x_ptr + a_offs + inner, mask=mask, other=0.0).to(CT)
@@ -576,8 +742,9 @@ def _gated_kernel(x_ptr, y_ptr, outer, inner, j_blocks, CT: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _gated_backward_kernel(g_ptr, x_ptr, gx_ptr, outer, inner, j_blocks, CT: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_J: tl.constexpr):
+def _gated_backward_kernel(
+    g_ptr, x_ptr, gx_ptr, outer, inner, j_blocks, CT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr
+):
     """d/da = (1 - tanh^2 a) sigmoid b, d/db = tanh a sigmoid b (1 - sigmoid b), times grad_y."""
     y_offs, a_offs, mask = _gate_tile(outer, inner, j_blocks, BLOCK_R, BLOCK_J)
     a = tl.load(x_ptr + a_offs, mask=mask, other=0.0).to(CT)
@@ -620,6 +787,17 @@ def gated_backward(grad_y, x, grad_x, outer, inner):
     if x.numel() == 0:
         return grad_x
     grid, block_r, block_j, j_blocks = _gate_config(outer, inner, x)
-    launch(_gated_backward_kernel, grid, grad_y, x, grad_x, outer, inner, j_blocks, CT=compute_type(x),
-           BLOCK_R=block_r, BLOCK_J=block_j)
+    launch(
+        _gated_backward_kernel,
+        grid,
+        grad_y,
+        x,
+        grad_x,
+        outer,
+        inner,
+        j_blocks,
+        CT=compute_type(x),
+        BLOCK_R=block_r,
+        BLOCK_J=block_j,
+    )
     return grad_x

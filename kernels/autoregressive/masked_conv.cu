@@ -81,10 +81,10 @@ int64_t visited_taps(const ConvShape& s) {
 
 template <typename S>
 struct Direct {
-  const S* in;      // (images, inputs, height, width)
-  const S* weight;  // (C_out, C_in, k, k)
-  const S* bias;    // (outputs,) or null
-  S* out;           // (images, outputs, height, width)
+  const S* in;                                   // (images, inputs, height, width)
+  const S* weight;                               // (C_out, C_in, k, k)
+  const S* bias;                                 // (outputs,) or null
+  S* out;                                        // (images, outputs, height, width)
   int64_t images, height, width, dilation, pad;  // pad = dilation * (k / 2)
   // Channel counts, kernel size and taps are int (the entry points check they fit): 32-bit index math.
   int inputs, outputs;
@@ -105,12 +105,12 @@ __device__ __forceinline__ compute_t<S> masked_weight(const Direct<S>& a, int o,
   return load(a.weight, ((int64_t(oc) * a.in_channels + ic) * a.kernel_size + ky) * a.kernel_size + kx);
 }
 
-constexpr int kTileW = 32;                     // a warp's lanes: one column each
-constexpr int kRows = 4;                       // rows per thread
-constexpr int kTileH = 2 * kRows;              // two warps of kRows rows each
+constexpr int kTileW = 32;                                        // a warp's lanes: one column each
+constexpr int kRows = 4;                                          // rows per thread
+constexpr int kTileH = 2 * kRows;                                 // two warps of kRows rows each
 constexpr int kOutGroups = kThreads / (kTileW * kTileH / kRows);  // 4 groups of Oct output channels
-constexpr int kMaxStage = 8;                   // input channels per shared-memory stage, at most
-constexpr size_t kDefaultSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in
+constexpr int kMaxStage = 8;                                      // input channels per shared-memory stage, at most
+constexpr size_t kDefaultSharedBytes = 48 * 1024;                 // dynamic shared memory without an opt-in
 constexpr int64_t kMaxGridYZ = 65535;
 
 // Grid: x over (column tile, block of output channels), y over row tiles, z over images; each strides on
@@ -120,10 +120,10 @@ __global__ void __launch_bounds__(kThreads, 2) direct_tiled_kernel(Direct<S> a) 
   using C = compute_t<S>;
   constexpr int kBlockOut = kOutGroups * Oct;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  C* w_s = reinterpret_cast<C*>(shared_bytes);            // [taps][stage][kBlockOut]
-  C* in_s = w_s + a.taps * a.stage * kBlockOut;           // [stage][halo_h][halo_w]
+  C* w_s = reinterpret_cast<C*>(shared_bytes);   // [taps][stage][kBlockOut]
+  C* in_s = w_s + a.taps * a.stage * kBlockOut;  // [stage][halo_h][halo_w]
   const int tid = threadIdx.x;
-  const int group = tid / (kThreads / kOutGroups);        // warp-uniform: the warp's weights are a broadcast
+  const int group = tid / (kThreads / kOutGroups);  // warp-uniform: the warp's weights are a broadcast
   const int col = tid % kTileW;
   const int row0 = (tid % (kThreads / kOutGroups)) / kTileW * kRows;
   const int c = a.kernel_size / 2, k = a.kernel_size, d = static_cast<int>(a.dilation), taps = a.taps;
@@ -221,7 +221,8 @@ __global__ void __launch_bounds__(kThreads) direct_global_kernel(Direct<S> a) {
             const int64_t gj = Transposed ? j + a.dilation * (c - kx) : j + a.dilation * (kx - c);
             if (gi < 0 || gi >= a.height || gj < 0 || gj >= a.width) continue;
             const S* in = a.in + b * a.inputs * hw + gi * a.width + gj;
-            for (int q = 0; q < a.inputs; ++q) acc = mad(masked_weight<Transposed>(a, o, q, ky, kx), load(in, q * hw), acc);
+            for (int q = 0; q < a.inputs; ++q)
+              acc = mad(masked_weight<Transposed>(a, o, q, ky, kx), load(in, q * hw), acc);
           }
           store(a.out, (b * a.outputs + o) * hw + i * a.width + j, acc + (a.bias ? load(a.bias, o) : C(0)));
         }
@@ -269,8 +270,8 @@ void launch_direct(Direct<S> a, cudaStream_t stream, const char* what) {
     const size_t shared = static_cast<size_t>(bytes(stage));
     auto kernel = direct_tiled_kernel<S, Oct, Transposed>;
     if (shared > kDefaultSharedBytes)
-      gpu::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
-                      what);
+      gpu::check_cuda(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)), what);
     const dim3 grid(grid_dim(tiles_w * out_blocks, INT32_MAX), grid_dim(ceil_div(a.height, kTileH), kMaxGridYZ),
                     grid_dim(a.images, kMaxGridYZ));
     gpu::launch(what, kernel, grid, kThreads, shared, stream, a);
@@ -322,8 +323,8 @@ Direct<S> direct_args(const ConvShape& s, const void* in, const void* weight, co
 
 constexpr int kGemmM = 64, kGemmN = 64, kGemmK = 16;  // block tile: output channels x columns x pixels
 constexpr int kGemmSub = 4;                           // each thread: 4 x 4 outputs, strided by 16
-constexpr int64_t kTargetItems = 1024;  // (chunk, tile) blocks to aim for: a few waves of any GPU
-constexpr int64_t kMinChunk = 512;      // pixels per chunk, at least
+constexpr int64_t kTargetItems = 1024;                // (chunk, tile) blocks to aim for: a few waves of any GPU
+constexpr int64_t kMinChunk = 512;                    // pixels per chunk, at least
 
 template <typename S>
 struct WeightGrad {
@@ -428,8 +429,8 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGrad<S> a) 
 // grad_weight[o, i, ky, kx] = the chunks' partials added in chunk order where the mask keeps the entry, zero
 // elsewhere; grad_bias[o] likewise.
 template <typename S>
-__global__ void __launch_bounds__(kThreads) weight_grad_finish_kernel(WeightGrad<S> a, S* grad_weight, S* grad_bias,
-                                                                      bool mask_b, int64_t groups) {
+__global__ void __launch_bounds__(kThreads)
+    weight_grad_finish_kernel(WeightGrad<S> a, S* grad_weight, S* grad_bias, bool mask_b, int64_t groups) {
   using C = compute_t<S>;
   const int64_t k = a.kernel_size, weights = a.out_channels * a.in_channels * k * k;
   const int64_t total = weights + (grad_bias ? a.out_channels : 0);
@@ -502,8 +503,8 @@ void grad_weight_cuda(const GradWeightArgs& a, void* stream) {
     w.m_tiles = ceil_div(sh.out_channels, kGemmM);
     w.n_tiles = std::max<int64_t>(1, ceil_div(w.columns, kGemmN));  // one even with no columns: the bias
     // Chunks from the shape alone, so the sums (and their bits) never depend on the GPU.
-    int64_t chunks = std::max<int64_t>(
-        1, std::min(ceil_div(kTargetItems, w.m_tiles * w.n_tiles), ceil_div(pixels, kMinChunk)));
+    int64_t chunks =
+        std::max<int64_t>(1, std::min(ceil_div(kTargetItems, w.m_tiles * w.n_tiles), ceil_div(pixels, kMinChunk)));
     w.chunk = ceil_div(ceil_div(pixels, chunks), kGemmK) * kGemmK;
     w.chunks = ceil_div(pixels, w.chunk);
     const int64_t weight_partials = w.chunks * sh.out_channels * w.columns;

@@ -1,8 +1,8 @@
 """The masked_conv family (docs/math.md, section 4) in Triton: the PixelCNN masked convolution, forward,
 grad_input and grad_weight (+ grad_bias), each an implicit GEMM over the kept taps.
 
-The wrappers mirror the Args structs of csrc/autoregressive/masked_conv.h (whose comments define each op): every tensor is
-contiguous, outputs are preallocated by the caller, all floating tensors of a call share one dtype; x is
+The wrappers mirror the Args structs of csrc/autoregressive/masked_conv.h (whose comments define each op):
+every tensor is contiguous, outputs are preallocated by the caller, all floating tensors of a call share one dtype; x is
 (B, C_in, H, W), weight (C_out, C_in, k, k), y (B, C_out, H, W); stride 1, 'same' size, padding
 dilation * (k // 2). The mask is that of csrc/autoregressive/masked_conv_math.h (`_in_channel_end` below is its
 in_channel_end): a masked weight is never loaded (its load is masked off), whatever it holds.
@@ -25,6 +25,7 @@ taken by the programs of tap 0 and the first block of inputs.
 Compute type: float64 for float64 tensors, float32 otherwise; tl.dot with input_precision="ieee" (no TF32:
 the results must meet the float32 tolerances of the reference).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -59,10 +60,31 @@ def _taps(kernel_size, mask_b, groups):
 
 
 @triton.jit
-def _direct_kernel(in_ptr, w_ptr, bias_ptr, out_ptr, inputs, outputs, height, width, c_in, c_out, groups, K,
-                   dilation, taps, p_blocks,
-                   TRANSPOSED: tl.constexpr, MASK_B: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-                   CT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _direct_kernel(
+    in_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    inputs,
+    outputs,
+    height,
+    width,
+    c_in,
+    c_out,
+    groups,
+    K,
+    dilation,
+    taps,
+    p_blocks,
+    TRANSPOSED: tl.constexpr,
+    MASK_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = (pid // p_blocks).to(tl.int64)
     hw = height * width
@@ -128,10 +150,33 @@ def _direct(inp, weight, bias, out, inputs, outputs, mask_b, groups, dilation, t
         block_p = min(triton.next_power_of_2(hw), max(16, BROADCAST_TILE // (block_q * block_o)))
     p_blocks = triton.cdiv(hw, block_p)
     grid = (batch * p_blocks, triton.cdiv(outputs, block_o))
-    launch(_direct_kernel, grid, inp, weight, bias if bias is not None else weight, out, inputs, outputs, height,
-           width, c_in, c_out, groups, k, dilation, _taps(k, mask_b, groups), p_blocks,
-           TRANSPOSED=transposed, MASK_B=int(mask_b), HAS_BIAS=bias is not None, USE_DOT=use_dot,
-           CT=compute_type(inp), BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_Q=block_q)
+    launch(
+        _direct_kernel,
+        grid,
+        inp,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        inputs,
+        outputs,
+        height,
+        width,
+        c_in,
+        c_out,
+        groups,
+        k,
+        dilation,
+        _taps(k, mask_b, groups),
+        p_blocks,
+        TRANSPOSED=transposed,
+        MASK_B=int(mask_b),
+        HAS_BIAS=bias is not None,
+        USE_DOT=use_dot,
+        CT=compute_type(inp),
+        BLOCK_P=block_p,
+        BLOCK_O=block_o,
+        BLOCK_Q=block_q,
+    )
     return out
 
 
@@ -162,8 +207,9 @@ def grad_input(grad_y, weight, grad_x, mask_b, groups, dilation):
     """grad_x: the transposed masked convolution of grad_y."""
     check(grad_y.dtype, grad_y=grad_y, weight=weight, grad_x=grad_x)
     _check_shapes(grad_x, weight, grad_y, groups, dilation, "grad_y")
-    return _direct(grad_y, weight, None, grad_x, weight.shape[0], weight.shape[1], mask_b, groups, dilation,
-                   transposed=True)
+    return _direct(
+        grad_y, weight, None, grad_x, weight.shape[0], weight.shape[1], mask_b, groups, dilation, transposed=True
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,10 +217,29 @@ def grad_input(grad_y, weight, grad_x, mask_b, groups, dilation):
 
 
 @triton.jit
-def _weight_grad_kernel(gy_ptr, x_ptr, part_ptr, bias_part_ptr, c_in, c_out, height, width, K, dilation, taps,
-                        pixels, chunk, o_blocks, q_blocks,
-                        HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, CT: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _weight_grad_kernel(
+    gy_ptr,
+    x_ptr,
+    part_ptr,
+    bias_part_ptr,
+    c_in,
+    c_out,
+    height,
+    width,
+    K,
+    dilation,
+    taps,
+    pixels,
+    chunk,
+    o_blocks,
+    q_blocks,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = tl.program_id(1)
     qb = pid % q_blocks
@@ -202,14 +267,20 @@ def _weight_grad_kernel(gy_ptr, x_ptr, part_ptr, bias_part_ptr, c_in, c_out, hei
         pix = p % hw
         i = pix // width
         j = pix % width
-        gy = tl.load(gy_ptr + (b[None, :] * c_out + o64[:, None]) * hw + pix[None, :],
-                     mask=omask[:, None] & pmask[None, :], other=0.0)
+        gy = tl.load(
+            gy_ptr + (b[None, :] * c_out + o64[:, None]) * hw + pix[None, :],
+            mask=omask[:, None] & pmask[None, :],
+            other=0.0,
+        )
         ii = i + dy
         jj = j + dx
         inside = pmask & (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
         at = ii * width + jj
-        x = tl.load(x_ptr + (b[:, None] * c_in + q64[None, :]) * hw + at[:, None],
-                    mask=inside[:, None] & qmask[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + (b[:, None] * c_in + q64[None, :]) * hw + at[:, None],
+            mask=inside[:, None] & qmask[None, :],
+            other=0.0,
+        )
         if USE_DOT:
             acc = tl.dot(gy, x, acc, input_precision="ieee", out_dtype=CT)
         else:
@@ -225,8 +296,9 @@ def _weight_grad_kernel(gy_ptr, x_ptr, part_ptr, bias_part_ptr, c_in, c_out, hei
 
 
 @triton.jit
-def _weight_grad_finish_kernel(part_ptr, gw_ptr, c_in, c_out, groups, K, taps, chunks,
-                               MASK_B: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _weight_grad_finish_kernel(
+    part_ptr, gw_ptr, c_in, c_out, groups, K, taps, chunks, MASK_B: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr
+):
     """grad_weight[o, i, ky, kx] = the chunks' partials added in chunk order where kept, zero elsewhere."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     kk = K * K
@@ -286,13 +358,55 @@ def grad_weight(grad_y, x, grad_weight, grad_bias, mask_b, groups, dilation):
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(chunks * c_out * c_in * taps, dtype=ct, device=x.device)
     bias_partial = torch.empty(chunks * c_out, dtype=ct, device=x.device) if grad_bias is not None else partial
-    launch(_weight_grad_kernel, (chunks * o_blocks * q_blocks, max(taps, 1)), grad_y, x, partial, bias_partial, c_in, c_out,
-           height, width, k, dilation, taps, pixels, chunk, o_blocks, q_blocks,
-           HAS_BIAS=grad_bias is not None, USE_DOT=use_dot, CT=compute_type(x),
-           BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_Q=block_q)
-    launch(_weight_grad_finish_kernel, (triton.cdiv(grad_weight.numel(), FINISH_BLOCK),), partial, grad_weight,
-           c_in, c_out, groups, k, taps, chunks, MASK_B=int(mask_b), CT=compute_type(x), BLOCK=FINISH_BLOCK)
+    launch(
+        _weight_grad_kernel,
+        (chunks * o_blocks * q_blocks, max(taps, 1)),
+        grad_y,
+        x,
+        partial,
+        bias_partial,
+        c_in,
+        c_out,
+        height,
+        width,
+        k,
+        dilation,
+        taps,
+        pixels,
+        chunk,
+        o_blocks,
+        q_blocks,
+        HAS_BIAS=grad_bias is not None,
+        USE_DOT=use_dot,
+        CT=compute_type(x),
+        BLOCK_P=block_p,
+        BLOCK_O=block_o,
+        BLOCK_Q=block_q,
+    )
+    launch(
+        _weight_grad_finish_kernel,
+        (triton.cdiv(grad_weight.numel(), FINISH_BLOCK),),
+        partial,
+        grad_weight,
+        c_in,
+        c_out,
+        groups,
+        k,
+        taps,
+        chunks,
+        MASK_B=int(mask_b),
+        CT=compute_type(x),
+        BLOCK=FINISH_BLOCK,
+    )
     if grad_bias is not None:
-        launch(_sum_chunks_kernel, (triton.cdiv(c_out, FINISH_BLOCK),), bias_partial, grad_bias, c_out, chunks,
-               CT=compute_type(x), BLOCK=FINISH_BLOCK)
+        launch(
+            _sum_chunks_kernel,
+            (triton.cdiv(c_out, FINISH_BLOCK),),
+            bias_partial,
+            grad_bias,
+            c_out,
+            chunks,
+            CT=compute_type(x),
+            BLOCK=FINISH_BLOCK,
+        )
     return grad_weight, grad_bias

@@ -62,7 +62,8 @@ struct Units<C, 0> {
   C* base;
   int64_t hidden;
   __device__ Units(C* scratch, int64_t hidden_)
-      : items(static_cast<int>(ceil_div(hidden_, blockDim.x))), base(scratch + blockIdx.x * 3 * hidden_),
+      : items(static_cast<int>(ceil_div(hidden_, blockDim.x))),
+        base(scratch + blockIdx.x * 3 * hidden_),
         hidden(hidden_) {}
   __device__ C& a(int k) { return base[k * blockDim.x + threadIdx.x]; }
   __device__ C& h(int k) { return base[hidden + k * blockDim.x + threadIdx.x]; }
@@ -107,8 +108,8 @@ __device__ __forceinline__ compute_t<S> logit(const Net<S>& net, U& u, int64_t i
 }
 
 template <typename S, int Per>
-__global__ void __launch_bounds__(kThreads) log_prob_kernel(Net<S> net, const S* x, S* out, int64_t batch,
-                                                            compute_t<S>* scratch) {
+__global__ void __launch_bounds__(kThreads)
+    log_prob_kernel(Net<S> net, const S* x, S* out, int64_t batch, compute_t<S>* scratch) {
   using C = compute_t<S>;
   Units<C, Per> u(scratch, net.hidden);
   for (int64_t n = blockIdx.x; n < batch; n += gridDim.x) {
@@ -128,8 +129,7 @@ __global__ void __launch_bounds__(kThreads) log_prob_kernel(Net<S> net, const S*
 
 template <typename S, int Per>
 __global__ void __launch_bounds__(kThreads) sample_kernel(Net<S> net, S* out, int64_t batch, uint64_t seed,
-                                                          uint64_t offset, uint64_t first,
-                                                          compute_t<S>* scratch) {
+                                                          uint64_t offset, uint64_t first, compute_t<S>* scratch) {
   using C = compute_t<S>;
   Units<C, Per> u(scratch, net.hidden);
   for (int64_t n = blockIdx.x; n < batch; n += gridDim.x) {
@@ -162,9 +162,9 @@ struct Partial {
 // Group g sums examples [g B / G, (g + 1) B / G) in order into partial g; every accumulator element has one
 // owning thread (unit j of rows i; thread 0 for gb), so plain read-modify-writes suffice.
 template <typename S, int Per>
-__global__ void __launch_bounds__(kThreads) backward_kernel(Net<S> net, const S* grad_out, const S* x,
-                                                            int64_t batch, int64_t groups,
-                                                            compute_t<S>* partials, compute_t<S>* scratch) {
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(Net<S> net, const S* grad_out, const S* x, int64_t batch, int64_t groups, compute_t<S>* partials,
+                    compute_t<S>* scratch) {
   using C = compute_t<S>;
   const int64_t D = net.dims, H = net.hidden;
   Units<C, Per> u(scratch, H);
@@ -220,8 +220,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Net<S> net, const S*
 // The groups added in order: element t < D H is (i, j) of gv and gwt (read coalesced; grad W written
 // transposed), then D elements of gb, then H of gc.
 template <typename S>
-__global__ void __launch_bounds__(256) finish_kernel(const compute_t<S>* partials, int64_t groups, int64_t D,
-                                                     int64_t H, S* grad_w, S* grad_c, S* grad_v, S* grad_b) {
+__global__ void __launch_bounds__(256) finish_kernel(const compute_t<S>* partials, int64_t groups, int64_t D, int64_t H,
+                                                     S* grad_w, S* grad_c, S* grad_v, S* grad_b) {
   using C = compute_t<S>;
   const int64_t dh = D * H, size = Partial<C>::size(D, H);
   for (int64_t t = gpu::thread_index(); t < dh + D + H; t += gpu::thread_count()) {
@@ -282,12 +282,18 @@ Config config_for(int64_t hidden) {
 template <typename Fn>
 void with_per(int per, Fn fn) {
   switch (per) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    case 8: return fn(std::integral_constant<int, 8>{});
-    case 16: return fn(std::integral_constant<int, 16>{});
-    default: return fn(std::integral_constant<int, 0>{});
+    case 1:
+      return fn(std::integral_constant<int, 1>{});
+    case 2:
+      return fn(std::integral_constant<int, 2>{});
+    case 4:
+      return fn(std::integral_constant<int, 4>{});
+    case 8:
+      return fn(std::integral_constant<int, 8>{});
+    case 16:
+      return fn(std::integral_constant<int, 16>{});
+    default:
+      return fn(std::integral_constant<int, 0>{});
   }
 }
 

@@ -14,6 +14,7 @@ Backward: a fixed number of groups (a function of the sizes only) each sums its 
 accumulators in fp32/fp64, and torch adds the groups (a fixed-order reduction): the gradients are
 deterministic, with no atomics.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -88,8 +89,22 @@ def _log_prob_kernel(x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, CT: tl.c
 
 
 @triton.jit(do_not_specialize=KEY_ARGS + SIZE_ARGS + ["first"])
-def _sample_kernel(wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, seed_lo, seed_hi, off_lo, off_hi, first,
-                   CT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _sample_kernel(
+    wt_ptr,
+    c_ptr,
+    v_ptr,
+    b_ptr,
+    out_ptr,
+    D,
+    H,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    first,
+    CT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     n = tl.program_id(0).to(tl.int64)
     H64 = H.to(tl.int64)
     j = tl.arange(0, BLOCK_H)
@@ -110,8 +125,9 @@ def _sample_kernel(wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, seed_lo, seed_hi,
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
-def _backward_kernel(g_ptr, x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, part_ptr, B, D, H, groups,
-                     CT: tl.constexpr, BLOCK_H: tl.constexpr):
+def _backward_kernel(
+    g_ptr, x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, part_ptr, B, D, H, groups, CT: tl.constexpr, BLOCK_H: tl.constexpr
+):
     group = tl.program_id(0).to(tl.int64)
     D64, H64 = D.to(tl.int64), H.to(tl.int64)
     j = tl.arange(0, BLOCK_H)
@@ -168,8 +184,9 @@ def log_prob(x, w, c, v, b, out):
     if x.shape[0] == 0:
         return out
     wt = w.t().contiguous()
-    launch(_log_prob_kernel, (x.shape[0],), x, wt, c, v, b, out, dims, hidden, CT=compute_type(w),
-           BLOCK_H=_block_h(hidden))
+    launch(
+        _log_prob_kernel, (x.shape[0],), x, wt, c, v, b, out, dims, hidden, CT=compute_type(w), BLOCK_H=_block_h(hidden)
+    )
     return out
 
 
@@ -180,8 +197,21 @@ def sample(w, c, v, b, out, seed, offset, first):
     if out.numel() == 0:
         return out
     wt = w.t().contiguous()
-    launch(_sample_kernel, (out.shape[0],), wt, c, v, b, out, dims, hidden, *key_args(seed, offset), int(first),
-           CT=compute_type(w), BLOCK_H=_block_h(hidden))
+    launch(
+        _sample_kernel,
+        (out.shape[0],),
+        wt,
+        c,
+        v,
+        b,
+        out,
+        dims,
+        hidden,
+        *key_args(seed, offset),
+        int(first),
+        CT=compute_type(w),
+        BLOCK_H=_block_h(hidden),
+    )
     return out
 
 
@@ -194,20 +224,46 @@ def group_count(batch, dims, hidden, value_size):
 
 def log_prob_backward(grad_out, x, w, c, v, b, grad_w, grad_c, grad_v, grad_b):
     """Gradients of sum_n grad_out[n] log p(x[n]) w.r.t. W, c, V, b (x gets none)."""
-    check(w.dtype, grad_out=grad_out, x=x, weight=w, c=c, v=v, b=b, grad_weight=grad_w, grad_c=grad_c,
-          grad_v=grad_v, grad_b=grad_b)
+    check(
+        w.dtype,
+        grad_out=grad_out,
+        x=x,
+        weight=w,
+        c=c,
+        v=v,
+        b=b,
+        grad_weight=grad_w,
+        grad_c=grad_c,
+        grad_v=grad_v,
+        grad_b=grad_b,
+    )
     dims, hidden = _check_shapes(w, c, v, b, x)
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     groups = group_count(x.shape[0], dims, hidden, torch.empty((), dtype=acc).element_size())
     size = 2 * dims * hidden + dims + hidden
     partials = torch.zeros(groups, size, dtype=acc, device=w.device)
     if groups > 0 and dims > 0:
-        launch(_backward_kernel, (groups,), grad_out, x, w.t().contiguous(), c, v, b, partials, x.shape[0], dims,
-               hidden, groups, CT=compute_type(w), BLOCK_H=_block_h(hidden))
+        launch(
+            _backward_kernel,
+            (groups,),
+            grad_out,
+            x,
+            w.t().contiguous(),
+            c,
+            v,
+            b,
+            partials,
+            x.shape[0],
+            dims,
+            hidden,
+            groups,
+            CT=compute_type(w),
+            BLOCK_H=_block_h(hidden),
+        )
     total = partials.sum(0)  # zero with no groups
     dh = dims * hidden
     grad_v.copy_(total[:dh].view(dims, hidden))
-    grad_w.copy_(total[dh:2 * dh].view(dims, hidden).t())
-    grad_b.copy_(total[2 * dh:2 * dh + dims])
-    grad_c.copy_(total[2 * dh + dims:])
+    grad_w.copy_(total[dh : 2 * dh].view(dims, hidden).t())
+    grad_b.copy_(total[2 * dh : 2 * dh + dims])
+    grad_c.copy_(total[2 * dh + dims :])
     return grad_w, grad_c, grad_v, grad_b

@@ -79,8 +79,8 @@ __device__ __forceinline__ bool beats(float score, int64_t k, float other, int64
 // sequential rule keeps level 0 when its score is NaN and otherwise skips NaN scores, which is what the
 // order of `beats` gives unless level 0's score is NaN.
 template <typename T>
-__device__ int64_t warp_gumbel_argmax(const T* logits, int64_t levels, uint64_t seed, uint64_t offset,
-                                      uint64_t base, int lane) {
+__device__ int64_t warp_gumbel_argmax(const T* logits, int64_t levels, uint64_t seed, uint64_t offset, uint64_t base,
+                                      int lane) {
   float best = NAN, first = 0.0f;
   int64_t best_k = INT64_MAX;
   const uint64_t end = base + static_cast<uint64_t>(levels);
@@ -113,8 +113,8 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31;
   const int64_t warps = gpu::thread_count() / 32;
   for (int64_t n = gpu::thread_index() / 32; n < rows; n += warps) {
-    const int64_t level = warp_gumbel_argmax(logits + n * levels, levels, seed, offset,
-                                             static_cast<uint64_t>(base[n]), lane);
+    const int64_t level =
+        warp_gumbel_argmax(logits + n * levels, levels, seed, offset, static_cast<uint64_t>(base[n]), lane);
     if (lane == 0) out[n] = level;
   }
 }
@@ -279,8 +279,21 @@ DeviceProgram encode(const SampleArgs& a) {
   for (size_t k = 0; k < a.nodes.size(); ++k) {
     const Node& n = a.nodes[k];
     DeviceNode& d = p.nodes[k];
-    d = DeviceNode{n.weight, n.bias, n.cond, n.kind, n.row_level, n.relu_input, n.accumulate, n.in, n.out,
-                   n.residual, as_int(n.c_in, "C_in"), as_int(n.c_out, "C_out"), 0, taps, 0};
+    d = DeviceNode{n.weight,
+                   n.bias,
+                   n.cond,
+                   n.kind,
+                   n.row_level,
+                   n.relu_input,
+                   n.accumulate,
+                   n.in,
+                   n.out,
+                   n.residual,
+                   as_int(n.c_in, "C_in"),
+                   as_int(n.c_out, "C_out"),
+                   0,
+                   taps,
+                   0};
     if (n.kind != kConv) continue;
     d.taps = static_cast<int>(n.dy.size());
     d.rows = as_int(int64_t(d.taps) * n.c_in, "taps x C_in");
@@ -344,8 +357,8 @@ void sample_cuda(const SampleArgs& a, void* stream) {
   // More samples per block share each weight read; fewer keep every SM busy: at least two blocks per SM
   // when the batch allows, and what fits in shared memory.
   int samples = kMaxSamples;
-  while (samples > 1 && (a.batch < int64_t(2) * sms * samples ||
-                         shared_bytes(samples, p.max_rows) > static_cast<size_t>(optin)))
+  while (samples > 1 &&
+         (a.batch < int64_t(2) * sms * samples || shared_bytes(samples, p.max_rows) > static_cast<size_t>(optin)))
     samples /= 2;
   const size_t bytes = shared_bytes(samples, p.max_rows);
   if (bytes > static_cast<size_t>(optin))
@@ -353,10 +366,18 @@ void sample_cuda(const SampleArgs& a, void* stream) {
                      ") do not fit in shared memory");
   const auto s = gpu::as_stream(stream);
   switch (samples) {
-    case 8: launch_sampler<8>(p, bytes, s); break;
-    case 4: launch_sampler<4>(p, bytes, s); break;
-    case 2: launch_sampler<2>(p, bytes, s); break;
-    default: launch_sampler<1>(p, bytes, s); break;
+    case 8:
+      launch_sampler<8>(p, bytes, s);
+      break;
+    case 4:
+      launch_sampler<4>(p, bytes, s);
+      break;
+    case 2:
+      launch_sampler<2>(p, bytes, s);
+      break;
+    default:
+      launch_sampler<1>(p, bytes, s);
+      break;
   }
 }
 

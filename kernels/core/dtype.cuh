@@ -35,15 +35,21 @@ __device__ __forceinline__ double to_compute(double x) { return x; }
 template <typename S>
 __device__ __forceinline__ S from_compute(compute_t<S> x);
 template <>
-__device__ __forceinline__ __half from_compute<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_compute<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 template <>
-__device__ __forceinline__ float from_compute<float>(float x) { return x; }
+__device__ __forceinline__ float from_compute<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ double from_compute<double>(double x) { return x; }
+__device__ __forceinline__ double from_compute<double>(double x) {
+  return x;
+}
 
 template <typename S>
 __device__ __forceinline__ compute_t<S> load(const S* p, int64_t i) {
@@ -84,8 +90,7 @@ __device__ __forceinline__ void load4(const S* p, int64_t base, int count, compu
 
 // Elements idx[0 .. count - 1] of p; a packed load when they happen to be consecutive.
 template <typename S>
-__device__ __forceinline__ void gather4(const S* p, const int64_t (&idx)[4], int count,
-                                        compute_t<S> (&v)[4]) {
+__device__ __forceinline__ void gather4(const S* p, const int64_t (&idx)[4], int count, compute_t<S> (&v)[4]) {
   const bool consecutive = idx[1] == idx[0] + 1 && idx[2] == idx[0] + 2 && idx[3] == idx[0] + 3;
   if (count == 4 && consecutive) {
     load4(p, idx[0], 4, v);
@@ -130,11 +135,20 @@ struct Type {
 template <typename F>
 void dispatch_float(DType dtype, const char* op, F&& f) {
   switch (dtype) {
-    case DType::float16: f(Type<__half>{}); return;
-    case DType::bfloat16: f(Type<__nv_bfloat16>{}); return;
-    case DType::float32: f(Type<float>{}); return;
-    case DType::float64: f(Type<double>{}); return;
-    default: throw TypeError(std::string(op) + ": unsupported dtype " + dtype_name(dtype) + " on CUDA");
+    case DType::float16:
+      f(Type<__half>{});
+      return;
+    case DType::bfloat16:
+      f(Type<__nv_bfloat16>{});
+      return;
+    case DType::float32:
+      f(Type<float>{});
+      return;
+    case DType::float64:
+      f(Type<double>{});
+      return;
+    default:
+      throw TypeError(std::string(op) + ": unsupported dtype " + dtype_name(dtype) + " on CUDA");
   }
 }
 

@@ -1,4 +1,5 @@
 """What every genkern Triton module shares: supported dtypes, argument checks and the launch settings."""
+
 import torch
 import triton.language as tl
 

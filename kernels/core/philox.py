@@ -18,6 +18,7 @@ Seeds and offsets are Python ints in [0, 2^64). They travel to the kernels as fo
 (the two 32-bit halves of each, reinterpreted as signed) that are never specialised, so every seed uses
 the same compiled kernel and no 64-bit value meets Triton's int64/uint64 argument typing.
 """
+
 import triton
 import triton.language as tl
 

@@ -38,7 +38,6 @@ constexpr int64_t kMinSegmented = 1 << 16;
 constexpr int64_t kSegmentMin = 1 << 15;
 constexpr int64_t kTargetItems = 1024;
 
-
 // The schedule row of sample b (clamped into the table, see level_clamped).
 __device__ __forceinline__ Level level_of(const float* table, int64_t rows, const int64_t* t, int64_t b) {
   return level_clamped(table, rows, t[b]);
@@ -70,8 +69,8 @@ __device__ __forceinline__ void eps4(const S* noise, uint64_t seed, uint64_t off
 
 // Samples of flat elements base .. base + 3 (n > 0) and their levels; lanes from count on repeat the last
 // valid one (so nothing past the batch is read).
-__device__ __forceinline__ void levels4(const float* table, int64_t rows, const int64_t* t, int64_t base, int count, int64_t n,
-                                        int64_t (&b)[4], Level (&lv)[4]) {
+__device__ __forceinline__ void levels4(const float* table, int64_t rows, const int64_t* t, int64_t base, int count,
+                                        int64_t n, int64_t (&b)[4], Level (&lv)[4]) {
   int64_t s, j;
   divmod(base, n, s, j);
 #pragma unroll
@@ -135,9 +134,8 @@ __global__ void __launch_bounds__(kThreads) loss_backward_kernel(LossBackwardArg
     coef[0] = load(grad_loss, b[0]) * C(min_snr_weight(lv[0], a.snr_gamma, a.prediction)) / n_c;
 #pragma unroll
     for (int l = 1; l < 4; ++l)
-      coef[l] = b[l] != b[l - 1]
-                    ? load(grad_loss, b[l]) * C(min_snr_weight(lv[l], a.snr_gamma, a.prediction)) / n_c
-                    : coef[l - 1];
+      coef[l] = b[l] != b[l - 1] ? load(grad_loss, b[l]) * C(min_snr_weight(lv[l], a.snr_gamma, a.prediction)) / n_c
+                                 : coef[l - 1];
     C x[4], mo[4], e[4], out[4];
     gpu::load4(x0, base, count, x);
     gpu::load4(m, base, count, mo);
@@ -166,8 +164,8 @@ __device__ __forceinline__ void finish_loss(const LossArgs& a, int64_t b, comput
 // mid-group), so a stream eps costs one Philox block per group. With `partial` null (segs == 1) the team
 // writes the loss; otherwise the segment sum goes to partial[item].
 template <typename S>
-__global__ void __launch_bounds__(kThreads) loss_kernel(LossArgs a, int team, int64_t segs, int64_t seg_len,
-                                                        compute_t<S>* partial) {
+__global__ void __launch_bounds__(kThreads)
+    loss_kernel(LossArgs a, int team, int64_t segs, int64_t seg_len, compute_t<S>* partial) {
   using C = compute_t<S>;
   const S* m = static_cast<const S*>(a.model_output);
   const S* x0 = static_cast<const S*>(a.x0);
@@ -211,8 +209,7 @@ __global__ void __launch_bounds__(kThreads) loss_kernel(LossArgs a, int team, in
 
 // loss[b] from the segment sums of sample b, added in order.
 template <typename S>
-__global__ void __launch_bounds__(kThreads) loss_finish_kernel(LossArgs a, int64_t segs,
-                                                               const compute_t<S>* partial) {
+__global__ void __launch_bounds__(kThreads) loss_finish_kernel(LossArgs a, int64_t segs, const compute_t<S>* partial) {
   using C = compute_t<S>;
   for (int64_t b = gpu::thread_index(); b < a.batch; b += gpu::thread_count()) {
     C acc = 0;
@@ -250,7 +247,7 @@ __device__ __forceinline__ void step_run(const StepArgs& a, int64_t first, int c
   using C = compute_t<S>;
   const S* mo = static_cast<const S*>(a.model_output);
   const int64_t n = a.n, stride = a.variance == kLearnedRange ? 2 * n : n;
-  const int64_t m_at = first + b * (stride - n);   // model_output (b, j) is at b * stride + j
+  const int64_t m_at = first + b * (stride - n);    // model_output (b, j) is at b * stride + j
   const int64_t cond_at = m_at + a.batch * stride;  // guidance: the conditional half follows
   const bool guided = a.guided != 0;
   const SampleStep<C> s = sample_step<C, Kind>(a, b);
@@ -362,9 +359,15 @@ void step_cuda(const StepArgs& a, void* stream) {
     auto launch = [&](auto kind_c) {
       constexpr int32_t Kind = decltype(kind_c)::value;
       switch (a.prediction) {
-        case kEpsilon: step_kernel<S, Kind, kEpsilon><<<grid, kThreads, 0, s>>>(a); break;
-        case kVPrediction: step_kernel<S, Kind, kVPrediction><<<grid, kThreads, 0, s>>>(a); break;
-        default: step_kernel<S, Kind, kSample><<<grid, kThreads, 0, s>>>(a); break;
+        case kEpsilon:
+          step_kernel<S, Kind, kEpsilon><<<grid, kThreads, 0, s>>>(a);
+          break;
+        case kVPrediction:
+          step_kernel<S, Kind, kVPrediction><<<grid, kThreads, 0, s>>>(a);
+          break;
+        default:
+          step_kernel<S, Kind, kSample><<<grid, kThreads, 0, s>>>(a);
+          break;
       }
     };
     if (a.kind == kDdpm)

@@ -23,6 +23,7 @@ the compute type from the float32 table rows of t[b] and prev_t[b]; the float ar
 clip, eta) are rounded to float32 first, as StepArgs holds them. The learned_range logs are tl.log (per-sample
 values), the per-element exp is gk::exp (random.exp_t).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +40,6 @@ TABLE_COLUMNS = 4  # gk::diffusion::kTableColumns
 BLOCK = 1024  # elements per tile of the elementwise kernels (a power of 2, at least 4)
 TILE = 2048  # elements per [BLOCK_D, BLOCK_R] tile of the loss kernel
 RANDOM_SHRINK = 2  # tiles that draw normals are half-size (register pressure, as in reparam.py)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,9 +115,23 @@ def _tile_offsets(b, d, n):
 
 
 @triton.jit
-def _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
-                HAS_EPS: tl.constexpr, RUNS: tl.constexpr, CT: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _noise_tile(
+    eps_ptr,
+    offs,
+    mask,
+    b,
+    d0,
+    n,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    HAS_EPS: tl.constexpr,
+    RUNS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """The tile's noise in CT: loaded, or stream elements `offs`.
 
     RUNS (n % 4 == 0, BLOCK_D % 4 == 0, d0 % BLOCK_D == 0): each row's part of the tile is a run of whole
@@ -141,8 +155,13 @@ def _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
 def _check_schedule(t, table, batch):
     if not t.is_contiguous() or t.dtype != torch.int64 or t.numel() != batch:
         raise ValueError(f"t must be a contiguous int64 tensor of {batch} elements")
-    if (not table.is_contiguous() or table.dtype != torch.float32 or table.dim() != 2
-            or table.shape[1] != TABLE_COLUMNS or table.shape[0] < 1):
+    if (
+        not table.is_contiguous()
+        or table.dtype != torch.float32
+        or table.dim() != 2
+        or table.shape[1] != TABLE_COLUMNS
+        or table.shape[0] < 1
+    ):
         raise ValueError("table must be a contiguous float32 (T + 1, 4) tensor, as NoiseSchedule.table gives")
 
 
@@ -191,15 +210,32 @@ def _tile_coords(batch, n, d_blocks, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexp
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)
-def _q_sample_kernel(x0_ptr, eps_ptr, t_ptr, table_ptr, xt_ptr, batch, n, rows, d_blocks,
-                     seed_lo, seed_hi, off_lo, off_hi,
-                     HAS_EPS: tl.constexpr, RUNS: tl.constexpr, CT: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _q_sample_kernel(
+    x0_ptr,
+    eps_ptr,
+    t_ptr,
+    table_ptr,
+    xt_ptr,
+    batch,
+    n,
+    rows,
+    d_blocks,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    HAS_EPS: tl.constexpr,
+    RUNS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     b, bmask, d0, d, offs, mask = _tile_coords(batch, n, d_blocks, BLOCK_D, BLOCK_R)
     _, _, signal, noise = _level(table_ptr, t_ptr, b, bmask, rows)
     x0 = tl.load(x0_ptr + offs, mask=mask).to(CT)
-    eps = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
-                      HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+    eps = _noise_tile(
+        eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi, HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R
+    )
     xt = signal.to(CT)[None, :] * x0 + noise.to(CT)[None, :] * eps
     tl.store(xt_ptr + offs, to_dtype(xt, xt_ptr.dtype.element_ty), mask=mask)
 
@@ -213,10 +249,25 @@ def q_sample(x0, noise, t, table, x_t, seed, offset):
     if x0.numel() == 0:
         return x_t
     grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=noise is None)
-    launch(_q_sample_kernel, grid, x0, noise if noise is not None else x0, t, table, x_t,
-            batch, n, table.shape[0], d_blocks, *key_args(seed, offset),
-            HAS_EPS=noise is not None, RUNS=_runs(n, block_d, noise is not None), CT=compute_type(x0),
-            BLOCK_D=block_d, BLOCK_R=block_r)
+    launch(
+        _q_sample_kernel,
+        grid,
+        x0,
+        noise if noise is not None else x0,
+        t,
+        table,
+        x_t,
+        batch,
+        n,
+        table.shape[0],
+        d_blocks,
+        *key_args(seed, offset),
+        HAS_EPS=noise is not None,
+        RUNS=_runs(n, block_d, noise is not None),
+        CT=compute_type(x0),
+        BLOCK_D=block_d,
+        BLOCK_R=block_r,
+    )
     return x_t
 
 
@@ -225,10 +276,29 @@ def q_sample(x0, noise, t, table, x_t, seed, offset):
 
 
 @triton.jit(do_not_specialize=["n"] + KEY_ARGS)
-def _loss_kernel(m_ptr, x0_ptr, eps_ptr, t_ptr, table_ptr, loss_ptr, batch, n, rows, snr_gamma,
-                 seed_lo, seed_hi, off_lo, off_hi,
-                 PREDICTION: tl.constexpr, WEIGHTED: tl.constexpr, HAS_EPS: tl.constexpr, RUNS: tl.constexpr,
-                 CT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _loss_kernel(
+    m_ptr,
+    x0_ptr,
+    eps_ptr,
+    t_ptr,
+    table_ptr,
+    loss_ptr,
+    batch,
+    n,
+    rows,
+    snr_gamma,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    PREDICTION: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    RUNS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     bmask = b < batch
@@ -242,8 +312,9 @@ def _loss_kernel(m_ptr, x0_ptr, eps_ptr, t_ptr, table_ptr, loss_ptr, batch, n, r
         mask = bmask[None, :] & (d < n)[:, None]
         m = tl.load(m_ptr + offs, mask=mask).to(CT)
         x0 = tl.load(x0_ptr + offs, mask=mask).to(CT)
-        eps = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
-                          HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+        eps = _noise_tile(
+            eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi, HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R
+        )
         diff = _loss_target(x0, eps, signal, noise, PREDICTION) - m
         acc += tl.where(mask, diff * diff, 0.0)
     mean = _div(tl.sum(acc, axis=0), tl.zeros([BLOCK_R], CT) + n.to(CT))
@@ -270,10 +341,28 @@ def loss(model_output, x0, noise, t, table, loss, prediction, snr_gamma, seed, o
     block_r = min(triton.next_power_of_2(batch), max(1, tile // block_d))
     grid = (triton.cdiv(batch, block_r),)
     gamma = float(snr_gamma)
-    launch(_loss_kernel, grid, model_output, x0, noise if noise is not None else x0, t, table, loss,
-            batch, n, table.shape[0], gamma, *key_args(seed, offset),
-            PREDICTION=prediction, WEIGHTED=gamma > 0.0, HAS_EPS=not random,
-            RUNS=_runs(n, block_d, not random), CT=compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
+    launch(
+        _loss_kernel,
+        grid,
+        model_output,
+        x0,
+        noise if noise is not None else x0,
+        t,
+        table,
+        loss,
+        batch,
+        n,
+        table.shape[0],
+        gamma,
+        *key_args(seed, offset),
+        PREDICTION=prediction,
+        WEIGHTED=gamma > 0.0,
+        HAS_EPS=not random,
+        RUNS=_runs(n, block_d, not random),
+        CT=compute_type(x0),
+        BLOCK_D=block_d,
+        BLOCK_R=block_r,
+    )
     return loss
 
 
@@ -282,10 +371,31 @@ def loss(model_output, x0, noise, t, table, loss, prediction, snr_gamma, seed, o
 
 
 @triton.jit(do_not_specialize=["n"] + KEY_ARGS)
-def _loss_backward_kernel(g_ptr, m_ptr, x0_ptr, eps_ptr, t_ptr, table_ptr, gm_ptr, batch, n, rows, d_blocks,
-                          snr_gamma, seed_lo, seed_hi, off_lo, off_hi,
-                          PREDICTION: tl.constexpr, WEIGHTED: tl.constexpr, HAS_EPS: tl.constexpr,
-                          RUNS: tl.constexpr, CT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _loss_backward_kernel(
+    g_ptr,
+    m_ptr,
+    x0_ptr,
+    eps_ptr,
+    t_ptr,
+    table_ptr,
+    gm_ptr,
+    batch,
+    n,
+    rows,
+    d_blocks,
+    snr_gamma,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    PREDICTION: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    RUNS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     b, bmask, d0, d, offs, mask = _tile_coords(batch, n, d_blocks, BLOCK_D, BLOCK_R)
     ab, omab, signal, noise = _level(table_ptr, t_ptr, b, bmask, rows)
     w = _min_snr_weight(ab, omab, snr_gamma, PREDICTION, WEIGHTED).to(CT)
@@ -295,19 +405,25 @@ def _loss_backward_kernel(g_ptr, m_ptr, x0_ptr, eps_ptr, t_ptr, table_ptr, gm_pt
     coef = _div(g * w, tl.zeros([BLOCK_R], CT) + n.to(CT))[None, :]
     m = tl.load(m_ptr + offs, mask=mask).to(CT)
     x0 = tl.load(x0_ptr + offs, mask=mask).to(CT)
-    eps = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
-                      HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+    eps = _noise_tile(
+        eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi, HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R
+    )
     target = _loss_target(x0, eps, signal.to(CT)[None, :], noise.to(CT)[None, :], PREDICTION)
     grad = coef * (2.0 * (m - target))
     tl.store(gm_ptr + offs, to_dtype(grad, gm_ptr.dtype.element_ty), mask=mask)
 
 
-def loss_backward(grad_loss, model_output, x0, noise, t, table, grad_model_output, prediction, snr_gamma,
-                  seed, offset):
+def loss_backward(grad_loss, model_output, x0, noise, t, table, grad_model_output, prediction, snr_gamma, seed, offset):
     """grad_model_output[b, j] = grad_loss[b] * weight(b) * 2 (model_output - target) / n, evaluated as
     ((grad_loss * weight) / n) * (2 (model_output - target)); eps regenerated as loss() drew it."""
-    check(x0.dtype, grad_loss=grad_loss, model_output=model_output, x0=x0, noise=noise,
-           grad_model_output=grad_model_output)
+    check(
+        x0.dtype,
+        grad_loss=grad_loss,
+        model_output=model_output,
+        x0=x0,
+        noise=noise,
+        grad_model_output=grad_model_output,
+    )
     prediction = _check_prediction(prediction)
     batch, n = _shape(x0)
     _check_schedule(t, table, batch)
@@ -315,10 +431,30 @@ def loss_backward(grad_loss, model_output, x0, noise, t, table, grad_model_outpu
         return grad_model_output
     grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=noise is None)
     gamma = float(snr_gamma)
-    launch(_loss_backward_kernel, grid, grad_loss, model_output, x0, noise if noise is not None else x0, t,
-            table, grad_model_output, batch, n, table.shape[0], d_blocks, gamma, *key_args(seed, offset),
-            PREDICTION=prediction, WEIGHTED=gamma > 0.0, HAS_EPS=noise is not None,
-            RUNS=_runs(n, block_d, noise is not None), CT=compute_type(x0), BLOCK_D=block_d, BLOCK_R=block_r)
+    launch(
+        _loss_backward_kernel,
+        grid,
+        grad_loss,
+        model_output,
+        x0,
+        noise if noise is not None else x0,
+        t,
+        table,
+        grad_model_output,
+        batch,
+        n,
+        table.shape[0],
+        d_blocks,
+        gamma,
+        *key_args(seed, offset),
+        PREDICTION=prediction,
+        WEIGHTED=gamma > 0.0,
+        HAS_EPS=noise is not None,
+        RUNS=_runs(n, block_d, noise is not None),
+        CT=compute_type(x0),
+        BLOCK_D=block_d,
+        BLOCK_R=block_r,
+    )
     return grad_model_output
 
 
@@ -368,9 +504,20 @@ def _step_beta(ab_t, omab_t, ab_p, omab_p, CT: tl.constexpr):
 
 
 @triton.jit
-def _step_coefficients(table_ptr, t_ptr, pt_ptr, b, bmask, rows, eta,
-                       KIND: tl.constexpr, VARIANCE: tl.constexpr, LEARNED: tl.constexpr,
-                       HAS_PREV_T: tl.constexpr, CT: tl.constexpr):
+def _step_coefficients(
+    table_ptr,
+    t_ptr,
+    pt_ptr,
+    b,
+    bmask,
+    rows,
+    eta,
+    KIND: tl.constexpr,
+    VARIANCE: tl.constexpr,
+    LEARNED: tl.constexpr,
+    HAS_PREV_T: tl.constexpr,
+    CT: tl.constexpr,
+):
     """gk::diffusion::step_coefficients for rows b ([BLOCK_R]), in CT: (signal, noise, x0_coef, other_coef,
     sigma, log_var_large, log_var_small, noisy); the logs are 0 unless LEARNED, noisy is DDPM's t > 0 (DDIM's
     eta > 0 is the kernel's NOISY). Masked lanes read the rows of t = 0, prev_t = -1 (finite values)."""
@@ -447,16 +594,50 @@ def _threshold_x0(x0, limit, DIVIDE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)
-def _step_kernel(m_ptr, x_ptr, eps_ptr, t_ptr, pt_ptr, table_ptr, k_ptr, q_ptr, prev_ptr, x0_ptr,
-                 batch, n, stride, rows, d_blocks, scale, clip, eta, seed_lo, seed_hi, off_lo, off_hi,
-                 KIND: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, LEARNED: tl.constexpr,
-                 GUIDED: tl.constexpr, RESCALE: tl.constexpr, THRESHOLD: tl.constexpr, HAS_PREV_T: tl.constexpr,
-                 NOISY: tl.constexpr, HAS_EPS: tl.constexpr, RUNS: tl.constexpr, CLIPPED_EPS: tl.constexpr,
-                 WRITE_X0: tl.constexpr, CT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _step_kernel(
+    m_ptr,
+    x_ptr,
+    eps_ptr,
+    t_ptr,
+    pt_ptr,
+    table_ptr,
+    k_ptr,
+    q_ptr,
+    prev_ptr,
+    x0_ptr,
+    batch,
+    n,
+    stride,
+    rows,
+    d_blocks,
+    scale,
+    clip,
+    eta,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    KIND: tl.constexpr,
+    PREDICTION: tl.constexpr,
+    VARIANCE: tl.constexpr,
+    LEARNED: tl.constexpr,
+    GUIDED: tl.constexpr,
+    RESCALE: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    HAS_PREV_T: tl.constexpr,
+    NOISY: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    RUNS: tl.constexpr,
+    CLIPPED_EPS: tl.constexpr,
+    WRITE_X0: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     b, bmask, d0, d, offs, mask = _tile_coords(batch, n, d_blocks, BLOCK_D, BLOCK_R)
     signal, noise, x0_coef, other_coef, sigma, lv_large, lv_small, noisy = _step_coefficients(
-        table_ptr, t_ptr, pt_ptr, b, bmask, rows, tl.zeros([BLOCK_R], CT) + eta, KIND, VARIANCE, LEARNED,
-        HAS_PREV_T, CT)
+        table_ptr, t_ptr, pt_ptr, b, bmask, rows, tl.zeros([BLOCK_R], CT) + eta, KIND, VARIANCE, LEARNED, HAS_PREV_T, CT
+    )
     signal = signal[None, :]
     noise = noise[None, :]
     x0_coef = x0_coef[None, :]
@@ -489,8 +670,23 @@ def _step_kernel(m_ptr, x_ptr, eps_ptr, t_ptr, pt_ptr, table_ptr, k_ptr, q_ptr, 
         out = x0_coef * x0 + other_coef * x
         # Noise only for the rows with t > 0 (its values elsewhere are never used).
         row_noisy = noisy[None, :]
-        z = _noise_tile(eps_ptr, offs, mask & row_noisy, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
-                        HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+        z = _noise_tile(
+            eps_ptr,
+            offs,
+            mask & row_noisy,
+            b,
+            d0,
+            n,
+            seed_lo,
+            seed_hi,
+            off_lo,
+            off_hi,
+            HAS_EPS,
+            RUNS,
+            CT,
+            BLOCK_D,
+            BLOCK_R,
+        )
         if LEARNED:
             # the variance output: the second n elements of the sample's stride (of the conditional half
             # under guidance)
@@ -512,8 +708,9 @@ def _step_kernel(m_ptr, x_ptr, eps_ptr, t_ptr, pt_ptr, table_ptr, k_ptr, q_ptr, 
             eps = _predict_eps(m, x, signal, noise, PREDICTION)
         out = x0_coef * x0 + other_coef * eps
         if NOISY:
-            z = _noise_tile(eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi,
-                            HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R)
+            z = _noise_tile(
+                eps_ptr, offs, mask, b, d0, n, seed_lo, seed_hi, off_lo, off_hi, HAS_EPS, RUNS, CT, BLOCK_D, BLOCK_R
+            )
             out = out + sigma * z
     tl.store(prev_ptr + offs, to_dtype(out, prev_ptr.dtype.element_ty), mask=mask)
 
@@ -539,9 +736,28 @@ def _check_numel(name, a, numel):
         raise ValueError(f"{name} must have {numel} elements, got {a.numel()}")
 
 
-def step(model_output, sample, noise, t, prev_t, table, guidance_rescale, dynamic_threshold, prev_sample,
-         pred_original, kind, prediction, variance, guided, guidance_scale, clip, eta, use_clipped_model_output,
-         seed, offset):
+def step(
+    model_output,
+    sample,
+    noise,
+    t,
+    prev_t,
+    table,
+    guidance_rescale,
+    dynamic_threshold,
+    prev_sample,
+    pred_original,
+    kind,
+    prediction,
+    variance,
+    guided,
+    guidance_scale,
+    clip,
+    eta,
+    use_clipped_model_output,
+    seed,
+    offset,
+):
     """One denoising step t[b] -> prev_t[b] (t[b] - 1 when prev_t is None) of every sample b, as
     _C.diffusion_step (gk::diffusion::StepArgs): writes prev_sample and, unless it is None, pred_original.
 
@@ -552,8 +768,14 @@ def step(model_output, sample, noise, t, prev_t, table, guidance_rescale, dynami
     conditional half. x0_hat is clamped to +-dynamic_threshold[b] and divided by it when given, else
     clamped to +-clip when clip > 0. Noise (DDPM rows with t[b] > 0, DDIM when eta > 0) is `noise` or
     stream element b * n + j for (seed, offset)."""
-    check(sample.dtype, model_output=model_output, sample=sample, noise=noise, prev_sample=prev_sample,
-          pred_original=pred_original)
+    check(
+        sample.dtype,
+        model_output=model_output,
+        sample=sample,
+        noise=noise,
+        prev_sample=prev_sample,
+        pred_original=pred_original,
+    )
     kind = int(kind)
     if kind not in (0, 1):
         raise ValueError("kind must be 0 (DDPM) or 1 (DDIM)")
@@ -590,15 +812,43 @@ def step(model_output, sample, noise, t, prev_t, table, guidance_rescale, dynami
     noisy = kind == 0 or eta > 0.0  # DDPM: per row (t > 0), in the kernel
     random = noisy and noise is None
     grid, block_r, block_d, d_blocks = _elementwise_config(batch, n, random=random)
-    launch(_step_kernel, grid, model_output, sample, noise if noise is not None else sample, t,
-           prev_t if prev_t is not None else t, table,
-           guidance_rescale if guidance_rescale is not None else table,
-           dynamic_threshold if dynamic_threshold is not None else table,
-           prev_sample, pred_original if pred_original is not None else prev_sample,
-           batch, n, stride, table.shape[0], d_blocks, scale, clip, eta, *key_args(seed, offset),
-           KIND=kind, PREDICTION=prediction, VARIANCE=variance, LEARNED=kind == 0 and variance == LEARNED_RANGE,
-           GUIDED=guided, RESCALE=guidance_rescale is not None, THRESHOLD=threshold, HAS_PREV_T=prev_t is not None,
-           NOISY=noisy, HAS_EPS=noise is not None, RUNS=_runs(n, block_d, noise is not None),
-           CLIPPED_EPS=bool(use_clipped_model_output), WRITE_X0=pred_original is not None,
-           CT=compute_type(sample), BLOCK_D=block_d, BLOCK_R=block_r)
+    launch(
+        _step_kernel,
+        grid,
+        model_output,
+        sample,
+        noise if noise is not None else sample,
+        t,
+        prev_t if prev_t is not None else t,
+        table,
+        guidance_rescale if guidance_rescale is not None else table,
+        dynamic_threshold if dynamic_threshold is not None else table,
+        prev_sample,
+        pred_original if pred_original is not None else prev_sample,
+        batch,
+        n,
+        stride,
+        table.shape[0],
+        d_blocks,
+        scale,
+        clip,
+        eta,
+        *key_args(seed, offset),
+        KIND=kind,
+        PREDICTION=prediction,
+        VARIANCE=variance,
+        LEARNED=kind == 0 and variance == LEARNED_RANGE,
+        GUIDED=guided,
+        RESCALE=guidance_rescale is not None,
+        THRESHOLD=threshold,
+        HAS_PREV_T=prev_t is not None,
+        NOISY=noisy,
+        HAS_EPS=noise is not None,
+        RUNS=_runs(n, block_d, noise is not None),
+        CLIPPED_EPS=bool(use_clipped_model_output),
+        WRITE_X0=pred_original is not None,
+        CT=compute_type(sample),
+        BLOCK_D=block_d,
+        BLOCK_R=block_r,
+    )
     return prev_sample, pred_original

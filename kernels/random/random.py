@@ -1,5 +1,6 @@
 """The random family in Triton: the raw stream bits and its standard normals (docs/math.md, section 1),
 from the stream functions of kernels/core/philox.py."""
+
 import torch
 import triton
 import triton.language as tl
@@ -30,8 +31,9 @@ def _fill(kernel, out, seed, offset):
     n = out.numel()
     if n == 0:
         return out
-    kernel[(triton.cdiv(n, BLOCK),)](out, n, *key_args(seed, offset), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                                     enable_fp_fusion=False)
+    kernel[(triton.cdiv(n, BLOCK),)](
+        out, n, *key_args(seed, offset), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False
+    )
     return out
 
 

@@ -26,7 +26,6 @@ using namespace gpu::common;
 constexpr int kThreads = 256;
 constexpr int kColX = 32, kColY = 8;  // reduce_cols_kernel and iwae_backward_kernel blocks
 
-
 // ---------------------------------------------------------------------------------------------------------
 // eps
 
@@ -38,8 +37,7 @@ __device__ __forceinline__ float lane_of(const Normal4& n, int64_t i) {
 // Stream normals of flat elements base .. base + count - 1 (count <= 4). Unaligned runs span two Philox
 // blocks; selecting lanes with ?: rather than by index keeps the blocks in registers.
 template <typename C>
-__device__ __forceinline__ void stream_normals4(uint64_t seed, uint64_t offset, int64_t base, int count,
-                                                C (&e)[4]) {
+__device__ __forceinline__ void stream_normals4(uint64_t seed, uint64_t offset, int64_t base, int count, C (&e)[4]) {
   const uint64_t first = static_cast<uint64_t>(base) >> 2;
   const Normal4 a = stream_normals(seed, offset, first);
   if ((base & 3) == 0) {

@@ -15,6 +15,7 @@ Reductions view their input as (outer, dim, inner) and reduce over dim. A progra
 Either way the pointer arithmetic tells the compiler which axis is contiguous, and the whole grid is 1-D
 (a 2-D grid's second axis is limited to 65535 programs).
 """
+
 import triton
 import triton.language as tl
 
@@ -28,7 +29,6 @@ TILE = 2048  # elements per [BLOCK_D, BLOCK_R] tile of the reduction kernels
 # Kernels that draw a normal per element (a Philox call and a Box-Muller each) use half-size blocks/tiles:
 # at 16 elements a thread they needed over 200 registers on sm_90, at 8 under 100 (no spills either way).
 RANDOM_SHRINK = 2
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,8 +138,22 @@ def _reduce_config(outer, dim, inner, random=False):
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)
-def _sample_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, n, total, seed_lo, seed_hi, off_lo, off_hi,
-                   ONE_SAMPLE: tl.constexpr, HAS_EPS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _sample_kernel(
+    mu_ptr,
+    lv_ptr,
+    eps_ptr,
+    z_ptr,
+    n,
+    total,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    ONE_SAMPLE: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     start = pid * BLOCK  # flat index k * n + j of z, which is also its stream index
     offs = start + tl.arange(0, BLOCK)
@@ -167,16 +181,41 @@ def sample(mu, logvar, eps, z, seed, offset):
     if n == 0 or total == 0:
         return z
     grid = (triton.cdiv(total, BLOCK),)
-    launch(_sample_kernel, grid, mu, logvar, eps if eps is not None else z, z, n, total,
-            *key_args(seed, offset), ONE_SAMPLE=total == n, HAS_EPS=eps is not None, CT=compute_type(mu),
-            BLOCK=BLOCK)
+    launch(
+        _sample_kernel,
+        grid,
+        mu,
+        logvar,
+        eps if eps is not None else z,
+        z,
+        n,
+        total,
+        *key_args(seed, offset),
+        ONE_SAMPLE=total == n,
+        HAS_EPS=eps is not None,
+        CT=compute_type(mu),
+        BLOCK=BLOCK,
+    )
     return z
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)
-def _sample_backward_kernel(gz_ptr, lv_ptr, eps_ptr, gmu_ptr, glv_ptr, n, samples,
-                            seed_lo, seed_hi, off_lo, off_hi,
-                            HAS_EPS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _sample_backward_kernel(
+    gz_ptr,
+    lv_ptr,
+    eps_ptr,
+    gmu_ptr,
+    glv_ptr,
+    n,
+    samples,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    HAS_EPS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     j = pid * BLOCK + tl.arange(0, BLOCK)
     mask = j < n
@@ -210,9 +249,21 @@ def sample_backward(grad_z, mu, logvar, eps, grad_mu, grad_logvar, seed, offset)
     samples = grad_z.numel() // n
     block = BLOCK // RANDOM_SHRINK if eps is None else BLOCK
     grid = (triton.cdiv(n, block),)
-    launch(_sample_backward_kernel, grid, grad_z, logvar, eps if eps is not None else grad_z,
-            grad_mu, grad_logvar, n, samples, *key_args(seed, offset),
-            HAS_EPS=eps is not None, CT=compute_type(mu), BLOCK=block)
+    launch(
+        _sample_backward_kernel,
+        grid,
+        grad_z,
+        logvar,
+        eps if eps is not None else grad_z,
+        grad_mu,
+        grad_logvar,
+        n,
+        samples,
+        *key_args(seed, offset),
+        HAS_EPS=eps is not None,
+        CT=compute_type(mu),
+        BLOCK=block,
+    )
     return grad_mu, grad_logvar
 
 
@@ -221,10 +272,26 @@ def sample_backward(grad_z, mu, logvar, eps, grad_mu, grad_logvar, seed, offset)
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)
-def _sample_kl_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, outer, dim, inner,
-                      seed_lo, seed_hi, off_lo, off_hi,
-                      WRITE_Z: tl.constexpr, HAS_EPS: tl.constexpr, CT: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INNER_ONE: tl.constexpr):
+def _sample_kl_kernel(
+    mu_ptr,
+    lv_ptr,
+    eps_ptr,
+    z_ptr,
+    kl_ptr,
+    outer,
+    dim,
+    inner,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    WRITE_Z: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INNER_ONE: tl.constexpr,
+):
     """kl over dim for this program's rows, and (WRITE_Z) z = sample with one draw at the same time."""
     o, i, rmask = _rows(outer, inner, BLOCK_R, INNER_ONE)
     base = o * dim * inner + i
@@ -256,9 +323,25 @@ def kl(mu, logvar, kl, outer, dim, inner):
     if outer * inner == 0:
         return kl
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
-    launch(_sample_kl_kernel, grid, mu, logvar, mu, kl, kl, outer, dim, inner, *key_args(0, 0),
-            WRITE_Z=False, HAS_EPS=False, CT=compute_type(mu),
-            BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
+    launch(
+        _sample_kl_kernel,
+        grid,
+        mu,
+        logvar,
+        mu,
+        kl,
+        kl,
+        outer,
+        dim,
+        inner,
+        *key_args(0, 0),
+        WRITE_Z=False,
+        HAS_EPS=False,
+        CT=compute_type(mu),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        INNER_ONE=inner_one,
+    )
     return kl
 
 
@@ -268,19 +351,52 @@ def sample_kl(mu, logvar, eps, z, kl, outer, dim, inner, seed, offset):
     if outer * inner == 0:
         return z, kl
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner, random=eps is None)
-    launch(_sample_kl_kernel, grid, mu, logvar, eps if eps is not None else mu, z, kl,
-            outer, dim, inner, *key_args(seed, offset),
-            WRITE_Z=True, HAS_EPS=eps is not None, CT=compute_type(mu),
-            BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
+    launch(
+        _sample_kl_kernel,
+        grid,
+        mu,
+        logvar,
+        eps if eps is not None else mu,
+        z,
+        kl,
+        outer,
+        dim,
+        inner,
+        *key_args(seed, offset),
+        WRITE_Z=True,
+        HAS_EPS=eps is not None,
+        CT=compute_type(mu),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        INNER_ONE=inner_one,
+    )
     return z, kl
 
 
 @triton.jit(do_not_specialize=KEY_ARGS)
-def _sample_kl_backward_kernel(gz_ptr, gkl_ptr, mu_ptr, lv_ptr, eps_ptr, gmu_ptr, glv_ptr,
-                               outer, dim, inner, seed_lo, seed_hi, off_lo, off_hi,
-                               HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, HAS_EPS: tl.constexpr,
-                               CT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                               INNER_ONE: tl.constexpr):
+def _sample_kl_backward_kernel(
+    gz_ptr,
+    gkl_ptr,
+    mu_ptr,
+    lv_ptr,
+    eps_ptr,
+    gmu_ptr,
+    glv_ptr,
+    outer,
+    dim,
+    inner,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    HAS_GZ: tl.constexpr,
+    HAS_GKL: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INNER_ONE: tl.constexpr,
+):
     """grad_mu = grad_z + grad_kl * mu; grad_logvar = grad_z * sample_dlogvar + grad_kl * kl_dlogvar."""
     o, i, rmask = _rows(outer, inner, BLOCK_R, INNER_ONE)
     base = o * dim * inner + i
@@ -313,27 +429,48 @@ def kl_backward(grad_kl, mu, logvar, grad_mu, grad_logvar, outer, dim, inner):
     return _sample_kl_backward(None, grad_kl, mu, logvar, None, grad_mu, grad_logvar, outer, dim, inner, 0, 0)
 
 
-def sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner,
-                       seed, offset):
+def sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner, seed, offset):
     """Gradients of sample_kl: grad_z / grad_kl None mean that output was unused (zero gradient)."""
-    check(mu.dtype, grad_z=grad_z, grad_kl=grad_kl, mu=mu, logvar=logvar, eps=eps, grad_mu=grad_mu,
-           grad_logvar=grad_logvar)
-    return _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner,
-                               seed, offset)
+    check(
+        mu.dtype,
+        grad_z=grad_z,
+        grad_kl=grad_kl,
+        mu=mu,
+        logvar=logvar,
+        eps=eps,
+        grad_mu=grad_mu,
+        grad_logvar=grad_logvar,
+    )
+    return _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner, seed, offset)
 
 
-def _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner,
-                        seed, offset):
+def _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, outer, dim, inner, seed, offset):
     if outer * dim * inner == 0:
         return grad_mu, grad_logvar
     random = grad_z is not None and eps is None
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner, random=random)
-    launch(_sample_kl_backward_kernel, grid,
-            grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
-            mu, logvar, eps if eps is not None else mu, grad_mu, grad_logvar,
-            outer, dim, inner, *key_args(seed, offset),
-            HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None, HAS_EPS=eps is not None,
-            CT=compute_type(mu), BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
+    launch(
+        _sample_kl_backward_kernel,
+        grid,
+        grad_z if grad_z is not None else mu,
+        grad_kl if grad_kl is not None else mu,
+        mu,
+        logvar,
+        eps if eps is not None else mu,
+        grad_mu,
+        grad_logvar,
+        outer,
+        dim,
+        inner,
+        *key_args(seed, offset),
+        HAS_GZ=grad_z is not None,
+        HAS_GKL=grad_kl is not None,
+        HAS_EPS=eps is not None,
+        CT=compute_type(mu),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        INNER_ONE=inner_one,
+    )
     return grad_mu, grad_logvar
 
 
@@ -342,9 +479,22 @@ def _sample_kl_backward(grad_z, grad_kl, mu, logvar, eps, grad_mu, grad_logvar, 
 
 
 @triton.jit
-def _log_prob_kernel(z_ptr, mu_ptr, lv_ptr, out_ptr, outer, dim, inner, param_outer,
-                     HAS_MU: tl.constexpr, HAS_LV: tl.constexpr, CT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INNER_ONE: tl.constexpr):
+def _log_prob_kernel(
+    z_ptr,
+    mu_ptr,
+    lv_ptr,
+    out_ptr,
+    outer,
+    dim,
+    inner,
+    param_outer,
+    HAS_MU: tl.constexpr,
+    HAS_LV: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INNER_ONE: tl.constexpr,
+):
     o, i, rmask = _rows(outer, inner, BLOCK_R, INNER_ONE)
     base = o * dim * inner + i
     pbase = (o % param_outer) * dim * inner + i
@@ -369,18 +519,47 @@ def log_prob(z, mu, logvar, out, outer, dim, inner, param_outer):
     if outer * inner == 0:
         return out
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
-    launch(_log_prob_kernel, grid, z, mu if mu is not None else z, logvar if logvar is not None else z,
-            out, outer, dim, inner, max(int(param_outer), 1),
-            HAS_MU=mu is not None, HAS_LV=logvar is not None, CT=compute_type(z),
-            BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
+    launch(
+        _log_prob_kernel,
+        grid,
+        z,
+        mu if mu is not None else z,
+        logvar if logvar is not None else z,
+        out,
+        outer,
+        dim,
+        inner,
+        max(int(param_outer), 1),
+        HAS_MU=mu is not None,
+        HAS_LV=logvar is not None,
+        CT=compute_type(z),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        INNER_ONE=inner_one,
+    )
     return out
 
 
 @triton.jit
-def _log_prob_backward_kernel(g_ptr, z_ptr, mu_ptr, lv_ptr, gz_ptr, glv_ptr, outer, dim, inner, param_outer,
-                              HAS_MU: tl.constexpr, HAS_LV: tl.constexpr, HAS_GLV: tl.constexpr,
-                              CT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                              INNER_ONE: tl.constexpr):
+def _log_prob_backward_kernel(
+    g_ptr,
+    z_ptr,
+    mu_ptr,
+    lv_ptr,
+    gz_ptr,
+    glv_ptr,
+    outer,
+    dim,
+    inner,
+    param_outer,
+    HAS_MU: tl.constexpr,
+    HAS_LV: tl.constexpr,
+    HAS_GLV: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INNER_ONE: tl.constexpr,
+):
     o, i, rmask = _rows(outer, inner, BLOCK_R, INNER_ONE)
     base = o * dim * inner + i
     pbase = (o % param_outer) * dim * inner + i
@@ -409,11 +588,27 @@ def log_prob_backward(grad_out, z, mu, logvar, grad_z, grad_logvar, outer, dim, 
     if outer * dim * inner == 0:
         return grad_z, grad_logvar
     grid, block_r, block_d, inner_one = _reduce_config(outer, dim, inner)
-    launch(_log_prob_backward_kernel, grid, grad_out, z, mu if mu is not None else z,
-            logvar if logvar is not None else z, grad_z, grad_logvar if grad_logvar is not None else grad_z,
-            outer, dim, inner, max(int(param_outer), 1),
-            HAS_MU=mu is not None, HAS_LV=logvar is not None, HAS_GLV=grad_logvar is not None,
-            CT=compute_type(z), BLOCK_R=block_r, BLOCK_D=block_d, INNER_ONE=inner_one)
+    launch(
+        _log_prob_backward_kernel,
+        grid,
+        grad_out,
+        z,
+        mu if mu is not None else z,
+        logvar if logvar is not None else z,
+        grad_z,
+        grad_logvar if grad_logvar is not None else grad_z,
+        outer,
+        dim,
+        inner,
+        max(int(param_outer), 1),
+        HAS_MU=mu is not None,
+        HAS_LV=logvar is not None,
+        HAS_GLV=grad_logvar is not None,
+        CT=compute_type(z),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        INNER_ONE=inner_one,
+    )
     return grad_z, grad_logvar
 
 
@@ -422,8 +617,20 @@ def log_prob_backward(grad_out, z, mu, logvar, grad_z, grad_logvar, outer, dim, 
 
 
 @triton.jit(do_not_specialize=["samples"])
-def _iwae_kernel(lpx_ptr, z_ptr, mu_ptr, lv_ptr, bound_ptr, lw_ptr, samples, batch, dim,
-                 CT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _iwae_kernel(
+    lpx_ptr,
+    z_ptr,
+    mu_ptr,
+    lv_ptr,
+    bound_ptr,
+    lw_ptr,
+    samples,
+    batch,
+    dim,
+    CT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     bmask = b < batch
@@ -473,15 +680,45 @@ def iwae(log_px_z, z, mu, logvar, bound, log_w):
     block_d = min(triton.next_power_of_2(max(dim, 1)), 512)
     block_b = min(triton.next_power_of_2(batch), max(1, TILE // block_d))
     grid = (triton.cdiv(batch, block_b),)
-    launch(_iwae_kernel, grid, log_px_z, z, mu, logvar, bound, log_w, samples, batch, dim,
-            CT=compute_type(z), BLOCK_B=block_b, BLOCK_D=block_d)
+    launch(
+        _iwae_kernel,
+        grid,
+        log_px_z,
+        z,
+        mu,
+        logvar,
+        bound,
+        log_w,
+        samples,
+        batch,
+        dim,
+        CT=compute_type(z),
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+    )
     return bound, log_w
 
 
 @triton.jit(do_not_specialize=["samples"])
-def _iwae_backward_kernel(gb_ptr, lw_ptr, bound_ptr, z_ptr, mu_ptr, lv_ptr,
-                          glpx_ptr, gz_ptr, gmu_ptr, glv_ptr, samples, batch, dim, d_blocks,
-                          CT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _iwae_backward_kernel(
+    gb_ptr,
+    lw_ptr,
+    bound_ptr,
+    z_ptr,
+    mu_ptr,
+    lv_ptr,
+    glpx_ptr,
+    gz_ptr,
+    gmu_ptr,
+    glv_ptr,
+    samples,
+    batch,
+    dim,
+    d_blocks,
+    CT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """A program owns a [BLOCK_D, BLOCK_B] tile of (b, d) and walks k; the d-tile 0 programs write
     grad_log_px_z (with dim == 0 there is one, empty, d-tile per b-tile)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -520,8 +757,19 @@ def _iwae_backward_kernel(gb_ptr, lw_ptr, bound_ptr, z_ptr, mu_ptr, lv_ptr,
 def iwae_backward(grad_bound, log_w, bound, z, mu, logvar, grad_log_px_z, grad_z, grad_mu, grad_logvar):
     """With w[k, b] = exp(log_w - bound - log K): grad_log_px_z = g_b w, grad_z = g_b w d(latent)/dz,
     grad_mu and grad_logvar = sum_k g_b w d(latent)/d(mu, logvar)."""
-    check(z.dtype, grad_bound=grad_bound, log_w=log_w, bound=bound, z=z, mu=mu, logvar=logvar,
-           grad_log_px_z=grad_log_px_z, grad_z=grad_z, grad_mu=grad_mu, grad_logvar=grad_logvar)
+    check(
+        z.dtype,
+        grad_bound=grad_bound,
+        log_w=log_w,
+        bound=bound,
+        z=z,
+        mu=mu,
+        logvar=logvar,
+        grad_log_px_z=grad_log_px_z,
+        grad_z=grad_z,
+        grad_mu=grad_mu,
+        grad_logvar=grad_logvar,
+    )
     samples, batch, dim = _iwae_shape(z)
     if batch == 0 or samples == 0:
         return grad_log_px_z, grad_z, grad_mu, grad_logvar
@@ -531,7 +779,25 @@ def iwae_backward(grad_bound, log_w, bound, z, mu, logvar, grad_log_px_z, grad_z
     block_b = min(triton.next_power_of_2(batch), max(1, TILE // 2 // block_d))
     d_blocks = max(1, triton.cdiv(dim, block_d))
     grid = (triton.cdiv(batch, block_b) * d_blocks,)
-    launch(_iwae_backward_kernel, grid, grad_bound, log_w, bound, z, mu, logvar,
-            grad_log_px_z, grad_z, grad_mu, grad_logvar, samples, batch, dim, d_blocks,
-            CT=compute_type(z), BLOCK_B=block_b, BLOCK_D=block_d)
+    launch(
+        _iwae_backward_kernel,
+        grid,
+        grad_bound,
+        log_w,
+        bound,
+        z,
+        mu,
+        logvar,
+        grad_log_px_z,
+        grad_z,
+        grad_mu,
+        grad_logvar,
+        samples,
+        batch,
+        dim,
+        d_blocks,
+        CT=compute_type(z),
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+    )
     return grad_log_px_z, grad_z, grad_mu, grad_logvar
