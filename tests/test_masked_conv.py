@@ -438,3 +438,14 @@ def test_reference_reads_visible_taps_inside_the_image_only():
     m = ref.mask(3, "A", 3, 3, 3, dtype=torch.float64)
     assert torch.equal(gw[m == 0], torch.zeros(int((m == 0).sum()), dtype=torch.float64))
     assert gw[1, 0, 1, 1] == float("inf") and torch.equal(gw[:, :, 0, 0], torch.zeros(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dilation", [2**31 + 1, 2**40, 2**61 + 7])
+def test_the_compiled_entry_refuses_an_absurd_dilation(dilation):
+    """Defence in depth below the op's check: the C++ entry itself refuses a dilation whose padded copy would
+    overflow (2**61 + 7 once crashed the process)."""
+    from genkern import _native
+
+    x, w, y = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), torch.empty(1, 2, 5, 5)
+    with pytest.raises(ValueError, match="dilation"):
+        _native.call(_native._C.masked_conv.forward, x, w, None, y, False, 1, dilation)

@@ -27,6 +27,8 @@ ConvShape conv_shape(const Array& x, const Array& weight, bool mask_b, int64_t g
   if (groups < 1 || s.in_channels % groups != 0 || s.out_channels % groups != 0)
     throw ValueError("color_groups must be >= 1 and divide both channel counts");
   if (dilation < 1) throw ValueError("dilation must be >= 1");
+  // The padded copies the kernels stage are sized from dilation * (k / 2): keep that product far from overflow.
+  if (dilation > (int64_t{1} << 31)) throw ValueError("dilation must be <= 2^31");
   return s;
 }
 

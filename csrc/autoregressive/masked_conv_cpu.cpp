@@ -12,6 +12,8 @@
 #include "autoregressive/masked_conv.h"
 
 #include <algorithm>
+#include <limits>
+#include <stdexcept>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -75,6 +77,9 @@ template <typename T>
 T* scratch(Slot slot, int64_t n) {
   thread_local Buffer<unsigned char> memory[2];
   thread_local int64_t capacity[2] = {0, 0};
+  // A size wrapped past int64 would look small and hand out the old, smaller buffer.
+  if (n < 0 || n > std::numeric_limits<int64_t>::max() / static_cast<int64_t>(sizeof(T)))
+    throw std::length_error("masked_conv scratch size overflows");
   const int64_t bytes = static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(n, 1);
   if (bytes > capacity[slot]) {
     memory[slot].reset();  // the old buffer goes first: never both at once

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "core/entry.h"
@@ -163,6 +164,12 @@ void sample_entry(const py::list& caches, const py::list& nodes, const Array& ou
   a.seed = seed;
   a.offset = offset;
   a.first_sample = first_sample;
+  // Draw (sample, position, level) has stream index ((first_sample + s) * dims + position) * levels: int64.
+  const uint64_t kMax = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  const uint64_t per_sample = static_cast<uint64_t>(a.colors * a.height * a.width) * static_cast<uint64_t>(levels);
+  if (per_sample > 0 && (first_sample > kMax || static_cast<uint64_t>(a.batch) > kMax - first_sample ||
+                         first_sample + static_cast<uint64_t>(a.batch) > kMax / per_sample))
+    throw ValueError("first_sample: (first_sample + batch) * dims * levels must stay below 2^63");
   if (out.numel() == 0) return;
   run_on_device(out, a, stream, sample_cpu, GK_CUDA(sample_cuda));
 }
