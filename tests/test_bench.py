@@ -319,9 +319,10 @@ def test_the_default_selection_is_a_headline_per_group():
 
 
 def test_all_runs_every_case_and_list_prints_them(capsys):
+    import _genkern_cli
     from genkern import cli
 
-    config = cli._bench_config(cli._parser().parse_args(["bench", "--all", "--device", "cpu"]), [])
+    config = cli._bench_config(_genkern_cli._parser().parse_args(["bench", "--all", "--device", "cpu"]), [])
     assert list(config.cases) == list(CASES)
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--all", "--ops", "q_sample"])

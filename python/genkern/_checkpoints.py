@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from _genkern_cli import MODEL_NAMES as MODEL_NAMES  # re-exported: the names the command line accepts
+
 FORMAT = "genkern-checkpoint-1"
 META_KEY = "genkern_config"
 PACKAGED = Path(__file__).parent / "checkpoints"
@@ -36,9 +38,6 @@ def model_classes() -> dict:
         "dcgan": models.DCGAN,
         "unet": models.UNet,
     }
-
-
-MODEL_NAMES = ("pixelcnn", "gated_pixelcnn", "nade", "vae", "dcgan", "unet")
 
 
 def packaged(model_name: str) -> Path:
