@@ -442,7 +442,8 @@ def test_ddim_draws_the_stream_only_with_eta():
 def test_ddim_direction_coefficient_floored_at_zero():
     """Zero terminal SNR, eta = 1, the first step from t = 999 (alpha-bar 0): 1 - ab_prev - sigma^2 is 0 in
     exact arithmetic and can round below it, where diffusers' sqrt gives NaN (e.g. its float32 scheduler,
-    trailing spacing, N = 10: step 999 -> 899). Here the coefficient is 0: x_prev = sqrt(ab_prev) x0 + sigma z."""
+    trailing spacing, N = 10: step 999 -> 899, on some CPUs). Here the coefficient is 0:
+    x_prev = sqrt(ab_prev) x0 + sigma z."""
     config = dict(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
@@ -456,7 +457,9 @@ def test_ddim_direction_coefficient_floored_at_zero():
     sched.set_timesteps(10)
     assert sched.timesteps[:2].tolist() == [999, 899]
     x, m, z = rand(SHAPE, 0).float(), rand(SHAPE, 1).float(), rand(SHAPE, 2).float()
-    assert torch.isnan(sched.step(m, 999, x, eta=1.0, variance_noise=z).prev_sample).all()  # diffusers' NaN
+    # diffusers' float32 coefficient is 0 or rounds below it (NaN everywhere) depending on the CPU's rounding of
+    # its torch ops (both seen on x86 machines): where it is finite, ours must agree with it.
+    theirs = sched.step(m, 999, x, eta=1.0, variance_noise=z).prev_sample
 
     schedule = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_zero_terminal_snr=True)
     ab = schedule.alpha_cumprod(torch.arange(-1, 999))
@@ -478,6 +481,8 @@ def test_ddim_direction_coefficient_floored_at_zero():
         expected = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * z.to(dtype)
         assert torch.isfinite(prev).all()
         torch.testing.assert_close(prev, expected, rtol=1e-6, atol=1e-6)
+        if dtype == torch.float32 and torch.isfinite(theirs).all():  # its own float32 zero-SNR alpha-bars
+            torch.testing.assert_close(prev, theirs, rtol=2e-3, atol=2e-3)
 
 
 # ============================================================================================ guidance

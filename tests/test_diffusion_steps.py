@@ -390,3 +390,85 @@ def test_reference_steps_with_sample_prediction_return_new_tensors(variance_type
     assert torch.equal(x0, model_output[:, :3])
     prev, x0 = ref.ddim_step(model_output[:, :3], 5, sample, schedule, prev_t=2, prediction_type="sample")
     assert x0.data_ptr() != model_output.data_ptr()
+
+
+# ------------------------------------------------------------------------------------------------ the loop's step
+def _loop_step(kind, rows, **options):
+    from genkern.diffusion import _prepared_step
+
+    t, prev = SCHEDULE.timesteps(rows, "trailing")
+    batch = 3
+    t_rows, prev_rows = t[:, None].expand(-1, batch).contiguous(), prev[:, None].expand(-1, batch).contiguous()
+    defaults = dict(prediction_type="epsilon", clip_sample=None, dynamic_threshold=None, guidance_scale=None)
+    defaults.update(guidance_rescale=0.0, backend=None)
+    defaults.update(options)
+    return _prepared_step(kind, SCHEDULE, t_rows, prev_rows, seed=7, **defaults), t_rows, prev_rows
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("ddim", dict(eta=0.6)),
+        ("ddpm", {}),
+        ("ddim", dict(guidance_scale=2.0)),
+        ("ddim", dict(guidance_scale=2.0, guidance_rescale=0.5, clip_sample=1.0)),
+        ("ddpm", dict(dynamic_threshold=(0.9, 2.0))),
+    ],
+)
+def test_the_loops_fast_step_gives_the_ops_bits(kind, options):
+    """After its first call, a sampling loop's step skips torch's dispatch (PreparedStep): every step must still
+    be the op's result, bit for bit."""
+    step, t_rows, prev_rows = _loop_step(kind, 6, **options)
+    op = torch.ops.genkern.ddim_step if kind == "ddim" else torch.ops.genkern.ddpm_step
+    batch = 6 if options.get("guidance_scale") else 3
+    x = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(6):
+            model_output = torch.randn(batch, 2, 5, generator=torch.Generator().manual_seed(i + 1))
+            args = (model_output, x, t_rows[i], prev_rows[i], step.table, None, 7, i + 1, *step.options.pack())
+            expected = op(*args, False)
+            got = step(model_output, x, i)
+            assert step._fast is not None  # the first call armed the fast path
+            assert torch.equal(got, expected[0]), i
+            x = got
+
+
+def test_the_loops_fast_step_still_refuses_what_the_op_refuses():
+    step, _, _ = _loop_step("ddim", 4, eta=0.0)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        step(torch.randn(3, 4), x, 0)
+        with pytest.raises(ValueError, match="model_output"):
+            step(torch.randn(3, 5), x, 1)  # another shape: through the op, which checks it
+        with pytest.raises(ValueError, match="model_output"):
+            step(torch.randn(2, 4), x, 1)
+        torch.testing.assert_close(step(torch.randn(3, 4), x, 1).shape, x.shape)  # and the loop goes on
+
+
+def test_the_loops_step_leaves_gradients_to_the_op():
+    """The steps have no backward: with a tensor that needs gradients the call goes through the op, which says
+    so at backward, instead of the fast path's result silently cut from the graph."""
+    step, _, _ = _loop_step("ddim", 4, eta=0.0)
+    x, m = torch.randn(3, 4), torch.randn(3, 4, requires_grad=True)
+    with torch.no_grad():
+        step(m.detach(), x, 0)  # armed
+    prev = step(m, x, 1)
+    assert prev.grad_fn is not None
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        prev.sum().backward()
+
+
+def test_the_loops_step_checks_every_timestep_row_once():
+    from genkern.diffusion import _prepared_step
+
+    t = torch.tensor([[999], [1000]])
+    with pytest.raises(ValueError, match=r"t must be in \[0, 999\]"):
+        _prepared_step(
+            "ddim", SCHEDULE, t, torch.tensor([[500], [400]]), seed=0, prediction_type="epsilon", clip_sample=None,
+            dynamic_threshold=None, guidance_scale=None, guidance_rescale=0.0, backend=None,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="prev_t must be smaller than t"):
+        _prepared_step(
+            "ddim", SCHEDULE, torch.tensor([[10], [5]]), torch.tensor([[5], [5]]), seed=0, prediction_type="epsilon",
+            clip_sample=None, dynamic_threshold=None, guidance_scale=None, guidance_rescale=0.0, backend=None,
+        )  # fmt: skip

@@ -54,6 +54,10 @@ class KernelGroup:
 
         return decorate
 
+    def native(self):
+        """The compiled core's module of this group (`_C.<group>`)."""
+        return self._native()
+
     @functools.cache  # noqa: B019 - a few groups, alive for the whole process
     def on(self, backend: str):
         """The kernel functions for `backend` (cpu, cuda or triton), all with the same signatures."""

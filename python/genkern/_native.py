@@ -67,7 +67,12 @@ def call(fn, *args):
     """Run a compiled kernel (a function of `_C.<group>`) on tensors (converted to descriptions) and plain
     values, on the current stream of the tensors' device."""
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    described = [array(a) if isinstance(a, (torch.Tensor, np.ndarray)) or a is None else a for a in args]
+    launch(fn, device, [array(a) if isinstance(a, (torch.Tensor, np.ndarray)) or a is None else a for a in args])
+
+
+def launch(fn, device: torch.device, described: list) -> None:
+    """Run a compiled kernel on arguments already described (`array`), for tensors of `device`: what `call`
+    does after converting, for a caller that keeps the descriptions of tensors it passes again and again."""
     if device.type == "cuda":
         with torch.cuda.device(device):
             fn(*described, stream=torch.cuda.current_stream(device).cuda_stream)

@@ -383,8 +383,9 @@ def ddim_step(
 
 def _prepared_step(
     kind: str,
-    device: torch.device,
     schedule: NoiseSchedule,
+    t_rows: Tensor,
+    prev_rows: Tensor,
     *,
     seed: int,
     prediction_type: str,
@@ -394,20 +395,18 @@ def _prepared_step(
     guidance_rescale,
     backend: str | None,
     **kind_options,
-):
-    """A sampling loop's step with its options normalised once: returns step(model_output, sample, t, prev_t,
-    offset) -> prev_sample, which calls the op directly (the op checks each call's arguments). The loop's
-    steps share their options, the schedule's table and the seed, so the public functions' normalisation
-    would only repeat."""
-    floats, codes = _step_options(
+) -> _ops.PreparedStep:
+    """A sampling loop's step with its options normalised once: step(model_output, sample, i) -> prev_sample,
+    step i of the (steps, B) timestep rows t_rows -> prev_rows (see genkern.diffusion._ops.PreparedStep)."""
+    options = _step_options(
         prediction_type, clip_sample, dynamic_threshold, guidance_scale, guidance_rescale, **kind_options
-    ).pack()
-    table, seed = schedule.table(device), to_signed(seed)
-    op = torch.ops.genkern.ddpm_step if kind == "ddpm" else torch.ops.genkern.ddim_step
-
-    def step(model_output: Tensor, sample: Tensor, t: Tensor, prev_t: Tensor, offset: int) -> Tensor:
-        return _backend.call(
-            backend, op, model_output, sample, t, prev_t, table, None, seed, offset, floats, codes, False
-        )[0]
-
-    return step
+    )
+    return _ops.PreparedStep(
+        _ops.DDPM if kind == "ddpm" else _ops.DDIM,
+        schedule.table(t_rows.device),
+        to_signed(seed),
+        options,
+        t_rows,
+        prev_rows,
+        backend,
+    )

@@ -936,3 +936,99 @@ def _(*args):
 @ddim_step_out.register_fake
 def _(*args):
     _check_ddim_step_out(*args)
+
+
+class PreparedStep:
+    """The step of one sampling loop: the same kind, options, table and seed at every step, the timesteps of
+    every step known in advance (rows of `t_rows` and `prev_rows`, checked once here).
+
+    `step(model_output, sample, i)` is the op's step i (noise offset i + 1). An eager call whose tensors look
+    like the last call's that the op's checks accepted (same shapes, dtypes and devices: the values of a loop's
+    timesteps were checked here) runs the selected backend's kernel directly; on the compiled core, with the
+    descriptions of the table and timestep rows made once. torch's custom-op dispatch costs tens of
+    microseconds a call on a CPU, several times the fused kernel on a batch-1 latent, and made a 50-step loop
+    slower than diffusers' eager chain. Anything else (another shape, a tensor that needs gradients, tracing
+    under torch.compile, the reference backend) calls the op, which checks everything."""
+
+    def __init__(
+        self,
+        kind: int,
+        table: Tensor,
+        seed: int,
+        options: StepOptions,
+        t_rows: Tensor,
+        prev_rows: Tensor,
+        backend: Optional[str],
+    ):
+        self.op = torch.ops.genkern.ddpm_step if kind == DDPM else torch.ops.genkern.ddim_step
+        self.kind, self.table, self.seed, self.options, self.backend = kind, table, seed, options, backend
+        options.check(kind)
+        self.floats, self.codes = options.pack()
+        T = _check_table(table, t_rows)
+        if t_rows.dim() != 2 or tuple(prev_rows.shape) != tuple(t_rows.shape):
+            raise ValueError("t_rows and prev_rows must be (steps, batch) tensors of one shape")
+        t_values, prev_values = t_rows.cpu().reshape(-1).tolist(), prev_rows.cpu().reshape(-1).tolist()
+        check_timestep_values("t", t_values, 0, T - 1)
+        check_timestep_values("prev_t", prev_values, -1, T - 2)
+        check_steps_down(t_values, prev_values)
+        self.t_rows, self.prev_rows = t_rows, prev_rows
+        self._signature = None  # of the last call the op's checks accepted ...
+        self._fast = None  # ... and the kernel call that repeats it: fast(model_output, sample, i) -> prev
+
+    @staticmethod
+    def _signature_of(model_output, sample) -> tuple:
+        return (
+            type(model_output),
+            model_output.shape,
+            model_output.dtype,
+            model_output.device,
+            type(sample),
+            sample.shape,
+            sample.dtype,
+            sample.device,
+        )
+
+    def __call__(self, model_output: Tensor, sample: Tensor, i: int) -> Tensor:
+        eager = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (model_output.requires_grad or sample.requires_grad)
+        )
+        if eager and self._fast is not None and self._signature == self._signature_of(model_output, sample):
+            return self._fast(model_output, sample, i)
+        args = (model_output, sample, self.t_rows[i], self.prev_rows[i], self.table, None, self.seed, i + 1)
+        prev = _backend.call(self.backend, self.op, *args, self.floats, self.codes, False)[0]
+        if eager and type(model_output) is Tensor and type(sample) is Tensor:  # the op accepted these tensors
+            name = _backend.resolve(self.backend, sample.device, sample.dtype, "diffusion")
+            if name != "reference":
+                self._signature, self._fast = self._signature_of(model_output, sample), self._fast_call(name)
+        return prev
+
+    def _fast_call(self, backend: str):
+        """The kernel call of step i on `backend`, the op's checks done."""
+        o, kernels = self.options, KERNELS.on(backend)
+        if backend not in ("cpu", "cuda") or o.dynamic_ratio is not None or o.guidance_rescale != 0.0:
+            # Triton launches, thresholds and rescale factors cost more than the dispatch saved.
+            def general(model_output, sample, i):
+                t, prev_t = self.t_rows[i], self.prev_rows[i]
+                args = (model_output, sample, t, prev_t, self.table, None, self.seed, i + 1, o, False)
+                return _step_kernel(kernels, self.kind, *args)[0]
+
+            return general
+
+        fn, device = KERNELS.native().step, self.table.device
+        table = _native.array(self.table)
+        rows = [(_native.array(t), _native.array(p)) for t, p in zip(self.t_rows, self.prev_rows)]
+        options = (
+            self.kind, o.prediction, o.variance, o.guidance_scale is not None, _or_zero(o.guidance_scale),
+            _or_zero(o.clip), float(o.eta), o.use_clipped_model_output, to_unsigned(self.seed),
+        )  # fmt: skip
+
+        def native(model_output, sample, i):
+            prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+            model, x = _native.array(model_output.contiguous()), _native.array(sample.contiguous())
+            t, prev_t = rows[i]
+            _native.launch(
+                fn, device, [model, x, None, t, prev_t, table, None, None, _native.array(prev), None, *options, i + 1]
+            )
+            return prev
+
+        return native

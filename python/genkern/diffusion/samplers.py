@@ -194,11 +194,12 @@ class _Loop:
         from . import _prepared_step  # genkern.diffusion imports this module during its own initialisation
 
         sampler = self.sampler
-        # The options normalised once for the whole loop; the op checks each step's tensors.
+        # The options normalised and the timesteps checked once for the whole loop (see PreparedStep).
         step = _prepared_step(
             sampler.kind,
-            x.device,
             sampler.schedule,
+            self.t,
+            self.prev_t,
             seed=self.seed,
             prediction_type=sampler.prediction_type,
             clip_sample=sampler.clip_sample,
@@ -211,7 +212,7 @@ class _Loop:
         for i in range(self.t.shape[0]):
             x_in = torch.cat([x, x]) if self.guidance_scale is not None else x
             model_output = self.model(x_in, self.t_model[i], **model_kwargs)
-            x = step(model_output, x, self.t[i], self.prev_t[i], i + 1)
+            x = step(model_output, x, i)
         return x
 
 
