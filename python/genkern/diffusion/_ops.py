@@ -757,24 +757,8 @@ def ddpm_step(
     """prev_t None: t - 1. options, codes: StepOptions(...).pack() (no eta, no use_clipped_model_output).
     Without guidance model_output has batch B, with it 2B (unconditional half first). pred_original is empty
     (0,) unless return_pred_original."""
-    o = _check_ddpm_step(
-        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original
-    )
-    return _step_reference(DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original)
-
-
-@KERNELS.register(ddpm_step, check=_check_ddpm_step)
-def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
-    o = StepOptions.unpack(options, codes)  # checked
-    return _step_kernel(
-        kernels, DDPM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original
-    )
-
-
-@ddpm_step.register_fake
-def _(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
-    _check_ddpm_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original)
-    return _step_fake(sample, return_pred_original)
+    args = (model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original)
+    return _new_outputs(DDPM, _check_ddpm_step(*args), _step_reference, *args)
 
 
 @torch.library.custom_op("genkern::ddim_step", mutates_args=())
@@ -793,24 +777,8 @@ def ddim_step(
 ) -> tuple[Tensor, Tensor]:
     """As ddpm_step, with prev_t required and the DDIM options (eta >= 0: noise is drawn only when eta > 0;
     use_clipped_model_output), variance code 0."""
-    o = _check_ddim_step(
-        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original
-    )
-    return _step_reference(DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original)
-
-
-@KERNELS.register(ddim_step, check=_check_ddim_step)
-def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
-    o = StepOptions.unpack(options, codes)  # checked
-    return _step_kernel(
-        kernels, DDIM, model_output, sample, t, prev_t, table, noise, seed, offset, o, return_pred_original
-    )
-
-
-@ddim_step.register_fake
-def _(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
-    _check_ddim_step(model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original)
-    return _step_fake(sample, return_pred_original)
+    args = (model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original)
+    return _new_outputs(DDIM, _check_ddim_step(*args), _step_reference, *args)
 
 
 # The same steps into given outputs (`out=` of the public functions): a sampling loop reuses its buffers
@@ -831,45 +799,8 @@ def ddpm_step_out(
     prev_sample: Tensor,
     pred_original: Optional[Tensor],
 ) -> None:
-    o = _check_ddpm_step_out(
-        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original
-    )
-    _step_reference(
-        DDPM,
-        model_output,
-        sample,
-        t,
-        prev_t,
-        table,
-        noise,
-        seed,
-        offset,
-        o,
-        pred_original is not None,
-        prev_sample,
-        pred_original,
-    )
-
-
-@KERNELS.register(ddpm_step_out, check=_check_ddpm_step_out)
-def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original):
-    o = StepOptions.unpack(options, codes)  # checked
-    _step_kernel(
-        kernels,
-        DDPM,
-        model_output,
-        sample,
-        t,
-        prev_t,
-        table,
-        noise,
-        seed,
-        offset,
-        o,
-        pred_original is not None,
-        prev_sample,
-        pred_original,
-    )
+    args = (model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original)
+    _into_outputs(DDPM, _check_ddpm_step_out(*args), _step_reference, *args)
 
 
 @torch.library.custom_op("genkern::ddim_step_out", mutates_args=("prev_sample", "pred_original"))
@@ -887,55 +818,40 @@ def ddim_step_out(
     prev_sample: Tensor,
     pred_original: Optional[Tensor],
 ) -> None:
-    o = _check_ddim_step_out(
-        model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original
-    )
-    _step_reference(
-        DDIM,
-        model_output,
-        sample,
-        t,
-        prev_t,
-        table,
-        noise,
-        seed,
-        offset,
-        o,
-        pred_original is not None,
-        prev_sample,
-        pred_original,
-    )
+    args = (model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original)
+    _into_outputs(DDIM, _check_ddim_step_out(*args), _step_reference, *args)
 
 
-@KERNELS.register(ddim_step_out, check=_check_ddim_step_out)
-def _(kernels, model_output, sample, t, prev_t, table, noise, seed, offset, options, codes, prev_sample, pred_original):
-    o = StepOptions.unpack(options, codes)  # checked
-    _step_kernel(
-        kernels,
-        DDIM,
-        model_output,
-        sample,
-        t,
-        prev_t,
-        table,
-        noise,
-        seed,
-        offset,
-        o,
-        pred_original is not None,
-        prev_sample,
-        pred_original,
-    )
+def _new_outputs(kind, o, impl, m, x, t, prev_t, table, noise, seed, offset, options, codes, return_pred_original):
+    """A step op (ddpm_step, ddim_step) on `impl` (_step_reference, or _step_kernel with its kernels bound)."""
+    return impl(kind, m, x, t, prev_t, table, noise, seed, offset, o, return_pred_original)
 
 
-@ddpm_step_out.register_fake
-def _(*args):
-    _check_ddpm_step_out(*args)
+def _into_outputs(kind, o, impl, m, x, t, prev_t, table, noise, seed, offset, options, codes, prev, x0) -> None:
+    """A step op into given outputs (ddpm_step_out, ddim_step_out) on `impl`."""
+    impl(kind, m, x, t, prev_t, table, noise, seed, offset, o, x0 is not None, prev, x0)
 
 
-@ddim_step_out.register_fake
-def _(*args):
-    _check_ddim_step_out(*args)
+def _register_step(op, kind: int, check, run) -> None:
+    """op's kernel (through `run`: _new_outputs or _into_outputs) and its fake."""
+
+    def kernel(kernels, *args):
+        o = StepOptions.unpack(args[8], args[9])  # checked by KERNELS.register
+        return run(kind, o, functools.partial(_step_kernel, kernels), *args)
+
+    def fake(*args):
+        check(*args)
+        if run is _new_outputs:
+            return _step_fake(args[1], args[10])
+
+    KERNELS.register(op, check=check)(kernel)
+    op.register_fake(fake)
+
+
+_register_step(ddpm_step, DDPM, _check_ddpm_step, _new_outputs)
+_register_step(ddim_step, DDIM, _check_ddim_step, _new_outputs)
+_register_step(ddpm_step_out, DDPM, _check_ddpm_step_out, _into_outputs)
+_register_step(ddim_step_out, DDIM, _check_ddim_step_out, _into_outputs)
 
 
 class PreparedStep:
