@@ -297,22 +297,9 @@ def ddpm_step(
     t, prev_t = _timesteps(schedule, t, prev_t, batch, sample.device)
     noise = _optional_tensor("noise", noise)
     seed, offset = _noise_args(noise, seed, offset)
-    return _step(
-        torch.ops.genkern.ddpm_step,
-        torch.ops.genkern.ddpm_step_out,
-        model_output,
-        sample,
-        t,
-        prev_t,
-        schedule,
-        noise,
-        seed,
-        offset,
-        options,
-        return_pred_original,
-        out,
-        backend,
-    )
+    ops = torch.ops.genkern.ddpm_step, torch.ops.genkern.ddpm_step_out
+    args = (model_output, sample, t, prev_t, schedule, noise, seed, offset, options, return_pred_original, out)
+    return _step(*ops, *args, backend)
 
 
 def ddim_step(
@@ -363,22 +350,9 @@ def ddim_step(
     t, prev_t = _timesteps(schedule, t, prev_t, batch, sample.device)
     noise = _optional_tensor("noise", noise)
     seed, offset = _step_noise_args(noise, seed, offset, options.eta > 0)
-    return _step(
-        torch.ops.genkern.ddim_step,
-        torch.ops.genkern.ddim_step_out,
-        model_output,
-        sample,
-        t,
-        prev_t,
-        schedule,
-        noise,
-        seed,
-        offset,
-        options,
-        return_pred_original,
-        out,
-        backend,
-    )
+    ops = torch.ops.genkern.ddim_step, torch.ops.genkern.ddim_step_out
+    args = (model_output, sample, t, prev_t, schedule, noise, seed, offset, options, return_pred_original, out)
+    return _step(*ops, *args, backend)
 
 
 def _prepared_step(

@@ -163,6 +163,20 @@ def genkern_diffusion_loss(model_output, x0, t, backend=None):
     return genkern.diffusion_loss(model_output, x0, t, _SCHEDULE, backend=backend)
 
 
+def _step_case(name, make_inputs, genkern_fn, eager_fn, default=False) -> BenchCase:
+    return BenchCase(
+        name=name,
+        family=FAMILY,
+        make_inputs=make_inputs,
+        genkern=genkern_fn,
+        eager=eager_fn,
+        shape=_shape,
+        # reads model_output and sample, writes prev_sample and pred_original (the noise is generated)
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        default=default,
+    )
+
+
 CASES = (
     BenchCase(
         name="q_sample",
@@ -186,46 +200,10 @@ CASES = (
         bytes_moved=lambda n, dt: 2 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
         default=False,
     ),
-    BenchCase(
-        name="ddpm_step",
-        family=FAMILY,
-        make_inputs=_step_inputs,
-        genkern=genkern_ddpm_step,
-        eager=eager_ddpm_step,
-        shape=_shape,
-        # reads model_output and sample, writes prev_sample and pred_original (the noise is generated)
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
-    ),
-    BenchCase(
-        name="ddim_step",
-        family=FAMILY,
-        make_inputs=_step_inputs,
-        genkern=genkern_ddim_step,
-        eager=eager_ddim_step,
-        shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
-        default=False,
-    ),
-    BenchCase(
-        name="ddpm_step_out",
-        family=FAMILY,
-        make_inputs=_step_out_inputs,
-        genkern=genkern_ddpm_step,
-        eager=eager_ddpm_step,
-        shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
-        default=False,
-    ),
-    BenchCase(
-        name="ddim_step_out",
-        family=FAMILY,
-        make_inputs=_step_out_inputs,
-        genkern=genkern_ddim_step,
-        eager=eager_ddim_step,
-        shape=_shape,
-        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
-        default=False,
-    ),
+    _step_case("ddpm_step", _step_inputs, genkern_ddpm_step, eager_ddpm_step, default=True),
+    _step_case("ddim_step", _step_inputs, genkern_ddim_step, eager_ddim_step),
+    _step_case("ddpm_step_out", _step_out_inputs, genkern_ddpm_step, eager_ddpm_step),
+    _step_case("ddim_step_out", _step_out_inputs, genkern_ddim_step, eager_ddim_step),
     BenchCase(
         name="ddim_loop",
         family=FAMILY,

@@ -306,23 +306,8 @@ def check_ddpm_args(
     """Arguments of ddpm_step: sample float (B, ...); model_output of sample's dtype and device with batch B
     (2B with guidance) and C channels (2C for learned_range); t in [0, T); prev_t (default t - 1) in [-1, t)."""
     learned = check_choice("variance_type", variance_type, VARIANCE_TYPES) == "learned_range"
-    _check_step_args(
-        model_output,
-        t,
-        sample,
-        schedule,
-        prev_t,
-        prediction_type,
-        clip_sample,
-        dynamic_threshold,
-        noise,
-        seed,
-        offset,
-        guidance_scale,
-        guidance_rescale,
-        learned,
-        check_values,
-    )
+    step = (model_output, t, sample, schedule, prev_t, prediction_type, clip_sample, dynamic_threshold)
+    _check_step_args(*step, noise, seed, offset, guidance_scale, guidance_rescale, learned, check_values)
 
 
 def check_ddim_args(
@@ -354,23 +339,8 @@ def check_ddim_args(
         raise ValueError(f"eta must be non-negative, got {eta}")
     if not isinstance(use_clipped_model_output, bool):
         raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
-    _check_step_args(
-        model_output,
-        t,
-        sample,
-        schedule,
-        prev_t,
-        prediction_type,
-        clip_sample,
-        dynamic_threshold,
-        noise,
-        seed,
-        offset,
-        guidance_scale,
-        guidance_rescale,
-        False,
-        check_values,
-    )
+    step = (model_output, t, sample, schedule, prev_t, prediction_type, clip_sample, dynamic_threshold)
+    _check_step_args(*step, noise, seed, offset, guidance_scale, guidance_rescale, False, check_values)
 
 
 # ============================================================================================ pure helpers
