@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +154,9 @@ def test_default_cases_follow_the_device():
     assert "pixelcnn_sample_b256" not in cpu | cuda  # in --ops runs only
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.family != "pixelcnn_sampling"], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.family not in ("pixelcnn_sampling", "sampling")], ids=lambda c: c.name
+)
 def test_cases_agree_with_reference(case):
     """Each case's genkern call and eager baseline compute the same thing, so the benchmark compares like
     with like. Random ops draw different noise, so only their deterministic parts are compared."""
@@ -178,6 +181,23 @@ def test_cases_agree_with_reference(case):
 
 def _case(name):
     return next(c for c in CASES if c.name == name)
+
+
+@pytest.mark.parametrize("name", ["sample_vae_b64", "sample_nade_b64", "sample_pixelcnn_b64"])
+def test_model_sampling_cases_run_genkern_sample_to_files(name):
+    """A `sampling` case times genkern.sample end to end (shards, grid and manifest written) against the
+    naive sampler of the same model, over the same number of samples (PixelCNN: a scaled fraction)."""
+    case = _case(name)
+    model, batch, shards, out = case.make_inputs(SMALL, torch.device("cpu"), torch.float32)
+    manifest = case.genkern(model, batch, shards, out, backend="cpu")
+    files = sorted(p.name for p in Path(out.name).iterdir())
+    assert manifest["n"] == case.items(SMALL) == shards * batch and manifest["drawn"] == shards * batch
+    assert len([f for f in files if f.startswith("samples-")]) == shards and "grid.png" in files
+    eager = case.eager(model, batch, shards, out)
+    if case.eager_scale is None:
+        assert sum(len(x) for x in eager) == shards * batch
+    else:  # PixelCNN: NAIVE_STEPS of the model's dims full passes were drawn
+        assert eager.shape[0] == batch and case.eager_scale(SMALL) * 4 == model.dims
 
 
 def _config(cases, sizes=(SMALL,), backends=("cpu",)):

@@ -95,9 +95,10 @@ def all_cases() -> tuple[BenchCase, ...]:
     import every family's ops and models, which only a benchmark run needs."""
     from .autoregressive.bench_cases import CASES as autoregressive
     from .diffusion.bench_cases import CASES as diffusion
+    from .models.bench_cases import CASES as sampling
     from .reparam.bench_cases import CASES as reparam
 
-    cases = (*reparam, *diffusion, *autoregressive)
+    cases = (*reparam, *diffusion, *autoregressive, *sampling)
     names = [c.name for c in cases]
     if len(set(names)) != len(names):  # --ops selects by name, so a repeated name would be ambiguous
         raise RuntimeError(f"benchmark case names must be unique: {sorted(n for n in names if names.count(n) > 1)}")

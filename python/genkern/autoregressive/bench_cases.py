@@ -348,7 +348,7 @@ def eager_naive_steps(model, x):
             pixel, c = divmod(d, colors)
             i, j = divmod(pixel, width)
             logits = model(x)[:, :, c, i, j].contiguous()
-            base = draw_base(0, x.shape[0], model.dims, d, LEVELS, x.device)
+            base = draw_base(0, x.shape[0], model.dims, d, model.levels, x.device)
             x[:, c, i, j] = gumbel_argmax(logits, base, seed=0)
     return x
 
