@@ -852,3 +852,6 @@ def step(
         BLOCK_R=block_r,
     )
     return prev_sample, pred_original
+
+
+from .flow import flow_step  # noqa: E402, F401 - the flow-matching step: its own file, this group's module

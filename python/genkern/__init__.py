@@ -17,7 +17,16 @@ from .autoregressive import (
     nade_sample,
 )
 from .backend import backends, get_backend, set_backend
-from .diffusion import ddim_step, ddpm_step, diffusion_loss, q_sample, schedules
+from .diffusion import (
+    ddim_step,
+    ddpm_step,
+    diffusion_loss,
+    flow_euler_step,
+    flow_matching_loss,
+    flow_sample,
+    q_sample,
+    schedules,
+)
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
 
@@ -32,6 +41,9 @@ __all__ = [
     "ddpm_step",
     "diffusion",
     "diffusion_loss",
+    "flow_euler_step",
+    "flow_matching_loss",
+    "flow_sample",
     "gated_activation",
     "gaussian_kl",
     "gaussian_log_prob",

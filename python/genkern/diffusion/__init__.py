@@ -29,6 +29,7 @@ from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
 from . import _ops
 from . import reference as _spec
+from .flow import FlowMatchEulerSampler, flow_euler_step, flow_matching_loss, flow_sample, flow_sigmas
 from .samplers import DDIMSampler, DDPMSampler
 from .schedules import NoiseSchedule
 from .training import training_loss
@@ -36,10 +37,15 @@ from .training import training_loss
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "FlowMatchEulerSampler",
     "NoiseSchedule",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "flow_euler_step",
+    "flow_matching_loss",
+    "flow_sample",
+    "flow_sigmas",
     "q_sample",
     "schedules",
     "training_loss",

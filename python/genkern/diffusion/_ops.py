@@ -854,6 +854,94 @@ _register_step(ddpm_step_out, DDPM, _check_ddpm_step_out, _into_outputs)
 _register_step(ddim_step_out, DDIM, _check_ddim_step_out, _into_outputs)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# flow_euler_step: one flow-matching Euler step sigma -> sigma_next; (prev_sample, pred_original_sample).
+# flow_sample and flow_matching_loss are q_sample and diffusion_loss on flow tables (genkern.diffusion.flow).
+# ---------------------------------------------------------------------------------------------------------
+def _check_sigma(name: str, sigma, sample: Tensor) -> None:
+    if (
+        not isinstance(sigma, Tensor)
+        or sigma.dtype != torch.float32
+        or tuple(sigma.shape) != (sample.shape[0],)
+        or sigma.device != sample.device
+    ):
+        got = (
+            f"dtype {sigma.dtype}, shape {tuple(sigma.shape)} on {sigma.device}"
+            if isinstance(sigma, Tensor)
+            else (type(sigma).__name__)
+        )
+        raise ValueError(
+            f"{name} must be a float32 tensor of shape ({sample.shape[0]},) (sample's batch) on {sample.device}, "
+            f"got {got}"
+        )
+
+
+def _check_flow_step(
+    model_output, sample, sigma, sigma_next, noise, seed, offset, guidance_scale, guidance_rescale, stochastic,
+    return_pred_original,
+) -> None:  # fmt: skip
+    _check_batched("sample", sample)
+    guided = guidance_scale is not None
+    try:
+        ref._check_model_output(model_output, sample, guided, False)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, for sample of shape {tuple(sample.shape)}") from None
+    _check_sigma("sigma", sigma, sample)
+    _check_sigma("sigma_next", sigma_next, sample)
+    _check_noise(noise, "sample", sample)
+    ref.check_guidance(guidance_scale, guidance_rescale)
+
+
+@torch.library.custom_op("genkern::flow_euler_step", mutates_args=())
+def flow_euler_step(
+    model_output: Tensor,
+    sample: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    guidance_scale: Optional[float],
+    guidance_rescale: float,
+    stochastic: bool,
+    return_pred_original: bool,
+) -> tuple[Tensor, Tensor]:
+    """sigma, sigma_next: float32 (B,). Without guidance model_output has batch B, with it 2B (unconditional
+    half first). pred_original is empty (0,) unless return_pred_original. Noise (stochastic only): `noise` or
+    the genkern stream for (seed, offset)."""
+    args = (model_output, sample, sigma, sigma_next, noise, seed, offset, guidance_scale, guidance_rescale)
+    _check_flow_step(*args, stochastic, return_pred_original)
+    prev, x0 = ref.flow_euler_step(
+        model_output, sample, sigma, sigma_next, stochastic=stochastic, noise=noise, seed=to_unsigned(seed),
+        offset=to_unsigned(offset), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+    )  # fmt: skip
+    return prev.contiguous(), (x0.contiguous() if return_pred_original else sample.new_empty(0))
+
+
+@KERNELS.register(flow_euler_step, check=_check_flow_step)
+def _(kernels, model_output, sample, sigma, sigma_next, noise, seed, offset, scale, rescale_phi, stochastic, want_x0):
+    B, guided = sample.shape[0], scale is not None
+    rescale = None
+    if guided and rescale_phi != 0.0 and sample.numel():
+        rescale = _rescale_factors(model_output, B, False, scale, rescale_phi)
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    x0 = torch.empty(sample.shape if want_x0 else (0,), dtype=sample.dtype, device=sample.device)
+    kernels.flow_step(
+        model_output.contiguous(), sample.contiguous(), None if noise is None else noise.contiguous(), sigma,
+        sigma_next, rescale, prev, x0 if want_x0 and x0.numel() else None, guided, _or_zero(scale), stochastic,
+        to_unsigned(seed), to_unsigned(offset),
+    )  # fmt: skip
+    return prev, x0
+
+
+@flow_euler_step.register_fake
+def _(model_output, sample, sigma, sigma_next, noise, seed, offset, scale, rescale_phi, stochastic, want_x0):
+    _check_flow_step(
+        model_output, sample, sigma, sigma_next, noise, seed, offset, scale, rescale_phi, stochastic, want_x0
+    )
+    return _step_fake(sample, want_x0)
+
+
 class PreparedStep:
     """The step of one sampling loop: the same kind, options, table and seed at every step, the timesteps of
     every step known in advance (rows of `t_rows` and `prev_rows`, checked once here).

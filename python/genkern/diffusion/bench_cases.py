@@ -155,6 +155,25 @@ def genkern_ddim_loop(x, backend=None):
     )
 
 
+def _flow_step_inputs(size, device, dtype):
+    """(model_output, sample, sigma, sigma_next): per-sample sigmas of a 28-step flow-matching run."""
+    sample = torch.randn(_shape(size), device=device, dtype=dtype)
+    sigma = torch.rand(sample.shape[0], device=device) * 0.9 + 0.05
+    return torch.randn_like(sample), sample, sigma, sigma - 0.035
+
+
+def eager_flow_euler_step(model_output, sample, sigma, sigma_next):
+    """diffusers' FlowMatchEulerDiscreteScheduler.step: sample + (sigma_next - sigma) model_output, and the
+    x0 estimate its pipelines take (sample - sigma model_output)."""
+    view = (-1, *([1] * (sample.dim() - 1)))
+    s, dt = sigma.view(view), (sigma_next - sigma).view(view)
+    return sample + dt * model_output, sample - s * model_output
+
+
+def genkern_flow_euler_step(model_output, sample, sigma, sigma_next, backend=None):
+    return genkern.flow_euler_step(model_output, sigma, sigma_next, sample, return_pred_original=True, backend=backend)
+
+
 def genkern_q_sample(x0, t, backend=None):
     return genkern.q_sample(x0, t, _SCHEDULE, backend=backend)
 
@@ -204,6 +223,17 @@ CASES = (
     _step_case("ddim_step", _step_inputs, genkern_ddim_step, eager_ddim_step),
     _step_case("ddpm_step_out", _step_out_inputs, genkern_ddpm_step, eager_ddpm_step),
     _step_case("ddim_step_out", _step_out_inputs, genkern_ddim_step, eager_ddim_step),
+    BenchCase(
+        name="flow_euler_step",
+        family=FAMILY,
+        make_inputs=_flow_step_inputs,
+        genkern=genkern_flow_euler_step,
+        eager=eager_flow_euler_step,
+        shape=_shape,
+        # reads model_output and sample, writes prev_sample and pred_original
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
+        default=False,
+    ),
     BenchCase(
         name="ddim_loop",
         family=FAMILY,

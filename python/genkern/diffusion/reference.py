@@ -815,3 +815,84 @@ def ddim_update(
     if eta > 0:
         prev = prev + _coef(coef["sigma"], x) * _noise(noise, seed, offset, x.shape, x)
     return _fresh(prev.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample)
+
+
+# ============================================================================================ flow matching
+# Rectified flow (docs/math.md 5.1): x_sigma = (1 - sigma) x0 + sigma eps, velocity v = eps - x0. Sigmas are
+# float32 per-sample values (diffusers keeps its sigmas in float32); float64 data computes in float64 from them.
+
+
+def _sigmas(sigma, like: Tensor) -> Tensor:
+    """sigma (a number, or a () or (B,) tensor) as float32 per-sample values on like's device."""
+    s = sigma if isinstance(sigma, Tensor) else torch.tensor(float(sigma))
+    return s.to(device=like.device, dtype=torch.float32).reshape(-1).expand(like.shape[0])
+
+
+def flow_sample(x0: Tensor, sigma, *, noise: Tensor | None = None, seed: int = 0, offset: int = 0) -> Tensor:
+    """x_sigma = (1 - sigma) x0 + sigma eps, eps = `noise` or the stream's normals for (seed, offset)."""
+    dtype, x = x0.dtype, _compute(x0)
+    eps = _noise(noise, seed, offset, x.shape, x)
+    s = _sigmas(sigma, x)
+    return (_coef(1.0 - s, x) * x + _coef(s, x) * eps).to(dtype)
+
+
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def flow_weight(sigma: Tensor, weighting: str) -> Tensor:
+    """diffusers' compute_loss_weighting_for_sd3 (float32): 1, sigma^-2, or 2 / (pi (1 - 2 sigma + 2 sigma^2)).
+    Its "logit_normal" and "mode" schemes shape how sigmas are drawn, not the weights (1 here)."""
+    if weighting == "sigma_sqrt":
+        return sigma**-2.0
+    if weighting == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
+    return torch.ones_like(sigma)
+
+
+def flow_matching_loss(
+    model_output: Tensor,
+    x0: Tensor,
+    sigma,
+    *,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    weighting: str = "none",
+) -> Tensor:
+    """Per-sample w(sigma) * mean_j (m - (eps - x0))^2, eps as in flow_sample for the same (seed, offset)."""
+    dtype, x = x0.dtype, _compute(x0)
+    eps = _noise(noise, seed, offset, x.shape, x)
+    s = _sigmas(sigma, x)
+    err = per_sample_mean((_compute(model_output) - (eps - x)) ** 2)
+    return (flow_weight(s, weighting).to(err.dtype) * err).to(dtype)
+
+
+def flow_euler_step(
+    model_output: Tensor,
+    sample: Tensor,
+    sigma,
+    sigma_next,
+    *,
+    stochastic: bool = False,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """(x_next, x0_hat) of diffusers' FlowMatchEulerDiscreteScheduler.step: x + (sigma_next - sigma) v, or
+    with stochastic sampling (1 - sigma_next) x0_hat + sigma_next z, x0_hat = x - sigma v; v = model_output,
+    or u + s (c - u) of its two halves (and the std rescale) with guidance_scale. z = `noise` or the stream's
+    normals for (seed, offset) over sample's shape."""
+    dtype, x = sample.dtype, _compute(sample)
+    m = _compute(model_output)
+    if guidance_scale is not None:
+        m = guide(m, float(torch.tensor(guidance_scale, dtype=torch.float32)), guidance_rescale)
+    s, s_next = _sigmas(sigma, x), _sigmas(sigma_next, x)
+    x0 = x - _coef(s, x) * m
+    if stochastic:
+        z = _noise(noise, seed, offset, x.shape, x)
+        out = _coef(1.0 - s_next.to(x.dtype), x) * x0 + _coef(s_next, x) * z
+    else:
+        out = x + _coef(s_next - s, x) * m
+    return _fresh(out.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample)

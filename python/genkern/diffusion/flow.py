@@ -1,0 +1,237 @@
+"""Flow matching (rectified flow, docs/math.md 5.1): the noising, the training loss, the Euler step and its
+sampler, for models that predict the velocity v = eps - x0 (SD3, Flux, Wan and other rectified-flow models).
+
+    sigma = torch.rand(B)                                                 # or a logit-normal draw
+    x = genkern.diffusion.flow_sample(x0, sigma, seed=s)                  # (1 - sigma) x0 + sigma eps, eps in-kernel
+    loss = genkern.diffusion.flow_matching_loss(model(x, 1000 * sigma), x0, sigma, seed=s)  # regenerates eps
+
+    sigmas = genkern.diffusion.flow_sigmas(28, shift=3.0)                 # diffusers' FlowMatchEulerDiscrete
+    images = genkern.diffusion.FlowMatchEulerSampler(shift=3.0).sample(model, (B, C, H, W), 28, seed=0)
+
+The noising and the loss run the diffusion family's fused q_sample and loss kernels on a *flow table*: rows
+whose signal and noise columns hold 1 - sigma_b and sigma_b (noising), or 1 and 1 (the target eps - x0 is the
+v-prediction target with both coefficients 1). The kernels do exactly this arithmetic, so no second copy of
+them exists; the table is a few (B,)-element torch ops on the device, never a host synchronisation. The Euler
+step has its own kernel (csrc/diffusion/flow_math.h): x + (sigma_next - sigma) v, as diffusers computes it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .. import backend as _backend
+from .._kernels import to_signed
+from ..random import check_offset, randn, resolve_seed
+from . import reference as _spec
+
+__all__ = [
+    "FlowMatchEulerSampler",
+    "flow_euler_step",
+    "flow_matching_loss",
+    "flow_sample",
+    "flow_sigmas",
+]
+
+
+def _sigma_tensor(sigma, like: Tensor) -> Tensor:
+    """sigma (a number, or a () or (B,) tensor) as float32 (B,) on like's device."""
+    _checks.tensor("sample", like)
+    if like.dim() < 1:
+        raise ValueError("the data must have a batch dimension (dim 0), got a 0-dim tensor")
+    if isinstance(sigma, Tensor):
+        if not sigma.dtype.is_floating_point:
+            raise TypeError(f"sigma must be a float or a floating tensor, got a tensor of dtype {sigma.dtype}")
+        if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] != like.shape[0]):
+            raise ValueError(f"sigma must be a number or have shape ({like.shape[0]},), got {tuple(sigma.shape)}")
+        s = sigma.to(device=like.device, dtype=torch.float32)
+        return s.reshape(-1).expand(like.shape[0]).contiguous()
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"sigma must be a float or a floating tensor, got {type(sigma).__name__}")
+    return torch.full((like.shape[0],), float(sigma), dtype=torch.float32, device=like.device)
+
+
+def _noising_table(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(t, table) on which q_sample computes (1 - sigma_b) x0 + sigma_b eps: row b + 1 holds signal 1 - sigma_b,
+    noise sigma_b (and their squares as alpha-bar and 1 - alpha-bar, which q_sample does not read)."""
+    signal = 1.0 - sigma
+    rows = torch.stack([signal * signal, sigma * sigma, signal, sigma], dim=1)
+    table = torch.cat([rows.new_tensor([[1.0, 0.0, 1.0, 0.0]]), rows])
+    return torch.arange(sigma.shape[0], device=sigma.device), table
+
+
+def _target_table(device: torch.device) -> Tensor:
+    """A table whose every row has signal = noise = 1: the v-prediction target is then eps - x0."""
+    return torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2, dtype=torch.float32, device=device)
+
+
+def flow_sample(x0: Tensor, sigma, *, noise: Tensor | None = None, seed: int | None = None, offset: int = 0,
+                backend: str | None = None) -> Tensor:  # fmt: skip
+    """x_sigma = (1 - sigma) x0 + sigma eps, one fused pass; eps = `noise` or the genkern stream for
+    (seed, offset) over x0's shape (seed None: drawn from torch's generator). sigma: a number or a (B,) tensor.
+    Differentiable in x0 (and noise)."""
+    s = _sigma_tensor(sigma, x0)
+    t, table = _noising_table(s)
+    seed = to_signed(resolve_seed(seed)) if noise is None else 0
+    offset = to_signed(check_offset(offset)) if noise is None else 0
+    return _backend.call(backend, torch.ops.genkern.q_sample, x0, t, table, noise, seed, offset)
+
+
+def flow_matching_loss(
+    model_output: Tensor,
+    x0: Tensor,
+    sigma,
+    *,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    weighting: str = "none",
+    backend: str | None = None,
+) -> Tensor:
+    """Per-sample w(sigma) mean_j (m - (eps - x0))^2, eps regenerated from (seed, offset) as flow_sample drew
+    it (never stored; the backward regenerates it too). weighting: "none", "sigma_sqrt" (sigma^-2) or "cosmap"
+    (diffusers' compute_loss_weighting_for_sd3; its logit_normal and mode schemes shape how sigma is drawn and
+    weigh 1). Returns a (B,) tensor: take .mean() for the batch loss."""
+    weighting = _spec.check_choice("weighting", weighting, _spec.FLOW_WEIGHTINGS)
+    s = _sigma_tensor(sigma, x0)
+    t = torch.zeros(x0.shape[0], dtype=torch.int64, device=x0.device)
+    seed = to_signed(resolve_seed(seed)) if noise is None else 0
+    offset = to_signed(check_offset(offset)) if noise is None else 0
+    args = (model_output, x0, t, _target_table(x0.device), noise, seed, offset, 1, None)  # v-target, no min-SNR
+    loss = _backend.call(backend, torch.ops.genkern.diffusion_loss, *args)
+    return loss if weighting == "none" else loss * _spec.flow_weight(s, weighting).to(loss.dtype)
+
+
+def flow_euler_step(
+    model_output: Tensor,
+    sigma,
+    sigma_next,
+    sample: Tensor,
+    *,
+    stochastic: bool = False,
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    return_pred_original: bool = False,
+    backend: str | None = None,
+):
+    """One Euler step sigma -> sigma_next of diffusers' FlowMatchEulerDiscreteScheduler, fused: prev_sample =
+    sample + (sigma_next - sigma) v, or with stochastic=True (1 - sigma_next) x0_hat + sigma_next z, where
+    x0_hat = sample - sigma v and z = `noise` or the genkern stream for (seed, offset). v = model_output, or with
+    guidance_scale u + s (c - u) of its (2B, ...) halves (unconditional first), rescaled by guidance_rescale.
+    Returns prev_sample, or (prev_sample, pred_original_sample) with return_pred_original."""
+    if not isinstance(stochastic, bool):
+        raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+    _spec.check_guidance(guidance_scale, guidance_rescale)
+    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample)
+    draws = stochastic and noise is None
+    seed = to_signed(resolve_seed(seed)) if draws else 0
+    offset = to_signed(check_offset(offset)) if draws else 0
+    scale = None if guidance_scale is None else float(guidance_scale)
+    args = (model_output, sample, s, s_next, noise, seed, offset, scale, float(guidance_rescale), stochastic)
+    prev, x0 = _backend.call(backend, torch.ops.genkern.flow_euler_step, *args, bool(return_pred_original))
+    return (prev, x0) if return_pred_original else prev
+
+
+def time_shift(sigmas: np.ndarray, *, shift: float = 1.0, mu: float | None = None) -> np.ndarray:
+    """SD3's shift s sigma / (1 + (s - 1) sigma), or with mu Flux's dynamic (exponential) shift
+    e^mu / (e^mu + (1 / sigma - 1)), in float64."""
+    if mu is not None:
+        with np.errstate(divide="ignore"):
+            return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def flow_sigmas(
+    num_steps: int, *, shift: float = 1.0, mu: float | None = None, num_train_timesteps: int = 1000
+) -> Tensor:
+    """The inference sigmas of diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps) (float32,
+    num_steps + 1 values, a terminal 0): timesteps linspace(sigma_max T, sigma_min T, N) / T, shifted, where
+    sigma_max and sigma_min are the training sigmas' ends after the same shift (diffusers shifts sigma_min
+    twice; so does this, for parity). mu: dynamic shifting (Flux), instead of `shift`."""
+    num_steps = _checks.integer("num_steps", num_steps, low=1)
+    T = _checks.integer("num_train_timesteps", num_train_timesteps, low=1)
+    if not (isinstance(shift, (int, float)) and shift > 0):
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    train = np.linspace(1, T, T, dtype=np.float32)[::-1].copy() / T
+    if mu is None:  # diffusers' __init__ shifts the training sigmas unless dynamic shifting is on
+        train = shift * train / (1 + (shift - 1) * train)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    sigmas = np.linspace(sigma_max * T, sigma_min * T, num_steps) / T
+    sigmas = time_shift(sigmas, shift=shift, mu=mu)
+    return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])
+
+
+class FlowMatchEulerSampler:
+    """Euler sampling of a velocity model from sigma = 1 to 0 (flow_sigmas), every step fused.
+
+    model(x, t, **model_kwargs) gets t = sigma * num_train_timesteps as a float32 (B,) tensor, as diffusers'
+    pipelines pass the timestep; with guidance_scale, model(cat([x, x]), cat([t, t])) and model_kwargs of batch
+    2B (unconditional half first). x_T is the genkern stream's randn(shape) at offset 0 for `seed`; step i
+    draws its noise (stochastic only) at offset i + 1, so sample b depends only on (seed, b) for any batch
+    size. The loop reads nothing back from the device."""
+
+    def __init__(
+        self,
+        *,
+        shift: float = 1.0,
+        mu: float | None = None,
+        stochastic: bool = False,
+        num_train_timesteps: int = 1000,
+        backend: str | None = None,
+    ):
+        flow_sigmas(1, shift=shift, mu=mu, num_train_timesteps=num_train_timesteps)  # checks the arguments
+        if not isinstance(stochastic, bool):
+            raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+        self.shift, self.mu, self.stochastic, self.T = shift, mu, stochastic, num_train_timesteps
+        self.backend = backend
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        shape,
+        num_steps: int = 28,
+        *,
+        seed: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        model_kwargs: dict | None = None,
+        x_T: Tensor | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t, **model_kwargs), got {type(model).__name__}")
+        _spec.check_guidance(guidance_scale, guidance_rescale)
+        model_kwargs = {} if model_kwargs is None else model_kwargs
+        seed = resolve_seed(seed)
+        device = torch.device(device) if device is not None else (x_T.device if x_T is not None else None)
+        device = device or torch.device("cpu")
+        shape = tuple(shape)
+        x = (
+            x_T.to(device=device, dtype=dtype)
+            if x_T is not None
+            else randn(shape, seed=seed, device=device, dtype=dtype)
+        )
+        sigmas = flow_sigmas(num_steps, shift=self.shift, mu=self.mu, num_train_timesteps=self.T).to(device)
+        B = shape[0]
+        rows = sigmas[:, None].expand(-1, B).contiguous()  # step i reads rows i and i + 1: no host reads
+        t_model = rows * self.T
+        if guidance_scale is not None:
+            t_model = t_model.repeat(1, 2)
+        signed_seed = to_signed(seed)
+        scale = None if guidance_scale is None else float(guidance_scale)
+        op = torch.ops.genkern.flow_euler_step
+        for i in range(num_steps):
+            x_in = torch.cat([x, x]) if guidance_scale is not None else x
+            v = model(x_in, t_model[i], **model_kwargs)
+            args = (v, x, rows[i], rows[i + 1], None, signed_seed, i + 1, scale, float(guidance_rescale))
+            x = _backend.call(self.backend, op, *args, self.stochastic, False)[0]
+        return x
