@@ -138,10 +138,12 @@ def test_flow_ops_pass_opcheck_and_compile():
     x, m = rand((2, 3, 4), 8), rand((4, 3, 4), 9)
     s, s_next = torch.tensor([0.7, 0.4]), torch.tensor([0.5, 0.2])
     for args in (
-        (m[:2], x, s, s_next, None, 3, 1, None, 0.0, True, True),
-        (m, x, s, s_next, None, 3, 1, 2.5, 0.5, False, False),
+        (m[:2], x, s, s_next, None, 3, 1, 0, 0, None, 0.0, True, True),
+        (m, x, s, s_next, None, 3, 1, 0, 0, 2.5, 0.5, False, False),
+        (m[:2], x, s, s_next, None, 3, 1, 1, 1, None, 0.0, False, True),
+        (m, x, s, s_next, None, 3, 1, 2, 0, 2.5, 0.0, False, False),
     ):
-        torch.library.opcheck(torch.ops.genkern.flow_euler_step, args)
+        torch.library.opcheck(torch.ops.genkern.sigma_step, args)
 
     @torch.compile(fullgraph=True)
     def compiled(m, x, s, s_next):

@@ -189,7 +189,7 @@ void step_entry(const Array& model_output, const Array& sample, const OptArray& 
 
 }  // namespace
 
-void bind_flow(py::module_& m);  // csrc/diffusion/flow.cpp
+void bind_sigma_step(py::module_& m);  // csrc/diffusion/sigma_step.cpp
 
 void bind_diffusion(py::module_& parent) {
   py::module_ m = parent.def_submodule("diffusion", "genkern._C.diffusion: diffusion kernels");
@@ -205,7 +205,7 @@ void bind_diffusion(py::module_& parent) {
         arg("guidance_rescale"), arg("dynamic_threshold"), arg("prev_sample"), arg("pred_original"), arg("kind"),
         arg("prediction"), arg("variance"), arg("guided"), arg("guidance_scale"), arg("clip"), arg("eta"),
         arg("use_clipped_model_output"), arg("seed"), arg("offset"), arg("stream") = 0);
-  bind_flow(m);
+  bind_sigma_step(m);
 }
 
 }  // namespace gk

@@ -854,4 +854,4 @@ def step(
     return prev_sample, pred_original
 
 
-from .flow import flow_step  # noqa: E402, F401 - the flow-matching step: its own file, this group's module
+from .sigma_step import sigma_step  # noqa: E402, F401 - the sigma-space steps: their own file, this group's module

@@ -30,6 +30,7 @@ from ..random import check_offset, resolve_seed
 from . import _ops
 from . import reference as _spec
 from .flow import FlowMatchEulerSampler, flow_euler_step, flow_matching_loss, flow_sample, flow_sigmas
+from .k_diffusion import EulerSampler, euler_ancestral_step, euler_sigmas, euler_step, scale_model_input
 from .samplers import DDIMSampler, DDPMSampler
 from .schedules import NoiseSchedule
 from .training import training_loss
@@ -37,16 +38,21 @@ from .training import training_loss
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "EulerSampler",
     "FlowMatchEulerSampler",
     "NoiseSchedule",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "euler_ancestral_step",
+    "euler_sigmas",
+    "euler_step",
     "flow_euler_step",
     "flow_matching_loss",
     "flow_sample",
     "flow_sigmas",
     "q_sample",
+    "scale_model_input",
     "schedules",
     "training_loss",
 ]

@@ -855,9 +855,13 @@ _register_step(ddim_step_out, DDIM, _check_ddim_step_out, _into_outputs)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# flow_euler_step: one flow-matching Euler step sigma -> sigma_next; (prev_sample, pred_original_sample).
-# flow_sample and flow_matching_loss are q_sample and diffusion_loss on flow tables (genkern.diffusion.flow).
+# sigma_step: one sigma-space step sigma -> sigma_next (flow matching's Euler, k-diffusion's Euler and Euler
+# ancestral); (prev_sample, pred_original_sample). Flow matching's noising and loss are q_sample and
+# diffusion_loss on flow tables (genkern.diffusion.flow).
 # ---------------------------------------------------------------------------------------------------------
+SIGMA_STEPS = ("flow_euler", "euler", "euler_ancestral")  # the kernels' codes 0, 1, 2 (gk::diffusion::SigmaStepKind)
+
+
 def _check_sigma(name: str, sigma, sample: Tensor) -> None:
     if (
         not isinstance(sigma, Tensor)
@@ -876,10 +880,14 @@ def _check_sigma(name: str, sigma, sample: Tensor) -> None:
         )
 
 
-def _check_flow_step(
-    model_output, sample, sigma, sigma_next, noise, seed, offset, guidance_scale, guidance_rescale, stochastic,
-    return_pred_original,
+def _check_sigma_step(
+    model_output, sample, sigma, sigma_next, noise, seed, offset, kind, prediction, guidance_scale,
+    guidance_rescale, stochastic, return_pred_original,
 ) -> None:  # fmt: skip
+    _check_code("kind", kind, SIGMA_STEPS)
+    _check_code("prediction", prediction, PREDICTIONS)
+    if stochastic and kind != 0:
+        raise ValueError("stochastic is flow matching's option (kind 0); Euler ancestral always adds noise")
     _check_batched("sample", sample)
     guided = guidance_scale is not None
     try:
@@ -892,8 +900,8 @@ def _check_flow_step(
     ref.check_guidance(guidance_scale, guidance_rescale)
 
 
-@torch.library.custom_op("genkern::flow_euler_step", mutates_args=())
-def flow_euler_step(
+@torch.library.custom_op("genkern::sigma_step", mutates_args=())
+def sigma_step(
     model_output: Tensor,
     sample: Tensor,
     sigma: Tensor,
@@ -901,45 +909,48 @@ def flow_euler_step(
     noise: Optional[Tensor],
     seed: int,
     offset: int,
+    kind: int,
+    prediction: int,
     guidance_scale: Optional[float],
     guidance_rescale: float,
     stochastic: bool,
     return_pred_original: bool,
 ) -> tuple[Tensor, Tensor]:
-    """sigma, sigma_next: float32 (B,). Without guidance model_output has batch B, with it 2B (unconditional
-    half first). pred_original is empty (0,) unless return_pred_original. Noise (stochastic only): `noise` or
-    the genkern stream for (seed, offset)."""
-    args = (model_output, sample, sigma, sigma_next, noise, seed, offset, guidance_scale, guidance_rescale)
-    _check_flow_step(*args, stochastic, return_pred_original)
-    prev, x0 = ref.flow_euler_step(
-        model_output, sample, sigma, sigma_next, stochastic=stochastic, noise=noise, seed=to_unsigned(seed),
-        offset=to_unsigned(offset), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+    """kind: a SIGMA_STEPS code; prediction: a PREDICTIONS code (k-diffusion; flow models predict the velocity,
+    code 0). sigma, sigma_next: float32 (B,). Without guidance model_output has batch B, with it 2B
+    (unconditional half first). pred_original is empty (0,) unless return_pred_original. Noise (flow with
+    stochastic, Euler ancestral): `noise` or the genkern stream for (seed, offset)."""
+    args = (model_output, sample, sigma, sigma_next, noise, seed, offset, kind, prediction, guidance_scale)
+    _check_sigma_step(*args, guidance_rescale, stochastic, return_pred_original)
+    prev, x0 = ref.sigma_step(
+        SIGMA_STEPS[kind], model_output, sample, sigma, sigma_next, prediction_type=PREDICTIONS[prediction],
+        stochastic=stochastic, noise=noise, seed=to_unsigned(seed), offset=to_unsigned(offset),
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
     )  # fmt: skip
     return prev.contiguous(), (x0.contiguous() if return_pred_original else sample.new_empty(0))
 
 
-@KERNELS.register(flow_euler_step, check=_check_flow_step)
-def _(kernels, model_output, sample, sigma, sigma_next, noise, seed, offset, scale, rescale_phi, stochastic, want_x0):
+@KERNELS.register(sigma_step, check=_check_sigma_step)
+def _(kernels, model_output, sample, sigma, sigma_next, noise, seed, offset, kind, prediction, scale, phi, stochastic,
+      want_x0):  # fmt: skip
     B, guided = sample.shape[0], scale is not None
     rescale = None
-    if guided and rescale_phi != 0.0 and sample.numel():
-        rescale = _rescale_factors(model_output, B, False, scale, rescale_phi)
+    if guided and phi != 0.0 and sample.numel():
+        rescale = _rescale_factors(model_output, B, False, scale, phi)
     prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     x0 = torch.empty(sample.shape if want_x0 else (0,), dtype=sample.dtype, device=sample.device)
-    kernels.flow_step(
+    kernels.sigma_step(
         model_output.contiguous(), sample.contiguous(), None if noise is None else noise.contiguous(), sigma,
-        sigma_next, rescale, prev, x0 if want_x0 and x0.numel() else None, guided, _or_zero(scale), stochastic,
-        to_unsigned(seed), to_unsigned(offset),
+        sigma_next, rescale, prev, x0 if want_x0 and x0.numel() else None, kind, prediction, guided, _or_zero(scale),
+        stochastic, to_unsigned(seed), to_unsigned(offset),
     )  # fmt: skip
     return prev, x0
 
 
-@flow_euler_step.register_fake
-def _(model_output, sample, sigma, sigma_next, noise, seed, offset, scale, rescale_phi, stochastic, want_x0):
-    _check_flow_step(
-        model_output, sample, sigma, sigma_next, noise, seed, offset, scale, rescale_phi, stochastic, want_x0
-    )
-    return _step_fake(sample, want_x0)
+@sigma_step.register_fake
+def _(*args):
+    _check_sigma_step(*args)
+    return _step_fake(args[1], args[12])
 
 
 class PreparedStep:

@@ -134,8 +134,8 @@ def flow_euler_step(
     seed = to_signed(resolve_seed(seed)) if draws else 0
     offset = to_signed(check_offset(offset)) if draws else 0
     scale = None if guidance_scale is None else float(guidance_scale)
-    args = (model_output, sample, s, s_next, noise, seed, offset, scale, float(guidance_rescale), stochastic)
-    prev, x0 = _backend.call(backend, torch.ops.genkern.flow_euler_step, *args, bool(return_pred_original))
+    args = (model_output, sample, s, s_next, noise, seed, offset, 0, 0, scale, float(guidance_rescale), stochastic)
+    prev, x0 = _backend.call(backend, torch.ops.genkern.sigma_step, *args, bool(return_pred_original))
     return (prev, x0) if return_pred_original else prev
 
 
@@ -228,10 +228,10 @@ class FlowMatchEulerSampler:
             t_model = t_model.repeat(1, 2)
         signed_seed = to_signed(seed)
         scale = None if guidance_scale is None else float(guidance_scale)
-        op = torch.ops.genkern.flow_euler_step
+        op = torch.ops.genkern.sigma_step
         for i in range(num_steps):
             x_in = torch.cat([x, x]) if guidance_scale is not None else x
             v = model(x_in, t_model[i], **model_kwargs)
-            args = (v, x, rows[i], rows[i + 1], None, signed_seed, i + 1, scale, float(guidance_rescale))
+            args = (v, x, rows[i], rows[i + 1], None, signed_seed, i + 1, 0, 0, scale, float(guidance_rescale))
             x = _backend.call(self.backend, op, *args, self.stochastic, False)[0]
         return x

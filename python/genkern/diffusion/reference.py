@@ -867,12 +867,25 @@ def flow_matching_loss(
     return (flow_weight(s, weighting).to(err.dtype) * err).to(dtype)
 
 
-def flow_euler_step(
+def sigma_predict_x0(m: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """k-diffusion's x0_hat (docs/math.md 5.2): epsilon x - sigma m, v_prediction
+    m (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1), sample m; sigma float32, widened to x's dtype."""
+    s = _coef(sigma, x)
+    if prediction_type == "epsilon":
+        return x - s * m
+    if prediction_type == "v_prediction":
+        return m * (-s / (s * s + 1.0).sqrt()) + x / (s * s + 1.0)
+    return m
+
+
+def sigma_step(
+    kind: str,
     model_output: Tensor,
     sample: Tensor,
     sigma,
     sigma_next,
     *,
+    prediction_type: str = "epsilon",
     stochastic: bool = False,
     noise: Tensor | None = None,
     seed: int = 0,
@@ -880,19 +893,35 @@ def flow_euler_step(
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """(x_next, x0_hat) of diffusers' FlowMatchEulerDiscreteScheduler.step: x + (sigma_next - sigma) v, or
-    with stochastic sampling (1 - sigma_next) x0_hat + sigma_next z, x0_hat = x - sigma v; v = model_output,
-    or u + s (c - u) of its two halves (and the std rescale) with guidance_scale. z = `noise` or the stream's
-    normals for (seed, offset) over sample's shape."""
+    """(x_next, x0_hat) of one sigma-space step, each as its diffusers scheduler computes it (float32 sigmas):
+    - "flow_euler" (FlowMatchEulerDiscreteScheduler.step, v = model_output): x + (sigma_next - sigma) v, or with
+      stochastic sampling (1 - sigma_next) x0_hat + sigma_next z, x0_hat = x - sigma v;
+    - "euler" (EulerDiscreteScheduler.step, no churn): d = (x - x0_hat) / sigma; x + d (sigma_next - sigma);
+    - "euler_ancestral" (EulerAncestralDiscreteScheduler.step): sigma_up = sqrt(sigma_next^2 (sigma^2 -
+      sigma_next^2) / sigma^2), sigma_down = sqrt(sigma_next^2 - sigma_up^2); x + d (sigma_down - sigma) + z sigma_up.
+    x0_hat of the k-diffusion steps: sigma_predict_x0. With guidance_scale, model_output is (2B, ...) and
+    combined as u + s (c - u) (and the std rescale). z = `noise` or the stream's normals for (seed, offset)."""
     dtype, x = sample.dtype, _compute(sample)
     m = _compute(model_output)
     if guidance_scale is not None:
         m = guide(m, float(torch.tensor(guidance_scale, dtype=torch.float32)), guidance_rescale)
     s, s_next = _sigmas(sigma, x), _sigmas(sigma_next, x)
-    x0 = x - _coef(s, x) * m
-    if stochastic:
-        z = _noise(noise, seed, offset, x.shape, x)
-        out = _coef(1.0 - s_next.to(x.dtype), x) * x0 + _coef(s_next, x) * z
+    if kind == "flow_euler":
+        x0 = x - _coef(s, x) * m
+        if stochastic:
+            z = _noise(noise, seed, offset, x.shape, x)
+            out = _coef(1.0 - s_next.to(x.dtype), x) * x0 + _coef(s_next, x) * z
+        else:
+            out = x + _coef(s_next - s, x) * m
     else:
-        out = x + _coef(s_next - s, x) * m
+        x0 = sigma_predict_x0(m, x, s, prediction_type)
+        if kind == "euler_ancestral":
+            sc, nc = s.to(x.dtype), s_next.to(x.dtype)
+            up = (nc * nc * (sc * sc - nc * nc) / (sc * sc)).sqrt()
+            dt = (nc * nc - up * up).sqrt() - sc
+        else:
+            dt = (s_next - s).to(x.dtype)
+        out = x + (x - x0) / _coef(s, x) * _coef(dt, x)
+        if kind == "euler_ancestral":
+            out = out + _noise(noise, seed, offset, x.shape, x) * _coef(up, x)
     return _fresh(out.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample)

@@ -1,11 +1,13 @@
-"""The flow-matching Euler step (docs/math.md 5.1) in Triton, as _C.diffusion.flow_step
-(gk::diffusion::FlowStepArgs in csrc/diffusion/flow.h, whose comments define it; the per-element formula
-is csrc/diffusion/flow_math.h's, in the same operation order). The noising and the loss of flow matching
-are the diffusion kernels' q_sample and loss on a flow table (genkern.diffusion.flow).
+"""The sigma-space steps (docs/math.md 5.1, 5.2: flow matching's Euler step, k-diffusion's Euler and Euler
+ancestral steps) in Triton, as _C.diffusion.sigma_step (gk::diffusion::SigmaStepArgs in
+csrc/diffusion/sigma_step.h, whose comments define it; the per-element formulas and the per-sample
+coefficients are csrc/diffusion/sigma_step_math.h's, in the same operation order). The noising and the loss
+of flow matching are the diffusion kernels' q_sample and loss on a flow table (genkern.diffusion.flow).
 
 One program per BLOCK flat elements of the (batch, n) arrays (BLOCK a multiple of 4, so a program's noise
 is whole Philox blocks); each element reads its own sample's sigmas. Compute type: float64 for float64
-tensors, float32 otherwise; dt = sigma_next - sigma in float32, as diffusers takes it.
+tensors, float32 otherwise; dt = sigma_next - sigma in float32 (flow, Euler), as diffusers takes it; square
+roots tl.sqrt_rn and divisions tl.div_rn in float32, as the C++ computes them correctly rounded.
 """
 
 import triton
@@ -13,13 +15,27 @@ import triton.language as tl
 
 from ..core.launch import check, compute_type, launch
 from ..core.philox import KEY_ARGS, key_args, stream_normals_run, to_dtype
-from .diffusion import _float32
+from .diffusion import _div, _float32
 
 BLOCK = 1024
+FLOW_EULER = tl.constexpr(0)  # gk::diffusion::kFlowEuler
+EULER = tl.constexpr(1)  # kEuler
+EULER_ANCESTRAL = tl.constexpr(2)  # kEulerAncestral
+EPSILON = tl.constexpr(0)  # gk::diffusion::kEpsilon
+V_PREDICTION = tl.constexpr(1)  # kVPrediction
+
+
+@triton.jit
+def _sqrt(x):
+    if x.dtype == tl.float64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
 
 
 @triton.jit(do_not_specialize=["total", "n"] + KEY_ARGS)
-def _flow_step_kernel(
+def _sigma_step_kernel(
     m_ptr,
     x_ptr,
     eps_ptr,
@@ -35,9 +51,11 @@ def _flow_step_kernel(
     seed_hi,
     off_lo,
     off_hi,
+    KIND: tl.constexpr,
+    PREDICTION: tl.constexpr,
     GUIDED: tl.constexpr,
     RESCALE: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
+    NOISY: tl.constexpr,
     HAS_EPS: tl.constexpr,
     WRITE_X0: tl.constexpr,
     CT: tl.constexpr,
@@ -49,7 +67,7 @@ def _flow_step_kernel(
     b = offs // n
     sigma_f = tl.load(sigma_ptr + b, mask=mask, other=0.0)
     next_f = tl.load(next_ptr + b, mask=mask, other=0.0)
-    sigma, nxt, dt = sigma_f.to(CT), next_f.to(CT), (next_f - sigma_f).to(CT)
+    sigma, nxt = sigma_f.to(CT), next_f.to(CT)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(CT)
     if GUIDED:
         cond = tl.load(m_ptr + total + offs, mask=mask, other=0.0).to(CT)
@@ -57,21 +75,40 @@ def _flow_step_kernel(
         if RESCALE:
             m = m * tl.load(rescale_ptr + b, mask=mask, other=1.0).to(CT)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
-    x0 = x - sigma * m
-    if STOCHASTIC:
+    if NOISY:
         if HAS_EPS:
             z = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(CT)
         else:
             z = stream_normals_run(seed_lo, seed_hi, off_lo, off_hi, start, BLOCK).to(CT)
-        out = (1.0 - nxt) * x0 + nxt * z
+    if KIND == FLOW_EULER:
+        x0 = x - sigma * m
+        if NOISY:
+            out = (1.0 - nxt) * x0 + nxt * z
+        else:
+            out = x + (next_f - sigma_f).to(CT) * m
     else:
-        out = x + dt * m
+        if PREDICTION == EPSILON:
+            x0 = x - sigma * m
+        elif PREDICTION == V_PREDICTION:
+            s2p1 = sigma * sigma + 1.0
+            x0 = m * _div(-sigma, _sqrt(s2p1)) + _div(x, s2p1)
+        else:
+            x0 = m
+        if KIND == EULER_ANCESTRAL:
+            s2, n2 = sigma * sigma, nxt * nxt
+            up = _sqrt(_div(n2 * (s2 - n2), s2))
+            dt = _sqrt(n2 - up * up) - sigma
+        else:
+            dt = (next_f - sigma_f).to(CT)
+        out = x + _div(x - x0, tl.where(mask, sigma, 1.0)) * dt
+        if KIND == EULER_ANCESTRAL:
+            out = out + z * up
     tl.store(prev_ptr + offs, to_dtype(out, prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + offs, to_dtype(x0, x0_ptr.dtype.element_ty), mask=mask)
 
 
-def flow_step(
+def sigma_step(
     model_output,
     sample,
     noise,
@@ -80,13 +117,16 @@ def flow_step(
     rescale,
     prev_sample,
     pred_original,
+    kind,
+    prediction,
     guided,
     guidance_scale,
     stochastic,
     seed,
     offset,
 ):
-    """prev_sample (and pred_original unless None) of one flow-matching Euler step, as _C.diffusion.flow_step."""
+    """prev_sample (and pred_original unless None) of one sigma-space step, as _C.diffusion.sigma_step:
+    kind 0 flow Euler, 1 Euler, 2 Euler ancestral; prediction 0 epsilon, 1 v_prediction, 2 sample."""
     check(sample.dtype, model_output=model_output, sample=sample, noise=noise, prev_sample=prev_sample,
           pred_original=pred_original)  # fmt: skip
     if sample.dim() < 1:
@@ -106,11 +146,16 @@ def flow_step(
             raise ValueError(f"{name} must have {numel} elements, got {a.numel()}")
     if rescale is not None and not guided:
         raise ValueError("rescale needs guidance")
+    kind, prediction = int(kind), int(prediction)
+    if kind not in (0, 1, 2):
+        raise ValueError("unknown sigma step kind")
+    if prediction not in (0, 1, 2):
+        raise ValueError("unknown prediction type")
     if total == 0:
         return prev_sample, pred_original
     scale = _float32(guidance_scale)  # rounded as FlowStepArgs holds it
     launch(
-        _flow_step_kernel,
+        _sigma_step_kernel,
         (triton.cdiv(total, BLOCK),),
         model_output,
         sample,
@@ -124,9 +169,11 @@ def flow_step(
         total // batch,
         scale,
         *key_args(seed, offset),
+        KIND=kind,
+        PREDICTION=prediction,
         GUIDED=guided,
         RESCALE=rescale is not None,
-        STOCHASTIC=bool(stochastic),
+        NOISY=kind == 2 or (kind == 0 and bool(stochastic)),
         HAS_EPS=noise is not None,
         WRITE_X0=pred_original is not None,
         CT=compute_type(sample),

@@ -1,0 +1,79 @@
+// Entry point of the sigma-space steps: the sizes, dtypes, devices and codes that keep the kernels inside the
+// given arrays (the op has checked every argument), then the kernels of sigma_step.h.
+#include "diffusion/sigma_step.h"
+
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "core/entry.h"
+#include "diffusion/sigma_step_math.h"
+
+namespace gk {
+
+using namespace diffusion;
+
+namespace {
+
+void check_sigmas(const OptArray& a, const Array& ref, int64_t batch, const char* name) {
+  if (!a) return;
+  check_contiguous(*a, name);
+  check_dtype(*a, DType::float32, name);
+  check_numel(*a, batch, name);
+  if (a->device != ref.device || a->device_index != ref.device_index)
+    throw ValueError(std::string(name) + " must be on the device of the data");
+}
+
+void sigma_step_entry(const Array& model_output, const Array& sample, const OptArray& noise, const Array& sigma,
+                      const Array& sigma_next, const OptArray& rescale, const Array& prev_sample,
+                      const OptArray& pred_original, int64_t kind, int64_t prediction, bool guided,
+                      double guidance_scale, bool stochastic, uint64_t seed, uint64_t offset, uintptr_t stream) {
+  Checked(sample, "sample")(model_output, "model_output")(noise, "noise")(prev_sample, "prev_sample")(pred_original,
+                                                                                                      "pred_original");
+  if (sample.ndim() < 1) throw ValueError("sample must have a batch dimension");
+  if (kind < kFlowEuler || kind > kEulerAncestral) throw ValueError("unknown sigma step kind");
+  if (prediction < kEpsilon || prediction > kSample) throw ValueError("unknown prediction type");
+  const int64_t batch = sample.shape[0];
+  check_numel(model_output, (guided ? 2 : 1) * sample.numel(), "model_output");
+  check_numel(prev_sample, sample.numel(), "prev_sample");
+  if (pred_original) check_numel(*pred_original, sample.numel(), "pred_original");
+  if (noise) check_numel(*noise, sample.numel(), "noise");
+  check_sigmas(sigma, sample, batch, "sigma");
+  check_sigmas(sigma_next, sample, batch, "sigma_next");
+  check_sigmas(rescale, sample, batch, "rescale");
+  if (rescale && !guided) throw ValueError("rescale needs guidance");
+  if (sample.numel() == 0) return;
+  prepare_output(prev_sample);
+  prepare_output(pred_original);
+  const SigmaStepArgs args{model_output.raw(),
+                           sample.raw(),
+                           data_or_null(noise),
+                           sigma.ptr<const float>(),
+                           sigma_next.ptr<const float>(),
+                           rescale ? rescale->ptr<const float>() : nullptr,
+                           prev_sample.raw(),
+                           data_or_null(pred_original),
+                           batch,
+                           sample.numel() / batch,
+                           static_cast<int32_t>(kind),
+                           static_cast<int32_t>(prediction),
+                           guided ? 1 : 0,
+                           stochastic ? 1 : 0,
+                           static_cast<float>(guidance_scale),
+                           seed,
+                           offset,
+                           sample.dtype};
+  run_on_device(sample, args, stream, sigma_step_cpu, GK_CUDA(sigma_step_cuda));
+}
+
+}  // namespace
+
+// Into the diffusion family's submodule (genkern._C.diffusion.sigma_step), beside the DDPM / DDIM step.
+void bind_sigma_step(py::module_& m) {
+  using py::arg;
+  m.def("sigma_step", &sigma_step_entry, arg("model_output"), arg("sample"), arg("noise"), arg("sigma"),
+        arg("sigma_next"), arg("rescale"), arg("prev_sample"), arg("pred_original"), arg("kind"), arg("prediction"),
+        arg("guided"), arg("guidance_scale"), arg("stochastic"), arg("seed"), arg("offset"), arg("stream") = 0);
+}
+
+}  // namespace gk

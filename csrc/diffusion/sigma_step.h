@@ -1,0 +1,39 @@
+// The sigma-space steps' kernel entry points: flow matching's Euler step and k-diffusion's Euler and Euler
+// ancestral steps (sigma_step_math.h). Arrays are contiguous, of one floating dtype (fp16/bf16 on CUDA only),
+// viewed as (batch, n).
+#pragma once
+#include "core/array.h"
+
+namespace gk {
+namespace diffusion {
+
+// prev_sample[b, j] = sigma_step_element(m, sample[b, j], z, coefficients of sigma[b] -> sigma_next[b]) with
+// m = model_output (b, j), or with guidance u + s (c - u) of its two halves (2 * batch samples, the
+// unconditional first) times the sample's rescale factor; z = noise or stream element b * n + j (flow with
+// stochastic sampling, Euler ancestral). pred_original nullable.
+struct SigmaStepArgs {
+  const void* model_output;
+  const void* sample;
+  const void* noise;        // nullable
+  const float* sigma;       // (batch,)
+  const float* sigma_next;  // (batch,)
+  const float* rescale;     // (batch,) nullable: guidance rescale factors
+  void* prev_sample;
+  void* pred_original;  // nullable
+  int64_t batch, n;
+  int32_t kind;        // SigmaStepKind
+  int32_t prediction;  // k-diffusion: Prediction (flow: velocity)
+  int32_t guided;      // 0 or 1
+  int32_t stochastic;  // flow: 0 or 1
+  float guidance_scale;
+  uint64_t seed, offset;
+  DType dtype;
+};
+
+void sigma_step_cpu(const SigmaStepArgs& a);
+#ifdef GENKERN_WITH_CUDA
+void sigma_step_cuda(const SigmaStepArgs& a, void* stream);
+#endif
+
+}  // namespace diffusion
+}  // namespace gk

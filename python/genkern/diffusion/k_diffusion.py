@@ -1,0 +1,220 @@
+"""k-diffusion's sigma-space samplers (Karras et al. 2022; docs/math.md 5.2) on a model trained with a
+NoiseSchedule: Euler and Euler ancestral steps, fused, with diffusers' sigma schedules (EulerDiscreteScheduler,
+EulerAncestralDiscreteScheduler).
+
+    sigmas, timesteps = genkern.diffusion.euler_sigmas(schedule, 30, use_karras_sigmas=True)
+    x = genkern.diffusion.EulerSampler(schedule, ancestral=True).sample(unet, (B, C, H, W), 30, seed=0)
+
+In sigma space x = x0 + sigma eps; the model sees x / sqrt(sigma^2 + 1) (`scale_model_input`) and its
+timestep, and the step turns its prediction into d = (x - x0_hat) / sigma. The steps run the sigma_step
+kernel (csrc/diffusion/sigma_step_math.h) in the order diffusers computes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .. import backend as _backend
+from .._kernels import to_signed
+from ..random import check_offset, randn, resolve_seed
+from . import _ops
+from . import reference as _spec
+from .flow import _sigma_tensor
+from .schedules import NoiseSchedule
+
+__all__ = ["EulerSampler", "euler_ancestral_step", "euler_sigmas", "euler_step", "scale_model_input"]
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of each sigma: log-sigma interpolation, as diffusers' _sigma_to_t."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def euler_sigmas(
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    use_karras_sigmas: bool = False,
+    final_sigma: str = "zero",
+) -> tuple[Tensor, Tensor]:
+    """(sigmas, timesteps) of diffusers' EulerDiscreteScheduler.set_timesteps: float32 sigmas (num_steps + 1,
+    the last one 0, or the smallest training sigma with final_sigma="sigma_min") and the model's float32
+    timesteps (num_steps,). sigma_t = sqrt((1 - ab_t) / ab_t) of the schedule, linearly interpolated at the
+    spaced timesteps; with use_karras_sigmas the Karras ramp (rho = 7) between their ends, and the timesteps
+    interpolated back from the sigmas."""
+    schedule = _spec.check_schedule(schedule)
+    N = _checks.integer("num_steps", num_steps, low=1)
+    spacing = _spec.check_choice("spacing", spacing, SPACINGS)
+    final_sigma = _spec.check_choice("final_sigma", final_sigma, ("zero", "sigma_min"))
+    T = schedule.num_train_timesteps
+    if N > T:
+        raise ValueError(f"num_steps must be at most the schedule's {T} training timesteps, got {N}")
+    if spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, N, dtype=np.float32)[::-1].copy()
+    elif spacing == "leading":
+        timesteps = (np.arange(0, N) * (T // N)).round()[::-1].copy().astype(np.float32) + steps_offset
+    else:
+        timesteps = np.arange(T, 0, -T / N).round().copy().astype(np.float32) - 1
+    ab = schedule.alpha_cumprod(torch.arange(T)).to(torch.float32).numpy()
+    train = ((1 - ab) / ab) ** 0.5
+    sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
+    if use_karras_sigmas:
+        rho, lo, hi = 7.0, sigmas[-1].item(), sigmas[0].item()
+        ramp = np.linspace(0, 1, N)
+        sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        timesteps = _sigma_to_t(sigmas, np.log(train))
+    last = train[0] if final_sigma == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+    return torch.from_numpy(sigmas), torch.from_numpy(np.asarray(timesteps, dtype=np.float32))
+
+
+def scale_model_input(sample: Tensor, sigma) -> Tensor:
+    """What the model sees: sample / sqrt(sigma^2 + 1) (sigma a number or a (B,) tensor)."""
+    s = _sigma_tensor(sigma, sample).to(sample.dtype)
+    return sample / (s * s + 1).sqrt().view(-1, *([1] * (sample.dim() - 1)))
+
+
+def _step(kind, model_output, sigma, sigma_next, sample, prediction_type, noise, seed, offset, guidance_scale,
+          guidance_rescale, return_pred_original, backend):  # fmt: skip
+    prediction = _ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS))
+    _spec.check_guidance(guidance_scale, guidance_rescale)
+    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample)
+    draws = kind == 2 and noise is None
+    seed = to_signed(resolve_seed(seed)) if draws else 0
+    offset = to_signed(check_offset(offset)) if draws else 0
+    scale = None if guidance_scale is None else float(guidance_scale)
+    args = (model_output, sample, s, s_next, noise, seed, offset, kind, prediction, scale, float(guidance_rescale))
+    prev, x0 = _backend.call(backend, torch.ops.genkern.sigma_step, *args, False, bool(return_pred_original))
+    return (prev, x0) if return_pred_original else prev
+
+
+def euler_step(
+    model_output: Tensor,
+    sigma,
+    sigma_next,
+    sample: Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    return_pred_original: bool = False,
+    backend: str | None = None,
+):
+    """EulerDiscreteScheduler.step (no churn), fused: d = (sample - x0_hat) / sigma, sample + d (sigma_next -
+    sigma); x0_hat from the model output by prediction_type (docs/math.md 5.2). Guidance as in flow_euler_step.
+    Returns prev_sample, or (prev_sample, pred_original_sample) with return_pred_original."""
+    return _step(1, model_output, sigma, sigma_next, sample, prediction_type, None, None, 0, guidance_scale,
+                 guidance_rescale, return_pred_original, backend)  # fmt: skip
+
+
+def euler_ancestral_step(
+    model_output: Tensor,
+    sigma,
+    sigma_next,
+    sample: Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    noise: Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    return_pred_original: bool = False,
+    backend: str | None = None,
+):
+    """EulerAncestralDiscreteScheduler.step, fused: the Euler step to sigma_down, plus sigma_up z, where
+    sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), sigma_down = sqrt(sigma_next^2 -
+    sigma_up^2) and z = `noise` or the genkern stream for (seed, offset), drawn in the kernel."""
+    return _step(2, model_output, sigma, sigma_next, sample, prediction_type, noise, seed, offset, guidance_scale,
+                 guidance_rescale, return_pred_original, backend)  # fmt: skip
+
+
+class EulerSampler:
+    """Euler (or, with ancestral=True, Euler ancestral) sampling of a model trained on `schedule`.
+
+    model(x / sqrt(sigma^2 + 1), t, **model_kwargs) gets the float32 timesteps of euler_sigmas as a (B,)
+    tensor; with guidance_scale, model(cat([x, x]), cat([t, t])) and model_kwargs of batch 2B. x_T is
+    init_noise_sigma times the genkern stream's randn(shape) at offset 0 for `seed` (init_noise_sigma =
+    sigma_max, or sqrt(sigma_max^2 + 1) with leading spacing, as diffusers); step i draws its noise at offset
+    i + 1, so sample b depends only on (seed, b). The loop reads nothing back from the device."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        *,
+        ancestral: bool = False,
+        prediction_type: str = "epsilon",
+        spacing: str = "linspace",
+        use_karras_sigmas: bool = False,
+        final_sigma: str = "zero",
+        backend: str | None = None,
+    ):
+        self.schedule = _spec.check_schedule(schedule)
+        if not isinstance(ancestral, bool):
+            raise TypeError(f"ancestral must be a bool, got {type(ancestral).__name__}")
+        self.kind = 2 if ancestral else 1
+        self.prediction = _ops.PREDICTIONS.index(
+            _spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS)
+        )
+        self.options = dict(spacing=spacing, use_karras_sigmas=use_karras_sigmas, final_sigma=final_sigma)
+        euler_sigmas(self.schedule, 1, **self.options)  # checks the options
+        self.backend = backend
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        shape,
+        num_steps: int = 30,
+        *,
+        seed: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        model_kwargs: dict | None = None,
+        x_T: Tensor | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t, **model_kwargs), got {type(model).__name__}")
+        _spec.check_guidance(guidance_scale, guidance_rescale)
+        model_kwargs = {} if model_kwargs is None else model_kwargs
+        seed = resolve_seed(seed)
+        device = torch.device(device) if device is not None else (x_T.device if x_T is not None else None)
+        device = device or torch.device("cpu")
+        shape = tuple(shape)
+        sigmas, timesteps = euler_sigmas(self.schedule, num_steps, **self.options)
+        sigma_max = float(sigmas[0])
+        init = (sigma_max**2 + 1) ** 0.5 if self.options["spacing"] == "leading" else sigma_max
+        if x_T is None:
+            x_T = randn(shape, seed=seed, device=device, dtype=dtype, backend=self.backend)
+        x = x_T.to(device=device, dtype=dtype) * init
+        B = shape[0]
+        rows = sigmas.to(device)[:, None].expand(-1, B).contiguous()  # step i reads rows i and i + 1
+        t_model = timesteps.to(device)[:, None].expand(-1, B).contiguous()
+        scales = (rows[:-1].to(dtype) ** 2 + 1).sqrt()  # scale_model_input divides by these, one row a step
+        if guidance_scale is not None:
+            t_model = t_model.repeat(1, 2)
+        signed_seed = to_signed(seed)
+        scale = None if guidance_scale is None else float(guidance_scale)
+        view = (-1, *([1] * (len(shape) - 1)))
+        for i in range(num_steps):
+            x_in = x / scales[i].view(view)
+            x_in = torch.cat([x_in, x_in]) if guidance_scale is not None else x_in
+            m = model(x_in, t_model[i], **model_kwargs)
+            args = (m, x, rows[i], rows[i + 1], None, signed_seed, i + 1, self.kind, self.prediction, scale)
+            step = (*args, float(guidance_rescale), False, False)
+            x = _backend.call(self.backend, torch.ops.genkern.sigma_step, *step)[0]
+        return x
