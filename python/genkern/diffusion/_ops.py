@@ -1039,7 +1039,9 @@ class PreparedStep:
 
         def native(model_output, sample, i):
             prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
-            model, x = _native.array(model_output.contiguous()), _native.array(sample.contiguous())
+            # The contiguous tensors stay referenced until the launch returns: a description holds no storage.
+            model_c, sample_c = model_output.contiguous(), sample.contiguous()
+            model, x = _native.array(model_c), _native.array(sample_c)
             t, prev_t = rows[i]
             _native.launch(
                 fn, device, [model, x, None, t, prev_t, table, None, None, _native.array(prev), None, *options, i + 1]
