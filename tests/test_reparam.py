@@ -278,6 +278,28 @@ def test_reparameterize_kl_with_one_output_used(backend, used):
         assert_close(g.cpu(), e, torch.float32, scale=10)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("used", ["z", "kl"])
+def test_reparameterize_kl_unused_output_adds_no_term(backend, used):
+    # exp(100) overflows float32: kl's d/dlogvar is inf, z's is 2.57e21 * eps. The unused output's gradient
+    # must be absent, not a zero multiplied in (0 * inf = NaN); likewise an inf mu with only z used.
+    device = device_for(backend)
+    mu = torch.tensor([[0.5, math.inf, -1.0]], device=device)
+    logvar = torch.tensor([[100.0, 0.0, -100.0]], device=device)
+    if used == "kl":
+        mu = mu.nan_to_num(posinf=2.0)  # kl's d/dmu is mu itself: an inf there is no defect
+    grads = {}
+    for b in (backend, "reference"):
+        m, lv = mu.cpu() if b == "reference" else mu, logvar.cpu() if b == "reference" else logvar
+        m, lv = m.clone().requires_grad_(True), lv.clone().requires_grad_(True)
+        z, kl = genkern.reparameterize_kl(m, lv, seed=3, backend=b)
+        (z if used == "z" else kl).sum().backward()
+        grads[b] = (m.grad.cpu(), lv.grad.cpu())
+    for g, e in zip(grads[backend], grads["reference"]):
+        assert not g.isnan().any(), g
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if torch.float16 in dtypes_for(b)] or ["reference"])
 def test_iwae_half_precision_gradients_at_realistic_log_likelihoods(backend):
     # log p(x|z) around -1000 (a decoder over hundreds of pixels): the softmax weights must still be right.

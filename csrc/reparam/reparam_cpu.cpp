@@ -122,22 +122,40 @@ struct SampleKlBackwardKernel {
     const T* eps = static_cast<const T*>(a.eps);
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
+    // An absent gradient (an unused output) adds no term at all: multiplying zeros in would turn an
+    // overflowed exp(logvar) into NaN (0 * inf), where the reference's gradient is finite.
     cpu::broadcast_spans<T>(a.shape, static_cast<const T*>(a.grad_kl),
                             [&](int64_t start, int64_t len, const T* grad_kl) {
                               alignas(64) T e[kChunk];
-                              alignas(64) T gz[kChunk];
+                              T* gm = grad_mu + start;
+                              T* gl = grad_logvar + start;
+                              const T* m = mu + start;
+                              const T* lv = logvar + start;
                               if (grad_z) {
+                                const T* gz = grad_z + start;
                                 cpu::load_eps(eps, a.seed, a.offset, start, len, e);
-                                std::copy(grad_z + start, grad_z + start + len, gz);
-                              } else {
-                                std::fill(e, e + len, T(0));
-                                std::fill(gz, gz + len, T(0));
-                              }
+                                if (grad_kl) {
 #pragma omp simd
-                              for (int64_t t = 0; t < len; ++t) {
-                                const T m = mu[start + t], lv = logvar[start + t];
-                                grad_mu[start + t] = gz[t] + grad_kl[t] * kl_dmu(m);
-                                grad_logvar[start + t] = gz[t] * sample_dlogvar(lv, e[t]) + grad_kl[t] * kl_dlogvar(lv);
+                                  for (int64_t t = 0; t < len; ++t) {
+                                    gm[t] = gz[t] + grad_kl[t] * kl_dmu(m[t]);
+                                    gl[t] = gz[t] * sample_dlogvar(lv[t], e[t]) + grad_kl[t] * kl_dlogvar(lv[t]);
+                                  }
+                                } else {
+#pragma omp simd
+                                  for (int64_t t = 0; t < len; ++t) {
+                                    gm[t] = gz[t];
+                                    gl[t] = gz[t] * sample_dlogvar(lv[t], e[t]);
+                                  }
+                                }
+                              } else if (grad_kl) {
+#pragma omp simd
+                                for (int64_t t = 0; t < len; ++t) {
+                                  gm[t] = grad_kl[t] * kl_dmu(m[t]);
+                                  gl[t] = grad_kl[t] * kl_dlogvar(lv[t]);
+                                }
+                              } else {
+                                std::fill(gm, gm + len, T(0));
+                                std::fill(gl, gl + len, T(0));
                               }
                             });
   }

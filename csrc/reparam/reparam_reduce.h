@@ -81,7 +81,8 @@ void reduce_spans(const reparam::ReduceShape& s, Out* out, TermFn term_fn) {
 }
 
 // For element-wise kernels whose gradient arrives per row of (outer, inner): span_fn(flat_start, len,
-// const Acc* grad) sees, for each flat element, the gradient of its row (zero when `grad_rows` is null).
+// const Acc* grad) sees, for each flat element, the gradient of its row, or a null `grad` when `grad_rows`
+// is null (an unused output: the kernel skips its term, since 0 * inf would be NaN).
 template <typename Acc, typename G, typename SpanFn>
 void broadcast_spans(const reparam::ReduceShape& s, const G* grad_rows, SpanFn span_fn) {
   const int64_t total = s.numel();
@@ -98,10 +99,8 @@ void broadcast_spans(const reparam::ReduceShape& s, const G* grad_rows, SpanFn s
           if (++d == s.dim) d = 0, ++o;
         }
       }
-    } else {
-      std::fill(grad, grad + len, Acc(0));
     }
-    span_fn(start, len, static_cast<const Acc*>(grad));
+    span_fn(start, len, grad_rows ? static_cast<const Acc*>(grad) : nullptr);
   });
 }
 
