@@ -279,6 +279,24 @@ def test_reparameterize_kl_with_one_output_used(backend, used):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("scale", [1e6, 1e7])
+def test_iwae_softmax_weights_sum_to_one_at_large_log_likelihoods(backend, scale):
+    # float32, K = 16, log p(x|z) ~ -scale: the bound is rounded (ulp(1e7) = 1), so weights formed from it as
+    # exp(log w - bound - log K) summed to 0.95 (1e6) and 1.56 (1e7); a softmax of log w itself sums to 1.
+    log_px_z, z, mu, logvar = _iwae_inputs(16, 5, 3, torch.float32, device_for(backend))
+    log_px_z = (log_px_z - scale + torch.linspace(0, 4, 16, device=log_px_z.device)[:, None]).detach()
+    log_px_z.requires_grad_(True)
+    genkern.iwae_bound(log_px_z, z, mu, logvar, backend=backend).sum().backward()
+    w = log_px_z.grad.cpu().double()
+    torch.testing.assert_close(w.sum(0), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-5)
+    # log w itself has a resolution of ulp(scale) in float32 (the reference rounds its sum differently), so
+    # the weights are compared with the softmax of the kernel's own log w.
+    with genkern.set_backend(backend):
+        _, log_w = torch.ops.genkern.iwae_bound(log_px_z.detach(), z, mu, logvar)
+    torch.testing.assert_close(w, torch.softmax(log_w.cpu().double(), 0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("used", ["z", "kl"])
 def test_reparameterize_kl_unused_output_adds_no_term(backend, used):
     # exp(100) overflows float32: kl's d/dlogvar is inf, z's is 2.57e21 * eps. The unused output's gradient

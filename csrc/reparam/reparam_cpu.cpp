@@ -251,7 +251,6 @@ struct IwaeBackwardKernel {
   static void run(const IwaeBackwardArgs& a) {
     const T* grad_bound = static_cast<const T*>(a.grad_bound);
     const T* log_w = static_cast<const T*>(a.log_w);
-    const T* bound = static_cast<const T*>(a.bound);
     const T* z = static_cast<const T*>(a.z);
     const T* mu = static_cast<const T*>(a.mu);
     const T* logvar = static_cast<const T*>(a.logvar);
@@ -260,8 +259,10 @@ struct IwaeBackwardKernel {
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
     const int64_t K = a.samples, B = a.batch, D = a.dim;
-    const T log_k = std::log(T(K));
     cpu::parallel_for(B, [&](int64_t b) {
+      T w_max = -std::numeric_limits<T>::infinity(), w_sum = 0;
+      for (int64_t k = 0; k < K; ++k) w_max = softmax_max(w_max, log_w[k * B + b]);
+      for (int64_t k = 0; k < K; ++k) w_sum += gk::exp(log_w[k * B + b] - w_max);
       const T* m = mu + b * D;
       const T* lv = logvar + b * D;
       T* gm = grad_mu + b * D;
@@ -269,7 +270,7 @@ struct IwaeBackwardKernel {
       std::fill(gm, gm + D, T(0));
       std::fill(gl, gl + D, T(0));
       for (int64_t k = 0; k < K; ++k) {
-        const T gw = grad_bound[b] * std::exp(log_w[k * B + b] - bound[b] - log_k);  // g * softmax_k
+        const T gw = grad_bound[b] * softmax_weight(log_w[k * B + b], w_max, w_sum);
         grad_log_px_z[k * B + b] = gw;
         const T* zk = z + (k * B + b) * D;
         T* gz = grad_z + (k * B + b) * D;
