@@ -241,10 +241,10 @@ class SliceSampler {
     }
     noise += base & 3u;
     int64_t best = 0;
-    float best_score = logits[0] + noise[0];
+    double best_score = double(logits[0]) + double(noise[0]);
     for (int64_t k = 1; k < a_.levels; ++k) {
-      const float score = logits[k] + noise[k];
-      if (score > best_score) {
+      const double score = double(logits[k]) + double(noise[k]);
+      if (categorical::score_beats(score, best_score)) {
         best = k;
         best_score = score;
       }
