@@ -179,16 +179,7 @@ def _nade_params(data, extreme, dtype, D, H, finite_logits=False, plain_weight=F
 def test_nade_log_prob(data, extreme):
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     B, D, H = dims(data, 3, high=8, label="B, D, H")
-    # KNOWN DEFECT (issue 16, found here): the cpu kernel takes log p(x_i | l_i) as x_i l_i - softplus(l_i),
-    # which is 0 * inf - inf = NaN at x_i = 0, l_i = +inf, where the reference's NaN rule (a term with x_i = 0
-    # is absent) gives -softplus(l_i) = -inf (p(x_i = 0) = 0). Until the kernel takes x_i ? l_i - softplus(l_i)
-    # : -softplus(l_i), the logits stay finite: no inf or NaN in v and b (c keeps them: h is in [0, 1]).
-    # KNOWN DEFECT (issue 16, found here): the cpu backward recovers each pre-activation a_i by subtracting
-    # W[:, i] x_i from the final sum (the recurrence run backwards), which cancels catastrophically: with
-    # W = [[1e8, 0.5]], c = [0.3], V = [[0.7], [0.2]], b = [0.1, -0.2], x = [[1, 1]] in float32, d/dc is 0.0681
-    # against the reference's 0.0645 (d/dV, d/db off as much), and an inf in W makes them NaN. Until the kernel
-    # keeps the a_i (or recomputes them forwards), W takes no extreme values (normals of scale 0.5).
-    params = _nade_params(data, extreme, dtype, D, H, finite_logits=True, plain_weight=True)
+    params = _nade_params(data, extreme, dtype, D, H)
     bits = data.draw(st.lists(st.booleans(), min_size=B * D, max_size=B * D), label="x")
     x = torch.tensor(bits, dtype=dtype).reshape(B, D)
     for p in params:

@@ -121,10 +121,10 @@ struct TileState {
     stale[e] = false;
     return h(e);
   }
-  // a += W[:, i] x_i (a -= ... when `sign` is -1): the step from a_i to a_{i+1}, or back.
-  void add_column(int e, const T* w_row, T x, T sign = T(1)) {
+  // a += W[:, i] x_i: the step from a_i to a_{i+1} (none where x_i = 0: an inf in W[:, i] never meets it).
+  void add_column(int e, const T* w_row, T x) {
     if (x == T(0)) return;
-    axpy(sign * x, w_row, a(e), hidden);
+    axpy(x, w_row, a(e), hidden);
     stale[e] = true;
   }
 };
@@ -171,35 +171,59 @@ struct LogProbBackwardKernel {
   static void accumulate(const Model<T>& m, const T* x, const T* g, int64_t n0, int64_t n1, T* gv, T* gwt, T* gb,
                          T* gc) {
     const int64_t D = m.dims, H = m.hidden;
+    const int64_t steps = checkpoint_steps(D), chunks = checkpoints(D), per_example = tape_size(D, H);
     TileState<T> st(H, 3);
+    // Per example (nade_math.h): `chunks` checkpoints a_{q steps}, then `steps` slots for a chunk's a_i.
+    std::unique_ptr<T[]> tape(new T[kTile * per_example]);
+    const auto checkpoint = [&](int e, int64_t q) { return tape.get() + e * per_example + q * H; };
+    const auto slot = [&](int e, int64_t t) { return tape.get() + e * per_example + (chunks + t) * H; };
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int count = static_cast<int>(std::min(kTile, n1 - t0));
       // a_{D+1}: the forward recurrence in the forward's order, so it ends on the forward's bits.
       st.start(count, m.c);
       for (int64_t i = 0; i < D; ++i)
-        for (int e = 0; e < count; ++e) st.add_column(e, m.w_row(i), x[(t0 + e) * D + i]);
+        for (int e = 0; e < count; ++e) {
+          if (i % steps == 0) std::copy(st.a(e), st.a(e) + H, checkpoint(e, i / steps));
+          st.add_column(e, m.w_row(i), x[(t0 + e) * D + i]);
+        }
       for (int e = 0; e < count; ++e) {
         std::fill(st.s(e), st.s(e) + H, T(0));
         st.stale[e] = true;
       }
-      // Backwards: s holds sum_{k > i} dL/da_k, which is dL/dW[:, i] / x_i.
-      for (int64_t i = D - 1; i >= 0; --i) {
-        const T* vi = m.v_row(i);
-        const T* wi = m.w_row(i);
-        T* gv_i = gv + i * H;
-        T* gw_i = gwt + i * H;
+      // Backwards, a chunk at a time: s holds sum_{k > i} dL/da_k, which is dL/dW[:, i] / x_i.
+      for (int64_t q = chunks - 1; q >= 0; --q) {
+        const int64_t i0 = q * steps, i1 = std::min(D, i0 + steps);
+        // The chunk's a_i where x_i != 0 (elsewhere a_i = a_{i+1}), recomputed in a from the checkpoint; a
+        // then ends on a_{i1}, the bits it held (h stays valid).
         for (int e = 0; e < count; ++e) {
-          const T xi = x[(t0 + e) * D + i];
-          st.add_column(e, wi, xi, T(-1));  // a_i = a_{i+1} - W[:, i] x_i
-          const T* h = st.hidden_units(e);
-          const T delta = g[t0 + e] * log_bernoulli_dlogit(xi, m.logit(i, h));
-          T* sum = st.s(e);
-          gb[i] += delta;
-          if (xi != T(0)) axpy(xi, sum, gw_i, H);
+          std::copy(checkpoint(e, q), checkpoint(e, q) + H, st.a(e));
+          for (int64_t i = i0; i < i1; ++i) {
+            const T xi = x[(t0 + e) * D + i];
+            if (xi == T(0)) continue;
+            std::copy(st.a(e), st.a(e) + H, slot(e, i - i0));
+            axpy(xi, m.w_row(i), st.a(e), H);
+          }
+        }
+        for (int64_t i = i1 - 1; i >= i0; --i) {
+          const T* vi = m.v_row(i);
+          T* gv_i = gv + i * H;
+          T* gw_i = gwt + i * H;
+          for (int e = 0; e < count; ++e) {
+            const T xi = x[(t0 + e) * D + i];
+            if (xi != T(0)) {
+              std::copy(slot(e, i - i0), slot(e, i - i0) + H, st.a(e));  // a_i
+              st.stale[e] = true;
+            }
+            const T* h = st.hidden_units(e);
+            const T delta = g[t0 + e] * log_bernoulli_dlogit(xi, m.logit(i, h));
+            T* sum = st.s(e);
+            gb[i] += delta;
+            if (xi != T(0)) axpy(xi, sum, gw_i, H);
 #pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            gv_i[j] += delta * h[j];
-            sum[j] += delta * vi[j] * sigmoid_grad(h[j]);
+            for (int64_t j = 0; j < H; ++j) {
+              gv_i[j] += delta * h[j];
+              sum[j] += delta * vi[j] * sigmoid_grad(h[j]);
+            }
           }
         }
       }
