@@ -10,6 +10,7 @@
 
 #include "diffusion/diffusion_math.h"
 #include "core/parallel.h"
+#include "core/sum.h"
 
 namespace gk {
 namespace diffusion {
@@ -120,19 +121,16 @@ struct LossKernel {
         const int64_t b = item / segments, s0 = (item % segments) * kSegment;
         const int64_t s1 = std::min(n, s0 + kSegment);
         const Level l = level_of(a.table, a.table_rows, a.t, b);
-        T acc = 0;
+        T chunk_sums[kSegment / kChunk];  // summed pairwise, as the segments are (core/sum.h)
+        int64_t chunks = 0;
         for (int64_t j = s0; j < s1; j += kChunk) {
           const int64_t len = std::min(kChunk, s1 - j);
           cpu::load_eps(noise, a.seed, a.offset, b * n + j, len, e);
-          acc += sse(l, b * n + j, len, e);
+          chunk_sums[chunks++] = sse(l, b * n + j, len, e);
         }
-        partial[static_cast<size_t>(item)] = acc;
+        partial[static_cast<size_t>(item)] = cpu::pairwise_sum(chunk_sums, chunks);
       });
-      cpu::parallel_for(B, [&](int64_t b) {
-        T acc = 0;
-        for (int64_t g = 0; g < segments; ++g) acc += partial[static_cast<size_t>(b * segments + g)];
-        finish(b, acc);
-      });
+      cpu::parallel_for(B, [&](int64_t b) { finish(b, cpu::pairwise_sum(partial.data() + b * segments, segments)); });
     });
   }
 };
