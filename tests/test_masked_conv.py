@@ -440,10 +440,11 @@ def test_reference_reads_visible_taps_inside_the_image_only():
     assert gw[1, 0, 1, 1] == float("inf") and torch.equal(gw[:, :, 0, 0], torch.zeros(3, 3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dilation", [2**31 + 1, 2**40, 2**61 + 7])
+@pytest.mark.parametrize("dilation", [2**29, 2**30, 2**31, 2**31 + 1, 2**40, 2**61 + 7])
 def test_the_compiled_entry_refuses_an_absurd_dilation(dilation):
     """Defence in depth below the op's check: the C++ entry itself refuses a dilation whose padded copy would
-    overflow (2**61 + 7 once crashed the process)."""
+    overflow (2**61 + 7 once crashed the process; 2**29 .. 2**31 wrapped the padded plane's size in int64 and
+    reached the allocator: std::bad_alloc, or a scratch-size error that did not name the argument)."""
     from genkern import _native
 
     x, w, y = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), torch.empty(1, 2, 5, 5)

@@ -57,6 +57,20 @@ def test_gumbel_argmax_nan_rule_is_the_references(backend, dtype):
     assert ref.gumbel_argmax(logits, base, 7, 0).tolist() == [1, 0, 0, 0, 3] * 8
 
 
+@pytest.mark.skipif("cpu" not in KERNELS, reason="the compiled entry's own checks")
+@pytest.mark.parametrize("bad", [-1, 2**63 - 4, -(2**63)])
+def test_the_compiled_gumbel_entry_refuses_a_base_that_wraps(bad):
+    # Below the op's check: the C++ entry itself refuses a row whose stream indices base .. base + levels - 1
+    # leave [0, 2^63) (a wrapped row made the warp-wide CUDA draw return a level past the end).
+    from genkern import _native
+
+    logits, out = torch.randn(3, 5), torch.empty(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="base"):
+        _native.call(_native._C.pixelcnn_sampling.gumbel_argmax, logits, torch.tensor([0, bad, 7]), out, 1, 0)
+    _native.call(_native._C.pixelcnn_sampling.gumbel_argmax, logits, torch.tensor([0, 2**63 - 5, 7]), out, 1, 0)
+    assert out.tolist() == ref.gumbel_argmax(logits, torch.tensor([0, 2**63 - 5, 7]), 1, 0).tolist()
+
+
 def test_gumbel_argmax_empty_and_single_level():
     assert gumbel_argmax(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), seed=1).shape == (0,)
     assert gumbel_argmax(torch.zeros(5, 1), torch.arange(5), seed=1).tolist() == [0] * 5
