@@ -61,14 +61,10 @@ void transpose_rows(const T* in, T* out, int64_t rows, int64_t cols, int64_t r0)
 
 template <typename T>
 std::unique_ptr<T[]> transposed(const T* in, int64_t rows, int64_t cols) {
-  constexpr int64_t kParallelMin = int64_t(1) << 16;  // below, waking the thread pool costs more than the copy
   std::unique_ptr<T[]> out(new T[rows * cols]);
   const int64_t blocks = (rows + kTransposeBlock - 1) / kTransposeBlock;
-  if (rows * cols < kParallelMin) {
-    for (int64_t rb = 0; rb < blocks; ++rb) transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock);
-  } else {
-    cpu::parallel_for(blocks, [&](int64_t rb) { transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock); });
-  }
+  cpu::parallel_for(blocks, kTransposeBlock * cols,
+                    [&](int64_t rb) { transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock); });
   return out;
 }
 
@@ -136,7 +132,7 @@ struct LogProbKernel {
     const Model<T> m(args.params, s);
     const T* x = static_cast<const T*>(args.x);
     T* out = static_cast<T*>(args.out);
-    cpu::parallel_for((s.batch + kTile - 1) / kTile, [&](int64_t tile) {
+    cpu::parallel_for((s.batch + kTile - 1) / kTile, kTile * s.dims * s.hidden * 2, [&](int64_t tile) {
       const int64_t n0 = tile * kTile;
       const int count = static_cast<int>(std::min(kTile, s.batch - n0));
       TileState<T> st(s.hidden, 2);
@@ -251,7 +247,7 @@ struct LogProbBackwardKernel {
     const int64_t slots = slot_count(s, sizeof(T));
     const int64_t per_slot = 2 * D * H + D + H;
     std::unique_ptr<T[]> partial(new T[slots * per_slot]);
-    cpu::parallel_for(slots, [&](int64_t slot) {
+    cpu::parallel_for(slots, (s.batch + slots - 1) / slots * D * H * 8, [&](int64_t slot) {
       T* p = partial.get() + slot * per_slot;
       std::fill(p, p + per_slot, T(0));  // here, not before: each thread first-touches its own memory
       const int64_t n0 = slot * s.batch / slots, n1 = (slot + 1) * s.batch / slots;
@@ -260,7 +256,6 @@ struct LogProbBackwardKernel {
     // The accumulators summed in slot order; grad W^T goes back to (H, D), a block of rows i at a time so that
     // the transposed writes fill whole cache lines.
     constexpr int64_t kRows = 16;
-    constexpr int64_t kParallelMin = int64_t(1) << 16;  // values summed; below, one thread is quicker
     const int64_t blocks = (D + kRows - 1) / kRows;
     const auto sum_rows = [&](int64_t blk) {
       const int64_t i0 = blk * kRows, i1 = std::min(D, i0 + kRows);
@@ -280,11 +275,7 @@ struct LogProbBackwardKernel {
         }
       }
     };
-    if (slots * D * H < kParallelMin) {
-      for (int64_t blk = 0; blk < blocks; ++blk) sum_rows(blk);
-    } else {
-      cpu::parallel_for(blocks, sum_rows);
-    }
+    cpu::parallel_for(blocks, kRows * H * slots * 2, sum_rows);
     const T* gc0 = partial.get() + 2 * D * H + D;
     std::copy(gc0, gc0 + H, grad_c);
     for (int64_t slot = 1; slot < slots; ++slot) axpy(T(1), gc0 + slot * per_slot, grad_c, H);
@@ -297,7 +288,7 @@ struct SampleKernel {
     const Shape& s = args.shape;
     const Model<T> m(args.params, s);
     T* out = static_cast<T*>(args.out);
-    cpu::parallel_for((s.batch + kTile - 1) / kTile, [&](int64_t tile) {
+    cpu::parallel_for((s.batch + kTile - 1) / kTile, kTile * s.dims * s.hidden * 2, [&](int64_t tile) {
       const int64_t n0 = tile * kTile;
       const int count = static_cast<int>(std::min(kTile, s.batch - n0));
       TileState<T> st(s.hidden, 2);

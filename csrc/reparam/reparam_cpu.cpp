@@ -21,7 +21,7 @@ struct SampleKernel {
     const T* eps = static_cast<const T*>(a.eps);
     T* z = static_cast<T*>(a.z);
     const int64_t total = a.n * a.samples;
-    cpu::parallel_for((total + kChunk - 1) / kChunk, [&](int64_t c) {
+    cpu::parallel_for((total + kChunk - 1) / kChunk, kChunk * (eps ? 1 : cpu::kRandomWork), [&](int64_t c) {
       alignas(64) T e[kChunk];
       const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
       cpu::load_eps(eps, a.seed, a.offset, start, len, e);
@@ -41,7 +41,7 @@ struct SampleBackwardKernel {
     const T* eps = static_cast<const T*>(a.eps);
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
-    cpu::parallel_for((a.n + kChunk - 1) / kChunk, [&](int64_t c) {
+    cpu::parallel_for((a.n + kChunk - 1) / kChunk, kChunk * a.samples * (eps ? 1 : cpu::kRandomWork), [&](int64_t c) {
       alignas(64) T e[kChunk];
       alignas(64) T gm[kChunk];
       alignas(64) T gl[kChunk];
@@ -217,7 +217,7 @@ struct IwaeKernel {
     T* log_w = static_cast<T*>(a.log_w);
     const int64_t K = a.samples, B = a.batch, D = a.dim;
     const T log_k = std::log(T(K));
-    cpu::parallel_for(B, [&](int64_t b) {
+    cpu::parallel_for(B, K * D * 3 + K, [&](int64_t b) {
       // Streaming logsumexp over k: (max, sum of exp(x - max)).
       T running_max = -std::numeric_limits<T>::infinity(), running_sum = 0;
       for (int64_t k = 0; k < K; ++k) {
@@ -259,7 +259,7 @@ struct IwaeBackwardKernel {
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
     const int64_t K = a.samples, B = a.batch, D = a.dim;
-    cpu::parallel_for(B, [&](int64_t b) {
+    cpu::parallel_for(B, K * D * 3 + K, [&](int64_t b) {
       T w_max = -std::numeric_limits<T>::infinity(), w_sum = 0;
       for (int64_t k = 0; k < K; ++k) w_max = softmax_max(w_max, log_w[k * B + b]);
       for (int64_t k = 0; k < K; ++k) w_sum += gk::exp(log_w[k * B + b] - w_max);

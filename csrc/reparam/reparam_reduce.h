@@ -11,6 +11,9 @@
 namespace gk {
 namespace cpu {
 
+// Work per term for the grain (core/parallel.h): a term is a few flops and an exp, or a stream normal.
+constexpr int64_t kTermWork = 2;
+
 // Rows of (outer, inner) each sum `dim` terms. term_fn(flat_start, len, Acc* terms) writes the terms of
 // flat elements [flat_start, flat_start + len), len <= kChunk; out[o * inner + i] receives the sums.
 template <typename Acc, typename Out, typename TermFn>
@@ -18,14 +21,14 @@ void reduce_spans(const reparam::ReduceShape& s, Out* out, TermFn term_fn) {
   const int64_t outer = s.outer, dim = s.dim, inner = s.inner;
   if (outer * inner == 0) return;
   if (dim == 0) {
-    parallel_for(outer * inner, [&](int64_t r) { out[r] = Out(0); });
+    parallel_for(outer * inner, 1, [&](int64_t r) { out[r] = Out(0); });
     return;
   }
   if (inner == 1 && dim <= kChunk) {
     // Short rows: one span covers several whole rows.
     const int64_t rows_per_span = kChunk / dim;
     const int64_t spans = (outer + rows_per_span - 1) / rows_per_span;
-    parallel_for(spans, [&](int64_t sp) {
+    parallel_for(spans, kChunk * kTermWork, [&](int64_t sp) {
       alignas(64) Acc terms[kChunk];
       const int64_t r0 = sp * rows_per_span, r1 = std::min(outer, r0 + rows_per_span);
       term_fn(r0 * dim, (r1 - r0) * dim, terms);
@@ -47,7 +50,7 @@ void reduce_spans(const reparam::ReduceShape& s, Out* out, TermFn term_fn) {
     constexpr int64_t kSegment = kChunksPerSegment * kChunk;
     const int64_t segments = (dim + kSegment - 1) / kSegment;
     std::vector<Acc> partial(outer * segments);
-    parallel_for(outer * segments, [&](int64_t item) {
+    parallel_for(outer * segments, kSegment * kTermWork, [&](int64_t item) {
       alignas(64) Acc terms[kChunk];
       Acc chunk_sums[kChunksPerSegment];
       const int64_t o = item / segments, d0 = (item % segments) * kSegment;
@@ -63,7 +66,8 @@ void reduce_spans(const reparam::ReduceShape& s, Out* out, TermFn term_fn) {
       }
       partial[item] = pairwise_sum(chunk_sums, chunks);
     });
-    parallel_for(outer, [&](int64_t o) { out[o] = Out(pairwise_sum(partial.data() + o * segments, segments)); });
+    parallel_for(outer, segments,
+                 [&](int64_t o) { out[o] = Out(pairwise_sum(partial.data() + o * segments, segments)); });
     return;
   }
   // inner > 1: a span is a run of the inner axis; accumulate element-wise over dim, in blocks of kBlock
@@ -73,7 +77,7 @@ void reduce_spans(const reparam::ReduceShape& s, Out* out, TermFn term_fn) {
   const int64_t inner_chunks = (inner + kChunk - 1) / kChunk;
   int levels_needed = 1;
   while ((kBlock << (levels_needed - 1)) < dim) ++levels_needed;
-  parallel_for(outer * inner_chunks, [&](int64_t item) {
+  parallel_for(outer * inner_chunks, std::min(kChunk, inner) * dim * kTermWork, [&](int64_t item) {
     alignas(64) Acc terms[kChunk];
     alignas(64) Acc acc[kChunk];
     const int64_t o = item / inner_chunks, i0 = (item % inner_chunks) * kChunk;
@@ -119,7 +123,7 @@ template <typename Acc, typename G, typename SpanFn>
 void broadcast_spans(const reparam::ReduceShape& s, const G* grad_rows, SpanFn span_fn) {
   const int64_t total = s.numel();
   const int64_t chunks = (total + kChunk - 1) / kChunk;
-  parallel_for(chunks, [&](int64_t c) {
+  parallel_for(chunks, kChunk * kTermWork, [&](int64_t c) {
     alignas(64) Acc grad[kChunk];
     const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
     if (grad_rows) {
