@@ -8,8 +8,9 @@ shape and dtype, NaN exactly where the reference has NaN, +-inf where it has +-i
 the tolerance `check` states. Differentiable ops compare their gradients the same way.
 
 Budget: `settings(max_examples=..., derandomize=True)`: the same examples on every run, and a bounded run time
-(about a minute on 2 cores for the three files). Restrictions of a strategy to where the kernels are correct
-today carry a comment `KNOWN DEFECT (issue 16)` naming the defect: lift them when it is fixed.
+(about a minute on 2 cores for the three files). A restriction of a strategy to where a kernel is correct
+would carry a comment `KNOWN DEFECT` naming the defect; the defects issue 16 listed are fixed and their
+restrictions lifted, so every strategy draws the extreme values again.
 
 This file holds the shared strategies and the random and reparam families; test_properties_diffusion.py and
 test_properties_autoregressive.py the others.
