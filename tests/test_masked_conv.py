@@ -440,12 +440,62 @@ def test_reference_reads_visible_taps_inside_the_image_only():
     assert gw[1, 0, 1, 1] == float("inf") and torch.equal(gw[:, :, 0, 0], torch.zeros(3, 3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dilation", [2**31 + 1, 2**40, 2**61 + 7])
+@pytest.mark.parametrize("dilation", [2**29, 2**30, 2**31, 2**31 + 1, 2**40, 2**61 + 7])
 def test_the_compiled_entry_refuses_an_absurd_dilation(dilation):
     """Defence in depth below the op's check: the C++ entry itself refuses a dilation whose padded copy would
-    overflow (2**61 + 7 once crashed the process)."""
+    overflow (2**61 + 7 once crashed the process; 2**29 .. 2**31 wrapped the padded plane's size in int64 and
+    reached the allocator: std::bad_alloc, or a scratch-size error that did not name the argument)."""
     from genkern import _native
 
     x, w, y = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), torch.empty(1, 2, 5, 5)
     with pytest.raises(ValueError, match="dilation"):
         _native.call(_native._C.masked_conv.forward, x, w, None, y, False, 1, dilation)
+
+
+def _conv_and_grads(backend, x, w, bias, **kwargs):
+    device = device_for(backend)
+    ins = [t.to(device).clone().requires_grad_(True) for t in (x, w, bias)]
+    y = genkern.masked_conv2d(*ins, backend=backend, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    y.backward(torch.randn(y.shape, generator=g, dtype=y.dtype).to(device))
+    return [y.detach().cpu()] + [t.grad.cpu() for t in ins]
+
+
+def _same_with_nan(got, want):
+    for name, a, e in zip(("y", "grad x", "grad weight", "grad bias"), got, want):
+        assert torch.equal(a.isnan(), e.isnan()), (name, a, e)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_taps_and_padding_contribute_nothing(backend, dtype):
+    # The reference's NaN rule: masked taps and the zero padding are not read, so they never multiply an inf.
+    # 1. Colour groups, mask A: output group 0 must not see input group 0 (nor 1, 2) at the centre tap; an
+    #    inf there gave it NaN (a masked channel pair taken as a zero weight).
+    x = torch.randn(2, 3, 4, 5, dtype=dtype)
+    x[0, 2, 1, 2] = float("inf")
+    x[1, 1, 3, 0] = float("nan")
+    w = torch.randn(3, 3, 3, 3, dtype=dtype) * 0.5
+    bias = torch.randn(3, dtype=dtype)
+    for mask in ("A", "B"):
+        kw = dict(mask_type=mask, color_groups=3)
+        _same_with_nan(_conv_and_grads(backend, x, w, bias, **kw), _conv_and_grads("reference", x, w, bias, **kw))
+    # 2. A 1 x 1 image of inf, k = 3: every tap but the centre reads only padding. grad_weight there is 0 (it
+    #    was NaN: the zero border times grad_y), and the forward is NaN only through the visible centre tap.
+    x = torch.full((1, 1, 1, 1), float("inf"), dtype=dtype)
+    w, bias = torch.randn(1, 1, 3, 3, dtype=dtype), torch.zeros(1, dtype=dtype)
+    _same_with_nan(
+        _conv_and_grads(backend, x, w, bias, mask_type="B"), _conv_and_grads("reference", x, w, bias, mask_type="B")
+    )
+    # 3. An inf weight at the top-left tap on a 1 x 1 image meets only padding: y is the bias (it was NaN), and
+    #    a masked inf weight (below the centre) is never read either.
+    x = torch.randn(2, 1, 1, 1, dtype=dtype)
+    w = torch.randn(1, 1, 3, 3, dtype=dtype)
+    w[0, 0, 0, 0], w[0, 0, 2, 2] = float("inf"), float("nan")
+    got, want = (
+        _conv_and_grads(backend, x, w, bias, mask_type="A"),
+        _conv_and_grads("reference", x, w, bias, mask_type="A"),
+    )
+    assert not got[0].isnan().any()
+    _same_with_nan(got, want)

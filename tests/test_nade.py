@@ -629,3 +629,51 @@ def test_reference_terms_of_zero_dimensions_are_absent():
         torch.testing.assert_close(genkern.nade_log_prob(x, weight, c, v, b, backend="cpu"), logp)
     b_inf = torch.tensor([float("inf"), 0.0], dtype=torch.float64)
     assert ref.nade_log_prob(x[:1], weight.nan_to_num(posinf=1.0), c, v, b_inf)[0] == float("-inf")
+
+
+def _nade_grads(backend, x, params):
+    device = device_for(backend)
+    ps = [p.to(device).clone().requires_grad_(True) for p in params]
+    logp = genkern.nade_log_prob(x.to(device), *ps, backend=backend)
+    logp.sum().backward()
+    return logp.detach().cpu(), [p.grad.cpu() for p in ps]
+
+
+@pytest.mark.parametrize("backend", NADE_BACKENDS)
+def test_backward_keeps_the_pre_activations(backend):
+    # The backward used to recover a_i as a_{i+1} - W[:, i] x_i: with W[0, 0] = 1e8 in float32 that cancels
+    # (d/dc 0.0681 against the reference's 0.0645), and an inf in W made every gradient NaN.
+    c, v, b = torch.tensor([0.3]), torch.tensor([[0.7], [0.2]]), torch.tensor([0.1, -0.2])
+    for w in (torch.tensor([[1e8, 0.5]]), torch.tensor([[math.inf, 0.5]])):
+        x = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+        got_lp, got = _nade_grads(backend, x, [w, c, v, b])
+        want_lp, want = _nade_grads("reference", x, [w, c, v, b])
+        torch.testing.assert_close(got_lp, want_lp, rtol=1e-6, atol=0, equal_nan=True)
+        for name, g, e in zip(("weight", "c", "v", "b"), got, want):
+            assert torch.equal(g.isnan(), e.isnan()), (name, g, e)
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+    # Long, dense rows (several tape chunks, D = 37 not a square) stay with the reference too.
+    g = torch.Generator().manual_seed(0)
+    w, v = torch.randn(9, 37, generator=g) * 3, torch.randn(37, 9, generator=g)
+    c, b = torch.randn(9, generator=g), torch.randn(37, generator=g)
+    x = (torch.rand(6, 37, generator=g) < 0.7).float()
+    _, got = _nade_grads(backend, x, [w, c, v, b])
+    _, want = _nade_grads("reference", x, [w, c, v, b])
+    for g_, e in zip(got, want):
+        torch.testing.assert_close(g_, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", NADE_BACKENDS)
+def test_log_prob_of_an_off_dimension_with_infinite_logit(backend):
+    # x_i = 0 with l_i = +inf: p(x_i = 0) = 0, log p = -inf (the reference's rule: x_i l_i is absent where
+    # x_i = 0), never 0 * inf - inf = NaN; l_i = -inf gives log p(x_i = 0) = 0.
+    w, c, v = torch.zeros(1, 3), torch.zeros(1), torch.zeros(3, 1)
+    b = torch.tensor([math.inf, -math.inf, 0.5])
+    x = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    got = genkern.nade_log_prob(*(t.to(device_for(backend)) for t in (x, w, c, v, b)), backend=backend).cpu()
+    want = genkern.nade_log_prob(x, w, c, v, b, backend="reference")
+    assert got.tolist() == want.tolist() == [-math.inf, -math.inf]
+    # A NaN logit gives NaN whatever x_i (softplus(NaN) was a finite number on the kernels).
+    b = torch.tensor([math.nan, 0.0, 0.5])
+    got = genkern.nade_log_prob(*(t.to(device_for(backend)) for t in (x, w, c, v, b)), backend=backend).cpu()
+    assert got.isnan().all() and genkern.nade_log_prob(x, w, c, v, b, backend="reference").isnan().all()

@@ -33,6 +33,44 @@ def test_gumbel_argmax_matches_the_reference(backend, dtype, levels):
     assert bool((gap < 1e-4).all())
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gumbel_argmax_scores_float64_logits_at_their_precision(backend):
+    # [1e8, 1e8 + 4]: level 1 wins unless the Gumbel gap exceeds 4 (about 2 % of draws); a float32 score rounds
+    # both logits to 1e8 and drew level 0 about half the time (the cpu kernel: always 0).
+    logits = torch.tensor([[1e8, 1e8 + 4]], dtype=torch.float64).expand(1000, 2).contiguous()
+    base = torch.arange(1000, dtype=torch.int64) * 2
+    got = gumbel_argmax(logits.to(device_for(backend)), base.to(device_for(backend)), seed=3, backend=backend)
+    assert got.cpu().tolist() == ref.gumbel_argmax(logits, base, 3, 0).tolist()
+    assert got.float().mean() > 0.9
+
+
+@pytest.mark.parametrize("backend, dtype", [(b, d) for b in KERNELS for d in dtypes_for(b)])
+def test_gumbel_argmax_nan_rule_is_the_references(backend, dtype):
+    # torch.argmax's rule, written in the reference: NaN is the maximum and the first NaN is drawn; a row of
+    # -inf draws level 0; +inf beats every finite score, the first +inf among several.
+    nan, inf = float("nan"), float("inf")
+    rows = [[0.0, nan, 5.0, nan], [nan, 1.0, 2.0, 3.0], [-inf] * 4, [inf, 1.0, inf, 2.0], [1.0, 2.0, 3.0, nan]]
+    logits = torch.tensor(rows, dtype=torch.float64).repeat(8, 1).to(dtype)
+    base = torch.arange(logits.shape[0], dtype=torch.int64) * 4
+    got = gumbel_argmax(logits.to(device_for(backend)), base.to(device_for(backend)), seed=7, backend=backend)
+    assert got.cpu().tolist() == [1, 0, 0, 0, 3] * 8
+    assert ref.gumbel_argmax(logits, base, 7, 0).tolist() == [1, 0, 0, 0, 3] * 8
+
+
+@pytest.mark.skipif("cpu" not in KERNELS, reason="the compiled entry's own checks")
+@pytest.mark.parametrize("bad", [-1, 2**63 - 4, -(2**63)])
+def test_the_compiled_gumbel_entry_refuses_a_base_that_wraps(bad):
+    # Below the op's check: the C++ entry itself refuses a row whose stream indices base .. base + levels - 1
+    # leave [0, 2^63) (a wrapped row made the warp-wide CUDA draw return a level past the end).
+    from genkern import _native
+
+    logits, out = torch.randn(3, 5), torch.empty(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="base"):
+        _native.call(_native._C.pixelcnn_sampling.gumbel_argmax, logits, torch.tensor([0, bad, 7]), out, 1, 0)
+    _native.call(_native._C.pixelcnn_sampling.gumbel_argmax, logits, torch.tensor([0, 2**63 - 5, 7]), out, 1, 0)
+    assert out.tolist() == ref.gumbel_argmax(logits, torch.tensor([0, 2**63 - 5, 7]), 1, 0).tolist()
+
+
 def test_gumbel_argmax_empty_and_single_level():
     assert gumbel_argmax(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), seed=1).shape == (0,)
     assert gumbel_argmax(torch.zeros(5, 1), torch.arange(5), seed=1).tolist() == [0] * 5

@@ -8,8 +8,9 @@ shape and dtype, NaN exactly where the reference has NaN, +-inf where it has +-i
 the tolerance `check` states. Differentiable ops compare their gradients the same way.
 
 Budget: `settings(max_examples=..., derandomize=True)`: the same examples on every run, and a bounded run time
-(about a minute on 2 cores for the three files). Restrictions of a strategy to where the kernels are correct
-today carry a comment `KNOWN DEFECT (issue 16)` naming the defect: lift them when it is fixed.
+(about a minute on 2 cores for the three files). A restriction of a strategy to where a kernel is correct
+would carry a comment `KNOWN DEFECT` naming the defect; the defects issue 16 listed are fixed and their
+restrictions lifted, so every strategy draws the extreme values again.
 
 This file holds the shared strategies and the random and reparam families; test_properties_diffusion.py and
 test_properties_autoregressive.py the others.
@@ -331,14 +332,6 @@ def test_reparameterize_kl(data, extreme):
     eps = tensor(data, shape, dtype, label="eps", extreme=extreme) if use_eps else None
     seed, offset = seed_or_offset(data), seed_or_offset(data, "offset")
     grad_of = data.draw(st.sampled_from(((0,), (1,), (0, 1))), label="outputs used")
-    if extreme and grad_of != (0, 1):
-        # KNOWN DEFECT (issue 16): with only z (or only kl) used, the cpu backward multiplies the absent
-        # gradient, filled with zeros, into the other: 0 * inf = NaN where exp(logvar) overflows (logvar = 100
-        # gives NaN against the reference's 2.57e21). Until it skips absent gradients, logvar stays finite and
-        # below the overflow of exp here (|logvar| <= 80, no inf or NaN in logvar), and mu is finite (inf or NaN
-        # in mu give 0 * inf = NaN in d/dmu with only z used).
-        mu = tensor(data, shape, dtype, label="mu (finite)", extreme=True, finite=True)
-        logvar = tensor(data, shape, dtype, label="logvar (bounded)", low=-80.0, high=80.0, scale=30.0)
     for t in (mu, logvar):
         t.requires_grad_(True)
     (cpu, cpu_g, _), (ref, ref_g, w) = both(
@@ -413,15 +406,8 @@ def test_iwae_bound(data, extreme):
     K = data.draw(st.sampled_from((1, 2, 5, 16)), label="K")
     B = dims(data, 1, label="B")[0]
     event = dims(data, data.draw(st.integers(1, 2), label="event ndim"), label="event")
-    # KNOWN DEFECT (issue 16): the cpu backward forms the softmax weights as exp(log w - bound - log K) from
-    # the stored, rounded bound, so they stop summing to 1 at |log w| ~ 1e6-1e7 in float32. Until the kernel
-    # normalises them by their own sum, log p(x|z) stays within |.| <= 1e4 in float32, and the extreme values
-    # go into z, mu and logvar only (not log_px_z) for float32.
-    scale = 1e3 if dtype == torch.float32 else data.draw(st.sampled_from((1.0, 1e3, 1e7)), label="log p scale")
-    log_px_z = tensor(
-        data, (K, B), dtype, label="log_px_z", scale=scale, extreme=extreme and dtype == torch.float64,
-        low=-1e4 if dtype == torch.float32 else None, high=1e4 if dtype == torch.float32 else None,
-    )  # fmt: skip
+    scale = data.draw(st.sampled_from((1.0, 1e3, 1e7)), label="log p scale")
+    log_px_z = tensor(data, (K, B), dtype, label="log_px_z", scale=scale, extreme=extreme)
     z = tensor(data, (K, B, *event), dtype, label="z", extreme=extreme, scale=2.0)
     mu = tensor(data, (B, *event), dtype, label="mu", extreme=extreme)
     logvar = tensor(data, (B, *event), dtype, label="logvar", extreme=extreme, scale=0.5)

@@ -278,6 +278,46 @@ def test_reparameterize_kl_with_one_output_used(backend, used):
         assert_close(g.cpu(), e, torch.float32, scale=10)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("scale", [1e6, 1e7])
+def test_iwae_softmax_weights_sum_to_one_at_large_log_likelihoods(backend, scale):
+    # float32, K = 16, log p(x|z) ~ -scale: the bound is rounded (ulp(1e7) = 1), so weights formed from it as
+    # exp(log w - bound - log K) summed to 0.95 (1e6) and 1.56 (1e7); a softmax of log w itself sums to 1.
+    log_px_z, z, mu, logvar = _iwae_inputs(16, 5, 3, torch.float32, device_for(backend))
+    log_px_z = (log_px_z - scale + torch.linspace(0, 4, 16, device=log_px_z.device)[:, None]).detach()
+    log_px_z.requires_grad_(True)
+    genkern.iwae_bound(log_px_z, z, mu, logvar, backend=backend).sum().backward()
+    w = log_px_z.grad.cpu().double()
+    torch.testing.assert_close(w.sum(0), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-5)
+    # log w itself has a resolution of ulp(scale) in float32 (the reference rounds its sum differently), so
+    # the weights are compared with the softmax of the kernel's own log w.
+    with genkern.set_backend(backend):
+        _, log_w = torch.ops.genkern.iwae_bound(log_px_z.detach(), z, mu, logvar)
+    torch.testing.assert_close(w, torch.softmax(log_w.cpu().double(), 0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("used", ["z", "kl"])
+def test_reparameterize_kl_unused_output_adds_no_term(backend, used):
+    # exp(100) overflows float32: kl's d/dlogvar is inf, z's is 2.57e21 * eps. The unused output's gradient
+    # must be absent, not a zero multiplied in (0 * inf = NaN); likewise an inf mu with only z used.
+    device = device_for(backend)
+    mu = torch.tensor([[0.5, math.inf, -1.0]], device=device)
+    logvar = torch.tensor([[100.0, 0.0, -100.0]], device=device)
+    if used == "kl":
+        mu = mu.nan_to_num(posinf=2.0)  # kl's d/dmu is mu itself: an inf there is no defect
+    grads = {}
+    for b in (backend, "reference"):
+        m, lv = mu.cpu() if b == "reference" else mu, logvar.cpu() if b == "reference" else logvar
+        m, lv = m.clone().requires_grad_(True), lv.clone().requires_grad_(True)
+        z, kl = genkern.reparameterize_kl(m, lv, seed=3, backend=b)
+        (z if used == "z" else kl).sum().backward()
+        grads[b] = (m.grad.cpu(), lv.grad.cpu())
+    for g, e in zip(grads[backend], grads["reference"]):
+        assert not g.isnan().any(), g
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if torch.float16 in dtypes_for(b)] or ["reference"])
 def test_iwae_half_precision_gradients_at_realistic_log_likelihoods(backend):
     # log p(x|z) around -1000 (a decoder over hundreds of pixels): the softmax weights must still be right.
@@ -528,3 +568,30 @@ def test_iwae_non_finite_weights_follow_logsumexp(backend):
     got = genkern.iwae_bound(log_px_z, z, mu, logvar, backend=backend).cpu()
     expected = ref.iwae_bound(log_px_z.cpu(), z.cpu(), mu.cpu(), logvar.cpu())
     torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def _float64_row_sum(fn, z, pieces=16):
+    """sum of fn(z) in float64, a piece at a time (no float64 copy of the whole row)."""
+    return sum(fn(p.double()).sum().item() for p in z.chunk(pieces))
+
+
+@pytest.mark.slow
+def test_long_row_reductions_are_accurate():
+    # gaussian_log_prob over 2^28 float32 terms in one row: the kernel added its 16K-element segment sums one
+    # after another (1.2e-6 relative error here, 3.3e-5 at 2.7e8 normals); summed pairwise, as torch.sum.
+    n = 1 << 28
+    z = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.5 + 1.0
+    got = genkern.gaussian_log_prob(z, None, None, dim=-1, backend="cpu").item()
+    want = _float64_row_sum(lambda t: -0.5 * (math.log(2 * math.pi) + t * t), z)
+    assert abs(got - want) / abs(want) < 1e-7, (got, want)  # before: 1.2e-6; now 3e-9, as torch.sum
+    del z
+
+
+def test_long_reduced_dims_with_inner_rows_are_accurate():
+    # A reduced dim of 2^20 with 3 inner elements each (inner > 1): terms were added to one accumulator per
+    # element in sequence (~1e-4 relative error here); blocks merged pairwise keep it near float32 rounding.
+    mu = torch.randn(1 << 20, 3, generator=torch.Generator().manual_seed(1)) * 0.1 + 1.0
+    logvar = torch.zeros_like(mu)
+    got = genkern.gaussian_kl(mu, logvar, dim=0, backend="cpu").double()
+    want = (0.5 * mu.double() ** 2).sum(0)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)

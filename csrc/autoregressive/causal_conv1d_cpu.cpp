@@ -47,7 +47,7 @@ struct ConvKernel {
     const T* bias = static_cast<const T*>(a.bias);
     T* y = static_cast<T*>(a.y);
     const int64_t nt = tiles(s.length);
-    cpu::parallel_for(s.batch * s.c_out * nt, [&](int64_t item) {
+    cpu::parallel_for(s.batch * s.c_out * nt, kChunk * s.k * s.inputs_per_output(), [&](int64_t item) {
       alignas(64) T acc[kChunk];
       const int64_t row = item / nt, l0 = (item % nt) * kChunk, l1 = std::min(s.length, l0 + kChunk);
       conv_tile(s, x, w, bias, row / s.c_out, row % s.c_out, l0, l1, acc);
@@ -74,7 +74,7 @@ struct ConvBackwardKernel {
       scratch.reset(new T[ny]);
       cpu::advise_huge_pages(scratch.get(), ny * static_cast<int64_t>(sizeof(T)));  // fresh memory: fewer faults
       const int64_t nt = tiles(s.length);
-      cpu::parallel_for(s.batch * s.c_out * nt, [&](int64_t item) {
+      cpu::parallel_for(s.batch * s.c_out * nt, kChunk * s.k * s.inputs_per_output(), [&](int64_t item) {
         alignas(64) T acc[kChunk];
         const int64_t row = item / nt, l0 = (item % nt) * kChunk, l1 = std::min(s.length, l0 + kChunk);
         conv_tile(s, x, w, static_cast<const T*>(a.bias), row / s.c_out, row % s.c_out, l0, l1, acc);
@@ -97,7 +97,7 @@ struct ConvBackwardKernel {
     if (!a.grad_bias) return;
     const ConvShape& s = a.shape;
     T* gb = static_cast<T*>(a.grad_bias);
-    cpu::parallel_for(s.c_out, [&](int64_t o) {
+    cpu::parallel_for(s.c_out, s.batch * s.length, [&](int64_t o) {
       T total = 0;
       for (int64_t b = 0; b < s.batch; ++b) {
         const T* g = gz + (b * s.c_out + o) * s.length;
@@ -115,7 +115,7 @@ struct ConvBackwardKernel {
     const ConvShape& s = a.shape;
     T* gw = static_cast<T*>(a.grad_w);
     const int64_t per = s.inputs_per_output();
-    cpu::parallel_for(s.c_out * per, [&](int64_t item) {
+    cpu::parallel_for(s.c_out * per, s.k * s.batch * s.length, [&](int64_t item) {
       const int64_t o = item / per, j = item % per, i = s.input_of(o, j);
       T* out = gw + s.w_row(o, j);
       for (int64_t k = 0; k < s.k; ++k) {
@@ -139,26 +139,28 @@ struct ConvBackwardKernel {
     const ConvShape& s = a.shape;
     T* gx = static_cast<T*>(a.grad_x);
     const int64_t nt = tiles(s.length);
-    cpu::parallel_for(s.batch * s.c_in * nt, [&](int64_t item) {
-      alignas(64) T acc[kChunk];
-      const int64_t row = item / nt, m0 = (item % nt) * kChunk, m1 = std::min(s.length, m0 + kChunk);
-      const int64_t b = row / s.c_in, i = row % s.c_in;
-      std::fill(acc, acc + (m1 - m0), T(0));
-      const int64_t o_begin = s.depthwise ? i : 0, o_end = s.depthwise ? i + 1 : s.c_out;
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        const T* g = gz + (b * s.c_out + o) * s.length;
-        const T* wrow = w + s.w_row(o, s.depthwise ? 0 : i);
-        for (int64_t k = 0; k < s.k; ++k) {
-          const int64_t shift = tap_shift(k, s.k, s.dilation);
-          if (shift >= s.length) continue;
-          const int64_t end = std::min(m1, s.length - shift);  // right of it the tap reads past the output
-          const T wk = wrow[k];
+    cpu::parallel_for(s.batch * s.c_in * nt,
+                      kChunk * s.k * std::max<int64_t>(1, s.c_out / std::max<int64_t>(1, s.c_in)), [&](int64_t item) {
+                        alignas(64) T acc[kChunk];
+                        const int64_t row = item / nt, m0 = (item % nt) * kChunk, m1 = std::min(s.length, m0 + kChunk);
+                        const int64_t b = row / s.c_in, i = row % s.c_in;
+                        std::fill(acc, acc + (m1 - m0), T(0));
+                        const int64_t o_begin = s.depthwise ? i : 0, o_end = s.depthwise ? i + 1 : s.c_out;
+                        for (int64_t o = o_begin; o < o_end; ++o) {
+                          const T* g = gz + (b * s.c_out + o) * s.length;
+                          const T* wrow = w + s.w_row(o, s.depthwise ? 0 : i);
+                          for (int64_t k = 0; k < s.k; ++k) {
+                            const int64_t shift = tap_shift(k, s.k, s.dilation);
+                            if (shift >= s.length) continue;
+                            const int64_t end =
+                                std::min(m1, s.length - shift);  // right of it the tap reads past the output
+                            const T wk = wrow[k];
 #pragma omp simd
-          for (int64_t m = m0; m < end; ++m) acc[m - m0] += wk * g[m + shift];
-        }
-      }
-      std::copy(acc, acc + (m1 - m0), gx + row * s.length + m0);
-    });
+                            for (int64_t m = m0; m < end; ++m) acc[m - m0] += wk * g[m + shift];
+                          }
+                        }
+                        std::copy(acc, acc + (m1 - m0), gx + row * s.length + m0);
+                      });
   }
 };
 
@@ -179,7 +181,7 @@ struct UpdateKernel {
       for (int64_t k = 0; k + 1 < s.k; ++k) back[k] = W - tap_shift(k, s.k, s.dilation);
       const int64_t C = s.c_in;
       with_activation(a.activation, [&](auto act) {
-        cpu::parallel_for(s.batch, [&](int64_t b) {
+        cpu::parallel_for(s.batch, C * (W + 1), [&](int64_t b) {
           T* out = y + b * C;
           for (int64_t c = 0; c < C; ++c) {
             const T* past = state + (b * C + c) * W;
@@ -201,7 +203,7 @@ struct UpdateKernel {
       return;
     }
     // Every output reads the whole old state before any of it shifts: two passes.
-    cpu::parallel_for(s.batch * s.c_out, [&](int64_t row) {
+    cpu::parallel_for(s.batch * s.c_out, s.inputs_per_output() * (W + 1), [&](int64_t row) {
       const int64_t b = row / s.c_out, o = row % s.c_out;
       T acc = bias ? bias[o] : T(0);
       for (int64_t j = 0; j < s.inputs_per_output(); ++j) {
@@ -214,7 +216,7 @@ struct UpdateKernel {
       with_activation(a.activation, [&](auto act) { y[row] = activate<decltype(act)::value>(acc); });
     });
     if (W == 0) return;
-    cpu::parallel_for(s.batch * s.c_in, [&](int64_t row) {
+    cpu::parallel_for(s.batch * s.c_in, W, [&](int64_t row) {
       T* past = state + row * W;
       std::copy(past + 1, past + W, past);
       past[W - 1] = x[row];
@@ -226,7 +228,7 @@ struct UpdateKernel {
 template <typename F>
 void for_each_gate_chunk(int64_t outer, int64_t inner, F f) {
   const int64_t nt = tiles(inner);
-  cpu::parallel_for(outer * nt, [&](int64_t item) {
+  cpu::parallel_for(outer * nt, 4 * kChunk, [&](int64_t item) {
     const int64_t o = item / nt, j0 = (item % nt) * kChunk;
     f(o, j0, std::min(inner, j0 + kChunk));
   });

@@ -3,6 +3,7 @@
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 
 #include "core/entry.h"
@@ -12,6 +13,34 @@ namespace gk {
 using namespace masked_conv;
 
 namespace {
+
+int64_t product(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r))
+    throw ValueError("dilation: the padded copy of the input (sized by dilation * (k // 2)) overflows int64");
+  return r;
+}
+
+int64_t sum(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r))
+    throw ValueError("dilation: the padded copy of the input (sized by dilation * (k // 2)) overflows int64");
+  return r;
+}
+
+// The CPU kernels' Geometry (masked_conv_cpu.cpp) stages every image plane with a border of dilation * (k / 2)
+// rows above and columns both sides, rows rounded up to whole tiles, and indexes it with offsets up to a
+// plane; the CUDA kernels index halos of the same extent. Each of those sizes and offsets, in bytes, must
+// fit in int64 (a wrapped product would size a small buffer and index far past it).
+void check_geometry(const ConvShape& s) {
+  constexpr int64_t kMaxTile = 64, kMaxValueBytes = 8;
+  const int64_t pad = product(s.dilation, s.kernel_size / 2);
+  const int64_t padded_width = sum(sum(s.width, kMaxTile), product(2, pad));
+  const int64_t plane = product(sum(s.height, pad), padded_width);
+  const int64_t planes = product(s.batch, std::max(s.in_channels, s.out_channels));
+  product(product(planes, plane), kMaxValueBytes);
+  product(product(s.kernel_size, s.kernel_size), product(s.in_channels, s.out_channels));
+}
 
 // The convolution's shape from x (B, C_in, H, W) and weight (C_out, C_in, k, k); throws on anything the
 // kernels could misread.
@@ -29,6 +58,7 @@ ConvShape conv_shape(const Array& x, const Array& weight, bool mask_b, int64_t g
   if (dilation < 1) throw ValueError("dilation must be >= 1");
   // The padded copies the kernels stage are sized from dilation * (k / 2): keep that product far from overflow.
   if (dilation > (int64_t{1} << 31)) throw ValueError("dilation must be <= 2^31");
+  check_geometry(s);
   return s;
 }
 

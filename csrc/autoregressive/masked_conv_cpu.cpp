@@ -12,6 +12,7 @@
 #include "autoregressive/masked_conv.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
 #include <stdexcept>
 #include <cstring>
@@ -55,13 +56,22 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // and calls this small come in long sequences (gradcheck, sampling loops at batch 1).
 constexpr int64_t kSerialWork = int64_t(1) << 16;
 
+// work: the call's whole work, a saturating product (work_of), split evenly over its n items.
 template <typename Fn>
 void parallel_for_work(int64_t n, int64_t work, Fn fn) {
   if (work < kSerialWork) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
-  cpu::parallel_for(n, fn);
+  cpu::parallel_for(n, n > 0 ? work / n : 0, fn);
+}
+
+// The product of the sizes, INT64_MAX where it overflows (a work estimate: it only picks the thread count).
+int64_t work_of(std::initializer_list<int64_t> sizes) {
+  int64_t total = 1;
+  for (int64_t s : sizes)
+    if (__builtin_mul_overflow(total, s, &total)) return std::numeric_limits<int64_t>::max();
+  return total;
 }
 
 template <typename T>
@@ -123,7 +133,7 @@ const T* padded(Slot slot, const T* src, int64_t images, int64_t channels, int64
                 int64_t width, int64_t top, int64_t left, int64_t rows_out, int64_t width_out) {
   const int64_t plane = rows_out * width_out;
   T* dst = scratch<T>(slot, images * channels_out * plane);
-  parallel_for_work(images * channels_out, images * channels_out * plane, [&](int64_t p) {
+  parallel_for_work(images * channels_out, work_of({images, channels_out, plane}), [&](int64_t p) {
     const int64_t b = p / channels_out, ch = p % channels_out;
     T* d = dst + p * plane;
     if (ch >= channels) {
@@ -204,7 +214,7 @@ struct Direct {
         }
     }
     first[blocks] = static_cast<int64_t>(src_at.size());
-    const int64_t work = images * outputs * height * width * inputs * taps;
+    const int64_t work = work_of({images, outputs, height, width, inputs, taps});
     parallel_for_work(images * blocks * height, work, [&](int64_t task) {
       const int64_t i = task % height, blk = (task / height) % blocks, b = task / (height * blocks);
       const T* in_row = in + b * image_stride + i * row_stride;
@@ -249,10 +259,142 @@ std::vector<int64_t> input_offsets(const ConvShape& s, const Geometry& g) {
   return offset;
 }
 
+// The NaN rule (the reference's): a masked tap or a tap outside the image is not read at all. The fast
+// kernels above multiply zeros in instead (masked weights packed as zeros, the zero border, zero lanes past
+// the width), which gives the same sums unless a zero meets an inf or NaN (0 * inf = NaN). So a call whose
+// operands are all finite takes the fast kernels, and any other takes the exact ones below, which visit only
+// the kept taps inside the image.
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  T acc = 0;  // x * 0 is NaN exactly when x is inf or NaN
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += p[i] * T(0);
+  return acc == acc;
+}
+
+// The rows (or columns) [lo, hi) of an output of extent n whose tap at offset `shift` lands inside the input.
+struct Span {
+  int64_t lo, hi;
+  Span(int64_t n, int64_t shift) : lo(std::max<int64_t>(0, -shift)), hi(std::min<int64_t>(n, n - shift)) {}
+};
+
+template <typename T>
+struct ExactTaps {
+  const ConvShape& s;
+  const T* w;
+  int64_t c() const { return s.kernel_size / 2; }
+  int64_t end(int64_t ky, int64_t kx, int64_t oc) const {
+    return in_channel_end(ky, kx, oc, s.kernel_size, s.mask_b, s.in_channels, s.out_channels, s.groups);
+  }
+  T weight(int64_t oc, int64_t ic, int64_t ky, int64_t kx) const {
+    return w[((oc * s.in_channels + ic) * s.kernel_size + ky) * s.kernel_size + kx];
+  }
+  // Output (i, j) reads input (i + dy, j + dx) through tap (ky, kx).
+  int64_t dy(int64_t ky) const { return s.dilation * (ky - c()); }
+  int64_t dx(int64_t kx) const { return s.dilation * (kx - c()); }
+};
+
+template <typename T>
+void forward_exact(const ForwardArgs& a) {
+  const ConvShape& s = a.s;
+  const ExactTaps<T> taps{s, static_cast<const T*>(a.weight)};
+  const T* x = static_cast<const T*>(a.x);
+  const T* bias = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+  const int64_t H = s.height, W = s.width, k = s.kernel_size;
+  parallel_for_work(s.batch * s.out_channels, work_of({s.batch, s.out_channels, H, W, s.in_channels, k, k}),
+                    [&](int64_t bo) {
+                      const int64_t b = bo / s.out_channels, oc = bo % s.out_channels;
+                      T* yo = y + bo * H * W;
+                      std::fill(yo, yo + H * W, T(0));
+                      for (int64_t ky = 0; ky < k; ++ky)
+                        for (int64_t kx = 0; kx < k; ++kx) {
+                          const int64_t dy = taps.dy(ky), dx = taps.dx(kx);
+                          const Span rows(H, dy), cols(W, dx);
+                          for (int64_t ic = 0; ic < taps.end(ky, kx, oc); ++ic) {
+                            const T wv = taps.weight(oc, ic, ky, kx);
+                            const T* xp = x + (b * s.in_channels + ic) * H * W;
+                            for (int64_t i = rows.lo; i < rows.hi; ++i)
+                              for (int64_t j = cols.lo; j < cols.hi; ++j)
+                                yo[i * W + j] += wv * xp[(i + dy) * W + j + dx];
+                          }
+                        }
+                      if (bias)
+                        for (int64_t p = 0; p < H * W; ++p) yo[p] += bias[oc];
+                    });
+}
+
+template <typename T>
+void grad_input_exact(const GradInputArgs& a) {
+  const ConvShape& s = a.s;
+  const ExactTaps<T> taps{s, static_cast<const T*>(a.weight)};
+  const T* gy = static_cast<const T*>(a.grad_y);
+  T* gx = static_cast<T*>(a.grad_x);
+  const int64_t H = s.height, W = s.width, k = s.kernel_size;
+  parallel_for_work(s.batch * s.in_channels, work_of({s.batch, s.out_channels, H, W, s.in_channels, k, k}),
+                    [&](int64_t bc) {
+                      const int64_t b = bc / s.in_channels, ic = bc % s.in_channels;
+                      T* gxp = gx + bc * H * W;
+                      std::fill(gxp, gxp + H * W, T(0));
+                      for (int64_t oc = 0; oc < s.out_channels; ++oc)
+                        for (int64_t ky = 0; ky < k; ++ky)
+                          for (int64_t kx = 0; kx < k; ++kx) {
+                            if (ic >= taps.end(ky, kx, oc)) continue;
+                            const int64_t dy = taps.dy(ky), dx = taps.dx(kx);
+                            const Span rows(H, dy), cols(W, dx);
+                            const T wv = taps.weight(oc, ic, ky, kx);
+                            const T* g = gy + (b * s.out_channels + oc) * H * W;
+                            for (int64_t i = rows.lo; i < rows.hi; ++i)
+                              for (int64_t j = cols.lo; j < cols.hi; ++j)
+                                gxp[(i + dy) * W + j + dx] += wv * g[i * W + j];
+                          }
+                    });
+}
+
+template <typename T>
+void grad_bias(const GradWeightArgs& a);
+
+template <typename T>
+void grad_weight_exact(const GradWeightArgs& a) {
+  const ConvShape& s = a.s;
+  const ExactTaps<T> taps{s, nullptr};
+  const T* x = static_cast<const T*>(a.x);
+  const T* gy = static_cast<const T*>(a.grad_y);
+  T* gw = static_cast<T*>(a.grad_weight);
+  const int64_t H = s.height, W = s.width, k = s.kernel_size;
+  if (a.grad_bias) grad_bias<T>(a);
+  parallel_for_work(s.out_channels * s.in_channels, work_of({s.batch, s.out_channels, H, W, s.in_channels, k, k}),
+                    [&](int64_t oi) {
+                      const int64_t oc = oi / s.in_channels, ic = oi % s.in_channels;
+                      for (int64_t ky = 0; ky < k; ++ky)
+                        for (int64_t kx = 0; kx < k; ++kx) {
+                          T total = 0;  // masked taps: exactly zero, never computed
+                          if (ic < taps.end(ky, kx, oc)) {
+                            const int64_t dy = taps.dy(ky), dx = taps.dx(kx);
+                            const Span rows(H, dy), cols(W, dx);
+                            for (int64_t b = 0; b < s.batch; ++b) {
+                              const T* xp = x + (b * s.in_channels + ic) * H * W;
+                              const T* g = gy + (b * s.out_channels + oc) * H * W;
+                              for (int64_t i = rows.lo; i < rows.hi; ++i)
+                                for (int64_t j = cols.lo; j < cols.hi; ++j)
+                                  total += g[i * W + j] * xp[(i + dy) * W + j + dx];
+                            }
+                          }
+                          gw[(oi * k + ky) * k + kx] = total;
+                        }
+                    });
+}
+
+int64_t numel(const ConvShape& s, int64_t channels) { return s.batch * channels * s.height * s.width; }
+int64_t weight_numel(const ConvShape& s) { return s.out_channels * s.in_channels * s.kernel_size * s.kernel_size; }
+
 template <typename T>
 struct ForwardKernel {
   static void run(const ForwardArgs& a) {
     const ConvShape& s = a.s;
+    if (!all_finite(static_cast<const T*>(a.x), numel(s, s.in_channels)) ||
+        !all_finite(static_cast<const T*>(a.weight), weight_numel(s)))
+      return forward_exact<T>(a);
     const Geometry g(s, Simd<T>::kLanes);
     const T* w = static_cast<const T*>(a.weight);
     const int64_t k = s.kernel_size;
@@ -293,6 +435,9 @@ template <typename T>
 struct GradInputKernel {
   static void run(const GradInputArgs& a) {
     const ConvShape& s = a.s;
+    if (!all_finite(static_cast<const T*>(a.grad_y), numel(s, s.out_channels)) ||
+        !all_finite(static_cast<const T*>(a.weight), weight_numel(s)))
+      return grad_input_exact<T>(a);
     const Geometry g(s, Simd<T>::kLanes);
     const T* w = static_cast<const T*>(a.weight);
     const int64_t k = s.kernel_size, d = s.dilation, c = k / 2;
@@ -429,7 +574,7 @@ void grad_weight_pixel_lanes(const GradWeightArgs& a, const Geometry& g, const T
   const int64_t groups = (taps + kFewTaps - 1) / kFewTaps;
   const T* grad_y = static_cast<const T*>(a.grad_y);
   T* gw = static_cast<T*>(a.grad_weight);
-  const int64_t work = s.batch * s.height * g.tiled_width * s.out_channels * s.in_channels * taps;
+  const int64_t work = work_of({s.batch, s.height, g.tiled_width, s.out_channels, s.in_channels, taps});
   parallel_for_work(out_blocks * s.in_channels, work, [&](int64_t task) {
     const int64_t oc0 = (task / s.in_channels) * kFewOuts, ic = task % s.in_channels;
     const int64_t outs = std::min<int64_t>(kFewOuts, s.out_channels - oc0);
@@ -497,7 +642,7 @@ void grad_bias(const GradWeightArgs& a) {
   const T* grad_y = static_cast<const T*>(a.grad_y);
   T* gb = static_cast<T*>(a.grad_bias);
   const int64_t hw = s.height * s.width;
-  parallel_for_work(s.out_channels, s.out_channels * s.batch * hw, [&](int64_t oc) {
+  parallel_for_work(s.out_channels, work_of({s.out_channels, s.batch, hw}), [&](int64_t oc) {
     T total = 0;
     for (int64_t b = 0; b < s.batch; ++b) {
       const T* src = grad_y + (b * s.out_channels + oc) * hw;
@@ -517,6 +662,9 @@ struct GradWeightKernel {
     using vec = typename S::vec;
     constexpr int64_t L = S::kLanes, kOuts = kOutVecs * L;
     const ConvShape& s = a.s;
+    if (!all_finite(static_cast<const T*>(a.grad_y), numel(s, s.out_channels)) ||
+        !all_finite(static_cast<const T*>(a.x), numel(s, s.in_channels)))
+      return grad_weight_exact<T>(a);
     const Geometry g(s, L);
     const int64_t k = s.kernel_size, taps = g.taps(), hw = s.height * s.width;
     const int64_t plane = g.padded_rows * g.padded_width;
@@ -531,7 +679,7 @@ struct GradWeightKernel {
     const int64_t outs = round_up(s.out_channels, kOuts);
     T* gyt = scratch<T>(kGradSlot, s.batch * hw * outs);
     const T* grad_y = static_cast<const T*>(a.grad_y);
-    parallel_for_work(s.batch * s.height, s.batch * hw * outs, [&](int64_t bi) {
+    parallel_for_work(s.batch * s.height, work_of({s.batch, hw, outs}), [&](int64_t bi) {
       const int64_t b = bi / s.height, i = bi % s.height;
       T* dst = gyt + bi * s.width * outs;
       // Reads along rows, writes within this row's small (W x outs) tile: both stay in cache.
@@ -543,7 +691,7 @@ struct GradWeightKernel {
     });
     T* gw = static_cast<T*>(a.grad_weight);
     const int64_t out_blocks = outs / kOuts, in_blocks = (s.in_channels + kInputs - 1) / kInputs;
-    const int64_t work = s.batch * hw * outs * s.in_channels * taps;
+    const int64_t work = work_of({s.batch, hw, outs, s.in_channels, taps});
     parallel_for_work(out_blocks * in_blocks, work, [&](int64_t task) {
       const int64_t ob = task / in_blocks, ic0 = (task % in_blocks) * kInputs;
       const int64_t inputs = std::min<int64_t>(kInputs, s.in_channels - ic0);

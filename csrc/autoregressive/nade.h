@@ -31,8 +31,9 @@ struct LogProbArgs {
   DType dtype;
 };
 
-// grad_* = sum_n grad_out[n] d log p(x[n]) / d(param). x gets no gradient. The recurrence runs backwards
-// from a_{D+1}, recovering a_i = a_{i+1} - W[:, i] x_i: O(H) memory per example instead of O(D H).
+// grad_* = sum_n grad_out[n] d log p(x[n]) / d(param). x gets no gradient. The steps run backwards from D,
+// with each a_i recomputed forwards from a checkpoint (nade_math.h, tape_size): O(sqrt(D) H) memory per
+// example instead of O(D H), and no cancelling a_{i+1} - W[:, i] x_i.
 struct LogProbBackwardArgs {
   const void* grad_out;
   const void* x;

@@ -61,14 +61,10 @@ void transpose_rows(const T* in, T* out, int64_t rows, int64_t cols, int64_t r0)
 
 template <typename T>
 std::unique_ptr<T[]> transposed(const T* in, int64_t rows, int64_t cols) {
-  constexpr int64_t kParallelMin = int64_t(1) << 16;  // below, waking the thread pool costs more than the copy
   std::unique_ptr<T[]> out(new T[rows * cols]);
   const int64_t blocks = (rows + kTransposeBlock - 1) / kTransposeBlock;
-  if (rows * cols < kParallelMin) {
-    for (int64_t rb = 0; rb < blocks; ++rb) transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock);
-  } else {
-    cpu::parallel_for(blocks, [&](int64_t rb) { transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock); });
-  }
+  cpu::parallel_for(blocks, kTransposeBlock * cols,
+                    [&](int64_t rb) { transpose_rows(in, out.get(), rows, cols, rb * kTransposeBlock); });
   return out;
 }
 
@@ -121,10 +117,10 @@ struct TileState {
     stale[e] = false;
     return h(e);
   }
-  // a += W[:, i] x_i (a -= ... when `sign` is -1): the step from a_i to a_{i+1}, or back.
-  void add_column(int e, const T* w_row, T x, T sign = T(1)) {
+  // a += W[:, i] x_i: the step from a_i to a_{i+1} (none where x_i = 0: an inf in W[:, i] never meets it).
+  void add_column(int e, const T* w_row, T x) {
     if (x == T(0)) return;
-    axpy(sign * x, w_row, a(e), hidden);
+    axpy(x, w_row, a(e), hidden);
     stale[e] = true;
   }
 };
@@ -136,7 +132,7 @@ struct LogProbKernel {
     const Model<T> m(args.params, s);
     const T* x = static_cast<const T*>(args.x);
     T* out = static_cast<T*>(args.out);
-    cpu::parallel_for((s.batch + kTile - 1) / kTile, [&](int64_t tile) {
+    cpu::parallel_for((s.batch + kTile - 1) / kTile, kTile * s.dims * s.hidden * 2, [&](int64_t tile) {
       const int64_t n0 = tile * kTile;
       const int count = static_cast<int>(std::min(kTile, s.batch - n0));
       TileState<T> st(s.hidden, 2);
@@ -171,35 +167,59 @@ struct LogProbBackwardKernel {
   static void accumulate(const Model<T>& m, const T* x, const T* g, int64_t n0, int64_t n1, T* gv, T* gwt, T* gb,
                          T* gc) {
     const int64_t D = m.dims, H = m.hidden;
+    const int64_t steps = checkpoint_steps(D), chunks = checkpoints(D), per_example = tape_size(D, H);
     TileState<T> st(H, 3);
+    // Per example (nade_math.h): `chunks` checkpoints a_{q steps}, then `steps` slots for a chunk's a_i.
+    std::unique_ptr<T[]> tape(new T[kTile * per_example]);
+    const auto checkpoint = [&](int e, int64_t q) { return tape.get() + e * per_example + q * H; };
+    const auto slot = [&](int e, int64_t t) { return tape.get() + e * per_example + (chunks + t) * H; };
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int count = static_cast<int>(std::min(kTile, n1 - t0));
       // a_{D+1}: the forward recurrence in the forward's order, so it ends on the forward's bits.
       st.start(count, m.c);
       for (int64_t i = 0; i < D; ++i)
-        for (int e = 0; e < count; ++e) st.add_column(e, m.w_row(i), x[(t0 + e) * D + i]);
+        for (int e = 0; e < count; ++e) {
+          if (i % steps == 0) std::copy(st.a(e), st.a(e) + H, checkpoint(e, i / steps));
+          st.add_column(e, m.w_row(i), x[(t0 + e) * D + i]);
+        }
       for (int e = 0; e < count; ++e) {
         std::fill(st.s(e), st.s(e) + H, T(0));
         st.stale[e] = true;
       }
-      // Backwards: s holds sum_{k > i} dL/da_k, which is dL/dW[:, i] / x_i.
-      for (int64_t i = D - 1; i >= 0; --i) {
-        const T* vi = m.v_row(i);
-        const T* wi = m.w_row(i);
-        T* gv_i = gv + i * H;
-        T* gw_i = gwt + i * H;
+      // Backwards, a chunk at a time: s holds sum_{k > i} dL/da_k, which is dL/dW[:, i] / x_i.
+      for (int64_t q = chunks - 1; q >= 0; --q) {
+        const int64_t i0 = q * steps, i1 = std::min(D, i0 + steps);
+        // The chunk's a_i where x_i != 0 (elsewhere a_i = a_{i+1}), recomputed in a from the checkpoint; a
+        // then ends on a_{i1}, the bits it held (h stays valid).
         for (int e = 0; e < count; ++e) {
-          const T xi = x[(t0 + e) * D + i];
-          st.add_column(e, wi, xi, T(-1));  // a_i = a_{i+1} - W[:, i] x_i
-          const T* h = st.hidden_units(e);
-          const T delta = g[t0 + e] * log_bernoulli_dlogit(xi, m.logit(i, h));
-          T* sum = st.s(e);
-          gb[i] += delta;
-          if (xi != T(0)) axpy(xi, sum, gw_i, H);
+          std::copy(checkpoint(e, q), checkpoint(e, q) + H, st.a(e));
+          for (int64_t i = i0; i < i1; ++i) {
+            const T xi = x[(t0 + e) * D + i];
+            if (xi == T(0)) continue;
+            std::copy(st.a(e), st.a(e) + H, slot(e, i - i0));
+            axpy(xi, m.w_row(i), st.a(e), H);
+          }
+        }
+        for (int64_t i = i1 - 1; i >= i0; --i) {
+          const T* vi = m.v_row(i);
+          T* gv_i = gv + i * H;
+          T* gw_i = gwt + i * H;
+          for (int e = 0; e < count; ++e) {
+            const T xi = x[(t0 + e) * D + i];
+            if (xi != T(0)) {
+              std::copy(slot(e, i - i0), slot(e, i - i0) + H, st.a(e));  // a_i
+              st.stale[e] = true;
+            }
+            const T* h = st.hidden_units(e);
+            const T delta = g[t0 + e] * log_bernoulli_dlogit(xi, m.logit(i, h));
+            T* sum = st.s(e);
+            gb[i] += delta;
+            if (xi != T(0)) axpy(xi, sum, gw_i, H);
 #pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            gv_i[j] += delta * h[j];
-            sum[j] += delta * vi[j] * sigmoid_grad(h[j]);
+            for (int64_t j = 0; j < H; ++j) {
+              gv_i[j] += delta * h[j];
+              sum[j] += delta * vi[j] * sigmoid_grad(h[j]);
+            }
           }
         }
       }
@@ -227,7 +247,7 @@ struct LogProbBackwardKernel {
     const int64_t slots = slot_count(s, sizeof(T));
     const int64_t per_slot = 2 * D * H + D + H;
     std::unique_ptr<T[]> partial(new T[slots * per_slot]);
-    cpu::parallel_for(slots, [&](int64_t slot) {
+    cpu::parallel_for(slots, (s.batch + slots - 1) / slots * D * H * 8, [&](int64_t slot) {
       T* p = partial.get() + slot * per_slot;
       std::fill(p, p + per_slot, T(0));  // here, not before: each thread first-touches its own memory
       const int64_t n0 = slot * s.batch / slots, n1 = (slot + 1) * s.batch / slots;
@@ -236,7 +256,6 @@ struct LogProbBackwardKernel {
     // The accumulators summed in slot order; grad W^T goes back to (H, D), a block of rows i at a time so that
     // the transposed writes fill whole cache lines.
     constexpr int64_t kRows = 16;
-    constexpr int64_t kParallelMin = int64_t(1) << 16;  // values summed; below, one thread is quicker
     const int64_t blocks = (D + kRows - 1) / kRows;
     const auto sum_rows = [&](int64_t blk) {
       const int64_t i0 = blk * kRows, i1 = std::min(D, i0 + kRows);
@@ -256,11 +275,7 @@ struct LogProbBackwardKernel {
         }
       }
     };
-    if (slots * D * H < kParallelMin) {
-      for (int64_t blk = 0; blk < blocks; ++blk) sum_rows(blk);
-    } else {
-      cpu::parallel_for(blocks, sum_rows);
-    }
+    cpu::parallel_for(blocks, kRows * H * slots * 2, sum_rows);
     const T* gc0 = partial.get() + 2 * D * H + D;
     std::copy(gc0, gc0 + H, grad_c);
     for (int64_t slot = 1; slot < slots; ++slot) axpy(T(1), gc0 + slot * per_slot, grad_c, H);
@@ -273,7 +288,7 @@ struct SampleKernel {
     const Shape& s = args.shape;
     const Model<T> m(args.params, s);
     T* out = static_cast<T*>(args.out);
-    cpu::parallel_for((s.batch + kTile - 1) / kTile, [&](int64_t tile) {
+    cpu::parallel_for((s.batch + kTile - 1) / kTile, kTile * s.dims * s.hidden * 2, [&](int64_t tile) {
       const int64_t n0 = tile * kTile;
       const int count = static_cast<int>(std::min(kTile, s.batch - n0));
       TileState<T> st(s.hidden, 2);

@@ -29,17 +29,21 @@ GK_HD float log1p_unit(float e) {
 
 GK_HD double log1p_unit(double e) { return ::log1p(e); }
 
-// softplus(l) = log(1 + e^l) = max(l, 0) + log(1 + e^-|l|): never overflows.
+// softplus(l) = log(1 + e^l) = max(l, 0) + log(1 + e^-|l|): never overflows. NaN gives NaN (the float
+// log1p_unit has no NaN check: its bit-level reduction would turn NaN into a number).
 template <typename T>
 GK_HD T softplus(T l) {
   const T magnitude = l < T(0) ? -l : l;
-  return (l > T(0) ? l : T(0)) + log1p_unit(gk::exp(-magnitude));
+  const T value = (l > T(0) ? l : T(0)) + log1p_unit(gk::exp(-magnitude));
+  return l != l ? l : value;
 }
 
-// log p(x | logit l) of one Bernoulli dimension: x l - softplus(l) (x = 0 or 1; the formula for any x).
+// log p(x | logit l) of one Bernoulli dimension, x = 0 or 1: l - softplus(l) or -softplus(l). The x = 0 term
+// has no x l in it (the reference's NaN rule: x l is absent where x = 0), so l = +inf gives -inf, p(0) = 0,
+// not 0 * inf - inf = NaN.
 template <typename T>
 GK_HD T log_bernoulli(T x, T l) {
-  return x * l - softplus(l);
+  return x != T(0) ? x * l - softplus(l) : -softplus(l);
 }
 
 // d log_bernoulli / dl = x - sigmoid(l)
@@ -53,6 +57,26 @@ template <typename T>
 GK_HD T sigmoid_grad(T h) {
   return h * (T(1) - h);
 }
+
+// The backward needs every pre-activation a_i, walking i from D - 1 down. Recovering a_i as a_{i+1} - W[:, i] x_i
+// cancels catastrophically (W = [[1e8, 0.5]] in float32 loses d/dc's second digit; an inf in W gives NaN), so
+// the kernels keep them instead, in a tape of (checkpoints + steps) H values per example: a_i at every
+// checkpoint_steps(D)-th step from the forward pass, then, chunk by chunk from the last, the chunk's a_i
+// recomputed from its checkpoint. sqrt(D) steps per chunk: 2 sqrt(D) H values, and one extra forward pass.
+// The recomputed a_i repeat the forward's operations in its order, so they are the forward's bits.
+GK_HD int64_t checkpoint_steps(int64_t dims) {
+  int64_t c = 1;
+  while (c * c < dims) ++c;
+  return c;
+}
+
+GK_HD int64_t checkpoints(int64_t dims) {
+  const int64_t c = checkpoint_steps(dims);
+  return (dims + c - 1) / c;
+}
+
+// Values of one example's tape: the checkpoints, then one chunk of steps.
+GK_HD int64_t tape_size(int64_t dims, int64_t hidden) { return (checkpoints(dims) + checkpoint_steps(dims)) * hidden; }
 
 // The draw x = 1 iff u < p, with u = (k + 0.5) 2^-24 the genkern uniform of `bits` (k = bits >> 8), compared
 // exactly: u < p  <=>  2k + 1 < p 2^25, both sides exact in double (2k + 1 < 2^25; p 2^25 only rescales p).

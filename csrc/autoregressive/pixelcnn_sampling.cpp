@@ -40,6 +40,17 @@ void gumbel_argmax_entry(const Array& logits, const Array& base, const Array& ou
                               logits.shape[0], logits.shape[1],     seed,
                               offset,          logits.dtype};
   if (args.rows == 0) return;
+  // A row's draws are stream elements base .. base + levels - 1 as uint64: a negative base, or one within
+  // levels of 2^63, wraps, and the warp-wide CUDA draw then finds no element of its row and returns a level
+  // past the end (which callers use as an index). CPU arrays are checked here; on a GPU reading base would
+  // synchronise, and the op checks it (genkern.autoregressive._ops._check_gumbel_argmax).
+  if (base.device == Device::cpu) {
+    const int64_t last_base = std::numeric_limits<int64_t>::max() - (args.levels - 1);
+    for (int64_t n = 0; n < args.rows; ++n)
+      if (args.base[n] < 0 || args.base[n] > last_base)
+        throw ValueError("base: row " + std::to_string(n) + " starts at stream index " + std::to_string(args.base[n]) +
+                         ", outside [0, 2^63 - levels]");
+  }
   run_on_device(logits, args, stream, gumbel_argmax_cpu, GK_CUDA(gumbel_argmax_cuda));
 }
 

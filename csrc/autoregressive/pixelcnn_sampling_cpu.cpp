@@ -241,10 +241,10 @@ class SliceSampler {
     }
     noise += base & 3u;
     int64_t best = 0;
-    float best_score = logits[0] + noise[0];
+    double best_score = double(logits[0]) + double(noise[0]);
     for (int64_t k = 1; k < a_.levels; ++k) {
-      const float score = logits[k] + noise[k];
-      if (score > best_score) {
+      const double score = double(logits[k]) + double(noise[k]);
+      if (categorical::score_beats(score, best_score)) {
         best = k;
         best_score = score;
       }
@@ -265,7 +265,7 @@ class SliceSampler {
 
 void gumbel_argmax_cpu(const GumbelArgmaxArgs& a) {
   auto run = [&](auto* logits) {
-    cpu::parallel_for(a.rows, [&](int64_t n) {
+    cpu::parallel_for(a.rows, a.levels * cpu::kRandomWork, [&](int64_t n) {
       a.out[n] = categorical::gumbel_argmax(logits + n * a.levels, 1, a.levels, a.seed, a.offset,
                                             static_cast<uint64_t>(a.base[n]));
     });
@@ -280,8 +280,9 @@ void sample_cpu(const SampleArgs& a) {
   std::vector<PackedWeight> packed(a.nodes.size());
   for (size_t n = 0; n < a.nodes.size(); ++n)
     if (a.nodes[n].kind == kConv) packed[n] = pack(a.nodes[n]);
-  const int64_t slices = std::min<int64_t>(a.batch, omp_get_max_threads());
-#pragma omp parallel for schedule(static, 1) if (slices > 1)
+  // A slice of samples per thread (each runs the whole program: far above the grain).
+  const int64_t slices = std::min<int64_t>(a.batch, cpu::max_threads());
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(slices)) if (slices > 1)
   for (int64_t t = 0; t < slices; ++t) {
     SliceSampler(a, packed, a.batch * t / slices, a.batch * (t + 1) / slices).run();
   }

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "core/memory.h"
+#include "core/parallel.h"
 
 namespace gk {
 
@@ -69,6 +70,17 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+
+  // The Python side passes torch.get_num_threads() (it follows torch.set_num_threads and OMP_NUM_THREADS)
+  // whenever it differs from what this thread last set; 0 returns to OpenMP's default.
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 0) throw gk::ValueError("set_num_threads: n must be >= 0");
+        gk::cpu::requested_threads() = n;
+      },
+      py::arg("n"));
+  m.def("get_num_threads", [] { return gk::cpu::max_threads(); });
 
   gk::bind_random(m);
   gk::bind_reparam(m);

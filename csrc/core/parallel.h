@@ -1,6 +1,9 @@
 // CPU kernel plumbing shared by the families: OpenMP loops, dtype dispatch, and stream normals in chunks.
 #pragma once
+#include <omp.h>
+
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "core/array.h"
@@ -13,10 +16,47 @@ namespace cpu {
 // Elements per chunk: the chunk's normals stay in L1 between generation and use.
 constexpr int64_t kChunk = 1024;
 
-// A single item runs on the calling thread: waking the pool costs more than a small kernel.
+// Work below which a call runs on the calling thread, in element-sized units (an element read or written
+// once, a multiply-add; a random normal counts kRandomWork). Waking the pool costs a few microseconds idle,
+// and when other processes keep the cores busy a parallel region waits for whichever of its threads the OS
+// descheduled (15.6 ms for a 16K-element ddim_step that takes 0.29 ms on one thread): small calls must not
+// open one. torch uses 32K elements; measured on a 2-core Xeon, the crossover of an element-wise kernel is
+// 32K-64K elements, of one drawing normals 8K-16K (so kRandomWork = 4).
+constexpr int64_t kGrain = int64_t(1) << 15;
+constexpr int64_t kRandomWork = 4;
+
+// Threads the calling thread asked for (genkern._C.set_num_threads: the Python side passes
+// torch.get_num_threads(), which follows torch.set_num_threads and OMP_NUM_THREADS); 0: OpenMP's default.
+// Per calling thread, as OpenMP's and torch's own thread counts are.
+inline int& requested_threads() {
+  thread_local int threads = 0;
+  return threads;
+}
+
+inline int max_threads() {
+  const int requested = requested_threads();
+  return requested > 0 ? requested : omp_get_max_threads();
+}
+
+// How many threads n items of `work_per_item` each get: one per kGrain of work, at most the requested count.
+inline int threads_for(int64_t n, int64_t work_per_item) {
+  if (n <= 1) return 1;
+  int64_t total;
+  if (__builtin_mul_overflow(n, std::max<int64_t>(work_per_item, 1), &total)) total = INT64_MAX;
+  if (total < kGrain) return 1;
+  return static_cast<int>(std::min({int64_t{max_threads()}, n, total / kGrain}));
+}
+
+// fn(i) for i in [0, n), on up to threads_for(n, work_per_item) threads. Results never depend on how many
+// run: each item's work is fixed by the shapes.
 template <typename Fn>
-void parallel_for(int64_t n, Fn fn) {
-#pragma omp parallel for schedule(static) if (n > 1)
+void parallel_for(int64_t n, int64_t work_per_item, Fn fn) {
+  const int threads = threads_for(n, work_per_item);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 

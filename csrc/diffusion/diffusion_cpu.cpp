@@ -10,6 +10,7 @@
 
 #include "diffusion/diffusion_math.h"
 #include "core/parallel.h"
+#include "core/sum.h"
 
 namespace gk {
 namespace diffusion {
@@ -50,7 +51,7 @@ struct QSampleKernel {
     T* x_t = static_cast<T*>(a.x_t);
     const int64_t total = a.batch * a.n;
     if (total == 0) return;
-    cpu::parallel_for((total + kChunk - 1) / kChunk, [&](int64_t c) {
+    cpu::parallel_for((total + kChunk - 1) / kChunk, kChunk * (noise ? 1 : cpu::kRandomWork), [&](int64_t c) {
       alignas(64) T e[kChunk];
       const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
       cpu::load_eps(noise, a.seed, a.offset, start, len, e);
@@ -103,7 +104,7 @@ struct LossKernel {
         // Short samples: a span of whole samples per work item, one eps load for the span.
         const int64_t per_span = kChunk / n;
         const int64_t spans = (B + per_span - 1) / per_span;
-        cpu::parallel_for(spans, [&](int64_t sp) {
+        cpu::parallel_for(spans, per_span * n * (noise ? 1 : cpu::kRandomWork), [&](int64_t sp) {
           alignas(64) T e[kChunk];
           const int64_t b0 = sp * per_span, b1 = std::min(B, b0 + per_span);
           cpu::load_eps(noise, a.seed, a.offset, b0 * n, (b1 - b0) * n, e);
@@ -115,24 +116,22 @@ struct LossKernel {
       // Long samples: (sample, segment) work items, so that even one sample uses every core.
       const int64_t segments = (n + kSegment - 1) / kSegment;
       std::vector<T> partial(static_cast<size_t>(B * segments));
-      cpu::parallel_for(B * segments, [&](int64_t item) {
+      cpu::parallel_for(B * segments, kSegment * (noise ? 1 : cpu::kRandomWork), [&](int64_t item) {
         alignas(64) T e[kChunk];
         const int64_t b = item / segments, s0 = (item % segments) * kSegment;
         const int64_t s1 = std::min(n, s0 + kSegment);
         const Level l = level_of(a.table, a.table_rows, a.t, b);
-        T acc = 0;
+        T chunk_sums[kSegment / kChunk];  // summed pairwise, as the segments are (core/sum.h)
+        int64_t chunks = 0;
         for (int64_t j = s0; j < s1; j += kChunk) {
           const int64_t len = std::min(kChunk, s1 - j);
           cpu::load_eps(noise, a.seed, a.offset, b * n + j, len, e);
-          acc += sse(l, b * n + j, len, e);
+          chunk_sums[chunks++] = sse(l, b * n + j, len, e);
         }
-        partial[static_cast<size_t>(item)] = acc;
+        partial[static_cast<size_t>(item)] = cpu::pairwise_sum(chunk_sums, chunks);
       });
-      cpu::parallel_for(B, [&](int64_t b) {
-        T acc = 0;
-        for (int64_t g = 0; g < segments; ++g) acc += partial[static_cast<size_t>(b * segments + g)];
-        finish(b, acc);
-      });
+      cpu::parallel_for(B, segments,
+                        [&](int64_t b) { finish(b, cpu::pairwise_sum(partial.data() + b * segments, segments)); });
     });
   }
 };
@@ -149,7 +148,7 @@ struct LossBackwardKernel {
     if (total == 0) return;
     with_prediction(a.prediction, [&](auto pc) {
       constexpr int32_t P = decltype(pc)::value;
-      cpu::parallel_for((total + kChunk - 1) / kChunk, [&](int64_t c) {
+      cpu::parallel_for((total + kChunk - 1) / kChunk, kChunk * (noise ? 1 : cpu::kRandomWork), [&](int64_t c) {
         alignas(64) T e[kChunk];
         const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
         cpu::load_eps(noise, a.seed, a.offset, start, len, e);
@@ -197,7 +196,8 @@ struct StepKernel {
     const T scale = T(a.guidance_scale);
     with_step_kind(a.kind, a.prediction, [&](auto kc, auto pc) {
       constexpr int32_t Kind = decltype(kc)::value, P = decltype(pc)::value;
-      cpu::parallel_for((total + kChunk - 1) / kChunk, [&](int64_t chunk) {
+      // A step reads two inputs, writes two outputs and may draw noise: a few units per element.
+      cpu::parallel_for((total + kChunk - 1) / kChunk, 2 * kChunk, [&](int64_t chunk) {
         alignas(64) T z[kChunk], guided_m[kChunk], x0_scratch[kChunk];
         const int64_t start = chunk * kChunk, len = std::min(kChunk, total - start);
         // The chunk's noise, drawn once if any of its samples adds noise.

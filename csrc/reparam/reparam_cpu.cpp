@@ -21,7 +21,7 @@ struct SampleKernel {
     const T* eps = static_cast<const T*>(a.eps);
     T* z = static_cast<T*>(a.z);
     const int64_t total = a.n * a.samples;
-    cpu::parallel_for((total + kChunk - 1) / kChunk, [&](int64_t c) {
+    cpu::parallel_for((total + kChunk - 1) / kChunk, kChunk * (eps ? 1 : cpu::kRandomWork), [&](int64_t c) {
       alignas(64) T e[kChunk];
       const int64_t start = c * kChunk, len = std::min(kChunk, total - start);
       cpu::load_eps(eps, a.seed, a.offset, start, len, e);
@@ -41,7 +41,7 @@ struct SampleBackwardKernel {
     const T* eps = static_cast<const T*>(a.eps);
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
-    cpu::parallel_for((a.n + kChunk - 1) / kChunk, [&](int64_t c) {
+    cpu::parallel_for((a.n + kChunk - 1) / kChunk, kChunk * a.samples * (eps ? 1 : cpu::kRandomWork), [&](int64_t c) {
       alignas(64) T e[kChunk];
       alignas(64) T gm[kChunk];
       alignas(64) T gl[kChunk];
@@ -122,22 +122,40 @@ struct SampleKlBackwardKernel {
     const T* eps = static_cast<const T*>(a.eps);
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
+    // An absent gradient (an unused output) adds no term at all: multiplying zeros in would turn an
+    // overflowed exp(logvar) into NaN (0 * inf), where the reference's gradient is finite.
     cpu::broadcast_spans<T>(a.shape, static_cast<const T*>(a.grad_kl),
                             [&](int64_t start, int64_t len, const T* grad_kl) {
                               alignas(64) T e[kChunk];
-                              alignas(64) T gz[kChunk];
+                              T* gm = grad_mu + start;
+                              T* gl = grad_logvar + start;
+                              const T* m = mu + start;
+                              const T* lv = logvar + start;
                               if (grad_z) {
+                                const T* gz = grad_z + start;
                                 cpu::load_eps(eps, a.seed, a.offset, start, len, e);
-                                std::copy(grad_z + start, grad_z + start + len, gz);
-                              } else {
-                                std::fill(e, e + len, T(0));
-                                std::fill(gz, gz + len, T(0));
-                              }
+                                if (grad_kl) {
 #pragma omp simd
-                              for (int64_t t = 0; t < len; ++t) {
-                                const T m = mu[start + t], lv = logvar[start + t];
-                                grad_mu[start + t] = gz[t] + grad_kl[t] * kl_dmu(m);
-                                grad_logvar[start + t] = gz[t] * sample_dlogvar(lv, e[t]) + grad_kl[t] * kl_dlogvar(lv);
+                                  for (int64_t t = 0; t < len; ++t) {
+                                    gm[t] = gz[t] + grad_kl[t] * kl_dmu(m[t]);
+                                    gl[t] = gz[t] * sample_dlogvar(lv[t], e[t]) + grad_kl[t] * kl_dlogvar(lv[t]);
+                                  }
+                                } else {
+#pragma omp simd
+                                  for (int64_t t = 0; t < len; ++t) {
+                                    gm[t] = gz[t];
+                                    gl[t] = gz[t] * sample_dlogvar(lv[t], e[t]);
+                                  }
+                                }
+                              } else if (grad_kl) {
+#pragma omp simd
+                                for (int64_t t = 0; t < len; ++t) {
+                                  gm[t] = grad_kl[t] * kl_dmu(m[t]);
+                                  gl[t] = grad_kl[t] * kl_dlogvar(lv[t]);
+                                }
+                              } else {
+                                std::fill(gm, gm + len, T(0));
+                                std::fill(gl, gl + len, T(0));
                               }
                             });
   }
@@ -199,7 +217,7 @@ struct IwaeKernel {
     T* log_w = static_cast<T*>(a.log_w);
     const int64_t K = a.samples, B = a.batch, D = a.dim;
     const T log_k = std::log(T(K));
-    cpu::parallel_for(B, [&](int64_t b) {
+    cpu::parallel_for(B, K * D * 3 + K, [&](int64_t b) {
       // Streaming logsumexp over k: (max, sum of exp(x - max)).
       T running_max = -std::numeric_limits<T>::infinity(), running_sum = 0;
       for (int64_t k = 0; k < K; ++k) {
@@ -233,7 +251,6 @@ struct IwaeBackwardKernel {
   static void run(const IwaeBackwardArgs& a) {
     const T* grad_bound = static_cast<const T*>(a.grad_bound);
     const T* log_w = static_cast<const T*>(a.log_w);
-    const T* bound = static_cast<const T*>(a.bound);
     const T* z = static_cast<const T*>(a.z);
     const T* mu = static_cast<const T*>(a.mu);
     const T* logvar = static_cast<const T*>(a.logvar);
@@ -242,8 +259,10 @@ struct IwaeBackwardKernel {
     T* grad_mu = static_cast<T*>(a.grad_mu);
     T* grad_logvar = static_cast<T*>(a.grad_logvar);
     const int64_t K = a.samples, B = a.batch, D = a.dim;
-    const T log_k = std::log(T(K));
-    cpu::parallel_for(B, [&](int64_t b) {
+    cpu::parallel_for(B, K * D * 3 + K, [&](int64_t b) {
+      T w_max = -std::numeric_limits<T>::infinity(), w_sum = 0;
+      for (int64_t k = 0; k < K; ++k) w_max = softmax_max(w_max, log_w[k * B + b]);
+      for (int64_t k = 0; k < K; ++k) w_sum += gk::exp(log_w[k * B + b] - w_max);
       const T* m = mu + b * D;
       const T* lv = logvar + b * D;
       T* gm = grad_mu + b * D;
@@ -251,7 +270,7 @@ struct IwaeBackwardKernel {
       std::fill(gm, gm + D, T(0));
       std::fill(gl, gl + D, T(0));
       for (int64_t k = 0; k < K; ++k) {
-        const T gw = grad_bound[b] * std::exp(log_w[k * B + b] - bound[b] - log_k);  // g * softmax_k
+        const T gw = grad_bound[b] * softmax_weight(log_w[k * B + b], w_max, w_sum);
         grad_log_px_z[k * B + b] = gw;
         const T* zk = z + (k * B + b) * D;
         T* gz = grad_z + (k * B + b) * D;

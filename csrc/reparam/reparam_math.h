@@ -94,5 +94,19 @@ GK_HD LatentGrad<T> iwae_latent_grad(T z, T mu, T logvar) {
   return LatentGrad<T>{d * precision - z, -d * precision, T(0.5) * (T(1) - d * d * precision)};
 }
 
+// The softmax over k of the IWAE log-weights, formed as torch.softmax forms it: shifted by their maximum and
+// normalised by their own sum. (exp(log w - bound - log K) from the stored bound is not a softmax: the bound
+// is rounded, ulp(1e7) = 1 in float32, and the weights then sum to anything from 0.95 to 1.56.) A NaN weight
+// makes the maximum NaN, and all -inf (or a +inf) weights make exp(lw - max) NaN: every weight is then NaN.
+template <typename T>
+GK_HD T softmax_max(T running, T lw) {
+  return (lw > running || lw != lw) ? lw : running;
+}
+
+template <typename T>
+GK_HD T softmax_weight(T lw, T max, T sum) {
+  return gk::exp(lw - max) / sum;
+}
+
 }  // namespace reparam
 }  // namespace gk

@@ -31,6 +31,7 @@ namespace masked_conv {
 namespace {
 
 using namespace gpu::common;
+using gpu::AsyncBuffer;
 
 constexpr int kThreads = 256;
 
@@ -454,21 +455,108 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
+// The NaN rule (the reference's, and the CPU's): masked taps and taps outside the image are not read. The
+// kernels above multiply zeros in there (masked weights staged as zeros, the zero halo), which gives the
+// same sums unless a zero meets an inf or NaN. Without a host synchronisation: a pass flags any non-finite
+// operand on the device, and exact kernels that visit only the kept taps inside the image then overwrite
+// the outputs; with finite operands they return at once.
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) flag_nonfinite_kernel(const S* p, int64_t n, int* flag) {
+  for (int64_t i = gpu::thread_index(); i < n; i += gpu::thread_count())
+    if (!isfinite(load(p, i))) *flag = 1;  // every writer stores the same value
+}
+
+template <typename S>
+void flag_nonfinite(const S* p, int64_t n, int* flag, cudaStream_t stream, const char* what) {
+  if (n > 0) gpu::launch_items(what, flag_nonfinite_kernel<S>, n, kThreads, stream, p, n, flag);
+}
+
+// direct_global_kernel's sums over the kept (tap, channel) pairs only, for a flagged call.
+template <typename S, bool Transposed>
+__global__ void __launch_bounds__(kThreads) direct_exact_kernel(Direct<S> a, const int* flag) {
+  using C = compute_t<S>;
+  if (*flag == 0) return;
+  const int c = a.kernel_size / 2, k = a.kernel_size;
+  const int64_t hw = a.height * a.width;
+  for (int o = blockIdx.z; o < a.outputs; o += gridDim.z)
+    for (int64_t i = blockIdx.y; i < a.height; i += gridDim.y)
+      for (int64_t j = blockIdx.x * int64_t(kThreads) + threadIdx.x; j < a.width; j += gridDim.x * int64_t(kThreads))
+        for (int64_t b = 0; b < a.images; ++b) {
+          C acc = C(0);
+          for (int t = 0; t < a.taps; ++t) {
+            const int ky = t / k, kx = t % k;
+            const int64_t gi = Transposed ? i + a.dilation * (c - ky) : i + a.dilation * (ky - c);
+            const int64_t gj = Transposed ? j + a.dilation * (c - kx) : j + a.dilation * (kx - c);
+            if (gi < 0 || gi >= a.height || gj < 0 || gj >= a.width) continue;
+            const S* in = a.in + b * a.inputs * hw + gi * a.width + gj;
+            for (int q = 0; q < a.inputs; ++q) {
+              const int oc = Transposed ? q : o, ic = Transposed ? o : q;
+              if (ic >= in_channel_end(ky, kx, oc, k, a.mask_b, a.in_channels, a.out_channels, a.groups)) continue;
+              acc = mad(load(a.weight, ((int64_t(oc) * a.in_channels + ic) * k + ky) * k + kx), load(in, q * hw), acc);
+            }
+          }
+          store(a.out, (b * a.outputs + o) * hw + i * a.width + j, acc + (a.bias ? load(a.bias, o) : C(0)));
+        }
+}
+
+template <typename S, bool Transposed>
+void launch_exact(const Direct<S>& a, int64_t in_count, int64_t weight_count, cudaStream_t stream, const char* what) {
+  const AsyncBuffer<int> flag(1, stream, what);
+  gpu::check_cuda(cudaMemsetAsync(flag.data, 0, sizeof(int), stream), what);
+  flag_nonfinite(a.in, in_count, flag.data, stream, what);
+  flag_nonfinite(a.weight, weight_count, flag.data, stream, what);
+  const dim3 grid(grid_dim(ceil_div(a.width, kThreads), INT32_MAX), grid_dim(a.height, kMaxGridYZ),
+                  grid_dim(a.outputs, kMaxGridYZ));
+  gpu::launch(what, direct_exact_kernel<S, Transposed>, grid, kThreads, 0, stream, a, flag.data);
+}
+
+// grad_weight of a flagged call: one thread per weight entry, summing grad_y times the inputs its tap reads
+// inside the image; masked entries are zero, never computed. grad_bias (the finish kernel's) is unaffected.
+template <typename S>
+__global__ void __launch_bounds__(kThreads)
+    weight_grad_exact_kernel(WeightGrad<S> a, S* grad_weight, bool mask_b, int64_t groups, const int* flag) {
+  using C = compute_t<S>;
+  if (*flag == 0) return;
+  const int64_t k = a.kernel_size, c = k / 2, hw = a.height * a.width, batch = a.pixels / max(hw, int64_t(1));
+  const int64_t total = a.out_channels * a.in_channels * k * k;
+  for (int64_t e = gpu::thread_index(); e < total; e += gpu::thread_count()) {
+    const int64_t kx = e % k, ky = e / k % k, ic = e / (k * k) % a.in_channels, oc = e / (k * k * a.in_channels);
+    C sum = C(0);
+    if (ic < in_channel_end(ky, kx, oc, k, mask_b, a.in_channels, a.out_channels, groups)) {
+      const int64_t dy = a.dilation * (ky - c), dx = a.dilation * (kx - c);
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t i = max(int64_t(0), -dy); i < min(a.height, a.height - dy); ++i)
+          for (int64_t j = max(int64_t(0), -dx); j < min(a.width, a.width - dx); ++j)
+            sum = mad(load(a.grad_y, (b * a.out_channels + oc) * hw + i * a.width + j),
+                      load(a.x, (b * a.in_channels + ic) * hw + (i + dy) * a.width + j + dx), sum);
+    }
+    store(grad_weight, e, sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Entry points
 
 void forward_cuda(const ForwardArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "masked_conv.forward", [&](auto type) {
     using S = typename decltype(type)::type;
-    launch_direct<S, false>(direct_args<S>(a.s, a.x, a.weight, a.bias, a.y, false), gpu::as_stream(stream),
-                            "masked_conv.forward");
+    const Direct<S> d = direct_args<S>(a.s, a.x, a.weight, a.bias, a.y, false);
+    launch_direct<S, false>(d, gpu::as_stream(stream), "masked_conv.forward");
+    launch_exact<S, false>(d, a.s.batch * a.s.in_channels * a.s.height * a.s.width,
+                           a.s.out_channels * a.s.in_channels * a.s.kernel_size * a.s.kernel_size,
+                           gpu::as_stream(stream), "masked_conv.forward (exact)");
   });
 }
 
 void grad_input_cuda(const GradInputArgs& a, void* stream) {
   gpu::dispatch_float(a.dtype, "masked_conv.grad_input", [&](auto type) {
     using S = typename decltype(type)::type;
-    launch_direct<S, true>(direct_args<S>(a.s, a.grad_y, a.weight, nullptr, a.grad_x, true), gpu::as_stream(stream),
-                           "masked_conv.grad_input");
+    const Direct<S> d = direct_args<S>(a.s, a.grad_y, a.weight, nullptr, a.grad_x, true);
+    launch_direct<S, true>(d, gpu::as_stream(stream), "masked_conv.grad_input");
+    launch_exact<S, true>(d, a.s.batch * a.s.out_channels * a.s.height * a.s.width,
+                          a.s.out_channels * a.s.in_channels * a.s.kernel_size * a.s.kernel_size,
+                          gpu::as_stream(stream), "masked_conv.grad_input (exact)");
   });
 }
 
@@ -518,6 +606,13 @@ void grad_weight_cuda(const GradWeightArgs& a, void* stream) {
     const int64_t outputs = sh.out_channels * sh.in_channels * k * k + (a.grad_bias ? sh.out_channels : 0);
     gpu::launch_items("masked_conv.grad_weight (finish)", weight_grad_finish_kernel<S>, outputs, kThreads, s, w,
                       static_cast<S*>(a.grad_weight), static_cast<S*>(a.grad_bias), sh.mask_b, sh.groups);
+    const AsyncBuffer<int> flag(1, s, "masked_conv.grad_weight: cudaMallocAsync");
+    gpu::check_cuda(cudaMemsetAsync(flag.data, 0, sizeof(int), s), "masked_conv.grad_weight: cudaMemsetAsync");
+    flag_nonfinite(w.grad_y, pixels * sh.out_channels, flag.data, s, "masked_conv.grad_weight (flag)");
+    flag_nonfinite(w.x, pixels * sh.in_channels, flag.data, s, "masked_conv.grad_weight (flag)");
+    gpu::launch_items("masked_conv.grad_weight (exact)", weight_grad_exact_kernel<S>,
+                      sh.out_channels * sh.in_channels * k * k, kThreads, s, w, static_cast<S*>(a.grad_weight),
+                      sh.mask_b, sh.groups, static_cast<const int*>(flag.data));
     scratch.release("masked_conv.grad_weight: cudaFreeAsync");
   });
 }

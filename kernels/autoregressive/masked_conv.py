@@ -80,6 +80,7 @@ def _direct_kernel(
     MASK_B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
+    EXACT: tl.constexpr,
     CT: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -122,9 +123,13 @@ def _direct_kernel(
             else:
                 kept = q[:, None] < end_o[None, :]
                 w_at = (o64[None, :] * c_in + q64[:, None]) * (K * K) + (ky * K + kx)
-            w = tl.load(w_ptr + w_at, mask=kept & qmask[:, None] & omask[None, :], other=0.0)
+            w_mask = kept & qmask[:, None] & omask[None, :]
+            w = tl.load(w_ptr + w_at, mask=w_mask, other=0.0)
             if USE_DOT:
                 acc = tl.dot(x, w, acc, input_precision="ieee", out_dtype=CT)
+            elif EXACT:  # masked taps and padding add nothing (no 0 * inf)
+                read = (inside[:, None] & qmask[None, :])[:, :, None] & w_mask[None, :, :]
+                acc += tl.sum(tl.where(read, x.to(CT)[:, :, None] * w.to(CT)[None, :, :], 0.0), axis=1)
             else:
                 acc += tl.sum(x.to(CT)[:, :, None] * w.to(CT)[None, :, :], axis=1)
     if HAS_BIAS:
@@ -133,13 +138,21 @@ def _direct_kernel(
     tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=pmask[:, None] & omask[None, :])
 
 
+def _all_finite(*tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _direct(inp, weight, bias, out, inputs, outputs, mask_b, groups, dilation, transposed):
     batch, _, height, width = inp.shape
     c_out, c_in, k, _ = weight.shape
     hw = height * width
     if batch * hw == 0:
         return out
-    use_dot = inputs >= DOT_MIN
+    # The NaN rule (the reference's): masked taps and the zero padding are not read. The fast kernels multiply
+    # zeros in there, which changes nothing unless a zero meets an inf or NaN; such a call takes the exact,
+    # broadcast kernel that leaves those products out.
+    exact = not _all_finite(inp, weight)
+    use_dot = inputs >= DOT_MIN and not exact
     if use_dot:
         block_p = min(64, max(16, triton.next_power_of_2(hw)))
         block_o = min(64, max(16, triton.next_power_of_2(outputs)))
@@ -172,6 +185,7 @@ def _direct(inp, weight, bias, out, inputs, outputs, mask_b, groups, dilation, t
         MASK_B=int(mask_b),
         HAS_BIAS=bias is not None,
         USE_DOT=use_dot,
+        EXACT=exact,
         CT=compute_type(inp),
         BLOCK_P=block_p,
         BLOCK_O=block_o,
@@ -235,6 +249,7 @@ def _weight_grad_kernel(
     q_blocks,
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
+    EXACT: tl.constexpr,
     CT: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -283,6 +298,9 @@ def _weight_grad_kernel(
         )
         if USE_DOT:
             acc = tl.dot(gy, x, acc, input_precision="ieee", out_dtype=CT)
+        elif EXACT:  # taps reading the padding add nothing (no 0 * inf)
+            read = (omask[:, None] & pmask[None, :])[:, :, None] & (inside[:, None] & qmask[None, :])[None, :, :]
+            acc += tl.sum(tl.where(read, gy.to(CT)[:, :, None] * x.to(CT)[None, :, :], 0.0), axis=1)
         else:
             acc += tl.sum(gy.to(CT)[:, :, None] * x.to(CT)[None, :, :], axis=1)
         if HAS_BIAS:
@@ -342,7 +360,8 @@ def grad_weight(grad_y, x, grad_weight, grad_bias, mask_b, groups, dilation):
         if grad_bias is not None:
             grad_bias.zero_()
         return grad_weight, grad_bias
-    use_dot = c_in >= DOT_MIN
+    exact = not _all_finite(grad_y, x)  # as in _direct
+    use_dot = c_in >= DOT_MIN and not exact
     block_o = min(64, max(16, triton.next_power_of_2(c_out)))
     if use_dot:
         block_p, block_q = 64, min(32, triton.next_power_of_2(c_in))
@@ -378,6 +397,7 @@ def grad_weight(grad_y, x, grad_weight, grad_bias, mask_b, groups, dilation):
         q_blocks,
         HAS_BIAS=grad_bias is not None,
         USE_DOT=use_dot,
+        EXACT=exact,
         CT=compute_type(x),
         BLOCK_P=block_p,
         BLOCK_O=block_o,

@@ -86,13 +86,28 @@ __device__ __forceinline__ void refresh(const Net<S>& net, U& u) {
     if (unit(k) < net.hidden) u.h(k) = sigmoid(u.a(k));
 }
 
-// a += W[:, i] x (sign -1: a -= W[:, i] x), exactly as the CPU kernels write it: a + (sign x) w.
+// a += W[:, i] x, exactly as the CPU kernels write it: a + x w.
 template <typename S, typename U, typename C>
-__device__ __forceinline__ void add_column(const Net<S>& net, U& u, int64_t i, C x, C sign) {
+__device__ __forceinline__ void add_column(const Net<S>& net, U& u, int64_t i, C x) {
   const S* w = net.wt + i * net.hidden;
 #pragma unroll
   for (int k = 0; k < u.items; ++k)
-    if (unit(k) < net.hidden) u.a(k) += sign * x * load(w, unit(k));
+    if (unit(k) < net.hidden) u.a(k) += x * load(w, unit(k));
+}
+
+// This thread's units of a into `to` (H values), or back from it.
+template <typename S, typename U, typename C>
+__device__ __forceinline__ void keep(const Net<S>& net, U& u, C* to) {
+#pragma unroll
+  for (int k = 0; k < u.items; ++k)
+    if (unit(k) < net.hidden) to[unit(k)] = u.a(k);
+}
+
+template <typename S, typename U, typename C>
+__device__ __forceinline__ void restore(const Net<S>& net, U& u, const C* from) {
+#pragma unroll
+  for (int k = 0; k < u.items; ++k)
+    if (unit(k) < net.hidden) u.a(k) = from[unit(k)];
 }
 
 // l_i = b_i + V_i . h, the same value in every thread.
@@ -121,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
       const C xi = load(x, n * net.dims + i);
       logp += log_bernoulli(xi, logit(net, u, i));
       stale = xi != C(0);
-      if (stale) add_column(net, u, i, xi, C(1));
+      if (stale) add_column(net, u, i, xi);
     }
     if (threadIdx.x == 0) store(out, n, logp);
   }
@@ -142,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Net<S> net, S* out, in
       // Every thread draws the same bit: no broadcast, no barrier.
       stale = bernoulli(stream_element(seed, offset, row + static_cast<uint64_t>(i)), p);
       if (threadIdx.x == 0) store(out, n * net.dims + i, stale ? C(1) : C(0));
-      if (stale) add_column(net, u, i, C(1), C(1));
+      if (stale) add_column(net, u, i, C(1));
     }
   }
 }
@@ -161,12 +176,17 @@ struct Partial {
 
 // Group g sums examples [g B / G, (g + 1) B / G) in order into partial g; every accumulator element has one
 // owning thread (unit j of rows i; thread 0 for gb), so plain read-modify-writes suffice.
+// Each block keeps the pre-activations of its current example in its slice of `tape` (nade_math.h: the
+// checkpoints, then a chunk's a_i), thread-owned like the units, so no barrier guards it.
 template <typename S, int Per>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(Net<S> net, const S* grad_out, const S* x, int64_t batch, int64_t groups, compute_t<S>* partials,
-                    compute_t<S>* scratch) {
+                    compute_t<S>* scratch, compute_t<S>* tape) {
   using C = compute_t<S>;
   const int64_t D = net.dims, H = net.hidden;
+  const int64_t steps = checkpoint_steps(D), chunks = checkpoints(D);
+  C* const checkpoint = tape + blockIdx.x * tape_size(D, H);  // (chunks, H), then the slots (steps, H)
+  C* const slot = checkpoint + chunks * H;
   Units<C, Per> u(scratch, H);
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
     const Partial<C> p(partials + g * Partial<C>::size(D, H), D, H);
@@ -180,34 +200,47 @@ __global__ void __launch_bounds__(kThreads)
       // a_{D+1}, in the forward's order so that it ends on the forward's bits.
       start(net, u);
       for (int64_t i = 0; i < D; ++i) {
+        if (i % steps == 0) keep(net, u, checkpoint + (i / steps) * H);
         const C xi = load(xn, i);
-        if (xi != C(0)) add_column(net, u, i, xi, C(1));
+        if (xi != C(0)) add_column(net, u, i, xi);
       }
 #pragma unroll
       for (int k = 0; k < u.items; ++k)
         if (unit(k) < H) u.s(k) = C(0);  // units past H would be the next block's scratch
       bool stale = true;
       const C gn = load(grad_out, n);
-      // Backwards: s holds sum_{k > i} dL/da_k, which is dL/dW[:, i] / x_i.
-      for (int64_t i = D - 1; i >= 0; --i) {
-        const C xi = load(xn, i);
-        if (xi != C(0)) {
-          add_column(net, u, i, xi, C(-1));  // a_i = a_{i+1} - W[:, i] x_i
-          stale = true;
+      // Backwards, a chunk at a time: s holds sum_{k > i} dL/da_k, which is dL/dW[:, i] / x_i.
+      for (int64_t q = chunks - 1; q >= 0; --q) {
+        const int64_t i0 = q * steps, i1 = min(D, i0 + steps);
+        // The chunk's a_i where x_i != 0 (elsewhere a_i = a_{i+1}), recomputed from its checkpoint; a then
+        // ends on a_{i1}, the bits it held (h stays valid).
+        restore(net, u, checkpoint + q * H);
+        for (int64_t i = i0; i < i1; ++i) {
+          const C xi = load(xn, i);
+          if (xi == C(0)) continue;
+          keep(net, u, slot + (i - i0) * H);
+          add_column(net, u, i, xi);
         }
-        if (stale) refresh(net, u);
-        stale = false;
-        const C delta = gn * log_bernoulli_dlogit(xi, logit(net, u, i));
-        if (threadIdx.x == 0) p.gb[i] += delta;
-        const S* v = net.v + i * H;
+        for (int64_t i = i1 - 1; i >= i0; --i) {
+          const C xi = load(xn, i);
+          if (xi != C(0)) {
+            restore(net, u, slot + (i - i0) * H);  // a_i
+            stale = true;
+          }
+          if (stale) refresh(net, u);
+          stale = false;
+          const C delta = gn * log_bernoulli_dlogit(xi, logit(net, u, i));
+          if (threadIdx.x == 0) p.gb[i] += delta;
+          const S* v = net.v + i * H;
 #pragma unroll
-        for (int k = 0; k < u.items; ++k) {
-          const int64_t j = unit(k);
-          if (j >= H) continue;
-          const C h = u.h(k);
-          p.gv[i * H + j] += delta * h;
-          if (xi != C(0)) p.gwt[i * H + j] += xi * u.s(k);
-          u.s(k) += delta * load(v, j) * sigmoid_grad(h);
+          for (int k = 0; k < u.items; ++k) {
+            const int64_t j = unit(k);
+            if (j >= H) continue;
+            const C h = u.h(k);
+            p.gv[i * H + j] += delta * h;
+            if (xi != C(0)) p.gwt[i * H + j] += xi * u.s(k);
+            u.s(k) += delta * load(v, j) * sigmoid_grad(h);
+          }
         }
       }
 #pragma unroll
@@ -378,10 +411,12 @@ void log_prob_backward_cuda(const LogProbBackwardArgs& a, void* stream) {
       const unsigned grid = gpu::grid_for(groups);
       const AsyncBuffer<C> units(cfg.per == 0 ? int64_t(grid) * 3 * s.hidden : 0, st,
                                  "nade.log_prob_backward: cudaMallocAsync");
+      const AsyncBuffer<C> tape(int64_t(grid) * tape_size(s.dims, s.hidden), st,
+                                "nade.log_prob_backward: cudaMallocAsync");
       with_per(cfg.per, [&](auto per) {
-        backward_kernel<S, decltype(per)::value><<<grid, cfg.threads, 0, st>>>(net, static_cast<const S*>(a.grad_out),
-                                                                               static_cast<const S*>(a.x), s.batch,
-                                                                               groups, partials.data, units.data);
+        backward_kernel<S, decltype(per)::value>
+            <<<grid, cfg.threads, 0, st>>>(net, static_cast<const S*>(a.grad_out), static_cast<const S*>(a.x), s.batch,
+                                           groups, partials.data, units.data, tape.data);
       });
       gpu::check_launch("nade.log_prob_backward");
     }

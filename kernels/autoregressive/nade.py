@@ -15,6 +15,8 @@ accumulators in fp32/fp64, and torch adds the groups (a fixed-order reduction): 
 deterministic, with no atomics.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -57,8 +59,17 @@ def _log1p_unit(e):
 
 @triton.jit
 def _log_bernoulli(x, l):
-    """x l - softplus(l), softplus(l) = max(l, 0) + log(1 + e^-|l|)."""
-    return x * l - (tl.maximum(l, 0.0) + _log1p_unit(exp_t(-tl.abs(l))))
+    """x l - softplus(l), softplus(l) = max(l, 0) + log(1 + e^-|l|), without x l where x = 0 (gk::nade::
+    log_bernoulli: l = +inf there gives -inf, not NaN)."""
+    softplus = tl.where(l != l, l, tl.maximum(l, 0.0) + _log1p_unit(exp_t(-tl.abs(l))))
+    return tl.where(x != 0.0, x * l - softplus, -softplus)
+
+
+@triton.jit
+def _add_column(a, xi, wt_ptr, i, H64, j, mask, CT: tl.constexpr):
+    """a + W[:, i] x_i, and a itself where x_i = 0 (an inf in W[:, i] never meets it)."""
+    w = tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
+    return tl.where(xi != 0.0, a + xi * w, a)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +95,7 @@ def _log_prob_kernel(x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, out_ptr, D, H, CT: tl.c
         h = _sigmoid(a)
         xi = tl.load(x_ptr + n * D + i).to(CT)
         logp += _log_bernoulli(xi, _logit(v_ptr, b_ptr, i, h, j, mask, H64, CT))
-        a += xi * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
+        a = _add_column(a, xi, wt_ptr, i, H64, j, mask, CT)
     tl.store(out_ptr + n, to_dtype(logp, out_ptr.dtype.element_ty))
 
 
@@ -121,12 +132,27 @@ def _sample_kernel(
         draw = (2 * (bits >> 8) + 1).to(tl.float64) < p.to(tl.float64) * 33554432.0
         xi = tl.sum(draw.to(CT), axis=0)
         tl.store(out_ptr + n * D + i, to_dtype(xi, out_ptr.dtype.element_ty))
-        a += xi * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
+        a = _add_column(a, xi, wt_ptr, i, H64, j, mask, CT)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def _backward_kernel(
-    g_ptr, x_ptr, wt_ptr, c_ptr, v_ptr, b_ptr, part_ptr, B, D, H, groups, CT: tl.constexpr, BLOCK_H: tl.constexpr
+    g_ptr,
+    x_ptr,
+    wt_ptr,
+    c_ptr,
+    v_ptr,
+    b_ptr,
+    part_ptr,
+    tape_ptr,
+    B,
+    D,
+    H,
+    groups,
+    steps,
+    chunks,
+    CT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     group = tl.program_id(0).to(tl.int64)
     D64, H64 = D.to(tl.int64), H.to(tl.int64)
@@ -137,26 +163,41 @@ def _backward_kernel(
     gw_ptr = gv_ptr + D64 * H64
     gb_ptr = gw_ptr + D64 * H64
     gc_ptr = gb_ptr + D
+    # This group's tape (gk::nade::tape_size): `chunks` checkpoints a_{q steps}, then `steps` slots of a_i.
+    ck_ptr = tape_ptr + group * (chunks + steps) * H64
+    slot_ptr = ck_ptr + chunks * H64
     for n in range(group * B // groups, (group + 1) * B // groups):
-        # a_{D+1}, in the forward's order.
+        # a_{D+1}, in the forward's order, keeping the checkpoints.
         a = tl.load(c_ptr + j, mask=mask, other=0.0).to(CT)
         for i in range(D):
-            a += tl.load(x_ptr + n * D + i).to(CT) * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
+            if i % steps == 0:
+                tl.store(ck_ptr + (i // steps) * H64 + j, a, mask=mask)
+            a = _add_column(a, tl.load(x_ptr + n * D + i).to(CT), wt_ptr, i, H64, j, mask, CT)
         s = tl.zeros([BLOCK_H], CT)  # sum over steps k > i of dL/da_k
         g = tl.load(g_ptr + n).to(CT)
-        for step in range(D):
-            i = D - 1 - step
-            xi = tl.load(x_ptr + n * D + i).to(CT)
-            a -= xi * tl.load(wt_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)  # a_i
-            h = _sigmoid(a)
-            v = tl.load(v_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
-            l = tl.load(b_ptr + i).to(CT) + tl.sum(v * h, axis=0)
-            delta = g * (xi - _sigmoid(l))
-            tl.store(gb_ptr + i, tl.load(gb_ptr + i) + delta)
-            row = i * H64 + j
-            tl.store(gv_ptr + row, tl.load(gv_ptr + row, mask=mask) + delta * h, mask=mask)
-            tl.store(gw_ptr + row, tl.load(gw_ptr + row, mask=mask) + xi * s, mask=mask)
-            s += delta * v * (h * (1.0 - h))
+        for back in range(chunks):
+            q = chunks - 1 - back
+            i0 = q * steps
+            i1 = tl.minimum(D, i0 + steps)
+            # The chunk's a_i recomputed from its checkpoint (the forward's bits; the cancelling a_{i+1} -
+            # W[:, i] x_i is never formed); a ends on a_{i1}, the value it held.
+            a = tl.load(ck_ptr + q * H64 + j, mask=mask, other=0.0)
+            for i in range(i0, i1):
+                tl.store(slot_ptr + (i - i0) * H64 + j, a, mask=mask)
+                a = _add_column(a, tl.load(x_ptr + n * D + i).to(CT), wt_ptr, i, H64, j, mask, CT)
+            for step in range(i1 - i0):
+                i = i1 - 1 - step
+                xi = tl.load(x_ptr + n * D + i).to(CT)
+                a = tl.load(slot_ptr + (i - i0) * H64 + j, mask=mask, other=0.0)  # a_i
+                h = _sigmoid(a)
+                v = tl.load(v_ptr + i * H64 + j, mask=mask, other=0.0).to(CT)
+                l = tl.load(b_ptr + i).to(CT) + tl.sum(v * h, axis=0)
+                delta = g * (xi - _sigmoid(l))
+                tl.store(gb_ptr + i, tl.load(gb_ptr + i) + delta)
+                row = i * H64 + j
+                tl.store(gv_ptr + row, tl.load(gv_ptr + row, mask=mask) + delta * h, mask=mask)
+                tl.store(gw_ptr + row, tl.load(gw_ptr + row, mask=mask) + tl.where(xi != 0.0, xi * s, 0.0), mask=mask)
+                s += delta * v * (h * (1.0 - h))
         tl.store(gc_ptr + j, tl.load(gc_ptr + j, mask=mask) + s, mask=mask)
 
 
@@ -242,6 +283,9 @@ def log_prob_backward(grad_out, x, w, c, v, b, grad_w, grad_c, grad_v, grad_b):
     groups = group_count(x.shape[0], dims, hidden, torch.empty((), dtype=acc).element_size())
     size = 2 * dims * hidden + dims + hidden
     partials = torch.zeros(groups, size, dtype=acc, device=w.device)
+    steps = math.isqrt(dims - 1) + 1 if dims > 0 else 1  # gk::nade::checkpoint_steps: ceil(sqrt(D))
+    chunks = triton.cdiv(dims, steps)
+    tape = torch.empty(groups * (chunks + steps) * hidden, dtype=acc, device=w.device)
     if groups > 0 and dims > 0:
         launch(
             _backward_kernel,
@@ -253,10 +297,13 @@ def log_prob_backward(grad_out, x, w, c, v, b, grad_w, grad_c, grad_v, grad_b):
             v,
             b,
             partials,
+            tape,
             x.shape[0],
             dims,
             hidden,
             groups,
+            steps,
+            chunks,
             CT=compute_type(w),
             BLOCK_H=_block_h(hidden),
         )

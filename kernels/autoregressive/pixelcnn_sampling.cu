@@ -68,20 +68,20 @@ struct DeviceProgram {
 };
 static_assert(sizeof(DeviceProgram) <= 32764, "kernel parameters are limited to 32764 bytes");
 
-// Candidate (score, k) beats (other, other_k): NaN scores lose to every number, equal scores go to the
-// lower level. A total order, so a shuffle reduction gives every lane the same winner.
-__device__ __forceinline__ bool beats(float score, int64_t k, float other, int64_t other_k) {
-  if (isnan(score)) return isnan(other) && k < other_k;
-  return isnan(other) || score > other || (score == other && k < other_k);
+// Candidate (score, k) beats (other, other_k) under categorical::score_beats: NaN scores beat every number,
+// equal scores (NaN or not) go to the lower level. A total order, so a shuffle reduction gives every lane the
+// sequential rule's winner.
+__device__ __forceinline__ bool beats(double score, int64_t k, double other, int64_t other_k) {
+  if (isnan(score)) return !isnan(other) || k < other_k;
+  return !isnan(other) && (score > other || (score == other && k < other_k));
 }
 
-// categorical::gumbel_argmax over levels k of logits[k] on one warp (every lane gets the result). The
-// sequential rule keeps level 0 when its score is NaN and otherwise skips NaN scores, which is what the
-// order of `beats` gives unless level 0's score is NaN.
+// categorical::gumbel_argmax over levels k of logits[k] on one warp (every lane gets the result), scored in
+// float64 as the sequential rule is.
 template <typename T>
 __device__ int64_t warp_gumbel_argmax(const T* logits, int64_t levels, uint64_t seed, uint64_t offset, uint64_t base,
                                       int lane) {
-  float best = NAN, first = 0.0f;
+  double best = -INFINITY;
   int64_t best_k = INT64_MAX;
   const uint64_t end = base + static_cast<uint64_t>(levels);
   for (uint64_t block = (base >> 2) + lane; block <= (end - 1) >> 2; block += 32) {
@@ -91,19 +91,18 @@ __device__ int64_t warp_gumbel_argmax(const T* logits, int64_t levels, uint64_t 
       const uint64_t element = 4 * block + e;
       if (element < base || element >= end) continue;
       const int64_t k = static_cast<int64_t>(element - base);
-      const float score = static_cast<float>(gpu::to_compute(logits[k])) + categorical::gumbel(bits.x[e]);
-      if (k == 0) first = score;
+      const double score =
+          static_cast<double>(gpu::to_compute(logits[k])) + static_cast<double>(categorical::gumbel(bits.x[e]));
       if (beats(score, k, best, best_k)) best = score, best_k = k;
     }
   }
 #pragma unroll
   for (int step = 16; step > 0; step >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, best, step);
+    const double other = __shfl_xor_sync(0xffffffffu, best, step);
     const int64_t other_k = __shfl_xor_sync(0xffffffffu, best_k, step);
     if (beats(other, other_k, best, best_k)) best = other, best_k = other_k;
   }
-  first = __shfl_sync(0xffffffffu, first, 0);  // lane 0 holds the block of level 0
-  return isnan(first) ? 0 : best_k;
+  return best_k;
 }
 
 template <typename T>

@@ -511,14 +511,12 @@ __global__ void __launch_bounds__(kColX* kColY) iwae_backward_kernel(IwaeBackwar
   __shared__ C partial[2][kColY][kColX];
   const S* grad_bound = static_cast<const S*>(a.grad_bound);
   const S* log_w = static_cast<const S*>(a.log_w);
-  const S* bound = static_cast<const S*>(a.bound);
   const S* z = static_cast<const S*>(a.z);
   const S* mu = static_cast<const S*>(a.mu);
   const S* logvar = static_cast<const S*>(a.logvar);
   S* grad_log_px_z = static_cast<S*>(a.grad_log_px_z);
   S* grad_z = static_cast<S*>(a.grad_z);
   const int64_t per_b = max(a.dim, int64_t(1)), cols = a.batch * per_b, plane = a.batch * a.dim;
-  const C log_k = gk::log(C(a.samples));
   for (int64_t tile = int64_t(blockIdx.x) * kColX; tile < cols; tile += int64_t(gridDim.x) * kColX) {
     const int64_t col = tile + threadIdx.x;
     int64_t b = 0, d = 0;
@@ -526,11 +524,14 @@ __global__ void __launch_bounds__(kColX* kColY) iwae_backward_kernel(IwaeBackwar
     const bool has_d = col < cols && d < a.dim;  // col is then b * dim + d
     C dmu = C(0), dlogvar = C(0);
     if (col < cols) {
-      const C g = load(grad_bound, b), bound_b = load(bound, b);
+      const C g = load(grad_bound, b);
+      C w_max = C(-INFINITY), w_sum = C(0);  // the softmax over k (reparam_math.h), recomputed by each thread
+      for (int64_t k = 0; k < a.samples; ++k) w_max = softmax_max(w_max, load(log_w, k * a.batch + b));
+      for (int64_t k = 0; k < a.samples; ++k) w_sum += gk::exp(load(log_w, k * a.batch + b) - w_max);
       const C mu_bd = has_d ? load(mu, col) : C(0), logvar_bd = has_d ? load(logvar, col) : C(0);
       for (int64_t k = threadIdx.y; k < a.samples; k += blockDim.y) {
         const int64_t kb = k * a.batch + b;
-        const C gw = g * gk::exp(load(log_w, kb) - bound_b - log_k);
+        const C gw = g * softmax_weight(load(log_w, kb), w_max, w_sum);
         if (d == 0) store(grad_log_px_z, kb, gw);
         if (has_d) {
           const LatentGrad<C> grad = iwae_latent_grad(load(z, k * plane + col), mu_bd, logvar_bd);

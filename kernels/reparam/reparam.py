@@ -733,14 +733,26 @@ def _iwae_backward_kernel(
     mu = tl.load(mu_ptr + poffs, mask=mask).to(CT)
     lv = tl.load(lv_ptr + poffs, mask=mask).to(CT)
     gb = tl.load(gb_ptr + b, mask=bmask).to(CT)
-    # w = softmax_k log_w = exp(log_w - bound - log K)
-    shift = tl.load(bound_ptr + b, mask=bmask).to(CT) + log_t(samples.to(CT))
+    # w = softmax_k log_w, shifted by its maximum and normalised by its own sum (as gk::reparam::softmax_weight:
+    # exp(log_w - bound - log K) from the rounded bound does not sum to 1 at |log w| ~ 1e7 in float32)
+    w_max = tl.full([BLOCK_B], float("-inf"), CT)
+    row = b
+    for _ in range(samples):
+        lw = tl.load(lw_ptr + row, mask=bmask, other=0.0).to(CT)
+        w_max = tl.where((lw > w_max) | (lw != lw), lw, w_max)
+        row += batch
+    w_sum = tl.zeros([BLOCK_B], CT)
+    row = b
+    for _ in range(samples):
+        lw = tl.load(lw_ptr + row, mask=bmask, other=0.0).to(CT)
+        w_sum += exp_t(lw - w_max)
+        row += batch
     acc_mu = tl.zeros([BLOCK_D, BLOCK_B], CT)
     acc_lv = tl.zeros([BLOCK_D, BLOCK_B], CT)
     row = b
     for _ in range(samples):
         lw = tl.load(lw_ptr + row, mask=bmask).to(CT)
-        gw = gb * exp_t(lw - shift)
+        gw = gb * (exp_t(lw - w_max) / w_sum)
         tl.store(glpx_ptr + row, to_dtype(gw, glpx_ptr.dtype.element_ty), mask=first_d)
         offs = row[None, :] * dim + d[:, None]
         z = tl.load(z_ptr + offs, mask=mask).to(CT)
@@ -755,7 +767,7 @@ def _iwae_backward_kernel(
 
 
 def iwae_backward(grad_bound, log_w, bound, z, mu, logvar, grad_log_px_z, grad_z, grad_mu, grad_logvar):
-    """With w[k, b] = exp(log_w - bound - log K): grad_log_px_z = g_b w, grad_z = g_b w d(latent)/dz,
+    """With w[k, b] = softmax_k log_w (bound is not needed): grad_log_px_z = g_b w, grad_z = g_b w d(latent)/dz,
     grad_mu and grad_logvar = sum_k g_b w d(latent)/d(mu, logvar)."""
     check(
         z.dtype,

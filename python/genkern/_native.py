@@ -7,6 +7,7 @@ the current stream, so it works with any torch version and with numpy.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -77,7 +78,21 @@ def launch(fn, device: torch.device, described: list) -> None:
         with torch.cuda.device(device):
             fn(*described, stream=torch.cuda.current_stream(device).cuda_stream)
     else:
+        _sync_threads()
         fn(*described)
+
+
+_thread_state = threading.local()
+
+
+def _sync_threads() -> None:
+    """Give the compiled kernels torch's thread count for this thread (torch.set_num_threads, OMP_NUM_THREADS):
+    several processes on one machine (torchrun ranks, data loader workers) that limit torch limit genkern too.
+    One cheap query per call; the core is told only when it changes."""
+    n = torch.get_num_threads()
+    if getattr(_thread_state, "threads", None) != n:
+        _C.set_num_threads(n)
+        _thread_state.threads = n
 
 
 class Kernels:

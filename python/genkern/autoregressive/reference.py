@@ -329,7 +329,8 @@ def nade_sample(num_samples: int, weight, c, v, b, seed: int, offset: int = 0, f
 
 def nade_log_prob_backward(grad_out, x, weight, c, v, b):
     """(grad_weight, grad_c, grad_v, grad_b) of sum_n grad_out[n] log p(x[n]), written out: what the backward
-    kernels compute (they run the recurrence backwards instead of holding (B, H, D) in memory)."""
+    kernels compute (they walk the steps backwards, recomputing a_i from sqrt(D)-spaced checkpoints, instead
+    of holding (B, H, D) in memory)."""
     dtype = weight.dtype
     g, x, weight, c, v, b = (_nade_compute(t) for t in (grad_out, x, weight, c, v, b))
     h = torch.sigmoid(c[None, :, None] + _sum_before(_steps(x, weight)))  # h[n, :, i] = h_i
