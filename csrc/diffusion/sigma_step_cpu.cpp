@@ -26,7 +26,9 @@ struct SigmaStepKernel {
     const T scale = T(a.guidance_scale);
     const bool stochastic = a.stochastic != 0;
     const bool noisy = a.kind == kEulerAncestral || (a.kind == kFlowEuler && stochastic);
-    cpu::parallel_for((total + kChunk - 1) / kChunk, [&](int64_t chunk) {
+    // Work per chunk as the DDPM/DDIM step counts it: the noise, drawn in the kernel, costs more than the rest.
+    const int64_t work = kChunk * (noisy && !noise ? cpu::kRandomWork : 2);
+    cpu::parallel_for((total + kChunk - 1) / kChunk, work, [&](int64_t chunk) {
       alignas(64) T z[kChunk], guided_m[kChunk], x0_scratch[kChunk];
       const int64_t start = chunk * kChunk, len = std::min(kChunk, total - start);
       if (noisy) cpu::load_eps(noise, a.seed, a.offset, start, len, z);
