@@ -195,6 +195,23 @@ def test_ddpm_learned_range_matches_diffusers(monkeypatch):
         x = a.prev_sample
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_after_the_first_step(backend):
+    """The direct kernel path (every step after the first) copies strided inputs and keeps the copies alive."""
+    theirs, ours = make("ddim", backend, clip_sample=False)
+    for s in (theirs, ours):
+        s.set_timesteps(4)
+    for i, t in enumerate(theirs.timesteps):
+        x = torch.randn(2, 8, 8, 3, generator=torch.Generator().manual_seed(i)).permute(0, 3, 1, 2)
+        m = torch.randn(2, 8, 8, 3, generator=torch.Generator().manual_seed(100 + i)).permute(0, 3, 1, 2)
+        z = torch.randn(2, 8, 8, 3, generator=torch.Generator().manual_seed(200 + i)).permute(0, 3, 1, 2)
+        assert not x.is_contiguous()
+        a = theirs.step(m, t, x, eta=0.5, variance_noise=z)
+        b = ours.step(m, t, x, eta=0.5, variance_noise=z)
+        assert relative_error(b.prev_sample, a.prev_sample) <= TOLERANCE
+        assert relative_error(b.pred_original_sample, a.pred_original_sample) <= TOLERANCE
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_generator_noise_is_diffusers_noise(kind):
     """With a generator, the noise is drawn as diffusers draws it (randn_tensor, only where the step adds
@@ -414,6 +431,17 @@ def test_step_errors():
     ddpm.set_timesteps(10)
     with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
         ddpm.step(x, 17, x)
+    # the pinned backend is the one that runs, on the first (checked) step and on later (direct) ones
+    pinned = gd.from_scheduler(diffusers.DDIMScheduler(), backend="cpu")
+    pinned.set_timesteps(10)
+    for t in pinned.timesteps[:3]:
+        with genkern.set_backend("reference"):
+            assert genkern.backend.get_backend() == "reference"
+            pinned.step(x, t, x)
+    if "cuda" not in genkern.backends():
+        pinned.genkern_backend = "cuda"
+        with pytest.raises(ValueError, match="cuda"):
+            pinned.step(x, pinned.timesteps[3], x)
 
 
 def test_import_genkern_does_not_import_diffusers():

@@ -329,13 +329,17 @@ class GenkernStepMixin:
             rows.append(row[1])
         out = torch.empty(sample.shape, dtype=sample.dtype, device=device)
         x0 = torch.empty(sample.shape, dtype=sample.dtype, device=device)
+        # Held in locals until the kernel has run: a description is a bare pointer, and a contiguous copy
+        # made inside the argument list would be freed (its memory reusable) before the launch.
+        model_output, sample = model_output.contiguous(), sample.contiguous()
+        noise = None if noise is None else noise.contiguous()
         _native.launch(
             _ops.KERNELS.native().step,
             device,
             [
-                _native.array(model_output.contiguous()),
-                _native.array(sample.contiguous()),
-                None if noise is None else _native.array(noise.contiguous()),
+                _native.array(model_output),
+                _native.array(sample),
+                _native.array(noise),
                 rows[0],
                 rows[1],
                 described["table"],
