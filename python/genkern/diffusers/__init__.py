@@ -1,0 +1,44 @@
+"""Drop-in schedulers for diffusers pipelines, backed by genkern's fused steps (needs `pip install genkern[diffusers]`).
+
+    pipe = diffusers.DDIMPipeline(unet, scheduler)
+    pipe.scheduler = genkern.diffusers.from_scheduler(pipe.scheduler)    # same config, genkern's step
+    images = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=50).images
+
+`DDPMScheduler` and `DDIMScheduler` are diffusers' own classes (configuration, set_timesteps, timesteps,
+init_noise_sigma, order, save/load) with `step` and `add_noise` running genkern's ops; by default they
+reproduce diffusers' scheduler, bugs included, and the configuration flags `genkern_schedule` and
+`genkern_timesteps` switch to genkern's definitions (docs/diffusion.md, "The diffusers drop-in").
+
+This package is the only part of genkern that imports diffusers; `import genkern` does not.
+"""
+
+from __future__ import annotations
+
+import diffusers as _diffusers
+
+from ._ddim import DDIMScheduler
+from ._ddpm import DDPMScheduler
+
+__all__ = ["DDIMScheduler", "DDPMScheduler", "from_scheduler"]
+
+_SUPPORTED = {
+    _diffusers.DDPMScheduler: DDPMScheduler,
+    _diffusers.DDIMScheduler: DDIMScheduler,
+    DDPMScheduler: DDPMScheduler,
+    DDIMScheduler: DDIMScheduler,
+}
+
+
+def from_scheduler(scheduler, **flags):
+    """The genkern drop-in for a diffusers scheduler: DDPMScheduler for diffusers.DDPMScheduler,
+    DDIMScheduler for diffusers.DDIMScheduler, built from its configuration (`flags`: configuration values to
+    override, e.g. genkern_timesteps=True). A TypeError for any other class (subclasses included: they may
+    step differently)."""
+    cls = _SUPPORTED.get(type(scheduler))
+    if cls is None:
+        names = ", ".join(sorted({f"diffusers.{c.__name__}" for c in _SUPPORTED}))
+        raise TypeError(
+            f"genkern.diffusers.from_scheduler: unsupported scheduler class {type(scheduler).__module__}."
+            f"{type(scheduler).__qualname__}; supported: {names}"
+        )
+    return cls.from_scheduler(scheduler, **flags)
