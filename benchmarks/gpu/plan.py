@@ -128,8 +128,9 @@ BENCH_GROUPS = (
     BenchGroup("elementwise", ("reparameterize_kl", "ddim_step", "causal_conv1d"), "64M", 75, 55),
     # training steps, forward + backward: masked_conv2d at batch 335 of 64 x 28 x 28, NADE at batch 512
     BenchGroup("training", ("masked_conv2d", "nade_log_prob"), "16M", 60, 40),
-    # whole loops: the 50-step DDIM loop at batch 1 against diffusers, cached PixelCNN 32x32 RGB batch 256
-    BenchGroup("loops", ("ddim_loop", "pixelcnn_sample_rgb32_b256"), "64M", 45, 25),
+    # whole loops: the 50-step DDIM loop at batch 1 against diffusers, cached PixelCNN 32x32 RGB batch 256, and
+    # genkern.sample of the shipped VAE to files (the sampling family)
+    BenchGroup("loops", ("ddim_loop", "pixelcnn_sample_rgb32_b256", "sample_vae_b256"), "64M", 50, 30),
 )
 
 # The targets, judged on the best genkern backend of each case.
