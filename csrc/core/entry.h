@@ -4,6 +4,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 
 #include "core/array.h"
 
@@ -33,6 +34,16 @@ struct Checked {
     return *this;
   }
 };
+
+// A per-sample float32 array (timestep sigmas, guidance rescale factors, thresholds) on the data's device.
+inline void check_per_sample(const OptArray& a, const Array& ref, int64_t batch, const char* name) {
+  if (!a) return;
+  check_contiguous(*a, name);
+  check_dtype(*a, DType::float32, name);
+  check_numel(*a, batch, name);
+  if (a->device != ref.device || a->device_index != ref.device_index)
+    throw ValueError(std::string(name) + " must be on the device of the data");
+}
 
 [[noreturn]] void throw_no_cuda();
 

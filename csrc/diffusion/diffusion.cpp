@@ -119,16 +119,6 @@ void loss_backward_entry(const Array& grad_loss, const Array& model_output, cons
   run_on_device(x0, args, stream, loss_backward_cpu, GK_CUDA(loss_backward_cuda));
 }
 
-// A per-sample float32 array (guidance rescale factors, dynamic thresholds) on the data's device.
-void check_per_sample(const OptArray& a, const Array& ref, int64_t batch, const char* name) {
-  if (!a) return;
-  check_contiguous(*a, name);
-  check_dtype(*a, DType::float32, name);
-  check_numel(*a, batch, name);
-  if (a->device != ref.device || a->device_index != ref.device_index)
-    throw ValueError(std::string(name) + " must be on the device of the data");
-}
-
 void step_entry(const Array& model_output, const Array& sample, const OptArray& noise, const Array& t,
                 const OptArray& prev_t, const Array& table, const OptArray& guidance_rescale,
                 const OptArray& dynamic_threshold, const Array& prev_sample, const OptArray& pred_original,

@@ -15,15 +15,6 @@ using namespace diffusion;
 
 namespace {
 
-void check_sigmas(const OptArray& a, const Array& ref, int64_t batch, const char* name) {
-  if (!a) return;
-  check_contiguous(*a, name);
-  check_dtype(*a, DType::float32, name);
-  check_numel(*a, batch, name);
-  if (a->device != ref.device || a->device_index != ref.device_index)
-    throw ValueError(std::string(name) + " must be on the device of the data");
-}
-
 void sigma_step_entry(const Array& model_output, const Array& sample, const OptArray& noise, const Array& sigma,
                       const Array& sigma_next, const OptArray& rescale, const Array& prev_sample,
                       const OptArray& pred_original, int64_t kind, int64_t prediction, bool guided,
@@ -38,9 +29,9 @@ void sigma_step_entry(const Array& model_output, const Array& sample, const OptA
   check_numel(prev_sample, sample.numel(), "prev_sample");
   if (pred_original) check_numel(*pred_original, sample.numel(), "pred_original");
   if (noise) check_numel(*noise, sample.numel(), "noise");
-  check_sigmas(sigma, sample, batch, "sigma");
-  check_sigmas(sigma_next, sample, batch, "sigma_next");
-  check_sigmas(rescale, sample, batch, "rescale");
+  check_per_sample(sigma, sample, batch, "sigma");
+  check_per_sample(sigma_next, sample, batch, "sigma_next");
+  check_per_sample(rescale, sample, batch, "rescale");
   if (rescale && !guided) throw ValueError("rescale needs guidance");
   if (sample.numel() == 0) return;
   prepare_output(prev_sample);

@@ -168,6 +168,20 @@ def flow_sigmas(
     return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])
 
 
+def loop_start(model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, backend):
+    """What a sigma-space sampler checks and draws before its loop: (model_kwargs, seed, shape, x_T), x_T being
+    the genkern stream's randn(shape) at offset 0 for `seed` unless given, on `device` (default: x_T's, else
+    the CPU) in `dtype`."""
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t, **model_kwargs), got {type(model).__name__}")
+    _spec.check_guidance(guidance_scale, guidance_rescale)
+    seed, shape = resolve_seed(seed), tuple(shape)
+    device = torch.device(device) if device is not None else (x_T.device if x_T is not None else torch.device("cpu"))
+    if x_T is None:
+        x_T = randn(shape, seed=seed, device=device, dtype=dtype, backend=backend)
+    return ({} if model_kwargs is None else model_kwargs), seed, shape, x_T.to(device=device, dtype=dtype)
+
+
 class FlowMatchEulerSampler:
     """Euler sampling of a velocity model from sigma = 1 to 0 (flow_sigmas), every step fused.
 
@@ -207,19 +221,10 @@ class FlowMatchEulerSampler:
         device=None,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x, t, **model_kwargs), got {type(model).__name__}")
-        _spec.check_guidance(guidance_scale, guidance_rescale)
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        seed = resolve_seed(seed)
-        device = torch.device(device) if device is not None else (x_T.device if x_T is not None else None)
-        device = device or torch.device("cpu")
-        shape = tuple(shape)
-        x = (
-            x_T.to(device=device, dtype=dtype)
-            if x_T is not None
-            else randn(shape, seed=seed, device=device, dtype=dtype)
+        model_kwargs, seed, shape, x = loop_start(
+            model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
         )
+        device = x.device
         sigmas = flow_sigmas(num_steps, shift=self.shift, mu=self.mu, num_train_timesteps=self.T).to(device)
         B = shape[0]
         rows = sigmas[:, None].expand(-1, B).contiguous()  # step i reads rows i and i + 1: no host reads

@@ -19,10 +19,10 @@ from torch import Tensor
 from .. import _checks
 from .. import backend as _backend
 from .._kernels import to_signed
-from ..random import check_offset, randn, resolve_seed
+from ..random import check_offset, resolve_seed
 from . import _ops
 from . import reference as _spec
-from .flow import _sigma_tensor
+from .flow import _sigma_tensor, loop_start
 from .schedules import NoiseSchedule
 
 __all__ = ["EulerSampler", "euler_ancestral_step", "euler_sigmas", "euler_step", "scale_model_input"]
@@ -187,20 +187,14 @@ class EulerSampler:
         device=None,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x, t, **model_kwargs), got {type(model).__name__}")
-        _spec.check_guidance(guidance_scale, guidance_rescale)
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        seed = resolve_seed(seed)
-        device = torch.device(device) if device is not None else (x_T.device if x_T is not None else None)
-        device = device or torch.device("cpu")
-        shape = tuple(shape)
+        model_kwargs, seed, shape, x_T = loop_start(
+            model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
+        )
+        device = x_T.device
         sigmas, timesteps = euler_sigmas(self.schedule, num_steps, **self.options)
         sigma_max = float(sigmas[0])
         init = (sigma_max**2 + 1) ** 0.5 if self.options["spacing"] == "leading" else sigma_max
-        if x_T is None:
-            x_T = randn(shape, seed=seed, device=device, dtype=dtype, backend=self.backend)
-        x = x_T.to(device=device, dtype=dtype) * init
+        x = x_T * init
         B = shape[0]
         rows = sigmas.to(device)[:, None].expand(-1, B).contiguous()  # step i reads rows i and i + 1
         t_model = timesteps.to(device)[:, None].expand(-1, B).contiguous()
