@@ -380,3 +380,44 @@ def test_the_time_left_scales_earlier_sizes():
     eta.record(kl, 2 << 20, "eager", 4.0, None)
     assert eta.left([(kl, 4 << 20, "eager"), (kl, 2 << 20, "compile")]) == pytest.approx(16.0 + 2.0 + 5.0)
     assert bench.format_duration(42.4) == "42s" and bench.format_duration(125) == "2m05s"
+
+
+def test_busy_cores_keeps_every_core_busy_and_stops():
+    """The spinners run inside the block, and are killed and reaped when it ends, even by an exception."""
+    with pytest.raises(RuntimeError), bench.busy_cores(2, settle_s=0.0) as spinners:
+        assert len(spinners) == 2 and all(p.poll() is None for p in spinners)
+        raise RuntimeError("the timed code failed")
+    assert all(p.returncode is not None for p in spinners)
+    assert bench.busy_core_count() >= 1
+
+
+def test_a_busy_case_is_timed_under_load_and_only_it(monkeypatch):
+    """under_load(case) gives <op>_busy, outside the default selection, whose implementations are all
+    timed inside busy_cores; the idle case is not, and each keeps its own ratios."""
+    loaded = []
+
+    class Recorder:
+        def __enter__(self):
+            loaded.append(True)
+            return ["p1", "p2"]
+
+        def __exit__(self, *exc):
+            loaded.append(False)
+
+    idle = _case("ddim_step_small")
+    busy = _case("ddim_step_small_busy")
+    assert busy == bench.under_load(idle) and busy.busy and not idle.busy and busy.default is False
+    times = []
+
+    def eager(*args):
+        times.append(bool(loaded and loaded[-1]))
+        return idle.eager(*args)
+
+    monkeypatch.setattr(bench, "busy_cores", Recorder)
+    report = bench.run(_config([dataclasses.replace(idle, eager=eager), bench.under_load(idle), _case("ddim_loop")]))
+    rows = {(r["op"], r["impl"]): r for r in report["rows"]}
+    assert not any(times) and loaded == [True, False]  # one busy block, around the busy case only
+    assert rows[("ddim_step_small_busy", "genkern:cpu")]["busy_processes"] == 2
+    assert "busy_processes" not in rows[("ddim_step_small", "genkern:cpu")]
+    assert rows[("ddim_step_small_busy", "eager")]["speedup_vs_eager"] == 1.0
+    assert "_busy: timed while 2 other processes kept every core busy" in bench.format_table(report)

@@ -5,8 +5,6 @@ the kernels use torch's thread count (torch.set_num_threads, OMP_NUM_THREADS).""
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,12 +12,9 @@ import pytest
 import torch
 
 import genkern
-from genkern import _native
+from genkern import _native, bench
 
 pytestmark = pytest.mark.skipif("cpu" not in genkern.backends(), reason="needs the compiled cpu backend")
-
-# Each spinner stops by itself after this long, even if the test process dies before its finally.
-_SPIN = "import time\nend = time.time() + 20\nwhile time.time() < end: pass\n"
 
 
 def _mean_ms(fn, n=400):
@@ -43,15 +38,8 @@ def test_small_calls_stay_cheap_under_load():
         "reparameterize 4K": lambda: genkern.reparameterize(mu, logvar, seed=1, backend="cpu"),
     }
     idle = {name: _mean_ms(fn) for name, fn in calls.items()}
-    spinners = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(max(2, torch.get_num_threads()))]
-    try:
-        time.sleep(0.3)  # the spinners are running
+    with bench.busy_cores(max(2, torch.get_num_threads())):  # as `genkern bench`'s _busy cases run
         loaded = {name: _mean_ms(fn) for name, fn in calls.items()}
-    finally:
-        for p in spinners:
-            p.kill()
-        for p in spinners:
-            p.wait()
     # The bound: with as many spinning processes as cores, this process still gets about half a core, so a
     # serial call takes up to ~2x its idle time, plus the time slices it is preempted for (a few ms each, a
     # small fraction of 400 calls of ~0.1 ms). 4x + 0.5 ms is far from that and far below a parallel region

@@ -11,10 +11,16 @@ and reports the median time, the speedups, and the achieved bandwidth next to th
 measured in the same run. For a memory-bound op "% of copy" says how close it gets to the limit of the
 hardware it ran on; a low figure means compute (drawing noise, say) is the bottleneck instead. Only the
 forward pass is timed.
+
+A case made by `under_load(case)` (named <op>_busy) is timed again with every core kept busy by other
+processes: the cost of small calls on a loaded machine (torchrun workers, data loaders, a service's other
+workers), next to the same calls on an idle one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import functools
 import importlib
@@ -23,6 +29,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -63,6 +71,7 @@ class BenchCase:
     sized: False for a case whose shape does not follow the size: it runs at the first size only.
     requires: the optional libraries the eager baseline imports (diffusers, say). Where one is missing the
         eager and compile rows are skipped with a note, and the genkern rows still run.
+    busy: every implementation is timed inside `busy_cores()`; made by `under_load`.
     A case with bytes_moved 0 is not memory-bound: it gets no bandwidth figures.
     """
 
@@ -82,6 +91,37 @@ class BenchCase:
     timed: str = PASS
     sized: bool = True
     requires: tuple[str, ...] = ()
+    busy: bool = False
+
+
+def under_load(case: BenchCase) -> BenchCase:
+    """`case` again as <name>_busy, timed while another process spins on every core (see busy_cores)."""
+    return dataclasses.replace(case, name=f"{case.name}_busy", busy=True, default=False)
+
+
+# A spinner stops when its parent dies (it is then re-parented), so a killed run leaves no busy core behind.
+_SPINNER = "import os\np = os.getppid()\nwhile os.getppid() == p:\n    for _ in range(100000): pass\n"
+
+
+def busy_core_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def busy_cores(count: int | None = None, settle_s: float = 0.3):
+    """Keep `count` cores (all of this process's by default) busy with spinning Python processes for the
+    duration of the block; yields the processes. They are killed and reaped on the way out, whatever
+    happens in the block."""
+    count = busy_core_count() if count is None else count
+    spinners = [subprocess.Popen([sys.executable, "-c", _SPINNER]) for _ in range(count)]
+    try:
+        time.sleep(settle_s)  # the interpreters have started and are spinning
+        yield spinners
+    finally:
+        for p in spinners:
+            p.kill()
+        for p in spinners:
+            p.wait()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,12 +258,17 @@ def select_cases(cases: Sequence[BenchCase], names: Iterable[str] | None, device
     return [c for c in cases if c.name in names or c.family in names]
 
 
-@functools.cache
 def compiled(case: BenchCase) -> Callable[..., Any]:
-    """torch.compile of the case's eager function, one per op for the whole run. dynamic=False gives each
-    size its own specialised graph, as a fixed-shape training loop gets; by default the second size would
-    be recompiled with dynamic shapes, and a generic kernel timed instead."""
-    return torch.compile(case.eager, dynamic=False)
+    """torch.compile of the case's eager function, one per eager function for the whole run (an op's
+    _busy case reuses its graphs). dynamic=False gives each size its own specialised graph, as a
+    fixed-shape training loop gets; by default the second size would be recompiled with dynamic shapes,
+    and a generic kernel timed instead."""
+    return _compiled(case.eager)
+
+
+@functools.cache
+def _compiled(eager: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(eager, dynamic=False)
 
 
 def implementations(case: BenchCase, backends: Sequence[str], use_compile: bool) -> list[tuple[str, Callable]]:
@@ -446,21 +491,24 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> dict:
         step_started = time.perf_counter()  # a case's first step is charged with making its inputs
         missing = missing_modules(case)
         args = case.make_inputs(size, config.device, config.dtype)
-        for label, fn in implementations(case, config.backends, config.use_compile):
-            step = len(rows)
-            left = eta.left(steps[step:]) if step >= first_case else None  # the first case pays for start-up
-            timing = f"{format_duration(time.perf_counter() - started)} so far" + (
-                f", about {format_duration(left)} left" if left is not None else ""
-            )
-            say(f"[{step + 1}/{len(steps)}] {case.name} {format_size(size)} {label}  ({timing})")
-            if missing and label in ("eager", "compile"):  # the baseline needs a library not installed here
-                measured = {"skipped": f"needs {', '.join(missing)} (not installed)"}
-            else:
-                measured = _measure(case, size, label, fn, args, config.device, config.repeats)
-            if "skipped" not in measured:
-                eta.record(case, size, label, time.perf_counter() - step_started, measured.get("compile_s"))
-            rows.append(_row(case, size, config.dtype, label, measured))
-            step_started = time.perf_counter()
+        with busy_cores() if case.busy else contextlib.nullcontext(()) as spinners:
+            for label, fn in implementations(case, config.backends, config.use_compile):
+                step = len(rows)
+                left = eta.left(steps[step:]) if step >= first_case else None  # the first case pays for start-up
+                timing = f"{format_duration(time.perf_counter() - started)} so far" + (
+                    f", about {format_duration(left)} left" if left is not None else ""
+                )
+                say(f"[{step + 1}/{len(steps)}] {case.name} {format_size(size)} {label}  ({timing})")
+                if missing and label in ("eager", "compile"):  # the baseline needs a library not installed here
+                    measured = {"skipped": f"needs {', '.join(missing)} (not installed)"}
+                else:
+                    measured = _measure(case, size, label, fn, args, config.device, config.repeats)
+                if "skipped" not in measured:
+                    eta.record(case, size, label, time.perf_counter() - step_started, measured.get("compile_s"))
+                if spinners:
+                    measured["busy_processes"] = len(spinners)
+                rows.append(_row(case, size, config.dtype, label, measured))
+                step_started = time.perf_counter()
         del args  # free the inputs before the next case allocates its own
     _add_ratios(rows, copy_gbps)
     return _report(config, info, copy_gbps, rows, elapsed_s=time.perf_counter() - started)
@@ -613,6 +661,9 @@ def format_table(report: dict) -> str:
             "* extrapolated: a fraction of a long loop of identical steps was timed and scaled "
             "(see the row's measured_ms and extrapolated_by in the JSON)",
         ]
+    busy = {r["busy_processes"] for r in report["rows"] if r.get("busy_processes")}
+    if busy:
+        notes += ["", f"_busy: timed while {'/'.join(map(str, sorted(busy)))} other processes kept every core busy"]
     if failures:
         notes += ["", "failures:", *failures]
     return "\n".join(lines + notes + _compile_times(report["rows"]))

@@ -10,7 +10,9 @@ loop reusing its buffers does: on the CPU a fresh 64 MB output costs page faults
 `ddim_loop` is different: a whole 50-step DDIM sampling run at batch 1 on a (1, 4, 64, 64) latent with a
 trivial denoiser, to expose per-step overhead; its baseline is the same loop driven by diffusers'
 DDIMScheduler (needs diffusers, a test extra), and it ignores the size. genkern runs it with DDIMSampler
-(on CUDA with the whole loop captured in a CUDA graph).
+(on CUDA with the whole loop captured in a CUDA graph). `ddim_step_small` is one step of that loop (16K
+elements). Both are timed a second time with every core busy (`_busy`, see genkern.bench.under_load): a
+small call must stay cheap on a loaded machine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 import genkern
 
-from ..bench import BenchCase
+from ..bench import BenchCase, under_load
 from .schedules import NoiseSchedule
 
 FAMILY = "diffusion"
@@ -155,6 +157,13 @@ def genkern_ddim_loop(x, backend=None):
     )
 
 
+def _small_step_inputs(size, device, dtype):
+    """One step of the batch-1 loop: (model_output, sample, t, prev_t) on a (1, 4, 64, 64) latent."""
+    sample = torch.randn(_LOOP_SHAPE, device=device, dtype=dtype)
+    t = torch.tensor([500], device=device)
+    return torch.randn_like(sample), sample, t, t - 20
+
+
 def _flow_step_inputs(size, device, dtype):
     """(model_output, sample, sigma, sigma_next): per-sample sigmas of a 28-step flow-matching run."""
     sample = torch.randn(_shape(size), device=device, dtype=dtype)
@@ -234,7 +243,20 @@ CASES = (
         bytes_moved=lambda n, dt: 4 * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32,
         default=False,
     ),
-    BenchCase(
+    _SMALL_STEP := BenchCase(
+        name="ddim_step_small",
+        family=FAMILY,
+        make_inputs=_small_step_inputs,
+        genkern=genkern_ddim_step,
+        eager=eager_ddim_step,
+        shape=lambda n: _LOOP_SHAPE,
+        sized=False,
+        default=False,
+        # reads model_output and sample, writes prev_sample and pred_original
+        bytes_moved=lambda n, dt: 4 * _itemsize(dt) * 4 * 64 * 64,
+    ),
+    under_load(_SMALL_STEP),
+    _LOOP := BenchCase(
         name="ddim_loop",
         family=FAMILY,
         make_inputs=_loop_inputs,
@@ -247,4 +269,5 @@ CASES = (
         # per step: reads the model output and the sample, writes the next sample (the denoiser excluded)
         bytes_moved=lambda n, dt: _LOOP_STEPS * 3 * _itemsize(dt) * 4 * 64 * 64,
     ),
+    under_load(_LOOP),
 )
