@@ -20,6 +20,12 @@ def tensor(name: str, x) -> torch.Tensor:
     return x
 
 
+def boolean(name: str, x) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return x
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -878,6 +878,10 @@ def _check_sigma(name: str, sigma, sample: Tensor) -> None:
             f"{name} must be a float32 tensor of shape ({sample.shape[0]},) (sample's batch) on {sample.device}, "
             f"got {got}"
         )
+    values = _host_values(sigma)
+    bad = None if values is None else next((v for v in values if not 0.0 <= v < math.inf), None)  # NaN too
+    if bad is not None:
+        raise ValueError(f"{name} must be finite and non-negative, got {bad}")
 
 
 def _check_sigma_step(

@@ -38,21 +38,45 @@ __all__ = [
 ]
 
 
-def _sigma_tensor(sigma, like: Tensor) -> Tensor:
-    """sigma (a number, or a () or (B,) tensor) as float32 (B,) on like's device."""
-    _checks.tensor("sample", like)
+def _sigma_tensor(sigma, like: Tensor, name: str = "sigma", like_name: str = "sample", high=None) -> Tensor:
+    """sigma (a number, or a () or (B,) tensor) as float32 (B,) on like's device. Numbers are checked here
+    (finite, in [0, high]); a tensor's values by the op (the step ops) or here with `high` (flow_sample and
+    flow_matching_loss, whose ops see a table instead), where they can be read without a device sync."""
+    _checks.tensor(like_name, like)
     if like.dim() < 1:
-        raise ValueError("the data must have a batch dimension (dim 0), got a 0-dim tensor")
+        raise ValueError(f"{like_name} must have a batch dimension (dim 0), got a 0-dim tensor")
+    B = like.shape[0]
     if isinstance(sigma, Tensor):
         if not sigma.dtype.is_floating_point:
-            raise TypeError(f"sigma must be a float or a floating tensor, got a tensor of dtype {sigma.dtype}")
-        if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] != like.shape[0]):
-            raise ValueError(f"sigma must be a number or have shape ({like.shape[0]},), got {tuple(sigma.shape)}")
+            raise TypeError(f"{name} must be a float or a floating tensor, got a tensor of dtype {sigma.dtype}")
+        if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] != B):
+            raise ValueError(
+                f"{name} must be a number or have shape ({B},) ({like_name}'s batch), got {tuple(sigma.shape)}"
+            )
+        if sigma.device.type == "meta" and like.device.type != "meta":
+            raise ValueError(f"{name} is a meta tensor (no values) and {like_name} is on {like.device}")
+        if high is not None and sigma.device.type == "cpu" and _checks.has_values(sigma):
+            _check_sigma_values(name, sigma.tolist() if sigma.dim() else [sigma.item()], high)
         s = sigma.to(device=like.device, dtype=torch.float32)
-        return s.reshape(-1).expand(like.shape[0]).contiguous()
+        return s.reshape(-1).expand(B).contiguous()
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"sigma must be a float or a floating tensor, got {type(sigma).__name__}")
-    return torch.full((like.shape[0],), float(sigma), dtype=torch.float32, device=like.device)
+        raise TypeError(f"{name} must be a float or a floating tensor, got {type(sigma).__name__}")
+    _check_sigma_values(name, [float(sigma)], high)
+    return torch.full((B,), float(sigma), dtype=torch.float32, device=like.device)
+
+
+def _check_tensors(model_output, noise) -> None:
+    """The torch.Tensor arguments besides the data, before the op's schema sees them (and fails unnamed)."""
+    if model_output is not None:
+        _checks.tensor("model_output", model_output)
+    if noise is not None:
+        _checks.tensor("noise", noise)
+
+
+def _check_sigma_values(name: str, values, high=None) -> None:
+    bad = next((v for v in values if not (0.0 <= v <= (math.inf if high is None else high))), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be in [0, {'inf)' if high is None else f'{high}]'}, got {bad}")
 
 
 def _noising_table(sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,7 +98,8 @@ def flow_sample(x0: Tensor, sigma, *, noise: Tensor | None = None, seed: int | N
     """x_sigma = (1 - sigma) x0 + sigma eps, one fused pass; eps = `noise` or the genkern stream for
     (seed, offset) over x0's shape (seed None: drawn from torch's generator). sigma: a number or a (B,) tensor.
     Differentiable in x0 (and noise)."""
-    s = _sigma_tensor(sigma, x0)
+    _check_tensors(None, noise)
+    s = _sigma_tensor(sigma, x0, like_name="x0", high=1.0)
     t, table = _noising_table(s)
     seed = to_signed(resolve_seed(seed)) if noise is None else 0
     offset = to_signed(check_offset(offset)) if noise is None else 0
@@ -97,7 +122,8 @@ def flow_matching_loss(
     (diffusers' compute_loss_weighting_for_sd3; its logit_normal and mode schemes shape how sigma is drawn and
     weigh 1). Returns a (B,) tensor: take .mean() for the batch loss."""
     weighting = _spec.check_choice("weighting", weighting, _spec.FLOW_WEIGHTINGS)
-    s = _sigma_tensor(sigma, x0)
+    _check_tensors(model_output, noise)
+    s = _sigma_tensor(sigma, x0, like_name="x0", high=1.0)
     t = torch.zeros(x0.shape[0], dtype=torch.int64, device=x0.device)
     seed = to_signed(resolve_seed(seed)) if noise is None else 0
     offset = to_signed(check_offset(offset)) if noise is None else 0
@@ -126,10 +152,11 @@ def flow_euler_step(
     x0_hat = sample - sigma v and z = `noise` or the genkern stream for (seed, offset). v = model_output, or with
     guidance_scale u + s (c - u) of its (2B, ...) halves (unconditional first), rescaled by guidance_rescale.
     Returns prev_sample, or (prev_sample, pred_original_sample) with return_pred_original."""
-    if not isinstance(stochastic, bool):
-        raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+    _checks.boolean("stochastic", stochastic)
+    _checks.boolean("return_pred_original", return_pred_original)
+    _check_tensors(model_output, noise)
     _spec.check_guidance(guidance_scale, guidance_rescale)
-    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample)
+    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample, "sigma_next")
     draws = stochastic and noise is None
     seed = to_signed(resolve_seed(seed)) if draws else 0
     offset = to_signed(check_offset(offset)) if draws else 0
@@ -201,8 +228,7 @@ class FlowMatchEulerSampler:
         backend: str | None = None,
     ):
         flow_sigmas(1, shift=shift, mu=mu, num_train_timesteps=num_train_timesteps)  # checks the arguments
-        if not isinstance(stochastic, bool):
-            raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+        _checks.boolean("stochastic", stochastic)
         self.shift, self.mu, self.stochastic, self.T = shift, mu, stochastic, num_train_timesteps
         self.backend = backend
 

@@ -22,7 +22,7 @@ from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
 from . import _ops
 from . import reference as _spec
-from .flow import _sigma_tensor, loop_start
+from .flow import _check_tensors, _sigma_tensor, loop_start
 from .schedules import NoiseSchedule
 
 __all__ = ["EulerSampler", "euler_ancestral_step", "euler_sigmas", "euler_step", "scale_model_input"]
@@ -90,7 +90,9 @@ def _step(kind, model_output, sigma, sigma_next, sample, prediction_type, noise,
           guidance_rescale, return_pred_original, backend):  # fmt: skip
     prediction = _ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS))
     _spec.check_guidance(guidance_scale, guidance_rescale)
-    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample)
+    _checks.boolean("return_pred_original", return_pred_original)
+    _check_tensors(model_output, noise)
+    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample, "sigma_next")
     draws = kind == 2 and noise is None
     seed = to_signed(resolve_seed(seed)) if draws else 0
     offset = to_signed(check_offset(offset)) if draws else 0
