@@ -1,5 +1,5 @@
-"""Property tests of the diffusion family: q_sample, diffusion_loss, ddpm_step and ddim_step, cpu against the
-reference (strategies and the comparison rule in test_properties.py).
+"""Property tests of the diffusion family: q_sample, diffusion_loss, ddpm_step, ddim_step, the flow-matching ops and
+the sigma-space steps, cpu against the reference (strategies and the comparison rule in test_properties.py).
 
 Ops that draw noise from (seed, offset) are compared with the reference given that stream's normals as made by
 the cpu backend (genkern.randn(..., backend="cpu")): the cpu op must read exactly those stream elements, and the
@@ -311,3 +311,164 @@ def test_diffusion_loss_op_reference_follows_the_spec():
         torch.zeros(0, 3), torch.zeros(0, 3), 5, schedule, seed=0, reduction="none", backend="reference"
     )
     assert empty.shape == (0,)
+
+
+# ------------------------------------------------------------------ flow matching and the sigma-space steps
+FLOW_SIGMAS = (0.0, 1.0, 1e-3, 0.5, 0.999)
+K_SIGMAS = (0.0, 1e-3, 0.03, 1.0, 14.6, 80.0)
+
+
+def _sigmas(data, B, pool, label):
+    """A number, a 0-d tensor or per-sample float32 values from `pool` (or uniform in its range)."""
+    value = st.one_of(st.sampled_from(pool), st.floats(min(pool), max(pool), width=32))
+    kind = data.draw(st.sampled_from(("number", "0-d", "per-sample")), label=f"{label} kind")
+    if kind == "per-sample":
+        return torch.tensor(data.draw(st.lists(value, min_size=B, max_size=B), label=label), dtype=torch.float32)
+    v = data.draw(value, label=label)
+    return torch.tensor(v, dtype=torch.float32) if kind == "0-d" else v
+
+
+def _flow_setup(data, extreme):
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = dims(data, data.draw(st.integers(1, 4), label="ndim"))
+    x0 = tensor(data, shape, dtype, label="x0", extreme=extreme).requires_grad_(True)
+    noise, seed, offset, ref_noise = _noise_for(data, shape, dtype, extreme)
+    return dtype, shape, x0, noise, seed, offset, ref_noise, _sigmas(data, shape[0], FLOW_SIGMAS, "sigma")
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_flow_sample(data, extreme):
+    dtype, shape, x0, noise, seed, offset, ref_noise, sigma = _flow_setup(data, extreme)
+    (cpu, cpu_g, _), (ref, ref_g, _) = both(
+        lambda b, x: genkern.flow_sample(
+            x, sigma, noise=noise if b == "cpu" else ref_noise, seed=seed, offset=offset, backend=b
+        ),
+        [x0],
+        grad_seed=data.draw(st.integers(0, 2**31 - 1), label="grad seed"),
+    )
+    check(cpu[0], ref[0], ELEMENTWISE, magnitude(x0, ref_noise), what="x_sigma")
+    check(cpu_g[0], ref_g[0], ELEMENTWISE, what="grad x0")
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_flow_matching_loss(data, extreme):
+    dtype, shape, x0, noise, seed, offset, ref_noise, sigma = _flow_setup(data, extreme)
+    m = tensor(data, shape, dtype, label="model_output", extreme=extreme).requires_grad_(True)
+    weighting = data.draw(st.sampled_from(("none", "sigma_sqrt", "cosmap")), label="weighting")
+    (cpu, cpu_g, _), (ref, ref_g, _) = both(
+        lambda b, mo, x: genkern.flow_matching_loss(
+            mo,
+            x,
+            sigma,
+            noise=noise if b == "cpu" else ref_noise,
+            seed=seed,
+            offset=offset,
+            weighting=weighting,
+            backend=b,
+        ),  # fmt: skip
+        [m, x0],
+        grad_seed=data.draw(st.integers(0, 2**31 - 1), label="grad seed"),
+    )
+    terms = (magnitude(x0) + magnitude(ref_noise) + magnitude(m)) ** 2
+    n = max(1, terms[0].numel()) if shape[0] else 1
+    mag = terms.reshape(shape[0], -1).sum(1) / n if shape[0] else torch.zeros(0, dtype=torch.float64)
+    weight = genkern.diffusion.reference.flow_weight(
+        genkern.diffusion.reference._sigmas(sigma, x0), weighting
+    ).double()  # the weight is float32 on both sides: rounded once more where it multiplies
+    check(cpu[0], ref[0], REDUCTION, mag * weight.abs().nan_to_num(0.0, 0.0, 0.0), what="loss")
+    for name, a, e in zip(("model_output", "x0"), cpu_g, ref_g):
+        check(a, e, REDUCTION, what=f"grad {name}")
+
+
+def _sigma_step_setup(data, extreme, kind):
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = dims(data, data.draw(st.integers(1, 4), label="ndim"))
+    B = shape[0]
+    pool = FLOW_SIGMAS if kind == "flow_euler" else K_SIGMAS
+    sigma = _sigmas(data, B, pool, "sigma")
+    sigma_next = _sigmas(data, B, pool, "sigma_next")
+    sample = tensor(data, shape, dtype, label="sample", extreme=extreme)
+    guidance = data.draw(st.sampled_from((None, 1.0, 7.5, -2.0)), label="guidance_scale")
+    rescale = data.draw(st.sampled_from((0.0, 0.7, 1.0)), label="guidance_rescale") if guidance is not None else 0.0
+    m_shape = (B * (2 if guidance is not None else 1), *shape[1:])
+    m = tensor(data, m_shape, dtype, label="model_output", extreme=extreme)
+    options = dict(guidance_scale=guidance, guidance_rescale=rescale, return_pred_original=True)
+    if kind != "flow_euler":
+        options["prediction_type"] = data.draw(st.sampled_from(PREDICTIONS), label="prediction")
+    draws = kind == "euler_ancestral" or (kind == "flow_euler" and data.draw(st.booleans(), label="stochastic"))
+    if kind == "flow_euler":
+        options["stochastic"] = draws
+    seed, offset = seed_or_offset(data), seed_or_offset(data, "offset")
+    noise = tensor(data, shape, dtype, label="noise", extreme=extreme) if data.draw(st.booleans()) else None
+    ref_noise = (
+        noise if noise is not None else genkern.randn(shape, seed=seed, offset=offset, dtype=dtype, backend="cpu")
+    )
+    if draws:
+        options.update(seed=seed, offset=offset)
+    mo = magnitude(m)
+    mo = mo[:B] + mo[B:] if guidance is not None else mo
+    return sample, m, sigma, sigma_next, noise if draws else None, ref_noise if draws else None, options, mo
+
+
+def _per_sample(sigma, B, dtype):
+    s = torch.as_tensor(sigma, dtype=torch.float32).double().reshape(-1).expand(B)
+    return s.reshape(-1, *([1] * (len(dtype) - 1))) if isinstance(dtype, tuple) else s
+
+
+def _run_sigma_step(op, data, extreme, kind):
+    sample, m, sigma, sigma_next, noise, ref_noise, options, mo = _sigma_step_setup(data, extreme, kind)
+    shape = tuple(sample.shape)
+    extra_args = {} if noise is None and ref_noise is None else None
+    (cpu, _, _), (ref, _, _) = both(
+        lambda b, mo_, x: op(
+            mo_,
+            sigma,
+            sigma_next,
+            x,
+            backend=b,
+            **({} if extra_args is not None else {"noise": noise if b == "cpu" else ref_noise}),
+            **options,
+        ),  # fmt: skip
+        [m, sample],
+    )
+    # The terms and their amplification: x0_hat = x - sigma m (or the v form, or m); the Euler slope divides by
+    # sigma and multiplies by the step (|dt| <= sigma + sigma_next); guidance scales the model output.
+    s, s_next = _per_sample(sigma, shape[0], shape), _per_sample(sigma_next, shape[0], shape)
+    g = 1.0 + 2.0 * abs(options["guidance_scale"] or 0.0)
+    x_mag = magnitude(sample)
+    x0_mag = x_mag + (s + 1.0) * g * mo
+    if kind == "flow_euler":
+        step_mag = x_mag + (s + s_next) * g * mo + x0_mag + magnitude(ref_noise if ref_noise is not None else sample)
+    else:
+        slope = (x_mag + x0_mag) / s  # inf at sigma = 0: both sides are inf or NaN there, or exact
+        step_mag = (
+            x_mag
+            + slope.nan_to_num(1e300, 1e300) * (s + s_next)
+            + (magnitude(ref_noise) * s_next if ref_noise is not None else 0.0)
+        )
+    factor = REDUCTION * 4 if options["guidance_rescale"] else REDUCTION
+    # The rescale factors are float32 per-sample values on every backend (as the DDPM/DDIM steps'): float64
+    # data gets them to float32 precision.
+    rescaled = options["guidance_rescale"] != 0.0
+    check(cpu[0], ref[0], factor, step_mag, extra=COEFFICIENTS * step_mag if rescaled else None, what="prev_sample")
+    check(cpu[1], ref[1], factor, x0_mag, extra=COEFFICIENTS * x0_mag if rescaled else None, what="pred_original")
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_flow_euler_step(data, extreme):
+    _run_sigma_step(genkern.flow_euler_step, data, extreme, "flow_euler")
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_euler_step(data, extreme):
+    _run_sigma_step(genkern.euler_step, data, extreme, "euler")
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_euler_ancestral_step(data, extreme):
+    _run_sigma_step(genkern.euler_ancestral_step, data, extreme, "euler_ancestral")

@@ -84,7 +84,9 @@ def _noising_table(sigma: Tensor) -> tuple[Tensor, Tensor]:
     noise sigma_b (and their squares as alpha-bar and 1 - alpha-bar, which q_sample does not read)."""
     signal = 1.0 - sigma
     rows = torch.stack([signal * signal, sigma * sigma, signal, sigma], dim=1)
-    table = torch.cat([rows.new_tensor([[1.0, 0.0, 1.0, 0.0]]), rows])
+    clean = rows.new_tensor([[1.0, 0.0, 1.0, 0.0]])
+    # The last row is never indexed: a table has at least two rows (t = -1 and one timestep), an empty batch too.
+    table = torch.cat([clean, rows, clean])
     return torch.arange(sigma.shape[0], device=sigma.device), table
 
 
