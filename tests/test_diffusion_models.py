@@ -271,6 +271,34 @@ def test_samples_depend_only_on_the_seed(make):
     assert torch.equal(b, sampler.sample(model, (2, 5), 10, **kwargs))
 
 
+def test_a_reused_sampler_equals_a_fresh_one():
+    """A sampler keeps its last loop (device timestep rows, checked step) for the next call with the same key:
+    every argument that changes the loop must change the key, in any order of calls."""
+    model = GaussianDenoiser(SCHEDULE, mean=0.5, std=0.6)
+    other = GaussianDenoiser(SCHEDULE, mean=-0.2, std=0.3)
+    calls = [  # each call changes one argument of the one before
+        (model, (2, 5), 10, {"seed": 1}),
+        (model, (2, 5), 10, {"seed": 2}),
+        (model, (2, 5), 12, {"seed": 2}),
+        (model, (3, 5), 12, {"seed": 2}),
+        (other, (3, 5), 12, {"seed": 2}),
+        (other, (3, 5), 12, {"seed": 2, "spacing": "leading", "steps_offset": 0}),
+        (other, (3, 5), 12, {"seed": 2, "spacing": "leading", "steps_offset": 1}),
+        (other, (3, 5), 12, {"seed": 2, "spacing": "leading", "steps_offset": 1, "guidance_scale": 2.0}),
+        (other, (3, 5), 12, {"seed": 2, "spacing": "leading", "steps_offset": 1, "dtype": torch.float64}),
+        (model, (2, 5), 10, {"seed": 1}),
+        (model, (2, 5), 10, {"seed": 1, "eta": 0.5}),
+        (model, (2, 5), 10, {"seed": 2, "eta": 0.5}),
+    ]
+    for make in (DDIMSampler, DDPMSampler):
+        reused = make(SCHEDULE)
+        for m, shape, steps, kwargs in calls:
+            if make is DDPMSampler:
+                kwargs = {k: v for k, v in kwargs.items() if k != "eta"}
+            expected = make(SCHEDULE).sample(m, shape, steps, **kwargs)
+            assert torch.equal(reused.sample(m, shape, steps, **kwargs), expected), (make.__name__, shape, kwargs)
+
+
 def test_ddim_at_eta_zero_depends_on_x_T_only():
     model = GaussianDenoiser(SCHEDULE, mean=0.5, std=0.6)
     x_T = torch.randn(3, 4, dtype=torch.float64)

@@ -142,11 +142,16 @@ def _diffusers_scheduler(cls):
     return scheduler
 
 
-def genkern_ddim_loop(x, backend=None):
+@functools.cache
+def _ddim_sampler(backend):
     from . import DDIMSampler
 
-    sampler = DDIMSampler(_SCHEDULE, backend=backend)
-    return sampler.sample(
+    return DDIMSampler(_SCHEDULE, backend=backend)
+
+
+def genkern_ddim_loop(x, backend=None):
+    # One sampler for the run, as the baseline keeps one scheduler (its timesteps set once).
+    return _ddim_sampler(backend).sample(
         _trivial_denoiser,
         x.shape,
         _LOOP_STEPS,

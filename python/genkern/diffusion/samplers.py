@@ -68,6 +68,7 @@ class _Sampler:
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         self.backend = backend
         self._graphs: dict[tuple, _GraphedLoop] = {}
+        self._last_loop: tuple[tuple, _Loop] | None = None  # (key, loop): replaced whole, safe across threads
 
     def _sample(
         self,
@@ -94,7 +95,6 @@ class _Sampler:
         if num_steps is None:
             T = self.schedule.num_train_timesteps
             num_steps = T if self.max_default_steps is None else min(self.max_default_steps, T)
-        timesteps, prev_timesteps = self.schedule.timesteps(num_steps, spacing, steps_offset)
         _spec.check_guidance(guidance_scale, guidance_rescale)
         if model_kwargs is None:
             model_kwargs = {}
@@ -126,6 +126,7 @@ class _Sampler:
         )
 
         def loop() -> _Loop:
+            timesteps, prev_timesteps = self.schedule.timesteps(num_steps, spacing, steps_offset)
             return _Loop(
                 self,
                 model,
@@ -139,24 +140,24 @@ class _Sampler:
                 seed,
             )
 
+        # What a loop depends on besides x_T and the model_kwargs' values. The step kernels take the seed as a
+        # host scalar, so a sampler that draws noise (DDPM, DDIM with eta > 0) needs one loop per seed.
+        key = (
+            shape, dtype, device, id(model), num_steps, spacing, steps_offset, tuple(sorted(step_kwargs.items())),
+            guidance_scale, guidance_rescale, seed if draws_noise else None, self.prediction_type,
+            self.clip_sample, self.dynamic_threshold, self.backend,
+        )  # fmt: skip
         with torch.no_grad():
             if not cuda_graph:
-                return loop()(x, model_kwargs)
-            # The step kernels take the seed as a host scalar, so a capture holds its per-step noise: a
-            # sampler that draws noise (DDPM, DDIM with eta > 0) needs one graph per seed. x_T and the
-            # model_kwargs tensors are inputs of the graph, copied into its static buffers on each call.
-            key = (
-                shape,
-                dtype,
-                device,
-                id(model),
-                tuple(timesteps.tolist()),
-                tuple(sorted(step_kwargs.items())),
-                guidance_scale,
-                guidance_rescale,
-                seed if draws_noise else None,
-                _kwargs_key(model_kwargs),
-            )
+                # The last call's loop (its device timestep rows, its checked step) serves the next call with
+                # the same key: building them costs as much as a third of a short batch-1 run.
+                last = self._last_loop
+                if last is None or last[0] != key:
+                    last = self._last_loop = (key, loop())
+                return last[1](x, model_kwargs)
+            # A capture holds its per-step noise and reads x_T and the model_kwargs tensors from static buffers,
+            # copied in on each call.
+            key += (_kwargs_key(model_kwargs),)
             graphed = self._graphs.get(key)
             if graphed is None:
                 graphed = self._graphs[key] = _GraphedLoop(loop(), model, x, model_kwargs)
@@ -189,13 +190,15 @@ class _Loop:
         self.t = timesteps.to(device)[:, None].expand(-1, batch).contiguous()
         self.prev_t = prev_timesteps.to(device)[:, None].expand(-1, batch).contiguous()
         self.t_model = self.t.repeat(1, 2) if guidance_scale is not None else self.t
+        self.t_model_rows = self.t_model.unbind(0)
+        self.step = None  # made on the first call (under a capture's warm-up, not during the capture)
 
     def __call__(self, x: Tensor, model_kwargs: dict) -> Tensor:
         from . import _prepared_step  # genkern.diffusion imports this module during its own initialisation
 
         sampler = self.sampler
         # The options normalised and the timesteps checked once for the whole loop (see PreparedStep).
-        step = _prepared_step(
+        step = self.step or _prepared_step(
             sampler.kind,
             sampler.schedule,
             self.t,
@@ -209,10 +212,10 @@ class _Loop:
             backend=sampler.backend,
             **self.step_kwargs,
         )
-        for i in range(self.t.shape[0]):
+        self.step = step
+        for i, t in enumerate(self.t_model_rows):
             x_in = torch.cat([x, x]) if self.guidance_scale is not None else x
-            model_output = self.model(x_in, self.t_model[i], **model_kwargs)
-            x = step(model_output, x, i)
+            x = step(self.model(x_in, t, **model_kwargs), x, i)
         return x
 
 
