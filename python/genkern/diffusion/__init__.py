@@ -29,6 +29,7 @@ from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
 from . import _ops
 from . import reference as _spec
+from .dpm_solver import DPMSolverMultistepSampler, dpm_solver_sigmas, dpm_solver_step
 from .flow import FlowMatchEulerSampler, flow_euler_step, flow_matching_loss, flow_sample, flow_sigmas
 from .k_diffusion import EulerSampler, euler_ancestral_step, euler_sigmas, euler_step, scale_model_input
 from .samplers import DDIMSampler, DDPMSampler
@@ -38,12 +39,15 @@ from .training import training_loss
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverMultistepSampler",
     "EulerSampler",
     "FlowMatchEulerSampler",
     "NoiseSchedule",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "dpm_solver_sigmas",
+    "dpm_solver_step",
     "euler_ancestral_step",
     "euler_sigmas",
     "euler_step",

@@ -1,0 +1,159 @@
+"""The multistep solvers' step as a torch op: `genkern::dpm_solver_step` (DPM-Solver++ 1 and 2M, ODE and SDE;
+docs/math.md 5.3).
+
+The step of sample b is the step index step[b] of a loop whose float32 sigma table `sigmas` (num_steps + 1
+k-diffusion sigmas, the final one last) lives on the data's device: the kernel reads sigmas[i - 1], sigmas[i]
+and sigmas[i + 1] and computes alpha, sigma and lambda there, so a loop passes the same table at every step and
+a captured CUDA graph replays with new step indices. The solver's history (the previous data prediction) is a
+tensor the caller owns: the kernel reads it and overwrites it with this step's data prediction in the same
+pass (the op mutates `history`). Checks, reference body, kernel registration and fake follow _ops.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .._kernels import to_unsigned
+from . import _ops
+from . import reference as ref
+
+DPM_SOLVER_TYPES = ref.DPM_SOLVER_TYPES  # the kernels' codes 0, 1 (gk::diffusion::DpmSolverType)
+
+
+def _check_sigma_table(sigmas, like: Tensor) -> None:
+    if (
+        not isinstance(sigmas, Tensor)
+        or sigmas.dtype != torch.float32
+        or sigmas.dim() != 1
+        or sigmas.shape[0] < 2
+        or sigmas.device != like.device
+    ):
+        got = (
+            f"dtype {sigmas.dtype}, shape {tuple(sigmas.shape)} on {sigmas.device}"
+            if isinstance(sigmas, Tensor)
+            else type(sigmas).__name__
+        )
+        raise ValueError(
+            f"sigmas must be a float32 (num_steps + 1,) tensor (num_steps >= 1) on {like.device}, got {got}"
+        )  # fmt: skip
+
+
+def _check_dpm_solver_step(
+    model_output, sample, history, sigmas, step, noise, seed, offset, prediction, solver_type, solver_order, sde,
+    final_first_order, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max,
+) -> None:  # fmt: skip
+    _ops._check_code("prediction", prediction, _ops.PREDICTIONS)
+    _ops._check_code("solver_type", solver_type, DPM_SOLVER_TYPES)
+    if solver_order not in (1, 2):
+        raise ValueError(f"solver_order must be 1 or 2, got {solver_order}")
+    _ops._check_batched("sample", sample)
+    try:
+        ref._check_model_output(model_output, sample, guidance_scale is not None, False)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, for sample of shape {tuple(sample.shape)}") from None
+    _checks.like("history", history, "sample", sample)
+    if not history.is_contiguous():
+        raise ValueError("history must be contiguous (the kernel writes it in place)")
+    _check_sigma_table(sigmas, sample)
+    _ops._check_timesteps("step", step, sample, 0, sigmas.shape[0] - 2)
+    _ops._check_noise(noise, "sample", sample)
+    if noise is not None and not sde:
+        raise ValueError("noise is the SDE variant's (sde=True)")
+    ref.check_guidance(guidance_scale, guidance_rescale)
+    ref.check_threshold(None, None if dynamic_ratio is None else (dynamic_ratio, dynamic_max))
+
+
+def _step_rows(sigmas: Tensor, step: Tensor, solver_order: int, final_first_order: bool):
+    """(sigma_s1, sigma_s0, sigma_t, second) of each sample, as gk::diffusion::dpm_coefficients reads them."""
+    last = sigmas.shape[0] - 2
+    i = step.clamp(0, last)
+    second = (i > 0) & (solver_order == 2)
+    if final_first_order:
+        second = second & (i != last)
+    return sigmas[(i - 1).clamp(min=0)], sigmas[i], sigmas[i + 1], second
+
+
+@torch.library.custom_op("genkern::dpm_solver_step", mutates_args=("history",))
+def dpm_solver_step(
+    model_output: Tensor,
+    sample: Tensor,
+    history: Tensor,
+    sigmas: Tensor,
+    step: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    prediction: int,
+    solver_type: int,
+    solver_order: int,
+    sde: bool,
+    final_first_order: bool,
+    guidance_scale: Optional[float],
+    guidance_rescale: float,
+    dynamic_ratio: Optional[float],
+    dynamic_max: float,
+) -> Tensor:
+    """x_t of step step[b] of each sample; history (sample's shape) holds x0_hat of the step before and is
+    overwritten with this step's. prediction: a PREDICTIONS code; solver_type: a DPM_SOLVER_TYPES code;
+    solver_order 1 or 2 (first order on step 0, and on the last step with final_first_order); sde: the
+    SDE-DPM-Solver++ step, its noise `noise` or the genkern stream for (seed, offset). Guidance as sigma_step;
+    dynamic_ratio: Imagen's dynamic thresholding of x0_hat (with dynamic_max)."""
+    args = (model_output, sample, history, sigmas, step, noise, seed, offset, prediction, solver_type, solver_order)
+    extra = (sde, final_first_order, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max)
+    _check_dpm_solver_step(*args, *extra)
+    s1, s0, t, second = _step_rows(sigmas, step, solver_order, final_first_order)
+    prev, x0 = ref.dpm_solver_update(
+        model_output, sample, history, s1, s0, t, second, prediction_type=_ops.PREDICTIONS[prediction],
+        solver_type=DPM_SOLVER_TYPES[solver_type], sde=sde, noise=noise, seed=to_unsigned(seed),
+        offset=to_unsigned(offset), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        dynamic_threshold=None if dynamic_ratio is None else (dynamic_ratio, dynamic_max),
+    )  # fmt: skip
+    history.copy_(x0)
+    return prev.contiguous()
+
+
+def _dpm_thresholds(model_output, sample, sigmas, step, prediction, scale, rescale, ratio, max_value) -> Tensor:
+    """Each sample's dynamic threshold clamp(quantile(|x0_hat|, ratio), 1, max_value), float32 (B,): a pre-pass
+    computing x0_hat as the kernel does (guidance, rescale, prediction) before thresholding."""
+    B = sample.shape[0]
+    ct = _ops._compute_dtype(sample)
+    x = sample.to(ct).reshape(B, -1)
+    if scale is not None:
+        m, _ = _ops._guided_prediction(model_output, B, False, scale)
+        m = m if rescale is None else m * rescale.to(ct)[:, None]
+    else:
+        m = model_output.to(ct).reshape(B, -1)
+    alpha, sigma, _ = ref.dpm_alpha_sigma_lambda(sigmas[step.clamp(0, sigmas.shape[0] - 2)].to(ct))
+    x0 = ref.dpm_predict_x0(m, x, alpha, sigma, _ops.PREDICTIONS[prediction])
+    return _ops._quantile_rows(x0.abs(), ratio).clamp(min=1.0, max=max_value).float().contiguous()
+
+
+@_ops.KERNELS.register(dpm_solver_step, check=_check_dpm_solver_step)
+def _(kernels, model_output, sample, history, sigmas, step, noise, seed, offset, prediction, solver_type,
+      solver_order, sde, final_first_order, scale, phi, dynamic_ratio, dynamic_max):  # fmt: skip
+    B, guided = sample.shape[0], scale is not None
+    rescale = thresholds = None
+    if guided and phi != 0.0 and sample.numel():
+        rescale = _ops._rescale_factors(model_output, B, False, scale, phi)
+    if dynamic_ratio is not None and sample.numel():
+        thresholds = _dpm_thresholds(
+            model_output, sample, sigmas, step, prediction, scale, rescale, dynamic_ratio, dynamic_max
+        )
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    kernels.dpm_step(
+        model_output.contiguous(), sample.contiguous(), None if noise is None else noise.contiguous(), history,
+        sigmas.contiguous(), step.contiguous(), rescale, thresholds, prev, prediction, solver_type, solver_order, sde,
+        final_first_order, guided, _ops._or_zero(scale), to_unsigned(seed), to_unsigned(offset),
+    )  # fmt: skip
+    return prev
+
+
+@dpm_solver_step.register_fake
+def _(*args):
+    _check_dpm_solver_step(*args)
+    sample = args[1]
+    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
