@@ -40,6 +40,7 @@ from .diffusion import (
     flow_euler_step,
     flow_matching_loss,
     flow_sample,
+    heun_step,
     q_sample,
     schedules,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "gaussian_log_prob",
     "get_backend",
     "gumbel_argmax",
+    "heun_step",
     "iwae_bound",
     "masked_conv2d",
     "models",

@@ -157,3 +157,76 @@ def _(*args):
     _check_dpm_solver_step(*args)
     sample = args[1]
     return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heun_step: a half of Heun's step (HeunDiscreteScheduler), kinds 3 and 4 of the sigma_step kernel. The first
+# half (origin None) writes d into `derivative`, the second reads it and the first half's sample `origin`.
+# ---------------------------------------------------------------------------------------------------------
+HEUN_FIRST, HEUN_SECOND = 3, 4  # gk::diffusion::kHeunFirst, kHeunSecond
+
+
+def _check_heun_step(model_output, sample, origin, derivative, sigma, sigma_next, prediction, guidance_scale,
+                     guidance_rescale) -> None:  # fmt: skip
+    _ops._check_code("prediction", prediction, _ops.PREDICTIONS)
+    _ops._check_batched("sample", sample)
+    try:
+        ref._check_model_output(model_output, sample, guidance_scale is not None, False)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, for sample of shape {tuple(sample.shape)}") from None
+    for name, t in (("derivative", derivative), ("origin", origin)):
+        if t is not None:
+            _checks.like(name, t, "sample", sample)
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+    _ops._check_sigma("sigma", sigma, sample)
+    _ops._check_sigma("sigma_next", sigma_next, sample)
+    ref.check_guidance(guidance_scale, guidance_rescale)
+
+
+@torch.library.custom_op("genkern::heun_step", mutates_args=("derivative",))
+def heun_step(
+    model_output: Tensor,
+    sample: Tensor,
+    origin: Optional[Tensor],
+    derivative: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    prediction: int,
+    guidance_scale: Optional[float],
+    guidance_rescale: float,
+) -> Tensor:
+    """A half of Heun's step sigma -> sigma_next (float32 (B,) each; the second half takes the same two as the
+    first): origin None, the first half (returns x', writes d into `derivative`); else the second half at
+    sample = x' (returns the step's result from `origin`, reads `derivative`)."""
+    args = (model_output, sample, origin, derivative, sigma, sigma_next, prediction, guidance_scale, guidance_rescale)
+    _check_heun_step(*args)
+    out, _, d = ref.heun_step(
+        model_output, sample, origin, derivative, sigma, sigma_next, prediction_type=_ops.PREDICTIONS[prediction],
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+    )  # fmt: skip
+    if origin is None:
+        derivative.copy_(d)
+    return out.contiguous()
+
+
+@_ops.KERNELS.register(heun_step, check=_check_heun_step)
+def _(kernels, model_output, sample, origin, derivative, sigma, sigma_next, prediction, scale, phi):
+    B, guided = sample.shape[0], scale is not None
+    rescale = None
+    if guided and phi != 0.0 and sample.numel():
+        rescale = _ops._rescale_factors(model_output, B, False, scale, phi)
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    kind = HEUN_FIRST if origin is None else HEUN_SECOND
+    kernels.sigma_step(
+        model_output.contiguous(), sample.contiguous(), None, sigma, sigma_next, rescale, prev, None, kind, prediction,
+        guided, _ops._or_zero(scale), False, 0, 0, None if origin is None else origin.contiguous(), derivative,
+    )  # fmt: skip
+    return prev
+
+
+@heun_step.register_fake
+def _(*args):
+    _check_heun_step(*args)
+    sample = args[1]
+    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)

@@ -1001,3 +1001,38 @@ def dpm_solver_update(
     if sde:
         out = out + _coef(s_t * (1.0 - e2).sqrt(), x) * _noise(noise, seed, offset, x.shape, x)
     return _fresh(out.to(dtype), model_output, sample), _fresh(d0.to(dtype), model_output, sample)
+
+
+def heun_step(
+    model_output: Tensor,
+    sample: Tensor,
+    origin: Tensor | None,
+    derivative: Tensor,
+    sigma,
+    sigma_next,
+    *,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, x0_hat, d) of a half of HeunDiscreteScheduler.step (docs/math.md 5.2), sigma -> sigma_next:
+    - first half (origin None): d = (x - x0_hat) / sigma, out = x + d (sigma_next - sigma), the Euler point x';
+    - second half (sample = x', origin = the first half's x, derivative = its d): x0_hat at x' with sigma_next,
+      d' = (x' - x0_hat) / sigma_next, out = origin + (d + d') / 2 (sigma_next - sigma); x' itself where
+      sigma_next = 0 (the Euler step alone). d is the derivative buffer's new value (unchanged by the second)."""
+    dtype, x = sample.dtype, _compute(sample)
+    m = _compute(model_output)
+    if guidance_scale is not None:
+        m = guide(m, float(torch.tensor(guidance_scale, dtype=torch.float32)), guidance_rescale)
+    s, s_next = _sigmas(sigma, x), _sigmas(sigma_next, x)
+    dt = _coef((s_next - s).to(x.dtype), x)
+    if origin is None:
+        x0 = sigma_predict_x0(m, x, s, prediction_type)
+        d = (x - x0) / _coef(s, x)
+        out = x + d * dt
+    else:
+        x0 = sigma_predict_x0(m, x, s_next, prediction_type)
+        d = _compute(derivative)
+        average = (d + (x - x0) / _coef(s_next, x)) / 2
+        out = torch.where(_coef(s_next, x) == 0, x, _compute(origin) + average * dt)
+    return _fresh(out.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample), d.to(dtype)
