@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _checks
 from .. import backend as _backend
-from .._kernels import to_signed
+from .._kernels import to_signed, to_unsigned
 from ..random import check_offset, resolve_seed
 from . import (
     _ops,
@@ -270,9 +270,23 @@ class _DpmLoop:
         op = torch.ops.genkern.dpm_solver_step
         options = (s.prediction, s.solver, s.order, s.sde, self.final_first_order, self.guidance_scale,
                    self.guidance_rescale, *self.threshold)  # fmt: skip
+        # The kernel's own codes; rescale factors and thresholds are pre-passes only the op computes.
+        pre_pass = self.guidance_rescale != 0.0 or self.threshold[0] is not None
+        steps = _solver_ops.LoopSteps(s.backend, x, native=not pre_pass)
+        codes = (s.prediction, s.solver, s.order, s.sde, self.final_first_order, self.guidance_scale is not None,
+                 _ops._or_zero(self.guidance_scale), to_unsigned(self.seed))  # fmt: skip
         for i in range(self.steps.shape[0]):
             x_in = torch.cat([x, x]) if self.guidance_scale is not None else x
             m = self.model(x_in, self.t_model[i], **model_kwargs)
-            args = (m, x, history, self.sigmas, self.steps[i], None, self.seed, i + 1)
-            x = _backend.call(s.backend, op, *args, *options)
+
+            def op_call(m=m, x=x, i=i):
+                args = (m, x, history, self.sigmas, self.steps[i], None, self.seed, i + 1)
+                return _backend.call(s.backend, op, *args, *options)
+
+            def native_call(m=m, x=x, i=i):
+                prev = torch.empty_like(x)
+                args = (m.contiguous(), x, None, history, self.sigmas, self.steps[i], None, None, prev)
+                return _solver_ops.launch_native("dpm_step", prev, *args, *codes[:7], codes[7], i + 1)
+
+            x = steps(op_call, native_call, m, x)
         return x

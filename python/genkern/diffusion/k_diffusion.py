@@ -370,12 +370,27 @@ class _HeunLoop:
         options = (s.prediction, self.guidance_scale, self.guidance_rescale)
         x = x_T * self.init
         derivative = torch.empty_like(x)
+        # The kernel launched directly after the op's checks (rescale factors: a pre-pass only the op computes).
+        steps = _solver_ops.LoopSteps(s.backend, x, native=self.guidance_rescale == 0.0)
+        guided = self.guidance_scale is not None
+        codes = (s.prediction, guided, 0.0 if not guided else self.guidance_scale, False, 0, 0)
+
+        def half(m, x, origin, i):
+            def op_call():
+                return _backend.call(s.backend, op, m, x, origin, derivative, rows[i], rows[i + 1], *options)
+
+            def native_call():
+                prev = torch.empty_like(x)
+                kind = _solver_ops.HEUN_FIRST if origin is None else _solver_ops.HEUN_SECOND
+                args = (m.contiguous(), x, None, rows[i], rows[i + 1], None, prev, None, kind, *codes)
+                return _solver_ops.launch_native("sigma_step", prev, *args, origin, derivative)
+
+            return steps(op_call, native_call, m, x)
+
         N = rows.shape[0] - 1
         for i in range(N):
-            m = self._model(x, i, view, model_kwargs)
-            x_prime = _backend.call(s.backend, op, m, x, None, derivative, rows[i], rows[i + 1], *options)
+            x_prime = half(self._model(x, i, view, model_kwargs), x, None, i)
             if i == N - 1:  # into sigma 0: the Euler step alone
                 return x_prime
-            m = self._model(x_prime, i + 1, view, model_kwargs)
-            x = _backend.call(s.backend, op, m, x_prime, x, derivative, rows[i], rows[i + 1], *options)
+            x = half(self._model(x_prime, i + 1, view, model_kwargs), x_prime, x, i)
         return x
