@@ -219,6 +219,8 @@ def test_opcheck_compile_and_bad_arguments():
         op(*_op_args(m, x, history, sigmas, step, solver_order=3))
     with pytest.raises(ValueError, match="solver_order"):
         DPMSolverMultistepSampler(SCHEDULE, solver_order=3)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        DPMSolverMultistepSampler(SCHEDULE).sample(lambda x, t: x, (1, 2), 3, cuda_graph=1)
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])

@@ -123,6 +123,8 @@ def test_opcheck_compile_and_bad_arguments():
         genkern.heun_step(m, s, s_next, x, d, origin=x.double())
     with pytest.raises(ValueError, match="prediction_type"):
         genkern.heun_step(m, s, s_next, x, d, prediction_type="flow")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        HeunSampler(SCHEDULE).sample(lambda x, t: x, (1, 2), 3, cuda_graph=True)  # a CPU run
 
 
 @pytest.mark.parametrize("config", [{}, dict(use_karras_sigmas=True, prediction_type="v_prediction")])

@@ -273,3 +273,21 @@ def launch_native(kernel: str, prev: Tensor, *args) -> Tensor:
     described = [_native.array(a) if isinstance(a, Tensor) else a for a in args]
     _native.launch(fn, prev.device, described)
     return prev
+
+
+def run_loop(graphs: dict, make_loop, model, x_T: Tensor, model_kwargs: dict, cuda_graph, key: tuple) -> Tensor:
+    """A sampler's run: make_loop()(x_T, model_kwargs), or with cuda_graph its capture (the DDPM/DDIM samplers'
+    _GraphedLoop), cached in `graphs` under `key` plus x_T's shape, dtype and device, the model and the
+    model_kwargs' key (see samplers._kwargs_key)."""
+    from .samplers import _check_flag, _GraphedLoop, _kwargs_key  # samplers imports this family's ops
+
+    _check_flag("cuda_graph", cuda_graph)
+    if cuda_graph and x_T.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got device {x_T.device}")
+    if not cuda_graph:
+        return make_loop()(x_T, model_kwargs)
+    key = (tuple(x_T.shape), x_T.dtype, x_T.device, id(model), *key, _kwargs_key(model_kwargs))
+    graphed = graphs.get(key)
+    if graphed is None:
+        graphed = graphs[key] = _GraphedLoop(make_loop(), model, x_T, model_kwargs)
+    return graphed(x_T, model_kwargs)

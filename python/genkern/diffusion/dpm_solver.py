@@ -30,7 +30,7 @@ from . import (
 from . import reference as _spec
 from .flow import loop_start
 from .k_diffusion import SPACINGS, _sigma_to_t
-from .samplers import _check_flag, _GraphedLoop, _kwargs_key
+from .samplers import _check_flag
 from .schedules import NoiseSchedule
 
 __all__ = ["DPMSolverMultistepSampler", "dpm_solver_sigmas", "dpm_solver_step"]
@@ -202,7 +202,7 @@ class DPMSolverMultistepSampler:
         self.dynamic_threshold = (dynamic_thresholding_ratio, sample_max_value) if thresholding else None
         _spec.check_threshold(None, self.dynamic_threshold)
         self.backend = backend
-        self._graphs: dict[tuple, _GraphedLoop] = {}
+        self._graphs: dict = {}
 
     def _final_first_order(self, num_steps: int) -> bool:
         """diffusers' lower_order_final condition of the last step."""
@@ -226,21 +226,15 @@ class DPMSolverMultistepSampler:
         dtype: torch.dtype = torch.float32,
         cuda_graph: bool = False,
     ) -> Tensor:
-        _check_flag("cuda_graph", cuda_graph)
         model_kwargs, seed, shape, x = loop_start(
             model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
         )
-        if cuda_graph and x.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {x.device}")
-        loop = _DpmLoop(self, model, num_steps, shape[0], x.device, guidance_scale, guidance_rescale, seed)
-        if not cuda_graph:
-            return loop(x, model_kwargs)
-        key = (shape, dtype, x.device, id(model), num_steps, guidance_scale, guidance_rescale,
-               seed if self.sde else None, _kwargs_key(model_kwargs))  # fmt: skip
-        graphed = self._graphs.get(key)
-        if graphed is None:
-            graphed = self._graphs[key] = _GraphedLoop(loop, model, x, model_kwargs)
-        return graphed(x, model_kwargs)
+
+        def make_loop():
+            return _DpmLoop(self, model, num_steps, shape[0], x.device, guidance_scale, guidance_rescale, seed)
+
+        key = (num_steps, guidance_scale, guidance_rescale, seed if self.sde else None)
+        return _solver_ops.run_loop(self._graphs, make_loop, model, x, model_kwargs, cuda_graph, key)
 
     def clear_cuda_graphs(self) -> None:
         """Release the captured graphs (and the memory pools they hold)."""

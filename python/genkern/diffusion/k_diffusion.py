@@ -320,23 +320,15 @@ class HeunSampler:
         dtype: torch.dtype = torch.float32,
         cuda_graph: bool = False,
     ) -> Tensor:
-        from .samplers import _check_flag, _GraphedLoop, _kwargs_key
-
-        _check_flag("cuda_graph", cuda_graph)
         model_kwargs, seed, shape, x_T = loop_start(
             model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
         )
-        if cuda_graph and x_T.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {x_T.device}")
-        loop = _HeunLoop(self, model, num_steps, shape[0], x_T.device, dtype, guidance_scale, guidance_rescale)
-        if not cuda_graph:
-            return loop(x_T, model_kwargs)
-        key = (shape, dtype, x_T.device, id(model), num_steps, guidance_scale, guidance_rescale,
-               _kwargs_key(model_kwargs))  # fmt: skip
-        graphed = self._graphs.get(key)
-        if graphed is None:
-            graphed = self._graphs[key] = _GraphedLoop(loop, model, x_T, model_kwargs)
-        return graphed(x_T, model_kwargs)
+
+        def make_loop():
+            return _HeunLoop(self, model, num_steps, shape[0], x_T.device, dtype, guidance_scale, guidance_rescale)
+
+        key = (num_steps, guidance_scale, guidance_rescale)
+        return _solver_ops.run_loop(self._graphs, make_loop, model, x_T, model_kwargs, cuda_graph, key)
 
     def clear_cuda_graphs(self) -> None:
         """Release the captured graphs (and the memory pools they hold)."""
