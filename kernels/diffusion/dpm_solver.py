@@ -68,7 +68,9 @@ def _dpm_step_kernel(
     last = num_sigmas - 2
     i = tl.load(step_ptr + b, mask=mask, other=0)
     i = tl.minimum(tl.maximum(i, 0), last)  # clamped into the table, as gk::diffusion::dpm_coefficients
-    second = (i > 0) & (ORDER == 2)
+    second = i > 0
+    if ORDER != 2:
+        second = i < 0  # first order at every step
     if FINAL_FIRST:
         second = second & (i != last)
     alpha_t, sigma_t, lambda_t = _alpha_sigma(tl.load(sigmas_ptr + i + 1, mask=mask, other=1.0).to(CT))
