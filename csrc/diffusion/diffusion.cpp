@@ -180,6 +180,7 @@ void step_entry(const Array& model_output, const Array& sample, const OptArray& 
 }  // namespace
 
 void bind_sigma_step(py::module_& m);  // csrc/diffusion/sigma_step.cpp
+void bind_dpm_solver(py::module_& m);  // csrc/diffusion/dpm_solver.cpp
 
 void bind_diffusion(py::module_& parent) {
   py::module_ m = parent.def_submodule("diffusion", "genkern._C.diffusion: diffusion kernels");
@@ -196,6 +197,7 @@ void bind_diffusion(py::module_& parent) {
         arg("prediction"), arg("variance"), arg("guided"), arg("guidance_scale"), arg("clip"), arg("eta"),
         arg("use_clipped_model_output"), arg("seed"), arg("offset"), arg("stream") = 0);
   bind_sigma_step(m);
+  bind_dpm_solver(m);
 }
 
 }  // namespace gk

@@ -18,17 +18,23 @@ namespace {
 void sigma_step_entry(const Array& model_output, const Array& sample, const OptArray& noise, const Array& sigma,
                       const Array& sigma_next, const OptArray& rescale, const Array& prev_sample,
                       const OptArray& pred_original, int64_t kind, int64_t prediction, bool guided,
-                      double guidance_scale, bool stochastic, uint64_t seed, uint64_t offset, uintptr_t stream) {
-  Checked(sample, "sample")(model_output, "model_output")(noise, "noise")(prev_sample, "prev_sample")(pred_original,
-                                                                                                      "pred_original");
+                      double guidance_scale, bool stochastic, uint64_t seed, uint64_t offset, const OptArray& origin,
+                      const OptArray& derivative, uintptr_t stream) {
+  Checked(sample, "sample")(model_output, "model_output")(noise, "noise")(prev_sample, "prev_sample")(
+      pred_original, "pred_original")(origin, "origin")(derivative, "derivative");
   if (sample.ndim() < 1) throw ValueError("sample must have a batch dimension");
-  if (kind < kFlowEuler || kind > kEulerAncestral) throw ValueError("unknown sigma step kind");
+  if (kind < kFlowEuler || kind > kHeunSecond) throw ValueError("unknown sigma step kind");
+  const bool heun = kind == kHeunFirst || kind == kHeunSecond;
+  if (heun != bool(derivative)) throw ValueError("derivative is given exactly for the Heun kinds");
+  if ((kind == kHeunSecond) != bool(origin)) throw ValueError("origin is given exactly for Heun's second half");
   if (prediction < kEpsilon || prediction > kSample) throw ValueError("unknown prediction type");
   const int64_t batch = sample.shape[0];
   check_numel(model_output, (guided ? 2 : 1) * sample.numel(), "model_output");
   check_numel(prev_sample, sample.numel(), "prev_sample");
   if (pred_original) check_numel(*pred_original, sample.numel(), "pred_original");
   if (noise) check_numel(*noise, sample.numel(), "noise");
+  if (derivative) check_numel(*derivative, sample.numel(), "derivative");
+  if (origin) check_numel(*origin, sample.numel(), "origin");
   check_per_sample(sigma, sample, batch, "sigma");
   check_per_sample(sigma_next, sample, batch, "sigma_next");
   check_per_sample(rescale, sample, batch, "rescale");
@@ -44,6 +50,8 @@ void sigma_step_entry(const Array& model_output, const Array& sample, const OptA
                            rescale ? rescale->ptr<const float>() : nullptr,
                            prev_sample.raw(),
                            data_or_null(pred_original),
+                           data_or_null(derivative),
+                           data_or_null(origin),
                            batch,
                            sample.numel() / batch,
                            static_cast<int32_t>(kind),
@@ -64,7 +72,8 @@ void bind_sigma_step(py::module_& m) {
   using py::arg;
   m.def("sigma_step", &sigma_step_entry, arg("model_output"), arg("sample"), arg("noise"), arg("sigma"),
         arg("sigma_next"), arg("rescale"), arg("prev_sample"), arg("pred_original"), arg("kind"), arg("prediction"),
-        arg("guided"), arg("guidance_scale"), arg("stochastic"), arg("seed"), arg("offset"), arg("stream") = 0);
+        arg("guided"), arg("guidance_scale"), arg("stochastic"), arg("seed"), arg("offset"), arg("origin") = py::none(),
+        arg("derivative") = py::none(), arg("stream") = 0);
 }
 
 }  // namespace gk

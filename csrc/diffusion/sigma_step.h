@@ -10,7 +10,8 @@ namespace diffusion {
 // prev_sample[b, j] = sigma_step_element(m, sample[b, j], z, coefficients of sigma[b] -> sigma_next[b]) with
 // m = model_output (b, j), or with guidance u + s (c - u) of its two halves (2 * batch samples, the
 // unconditional first) times the sample's rescale factor; z = noise or stream element b * n + j (flow with
-// stochastic sampling, Euler ancestral). pred_original nullable.
+// stochastic sampling, Euler ancestral). pred_original nullable. Heun: the first half also writes d into
+// `derivative`; the second half reads it and `origin` (the first half's sample), `sample` being x'.
 struct SigmaStepArgs {
   const void* model_output;
   const void* sample;
@@ -20,6 +21,8 @@ struct SigmaStepArgs {
   const float* rescale;     // (batch,) nullable: guidance rescale factors
   void* prev_sample;
   void* pred_original;  // nullable
+  void* derivative;     // Heun (kinds 3, 4): written by the first half, read by the second
+  const void* origin;   // Heun's second half: the sample the first half stepped from
   int64_t batch, n;
   int32_t kind;        // SigmaStepKind
   int32_t prediction;  // k-diffusion: Prediction (flow: velocity)

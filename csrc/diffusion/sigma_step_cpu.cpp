@@ -21,6 +21,8 @@ struct SigmaStepKernel {
     const T* noise = static_cast<const T*>(a.noise);
     T* prev = static_cast<T*>(a.prev_sample);
     T* pred_original = static_cast<T*>(a.pred_original);
+    T* derivative = static_cast<T*>(a.derivative);
+    const T* origin = static_cast<const T*>(a.origin);
     const int64_t B = a.batch, n = a.n, total = B * n;
     if (total == 0) return;
     const T scale = T(a.guidance_scale);
@@ -62,7 +64,27 @@ struct SigmaStepKernel {
           else
             loop(kind_c, std::integral_constant<int32_t, kSample>{});
         };
-        if (a.kind == kFlowEuler)
+        // Heun's halves: the derivative in and out of its own buffer.
+        T* d = derivative ? derivative + start + t0 : nullptr;
+        const T* o = origin ? origin + start + t0 : nullptr;
+        auto heun = [&](auto prediction_c) {
+          constexpr int32_t P = decltype(prediction_c)::value;
+          if (a.kind == kHeunFirst) {
+#pragma omp simd
+            for (int64_t i = 0; i < cnt; ++i) out[i] = heun_first_element(m[i], x[i], c, P, x0[i], d[i]);
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < cnt; ++i) out[i] = heun_second_element(m[i], x[i], o[i], d[i], c, P, x0[i]);
+          }
+        };
+        if (a.kind == kHeunFirst || a.kind == kHeunSecond) {
+          if (a.prediction == kEpsilon)
+            heun(std::integral_constant<int32_t, kEpsilon>{});
+          else if (a.prediction == kVPrediction)
+            heun(std::integral_constant<int32_t, kVPrediction>{});
+          else
+            heun(std::integral_constant<int32_t, kSample>{});
+        } else if (a.kind == kFlowEuler)
           loop(std::integral_constant<int32_t, kFlowEuler>{}, std::integral_constant<int32_t, kEpsilon>{});
         else if (a.kind == kEuler)
           with_prediction(std::integral_constant<int32_t, kEuler>{});

@@ -14,7 +14,9 @@
 namespace gk {
 namespace diffusion {
 
-enum SigmaStepKind : int32_t { kFlowEuler = 0, kEuler = 1, kEulerAncestral = 2 };
+// Heun (HeunDiscreteScheduler) is two kinds: its first half is the Euler step to x' that also writes d, its
+// second half combines d with d' of the model output at x' and steps from the first half's sample x.
+enum SigmaStepKind : int32_t { kFlowEuler = 0, kEuler = 1, kEulerAncestral = 2, kHeunFirst = 3, kHeunSecond = 4 };
 
 // A step's per-sample coefficients in the compute type C from the float32 sigmas of the step.
 template <typename C>
@@ -28,7 +30,8 @@ struct SigmaCoefficients {
 template <typename C>
 GK_HD SigmaCoefficients<C> sigma_coefficients(int32_t kind, float sigma_f, float next_f) {
   SigmaCoefficients<C> c{};
-  c.sigma = C(sigma_f);
+  // Heun's second half predicts x0 at x' and divides by sigma_next (its sigma_input); dt stays next - sigma.
+  c.sigma = C(kind == kHeunSecond ? next_f : sigma_f);
   c.sigma_next = C(next_f);
   if (kind == kEulerAncestral) {
     // sigma_up = sqrt(next^2 (sigma^2 - next^2) / sigma^2), sigma_down = sqrt(next^2 - sigma_up^2)
@@ -68,6 +71,25 @@ GK_HD C sigma_step_element(C m, C x, C z, const SigmaCoefficients<C>& c, int32_t
   x0 = sigma_predict_x0(m, x, c, prediction);
   const C out = x + (x - x0) / c.sigma * c.dt;
   return kind == kEulerAncestral ? out + z * c.up : out;
+}
+
+// Heun's first half: the Euler step (as sigma_step_element) that also writes d = (x - x0_hat) / sigma.
+template <typename C>
+GK_HD C heun_first_element(C m, C x, const SigmaCoefficients<C>& c, int32_t prediction, C& x0, C& d) {
+  x0 = sigma_predict_x0(m, x, c, prediction);
+  d = (x - x0) / c.sigma;
+  return x + d * c.dt;
+}
+
+// Heun's second half at x' = x_prime (the first half's output) from the first half's sample `origin`:
+// d' = (x' - x0_hat') / sigma_next, origin + (d + d') / 2 (sigma_next - sigma). A sample whose sigma_next is
+// 0 took the Euler step alone (diffusers never evaluates the model there): x' is its result.
+template <typename C>
+GK_HD C heun_second_element(C m, C x_prime, C origin, C d, const SigmaCoefficients<C>& c, int32_t prediction, C& x0) {
+  x0 = sigma_predict_x0(m, x_prime, c, prediction);
+  if (c.sigma_next == C(0)) return x_prime;
+  const C average = (d + (x_prime - x0) / c.sigma) / C(2);
+  return origin + average * c.dt;
 }
 
 }  // namespace diffusion

@@ -854,4 +854,5 @@ def step(
     return prev_sample, pred_original
 
 
+from .dpm_solver import dpm_step  # noqa: E402, F401 - the DPM-Solver++ step: its own file, this group's module
 from .sigma_step import sigma_step  # noqa: E402, F401 - the sigma-space steps: their own file, this group's module

@@ -27,6 +27,8 @@ __global__ void __launch_bounds__(kThreads) sigma_step_kernel(SigmaStepArgs a) {
   const S* noise = static_cast<const S*>(a.noise);
   S* prev = static_cast<S*>(a.prev_sample);
   S* pred_original = static_cast<S*>(a.pred_original);
+  S* derivative = static_cast<S*>(a.derivative);
+  const S* origin = static_cast<const S*>(a.origin);
   const int64_t n = a.n, total = a.batch * n, groups = ceil_div(total, 4);
   const bool stochastic = a.stochastic != 0;
   const bool noisy = a.kind == kEulerAncestral || (a.kind == kFlowEuler && stochastic);
@@ -52,8 +54,16 @@ __global__ void __launch_bounds__(kThreads) sigma_step_kernel(SigmaStepArgs a) {
           m = guide(m, load(mo, (a.batch + b) * n + j), C(a.guidance_scale), k);
         }
         const C z = noisy ? (noise ? load(noise, e) : C(z4[l])) : C(0);
-        C x0;
-        const C out = sigma_step_element(m, load(sample, e), z, c, a.kind, a.prediction, stochastic, x0);
+        C x0, out;
+        if (a.kind == kHeunFirst) {
+          C d;
+          out = heun_first_element(m, load(sample, e), c, a.prediction, x0, d);
+          store(derivative, e, d);
+        } else if (a.kind == kHeunSecond) {
+          out = heun_second_element(m, load(sample, e), load(origin, e), load(derivative, e), c, a.prediction, x0);
+        } else {
+          out = sigma_step_element(m, load(sample, e), z, c, a.kind, a.prediction, stochastic, x0);
+        }
         store(prev, e, out);
         if (pred_original) store(pred_original, e, x0);
       }

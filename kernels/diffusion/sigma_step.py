@@ -21,6 +21,8 @@ BLOCK = 1024
 FLOW_EULER = tl.constexpr(0)  # gk::diffusion::kFlowEuler
 EULER = tl.constexpr(1)  # kEuler
 EULER_ANCESTRAL = tl.constexpr(2)  # kEulerAncestral
+HEUN_FIRST = tl.constexpr(3)  # kHeunFirst
+HEUN_SECOND = tl.constexpr(4)  # kHeunSecond
 EPSILON = tl.constexpr(0)  # gk::diffusion::kEpsilon
 V_PREDICTION = tl.constexpr(1)  # kVPrediction
 
@@ -44,6 +46,8 @@ def _sigma_step_kernel(
     rescale_ptr,
     prev_ptr,
     x0_ptr,
+    d_ptr,
+    origin_ptr,
     total,
     n,
     scale,
@@ -68,6 +72,8 @@ def _sigma_step_kernel(
     sigma_f = tl.load(sigma_ptr + b, mask=mask, other=0.0)
     next_f = tl.load(next_ptr + b, mask=mask, other=0.0)
     sigma, nxt = sigma_f.to(CT), next_f.to(CT)
+    if KIND == HEUN_SECOND:
+        sigma = nxt  # x0_hat at x' and d' divide by sigma_next (sigma_coefficients)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(CT)
     if GUIDED:
         cond = tl.load(m_ptr + total + offs, mask=mask, other=0.0).to(CT)
@@ -100,7 +106,16 @@ def _sigma_step_kernel(
             dt = _sqrt(n2 - up * up) - sigma
         else:
             dt = (next_f - sigma_f).to(CT)
-        out = x + _div(x - x0, tl.where(mask, sigma, 1.0)) * dt
+        d = _div(x - x0, tl.where(mask, sigma, 1.0))
+        if KIND == HEUN_SECOND:
+            # heun_second_element: origin + (d + d') / 2 dt, x' itself where sigma_next = 0
+            d_first = tl.load(d_ptr + offs, mask=mask, other=0.0).to(CT)
+            origin = tl.load(origin_ptr + offs, mask=mask, other=0.0).to(CT)
+            out = tl.where(nxt == 0.0, x, origin + _div(d_first + d, tl.full([BLOCK], 2.0, CT)) * dt)
+        else:
+            out = x + d * dt
+        if KIND == HEUN_FIRST:
+            tl.store(d_ptr + offs, to_dtype(d, d_ptr.dtype.element_ty), mask=mask)
         if KIND == EULER_ANCESTRAL:
             out = out + z * up
     tl.store(prev_ptr + offs, to_dtype(out, prev_ptr.dtype.element_ty), mask=mask)
@@ -124,11 +139,14 @@ def sigma_step(
     stochastic,
     seed,
     offset,
+    origin=None,
+    derivative=None,
 ):
     """prev_sample (and pred_original unless None) of one sigma-space step, as _C.diffusion.sigma_step:
-    kind 0 flow Euler, 1 Euler, 2 Euler ancestral; prediction 0 epsilon, 1 v_prediction, 2 sample."""
+    kind 0 flow Euler, 1 Euler, 2 Euler ancestral, 3 and 4 Heun's halves (derivative written by 3, read by 4
+    with origin); prediction 0 epsilon, 1 v_prediction, 2 sample."""
     check(sample.dtype, model_output=model_output, sample=sample, noise=noise, prev_sample=prev_sample,
-          pred_original=pred_original)  # fmt: skip
+          pred_original=pred_original, origin=origin, derivative=derivative)  # fmt: skip
     if sample.dim() < 1:
         raise ValueError("sample must have a batch dimension")
     batch, total = sample.shape[0], sample.numel()
@@ -141,14 +159,20 @@ def sigma_step(
         ("sigma", sigma, batch),
         ("sigma_next", sigma_next, batch),
         ("rescale", rescale, batch),
+        ("origin", origin, total),
+        ("derivative", derivative, total),
     ):
         if a is not None and a.numel() != numel:
             raise ValueError(f"{name} must have {numel} elements, got {a.numel()}")
     if rescale is not None and not guided:
         raise ValueError("rescale needs guidance")
     kind, prediction = int(kind), int(prediction)
-    if kind not in (0, 1, 2):
+    if kind not in (0, 1, 2, 3, 4):
         raise ValueError("unknown sigma step kind")
+    if (kind in (3, 4)) != (derivative is not None):
+        raise ValueError("derivative is given exactly for the Heun kinds")
+    if (kind == 4) != (origin is not None):
+        raise ValueError("origin is given exactly for Heun's second half")
     if prediction not in (0, 1, 2):
         raise ValueError("unknown prediction type")
     if total == 0:
@@ -165,6 +189,8 @@ def sigma_step(
         rescale if rescale is not None else sigma,
         prev_sample,
         pred_original if pred_original is not None else prev_sample,
+        derivative if derivative is not None else prev_sample,
+        origin if origin is not None else sample,
         total,
         total // batch,
         scale,

@@ -27,10 +27,19 @@ from .. import _checks
 from .. import backend as _backend
 from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
-from . import _ops
+from . import _ops, sigma_schedules
 from . import reference as _spec
+from .dpm_solver import DPMSolverMultistepSampler, dpm_solver_sigmas, dpm_solver_step
 from .flow import FlowMatchEulerSampler, flow_euler_step, flow_matching_loss, flow_sample, flow_sigmas
-from .k_diffusion import EulerSampler, euler_ancestral_step, euler_sigmas, euler_step, scale_model_input
+from .k_diffusion import (
+    EulerSampler,
+    HeunSampler,
+    euler_ancestral_step,
+    euler_sigmas,
+    euler_step,
+    heun_step,
+    scale_model_input,
+)
 from .samplers import DDIMSampler, DDPMSampler
 from .schedules import NoiseSchedule
 from .training import training_loss
@@ -38,12 +47,16 @@ from .training import training_loss
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverMultistepSampler",
     "EulerSampler",
     "FlowMatchEulerSampler",
+    "HeunSampler",
     "NoiseSchedule",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "dpm_solver_sigmas",
+    "dpm_solver_step",
     "euler_ancestral_step",
     "euler_sigmas",
     "euler_step",
@@ -51,9 +64,11 @@ __all__ = [
     "flow_matching_loss",
     "flow_sample",
     "flow_sigmas",
+    "heun_step",
     "q_sample",
     "scale_model_input",
     "schedules",
+    "sigma_schedules",
     "training_loss",
 ]
 

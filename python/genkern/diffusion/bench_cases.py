@@ -17,6 +17,7 @@ small call must stay cheap on a loaded machine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -276,3 +277,153 @@ CASES = (
     ),
     under_load(_LOOP),
 )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The multistep and second-order solvers: a DPM-Solver++ 2M step and Heun's second half at per-sample steps,
+# and 25-step Heun / 50-step DPM-Solver++ 2M loops against diffusers' schedulers (as ddim_loop).
+# ---------------------------------------------------------------------------------------------------------
+_SOLVER_STEPS = 50
+
+
+def _solver_sigmas(device):
+    from .dpm_solver import dpm_solver_sigmas
+
+    return dpm_solver_sigmas(_SCHEDULE, _SOLVER_STEPS)[0].to(device)
+
+
+def _dpm_step_inputs(size, device, dtype):
+    """(model_output, sample, history, sigmas, step): second-order steps of a 50-step run, per sample."""
+    sample = torch.randn(_shape(size), device=device, dtype=dtype)
+    step = torch.randint(1, _SOLVER_STEPS - 1, (sample.shape[0],), device=device)
+    return torch.randn_like(sample), sample, torch.randn_like(sample), _solver_sigmas(device), step
+
+
+def _alpha_sigma_lambda(s):
+    alpha = 1 / (s**2 + 1) ** 0.5
+    sigma = s * alpha
+    return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+
+def eager_dpm_solver_step(model_output, sample, history, sigmas, step):
+    """DPMSolverMultistepScheduler's convert_model_output and 2M midpoint update (dpmsolver++, epsilon) with
+    per-sample sigmas; returns x_t (x0_hat is the next step's history: diffusers keeps the tensor)."""
+    view = (-1, *([1] * (sample.dim() - 1)))
+    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[step + 1].view(view))
+    alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(sigmas[step].view(view))
+    _, _, lambda_s1 = _alpha_sigma_lambda(sigmas[step - 1].view(view))
+    x0 = (sample - sigma_s0 * model_output) / alpha_s0
+    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+    d1 = (1.0 / (h_0 / h)) * (x0 - history)
+    k = alpha_t * (torch.exp(-h) - 1.0)
+    return (sigma_t / sigma_s0) * sample - k * x0 - 0.5 * k * d1
+
+
+def genkern_dpm_solver_step(model_output, sample, history, sigmas, step, backend=None):
+    return genkern.dpm_solver_step(model_output, sigmas, step, sample, history, backend=backend)
+
+
+def _heun_step_inputs(size, device, dtype):
+    """(model_output, x', origin, derivative, sigma, sigma_next): Heun's second half, per-sample sigmas."""
+    sample = torch.randn(_shape(size), device=device, dtype=dtype)
+    sigma = torch.rand(sample.shape[0], device=device) * 10 + 0.1
+    return (torch.randn_like(sample), sample, torch.randn_like(sample), torch.randn_like(sample), sigma,
+            sigma * 0.8)  # fmt: skip
+
+
+def eager_heun_step(model_output, sample, origin, derivative, sigma, sigma_next):
+    """HeunDiscreteScheduler.step's second half (epsilon): x0_hat at x', d' and the averaged step."""
+    view = (-1, *([1] * (sample.dim() - 1)))
+    s, s_next = sigma.view(view), sigma_next.view(view)
+    x0 = sample - s_next * model_output
+    d = (derivative + (sample - x0) / s_next) / 2
+    return origin + d * (s_next - s)
+
+
+def genkern_heun_step(model_output, sample, origin, derivative, sigma, sigma_next, backend=None):
+    return genkern.heun_step(model_output, sigma, sigma_next, sample, derivative, origin=origin, backend=backend)
+
+
+_HEUN_STEPS = 25
+_LOOP_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+_LOOP_SCHEDULE = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@functools.cache
+def _diffusers_solver(name: str):
+    import diffusers  # a test extra, declared in the case's `requires`
+
+    return getattr(diffusers, name)(**_LOOP_CONFIG)
+
+
+def diffusers_heun_loop(x):
+    scheduler = _diffusers_solver("HeunDiscreteScheduler")
+    scheduler.set_timesteps(_HEUN_STEPS)  # a fresh run, as a pipeline starts one (the scheduler has state)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(_trivial_denoiser(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+def diffusers_dpm_loop(x):
+    scheduler = _diffusers_solver("DPMSolverMultistepScheduler")
+    scheduler.set_timesteps(_SOLVER_STEPS)
+    for t in scheduler.timesteps:
+        x = scheduler.step(_trivial_denoiser(x, t), t, x).prev_sample
+    return x
+
+
+@functools.cache
+def _genkern_solver(cls_name: str, backend):
+    from . import DPMSolverMultistepSampler, HeunSampler
+
+    cls = {"heun": HeunSampler, "dpm": DPMSolverMultistepSampler}[cls_name]
+    return cls(_LOOP_SCHEDULE, backend=backend)
+
+
+def _genkern_loop(kind, steps, x, backend):
+    sampler = _genkern_solver(kind, backend)
+    return sampler.sample(_trivial_denoiser, x.shape, steps, x_T=x, device=x.device, dtype=x.dtype,
+                          cuda_graph=x.device.type == "cuda")  # fmt: skip
+
+
+def genkern_heun_loop(x, backend=None):
+    return _genkern_loop("heun", _HEUN_STEPS, x, backend)
+
+
+def genkern_dpm_loop(x, backend=None):
+    return _genkern_loop("dpm", _SOLVER_STEPS, x, backend)
+
+
+def _loop_case(name, genkern_fn, eager_fn, steps, model_calls) -> BenchCase:
+    return BenchCase(
+        name=name,
+        family=FAMILY,
+        make_inputs=_loop_inputs,
+        genkern=genkern_fn,
+        eager=eager_fn,
+        shape=lambda n: _LOOP_SHAPE,
+        compile=False,
+        sized=False,
+        requires=("diffusers",),
+        default=False,  # ddim_loop is the family's headline loop
+        # per step: the model input scaled (Heun), the model output, the sample and the step's buffers
+        bytes_moved=lambda n, dt: model_calls * 3 * _itemsize(dt) * 4 * 64 * 64,
+    )
+
+
+def _solver_step_case(name, make_inputs, genkern_fn, eager_fn, arrays) -> BenchCase:
+    """_step_case with the solver's own traffic: `arrays` full-size reads and writes."""
+    case = _step_case(name, make_inputs, genkern_fn, eager_fn)
+    return dataclasses.replace(case, bytes_moved=lambda n, dt: arrays * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32)
+
+
+SOLVER_CASES = (
+    # reads model_output, sample, history; writes prev_sample and the history
+    _solver_step_case("dpm_solver_step", _dpm_step_inputs, genkern_dpm_solver_step, eager_dpm_solver_step, 5),
+    # reads model_output, x', origin, derivative; writes prev_sample
+    _solver_step_case("heun_step", _heun_step_inputs, genkern_heun_step, eager_heun_step, 5),
+    _loop_case("heun_loop", genkern_heun_loop, diffusers_heun_loop, _HEUN_STEPS, 2 * _HEUN_STEPS - 1),
+    _loop_case("dpm_solver_loop", genkern_dpm_loop, diffusers_dpm_loop, _SOLVER_STEPS, _SOLVER_STEPS),
+)
+CASES = CASES + SOLVER_CASES

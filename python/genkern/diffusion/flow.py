@@ -28,6 +28,7 @@ from .. import backend as _backend
 from .._kernels import to_signed
 from ..random import check_offset, randn, resolve_seed
 from . import reference as _spec
+from . import sigma_schedules
 
 __all__ = [
     "FlowMatchEulerSampler",
@@ -178,12 +179,19 @@ def time_shift(sigmas: np.ndarray, *, shift: float = 1.0, mu: float | None = Non
 
 
 def flow_sigmas(
-    num_steps: int, *, shift: float = 1.0, mu: float | None = None, num_train_timesteps: int = 1000
+    num_steps: int,
+    *,
+    shift: float = 1.0,
+    mu: float | None = None,
+    num_train_timesteps: int = 1000,
+    sigma_schedule: str | None = None,
 ) -> Tensor:
     """The inference sigmas of diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps) (float32,
     num_steps + 1 values, a terminal 0): timesteps linspace(sigma_max T, sigma_min T, N) / T, shifted, where
     sigma_max and sigma_min are the training sigmas' ends after the same shift (diffusers shifts sigma_min
-    twice; so does this, for parity). mu: dynamic shifting (Flux), instead of `shift`."""
+    twice; so does this, for parity). mu: dynamic shifting (Flux), instead of `shift`. sigma_schedule
+    "karras", "exponential" or "beta": that ramp between the shifted sigmas' ends (use_karras_sigmas, ...;
+    docs/math.md 5.4); the model's timesteps are then sigma T."""
     num_steps = _checks.integer("num_steps", num_steps, low=1)
     T = _checks.integer("num_train_timesteps", num_train_timesteps, low=1)
     if not (isinstance(shift, (int, float)) and shift > 0):
@@ -194,6 +202,9 @@ def flow_sigmas(
     sigma_max, sigma_min = float(train[0]), float(train[-1])
     sigmas = np.linspace(sigma_max * T, sigma_min * T, num_steps) / T
     sigmas = time_shift(sigmas, shift=shift, mu=mu)
+    if sigma_schedule is not None:
+        _spec.check_choice("sigma_schedule", sigma_schedule, sigma_schedules.SIGMA_SCHEDULES)
+        sigmas = sigma_schedules.ramp(sigma_schedule, float(sigmas[-1]), float(sigmas[0]), num_steps)
     return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])
 
 
@@ -227,9 +238,11 @@ class FlowMatchEulerSampler:
         mu: float | None = None,
         stochastic: bool = False,
         num_train_timesteps: int = 1000,
+        sigma_schedule: str | None = None,
         backend: str | None = None,
     ):
-        flow_sigmas(1, shift=shift, mu=mu, num_train_timesteps=num_train_timesteps)  # checks the arguments
+        flow_sigmas(1, shift=shift, mu=mu, num_train_timesteps=num_train_timesteps, sigma_schedule=sigma_schedule)
+        self.sigma_schedule = sigma_schedule
         _checks.boolean("stochastic", stochastic)
         self.shift, self.mu, self.stochastic, self.T = shift, mu, stochastic, num_train_timesteps
         self.backend = backend
@@ -253,7 +266,9 @@ class FlowMatchEulerSampler:
             model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
         )
         device = x.device
-        sigmas = flow_sigmas(num_steps, shift=self.shift, mu=self.mu, num_train_timesteps=self.T).to(device)
+        sigmas = flow_sigmas(
+            num_steps, shift=self.shift, mu=self.mu, num_train_timesteps=self.T, sigma_schedule=self.sigma_schedule
+        ).to(device)
         B = shape[0]
         rows = sigmas[:, None].expand(-1, B).contiguous()  # step i reads rows i and i + 1: no host reads
         t_model = rows * self.T

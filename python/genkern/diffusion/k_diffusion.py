@@ -20,12 +20,24 @@ from .. import _checks
 from .. import backend as _backend
 from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
-from . import _ops
+from . import (
+    _ops,
+    _solver_ops,  # noqa: F401 - registers genkern::heun_step
+    sigma_schedules,
+)
 from . import reference as _spec
 from .flow import _check_tensors, _sigma_tensor, loop_start
 from .schedules import NoiseSchedule
 
-__all__ = ["EulerSampler", "euler_ancestral_step", "euler_sigmas", "euler_step", "scale_model_input"]
+__all__ = [
+    "EulerSampler",
+    "HeunSampler",
+    "euler_ancestral_step",
+    "euler_sigmas",
+    "euler_step",
+    "heun_step",
+    "scale_model_input",
+]
 
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -40,6 +52,17 @@ def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
+def _sigma_schedule(use_karras_sigmas, sigma_schedule) -> str | None:
+    """The ramp a sampler asks for: use_karras_sigmas (diffusers' flag) or a sigma_schedule name."""
+    if not isinstance(use_karras_sigmas, bool):
+        raise TypeError(f"use_karras_sigmas must be a bool, got {type(use_karras_sigmas).__name__}")
+    if sigma_schedule is not None:
+        _spec.check_choice("sigma_schedule", sigma_schedule, (*sigma_schedules.SIGMA_SCHEDULES, "simple"))
+    if use_karras_sigmas and sigma_schedule not in (None, "karras"):
+        raise ValueError(f"use_karras_sigmas=True conflicts with sigma_schedule={sigma_schedule!r}")
+    return "karras" if use_karras_sigmas else sigma_schedule
+
+
 def euler_sigmas(
     schedule: NoiseSchedule,
     num_steps: int,
@@ -48,11 +71,14 @@ def euler_sigmas(
     steps_offset: int = 0,
     use_karras_sigmas: bool = False,
     final_sigma: str = "zero",
+    sigma_schedule: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(sigmas, timesteps) of diffusers' EulerDiscreteScheduler.set_timesteps: float32 sigmas (num_steps + 1,
     the last one 0, or the smallest training sigma with final_sigma="sigma_min") and the model's float32
     timesteps (num_steps,). sigma_t = sqrt((1 - ab_t) / ab_t) of the schedule, linearly interpolated at the
-    spaced timesteps; with use_karras_sigmas the Karras ramp (rho = 7) between their ends, and the timesteps
+    spaced timesteps; with use_karras_sigmas (sigma_schedule="karras") the Karras ramp (rho = 7) between their
+    ends, with sigma_schedule "exponential" or "beta" diffusers' use_exponential_sigmas / use_beta_sigmas ramp,
+    with "simple" ComfyUI's every (T / N)-th training sigma (docs/math.md 5.4); the timesteps then
     interpolated back from the sigmas."""
     schedule = _spec.check_schedule(schedule)
     N = _checks.integer("num_steps", num_steps, low=1)
@@ -70,10 +96,12 @@ def euler_sigmas(
     ab = schedule.alpha_cumprod(torch.arange(T)).to(torch.float32).numpy()
     train = ((1 - ab) / ab) ** 0.5
     sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-    if use_karras_sigmas:
-        rho, lo, hi = 7.0, sigmas[-1].item(), sigmas[0].item()
-        ramp = np.linspace(0, 1, N)
-        sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    kind = _sigma_schedule(use_karras_sigmas, sigma_schedule)
+    if kind is not None:
+        if kind == "simple":
+            sigmas = sigma_schedules.simple(train, N)
+        else:
+            sigmas = sigma_schedules.ramp(kind, sigmas[-1].item(), sigmas[0].item(), N)
         timesteps = _sigma_to_t(sigmas, np.log(train))
     last = train[0] if final_sigma == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
@@ -213,4 +241,150 @@ class EulerSampler:
             args = (m, x, rows[i], rows[i + 1], None, signed_seed, i + 1, self.kind, self.prediction, scale)
             step = (*args, float(guidance_rescale), False, False)
             x = _backend.call(self.backend, torch.ops.genkern.sigma_step, *step)[0]
+        return x
+
+
+# ============================================================================================ Heun
+def heun_step(
+    model_output: Tensor,
+    sigma,
+    sigma_next,
+    sample: Tensor,
+    derivative: Tensor,
+    *,
+    origin: Tensor | None = None,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    backend: str | None = None,
+) -> Tensor:
+    """A half of HeunDiscreteScheduler.step sigma -> sigma_next, fused (docs/math.md 5.2). origin None: the
+    first half, the Euler step to x' (returned), d = (sample - x0_hat) / sigma written into `derivative` (a
+    buffer of sample's shape, the caller's). With origin (the first half's sample) and sample = x': the
+    second half, origin + (d + d') / 2 (sigma_next - sigma), d' from the model output at x'; x' where
+    sigma_next = 0. Guidance as in euler_step."""
+    prediction = _ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS))
+    _spec.check_guidance(guidance_scale, guidance_rescale)
+    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample)
+    scale = None if guidance_scale is None else float(guidance_scale)
+    args = (model_output, sample, origin, derivative, s, s_next, prediction, scale, float(guidance_rescale))
+    return _backend.call(backend, torch.ops.genkern.heun_step, *args)
+
+
+class HeunSampler:
+    """Heun's second-order sampling (Karras et al. 2022, Alg. 1 without churn; diffusers' HeunDiscreteScheduler)
+    of a model trained on `schedule`: two model calls a step, the Euler step alone into the final sigma 0.
+
+    model(x / sqrt(sigma^2 + 1), t, **model_kwargs) gets the float32 timesteps of euler_sigmas (the second call
+    of step i those of step i + 1, as diffusers interleaves them); guidance, x_T and the seed as EulerSampler
+    (Heun draws no noise). The derivative of the first half lives in a device buffer of the loop, written by
+    the first half's kernel and read by the second's: nothing is read back, and cuda_graph=True captures the
+    whole loop once per configuration."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        *,
+        prediction_type: str = "epsilon",
+        spacing: str = "linspace",
+        steps_offset: int = 0,
+        use_karras_sigmas: bool = False,
+        sigma_schedule: str | None = None,
+        backend: str | None = None,
+    ):
+        self.schedule = _spec.check_schedule(schedule)
+        self.prediction = _ops.PREDICTIONS.index(
+            _spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS)
+        )
+        self.options = dict(
+            spacing=spacing,
+            steps_offset=steps_offset,
+            use_karras_sigmas=use_karras_sigmas,
+            sigma_schedule=sigma_schedule,
+        )
+        euler_sigmas(self.schedule, 1, **self.options)  # checks the options
+        self.backend = backend
+        self._graphs: dict = {}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        shape,
+        num_steps: int = 25,
+        *,
+        seed: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        model_kwargs: dict | None = None,
+        x_T: Tensor | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        cuda_graph: bool = False,
+    ) -> Tensor:
+        model_kwargs, seed, shape, x_T = loop_start(
+            model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
+        )
+
+        def make_loop():
+            return _HeunLoop(self, model, num_steps, shape[0], x_T.device, dtype, guidance_scale, guidance_rescale)
+
+        key = (num_steps, guidance_scale, guidance_rescale)
+        return _solver_ops.run_loop(self._graphs, make_loop, model, x_T, model_kwargs, cuda_graph, key)
+
+    def clear_cuda_graphs(self) -> None:
+        """Release the captured graphs (and the memory pools they hold)."""
+        self._graphs.clear()
+
+
+class _HeunLoop:
+    """One Heun run from x_T (the genkern stream's randn, unscaled): the sigma and timestep rows, the model
+    input scales and the derivative buffer built once."""
+
+    def __init__(self, sampler, model, num_steps, batch, device, dtype, guidance_scale, guidance_rescale):
+        self.sampler, self.model = sampler, model
+        sigmas, timesteps = euler_sigmas(sampler.schedule, num_steps, **sampler.options)
+        sigma_max = float(sigmas[0])
+        self.init = (sigma_max**2 + 1) ** 0.5 if sampler.options["spacing"] == "leading" else sigma_max
+        self.rows = sigmas.to(device)[:, None].expand(-1, batch).contiguous()
+        t_model = timesteps.to(device)[:, None].expand(-1, batch).contiguous()
+        self.t_model = t_model.repeat(1, 2) if guidance_scale is not None else t_model
+        self.scales = (self.rows[:-1].to(dtype) ** 2 + 1).sqrt()
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale)
+
+    def _model(self, x: Tensor, i: int, view, model_kwargs) -> Tensor:
+        x_in = x / self.scales[i].view(view)
+        x_in = torch.cat([x_in, x_in]) if self.guidance_scale is not None else x_in
+        return self.model(x_in, self.t_model[i], **model_kwargs)
+
+    def __call__(self, x_T: Tensor, model_kwargs: dict) -> Tensor:
+        s, rows = self.sampler, self.rows
+        op, view = torch.ops.genkern.heun_step, (-1, *([1] * (x_T.dim() - 1)))
+        options = (s.prediction, self.guidance_scale, self.guidance_rescale)
+        x = x_T * self.init
+        derivative = torch.empty_like(x)
+        # The kernel launched directly after the op's checks (rescale factors: a pre-pass only the op computes).
+        steps = _solver_ops.LoopSteps(s.backend, x, native=self.guidance_rescale == 0.0)
+        guided = self.guidance_scale is not None
+        codes = (s.prediction, guided, 0.0 if not guided else self.guidance_scale, False, 0, 0)
+
+        def half(m, x, origin, i):
+            def op_call():
+                return _backend.call(s.backend, op, m, x, origin, derivative, rows[i], rows[i + 1], *options)
+
+            def native_call():
+                prev = torch.empty_like(x)
+                kind = _solver_ops.HEUN_FIRST if origin is None else _solver_ops.HEUN_SECOND
+                args = (m.contiguous(), x, None, rows[i], rows[i + 1], None, prev, None, kind, *codes)
+                return _solver_ops.launch_native("sigma_step", prev, *args, origin, derivative)
+
+            return steps(op_call, native_call, m, x)
+
+        N = rows.shape[0] - 1
+        for i in range(N):
+            x_prime = half(self._model(x, i, view, model_kwargs), x, None, i)
+            if i == N - 1:  # into sigma 0: the Euler step alone
+                return x_prime
+            x = half(self._model(x_prime, i + 1, view, model_kwargs), x_prime, x, i)
         return x

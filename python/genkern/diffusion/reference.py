@@ -925,3 +925,114 @@ def sigma_step(
         if kind == "euler_ancestral":
             out = out + _noise(noise, seed, offset, x.shape, x) * _coef(up, x)
     return _fresh(out.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample)
+
+
+# ============================================================================================ DPM-Solver++
+# docs/math.md 5.3, as diffusers' DPMSolverMultistepScheduler computes it on its float32 sigmas (k-diffusion
+# sigmas sigma = sqrt((1 - ab) / ab)); float64 data computes in float64 from them. The history is the
+# previous step's data prediction x0_hat(s1).
+DPM_SOLVER_TYPES = ("midpoint", "heun")
+
+
+def dpm_alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(alpha, sigma_vp, lambda) of k-diffusion sigmas: 1 / sqrt(sigma^2 + 1), sigma alpha, log alpha - log sigma_vp."""
+    alpha = 1.0 / (sigma * sigma + 1.0).sqrt()
+    s = sigma * alpha
+    return alpha, s, alpha.log() - s.log()
+
+
+def dpm_predict_x0(m: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """convert_model_output (dpmsolver++): epsilon (x - sigma m) / alpha, v_prediction alpha x - sigma m, sample m."""
+    if prediction_type == "epsilon":
+        return (x - _coef(sigma, x) * m) / _coef(alpha, x)
+    if prediction_type == "v_prediction":
+        return _coef(alpha, x) * x - _coef(sigma, x) * m
+    return m
+
+
+def dpm_solver_update(
+    model_output: Tensor,
+    sample: Tensor,
+    history: Tensor,
+    sigma_s1: Tensor,
+    sigma_s0: Tensor,
+    sigma_t: Tensor,
+    second: Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    solver_type: str = "midpoint",
+    sde: bool = False,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    dynamic_threshold: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(x_t, x0_hat(s0)) of one DPM-Solver++ step s0 -> t per sample: first order where `second` (a (B,) bool)
+    is False, the 2M step with the history x0_hat(s1) where it is True (docs/math.md 5.3; sde: the
+    SDE-DPM-Solver++ step, z = `noise` or the stream's normals for (seed, offset)). x0_hat is thresholded
+    (Imagen's dynamic thresholding) before it enters the step and the history."""
+    dtype, x = sample.dtype, _compute(sample)
+    m = _compute(model_output).to(x.dtype)
+    if guidance_scale is not None:
+        m = guide(m, float(torch.tensor(guidance_scale, dtype=torch.float32)), guidance_rescale)
+    ct = x.dtype
+    a_t, s_t, l_t = dpm_alpha_sigma_lambda(sigma_t.to(x.device, ct))
+    a_0, s_0, l_0 = dpm_alpha_sigma_lambda(sigma_s0.to(x.device, ct))
+    _, _, l_1 = dpm_alpha_sigma_lambda(sigma_s1.to(x.device, ct))
+    h = l_t - l_0
+    d0 = dpm_predict_x0(m, x, a_0, s_0, prediction_type)
+    if dynamic_threshold is not None:
+        d0 = dynamic_threshold_x0(d0, float(dynamic_threshold[0]), float(dynamic_threshold[1]))
+    if sde:
+        e2 = torch.exp(-2.0 * h)
+        ratio, k0 = s_t / s_0 * torch.exp(-h), a_t * (1 - e2)
+        k1 = 0.5 * k0 if solver_type == "midpoint" else a_t * ((1.0 - e2) / (-2.0 * h) + 1.0)
+    else:
+        a = a_t * (torch.exp(-h) - 1.0)
+        ratio, k0 = s_t / s_0, -a
+        k1 = -(0.5 * a) if solver_type == "midpoint" else a_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+    out = _coef(ratio, x) * x + _coef(k0, x) * d0
+    c1 = 1.0 / ((l_0 - l_1) / h)
+    hist = _compute(history).to(ct)
+    with_history = out + _coef(k1, x) * (_coef(c1, x) * (d0 - hist))
+    out = torch.where(second.to(x.device).reshape(-1, *([1] * (x.dim() - 1))), with_history, out)
+    if sde:
+        out = out + _coef(s_t * (1.0 - e2).sqrt(), x) * _noise(noise, seed, offset, x.shape, x)
+    return _fresh(out.to(dtype), model_output, sample), _fresh(d0.to(dtype), model_output, sample)
+
+
+def heun_step(
+    model_output: Tensor,
+    sample: Tensor,
+    origin: Tensor | None,
+    derivative: Tensor,
+    sigma,
+    sigma_next,
+    *,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, x0_hat, d) of a half of HeunDiscreteScheduler.step (docs/math.md 5.2), sigma -> sigma_next:
+    - first half (origin None): d = (x - x0_hat) / sigma, out = x + d (sigma_next - sigma), the Euler point x';
+    - second half (sample = x', origin = the first half's x, derivative = its d): x0_hat at x' with sigma_next,
+      d' = (x' - x0_hat) / sigma_next, out = origin + (d + d') / 2 (sigma_next - sigma); x' itself where
+      sigma_next = 0 (the Euler step alone). d is the derivative buffer's new value (unchanged by the second)."""
+    dtype, x = sample.dtype, _compute(sample)
+    m = _compute(model_output)
+    if guidance_scale is not None:
+        m = guide(m, float(torch.tensor(guidance_scale, dtype=torch.float32)), guidance_rescale)
+    s, s_next = _sigmas(sigma, x), _sigmas(sigma_next, x)
+    dt = _coef((s_next - s).to(x.dtype), x)
+    if origin is None:
+        x0 = sigma_predict_x0(m, x, s, prediction_type)
+        d = (x - x0) / _coef(s, x)
+        out = x + d * dt
+    else:
+        x0 = sigma_predict_x0(m, x, s_next, prediction_type)
+        d = _compute(derivative)
+        average = (d + (x - x0) / _coef(s_next, x)) / 2
+        out = torch.where(_coef(s_next, x) == 0, x, _compute(origin) + average * dt)
+    return _fresh(out.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample), d.to(dtype)

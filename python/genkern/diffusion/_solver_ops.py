@@ -1,0 +1,293 @@
+"""The multistep solvers' step as a torch op: `genkern::dpm_solver_step` (DPM-Solver++ 1 and 2M, ODE and SDE;
+docs/math.md 5.3).
+
+The step of sample b is the step index step[b] of a loop whose float32 sigma table `sigmas` (num_steps + 1
+k-diffusion sigmas, the final one last) lives on the data's device: the kernel reads sigmas[i - 1], sigmas[i]
+and sigmas[i + 1] and computes alpha, sigma and lambda there, so a loop passes the same table at every step and
+a captured CUDA graph replays with new step indices. The solver's history (the previous data prediction) is a
+tensor the caller owns: the kernel reads it and overwrites it with this step's data prediction in the same
+pass (the op mutates `history`). Checks, reference body, kernel registration and fake follow _ops.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _native
+from .. import backend as _backend
+from .._kernels import to_unsigned
+from . import _ops
+from . import reference as ref
+
+DPM_SOLVER_TYPES = ref.DPM_SOLVER_TYPES  # the kernels' codes 0, 1 (gk::diffusion::DpmSolverType)
+
+
+def _check_sigma_table(sigmas, like: Tensor) -> None:
+    if (
+        not isinstance(sigmas, Tensor)
+        or sigmas.dtype != torch.float32
+        or sigmas.dim() != 1
+        or sigmas.shape[0] < 2
+        or sigmas.device != like.device
+    ):
+        got = (
+            f"dtype {sigmas.dtype}, shape {tuple(sigmas.shape)} on {sigmas.device}"
+            if isinstance(sigmas, Tensor)
+            else type(sigmas).__name__
+        )
+        raise ValueError(
+            f"sigmas must be a float32 (num_steps + 1,) tensor (num_steps >= 1) on {like.device}, got {got}"
+        )  # fmt: skip
+
+
+def _check_dpm_solver_step(
+    model_output, sample, history, sigmas, step, noise, seed, offset, prediction, solver_type, solver_order, sde,
+    final_first_order, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max,
+) -> None:  # fmt: skip
+    _ops._check_code("prediction", prediction, _ops.PREDICTIONS)
+    _ops._check_code("solver_type", solver_type, DPM_SOLVER_TYPES)
+    if solver_order not in (1, 2):
+        raise ValueError(f"solver_order must be 1 or 2, got {solver_order}")
+    _ops._check_batched("sample", sample)
+    try:
+        ref._check_model_output(model_output, sample, guidance_scale is not None, False)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, for sample of shape {tuple(sample.shape)}") from None
+    _checks.like("history", history, "sample", sample)
+    if not history.is_contiguous():
+        raise ValueError("history must be contiguous (the kernel writes it in place)")
+    _check_sigma_table(sigmas, sample)
+    _ops._check_timesteps("step", step, sample, 0, sigmas.shape[0] - 2)
+    _ops._check_noise(noise, "sample", sample)
+    if noise is not None and not sde:
+        raise ValueError("noise is the SDE variant's (sde=True)")
+    ref.check_guidance(guidance_scale, guidance_rescale)
+    ref.check_threshold(None, None if dynamic_ratio is None else (dynamic_ratio, dynamic_max))
+
+
+def _step_rows(sigmas: Tensor, step: Tensor, solver_order: int, final_first_order: bool):
+    """(sigma_s1, sigma_s0, sigma_t, second) of each sample, as gk::diffusion::dpm_coefficients reads them."""
+    last = sigmas.shape[0] - 2
+    i = step.clamp(0, last)
+    second = (i > 0) & (solver_order == 2)
+    if final_first_order:
+        second = second & (i != last)
+    return sigmas[(i - 1).clamp(min=0)], sigmas[i], sigmas[i + 1], second
+
+
+@torch.library.custom_op("genkern::dpm_solver_step", mutates_args=("history",))
+def dpm_solver_step(
+    model_output: Tensor,
+    sample: Tensor,
+    history: Tensor,
+    sigmas: Tensor,
+    step: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    prediction: int,
+    solver_type: int,
+    solver_order: int,
+    sde: bool,
+    final_first_order: bool,
+    guidance_scale: Optional[float],
+    guidance_rescale: float,
+    dynamic_ratio: Optional[float],
+    dynamic_max: float,
+) -> Tensor:
+    """x_t of step step[b] of each sample; history (sample's shape) holds x0_hat of the step before and is
+    overwritten with this step's. prediction: a PREDICTIONS code; solver_type: a DPM_SOLVER_TYPES code;
+    solver_order 1 or 2 (first order on step 0, and on the last step with final_first_order); sde: the
+    SDE-DPM-Solver++ step, its noise `noise` or the genkern stream for (seed, offset). Guidance as sigma_step;
+    dynamic_ratio: Imagen's dynamic thresholding of x0_hat (with dynamic_max)."""
+    args = (model_output, sample, history, sigmas, step, noise, seed, offset, prediction, solver_type, solver_order)
+    extra = (sde, final_first_order, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max)
+    _check_dpm_solver_step(*args, *extra)
+    s1, s0, t, second = _step_rows(sigmas, step, solver_order, final_first_order)
+    prev, x0 = ref.dpm_solver_update(
+        model_output, sample, history, s1, s0, t, second, prediction_type=_ops.PREDICTIONS[prediction],
+        solver_type=DPM_SOLVER_TYPES[solver_type], sde=sde, noise=noise, seed=to_unsigned(seed),
+        offset=to_unsigned(offset), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        dynamic_threshold=None if dynamic_ratio is None else (dynamic_ratio, dynamic_max),
+    )  # fmt: skip
+    history.copy_(x0)
+    return prev.contiguous()
+
+
+def _dpm_thresholds(model_output, sample, sigmas, step, prediction, scale, rescale, ratio, max_value) -> Tensor:
+    """Each sample's dynamic threshold clamp(quantile(|x0_hat|, ratio), 1, max_value), float32 (B,): a pre-pass
+    computing x0_hat as the kernel does (guidance, rescale, prediction) before thresholding."""
+    B = sample.shape[0]
+    ct = _ops._compute_dtype(sample)
+    x = sample.to(ct).reshape(B, -1)
+    if scale is not None:
+        m, _ = _ops._guided_prediction(model_output, B, False, scale)
+        m = m if rescale is None else m * rescale.to(ct)[:, None]
+    else:
+        m = model_output.to(ct).reshape(B, -1)
+    alpha, sigma, _ = ref.dpm_alpha_sigma_lambda(sigmas[step.clamp(0, sigmas.shape[0] - 2)].to(ct))
+    x0 = ref.dpm_predict_x0(m, x, alpha, sigma, _ops.PREDICTIONS[prediction])
+    return _ops._quantile_rows(x0.abs(), ratio).clamp(min=1.0, max=max_value).float().contiguous()
+
+
+@_ops.KERNELS.register(dpm_solver_step, check=_check_dpm_solver_step)
+def _(kernels, model_output, sample, history, sigmas, step, noise, seed, offset, prediction, solver_type,
+      solver_order, sde, final_first_order, scale, phi, dynamic_ratio, dynamic_max):  # fmt: skip
+    B, guided = sample.shape[0], scale is not None
+    rescale = thresholds = None
+    if guided and phi != 0.0 and sample.numel():
+        rescale = _ops._rescale_factors(model_output, B, False, scale, phi)
+    if dynamic_ratio is not None and sample.numel():
+        thresholds = _dpm_thresholds(
+            model_output, sample, sigmas, step, prediction, scale, rescale, dynamic_ratio, dynamic_max
+        )
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    kernels.dpm_step(
+        model_output.contiguous(), sample.contiguous(), None if noise is None else noise.contiguous(), history,
+        sigmas.contiguous(), step.contiguous(), rescale, thresholds, prev, prediction, solver_type, solver_order, sde,
+        final_first_order, guided, _ops._or_zero(scale), to_unsigned(seed), to_unsigned(offset),
+    )  # fmt: skip
+    return prev
+
+
+@dpm_solver_step.register_fake
+def _(*args):
+    _check_dpm_solver_step(*args)
+    sample = args[1]
+    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heun_step: a half of Heun's step (HeunDiscreteScheduler), kinds 3 and 4 of the sigma_step kernel. The first
+# half (origin None) writes d into `derivative`, the second reads it and the first half's sample `origin`.
+# ---------------------------------------------------------------------------------------------------------
+HEUN_FIRST, HEUN_SECOND = 3, 4  # gk::diffusion::kHeunFirst, kHeunSecond
+
+
+def _check_heun_step(model_output, sample, origin, derivative, sigma, sigma_next, prediction, guidance_scale,
+                     guidance_rescale) -> None:  # fmt: skip
+    _ops._check_code("prediction", prediction, _ops.PREDICTIONS)
+    _ops._check_batched("sample", sample)
+    try:
+        ref._check_model_output(model_output, sample, guidance_scale is not None, False)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, for sample of shape {tuple(sample.shape)}") from None
+    for name, t in (("derivative", derivative), ("origin", origin)):
+        if t is not None:
+            _checks.like(name, t, "sample", sample)
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+    _ops._check_sigma("sigma", sigma, sample)
+    _ops._check_sigma("sigma_next", sigma_next, sample)
+    ref.check_guidance(guidance_scale, guidance_rescale)
+
+
+@torch.library.custom_op("genkern::heun_step", mutates_args=("derivative",))
+def heun_step(
+    model_output: Tensor,
+    sample: Tensor,
+    origin: Optional[Tensor],
+    derivative: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    prediction: int,
+    guidance_scale: Optional[float],
+    guidance_rescale: float,
+) -> Tensor:
+    """A half of Heun's step sigma -> sigma_next (float32 (B,) each; the second half takes the same two as the
+    first): origin None, the first half (returns x', writes d into `derivative`); else the second half at
+    sample = x' (returns the step's result from `origin`, reads `derivative`)."""
+    args = (model_output, sample, origin, derivative, sigma, sigma_next, prediction, guidance_scale, guidance_rescale)
+    _check_heun_step(*args)
+    out, _, d = ref.heun_step(
+        model_output, sample, origin, derivative, sigma, sigma_next, prediction_type=_ops.PREDICTIONS[prediction],
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+    )  # fmt: skip
+    if origin is None:
+        derivative.copy_(d)
+    return out.contiguous()
+
+
+@_ops.KERNELS.register(heun_step, check=_check_heun_step)
+def _(kernels, model_output, sample, origin, derivative, sigma, sigma_next, prediction, scale, phi):
+    B, guided = sample.shape[0], scale is not None
+    rescale = None
+    if guided and phi != 0.0 and sample.numel():
+        rescale = _ops._rescale_factors(model_output, B, False, scale, phi)
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    kind = HEUN_FIRST if origin is None else HEUN_SECOND
+    kernels.sigma_step(
+        model_output.contiguous(), sample.contiguous(), None, sigma, sigma_next, rescale, prev, None, kind, prediction,
+        guided, _ops._or_zero(scale), False, 0, 0, None if origin is None else origin.contiguous(), derivative,
+    )  # fmt: skip
+    return prev
+
+
+@heun_step.register_fake
+def _(*args):
+    _check_heun_step(*args)
+    sample = args[1]
+    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The samplers' eager fast path (as _ops.PreparedStep): a mutating custom op costs about a millisecond of
+# torch dispatch a call on a CPU, ten times the fused step on a batch-1 latent.
+# ---------------------------------------------------------------------------------------------------------
+class LoopSteps:
+    """A sampler loop's calls of one step op. `__call__(op_call, native_call, model_output, sample)` runs
+    op_call() (the op: every check, any backend, tracing) unless an eager call whose tensors look like those of
+    the last call the op accepted (same types, shapes, dtypes, devices: the loop's other arguments are fixed)
+    may run native_call(kernel), the compiled kernel launched directly. `native` False (the Triton or reference
+    backend, a pre-pass the kernel needs) keeps every call on the op."""
+
+    def __init__(self, backend: Optional[str], like: Tensor, native: bool = True):
+        name = _backend.resolve(backend, like.device, like.dtype, "diffusion")
+        self.native = native and name in ("cpu", "cuda")
+        self._signature = None
+
+    @staticmethod
+    def _signature_of(*tensors: Tensor) -> tuple:
+        return tuple((type(t), t.shape, t.dtype, t.device) for t in tensors)
+
+    def __call__(self, op_call, native_call, *tensors: Tensor) -> Tensor:
+        eager = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        )
+        signature = self._signature_of(*tensors)
+        if self.native and eager and signature == self._signature:
+            return native_call()
+        out = op_call()
+        if self.native and eager and all(type(t) is Tensor for t in tensors):
+            self._signature = signature
+        return out
+
+
+def launch_native(kernel: str, prev: Tensor, *args) -> Tensor:
+    """_C.diffusion.<kernel>(*args) on prev's device (tensors described, the rest as given); returns prev. The
+    tensors stay referenced until the launch returns: a description holds no storage."""
+    fn = getattr(_ops.KERNELS.native(), kernel)
+    described = [_native.array(a) if isinstance(a, Tensor) else a for a in args]
+    _native.launch(fn, prev.device, described)
+    return prev
+
+
+def run_loop(graphs: dict, make_loop, model, x_T: Tensor, model_kwargs: dict, cuda_graph, key: tuple) -> Tensor:
+    """A sampler's run: make_loop()(x_T, model_kwargs), or with cuda_graph its capture (the DDPM/DDIM samplers'
+    _GraphedLoop), cached in `graphs` under `key` plus x_T's shape, dtype and device, the model and the
+    model_kwargs' key (see samplers._kwargs_key)."""
+    from .samplers import _check_flag, _GraphedLoop, _kwargs_key  # samplers imports this family's ops
+
+    _check_flag("cuda_graph", cuda_graph)
+    if cuda_graph and x_T.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got device {x_T.device}")
+    if not cuda_graph:
+        return make_loop()(x_T, model_kwargs)
+    key = (tuple(x_T.shape), x_T.dtype, x_T.device, id(model), *key, _kwargs_key(model_kwargs))
+    graphed = graphs.get(key)
+    if graphed is None:
+        graphed = graphs[key] = _GraphedLoop(make_loop(), model, x_T, model_kwargs)
+    return graphed(x_T, model_kwargs)
