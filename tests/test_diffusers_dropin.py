@@ -384,8 +384,8 @@ def test_from_config_and_set_timesteps_state():
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_unsupported_scheduler_is_a_type_error():
-    with pytest.raises(TypeError, match="EulerDiscreteScheduler"):
-        gd.from_scheduler(diffusers.EulerDiscreteScheduler())
+    with pytest.raises(TypeError, match="PNDMScheduler"):
+        gd.from_scheduler(diffusers.PNDMScheduler())
 
     class MyDDIM(diffusers.DDIMScheduler):
         pass
