@@ -369,3 +369,167 @@ def test_step_errors():
         ours.step(x, t, x)
     with pytest.raises(IndexError, match="past the last"):
         ours.step(x, ours.timesteps[-1], x)
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+def tiny_unet(num_class_embeds=None):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "kind, config, steps",
+    [
+        ("EulerDiscreteScheduler", {}, 10),
+        ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="trailing"), 8),
+        ("EulerAncestralDiscreteScheduler", {}, 10),
+        ("EulerAncestralDiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="leading"), 8),
+    ],
+    ids=["euler", "euler-karras-trailing", "euler_a", "euler_a-v-leading"],
+)
+def test_ddpm_pipeline_with_a_sigma_scheduler_matches(kind, config, steps):
+    """diffusers' DDPMPipeline driving an Euler scheduler (its loop: model, step with the generator): the
+    pipeline's own scheduler, then genkern's from it, give the same images from the same generator."""
+    unet = tiny_unet()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=getattr(diffusers, kind)(**config))
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=steps, output_type="np")
+    theirs = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    pipe.scheduler = gd.from_scheduler(pipe.scheduler)
+    assert type(pipe.scheduler) is getattr(gd, kind)
+    ours = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    assert ours.shape == theirs.shape == (1, 8, 8, 4)
+    assert abs(ours - theirs).max() <= 1e-4, abs(ours - theirs).max()
+
+
+def sd_loop(unet, scheduler, steps, guidance_scale=3.0, seed=0):
+    """StableDiffusionPipeline's denoising loop on a class-conditional UNet (label 0: unconditional):
+    latents * init_noise_sigma, classifier-free guidance on a doubled batch, scale_model_input, step with
+    the generator."""
+    generator = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(steps, device="cpu")
+    latents = torch.randn((2, 4, 8, 8), generator=generator) * scheduler.init_noise_sigma
+    labels = torch.tensor([0, 0, 1, 2])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            uncond, cond = unet(model_input, t, class_labels=labels).sample.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+    return latents
+
+
+@pytest.mark.parametrize(
+    "kind, config",
+    [
+        ("EulerDiscreteScheduler", SD),
+        ("EulerDiscreteScheduler", dict(**SD, use_karras_sigmas=True, final_sigmas_type="sigma_min")),
+        ("EulerDiscreteScheduler", dict(**SD, prediction_type="v_prediction", timestep_spacing="trailing")),
+        ("EulerAncestralDiscreteScheduler", SD),
+        ("EulerAncestralDiscreteScheduler", dict(**SD, timestep_spacing="leading", steps_offset=1)),
+    ],
+    ids=["euler", "euler-karras-sigma_min", "euler-v-trailing", "euler_a", "euler_a-leading"],
+)
+def test_stable_diffusion_loop_matches(kind, config):
+    unet = tiny_unet(num_class_embeds=3)
+    theirs = sd_loop(unet, getattr(diffusers, kind)(**config), 8)
+    ours = sd_loop(unet, gd.from_scheduler(getattr(diffusers, kind)(**config)), 8)
+    assert relative_error(ours, theirs) <= 1e-4, relative_error(ours, theirs)
+
+
+def tiny_sd3_transformer():
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        pos_embed_max_size=16,
+    ).eval()
+
+
+def sd3_loop(transformer, scheduler, steps, guidance_scale=4.0, seed=0):
+    """StableDiffusion3Pipeline's denoising loop (its text encoders need downloads: random prompt embeddings
+    instead): mu from the latent size under dynamic shifting, classifier-free guidance, the transformer on
+    t.expand(2B), step without a generator unless the scheduler is stochastic (the pipeline passes none)."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((2, 4, 8, 8), generator=generator)
+    prompt = torch.randn((4, 5, 16), generator=generator)
+    pooled = torch.randn((4, 8), generator=generator)
+    kwargs = {}
+    if scheduler.config.use_dynamic_shifting:
+        seq = (8 // 2) * (8 // 2)
+        c = scheduler.config
+        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        kwargs["mu"] = seq * slope + c.base_shift - slope * c.base_image_seq_len
+    scheduler.set_timesteps(steps, device="cpu", **kwargs)
+    step_kwargs = dict(generator=generator) if scheduler.config.stochastic_sampling else {}
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2)
+            noise_pred = transformer(
+                hidden_states=model_input,
+                timestep=t.expand(model_input.shape[0]),
+                encoder_hidden_states=prompt,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
+    return latents
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(shift=3.0),
+        dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+        dict(shift=3.0, use_karras_sigmas=True),
+        dict(shift=3.0, stochastic_sampling=True),
+    ],
+    ids=["sd3-shift3", "dynamic", "karras", "stochastic"],
+)
+def test_sd3_loop_matches(config):
+    transformer = tiny_sd3_transformer()
+    theirs = sd3_loop(transformer, diffusers.FlowMatchEulerDiscreteScheduler(**config), 10)
+    ours = sd3_loop(transformer, gd.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(**config)), 10)
+    assert relative_error(ours, theirs) <= 1e-4, relative_error(ours, theirs)
+
+
+def test_step_output_is_diffusers_output():
+    """The outputs are built without the dataclass constructor (make_output): the same mapping and fields."""
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+    _, ours = make("EulerDiscreteScheduler")
+    ours.set_timesteps(3)
+    x = randn(0, (1, 4, 4, 4))
+    for t in ours.timesteps:  # the first step through the op, the later ones direct
+        out = ours.step(x, t, x)
+        expected = EulerDiscreteSchedulerOutput(
+            prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample
+        )
+        assert type(out) is EulerDiscreteSchedulerOutput and list(out.keys()) == list(expected.keys())
+        assert out[0] is out.prev_sample is out["prev_sample"] and out[1] is out.pred_original_sample
+        assert len(out.to_tuple()) == 2 and out == expected
+    _, flow = make("FlowMatchEulerDiscreteScheduler")
+    flow.set_timesteps(2)
+    out = flow.step(x, flow.timesteps[0], x)
+    assert list(out.keys()) == ["prev_sample"] and out.to_tuple() == (out.prev_sample,)
+    assert flow.step(x, flow.timesteps[1], x, return_dict=False)[0].shape == x.shape

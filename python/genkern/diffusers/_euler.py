@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..diffusion import _ops
 from ._common import _config_error
-from ._sigma import SigmaStepMixin, rejects_integer_timestep, with_signature_of
+from ._sigma import SigmaStepMixin, make_output, rejects_integer_timestep, with_signature_of
 
 # diffusers' prediction_type -> the op's ("original_sample" is EulerDiscreteScheduler's old name of "sample")
 PREDICTION_TYPES = {
@@ -59,10 +59,12 @@ class EulerDiscreteScheduler(SigmaStepMixin, _DiffusersEuler):
                        s_tmax: float = float("inf"), step_index: int | None = None) -> bool:  # fmt: skip
         """Whether step(...) with these arguments at `step_index` (default: the next step) runs genkern's kernel
         (True) or diffusers' own step (False)."""
-        i = self.step_index if step_index is None else step_index
-        sigma = self._sigma_value(0 if i is None else i)
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        return gamma == 0 and self._covers(model_output, sample)
+        if s_churn != 0:
+            i = self.step_index if step_index is None else step_index
+            sigma = self._sigma_value(0 if i is None else i)
+            if s_tmin <= sigma <= s_tmax and min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) != 0:
+                return False  # gamma != 0: diffusers steps from sigma_hat = sigma (1 + gamma)
+        return self._covers(model_output, sample)
 
     def step(
         self,
@@ -90,7 +92,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, _DiffusersEuler):
         self._step_index += 1
         if not return_dict:
             return prev_sample, pred_original
-        return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
+        return make_output(EulerDiscreteSchedulerOutput, prev_sample=prev_sample, pred_original_sample=pred_original)
 
 
 @with_signature_of(_DiffusersEulerAncestral)
@@ -136,4 +138,6 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, _DiffusersEulerAncestral):
         self._step_index += 1
         if not return_dict:
             return prev_sample, pred_original
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
+        return make_output(
+            EulerAncestralDiscreteSchedulerOutput, prev_sample=prev_sample, pred_original_sample=pred_original
+        )

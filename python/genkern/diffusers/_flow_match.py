@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler as _DiffusersFlowMatchEule
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from torch import Tensor
 
-from ._sigma import SigmaStepMixin, rejects_integer_timestep, with_signature_of
+from ._sigma import SigmaStepMixin, make_output, rejects_integer_timestep, with_signature_of
 
 
 @with_signature_of(_DiffusersFlowMatchEuler)
@@ -67,4 +67,4 @@ class FlowMatchEulerDiscreteScheduler(SigmaStepMixin, _DiffusersFlowMatchEuler):
         self._step_index += 1
         if not return_dict:
             return (prev_sample,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+        return make_output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev_sample)
