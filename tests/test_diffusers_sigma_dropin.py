@@ -409,7 +409,7 @@ def test_ddpm_pipeline_with_a_sigma_scheduler_matches(kind, config, steps):
     assert type(pipe.scheduler) is getattr(gd, kind)
     ours = pipe(generator=torch.Generator().manual_seed(0), **call).images
     assert ours.shape == theirs.shape == (1, 8, 8, 4)
-    assert abs(ours - theirs).max() <= 1e-4, abs(ours - theirs).max()
+    assert abs(ours - theirs).max() <= TOLERANCE, abs(ours - theirs).max()
 
 
 def sd_loop(unet, scheduler, steps, guidance_scale=3.0, seed=0):
@@ -444,7 +444,7 @@ def test_stable_diffusion_loop_matches(kind, config):
     unet = tiny_unet(num_class_embeds=3)
     theirs = sd_loop(unet, getattr(diffusers, kind)(**config), 8)
     ours = sd_loop(unet, gd.from_scheduler(getattr(diffusers, kind)(**config)), 8)
-    assert relative_error(ours, theirs) <= 1e-4, relative_error(ours, theirs)
+    assert relative_error(ours, theirs) <= TOLERANCE, relative_error(ours, theirs)
 
 
 def tiny_sd3_transformer():
@@ -510,7 +510,7 @@ def test_sd3_loop_matches(config):
     transformer = tiny_sd3_transformer()
     theirs = sd3_loop(transformer, diffusers.FlowMatchEulerDiscreteScheduler(**config), 10)
     ours = sd3_loop(transformer, gd.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(**config)), 10)
-    assert relative_error(ours, theirs) <= 1e-4, relative_error(ours, theirs)
+    assert relative_error(ours, theirs) <= TOLERANCE, relative_error(ours, theirs)
 
 
 def test_step_output_is_diffusers_output():

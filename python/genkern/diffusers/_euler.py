@@ -103,10 +103,11 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, _DiffusersEulerAncestral):
 
     Noise z: `variance_noise` (a keyword-only genkern extension), else drawn from `generator` with diffusers'
     randn_tensor on the model output's shape, dtype and device, exactly as diffusers draws it, so images equal
-    the diffusers scheduler's for the same generator; with neither, genkern's Philox stream in the kernel, its
-    seed drawn from torch's default generator at each step (reproducible under torch.manual_seed, with other
-    values than diffusers' torch.randn). prediction_type "sample", which diffusers' step refuses, runs too.
-    A mixed-dtype pair runs diffusers' own step."""
+    the diffusers scheduler's for the same generator; with neither, genkern's Philox stream in the kernel: one
+    seed drawn from torch's default generator at the first step after set_timesteps, step i at offset i + 1
+    (reproducible under torch.manual_seed, with other values than diffusers' torch.randn; no draw per step).
+    prediction_type "sample", which diffusers' step refuses, runs too. A mixed-dtype pair runs diffusers' own
+    step."""
 
     _kind = 2
 

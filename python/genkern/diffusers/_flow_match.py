@@ -20,10 +20,10 @@ class FlowMatchEulerDiscreteScheduler(SigmaStepMixin, _DiffusersFlowMatchEuler):
 
     Noise z (stochastic_sampling only): `variance_noise` (a keyword-only genkern extension), else drawn from
     `generator` with diffusers' randn_tensor on the sample's shape in float32, as diffusers draws it, so images
-    equal the diffusers scheduler's; with neither, genkern's Philox stream in the kernel, its seed drawn from
-    torch's default generator at each step. `per_token_timesteps` (per-token sigmas) and a model output and
-    sample of different dtypes run diffusers' own step. s_churn, s_tmin, s_tmax and s_noise are accepted and
-    ignored, as diffusers' step ignores them."""
+    equal the diffusers scheduler's; with neither, genkern's Philox stream in the kernel, one seed drawn from
+    torch's default generator per set_timesteps, step i at offset i + 1. `per_token_timesteps` (per-token
+    sigmas) and a model output and sample of different dtypes run diffusers' own step. s_churn, s_tmin, s_tmax
+    and s_noise are accepted and ignored, as diffusers' step ignores them."""
 
     _kind = 0
     init_noise_sigma = 1.0  # x_1 is the noise itself (diffusers' flow pipelines scale by nothing)

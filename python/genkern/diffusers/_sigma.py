@@ -116,7 +116,7 @@ class SigmaStepMixin:
     def _noise(self, shape, device: torch.device, dtype: torch.dtype, generator, variance_noise):
         """The step's noise: `variance_noise`, else drawn from `generator` with diffusers' randn_tensor (the
         shape and dtype diffusers draws, so images match the diffusers scheduler's and the generator ends in
-        the same state), else None: genkern's Philox stream in the kernel, its seed from torch's generator."""
+        the same state), else None: genkern's Philox stream in the kernel (`_step` draws its seed)."""
         if variance_noise is not None:
             if generator is not None:
                 raise ValueError(
