@@ -17,6 +17,8 @@ from conftest import KERNEL_BACKENDS, interpreted
 
 diffusers = pytest.importorskip("diffusers", reason="genkern.diffusers is a drop-in for diffusers' schedulers")
 
+import test_diffusers_dropin as dropin_tests  # noqa: E402
+
 import genkern.diffusers as gd  # noqa: E402
 
 TOLERANCE = 1e-5  # float32, norm-wise relative
@@ -373,18 +375,7 @@ def test_step_errors():
 
 # ------------------------------------------------------------------------------------------------ pipelines
 def tiny_unet(num_class_embeds=None):
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_class_embeds,
-    ).eval()
+    return dropin_tests.tiny_unet(channels=4, num_class_embeds=num_class_embeds)
 
 
 @pytest.mark.parametrize(

@@ -155,14 +155,7 @@ class SigmaStepMixin:
         )
         if eager:
             signature = (
-                type(model_output),
-                model_output.shape,
-                model_output.dtype,
-                model_output.device,
-                type(sample),
-                sample.shape,
-                sample.dtype,
-                sample.device,
+                _ops.PreparedStep._signature_of(model_output, sample),
                 None if noise is None else (type(noise), noise.shape, noise.dtype, noise.device),
                 stochastic,
                 want_x0,
