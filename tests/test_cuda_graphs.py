@@ -283,3 +283,91 @@ def test_cached_pixelcnn_sampler_captured_equals_eager():
     assert not torch.equal(other_out, out)
     graph.replay()  # the first graph is untouched by the second capture
     assert torch.equal(out, eager)
+
+
+# ------------------------------------------------------------------------------ the sigma-space samplers
+class SigmaDenoiser(torch.nn.Module):
+    """A capturable stand-in for a flow or k-diffusion network with float timesteps: tanh(a x + b t / 1000 +
+    e[label]), so a replay that skipped new x_T, timesteps or labels would differ."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("a", torch.rand(SHAPE[1], generator=g) + 0.5)
+        self.register_buffer("e", torch.randn(CLASSES + 1, SHAPE[1], generator=g))
+
+    def forward(self, x, t, class_labels=None):
+        y = self.a.to(x.dtype)[:, None, None] * x + (t.to(x.dtype) / 1000).reshape(-1, 1, 1, 1)
+        if class_labels is not None:
+            y = y + self.e[class_labels].to(x.dtype)[:, :, None, None]
+        return torch.tanh(y)
+
+
+def _sigma_samplers(backend):
+    from genkern.diffusion import EulerSampler, FlowMatchEulerSampler
+
+    return {
+        "flow": FlowMatchEulerSampler(shift=3.0, backend=backend),
+        "flow-stochastic": FlowMatchEulerSampler(shift=3.0, stochastic=True, backend=backend),
+        "euler": EulerSampler(SCHEDULE, backend=backend),
+        "euler-karras-v": EulerSampler(
+            SCHEDULE, prediction_type="v_prediction", use_karras_sigmas=True, backend=backend
+        ),  # fmt: skip
+        "euler_ancestral": EulerSampler(SCHEDULE, ancestral=True, spacing="trailing", backend=backend),
+    }
+
+
+@pytest.mark.parametrize("name", list(_sigma_samplers(None)))
+@pytest.mark.parametrize("backend,dtype", _params())
+def test_sigma_samplers_replay_new_x_T_labels_and_seeds(name, backend, dtype):
+    """Each call copies its x_T (from its seed) and labels into the capture; for the samplers that draw noise
+    (stochastic flow, Euler ancestral) the seed is part of the key, so a new seed is a new capture. Every
+    graphed run equals the eager run, and the eager loop never synchronises with the host."""
+    model = SigmaDenoiser().cuda()
+    sampler = _sigma_samplers(backend)[name]
+
+    def run(seed, labels, cuda_graph, **kwargs):
+        return sampler.sample(model, SHAPE, STEPS, seed=seed, device="cuda", dtype=dtype, cuda_graph=cuda_graph,
+                              model_kwargs={"class_labels": labels}, **kwargs)  # fmt: skip
+
+    results = []
+    for seed, labels in zip((1, 1, 2, 3), _labels([0, 1, 2, 0], [2, 1, 0, 3], [0, 1, 2, 0], [3, 3, 1, 0])):
+        graphed = run(seed, labels, True)
+        _close(graphed, run(seed, labels, False), dtype)
+        results.append(graphed)
+    assert all(not torch.equal(a, b) for i, a in enumerate(results) for b in results[i + 1 :])
+    draws = name in ("flow-stochastic", "euler_ancestral")
+    assert len(sampler._graphs) == (3 if draws else 1)
+    # guidance: the model_kwargs of batch 2B, the unconditional half first
+    null = torch.full((SHAPE[0],), CLASSES, device="cuda")
+    labels = torch.cat([null, _labels([0, 1, 2, 0])[0]])
+    _close(run(4, labels, True, guidance_scale=2.0), run(4, labels, False, guidance_scale=2.0), dtype)
+    sampler.clear_cuda_graphs()
+    assert "_graphs" not in vars(sampler)
+
+
+@pytest.mark.parametrize("name", list(_sigma_samplers(None)))
+def test_sigma_sampler_loop_never_synchronises(name, monkeypatch):
+    """The loop (what a capture records) makes no synchronising CUDA call: torch's sync debug mode raises on
+    one. Its set-up (the sigma rows' host-to-device copies) runs before it, outside the capture."""
+    from genkern.diffusion import _sigma_loops
+
+    model = SigmaDenoiser().cuda()
+    sampler = _sigma_samplers(GPU_BACKENDS[0] if GPU_BACKENDS else None)[name]
+    real = _sigma_loops.SigmaLoop.__call__
+
+    def checked(self, x, model_kwargs):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(self, x, model_kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    null = torch.full((SHAPE[0],), CLASSES, device="cuda")
+    kwargs = dict(seed=5, device="cuda", guidance_scale=2.0, guidance_rescale=0.5,
+                  model_kwargs={"class_labels": torch.cat([null, _labels([0, 1, 2, 0])[0]])})  # fmt: skip
+    warm = sampler.sample(model, SHAPE, STEPS, **kwargs)  # lazy initialisation (Triton compilation) first
+    monkeypatch.setattr(_sigma_loops.SigmaLoop, "__call__", checked)
+    _close(sampler.sample(model, SHAPE, STEPS, **kwargs), warm, torch.float32)
+    assert not sampler._graphs if hasattr(sampler, "_graphs") else True

@@ -8,6 +8,9 @@
 init_noise_sigma, order, save/load) with `step` and `add_noise` running genkern's ops; by default they
 reproduce diffusers' scheduler, bugs included, and the configuration flags `genkern_schedule` and
 `genkern_timesteps` switch to genkern's definitions (docs/diffusion.md, "The diffusers drop-in").
+`EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler` and `FlowMatchEulerDiscreteScheduler` are
+diffusers' classes with `step` in genkern's fused sigma_step; the calls the kernel does not cover (Euler's
+s_churn, per-token timesteps, mixed dtypes) run diffusers' own step.
 
 This package is the only part of genkern that imports diffusers; `import genkern` does not.
 """
@@ -18,20 +21,33 @@ import diffusers as _diffusers
 
 from ._ddim import DDIMScheduler
 from ._ddpm import DDPMScheduler
+from ._euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from ._flow_match import FlowMatchEulerDiscreteScheduler
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "from_scheduler"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "from_scheduler",
+]
 
-_SUPPORTED = {
-    _diffusers.DDPMScheduler: DDPMScheduler,
-    _diffusers.DDIMScheduler: DDIMScheduler,
-    DDPMScheduler: DDPMScheduler,
-    DDIMScheduler: DDIMScheduler,
-}
+_DROP_INS = (
+    DDPMScheduler,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+# diffusers' class (and genkern's own) -> genkern's drop-in
+_SUPPORTED = {**{getattr(_diffusers, c.__name__): c for c in _DROP_INS}, **{c: c for c in _DROP_INS}}
 
 
 def from_scheduler(scheduler, **flags):
-    """The genkern drop-in for a diffusers scheduler: DDPMScheduler for diffusers.DDPMScheduler,
-    DDIMScheduler for diffusers.DDIMScheduler, built from its configuration (`flags`: configuration values to
+    """The genkern drop-in for a diffusers scheduler: genkern.diffusers.X for diffusers.X, X one of
+    DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
+    FlowMatchEulerDiscreteScheduler, built from its configuration (`flags`: configuration values to
     override, e.g. genkern_timesteps=True). A TypeError for any other class (subclasses included: they may
     step differently)."""
     cls = _SUPPORTED.get(type(scheduler))

@@ -84,6 +84,16 @@ def _genkern_schedule(config, final_alpha_one: bool) -> NoiseSchedule:
     )
 
 
+def config_with(scheduler, flags: dict) -> dict:
+    """A diffusers scheduler's configuration with `flags` overriding its values."""
+    config = dict(scheduler.config)
+    config.update(flags)
+    # Keys the caller set explicitly must not be reset to defaults by diffusers' `_use_default_values`.
+    if flags and "_use_default_values" in config:
+        config["_use_default_values"] = [k for k in config["_use_default_values"] if k not in flags]
+    return config
+
+
 class GenkernStepMixin:
     """The genkern side of a drop-in scheduler; the class it is mixed into is diffusers' own scheduler (its
     configuration, set_timesteps, timesteps, init_noise_sigma, order, save/load), with `step`, `add_noise`
@@ -100,12 +110,7 @@ class GenkernStepMixin:
     def from_scheduler(cls, scheduler, *, backend: str | None = None, **flags):
         """This class built from a diffusers scheduler's configuration (`flags` override configuration
         values, e.g. genkern_timesteps=True), its set_timesteps state copied; `backend`: genkern_backend."""
-        config = dict(scheduler.config)
-        config.update(flags)
-        # Keys the caller set explicitly must not be reset to defaults by diffusers' `_use_default_values`.
-        if flags and "_use_default_values" in config:
-            config["_use_default_values"] = [k for k in config["_use_default_values"] if k not in flags]
-        new = cls.from_config(config)
+        new = cls.from_config(config_with(scheduler, flags))
         new.genkern_backend = backend
         if getattr(scheduler, "custom_timesteps", False):
             new.set_timesteps(timesteps=scheduler.timesteps.tolist(), device=scheduler.timesteps.device)

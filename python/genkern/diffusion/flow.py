@@ -27,8 +27,8 @@ from .. import _checks
 from .. import backend as _backend
 from .._kernels import to_signed
 from ..random import check_offset, randn, resolve_seed
+from . import _sigma_loops, sigma_schedules
 from . import reference as _spec
-from . import sigma_schedules
 
 __all__ = [
     "FlowMatchEulerSampler",
@@ -261,25 +261,26 @@ class FlowMatchEulerSampler:
         x_T: Tensor | None = None,
         device=None,
         dtype: torch.dtype = torch.float32,
+        cuda_graph: bool = False,
     ) -> Tensor:
+        """cuda_graph: capture the loop in a CUDA graph on the first call with a given shape, dtype, device,
+        model, num_steps, guidance and model_kwargs signature (and seed, with stochastic sampling: its noise is
+        captured), and replay it on later calls, copying x_T and the model_kwargs tensors in; the model must be
+        capturable. clear_cuda_graphs() releases the captures."""
+        _sigma_loops.check_cuda_graph(cuda_graph, device if device is not None else getattr(x_T, "device", "cpu"))
         model_kwargs, seed, shape, x = loop_start(
             model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
         )
-        device = x.device
         sigmas = flow_sigmas(
             num_steps, shift=self.shift, mu=self.mu, num_train_timesteps=self.T, sigma_schedule=self.sigma_schedule
-        ).to(device)
-        B = shape[0]
-        rows = sigmas[:, None].expand(-1, B).contiguous()  # step i reads rows i and i + 1: no host reads
-        t_model = rows * self.T
-        if guidance_scale is not None:
-            t_model = t_model.repeat(1, 2)
-        signed_seed = to_signed(seed)
-        scale = None if guidance_scale is None else float(guidance_scale)
-        op = torch.ops.genkern.sigma_step
-        for i in range(num_steps):
-            x_in = torch.cat([x, x]) if guidance_scale is not None else x
-            v = model(x_in, t_model[i], **model_kwargs)
-            args = (v, x, rows[i], rows[i + 1], None, signed_seed, i + 1, 0, 0, scale, float(guidance_rescale))
-            x = _backend.call(self.backend, op, *args, self.stochastic, False)[0]
-        return x
+        )
+        loop = _sigma_loops.SigmaLoop(model, 0, 0, self.stochastic, sigmas, sigmas[:-1] * self.T, None, 1.0,
+                                      shape[0], x.device, dtype, seed, guidance_scale, guidance_rescale,
+                                      self.backend)  # fmt: skip
+        key = ("flow", num_steps, self.shift, self.mu, self.sigma_schedule, self.stochastic, self.T, self.backend,
+               guidance_scale, guidance_rescale, seed if self.stochastic else None)  # fmt: skip
+        return _sigma_loops.run(self, loop, key, x, model_kwargs, cuda_graph)
+
+    def clear_cuda_graphs(self) -> None:
+        """Release the captured graphs (and the memory pools they hold)."""
+        _sigma_loops.clear_cuda_graphs(self)

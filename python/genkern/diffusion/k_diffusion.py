@@ -22,6 +22,7 @@ from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
 from . import (
     _ops,
+    _sigma_loops,
     _solver_ops,  # noqa: F401 - registers genkern::heun_step
     sigma_schedules,
 )
@@ -216,32 +217,28 @@ class EulerSampler:
         x_T: Tensor | None = None,
         device=None,
         dtype: torch.dtype = torch.float32,
+        cuda_graph: bool = False,
     ) -> Tensor:
+        """cuda_graph: capture the loop in a CUDA graph, as FlowMatchEulerSampler.sample does (the seed is part
+        of the capture's key for Euler ancestral, whose noise is captured)."""
+        _sigma_loops.check_cuda_graph(cuda_graph, device if device is not None else getattr(x_T, "device", "cpu"))
         model_kwargs, seed, shape, x_T = loop_start(
             model, shape, seed, guidance_scale, guidance_rescale, model_kwargs, x_T, device, dtype, self.backend
         )
-        device = x_T.device
         sigmas, timesteps = euler_sigmas(self.schedule, num_steps, **self.options)
         sigma_max = float(sigmas[0])
         init = (sigma_max**2 + 1) ** 0.5 if self.options["spacing"] == "leading" else sigma_max
-        x = x_T * init
-        B = shape[0]
-        rows = sigmas.to(device)[:, None].expand(-1, B).contiguous()  # step i reads rows i and i + 1
-        t_model = timesteps.to(device)[:, None].expand(-1, B).contiguous()
-        scales = (rows[:-1].to(dtype) ** 2 + 1).sqrt()  # scale_model_input divides by these, one row a step
-        if guidance_scale is not None:
-            t_model = t_model.repeat(1, 2)
-        signed_seed = to_signed(seed)
-        scale = None if guidance_scale is None else float(guidance_scale)
-        view = (-1, *([1] * (len(shape) - 1)))
-        for i in range(num_steps):
-            x_in = x / scales[i].view(view)
-            x_in = torch.cat([x_in, x_in]) if guidance_scale is not None else x_in
-            m = model(x_in, t_model[i], **model_kwargs)
-            args = (m, x, rows[i], rows[i + 1], None, signed_seed, i + 1, self.kind, self.prediction, scale)
-            step = (*args, float(guidance_rescale), False, False)
-            x = _backend.call(self.backend, torch.ops.genkern.sigma_step, *step)[0]
-        return x
+        scales = (sigmas[:-1].to(dtype) ** 2 + 1).sqrt()  # scale_model_input divides by these, one a step
+        loop = _sigma_loops.SigmaLoop(model, self.kind, self.prediction, False, sigmas, timesteps, scales, init,
+                                      shape[0], x_T.device, dtype, seed, guidance_scale, guidance_rescale,
+                                      self.backend)  # fmt: skip
+        key = ("euler", num_steps, self.kind, self.prediction, tuple(sorted(self.options.items())), self.backend,
+               guidance_scale, guidance_rescale, seed if self.kind == 2 else None)  # fmt: skip
+        return _sigma_loops.run(self, loop, key, x_T, model_kwargs, cuda_graph)
+
+    def clear_cuda_graphs(self) -> None:
+        """Release the captured graphs (and the memory pools they hold)."""
+        _sigma_loops.clear_cuda_graphs(self)
 
 
 # ============================================================================================ Heun
