@@ -330,6 +330,7 @@ def test_large_vocab(backend, vocab):
     "kwargs, error, match",
     [
         ({"top_k": -1}, ValueError, "top_k must be >= 0"),
+        ({"top_k": -(2**63) - 1}, ValueError, "top_k must be >= 0"),
         ({"top_k": 1.5}, TypeError, "top_k"),
         ({"top_p": 0.0}, ValueError, "top_p must be in"),
         ({"top_p": 1.5}, ValueError, "top_p must be in"),
@@ -343,9 +344,9 @@ def test_large_vocab(backend, vocab):
         ({"top_p": torch.tensor([0.5, 0.5, 2.0])}, ValueError, "top_p must be in .* row 2"),
         ({"min_p": torch.tensor([0.5, NAN, 0.1])}, ValueError, "min_p"),
         ({"temperature": torch.tensor([1.0, -0.5, 1.0])}, ValueError, "temperature"),
-        ({"top_k": torch.tensor([1.0, 2.0, 3.0])}, ValueError, "top_k must be a scalar or an integer tensor"),
-        ({"temperature": torch.tensor([1, 2, 3])}, ValueError, "temperature must be a scalar or a floating"),
-        ({"top_p": torch.tensor([True, True, True])}, ValueError, "top_p must be a scalar or a floating"),
+        ({"top_k": torch.tensor([1.0, 2.0, 3.0])}, TypeError, "top_k must be a scalar or an integer tensor"),
+        ({"temperature": torch.tensor([1, 2, 3])}, TypeError, "temperature must be a scalar or a floating"),
+        ({"top_p": torch.tensor([True, True, True])}, TypeError, "top_p must be a scalar or a floating"),
         ({"top_k": torch.tensor([1, 2])}, ValueError, r"top_k must be a torch.int64 tensor of shape \(3,\)"),
         ({"min_p": torch.zeros(3, 1)}, ValueError, "min_p must be a torch.float64 tensor of shape"),
         ({"top_p": torch.ones(3, device="meta")}, ValueError, "top_p .* on logits' device"),
@@ -355,6 +356,11 @@ def test_large_vocab(backend, vocab):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         sample_logits(torch.zeros(3, 5), **{"seed": 0, **kwargs})
+
+
+def test_a_top_k_past_int64_keeps_every_token():
+    logits = torch.randn(6, 9)
+    assert torch.equal(sample_logits(logits, seed=4, top_k=2**70), sample_logits(logits, seed=4, top_k=0))
 
 
 def test_bad_logits_and_base():

@@ -285,10 +285,13 @@ def _row_filter(name: str, value, logits: Tensor) -> Tensor:
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex() or (dtype == torch.int64) == value.is_floating_point():
             kind = "an integer" if dtype == torch.int64 else "a floating-point"
-            raise ValueError(f"{name} must be a scalar or {kind} tensor of shape ({rows},), got dtype {value.dtype}")
+            raise TypeError(f"{name} must be a scalar or {kind} tensor of shape ({rows},), got dtype {value.dtype}")
         return value.to(dtype)  # shape and device: the op's check, naming the argument
     if dtype == torch.int64:
         value = _checks.integer(name, value)
+        if value < 0:  # before the int64 tensor below, which would not hold -2**63 - 1
+            raise ValueError(f"{name} must be {_ops.ROW_FILTERS[name][1]}, got {value}")
+        value = min(value, 2**63 - 1)  # any k past the vocabulary keeps every token
     else:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
