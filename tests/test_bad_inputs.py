@@ -158,6 +158,10 @@ OPS = {
         "pixelcnn_sampling",
         _call(genkern.gumbel_argmax, lambda: dict(logits=_r(3, 5), base=torch.tensor([0, 5, 10]), seed=0)),
     ),
+    "sample_logits": (
+        "sampling_head",
+        _call(genkern.sample_logits, lambda: dict(logits=_r(3, 5), seed=0, temperature=0.8, top_k=3, top_p=0.9)),
+    ),
     "PixelCNN.sample": ("pixelcnn_sampling", _model_sample(PixelCNN)),
     "GatedPixelCNN.sample": ("pixelcnn_sampling", _model_sample(GatedPixelCNN)),
     "NADE.sample": ("nade", _model_sample(NADE)),
@@ -418,6 +422,33 @@ BAD += values(
     ("past 2**63 with the levels", lambda: torch.tensor([0, 2**63 - 3, 10]), ValueError),
 )
 BAD += seed_offset("gumbel_argmax", "seed") + seed_offset("gumbel_argmax", "offset")
+# sample_logits takes any (rows, vocab) logits, on any device (meta included: the draw's shape is known)
+BAD += tensors("sample_logits", "logits", (3, 5), other_dtype=False, skip=("shape", "meta tensor"))
+BAD += seed_offset("sample_logits", "seed") + seed_offset("sample_logits", "offset")
+BAD += ints("sample_logits", "top_k", low=0, huge=False)
+for arg, low, high in (("temperature", -0.5, float("inf")), ("top_p", 0.0, 1.5), ("min_p", -0.1, 1.5)):
+    BAD += values(
+        "sample_logits",
+        arg,
+        ("str", "0.5", TypeError),
+        ("bool", True, TypeError),
+        ("int tensor", lambda: torch.tensor([1, 0, 1]), TypeError),
+        ("below", low, ValueError),
+        ("above", high, ValueError),
+        ("nan", float("nan"), ValueError),
+        ("nan in a row", lambda: torch.tensor([0.5, float("nan"), 0.5]), ValueError),
+        ("shape", lambda: torch.full((2,), 0.5), ValueError),
+        ("rank 2", lambda: torch.full((3, 1), 0.5), ValueError),
+        ("meta tensor", lambda: torch.empty(3, device="meta"), ValueError),
+    )
+BAD += values(
+    "sample_logits",
+    "top_k",
+    ("float tensor", lambda: torch.tensor([1.0, 2.0, 3.0]), TypeError),
+    ("negative in a row", lambda: torch.tensor([3, -2, 1]), ValueError),
+    ("shape", lambda: torch.tensor([1, 2]), ValueError),
+    ("meta tensor", lambda: torch.empty(3, dtype=torch.int64, device="meta"), ValueError),
+)
 
 # --- models
 for op in ("PixelCNN.sample", "GatedPixelCNN.sample", "NADE.sample"):

@@ -28,6 +28,7 @@ from .autoregressive import (
     masked_conv2d,
     nade_log_prob,
     nade_sample,
+    sample_logits,
 )
 from .backend import backends, get_backend, set_backend
 from .diffusion import (
@@ -70,6 +71,7 @@ __all__ = [
     "get_backend",
     "gumbel_argmax",
     "heun_step",
+    "sample_logits",
     "iwae_bound",
     "masked_conv2d",
     "models",

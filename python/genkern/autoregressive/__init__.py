@@ -8,6 +8,7 @@
     logp = genkern.nade_log_prob(x, weight, c, v, b)           # x (B, D) of 0/1 -> (B,) nats, differentiable
     x = genkern.nade_sample(weight, c, v, b, 16, seed=0)        # (16, D) of 0.0 / 1.0
     level = genkern.gumbel_argmax(logits, base, seed=0)       # one categorical draw per row
+    token = genkern.sample_logits(logits, seed=0, offset=step, temperature=0.8, top_k=50, top_p=0.9)
 
 Causal convolution: output l sees inputs l, l - d, ..., l - (K - 1) d only (zeros before the start). A (C, K)
 weight is depthwise, a (C_out, C_in, K) weight a full convolution.
@@ -205,15 +206,104 @@ def nade_sample(
 SAMPLING_FAMILY = _ops.SAMPLING_KERNELS.family
 
 
-def gumbel_argmax(logits: Tensor, base: Tensor, *, seed=None, offset=0, backend: str | None = None) -> Tensor:
+def gumbel_argmax(
+    logits: Tensor,
+    base: Tensor,
+    *,
+    seed=None,
+    offset=0,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    backend: str | None = None,
+) -> Tensor:
     """Categorical draws by Gumbel-max: row n of logits (N, levels) gives
     argmax_k logits[n, k] - log(-log u), u the genkern uniform of stream element base[n] + k.
 
     For a model with D dimensions, base = ((sample * D) + position) * levels keys each draw by (sample,
-    position, level), so a sample is the same whatever batch it is drawn in. Returns (N,) int64."""
+    position, level), so a sample is the same whatever batch it is drawn in. Returns (N,) int64.
+
+    The sampling filters (docs/math.md, section 6.2; each a scalar or a (N,) tensor on logits' device) apply
+    in this order: temperature (logits / temperature; 0 draws the argmax), top_k (keep the k largest, ties at
+    the k-th kept; 0 keeps all), top_p (keep the largest tokens whose renormalised probability first sums to
+    >= top_p, ties at the threshold kept, always >= 1 token; 1 keeps all), min_p (keep p >= min_p * max p).
+    Dropped tokens are never drawn; the kept ones are drawn exactly by their renormalised probabilities,
+    with the noise above, so a draw still depends only on (seed, offset, base[n]). With no filter given the
+    draws are the unfiltered op's, bit for bit (genkern::gumbel_argmax; otherwise genkern::sample_logits)."""
     _tensors(logits=logits, base=base)
     seed, offset = resolve_seed(seed), check_offset(offset)
-    return _backend.call(backend, torch.ops.genkern.gumbel_argmax, logits, base, to_signed(seed), to_signed(offset))
+    if temperature is None and top_k is None and top_p is None and min_p is None:
+        return _backend.call(backend, torch.ops.genkern.gumbel_argmax, logits, base, to_signed(seed), to_signed(offset))
+    filters = _row_filters(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return _backend.call(
+        backend, torch.ops.genkern.sample_logits, logits, base, to_signed(seed), to_signed(offset), *filters
+    )
+
+
+def sample_logits(
+    logits: Tensor,
+    *,
+    seed=None,
+    offset=0,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    backend: str | None = None,
+) -> Tensor:
+    """One token per row of LLM-style logits (rows, vocab), after temperature, top_k, top_p and min_p (see
+    gumbel_argmax; each a scalar or a (rows,) tensor), by a sort-free Gumbel-max: token k of row n has the
+    noise of stream element n * vocab + k, so a row's draw depends only on (seed, offset, n). Use a new
+    offset per generation step. Returns (rows,) int64."""
+    _tensors(logits=logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (rows, vocab), got {tuple(logits.shape)}")
+    base = torch.arange(logits.shape[0], dtype=torch.int64, device=logits.device) * logits.shape[1]
+    return gumbel_argmax(
+        logits,
+        base,
+        seed=seed,
+        offset=offset,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        backend=backend,
+    )
+
+
+_FILTER_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+
+def _row_filter(name: str, value, logits: Tensor) -> Tensor:
+    """A filter as the op's per-row tensor: None is the filter's off value, a scalar is every row's."""
+    dtype = _ops.ROW_FILTERS[name][0]
+    rows = logits.shape[0] if logits.dim() >= 1 else 0
+    if value is None:
+        value = _FILTER_DEFAULTS[name]
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex() or (dtype == torch.int64) == value.is_floating_point():
+            kind = "an integer" if dtype == torch.int64 else "a floating-point"
+            raise TypeError(f"{name} must be a scalar or {kind} tensor of shape ({rows},), got dtype {value.dtype}")
+        return value.to(dtype)  # shape and device: the op's check, naming the argument
+    if dtype == torch.int64:
+        value = _checks.integer(name, value)
+        if value < 0:  # before the int64 tensor below, which would not hold -2**63 - 1
+            raise ValueError(f"{name} must be {_ops.ROW_FILTERS[name][1]}, got {value}")
+        value = min(value, 2**63 - 1)  # any k past the vocabulary keeps every token
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+        value = float(value)
+    _, allowed, ok = _ops.ROW_FILTERS[name]
+    if not bool(ok(torch.tensor(value, dtype=dtype))):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return torch.full((rows,), value, dtype=dtype, device=logits.device)
+
+
+def _row_filters(logits: Tensor, **filters) -> list[Tensor]:
+    return [_row_filter(name, filters[name], logits) for name in _ops.ROW_FILTERS]
 
 
 def draw_base(first_sample: int, batch: int, dims: int, position: int, levels: int, device) -> Tensor:

@@ -756,3 +756,80 @@ def run_program(
     SAMPLING_KERNELS.on(backend).sample(
         [_native.array(c) for c in caches], described, out, logits, levels, scale, shift, seed, offset, first_sample
     )
+
+
+# =========================================================================================================
+# The sampling head: `genkern::sample_logits`, Gumbel-max draws after temperature, top_k, top_p and min_p
+# (docs/math.md, section 6.2). The filters are per-row tensors (the public functions expand scalars).
+# =========================================================================================================
+def _triton_sampling_head():
+    from ..kernels.autoregressive import sampling_head
+
+    return sampling_head
+
+
+SAMPLING_HEAD_KERNELS = KernelGroup(
+    "sampling_head", native=lambda: _native._C.sampling_head, triton=_triton_sampling_head
+)
+
+# Each filter's dtype and the values it takes; the kernels read them as given.
+ROW_FILTERS = {
+    "temperature": (torch.float64, "finite and >= 0", lambda t: torch.isfinite(t) & (t >= 0)),
+    "top_k": (torch.int64, ">= 0", lambda t: t >= 0),
+    "top_p": (torch.float64, "in (0, 1]", lambda t: (t > 0) & (t <= 1)),
+    "min_p": (torch.float64, "in [0, 1]", lambda t: (t >= 0) & (t <= 1)),
+}
+
+
+def _check_sample_logits_shapes(logits: Tensor, base: Tensor, filters: dict[str, Tensor]) -> None:
+    _check_gumbel_shapes(logits, base)
+    rows = logits.shape[0]
+    for name, (dtype, _, _) in ROW_FILTERS.items():
+        t = filters[name]
+        _checks.tensor(name, t)
+        _require(
+            t.dtype == dtype and tuple(t.shape) == (rows,) and t.device == logits.device,
+            f"{name} must be a {dtype} tensor of shape ({rows},) on logits' device, got {t.dtype} of shape "
+            f"{tuple(t.shape)} on {t.device}",
+        )
+
+
+def _check_sample_logits(logits, base, seed, offset, temperature, top_k, top_p, min_p) -> None:
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    _check_sample_logits_shapes(logits, base, filters)
+    _check_gumbel_argmax(logits, base, seed, offset)
+    if logits.shape[0] and _checks.has_values(temperature):
+        good = torch.stack([ok(filters[name]).all() for name, (_, _, ok) in ROW_FILTERS.items()]).tolist()
+        for (name, (_, allowed, ok)), fine in zip(ROW_FILTERS.items(), good):
+            if not fine:
+                row = int((~ok(filters[name])).nonzero()[0, 0])
+                raise ValueError(f"{name} must be {allowed}, got {filters[name][row].item()} in row {row}")
+
+
+@torch.library.custom_op("genkern::sample_logits", mutates_args=())
+def sample_logits(
+    logits: Tensor,
+    base: Tensor,
+    seed: int,
+    offset: int,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    min_p: Tensor,
+) -> Tensor:
+    _check_sample_logits(logits, base, seed, offset, temperature, top_k, top_p, min_p)
+    return ref.sample_logits(logits, base, to_unsigned(seed), to_unsigned(offset), temperature, top_k, top_p, min_p)
+
+
+@SAMPLING_HEAD_KERNELS.register(sample_logits, check=_check_sample_logits)
+def _(kernels, logits, base, seed, offset, temperature, top_k, top_p, min_p):
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    filters = [t.contiguous() for t in (temperature, top_k, top_p, min_p)]
+    kernels.sample_logits(logits.contiguous(), base.contiguous(), out, *filters, to_unsigned(seed), to_unsigned(offset))
+    return out
+
+
+@sample_logits.register_fake
+def _(logits, base, seed, offset, temperature, top_k, top_p, min_p):
+    _check_sample_logits_shapes(logits, base, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)

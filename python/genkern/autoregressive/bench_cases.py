@@ -379,4 +379,54 @@ SAMPLING_CASES = tuple(
 )
 
 
-CASES = (*CONV1D_CASES, *MASKED_CONV_CASES, *SAMPLING_CASES, *NADE_CASES)
+# =========================================================================================================
+# Benchmark case of the sampling_head group: one LLM decoding step's token draw, (64, 32000) logits with
+# temperature 0.8, top_k 50 and top_p 0.9. The eager baseline is the sort-based filter a PyTorch user (or
+# vLLM's fallback) writes: sort, the k-th value, a softmax and cumulative sum for top_p, scatter back, then
+# an exponential-race draw. genkern keeps no sort (selection for top_k, a mass quickselect or bisection for
+# top_p) and draws by Gumbel-max over the kept tokens only.
+# =========================================================================================================
+_HEAD = "sampling_head"
+HEAD_ROWS, HEAD_VOCAB = 64, 32000
+HEAD_FILTERS = dict(temperature=0.8, top_k=50, top_p=0.9)
+
+
+def _head_inputs(size, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    return ((torch.randn(HEAD_ROWS, HEAD_VOCAB, generator=g) * 4).to(device=device, dtype=dtype),)
+
+
+def eager_top_k_top_p(logits):
+    logits = logits / HEAD_FILTERS["temperature"]
+    ascending, order = logits.sort(dim=-1)
+    kth = ascending.gather(1, torch.full_like(order[:, :1], logits.shape[-1] - HEAD_FILTERS["top_k"]))
+    ascending = ascending.masked_fill(ascending < kth, -math.inf)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    tail = cumulative <= 1 - HEAD_FILTERS["top_p"]
+    tail[:, -1] = False
+    ascending = ascending.masked_fill(tail, -math.inf)
+    probs = ascending.scatter(-1, order, ascending).softmax(dim=-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+
+
+def genkern_sample_logits(logits, backend=None):
+    return genkern.sample_logits(logits, seed=0, offset=1, backend=backend, **HEAD_FILTERS)
+
+
+HEAD_CASES = (
+    BenchCase(
+        name="sample_logits_topk50_topp0.9",
+        family=_HEAD,
+        make_inputs=_head_inputs,
+        genkern=genkern_sample_logits,
+        eager=eager_top_k_top_p,
+        shape=lambda size: (HEAD_ROWS, HEAD_VOCAB),
+        bytes_moved=lambda size, dtype: HEAD_ROWS * HEAD_VOCAB * _itemsize(dtype) + HEAD_ROWS * 8,
+        items=lambda size: HEAD_ROWS,
+        item_unit="token",
+        sized=False,
+    ),
+)
+
+
+CASES = (*CONV1D_CASES, *MASKED_CONV_CASES, *SAMPLING_CASES, *NADE_CASES, *HEAD_CASES)

@@ -443,3 +443,52 @@ def run_program(
                 level = gumbel_argmax(caches[logits][:, i, j, c * levels : (c + 1) * levels], base, seed, offset)
                 out[:, c, i, j] = level
                 caches[0][:, i, j, c] = scale * level.to(caches[0].dtype) + shift
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampling head: filtered Gumbel-max draws
+# ---------------------------------------------------------------------------------------------------------
+# Reference of the sampling_head group (docs/math.md, section 6.2), written the sort-based way (softmax,
+# sort, cumulative sum) that the kernels' sort-free thresholds are tested against. Per-row filters are
+# (rows,) tensors: temperature float64 (0: argmax), top_k int64 (0 or >= vocab: off), top_p float64 (1: off),
+# min_p float64 (0: off). Scores in float64 whatever the logits' dtype, as gumbel_argmax's.
+
+
+def sampling_filter_keep(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """The (rows, vocab) mask of the tokens the filters keep, in order: z = logits / temperature; top_k keeps
+    z >= the k-th largest z (ties kept); top_p, on the top_k-renormalised softmax p sorted by z, keeps
+    z >= the z where the cumulative sum first reaches top_p (ties kept); min_p keeps p >= min_p * max p.
+    Rows with temperature 0 keep everything (their draw is the argmax)."""
+    rows, vocab = logits.shape
+    tau = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    z = logits.to(torch.float64) / tau[:, None]
+    sorted_z, order = z.sort(dim=-1, descending=True, stable=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+    keep = z >= sorted_z.gather(1, (k - 1)[:, None])
+    p = torch.softmax(torch.where(keep, z, -torch.inf), dim=-1)
+    cumulative = p.gather(1, order).cumsum(dim=-1)
+    first = (cumulative < top_p[:, None]).sum(dim=-1).clamp(max=vocab - 1)  # the first index reaching top_p
+    keep_p = z >= sorted_z.gather(1, first[:, None])
+    keep &= keep_p | (top_p >= 1)[:, None]
+    keep &= p >= min_p[:, None] * p.max(dim=-1, keepdim=True).values
+    return keep
+
+
+def sample_logits(logits, base, seed: int, offset: int, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """Row n draws argmax over the kept tokens k of z[n, k] + gumbel(base[n] + k): an exact draw from the
+    filtered, renormalised distribution. (N,) int64.
+
+    Degenerate rows follow gumbel_argmax's rule: a row with a NaN logit draws its first NaN; temperature 0, or
+    a largest logit of +-inf, draws the first largest logit (torch.argmax); scaled logits that overflow to
+    +-inf draw the first at the largest."""
+    vocab = logits.shape[-1]
+    wide = logits.to(torch.float64)
+    tau = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    z = wide / tau[:, None]
+    noise = gumbel(base.to(torch.int64).unsqueeze(-1) + torch.arange(vocab, device=logits.device), seed, offset)
+    keep = sampling_filter_keep(logits, temperature, top_k, top_p, min_p)
+    drawn = torch.where(keep, z + noise, -torch.inf).argmax(dim=-1)
+    l_max = wide.max(dim=-1).values
+    argmax_rows = wide.isnan().any(dim=-1) | (temperature == 0) | l_max.isinf()
+    drawn = torch.where(z.max(dim=-1).values.isinf(), z.argmax(dim=-1), drawn)
+    return torch.where(argmax_rows, wide.argmax(dim=-1), drawn)
