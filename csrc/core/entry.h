@@ -85,5 +85,6 @@ void bind_causal_conv1d(py::module_& m);
 void bind_masked_conv(py::module_& m);
 void bind_nade(py::module_& m);
 void bind_pixelcnn_sampling(py::module_& m);
+void bind_logistic_mixture(py::module_& m);
 
 }  // namespace gk

@@ -89,4 +89,5 @@ PYBIND11_MODULE(_C, m) {
   gk::bind_masked_conv(m);
   gk::bind_nade(m);
   gk::bind_pixelcnn_sampling(m);
+  gk::bind_logistic_mixture(m);
 }

@@ -756,3 +756,15 @@ def run_program(
     SAMPLING_KERNELS.on(backend).sample(
         [_native.array(c) for c in caches], described, out, logits, levels, scale, shift, seed, offset, first_sample
     )
+
+
+# =========================================================================================================
+# Discretised logistic mixture (PixelCNN++'s head): its ops are in _logistic_mixture_ops, imported here so
+# that importing the family's ops registers all of them.
+# =========================================================================================================
+from ._logistic_mixture_ops import (  # noqa: E402, F401
+    MIXTURE_KERNELS,
+    logistic_mixture_log_prob,
+    logistic_mixture_log_prob_backward,
+    logistic_mixture_sample,
+)
