@@ -595,8 +595,8 @@ def logistic_mixture_log_prob_backward(grad, params, x, log_prob, levels: int, n
         y_r, y_g = y[:, 0, None], y[:, 1, None]
         d_a = torch.stack((d_mean[:, 1] * y_r, d_mean[:, 2] * y_r, d_mean[:, 2] * y_g), dim=1) * (1.0 - t * t)
         parts.append(d_a)
-    b, _, h, w = params.shape
-    rest = torch.stack(parts, dim=2).reshape(b, -1, h, w)
+    b, p, h, w = params.shape
+    rest = torch.stack(parts, dim=2).reshape(b, p - num_mixtures, h, w)
     return torch.cat((d_logits, rest), dim=1).to(dtype)
 
 
