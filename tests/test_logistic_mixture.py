@@ -628,3 +628,64 @@ def test_native_checks_guard_the_kernels():
         fam.log_prob_backward(out, params, x, out, torch.empty(3), 256, 2, True)
     with pytest.raises(ValueError, match="first"):
         fam.sample(params, torch.empty(2, 3, 3, 4, dtype=torch.int64), 256, 2, True, 0, 0, 2**62)
+
+
+# ============================================================================================ PixelCNN's head
+
+
+def _mixture_pixelcnn(colors, levels=4, size=(1, 2), k=2, seed=0):
+    from genkern.models import PixelCNN
+
+    torch.manual_seed(seed)
+    model = PixelCNN(
+        colors, levels, size, hidden_channels=8, n_layers=2, kernel_size=3, head="logistic_mixture", num_mixtures=k
+    )
+    with torch.no_grad():
+        for p in model.parameters():  # masked weights and biases non-zero too: every path is seen
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.double()
+
+
+@pytest.mark.parametrize("colors", [1, 3])
+def test_pixelcnn_mixture_head_is_a_distribution(colors):
+    """Over every image of 2 pixels (4 levels: 4^6 RGB images, 16 grey): the probabilities sum to 1, which
+    fails if a pixel's params saw the pixel itself or a later one."""
+    model = _mixture_pixelcnn(colors)
+    grid = torch.cartesian_prod(*[torch.arange(4)] * (2 * colors)).view(-1, colors, 1, 2)
+    torch.testing.assert_close(model.log_prob(grid).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_pixelcnn_mixture_head_forward_loss_and_sampling():
+    model = _mixture_pixelcnn(3, levels=256, size=(4, 5), k=3).float()
+    x = make_levels(2, 3, 4, 5, 256)
+    params = model(x)
+    assert params.shape == (2, 30, 4, 5)
+    torch.testing.assert_close(model.log_prob(x), -nll(params, x))
+    torch.testing.assert_close(model.bits_per_dim(x), nll(params, x) / (60 * math.log(2)))
+    loss = model.bits_per_dim(x).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    # the params at a pixel depend on earlier pixels only: a change at (2, 3) moves none before it
+    moved = x.clone()
+    moved[:, :, 2, 3] = 255 - moved[:, :, 2, 3]
+    diff = (model(moved) - params).abs().sum((0, 1)).flatten()
+    assert diff[: 2 * 5 + 4].eq(0).all() and diff[2 * 5 + 4 :].gt(0).any()
+    s = model.sample(3, seed=4, method="naive")
+    assert s.shape == (3, 3, 4, 5) and s.dtype == torch.int64 and 0 <= s.min() and s.max() <= 255
+    assert torch.equal(model.sample(2, seed=4, method="naive", first_sample=1), s[1:])
+    with pytest.raises(ValueError, match="naive"):
+        model.sample(2, seed=0)
+    with pytest.raises(ValueError, match="head"):
+        type(model)(3, 256, 4, head="gaussian")
+
+
+def test_pixelcnn_mixture_head_samples_follow_the_model():
+    """A 1 x 2 grey image of 4 levels (16 values): 6000 naive samples, chi-square (p < 1e-6 fails: once in
+    a million runs for a correct sampler) against the model's exact probabilities."""
+    pytest.importorskip("scipy")
+    model = _mixture_pixelcnn(1)
+    samples = model.sample(6000, seed=9, method="naive")
+    grid = torch.cartesian_prod(*[torch.arange(4)] * 2).view(-1, 1, 1, 2)
+    probs = model.log_prob(grid).exp().detach()
+    values = samples[:, 0, 0, 0] * 4 + samples[:, 0, 0, 1]
+    assert _chi_square_p_value(values, probs) > 1e-6
