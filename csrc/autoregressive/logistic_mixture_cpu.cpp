@@ -43,10 +43,10 @@ Image<V> image_of(P* params, const Shape& s, int64_t b) {
 
 template <typename T>
 struct Scratch {
-  std::vector<int64_t> x;
+  std::vector<int> edge;  // edge_of each level
   std::vector<T> y, mu, d_u, d_s, tanh_a;
   explicit Scratch(int64_t colors)
-      : x(colors * kRun), y(colors * kRun), mu(kRun), d_u(colors * kRun), d_s(colors * kRun), tanh_a(3 * kRun) {}
+      : edge(colors * kRun), y(colors * kRun), mu(kRun), d_u(colors * kRun), d_s(colors * kRun), tanh_a(3 * kRun) {}
 };
 
 template <typename T>
@@ -54,10 +54,10 @@ void load_levels(const int64_t* x, const Shape& s, int64_t b, int64_t p0, int64_
                  Scratch<T>& w) {
   for (int64_t c = 0; c < s.colors; ++c) {
     const int64_t* xc = x + (b * s.colors + c) * s.pixels() + p0;
-    int64_t* xs = w.x.data() + c * kRun;
+    int* edges = w.edge.data() + c * kRun;
     T* ys = w.y.data() + c * kRun;
     for (int64_t p = 0; p < n; ++p) {
-      xs[p] = xc[p];
+      edges[p] = edge_of(xc[p], lv.last);
       ys[p] = level_to_y<T>(xc[p], lv);
     }
   }
@@ -113,19 +113,20 @@ void channel_means(const Image<const T>& img, const Shape& s, int64_t c, int64_t
 
 // acc[p] += sum over channels of log P_k(x_c), with (Grad) each channel's d log P / du and d log P / ds kept.
 template <typename T, bool Grad>
-void add_channels(const Image<const T>& img, const Shape& s, const Levels<T>& lv, int64_t k, int64_t p0, int64_t n,
+void add_channels(const Image<const T>& img, const Shape& s, const Levels<T>& levels, int64_t k, int64_t p0, int64_t n,
                   Scratch<T>& w, T* acc) {
+  const Levels<T> lv = levels;  // a local copy: the stores below cannot alias it, so the loop vectorises
   for (int64_t c = 0; c < s.colors; ++c) {
     channel_means(img, s, c, k, p0, n, w);
     const T* ls = img.log_scale(c, k) + p0;
-    const int64_t* xs = w.x.data() + c * kRun;
+    const int* edges = w.edge.data() + c * kRun;
     const T* ys = w.y.data() + c * kRun;
     const T* mu = w.mu.data();
     T* du = w.d_u.data() + c * kRun;
     T* ds = w.d_s.data() + c * kRun;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
-      const Term<T> t = channel_term<T, Grad>(xs[p], ys[p], mu[p], clamp_log_scale(ls[p]), lv);
+      const Term<T> t = channel_term<T, Grad>(edges[p], ys[p], mu[p], clamp_log_scale(ls[p]), lv);
       acc[p] += t.log_p;
       if constexpr (Grad) {
         du[p] = t.d_u;

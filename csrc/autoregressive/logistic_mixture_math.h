@@ -38,7 +38,7 @@ GK_HD Sigmoids<T> sigmoids(T z, T e) {
 // log(arg) when `plain`, else log(1 + arg) for arg in [0, 1]; float: one Cephes polynomial on the selected
 // reduced argument (nade::log1p_unit's trick: tiny arg keeps its relative accuracy).
 GK_HD float log_or_log1p(bool plain, float arg) {
-  const bool small = !plain && arg <= 0.41421356f;
+  const bool small = (plain ? 1.0f : arg) <= 0.41421356f;  // one compare: no bool logic in a vector loop
   const LogArg r = log_reduce(plain ? arg : 1.0f + arg);
   return log_core(small ? arg : r.f, small ? 0.0f : r.e);
 }
@@ -91,8 +91,12 @@ struct Term {
   T log_p, d_u, d_s;
 };
 
+// Which case a level is: 0 (kEdgeLow) x = 0, 1 (kEdgeHigh) x = L - 1, 2 interior. A 32-bit int, so that a
+// CPU loop over float terms keeps one lane width (mixed 64-bit compares stop it vectorising).
+GK_HD int edge_of(int64_t x, int64_t last) { return x == 0 ? kEdgeLow : x == last ? kEdgeHigh : kMass; }
+
 template <typename T, bool Grad>
-GK_HD Term<T> channel_term(int64_t x, T y, T mu, T s, const Levels<T>& lv) {
+GK_HD Term<T> channel_term(int edge, T y, T mu, T s, const Levels<T>& lv) {
   const T e = gk::exp(-s);
   const T u = y - mu;
   const T plus = e * (u + lv.half_bin), minus = e * (u - lv.half_bin), mid = e * u;
@@ -101,7 +105,11 @@ GK_HD Term<T> channel_term(int64_t x, T y, T mu, T s, const Levels<T>& lv) {
   const T e_mid = gk::exp(-(mid < T(0) ? -mid : mid));
   const Sigmoids<T> sp = sigmoids(plus, e_plus), sm = sigmoids(minus, e_minus), sc = sigmoids(mid, e_mid);
   const T delta = mid > T(0) ? sm.neg - sp.neg : sp.pos - sm.pos;
-  const int branch = x == 0 ? kEdgeLow : x == lv.last ? kEdgeHigh : delta > T(kCdfThreshold) ? kMass : kDensity;
+  // int arithmetic, not bool logic (which stops the CPU loops vectorising): interior 2 becomes 3 where the
+  // bin's mass is below the threshold (or NaN).
+  const int interior = edge == kMass ? 1 : 0;
+  const int tiny = delta > T(kCdfThreshold) ? 0 : 1;
+  const int branch = edge + interior * tiny;
   // The one logarithm this branch needs: log(1 + e^-|z|) of its argument z, or log delta.
   const T floored = delta > T(kCdfFloor) ? delta : T(kCdfFloor);
   const T e_arg = branch == kEdgeLow ? e_plus : branch == kEdgeHigh ? e_minus : e_mid;
@@ -113,7 +121,9 @@ GK_HD Term<T> channel_term(int64_t x, T y, T mu, T s, const Levels<T>& lv) {
   const T density = mid - s - T(2) * ((mid > zero ? mid : zero) + l) - lv.log_width;
   T log_p = branch == kEdgeLow ? low : branch == kEdgeHigh ? high : branch == kMass ? mass : density;
   // A NaN anywhere stays NaN (the float log has no NaN check of its own).
-  log_p = (plus != plus || s != s) ? plus + s : log_p;
+  // (One compare of plus + s, NaN iff either is: a || of two would stop the CPU loops vectorising.)
+  const T poison = plus + s;
+  log_p = poison != poison ? poison : log_p;
   Term<T> t{log_p, zero, zero};
   if constexpr (Grad) {
     // d log P / d p per argument, then through p = e (u +- h): dp/du = e, dp/ds = -p.
