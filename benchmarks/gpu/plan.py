@@ -126,8 +126,9 @@ class BenchGroup:
 BENCH_GROUPS = (
     # memory-bound headline cases at 64M elements (256 MB per float32 tensor, far past the 60 MB L2)
     BenchGroup("elementwise", ("reparameterize_kl", "ddim_step", "causal_conv1d"), "64M", 75, 55),
-    # training steps, forward + backward: masked_conv2d at batch 335 of 64 x 28 x 28, NADE at batch 512
-    BenchGroup("training", ("masked_conv2d", "nade_log_prob"), "16M", 60, 40),
+    # training steps, forward + backward: masked_conv2d at batch 335 of 64 x 28 x 28, NADE at batch 512, and
+    # PixelCNN++'s loss at 16 x 3 x 32 x 32, K = 10 (time and peak memory against the eager loss)
+    BenchGroup("training", ("masked_conv2d", "nade_log_prob", "logistic_mixture_nll"), "16M", 60, 40),
     # whole loops: the 50-step DDIM loop at batch 1 against diffusers, cached PixelCNN 32x32 RGB batch 256, and
     # genkern.sample of the shipped VAE to files (the sampling family)
     BenchGroup("loops", ("ddim_loop", "pixelcnn_sample_rgb32_b256", "sample_vae_b256"), "64M", 50, 30),
