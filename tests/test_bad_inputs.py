@@ -80,6 +80,10 @@ def _sigma_step_defaults():
     return dict(model_output=_r(2, 3, 4), sample=_r(2, 3, 4), sigma=torch.tensor([0.9, 0.5]), sigma_next=0.2)
 
 
+def _levels(shape=(2, 3, 3, 4)):
+    return torch.randint(0, 256, shape)
+
+
 def _model_sample(model_cls):
     def sample(backend, n=2, model=None, **kw):
         kw.setdefault("seed", 0)
@@ -154,6 +158,14 @@ OPS = {
         _call(genkern.nade_log_prob, lambda: dict(x=torch.randint(0, 2, (4, 5)).float(), **_nade_params())),
     ),
     "nade_sample": ("nade", _call(genkern.nade_sample, lambda: dict(num_samples=3, seed=0, **_nade_params()))),
+    "discretized_logistic_mixture_nll": (
+        "logistic_mixture",
+        _call(genkern.discretized_logistic_mixture_nll, lambda: dict(params=_r(2, 20, 3, 4), x=_levels())),
+    ),
+    "discretized_logistic_mixture_sample": (
+        "logistic_mixture",
+        _call(genkern.discretized_logistic_mixture_sample, lambda: dict(params=_r(2, 20, 3, 4), seed=0)),
+    ),
     "gumbel_argmax": (
         "pixelcnn_sampling",
         _call(genkern.gumbel_argmax, lambda: dict(logits=_r(3, 5), base=torch.tensor([0, 5, 10]), seed=0)),
@@ -449,6 +461,46 @@ BAD += values(
     ("shape", lambda: torch.tensor([1, 2]), ValueError),
     ("meta tensor", lambda: torch.empty(3, dtype=torch.int64, device="meta"), ValueError),
 )
+
+# params: any float dtype (float64 computes in float64); a meta params alone is a valid (compile-time) sample call
+BAD += tensors(
+    "discretized_logistic_mixture_nll", "params", (2, 20, 3, 4), other_dtype=False, wrong_shape=(2, 21, 3, 4)
+)
+BAD += tensors(
+    "discretized_logistic_mixture_nll",
+    "x",
+    (2, 3, 3, 4),
+    dtype=torch.int64,
+    other_dtype=False,
+    skip=("dtype int64",),  # floats holding whole levels are valid x
+    wrong_shape=(2, 3, 3, 5),
+)
+BAD += values(
+    "discretized_logistic_mixture_nll",
+    "x",
+    ("bool", lambda: torch.zeros(2, 3, 3, 4, dtype=torch.bool), TypeError),
+    ("level 256", lambda: torch.full((2, 3, 3, 4), 256), ValueError),
+    ("negative level", lambda: torch.full((2, 3, 3, 4), -1), ValueError),
+    ("not whole", lambda: torch.full((2, 3, 3, 4), 0.5), ValueError),
+)
+BAD += values("discretized_logistic_mixture_nll", "reduction", ("unknown", "max", ValueError))
+BAD += tensors(
+    "discretized_logistic_mixture_sample",
+    "params",
+    (2, 20, 3, 4),
+    other_dtype=False,
+    meta=False,
+    wrong_shape=(2, 21, 3, 4),
+)
+BAD += seed_offset("discretized_logistic_mixture_sample", "seed")
+BAD += seed_offset("discretized_logistic_mixture_sample", "offset")
+BAD += ints("discretized_logistic_mixture_sample", "first", low=0, huge=False)
+BAD += values("discretized_logistic_mixture_sample", "first", ("2**62", 2**62, ValueError))
+BAD += ints("discretized_logistic_mixture_sample", "channels", low=1)
+for op in ("discretized_logistic_mixture_nll", "discretized_logistic_mixture_sample"):
+    BAD += ints(op, "levels", low=2, huge=False)
+    BAD += ints(op, "num_mixtures", low=1, extra=[("3: params of 2", 3, ValueError)])
+    BAD += values(op, "rgb_coupling", ("str", "yes", TypeError), ("int", 1, TypeError))
 
 # --- models
 for op in ("PixelCNN.sample", "GatedPixelCNN.sample", "NADE.sample"):

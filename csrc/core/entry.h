@@ -86,5 +86,6 @@ void bind_masked_conv(py::module_& m);
 void bind_nade(py::module_& m);
 void bind_pixelcnn_sampling(py::module_& m);
 void bind_sampling_head(py::module_& m);
+void bind_logistic_mixture(py::module_& m);
 
 }  // namespace gk

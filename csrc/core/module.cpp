@@ -90,4 +90,5 @@ PYBIND11_MODULE(_C, m) {
   gk::bind_nade(m);
   gk::bind_pixelcnn_sampling(m);
   gk::bind_sampling_head(m);
+  gk::bind_logistic_mixture(m);
 }

@@ -23,6 +23,8 @@ from ._sampling import sample
 from .autoregressive import (
     causal_conv1d,
     causal_conv1d_update,
+    discretized_logistic_mixture_nll,
+    discretized_logistic_mixture_sample,
     gated_activation,
     gumbel_argmax,
     masked_conv2d,
@@ -60,6 +62,8 @@ __all__ = [
     "diffusion",
     "diffusion_loss",
     "dpm_solver_step",
+    "discretized_logistic_mixture_nll",
+    "discretized_logistic_mixture_sample",
     "euler_ancestral_step",
     "euler_step",
     "flow_euler_step",

@@ -72,6 +72,8 @@ class BenchCase:
     requires: the optional libraries the eager baseline imports (diffusers, say). Where one is missing the
         eager and compile rows are skipped with a note, and the genkern rows still run.
     busy: every implementation is timed inside `busy_cores()`; made by `under_load`.
+    peak_memory: also measure the peak memory one call allocates beyond what existed before it (see
+        peak_memory_bytes): the row's peak_memory_bytes, and peak_memory_vs_eager its fraction of eager's.
     A case with bytes_moved 0 is not memory-bound: it gets no bandwidth figures.
     """
 
@@ -92,6 +94,7 @@ class BenchCase:
     sized: bool = True
     requires: tuple[str, ...] = ()
     busy: bool = False
+    peak_memory: bool = False
 
 
 def under_load(case: BenchCase) -> BenchCase:
@@ -322,6 +325,35 @@ def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
     return statistics.median(_times_ms(fn, device, repeats))
 
 
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """The most memory torch's allocator holds during one call of fn, less what it held before (the inputs),
+    outputs included. CUDA: torch.cuda.max_memory_allocated. CPU (whose allocator keeps no statistics): the
+    allocation records of torch.profiler(profile_memory=True), each op's own allocations at its start and each
+    free at its time, summed in time order; an op's temporaries freed inside it are not seen, nor is memory a
+    compiled kernel allocates outside torch (genkern's kernels' small per-thread scratch)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+        for e in prof.events()
+    )
+    held = peak = 0
+    for _, change in changes:
+        held += change
+        peak = max(peak, held)
+    return peak
+
+
 def copy_bandwidth_gbps(size: int, device: torch.device, repeats: int) -> float:
     """What a plain copy of `size` float32 elements achieves: one read and one write of every byte. The
     ceiling a memory-bound op can hope for on this device, with this thread count, in this run."""
@@ -366,6 +398,8 @@ def _measure(
             _sync(device)
             result["compile_s"] = round(time.perf_counter() - start, 3)
         result["time_ms"] = median_ms(lambda: fn(*args), device, repeats, warmup)
+        if case.peak_memory:
+            result["peak_memory_bytes"] = peak_memory_bytes(lambda: fn(*args), device)
         if label == "eager" and case.eager_scale is not None:
             scale = case.eager_scale(size)
             result["measured_ms"], result["extrapolated_by"] = result["time_ms"], scale
@@ -402,6 +436,9 @@ def _add_ratios(rows: list[dict], copy_gbps: float) -> None:
         ms = row["time_ms"]
         row["speedup_vs_eager"] = _ratio(same.get("eager"), ms)
         row["speedup_vs_compile"] = _ratio(same.get("compile"), ms)
+        if "peak_memory_bytes" in row:
+            eager = next((r for r in rows if (r["op"], r["size"], r["impl"]) == (row["op"], row["size"], "eager")), {})
+            row["peak_memory_vs_eager"] = _ratio(row["peak_memory_bytes"], eager.get("peak_memory_bytes"))
         bandwidth = ms and row["bytes"]
         row["gbps"] = gbps(row["bytes"], ms) if bandwidth else None
         row["pct_copy_bandwidth"] = 100.0 * row["gbps"] / copy_gbps if bandwidth else None
@@ -664,6 +701,15 @@ def format_table(report: dict) -> str:
     busy = {r["busy_processes"] for r in report["rows"] if r.get("busy_processes")}
     if busy:
         notes += ["", f"_busy: timed while {'/'.join(map(str, sorted(busy)))} other processes kept every core busy"]
+    peaks = [r for r in report["rows"] if r.get("peak_memory_bytes") is not None]
+    if peaks:
+        notes += ["", "peak memory of one call (torch's allocator; see peak_memory_bytes):"]
+        for r in peaks:
+            fraction = r.get("peak_memory_vs_eager")
+            versus = f" ({fraction:.3f} of eager)" if fraction is not None and r["impl"] != "eager" else ""
+            notes.append(
+                f"  {r['op']} {format_size(r['size'])} {r['impl']}: {r['peak_memory_bytes'] / 2**20:.1f} MiB{versus}"
+            )
     if failures:
         notes += ["", "failures:", *failures]
     return "\n".join(lines + notes + _compile_times(report["rows"]))

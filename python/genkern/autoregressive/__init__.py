@@ -388,3 +388,121 @@ class Program:
             backend, _ops.run_program, caches, nodes, out, self.logits, levels, scale, shift, seed, offset, first_sample
         )
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discretised logistic mixture (PixelCNN++'s head; docs/math.md, section 6.1)
+# ---------------------------------------------------------------------------------------------------------
+MIXTURE_REDUCTIONS = ("none", "mean", "sum", "pixel")
+_LEVEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *_checks.FLOAT_DTYPES)
+
+
+def _mixture_layout(params: Tensor, colors: int, num_mixtures, rgb_coupling) -> tuple[int, bool]:
+    """(K, coupled) from the arguments: coupling defaults to C == 3; K, when None, from params' channels."""
+    _checks.float_tensor("params", params)
+    if params.dim() != 4:
+        raise ValueError(f"params must have shape (B, P, H, W), got {tuple(params.shape)}")
+    if rgb_coupling is None:
+        rgb_coupling = colors == 3
+    if not isinstance(rgb_coupling, bool):
+        raise TypeError(f"rgb_coupling must be None or a bool, got {type(rgb_coupling).__name__}")
+    if num_mixtures is None:
+        per = 10 if rgb_coupling else 1 + 2 * colors
+        if params.shape[1] % per or params.shape[1] == 0:
+            raise ValueError(
+                f"params has {params.shape[1]} channels, not a positive multiple of {per} "
+                f"({'10K, coupled RGB' if rgb_coupling else f'(1 + 2C)K with C = {colors}'}): pass num_mixtures"
+            )
+        num_mixtures = params.shape[1] // per
+    return _int("num_mixtures", num_mixtures), rgb_coupling
+
+
+def mixture_levels(x, levels: int) -> Tensor:
+    """x of integer levels in any integer or float dtype, as int64 (floats must hold whole numbers; the op
+    checks the range)."""
+    _checks.tensor("x", x)
+    if x.dtype not in _LEVEL_DTYPES:
+        raise TypeError(f"x must be an integer or float tensor of levels, got dtype {x.dtype}")
+    if x.is_floating_point() and x.numel() and _checks.has_values(x) and not bool((x == x.floor()).all()):
+        raise ValueError(f"x must hold integer levels in [0, {levels})")
+    return x.to(torch.int64)
+
+
+def discretized_logistic_mixture_nll(
+    params: Tensor,
+    x: Tensor,
+    *,
+    levels: int = 256,
+    num_mixtures: int | None = None,
+    rgb_coupling: bool | None = None,
+    reduction: str = "none",
+    backend: str | None = None,
+) -> Tensor:
+    """PixelCNN++'s negative log-likelihood (Salimans et al. 2017) of images x under a discretised mixture of
+    K logistics per pixel, in nats, in one fused pass (and one fused backward: nothing of size (B, C, H, W, K)
+    is kept or formed).
+
+    x: (B, C, H, W) integer levels in [0, levels) (any integer dtype, or floats holding whole numbers).
+    params: (B, P, H, W), PixelCNN++'s channel order (docs/math.md, section 6.1): the K mixture logits, then
+    per colour c the 3K channels at K + 3K c holding the K means, log-scales and pre-tanh coefficients
+    (P = 10K, rgb_coupling, C = 3: mu_G = m_G + a0 y_R, mu_B = m_B + a1 y_R + a2 y_G); without coupling (any C,
+    e.g. grayscale C = 1) the 2K channels at K + 2K c hold the means and log-scales (P = (1 + 2C)K; 3K for
+    C = 1). rgb_coupling None: coupled iff C = 3. num_mixtures None: K from P.
+
+    reduction: "none" -> (B,) the NLL of each image; "mean" -> its mean over the batch; "sum" -> the total
+    (PixelCNN++'s loss); "pixel" -> (B, H, W) the NLL of each pixel (all its channels). Bits per dimension are
+    nll / (C H W ln 2). The result is float64 for float64 params and float32 otherwise (half types compute in
+    float32). Differentiable w.r.t. params; x gets no gradient."""
+    _tensors(params=params)
+    if reduction not in MIXTURE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {MIXTURE_REDUCTIONS}, got {reduction!r}")
+    levels = _int("levels", levels)
+    x = mixture_levels(x, levels)
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+    k, coupled = _mixture_layout(params, x.shape[1], num_mixtures, rgb_coupling)
+    log_p = _backend.call(backend, torch.ops.genkern.logistic_mixture_log_prob, params, x, levels, k, coupled)
+    if reduction == "pixel":
+        return -log_p
+    nll = -log_p.sum((1, 2))
+    if reduction == "sum":
+        return nll.sum()
+    return nll.mean() if reduction == "mean" else nll
+
+
+def discretized_logistic_mixture_sample(
+    params: Tensor,
+    *,
+    seed: int | None = None,
+    offset: int = 0,
+    levels: int = 256,
+    channels: int = 3,
+    num_mixtures: int | None = None,
+    rgb_coupling: bool | None = None,
+    first: int = 0,
+    backend: str | None = None,
+) -> Tensor:
+    """One image (B, C, H, W) of int64 levels per row of params (the layout of discretized_logistic_mixture_nll,
+    C = `channels`): per pixel the component by Gumbel-max over the logits, then R, G, B in turn a logistic draw
+    clamped to [-1, 1] (G and B coupled to the drawn R and G), rounded to a level. Row b is sample first + b:
+    its draws are the genkern stream elements ((first + b) H W + pixel)(K + C) + draw of (seed, offset), so a
+    sample never depends on the batch it is drawn in. seed None draws one from torch's generator. Not
+    differentiable. (Sampling an autoregressive model runs this per pixel on the network's output.)"""
+    _tensors(params=params)
+    colors = _int("channels", channels)
+    if colors < 1:
+        raise ValueError(f"channels must be >= 1, got {colors}")
+    k, coupled = _mixture_layout(params, colors, num_mixtures, rgb_coupling)
+    seed, offset = resolve_seed(seed), check_offset(offset)
+    return _backend.call(
+        backend,
+        torch.ops.genkern.logistic_mixture_sample,
+        params,
+        _int("levels", levels),
+        k,
+        coupled,
+        colors,
+        to_signed(seed),
+        to_signed(offset),
+        _int("first", first),
+    )

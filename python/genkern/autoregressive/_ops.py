@@ -833,3 +833,15 @@ def _(kernels, logits, base, seed, offset, temperature, top_k, top_p, min_p):
 def _(logits, base, seed, offset, temperature, top_k, top_p, min_p):
     _check_sample_logits_shapes(logits, base, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+# =========================================================================================================
+# Discretised logistic mixture (PixelCNN++'s head): its ops are in _logistic_mixture_ops, imported here so
+# that importing the family's ops registers all of them.
+# =========================================================================================================
+from ._logistic_mixture_ops import (  # noqa: E402, F401
+    MIXTURE_KERNELS,
+    logistic_mixture_log_prob,
+    logistic_mixture_log_prob_backward,
+    logistic_mixture_sample,
+)

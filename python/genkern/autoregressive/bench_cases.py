@@ -425,8 +425,98 @@ HEAD_CASES = (
         items=lambda size: HEAD_ROWS,
         item_unit="token",
         sized=False,
+# Benchmark case of the logistic-mixture head: PixelCNN++'s loss on CIFAR-sized outputs (16 x 3 x 32 x 32
+# images, K = 10 components: params (16, 100, 32, 32)), forward and backward, whatever the size; peak memory
+# measured too (bench.peak_memory_bytes), which is the point of the fused kernels: the eager loss builds
+# (B, H, W, 3, K) intermediates by the dozen and autograd keeps many of them, genkern keeps log p per pixel.
+# The eager baseline is the loss as PixelCNN++'s reference code writes it (pixel-cnn-pp's
+# discretized_mix_logistic_loss, in its PyTorch port's form), torch.autograd.grad of its sum; torch.compile
+# gets that same function. Plain `genkern bench` leaves it out: `--ops logistic_mixture_nll` runs it.
+# =========================================================================================================
+_MIXTURE = "logistic_mixture"
+MIX_BATCH, MIX_SIDE, MIX_K = 16, 32, 10
+
+
+def _mixture_shape(size: int) -> tuple[int, int, int, int]:
+    return MIX_BATCH, 10 * MIX_K, MIX_SIDE, MIX_SIDE
+
+
+def _mixture_inputs(size, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(_mixture_shape(size), generator=g) * 0.5
+    x = torch.randint(0, 256, (MIX_BATCH, 3, MIX_SIDE, MIX_SIDE), generator=g)
+    return params.to(device=device, dtype=dtype).requires_grad_(True), x.to(device)
+
+
+def eager_mixture_nll(l, x):
+    """PixelCNN++'s discretized_mix_logistic_loss (channels-last inside, as the reference code), summed."""
+    x = (x.to(l.dtype) * (2.0 / 255.0) - 1.0).permute(0, 2, 3, 1)
+    l = l.permute(0, 2, 3, 1)
+    xs = list(x.shape)
+    nr_mix = l.shape[-1] // 10
+    logit_probs = l[..., :nr_mix]
+    l = l[..., nr_mix:].contiguous().view(xs + [nr_mix * 3])
+    means = l[..., :nr_mix]
+    log_scales = torch.clamp(l[..., nr_mix : 2 * nr_mix], min=-7.0)
+    coeffs = torch.tanh(l[..., 2 * nr_mix : 3 * nr_mix])
+    x = x.contiguous().unsqueeze(-1) + torch.zeros(xs + [nr_mix], device=x.device, dtype=x.dtype)
+    m2 = (means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :]).unsqueeze(3)
+    m3 = (means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :]).unsqueeze(3)
+    means = torch.cat((means[..., 0, :].unsqueeze(3), m2, m3), dim=3)
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
+    cdf_plus = torch.sigmoid(plus_in)
+    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
+    cdf_min = torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)
+    log_one_minus_cdf_min = -F.softplus(min_in)
+    cdf_delta = cdf_plus - cdf_min
+    mid_in = inv_stdv * centered_x
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    inner_inner_cond = (cdf_delta > 1e-5).to(x.dtype)
+    inner_inner_out = inner_inner_cond * torch.log(torch.clamp(cdf_delta, min=1e-12)) + (1.0 - inner_inner_cond) * (
+        log_pdf_mid - math.log(127.5)
+    )
+    inner_cond = (x > 0.999).to(x.dtype)
+    inner_out = inner_cond * log_one_minus_cdf_min + (1.0 - inner_cond) * inner_inner_out
+    cond = (x < -0.999).to(x.dtype)
+    log_probs = cond * log_cdf_plus + (1.0 - cond) * inner_out
+    log_probs = torch.sum(log_probs, dim=3) + torch.log_softmax(logit_probs, dim=-1)
+    return -torch.logsumexp(log_probs, dim=-1).sum()
+
+
+def eager_logistic_mixture_nll(params, x):
+    return torch.autograd.grad(eager_mixture_nll(params, x), params)
+
+
+def genkern_logistic_mixture_nll(params, x, backend=None):
+    loss = genkern.discretized_logistic_mixture_nll(params, x, reduction="sum", backend=backend)
+    return torch.autograd.grad(loss, params)
+
+
+def _mixture_bytes(size, dtype):
+    b, p, h, w = _mixture_shape(size)
+    # params read, their gradient written, the levels read (int64)
+    return 2 * b * p * h * w * _itemsize(dtype) + b * 3 * h * w * 8
+
+
+MIXTURE_CASES = (
+    BenchCase(
+        name="logistic_mixture_nll",
+        family=_MIXTURE,
+        make_inputs=_mixture_inputs,
+        genkern=genkern_logistic_mixture_nll,
+        eager=eager_logistic_mixture_nll,
+        shape=_mixture_shape,
+        bytes_moved=_mixture_bytes,
+        timed="forward+backward",
+        default=False,
+        max_repeats=5,
+        sized=False,
+        peak_memory=True,
     ),
 )
 
 
-CASES = (*CONV1D_CASES, *MASKED_CONV_CASES, *SAMPLING_CASES, *NADE_CASES, *HEAD_CASES)
+CASES = (*CONV1D_CASES, *MASKED_CONV_CASES, *SAMPLING_CASES, *NADE_CASES, *HEAD_CASES, *MIXTURE_CASES)

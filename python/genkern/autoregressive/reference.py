@@ -7,6 +7,8 @@ as the kernels do; random uniforms are exact (float64).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -492,3 +494,197 @@ def sample_logits(logits, base, seed: int, offset: int, temperature, top_k, top_
     argmax_rows = wide.isnan().any(dim=-1) | (temperature == 0) | l_max.isinf()
     drawn = torch.where(z.max(dim=-1).values.isinf(), z.argmax(dim=-1), drawn)
     return torch.where(argmax_rows, wide.argmax(dim=-1), drawn)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discretised logistic mixture (PixelCNN++'s likelihood head)
+# ---------------------------------------------------------------------------------------------------------
+# docs/math.md, section 6.1. params (B, P, H, W) hold, per pixel, K mixture logits and per channel and
+# component a mean, a log-scale and (coupled RGB) a pre-tanh coefficient; x (B, C, H, W) integer levels in
+# [0, L). log p(pixel) = logsumexp_k(log_softmax(logits)_k + sum_c log P_k(x_c)), the discretised logistic
+# terms with the edge cases at 0 and L - 1 and the low-probability branch of the paper's reference code.
+#
+# One evaluation differs from the paper's text, not its value: sigma(p+) - sigma(p-) is taken as
+# sigma(-p-) - sigma(-p+) where the bin lies right of the mean (mid > 0), so that two numbers near 1 never
+# cancel (the same real number; the tests check it against the paper's form in float64). Half types compute
+# in float32 and log p comes back in float32 (a loss summed over thousands of pixels has no place in fp16).
+
+MIXTURE_LOG_SCALE_MIN = -7.0
+MIXTURE_CDF_FLOOR = 1e-12  # log(max(delta, 1e-12))
+MIXTURE_CDF_THRESHOLD = 1e-5  # below: the density at the bin's centre times the bin width
+
+
+def mixture_colors(param_channels: int, num_mixtures: int, coupled: bool) -> int:
+    """C of a params tensor with `param_channels` channels: 3 coupled (10K channels), else (P / K - 1) / 2."""
+    return 3 if coupled else (param_channels // num_mixtures - 1) // 2
+
+
+def mixture_param_channels(colors: int, num_mixtures: int, coupled: bool) -> int:
+    return 10 * num_mixtures if coupled else (1 + 2 * colors) * num_mixtures
+
+
+def _mixture_compute(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def mixture_parts(params: torch.Tensor, num_mixtures: int, coupled: bool):
+    """(logits (B, K, H, W), means (B, C, K, H, W), log-scales before the clamp (B, C, K, H, W), pre-tanh
+    coefficients (B, 3, K, H, W) or None): views of params in PixelCNN++'s channel order."""
+    b, p, h, w = params.shape
+    k = num_mixtures
+    logits = params[:, :k]
+    per_channel = 3 if coupled else 2
+    rest = params[:, k:].reshape(b, mixture_colors(p, k, coupled), per_channel, k, h, w)
+    return logits, rest[:, :, 0], rest[:, :, 1], rest[:, :, 2] if coupled else None
+
+
+def _mixture_means(means, coeffs, y):
+    """mu (B, C, K, H, W): the means, with coupling mu_G = m_G + a0 y_R and mu_B = m_B + a1 y_R + a2 y_G on the
+    true y (B, C, H, W) (or, when sampling, the drawn y)."""
+    if coeffs is None:
+        return means
+    a = torch.tanh(coeffs)
+    y_r, y_g = y[:, 0, None], y[:, 1, None]
+    mu_g = means[:, 1] + a[:, 0] * y_r
+    mu_b = means[:, 2] + a[:, 1] * y_r + a[:, 2] * y_g
+    return torch.stack((means[:, 0], mu_g, mu_b), dim=1)
+
+
+def _softplus(z):
+    """log(1 + e^z) without torch's threshold (F.softplus returns z itself past 20)."""
+    return torch.logaddexp(z, torch.zeros_like(z))
+
+
+def _mixture_terms(params, x, levels: int, num_mixtures: int, coupled: bool):
+    """What the likelihood and its gradient share, in the compute dtype: the parts, y, mu, s and the branch
+    arguments."""
+    params = _mixture_compute(params)
+    logits, means, log_scales, coeffs = mixture_parts(params, num_mixtures, coupled)
+    y = x.to(params.dtype) * (2.0 / (levels - 1)) - 1.0
+    mu = _mixture_means(means, coeffs, y)
+    s = log_scales.clamp(min=MIXTURE_LOG_SCALE_MIN)
+    e = torch.exp(-s)
+    u = y[:, :, None] - mu
+    half_bin = 1.0 / (levels - 1)
+    plus, minus, mid = e * (u + half_bin), e * (u - half_bin), e * u
+    delta = torch.where(
+        mid > 0, torch.sigmoid(-minus) - torch.sigmoid(-plus), torch.sigmoid(plus) - torch.sigmoid(minus)
+    )
+    xk = x[:, :, None]
+    branch = torch.where(xk == 0, 0, torch.where(xk == levels - 1, 1, torch.where(delta > MIXTURE_CDF_THRESHOLD, 2, 3)))
+    return params, logits, coeffs, y, s, e, plus, minus, mid, delta, branch
+
+
+def _channel_log_probs(levels, s, plus, minus, mid, delta, branch):
+    """log P_k(x_c) (B, C, K, H, W) by branch: 0 the edge x = 0, 1 the edge x = L - 1, 2 the bin's mass, 3 the
+    density at the bin's centre times the bin width."""
+    edge0 = plus - _softplus(plus)
+    edge1 = -_softplus(minus)
+    mass = torch.log(delta.clamp(min=MIXTURE_CDF_FLOOR))
+    density = mid - s - 2.0 * _softplus(mid) - math.log((levels - 1) / 2)
+    return torch.where(branch == 0, edge0, torch.where(branch == 1, edge1, torch.where(branch == 2, mass, density)))
+
+
+def _component_log_probs(params, x, levels, num_mixtures, coupled):
+    """a_k = log_softmax(logits)_k + sum_c log P_k(x_c): (B, K, H, W), in the compute dtype."""
+    params, logits, coeffs, y, s, e, plus, minus, mid, delta, branch = _mixture_terms(
+        params, x, levels, num_mixtures, coupled
+    )
+    per_channel = _channel_log_probs(levels, s, plus, minus, mid, delta, branch)
+    return torch.log_softmax(logits, dim=1) + per_channel.sum(1)
+
+
+def logistic_mixture_log_prob(params, x, levels: int, num_mixtures: int, coupled: bool):
+    """log p of every pixel, (B, H, W): float64 for float64 params, float32 otherwise."""
+    return torch.logsumexp(_component_log_probs(params, x, levels, num_mixtures, coupled), dim=1)
+
+
+def logistic_mixture_log_prob_backward(grad, params, x, log_prob, levels: int, num_mixtures: int, coupled: bool):
+    """d(sum grad * log p) / d params, written out (what the kernels compute): with r_k = exp(a_k - log p) the
+    component's responsibility, d/dlogit_k = r_k - softmax_k, and each channel's d log P / du (u = y - mu)
+    and d log P / ds by branch, through the coupling (d mu_G / d a0 = y_R (1 - tanh^2)) and the clamp."""
+    dtype = params.dtype
+    grad = _mixture_compute(grad)
+    params, logits, coeffs, y, s, e, plus, minus, mid, delta, branch = _mixture_terms(
+        params, x, levels, num_mixtures, coupled
+    )
+    per_channel = _channel_log_probs(levels, s, plus, minus, mid, delta, branch)
+    a = torch.log_softmax(logits, dim=1) + per_channel.sum(1)
+    weight = grad[:, None] * torch.exp(a - log_prob.to(a.dtype)[:, None])  # g r_k, (B, K, H, W)
+    d_logits = weight - grad[:, None] * torch.softmax(logits, dim=1)
+
+    def slope(z):  # sigma'(z) = sigma(z) sigma(-z)
+        return torch.sigmoid(z) * torch.sigmoid(-z)
+
+    # d log P / d p for the argument(s) of each branch, then by the chain rule through p = e (u +- h), e = e^-s.
+    d_edge0 = torch.sigmoid(-plus)
+    d_edge1 = -torch.sigmoid(minus)
+    d_mass_plus, d_mass_minus = slope(plus) / delta, -slope(minus) / delta
+    d_density = 1.0 - 2.0 * torch.sigmoid(mid)
+    du = e * torch.where(
+        branch == 0,
+        d_edge0,
+        torch.where(branch == 1, d_edge1, torch.where(branch == 2, d_mass_plus + d_mass_minus, d_density)),
+    )
+    ds = torch.where(
+        branch == 0,
+        -plus * d_edge0,
+        torch.where(
+            branch == 1,
+            -minus * d_edge1,
+            torch.where(branch == 2, -plus * d_mass_plus - minus * d_mass_minus, -mid * d_density - 1.0),
+        ),
+    )
+    _, _, log_scales, _ = mixture_parts(params, num_mixtures, coupled)
+    d_mean = -weight[:, None] * du  # d/d mu_c, (B, C, K, H, W)
+    d_log_scale = weight[:, None] * ds * (log_scales >= MIXTURE_LOG_SCALE_MIN)
+    parts = [d_mean, d_log_scale]
+    if coupled:
+        t = torch.tanh(coeffs)
+        y_r, y_g = y[:, 0, None], y[:, 1, None]
+        d_a = torch.stack((d_mean[:, 1] * y_r, d_mean[:, 2] * y_r, d_mean[:, 2] * y_g), dim=1) * (1.0 - t * t)
+        parts.append(d_a)
+    b, p, h, w = params.shape
+    rest = torch.stack(parts, dim=2).reshape(b, p - num_mixtures, h, w)
+    return torch.cat((d_logits, rest), dim=1).to(dtype)
+
+
+def mixture_draw_index(first: int, batch: int, height: int, width: int, draws: int) -> torch.Tensor:
+    """The stream element of draw 0 of each (sample, pixel), (B, H, W): ((first + b) H W + i W + j)(K + C)."""
+    samples = first + torch.arange(batch, dtype=torch.int64)
+    pixels = torch.arange(height * width, dtype=torch.int64)
+    return ((samples[:, None] * (height * width) + pixels) * draws).reshape(batch, height, width)
+
+
+def logistic_mixture_sample(params, levels: int, num_mixtures: int, coupled: bool, seed: int, offset: int, first: int):
+    """(B, C, H, W) int64 levels, sample first + b from params[b] (docs/math.md, section 6.1): the component by
+    Gumbel-max over the logits (gumbel_argmax's float64 scores), then R, G, B in turn a logistic draw in the
+    compute dtype from the exact log u - log(1 - u), clamped to [-1, 1] and rounded half to even."""
+    params = _mixture_compute(params)
+    batch, p, height, width = params.shape
+    k = num_mixtures
+    colors = mixture_colors(p, k, coupled)
+    logits, means, log_scales, coeffs = mixture_parts(params, k, coupled)
+    base = mixture_draw_index(first, batch, height, width, k + colors).to(params.device)
+    flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, k)
+    chosen = gumbel_argmax(flat_logits, base.reshape(-1), seed, offset).reshape(batch, 1, 1, height, width)
+
+    def pick(t):  # (B, C', K, H, W) at the chosen component -> (B, C', H, W)
+        return t.gather(2, chosen.expand(-1, t.shape[1], -1, -1, -1)).squeeze(2)
+
+    m, s = pick(means), pick(log_scales).clamp(min=MIXTURE_LOG_SCALE_MIN)
+    a = torch.tanh(pick(coeffs)) if coupled else None
+    out = torch.empty(batch, colors, height, width, dtype=torch.int64, device=params.device)
+    drawn = []
+    for c in range(colors):
+        u = uniform(stream_bits_at(base + k + c, seed, offset))  # exact, float64
+        logistic = (torch.log(u) - torch.log1p(-u)).to(params.dtype)
+        mu = m[:, c]
+        if coupled and c == 1:
+            mu = mu + a[:, 0] * drawn[0]
+        elif coupled and c == 2:
+            mu = mu + a[:, 1] * drawn[0] + a[:, 2] * drawn[1]
+        y = (mu + torch.exp(s[:, c]) * logistic).clamp(-1.0, 1.0)
+        drawn.append(y)
+        out[:, c] = torch.round((y + 1.0) * (levels - 1) * 0.5).to(torch.int64)
+    return out
