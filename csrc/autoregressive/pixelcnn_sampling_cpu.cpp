@@ -31,7 +31,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-constexpr int kSampleBlock = 4;  // samples sharing each weight load
+constexpr int kSampleBlock = 8;  // samples gathered together, sharing weight loads (see multiply_block)
 constexpr int kVectorBlock = 4;  // output-channel vectors per register block: 4 x 4 accumulators
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -108,21 +108,40 @@ void multiply(const float* rows, int64_t stride, int64_t n_rows, const PackedWei
   }
 }
 
+// The block's ns samples: in groups of 4 against up to 4 output vectors, or of 8 against a segment of at
+// most 2 (a colour group of a 96-channel layer), so that each weight load feeds as many multiply-adds.
 void multiply_block(int ns, const float* rows, int64_t stride, int64_t n_rows, const PackedWeight& p, int64_t o_begin,
                     int64_t o_end, float* result) {
-  switch (ns) {
-    case 4:
-      multiply<4>(rows, stride, n_rows, p, o_begin, o_end, result);
-      break;
-    case 3:
-      multiply<3>(rows, stride, n_rows, p, o_begin, o_end, result);
-      break;
-    case 2:
-      multiply<2>(rows, stride, n_rows, p, o_begin, o_end, result);
-      break;
-    default:
-      multiply<1>(rows, stride, n_rows, p, o_begin, o_end, result);
-      break;
+  const int group = o_end - o_begin <= 2 * kLanes ? 8 : 4;
+  for (int s0 = 0; s0 < ns; s0 += group) {
+    const float* r = rows + s0 * stride;
+    float* out = result + s0 * p.padded;
+    switch (std::min(group, ns - s0)) {
+      case 8:
+        multiply<8>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 7:
+        multiply<7>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 6:
+        multiply<6>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 5:
+        multiply<5>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 4:
+        multiply<4>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 3:
+        multiply<3>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 2:
+        multiply<2>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      default:
+        multiply<1>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+    }
   }
 }
 
