@@ -87,7 +87,8 @@ def plan(nodes, structures, channels, colors: int, logits: int, levels: int) -> 
         ready[dst] = torch.maximum(ready[dst], step) if dst in ready and k != pixel_writers[dst][0] else step
 
     want = torch.arange(colors, dtype=torch.int64).repeat_interleave(levels)
-    late = ready[logits] > want
+    have = ready.get(logits, want)  # an unwritten or mis-sized logits cache is the runner's to refuse
+    late = have > want if have.shape == want.shape else torch.zeros(1, dtype=torch.bool)
     if bool(late.any()):
         c = int(late.nonzero()[0, 0]) // levels
         _refuse(f"the logits of colour {c} depend on colour {c} or later at their own pixel (not causal)")
