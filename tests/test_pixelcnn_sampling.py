@@ -190,12 +190,33 @@ def test_program_runner_empty_batch(backend):
     assert out.shape == (0, 2, 4, 5)
 
 
-def run_raw(nodes, caches=None, out=None, logits=2, levels=2):
+def whole_segments(nodes, caches):
+    """Every output channel of each pixel node at step 0, from all its rows (nodes refused by the entry get
+    a placeholder: the node is checked first)."""
+    channels = [c.shape[-1] for c in caches]
+    return [
+        []
+        if n[1]
+        else [
+            (
+                0,
+                0,
+                channels[n[3]] if n[3] < len(channels) else 1,
+                0 if n[0] == ref.GATE else n[9].shape[0] * n[9].shape[1],
+            )
+        ]
+        for n in nodes
+    ]
+
+
+def run_raw(nodes, caches=None, out=None, logits=2, levels=2, segments=None):
     out = torch.zeros(2, 1, 3, 3, dtype=torch.int64) if out is None else out
     caches = caches or [torch.zeros(2, 3, 3, 1), torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 2)]
+    segments = whole_segments(nodes, caches) if segments is None else segments
     genkern._native._C.pixelcnn_sampling.sample(
         [genkern._native.array(c) for c in caches],
         [tuple(genkern._native.array(v) if isinstance(v, torch.Tensor) else v for v in n) for n in nodes],
+        segments,
         genkern._native.array(out),
         logits,
         levels,

@@ -141,8 +141,38 @@ void check_order(const std::vector<Node>& nodes, int caches) {
   }
 }
 
-void sample_entry(const py::list& caches, const py::list& nodes, const Array& out, int logits, int64_t levels,
-                  double scale, double shift, uint64_t seed, uint64_t offset, uint64_t first_sample, uintptr_t stream) {
+// A node's colour plan: (step, lo, hi, rows) tuples by step, covering the output channels once, rows within
+// the weight's (a wrong plan gives wrong samples, never an access outside the arrays).
+std::vector<Segment> parse_segments(const py::handle& h, const Node& n, int64_t colors, const std::string& where) {
+  const auto tuples = py::cast<std::vector<std::vector<int64_t>>>(h);
+  if (n.row_level) {
+    if (!tuples.empty()) throw ValueError(where + ": a row node has no segments");
+    return {};
+  }
+  const int64_t max_rows = n.kind == kConv ? static_cast<int64_t>(n.dy.size()) * n.c_in : 0;
+  std::vector<Segment> segments;
+  std::vector<char> covered(static_cast<size_t>(n.c_out), 0);
+  for (const auto& t : tuples) {
+    if (t.size() != 4) throw ValueError(where + ": a segment is (step, lo, hi, rows)");
+    const Segment s{t[0], t[1], t[2], t[3]};
+    if (s.step < 0 || s.step > colors || (!segments.empty() && s.step < segments.back().step))
+      throw ValueError(where + ": segment steps must be in [0, colours], in order");
+    if (s.lo < 0 || s.lo >= s.hi || s.hi > n.c_out) throw ValueError(where + ": a segment's channels are outside");
+    if (s.rows < 0 || s.rows > max_rows) throw ValueError(where + ": a segment's rows are outside the weight");
+    for (int64_t o = s.lo; o < s.hi; ++o) {
+      if (covered[o]) throw ValueError(where + ": segments overlap");
+      covered[o] = 1;
+    }
+    segments.push_back(s);
+  }
+  for (char c : covered)
+    if (!c) throw ValueError(where + ": the segments must cover every output channel");
+  return segments;
+}
+
+void sample_entry(const py::list& caches, const py::list& nodes, const py::list& segments, const Array& out, int logits,
+                  int64_t levels, double scale, double shift, uint64_t seed, uint64_t offset, uint64_t first_sample,
+                  uintptr_t stream) {
   check_contiguous(out, "out");
   check_dtype(out, DType::int64, "out");
   if (out.ndim() != 4) throw ValueError("out must have shape (B, C, H, W)");
@@ -165,8 +195,12 @@ void sample_entry(const py::list& caches, const py::list& nodes, const Array& ou
   if (a.channels[0] != a.colors) throw ValueError("caches[0], the input, must have out's colour channels");
   if (logits < 1 || logits >= static_cast<int>(caches.size()) || a.channels[logits] != a.colors * levels)
     throw ValueError("logits must name a cache with colours * levels channels");
-  for (size_t k = 0; k < nodes.size(); ++k)
+  if (segments.size() != nodes.size()) throw ValueError("segments: one list per node");
+  for (size_t k = 0; k < nodes.size(); ++k) {
     a.nodes.push_back(parse_node(nodes[k], a.channels, out, "nodes[" + std::to_string(k) + "]"));
+    a.nodes.back().segments =
+        parse_segments(segments[k], a.nodes.back(), a.colors, "segments[" + std::to_string(k) + "]");
+  }
   check_order(a.nodes, static_cast<int>(caches.size()));
   a.logits = logits;
   a.out = out.ptr<int64_t>();
@@ -193,8 +227,8 @@ void bind_pixelcnn_sampling(py::module_& parent) {
   using py::arg;
   m.def("gumbel_argmax", &gumbel_argmax_entry, arg("logits"), arg("base"), arg("out"), arg("seed"), arg("offset"),
         arg("stream") = 0);
-  m.def("sample", &sample_entry, arg("caches"), arg("nodes"), arg("out"), arg("logits"), arg("levels"), arg("scale"),
-        arg("shift"), arg("seed"), arg("offset"), arg("first_sample"), arg("stream") = 0);
+  m.def("sample", &sample_entry, arg("caches"), arg("nodes"), arg("segments"), arg("out"), arg("logits"), arg("levels"),
+        arg("scale"), arg("shift"), arg("seed"), arg("offset"), arg("first_sample"), arg("stream") = 0);
 }
 
 }  // namespace gk

@@ -4,11 +4,13 @@
 // The cached sampler runs a small program, built in Python from a model: a list of nodes over activation
 // caches, each cache (B, H, W, C) float32 channels-last. A node is a convolution evaluated at one position
 // (taps given as (dy, dx) offsets, weight packed (taps, C_in, C_out) with masked entries already zero) or a
-// gate tanh(a) * sigmoid(b) over channel halves. Pixel nodes run at every (row, column, colour) step in
-// raster order; row nodes run once per row, for the whole row, before its first pixel (a Gated PixelCNN's
-// vertical stack, which sees only the rows above). After the pixel nodes of a step, the logits cache gives
-// the colour's value by Gumbel-max; it is written to the output and, as scale * level + shift, to cache 0,
-// the network's input.
+// gate tanh(a) * sigmoid(b) over channel halves. Row nodes run once per row, for the whole row, before its
+// first pixel (a Gated PixelCNN's vertical stack, which sees only the rows above). A pixel runs colour
+// sub-steps c = 0 .. colors: sub-step c runs the pixel nodes' segments of step c (the colour plan, made in
+// Python: genkern/autoregressive/sampling_plan.py), then, but after the last colour, the logits cache gives
+// colour c by Gumbel-max; it is written to the output and, as scale * level + shift, to cache 0, the
+// network's input. A segment computes output channels [lo, hi) from the first `rows` of the weight's rows,
+// so that with colour groups each group of each layer is computed once per pixel.
 #pragma once
 #include <vector>
 
@@ -29,6 +31,10 @@ struct GumbelArgmaxArgs {
 
 enum NodeKind : int { kConv = 0, kGate = 1 };
 
+struct Segment {
+  int64_t step = 0, lo = 0, hi = 0, rows = 0;  // rows: 0 for a gate
+};
+
 struct Node {
   int kind = kConv;
   bool row_level = false;
@@ -40,6 +46,7 @@ struct Node {
   const float* bias = nullptr;         // (C_out,) or null
   const float* cond = nullptr;         // (B, C_out) per-sample bias, or null
   int64_t c_in = 0, c_out = 0;
+  std::vector<Segment> segments;  // a pixel node's, by step, covering [0, c_out) once; none for a row node
 };
 
 struct SampleArgs {

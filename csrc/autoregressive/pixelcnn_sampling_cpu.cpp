@@ -31,7 +31,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-constexpr int kSampleBlock = 4;  // samples sharing each weight load
+constexpr int kSampleBlock = 8;  // samples gathered together, sharing weight loads (see multiply_block)
 constexpr int kVectorBlock = 4;  // output-channel vectors per register block: 4 x 4 accumulators
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -66,9 +66,11 @@ vec load(const float* p) {
 
 void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
-// result[s, o .. o + NV * kLanes) = sum_r rows[s, r] * w[r, o ..] for the block's NS samples.
+// result[s, o .. o + NV * kLanes) = sum_{r < n_rows} rows[s, r] * w[r, o ..] for the block's NS samples, the
+// rows of sample s starting at rows + s * stride.
 template <int NS, int NV>
-void multiply_tile(const float* rows, int64_t n_rows, const float* w, int64_t padded, int64_t o, float* result) {
+void multiply_tile(const float* rows, int64_t stride, int64_t n_rows, const float* w, int64_t padded, int64_t o,
+                   float* result) {
   vec acc[NS][NV];
   for (int s = 0; s < NS; ++s)
     for (int v = 0; v < NV; ++v) acc[s][v] = vec{};
@@ -76,7 +78,7 @@ void multiply_tile(const float* rows, int64_t n_rows, const float* w, int64_t pa
     vec wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = load(w + r * padded + o + v * kLanes);
     for (int s = 0; s < NS; ++s) {
-      const float a = rows[s * n_rows + r];
+      const float a = rows[s * stride + r];
       for (int v = 0; v < NV; ++v) acc[s][v] += a * wv[v];
     }
   }
@@ -84,40 +86,62 @@ void multiply_tile(const float* rows, int64_t n_rows, const float* w, int64_t pa
     for (int v = 0; v < NV; ++v) store(result + s * padded + o + v * kLanes, acc[s][v]);
 }
 
+// The output vectors [o_begin, o_end) (multiples of kLanes) of the block's products.
 template <int NS>
-void multiply(const float* rows, const PackedWeight& p, float* result) {
-  for (int64_t o = 0; o < p.padded; o += kVectorBlock * kLanes) {
-    switch (std::min<int64_t>(kVectorBlock, (p.padded - o) / kLanes)) {
+void multiply(const float* rows, int64_t stride, int64_t n_rows, const PackedWeight& p, int64_t o_begin, int64_t o_end,
+              float* result) {
+  for (int64_t o = o_begin; o < o_end; o += kVectorBlock * kLanes) {
+    switch (std::min<int64_t>(kVectorBlock, (o_end - o) / kLanes)) {
       case 4:
-        multiply_tile<NS, 4>(rows, p.rows, p.w.get(), p.padded, o, result);
+        multiply_tile<NS, 4>(rows, stride, n_rows, p.w.get(), p.padded, o, result);
         break;
       case 3:
-        multiply_tile<NS, 3>(rows, p.rows, p.w.get(), p.padded, o, result);
+        multiply_tile<NS, 3>(rows, stride, n_rows, p.w.get(), p.padded, o, result);
         break;
       case 2:
-        multiply_tile<NS, 2>(rows, p.rows, p.w.get(), p.padded, o, result);
+        multiply_tile<NS, 2>(rows, stride, n_rows, p.w.get(), p.padded, o, result);
         break;
       default:
-        multiply_tile<NS, 1>(rows, p.rows, p.w.get(), p.padded, o, result);
+        multiply_tile<NS, 1>(rows, stride, n_rows, p.w.get(), p.padded, o, result);
         break;
     }
   }
 }
 
-void multiply_block(int ns, const float* rows, const PackedWeight& p, float* result) {
-  switch (ns) {
-    case 4:
-      multiply<4>(rows, p, result);
-      break;
-    case 3:
-      multiply<3>(rows, p, result);
-      break;
-    case 2:
-      multiply<2>(rows, p, result);
-      break;
-    default:
-      multiply<1>(rows, p, result);
-      break;
+// The block's ns samples: in groups of 4 against up to 4 output vectors, or of 8 against a segment of at
+// most 2 (a colour group of a 96-channel layer), so that each weight load feeds as many multiply-adds.
+void multiply_block(int ns, const float* rows, int64_t stride, int64_t n_rows, const PackedWeight& p, int64_t o_begin,
+                    int64_t o_end, float* result) {
+  const int group = o_end - o_begin <= 2 * kLanes ? 8 : 4;
+  for (int s0 = 0; s0 < ns; s0 += group) {
+    const float* r = rows + s0 * stride;
+    float* out = result + s0 * p.padded;
+    switch (std::min(group, ns - s0)) {
+      case 8:
+        multiply<8>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 7:
+        multiply<7>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 6:
+        multiply<6>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 5:
+        multiply<5>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 4:
+        multiply<4>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 3:
+        multiply<3>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      case 2:
+        multiply<2>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+      default:
+        multiply<1>(r, stride, n_rows, p, o_begin, o_end, out);
+        break;
+    }
   }
 }
 
@@ -148,69 +172,88 @@ class SliceSampler {
   void run() {
     for (int64_t i = 0; i < a_.height; ++i) {
       for (size_t n = 0; n < a_.nodes.size(); ++n)
-        if (a_.nodes[n].row_level)
-          for (int64_t j = 0; j < a_.width; ++j) evaluate(n, i, j);
+        if (a_.nodes[n].row_level) {
+          const Node& node = a_.nodes[n];
+          const Segment whole{0, 0, node.c_out, static_cast<int64_t>(node.dy.size()) * node.c_in};
+          for (int64_t j = 0; j < a_.width; ++j) evaluate(n, &whole, &whole + 1, i, j);
+        }
       for (int64_t j = 0; j < a_.width; ++j)
-        for (int64_t c = 0; c < a_.colors; ++c) {
-          for (size_t n = 0; n < a_.nodes.size(); ++n)
-            if (!a_.nodes[n].row_level) evaluate(n, i, j);
-          draw(i, j, c);
+        for (int64_t c = 0; c <= a_.colors; ++c) {
+          for (size_t n = 0; n < a_.nodes.size(); ++n) {
+            const std::vector<Segment>& segments = a_.nodes[n].segments;
+            const Segment* first = segments.data();
+            const Segment* end = first + segments.size();
+            while (first != end && first->step < c) ++first;
+            const Segment* last = first;
+            while (last != end && last->step == c) ++last;
+            if (first != last) evaluate(n, first, last, i, j);
+          }
+          if (c < a_.colors) draw(i, j, c);
         }
     }
   }
 
  private:
-  void evaluate(size_t n, int64_t i, int64_t j) {
+  // Node n's segments [first, last) (all of one step) at (i, j).
+  void evaluate(size_t n, const Segment* first, const Segment* last, int64_t i, int64_t j) {
     if (a_.nodes[n].kind == kGate)
-      gate(a_.nodes[n], i, j);
+      for (const Segment* s = first; s != last; ++s) gate(a_.nodes[n], *s, i, j);
     else
-      convolve(a_.nodes[n], packed_[n], i, j);
+      convolve(a_.nodes[n], packed_[n], first, last, i, j);
   }
 
-  void convolve(const Node& n, const PackedWeight& p, int64_t i, int64_t j) {
+  // The segments share one gather of the rows the longest of them needs.
+  void convolve(const Node& n, const PackedWeight& p, const Segment* first, const Segment* last, int64_t i, int64_t j) {
     const int64_t taps = static_cast<int64_t>(n.dy.size());
+    int64_t stride = 0;
+    for (const Segment* seg = first; seg != last; ++seg) stride = std::max(stride, seg->rows);
     float* in = a_.caches[n.in];
     for (int64_t b0 = first_; b0 < last_; b0 += kSampleBlock) {
       const int ns = static_cast<int>(std::min<int64_t>(kSampleBlock, last_ - b0));
       for (int s = 0; s < ns; ++s) {
-        float* row = rows_.get() + s * p.rows;
-        for (int64_t t = 0; t < taps; ++t, row += n.c_in) {
+        float* row = rows_.get() + s * stride;
+        for (int64_t t = 0; t < taps && t * n.c_in < stride; ++t, row += n.c_in) {
+          const int64_t count = std::min(n.c_in, stride - t * n.c_in);
           const int64_t y = i + n.dy[t], x = j + n.dx[t];
           if (y < 0 || y >= a_.height || x < 0 || x >= a_.width) {
-            std::fill(row, row + n.c_in, 0.0f);
+            std::fill(row, row + count, 0.0f);
             continue;
           }
           const float* src = g_.at(in, n.c_in, b0 + s, y, x);
           if (n.relu_input)
-            for (int64_t ch = 0; ch < n.c_in; ++ch) row[ch] = std::max(src[ch], 0.0f);
+            for (int64_t ch = 0; ch < count; ++ch) row[ch] = std::max(src[ch], 0.0f);
           else
-            std::copy(src, src + n.c_in, row);
+            std::copy(src, src + count, row);
         }
       }
-      multiply_block(ns, rows_.get(), p, result_.get());
-      for (int s = 0; s < ns; ++s) {
-        const int64_t b = b0 + s;
-        const float* r = result_.get() + s * p.padded;
-        float* dst = g_.at(a_.caches[n.out], n.c_out, b, i, j);
-        const float* residual = n.residual >= 0 ? g_.at(a_.caches[n.residual], n.c_out, b, i, j) : nullptr;
-        const float* cond = n.cond ? n.cond + b * n.c_out : nullptr;
-        for (int64_t o = 0; o < n.c_out; ++o) {
-          float v = r[o];
-          if (n.bias) v += n.bias[o];
-          if (cond) v += cond[o];
-          if (residual) v += residual[o];
-          dst[o] = n.accumulate ? dst[o] + v : v;
-        }
+      for (const Segment* seg = first; seg != last; ++seg) {
+        const int64_t o_begin = seg->lo / kLanes * kLanes, o_end = round_up(seg->hi, kLanes);
+        multiply_block(ns, rows_.get(), stride, seg->rows, p, o_begin, o_end, result_.get());
+        for (int s = 0; s < ns; ++s) finish(n, b0 + s, result_.get() + s * p.padded, seg->lo, seg->hi, i, j);
       }
     }
   }
 
-  void gate(const Node& n, int64_t i, int64_t j) {
+  // Output channels [lo, hi) of sample b from the products r: bias, conditioning and residual added.
+  void finish(const Node& n, int64_t b, const float* r, int64_t lo, int64_t hi, int64_t i, int64_t j) {
+    float* dst = g_.at(a_.caches[n.out], n.c_out, b, i, j);
+    const float* residual = n.residual >= 0 ? g_.at(a_.caches[n.residual], n.c_out, b, i, j) : nullptr;
+    const float* cond = n.cond ? n.cond + b * n.c_out : nullptr;
+    for (int64_t o = lo; o < hi; ++o) {
+      float v = r[o];
+      if (n.bias) v += n.bias[o];
+      if (cond) v += cond[o];
+      if (residual) v += residual[o];
+      dst[o] = n.accumulate ? dst[o] + v : v;
+    }
+  }
+
+  void gate(const Node& n, const Segment& seg, int64_t i, int64_t j) {
     const int64_t half = a_.channels[n.out];
     for (int64_t b = first_; b < last_; ++b) {
       const float* src = g_.at(a_.caches[n.in], 2 * half, b, i, j);
       float* dst = g_.at(a_.caches[n.out], half, b, i, j);
-      for (int64_t ch = 0; ch < half; ++ch) dst[ch] = std::tanh(src[ch]) / (1.0f + std::exp(-src[half + ch]));
+      for (int64_t ch = seg.lo; ch < seg.hi; ++ch) dst[ch] = std::tanh(src[ch]) / (1.0f + std::exp(-src[half + ch]));
     }
   }
 

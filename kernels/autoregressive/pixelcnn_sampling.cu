@@ -7,7 +7,9 @@
 // A convolution node gathers its taps for the block's samples into shared memory (zeros outside the image),
 // then each thread owns one output channel. When C_out is small, it also owns a slice of the taps x C_in rows,
 // and the slices are summed in a fixed order. Weights are read coalesced, once per block for all its samples,
-// and stay in L2 across blocks. A draw is a warp per sample: lanes take the Philox blocks of the row, and a
+// and stay in L2 across blocks. At a colour sub-step a node computes only its segments of that step (the
+// colour plan: output channels [lo, hi) from the leading `rows` rows), so with colour groups each group of
+// each layer is computed once per pixel. A draw is a warp per sample: lanes take the Philox blocks of the row, and a
 // shuffle reduction picks the first maximum, categorical::gumbel_argmax's tie rule.
 //
 // The program is the kernel's parameter (a __grid_constant__ struct; CUDA 12.1+ allows 32 KB of them), so a
@@ -40,9 +42,14 @@ static_assert(kMaxSamples <= kWarps, "a warp per sample draws");
 constexpr int kMaxCaches = 48;
 constexpr int kMaxNodes = 96;
 constexpr int kMaxTaps = 2048;
+constexpr int kMaxSegments = 512;
 
 struct Tap {
   int16_t dy, dx;
+};
+
+struct DeviceSegment {
+  int step, lo, hi, rows;
 };
 
 struct DeviceNode {
@@ -53,6 +60,7 @@ struct DeviceNode {
   int in, out, residual;
   int c_in, c_out, rows;
   int first_tap, taps;
+  int first_segment, segments;  // by step
 };
 
 struct DeviceProgram {
@@ -60,6 +68,7 @@ struct DeviceProgram {
   int channels[kMaxCaches];
   DeviceNode nodes[kMaxNodes];
   Tap taps[kMaxTaps];
+  DeviceSegment segments[kMaxSegments];
   int n_nodes, logits, max_rows;
   int64_t batch, colors, height, width, levels;
   int64_t* out;
@@ -143,12 +152,16 @@ __device__ __forceinline__ void finish(const Block& k, const DeviceNode& n, int 
   *dst = n.accumulate ? *dst + v : v;
 }
 
+// Node n's segments [first, last) (one step's) at (i, j): the taps gathered once, as many rows as the longest
+// needs, then each segment's channels.
 template <int S>
-__device__ void convolve(const Block& k, const DeviceNode& n, int64_t i, int64_t j) {
+__device__ void convolve(const Block& k, const DeviceNode& n, const DeviceSegment* first, const DeviceSegment* last,
+                         int64_t i, int64_t j) {
   const DeviceProgram& p = k.p;
-  const int rows = n.rows;
-  for (int q = threadIdx.x; q < k.ns * rows; q += kThreads) {
-    const int s = q / rows, r = q - s * rows;
+  int stride = 0;
+  for (const DeviceSegment* seg = first; seg != last; ++seg) stride = max(stride, seg->rows);
+  for (int q = threadIdx.x; q < k.ns * stride; q += kThreads) {
+    const int s = q / stride, r = q - s * stride;
     const int t = r / n.c_in, ch = r - t * n.c_in;
     const Tap tap = p.taps[n.first_tap + t];
     const int64_t y = i + tap.dy, x = j + tap.dx;
@@ -157,68 +170,78 @@ __device__ void convolve(const Block& k, const DeviceNode& n, int64_t i, int64_t
       v = k.at(n.in, k.b0 + s, y, x)[ch];
       if (n.relu_input) v = fmaxf(v, 0.0f);
     }
-    k.rows[s * rows + r] = v;
+    k.rows[s * stride + r] = v;
   }
   __syncthreads();
-  // Threads over output channels; when there are fewer channels than threads, `parts` threads per channel
-  // each take a contiguous slice of the rows.
-  const int parts = n.c_out >= kThreads ? 1 : (kThreads / n.c_out < rows ? kThreads / n.c_out : rows);
-  for (int o0 = 0; o0 < n.c_out; o0 += kThreads) {
-    const int o = parts == 1 ? o0 + static_cast<int>(threadIdx.x) : static_cast<int>(threadIdx.x) % n.c_out;
-    const int part = parts == 1 ? 0 : static_cast<int>(threadIdx.x) / n.c_out;
-    const bool active = o < n.c_out && part < parts;
-    float acc[S];
+  for (const DeviceSegment* seg = first; seg != last; ++seg) {
+    const int width = seg->hi - seg->lo, rows = seg->rows;
+    // Threads over the segment's channels; when there are fewer channels than threads, `parts` threads per
+    // channel each take a contiguous slice of the rows.
+    const int parts = width >= kThreads ? 1 : max(1, min(kThreads / width, rows));
+    for (int o0 = 0; o0 < width; o0 += kThreads) {
+      const int local = parts == 1 ? o0 + static_cast<int>(threadIdx.x) : static_cast<int>(threadIdx.x) % width;
+      const int part = parts == 1 ? 0 : static_cast<int>(threadIdx.x) / width;
+      const bool active = local < width && part < parts;
+      const int o = seg->lo + local;
+      float acc[S];
 #pragma unroll
-    for (int s = 0; s < S; ++s) acc[s] = 0.0f;
-    if (active) {
-      const int r0 = static_cast<int>(int64_t(rows) * part / parts);
-      const int r1 = static_cast<int>(int64_t(rows) * (part + 1) / parts);
-      const float* w = n.weight + o;
-      for (int r = r0; r < r1; ++r) {
-        const float wv = w[int64_t(r) * n.c_out];
+      for (int s = 0; s < S; ++s) acc[s] = 0.0f;
+      if (active) {
+        const int r0 = static_cast<int>(int64_t(rows) * part / parts);
+        const int r1 = static_cast<int>(int64_t(rows) * (part + 1) / parts);
+        const float* w = n.weight + o;
+        for (int r = r0; r < r1; ++r) {
+          const float wv = w[int64_t(r) * n.c_out];
 #pragma unroll
-        for (int s = 0; s < S; ++s) acc[s] = fmaf(k.rows[s * rows + r], wv, acc[s]);
+          for (int s = 0; s < S; ++s) acc[s] = fmaf(k.rows[s * stride + r], wv, acc[s]);
+        }
       }
-    }
-    if (parts == 1) {
+      if (parts == 1) {
+        if (active) {
+#pragma unroll
+          for (int s = 0; s < S; ++s)
+            if (s < k.ns) finish(k, n, s, o, acc[s], i, j);
+        }
+        continue;
+      }
       if (active) {
 #pragma unroll
-        for (int s = 0; s < S; ++s)
-          if (s < k.ns) finish(k, n, s, o, acc[s], i, j);
+        for (int s = 0; s < S; ++s) k.partial[(part * S + s) * width + local] = acc[s];
       }
-      continue;
-    }
-    if (active) {
-#pragma unroll
-      for (int s = 0; s < S; ++s) k.partial[(part * S + s) * n.c_out + o] = acc[s];
-    }
-    __syncthreads();
-    for (int q = threadIdx.x; q < k.ns * n.c_out; q += kThreads) {
-      const int s = q / n.c_out, oc = q - s * n.c_out;
-      float v = 0.0f;
-      for (int part_ = 0; part_ < parts; ++part_) v += k.partial[(part_ * S + s) * n.c_out + oc];
-      finish(k, n, s, oc, v, i, j);
+      __syncthreads();
+      for (int q = threadIdx.x; q < k.ns * width; q += kThreads) {
+        const int s = q / width, oc = q - s * width;
+        float v = 0.0f;
+        for (int part_ = 0; part_ < parts; ++part_) v += k.partial[(part_ * S + s) * width + oc];
+        finish(k, n, s, seg->lo + oc, v, i, j);
+      }
+      __syncthreads();  // partial is free again for the next segment
     }
   }
   __syncthreads();  // the outputs are complete before the next node reads them, and rows are free again
 }
 
-__device__ void gate(const Block& k, const DeviceNode& n, int64_t i, int64_t j) {
+__device__ void gate(const Block& k, const DeviceNode& n, const DeviceSegment* first, const DeviceSegment* last,
+                     int64_t i, int64_t j) {
   const int half = n.c_out;
-  for (int q = threadIdx.x; q < k.ns * half; q += kThreads) {
-    const int s = q / half, ch = q - s * half;
-    const float* src = k.at(n.in, k.b0 + s, i, j);
-    k.at(n.out, k.b0 + s, i, j)[ch] = tanhf(src[ch]) / (1.0f + expf(-src[half + ch]));
+  for (const DeviceSegment* seg = first; seg != last; ++seg) {
+    const int width = seg->hi - seg->lo;
+    for (int q = threadIdx.x; q < k.ns * width; q += kThreads) {
+      const int s = q / width, ch = seg->lo + (q - s * width);
+      const float* src = k.at(n.in, k.b0 + s, i, j);
+      k.at(n.out, k.b0 + s, i, j)[ch] = tanhf(src[ch]) / (1.0f + expf(-src[half + ch]));
+    }
   }
   __syncthreads();
 }
 
 template <int S>
-__device__ void evaluate(const Block& k, const DeviceNode& n, int64_t i, int64_t j) {
+__device__ void evaluate(const Block& k, const DeviceNode& n, const DeviceSegment* first, const DeviceSegment* last,
+                         int64_t i, int64_t j) {
   if (n.kind == kGate)
-    gate(k, n, i, j);
+    gate(k, n, first, last, i, j);
   else
-    convolve<S>(k, n, i, j);
+    convolve<S>(k, n, first, last, i, j);
 }
 
 // Colour c of pixel (i, j) for each sample of the block, a warp each: written to out and, as
@@ -248,13 +271,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const __grid_constant_
   const Block k{p, rows, rows + S * p.max_rows, b0, static_cast<int>(p.batch - b0 < S ? p.batch - b0 : S)};
   for (int64_t i = 0; i < p.height; ++i) {
     for (int n = 0; n < p.n_nodes; ++n)
-      if (p.nodes[n].row_level)
-        for (int64_t j = 0; j < p.width; ++j) evaluate<S>(k, p.nodes[n], i, j);
+      if (p.nodes[n].row_level) {
+        const DeviceNode& node = p.nodes[n];
+        const DeviceSegment whole{0, 0, node.c_out, node.rows};
+        for (int64_t j = 0; j < p.width; ++j) evaluate<S>(k, node, &whole, &whole + 1, i, j);
+      }
     for (int64_t j = 0; j < p.width; ++j)
-      for (int64_t c = 0; c < p.colors; ++c) {
-        for (int n = 0; n < p.n_nodes; ++n)
-          if (!p.nodes[n].row_level) evaluate<S>(k, p.nodes[n], i, j);
-        draw(k, i, j, c);
+      for (int64_t c = 0; c <= p.colors; ++c) {
+        for (int n = 0; n < p.n_nodes; ++n) {
+          const DeviceNode& node = p.nodes[n];
+          const DeviceSegment* first = p.segments + node.first_segment;
+          const DeviceSegment* end = first + node.segments;
+          while (first != end && first->step < c) ++first;
+          const DeviceSegment* last = first;
+          while (last != end && last->step == c) ++last;
+          if (first != last) evaluate<S>(k, node, first, last, i, j);  // uniform over the block: no divergence
+        }
+        if (c < p.colors) draw(k, i, j, c);
       }
   }
 }
@@ -274,7 +307,7 @@ DeviceProgram encode(const SampleArgs& a) {
     p.caches[c] = a.caches[c];
     p.channels[c] = as_int(a.channels[c], "a cache's channels");
   }
-  int taps = 0;
+  int taps = 0, segments = 0;
   for (size_t k = 0; k < a.nodes.size(); ++k) {
     const Node& n = a.nodes[k];
     DeviceNode& d = p.nodes[k];
@@ -292,7 +325,14 @@ DeviceProgram encode(const SampleArgs& a) {
                    as_int(n.c_out, "C_out"),
                    0,
                    taps,
-                   0};
+                   0,
+                   segments,
+                   static_cast<int>(n.segments.size())};
+    if (segments + d.segments > kMaxSegments)
+      throw ValueError("the cuda sampler holds at most " + std::to_string(kMaxSegments) + " segments in all");
+    for (const Segment& seg : n.segments)  // checked: within the node's channels and rows, steps <= colours
+      p.segments[segments++] = DeviceSegment{static_cast<int>(seg.step), static_cast<int>(seg.lo),
+                                             static_cast<int>(seg.hi), static_cast<int>(seg.rows)};
     if (n.kind != kConv) continue;
     d.taps = static_cast<int>(n.dy.size());
     d.rows = as_int(int64_t(d.taps) * n.c_in, "taps x C_in");

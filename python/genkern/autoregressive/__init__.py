@@ -40,7 +40,7 @@ from .. import _checks
 from .. import backend as _backend
 from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
-from . import _ops
+from . import _ops, sampling_plan
 from .reference import CONV, GATE
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -318,11 +318,14 @@ class Program:
 
     Pixel nodes run at every (row, column, colour) step; row nodes once per row, for the whole row, before
     its first pixel. A convolution reads input position (i + ky - anchor_y, j + kx - anchor_x) for its kernel
-    tap (ky, kx); `keep` (the weight's 0/1 mask) drops masked entries and whole masked taps."""
+    tap (ky, kx); `keep` (the weight's 0/1 mask) drops masked entries and whole masked taps. At each colour
+    sub-step a pixel node computes only the output channels its plan gives that step (`segments`, see
+    genkern.autoregressive.sampling_plan): with colour groups, each group of each layer once per pixel."""
 
     def __init__(self, colors: int):
         self.channels = [colors]
         self.nodes: list[tuple] = []
+        self.structures: list[sampling_plan.Structure | None] = []  # of each node, for the plan
         self.logits: int | None = None
 
     def cache(self, channels: int) -> int:
@@ -356,6 +359,7 @@ class Program:
         packed = weight.permute(2, 3, 1, 0)[used.to(weight.device)].contiguous()  # (taps, C_in, C_out)
         flat = [None if t is None else t.detach().to(torch.float32).contiguous() for t in (bias, cond)]
         self.nodes.append((CONV, row_level, src, dst, residual, relu_input, accumulate, dy, dx, packed, *flat))
+        self.structures.append(sampling_plan.structure(dy, dx, packed))  # on the host now, not in run()
 
     def check_caches(self, name: str, batch: int, height: int, width: int, device) -> None:
         """Refuse, naming `name` (what sized the batch), caches (float32, batch x height x width x channels
@@ -365,6 +369,12 @@ class Program:
 
     def gate(self, src: int, dst: int, *, row_level: bool = False) -> None:
         self.nodes.append((GATE, row_level, src, dst, -1, False, False, [], [], None, None, None))
+        self.structures.append(None)
+
+    def segments(self, levels: int) -> list[list[tuple[int, int, int, int]]]:
+        """Each node's colour plan: (step, lo, hi, rows) segments (genkern.autoregressive.sampling_plan)."""
+        colors = self.channels[0]
+        return sampling_plan.plan(self.nodes, self.structures, self.channels, colors, self.logits, levels)
 
     def run(
         self,
@@ -382,10 +392,23 @@ class Program:
         device; the cached sampler has cpu, cuda and reference backends)."""
         batch, _, height, width = out.shape
         self.check_caches("out", batch, height, width, out.device)
+        segments = self.segments(levels)
         caches = [torch.zeros(batch, height, width, c, dtype=torch.float32, device=out.device) for c in self.channels]
         nodes = [tuple(v.to(out.device) if isinstance(v, Tensor) else v for v in n) for n in self.nodes]
         _backend.call(
-            backend, _ops.run_program, caches, nodes, out, self.logits, levels, scale, shift, seed, offset, first_sample
+            backend,
+            _ops.run_program,
+            caches,
+            nodes,
+            segments,
+            out,
+            self.logits,
+            levels,
+            scale,
+            shift,
+            seed,
+            offset,
+            first_sample,
         )
         return out
 

@@ -734,6 +734,7 @@ def _(logits, base, seed, offset):
 def run_program(
     caches: list[Tensor],
     nodes: list[tuple],
+    segments: list[list[tuple[int, int, int, int]]],
     out: Tensor,
     logits: int,
     levels: int,
@@ -745,16 +746,27 @@ def run_program(
 ) -> None:
     """Run a cached-sampling program (csrc/autoregressive/pixelcnn_sampling.h) into `out`, on the selected
     backend for out's device (genkern.backend.selected: the scoped choice, else the process-wide one, else
-    automatic). The compiled runner checks the program itself."""
+    automatic). `segments` is the program's colour plan (genkern.autoregressive.sampling_plan). The compiled
+    runner checks the program and the plan's bounds itself."""
     batch, colors, height, width = out.shape
     check_draw_range(batch, first_sample, colors * height * width, levels, n_name="batch")
     backend = _backend.selected(out.device, torch.float32, SAMPLING_KERNELS.family)
     if backend == "reference":
-        ref.run_program(caches, nodes, out, logits, levels, scale, shift, seed, offset, first_sample)
+        ref.run_program(caches, nodes, segments, out, logits, levels, scale, shift, seed, offset, first_sample)
         return
     described = [tuple(_native.array(v) if isinstance(v, Tensor) else v for v in node) for node in nodes]
     SAMPLING_KERNELS.on(backend).sample(
-        [_native.array(c) for c in caches], described, out, logits, levels, scale, shift, seed, offset, first_sample
+        [_native.array(c) for c in caches],
+        described,
+        segments,
+        out,
+        logits,
+        levels,
+        scale,
+        shift,
+        seed,
+        offset,
+        first_sample,
     )
 
 

@@ -307,7 +307,8 @@ NADE_CASES = (
 # - 28x28 grey images, 64 channels, at batch 1 to 256 (the CPU target is batch 64; plain `genkern bench` runs
 #   that one);
 # - 32x32 RGB images, 96 channels (divisible by the 3 colour groups), at batch 256: the GPU target (plain
-#   `genkern bench` runs it on a GPU only).
+#   `genkern bench` runs it on a GPU only); and at batch 16, its CPU size. Each colour sub-step computes
+#   only its colour group of each layer (genkern.autoregressive.sampling_plan): a third of the work.
 #
 # genkern runs the cached sampler (each position once per layer, the pixel loop in compiled code). The eager
 # baseline is naive sampling as a PyTorch user writes it: the whole network (F.conv2d on the masked weights)
@@ -321,6 +322,7 @@ NAIVE_STEPS = 4
 # (name, colours, image side, hidden channels, batch, default)
 SHAPES = (
     *((f"pixelcnn_sample_b{b}", 1, 28, 64, b, b == 64) for b in (1, 4, 16, 64, 256)),
+    ("pixelcnn_sample_rgb32_b16", 3, 32, 96, 16, False),
     ("pixelcnn_sample_rgb32_b256", 3, 32, 96, 256, "cuda"),
 )
 

@@ -386,13 +386,16 @@ def gumbel_argmax(logits: torch.Tensor, base: torch.Tensor, seed: int, offset: i
     return (logits.to(torch.float64) + noise).argmax(dim=-1)
 
 
-def _evaluate(node, caches, i: int, j: int) -> None:
+def _evaluate(node, caches, i: int, j: int, segment=None) -> None:
+    """Node `node` at (i, j): every output channel, or a plan segment's (step, lo, hi, rows): channels
+    [lo, hi) from the first `rows` rows of the packed weight (taps x C_in)."""
     kind, _, src, dst, residual, relu_input, accumulate, dy, dx, weight, bias, cond = node
     out = caches[dst]
+    lo, hi = (0, out.shape[-1]) if segment is None else segment[1:3]
     if kind == GATE:
         half = out.shape[-1]
         a = caches[src][:, i, j]
-        out[:, i, j] = torch.tanh(a[:, :half]) * torch.sigmoid(a[:, half:])
+        out[:, i, j, lo:hi] = torch.tanh(a[:, lo:hi]) * torch.sigmoid(a[:, half + lo : half + hi])
         return
     cache = caches[src]
     height, width = cache.shape[1], cache.shape[2]
@@ -401,22 +404,24 @@ def _evaluate(node, caches, i: int, j: int) -> None:
         y, x = i + y, j + x
         inside = 0 <= y < height and 0 <= x < width
         taps.append(cache[:, y, x] if inside else torch.zeros_like(cache[:, 0, 0]))
-    rows = torch.stack(taps, dim=1)  # (B, taps, C_in)
+    rows = torch.stack(taps, dim=1).flatten(1)  # (B, taps x C_in)
     if relu_input:
         rows = rows.clamp_min(0)
-    value = torch.einsum("btc,tco->bo", rows, weight)
+    used = rows.shape[1] if segment is None else segment[3]
+    value = rows[:, :used] @ weight.flatten(0, 1)[:used, lo:hi]
     if bias is not None:
-        value = value + bias
+        value = value + bias[lo:hi]
     if cond is not None:
-        value = value + cond
+        value = value + cond[:, lo:hi]
     if residual >= 0:
-        value = value + caches[residual][:, i, j]
-    out[:, i, j] = out[:, i, j] + value if accumulate else value
+        value = value + caches[residual][:, i, j, lo:hi]
+    out[:, i, j, lo:hi] = out[:, i, j, lo:hi] + value if accumulate else value
 
 
 def run_program(
     caches,
     nodes,
+    segments,
     out: torch.Tensor,
     logits: int,
     levels: int,
@@ -426,21 +431,25 @@ def run_program(
     offset: int,
     first_sample: int,
 ) -> None:
-    """Run the cached sampler's program (see csrc/autoregressive/pixelcnn_sampling.h): row nodes once per row before its
-    first pixel, pixel nodes at every (row, column, colour) step, then a Gumbel-max draw for the colour."""
+    """Run the cached sampler's program (see csrc/autoregressive/pixelcnn_sampling.h): row nodes once per
+    row before its first pixel; at each pixel, colour sub-steps c = 0 .. colours, where sub-step c runs the
+    pixel nodes' plan segments of step c (genkern.autoregressive.sampling_plan) and then, but after the
+    last colour, the Gumbel-max draw of colour c."""
     batch, colors, height, width = out.shape
     dims = colors * height * width
     samples = first_sample + torch.arange(batch, dtype=torch.int64, device=out.device)
     row_nodes = [n for n in nodes if n[1]]
-    pixel_nodes = [n for n in nodes if not n[1]]
+    by_step = [[(n, s) for n, segs in zip(nodes, segments) for s in segs if s[0] == c] for c in range(colors + 1)]
     for i in range(height):
         for node in row_nodes:
             for j in range(width):
                 _evaluate(node, caches, i, j)
         for j in range(width):
-            for c in range(colors):
-                for node in pixel_nodes:
-                    _evaluate(node, caches, i, j)
+            for c in range(colors + 1):
+                for node, segment in by_step[c]:
+                    _evaluate(node, caches, i, j, segment)
+                if c == colors:
+                    break
                 base = (samples * dims + (i * width + j) * colors + c) * levels
                 level = gumbel_argmax(caches[logits][:, i, j, c * levels : (c + 1) * levels], base, seed, offset)
                 out[:, c, i, j] = level
