@@ -1,7 +1,7 @@
 """The dense path of masked_conv2d on the CPU: torch's own convolution (oneDNN for float32, im2col + BLAS for
 float64) on the weight with its masked entries zeroed, which is what the spec says (`F.conv2d(x, weight *
 mask)`) and what a PyTorch user runs. The `cpu` backend takes it for the forward and grad_input where it
-beats genkern's direct kernels (`use_dense`, fitted to measurements, docs/autoregressive.md), and the
+beats genkern's direct kernels (`use_dense`, fitted to benchmarks/masked_conv_shapes.py), and the
 compiled kernels everywhere else.
 
 The NaN rule holds: the dense sums differ from the reference's only by the products the reference skips
@@ -25,7 +25,7 @@ from torch import Tensor
 from . import reference as ref
 
 # The rule, fitted to interleaved 1-thread measurements on the 2-core CI CPU (AMD EPYC, AVX-512; under load;
-# benchmarks/masked_conv_shapes.py --ops, docs/autoregressive.md). torch's convolution wins the forward and
+# benchmarks/masked_conv_shapes.py --ops). torch's convolution wins the forward and
 # grad_input of the hidden, head and output layers on small images at training batches (8 x 8, 32 channels,
 # batch 64: 1.1-2x): there the direct kernels' rows are a fraction of their 32-column register tile. On
 # 28 x 28 and 32 x 32 images, on first layers (few input channels) and on single images the direct kernels win
