@@ -13,6 +13,7 @@ from conftest import backend_dtype_params, device_for, interpreted
 
 import genkern
 from genkern import backend as gk_backend
+from genkern.autoregressive import _masked_conv_dense as dense
 from genkern.autoregressive import reference as ref
 
 BACKENDS = [b for b in genkern.backends("masked_conv") if b != "reference"]
@@ -499,3 +500,72 @@ def test_masked_taps_and_padding_contribute_nothing(backend, dtype):
     )
     assert not got[0].isnan().any()
     _same_with_nan(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cpu backend's dense path (torch's convolution on the masked weight, _masked_conv_dense) for the forward
+# and grad_input of the shapes where it wins: the same contract as the compiled kernels.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def dense_everywhere(monkeypatch):
+    """The cpu backend with its rule replaced by 'always dense'; yields the list of dense calls that kept
+    their result (None: fell back to the kernels)."""
+    ran = []
+    monkeypatch.setattr(dense, "use_dense", lambda op, shape, dtype: op != "grad_weight")
+    for name in ("forward", "grad_input"):
+        original = getattr(dense, name)
+
+        def recording(*args, _original=original, _name=name):
+            out = _original(*args)
+            ran.append((_name, out is not None))
+            return out
+
+        monkeypatch.setattr(dense, name, recording)
+    return ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_path_matches_reference(dense_everywhere, dtype):
+    for k, d, groups, mask_type in CASES:
+        c_in, c_out = 3 * groups, 2 * groups + 3 * (groups == 1)
+        check_against_reference("cpu", dtype, (2, c_in, c_out, k, 5, 7), mask_type, groups, d, bias=k % 2 == 1)
+    check_against_reference("cpu", torch.float32, (64, 32, 32, 3, 8, 8), "B", 1, 1)
+    assert ("forward", True) in dense_everywhere and ("grad_input", True) in dense_everywhere
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_path_follows_the_nan_rule(dense_everywhere, dtype):
+    # Non-finite inputs: a non-finite dense result is thrown away and the kernels' exact path gives the
+    # reference's (a finite one is the reference's sum: the skipped products were exact zeros).
+    test_masked_taps_and_padding_contribute_nothing("cpu", dtype)
+    assert ("forward", False) in dense_everywhere
+
+
+def test_dense_path_ignores_masked_weights(dense_everywhere):
+    test_masked_weights_are_ignored_and_get_zero_gradient("cpu")
+    assert ("forward", True) in dense_everywhere
+
+
+def test_dense_rule_and_what_it_routes():
+    """The rule: float32 forward and grad_input of layers with >= 8 input channels on images of <= 100 pixels
+    at >= 2048 pixels a call (the shipped 8 x 8 models at training batches); grad_weight never. The cpu
+    backend then runs the dense path, with the same bits on repeated calls."""
+    digits = (64, 32, 32, 3, 8, 8)
+    assert dense.use_dense("forward", digits, torch.float32) and dense.use_dense("grad_input", digits, torch.float32)
+    assert not dense.use_dense("grad_weight", digits, torch.float32)
+    assert not dense.use_dense("forward", digits, torch.float64)
+    assert not dense.use_dense("forward", (1, 32, 32, 3, 8, 8), torch.float32)  # one image
+    assert not dense.use_dense("forward", (64, 1, 32, 5, 8, 8), torch.float32)  # a first layer
+    assert not dense.use_dense("forward", (21, 64, 64, 3, 28, 28), torch.float32)  # 28 x 28
+
+    calls = []
+    original = dense.forward
+    x, w, b = make(64, 32, 32, 3, 8, 8, torch.float32, requires_grad=True)
+    try:
+        dense.forward = lambda *a: calls.append(1) or original(*a)
+        runs = [grads(lambda *a: genkern.masked_conv2d(*a, mask_type="B", backend="cpu"), x, w, b) for _ in range(2)]
+    finally:
+        dense.forward = original
+    assert len(calls) == 2
+    for g, e in zip(*runs):
+        assert torch.equal(g, e)

@@ -19,6 +19,7 @@ from .. import _checks, _native
 from .. import backend as _backend
 from .._checks import reduce_shape
 from .._kernels import KernelGroup, to_unsigned
+from . import _masked_conv_dense
 from . import reference as ref
 
 
@@ -378,6 +379,19 @@ def _out_shape(x: Tensor, weight: Tensor) -> list[int]:
     return [x.shape[0], weight.shape[0], x.shape[2], x.shape[3]]
 
 
+def _layer(weight: Tensor) -> tuple[int, int, int]:
+    return weight.shape[1], weight.shape[0], weight.shape[-1]
+
+
+def _dense(kernels, op: str, images: Tensor, c_in: int, c_out: int, k: int) -> bool:
+    """Whether the cpu backend runs `op` of a convolution on `images` (x or grad_y: B, H, W) on torch's
+    convolution (_masked_conv_dense.use_dense) rather than on the compiled kernels."""
+    if not isinstance(kernels, _native.Kernels) or images.device.type != "cpu":
+        return False  # the cuda backend, or Triton (interpreted) on CPU tensors
+    b, _, h, w = images.shape
+    return _masked_conv_dense.use_dense(op, (b, c_in, c_out, k, h, w), images.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------------------
@@ -391,6 +405,10 @@ def masked_conv2d(
 
 @MASKED_CONV_KERNELS.register(masked_conv2d, check=_check_masked_conv2d)
 def _(kernels, x, weight, bias, mask_type, color_groups, dilation):
+    if _dense(kernels, "forward", x, *_layer(weight)):
+        y = _masked_conv_dense.forward(x, weight, bias, mask_type, color_groups, dilation)
+        if y is not None:
+            return y
     y = _empty(_out_shape(x, weight), x)
     kernels.forward(x.contiguous(), weight.contiguous(), _contig(bias), y, mask_type == "B", color_groups, dilation)
     return y
@@ -436,6 +454,10 @@ def masked_conv2d_grad_input(
 
 @MASKED_CONV_KERNELS.register(masked_conv2d_grad_input, check=_check_masked_conv2d_grad_input)
 def _(kernels, grad_y, weight, mask_type, color_groups, dilation):
+    if _dense(kernels, "grad_input", grad_y, *_layer(weight)):
+        grad_x = _masked_conv_dense.grad_input(grad_y, weight, mask_type, color_groups, dilation)
+        if grad_x is not None:
+            return grad_x
     grad_x = _empty(_grad_input_shape(grad_y, weight), grad_y)
     kernels.grad_input(grad_y.contiguous(), weight.contiguous(), grad_x, mask_type == "B", color_groups, dilation)
     return grad_x

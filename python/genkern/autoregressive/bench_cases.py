@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import genkern
 
 from .. import backend as _backend
-from ..bench import BenchCase
+from ..bench import PASS, BenchCase
 from ..models import PixelCNN
 from . import draw_base, gumbel_argmax
 from . import reference as ref
@@ -158,7 +158,8 @@ CONV1D_CASES = (
 
 
 # =========================================================================================================
-# Benchmark cases of the masked_conv family, forward + backward: PixelCNN layers on 28 x 28 images.
+# Benchmark cases of the masked_conv family, forward + backward: PixelCNN layers on 28 x 28 images (and, below,
+# every PixelCNN layer shape at a fixed batch, forward and forward + backward: PIXELCNN_LAYERS).
 #
 #     masked_conv2d              a hidden layer: 64 -> 64 channels, 3 x 3, mask B (gradients for x, weight, bias)
 #     masked_conv2d_first_layer  the first layer on pixels: 1 -> 64 channels, 7 x 7, mask A (x is data: no grad_x)
@@ -178,41 +179,49 @@ def _batch(size: int) -> int:
     return max(1, math.ceil(size / (CHANNELS * SIDE * SIDE)))
 
 
-def _layer(c_in: int, k: int, mask_type: str):
-    """(make_inputs, eager, genkern, shape, bytes_moved) of a c_in -> 64 layer with a k x k mask."""
+def _layer(c_in: int, c_out: int, k: int, mask_type: str, groups: int, side: int, batch_of, backward: bool):
+    """(make_inputs, eager, genkern, shape, bytes_moved) of a c_in -> c_out layer with a k x k mask on side x side
+    images, batch_of(size) of them; with `backward`, the forward and the gradients for a given grad_y."""
 
     def shape(size):
-        return _batch(size), c_in, SIDE, SIDE
+        return batch_of(size), c_in, side, side
 
     def make_inputs(size, device, dtype):
-        b = _batch(size)
-        x = torch.randn(b, c_in, SIDE, SIDE, device=device, dtype=dtype).requires_grad_(c_in > 1)
-        weight = torch.randn(CHANNELS, c_in, k, k, device=device, dtype=dtype) / math.sqrt(c_in * k * k)
-        bias = torch.randn(CHANNELS, device=device, dtype=dtype)
-        grad_y = torch.randn(b, CHANNELS, SIDE, SIDE, device=device, dtype=dtype)
-        mask = ref.mask(k, mask_type, c_in, CHANNELS, dtype=dtype, device=device)
-        return x, weight.requires_grad_(), bias.requires_grad_(), grad_y, mask
+        b = batch_of(size)
+        x = torch.randn(b, c_in, side, side, device=device, dtype=dtype).requires_grad_(backward and c_in > 1)
+        weight = torch.randn(c_out, c_in, k, k, device=device, dtype=dtype) / math.sqrt(c_in * k * k)
+        bias = torch.randn(c_out, device=device, dtype=dtype)
+        grad_y = torch.randn(b, c_out, side, side, device=device, dtype=dtype)
+        mask = ref.mask(k, mask_type, c_in, c_out, groups, dtype=dtype, device=device)
+        return x, weight.requires_grad_(backward), bias.requires_grad_(backward), grad_y, mask
+
+    def grads(y, x, weight, bias, grad_y):
+        if not backward:
+            return y
+        return torch.autograd.grad(y, [t for t in (x, weight, bias) if t.requires_grad], grad_y)
 
     def eager(x, weight, bias, grad_y, mask):
-        y = F.conv2d(x, weight * mask, bias, padding=k // 2)
-        return torch.autograd.grad(y, [t for t in (x, weight, bias) if t.requires_grad], grad_y)
+        return grads(F.conv2d(x, weight * mask, bias, padding=k // 2), x, weight, bias, grad_y)
 
     def ours(x, weight, bias, grad_y, mask, backend=None):
-        y = genkern.masked_conv2d(x, weight, bias, mask_type=mask_type, backend=backend)
-        return torch.autograd.grad(y, [t for t in (x, weight, bias) if t.requires_grad], grad_y)
+        y = genkern.masked_conv2d(x, weight, bias, mask_type=mask_type, color_groups=groups, backend=backend)
+        return grads(y, x, weight, bias, grad_y)
 
     def bytes_moved(size, dtype):
-        b = _batch(size)
-        pixels = b * SIDE * SIDE
-        # read x, weight, bias and grad_y; write grad_x (hidden layer only), grad_weight and grad_bias
-        elements = pixels * c_in * (2 if c_in > 1 else 1) + pixels * CHANNELS + 2 * (CHANNELS * c_in * k * k + CHANNELS)
+        pixels = batch_of(size) * side * side
+        params = c_out * c_in * k * k + c_out
+        if backward:
+            # read x, weight, bias and grad_y; write grad_x (not for a first layer on data), grad_weight, grad_bias
+            elements = pixels * c_in * (2 if c_in > 1 else 1) + pixels * c_out + 2 * params
+        else:  # read x, weight and bias; write y
+            elements = pixels * (c_in + c_out) + params
         return elements * torch.empty((), dtype=dtype).element_size()
 
     return make_inputs, eager, ours, shape, bytes_moved
 
 
 def _case(name: str, c_in: int, k: int, mask_type: str, default: bool) -> BenchCase:
-    make_inputs, eager, ours, shape, bytes_moved = _layer(c_in, k, mask_type)
+    make_inputs, eager, ours, shape, bytes_moved = _layer(c_in, CHANNELS, k, mask_type, 1, SIDE, _batch, True)
     return BenchCase(
         name=name,
         family=_MASKED_CONV,
@@ -226,9 +235,50 @@ def _case(name: str, c_in: int, k: int, mask_type: str, default: bool) -> BenchC
     )
 
 
+# Every layer shape of the PixelCNNs genkern ships and benchmarks, forward and forward + backward, at a fixed
+# batch (the sizes are ignored; `genkern bench --ops masked_conv` runs them): the 8 x 8 digit models of
+# `genkern train` (hidden 32, a 5 x 5 first layer, 17 levels) at its training batch 64; the sampling bench's
+# 28 x 28 PixelCNN (64 channels, 256 levels) at batch 21 (the 1M size of the cases above); its 32 x 32 RGB
+# one (96 channels, 3 colour groups) at batch 16. `in` is the mask-A first layer, `hidden` a residual
+# layer, `head` the 1 x 1 head, `out` the 1 x 1 logits layer.
+PIXELCNN_LAYERS = tuple(
+    (f"{model}_{layer}", c_in, c_out, k, mask_type, colours, side, batch)
+    for model, colours, side, hidden, k_in, outputs, batch in (
+        ("digits", 1, 8, 32, 5, 17, 64),
+        ("px28", 1, 28, 64, 7, 256, 21),
+        ("rgb32", 3, 32, 96, 7, 3 * 256, 16),
+    )
+    for layer, c_in, c_out, k, mask_type in (
+        ("in", colours, hidden, k_in, "A"),
+        ("hidden", hidden, hidden, 3, "B"),
+        ("head", hidden, hidden, 1, "B"),
+        ("out", hidden, outputs, 1, "B"),
+    )
+)
+
+
+def _layer_case(name, c_in, c_out, k, mask_type, groups, side, batch, backward) -> BenchCase:
+    make_inputs, eager, ours, shape, bytes_moved = _layer(
+        c_in, c_out, k, mask_type, groups, side, lambda size: batch, backward
+    )
+    return BenchCase(
+        name=f"masked_conv2d_{name}_{'train' if backward else 'fwd'}",
+        family=_MASKED_CONV,
+        make_inputs=make_inputs,
+        genkern=ours,
+        eager=eager,
+        shape=shape,
+        bytes_moved=bytes_moved,
+        timed="forward+backward" if backward else PASS,
+        default=False,
+        sized=False,
+    )
+
+
 MASKED_CONV_CASES = (
-    _case("masked_conv2d", CHANNELS, 3, "B", default=True),
+    _case("masked_conv2d", 64, 3, "B", default=True),
     _case("masked_conv2d_first_layer", 1, 7, "A", default=False),
+    *(_layer_case(*layer, backward) for layer in PIXELCNN_LAYERS for backward in (False, True)),
 )
 
 

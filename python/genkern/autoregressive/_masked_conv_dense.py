@@ -1,0 +1,100 @@
+"""The dense path of masked_conv2d on the CPU: torch's own convolution (oneDNN for float32, im2col + BLAS for
+float64) on the weight with its masked entries zeroed, which is what the spec says (`F.conv2d(x, weight *
+mask)`) and what a PyTorch user runs. The `cpu` backend takes it for the forward and grad_input where it
+beats genkern's direct kernels (`use_dense`, fitted to benchmarks/masked_conv_shapes.py), and the
+compiled kernels everywhere else.
+
+The NaN rule holds: the dense sums differ from the reference's only by the products the reference skips
+(masked taps, the zero padding), and while every product is finite those are exact zeros. So a dense result
+that is all finite is the reference's sum; one that is not (an inf or NaN met a zero, or a sum overflowed)
+is thrown away and the compiled kernels, which follow the rule exactly, compute it. Masked weight entries
+are replaced by zeros (torch.where, never multiplied), so garbage there is never read.
+
+Bits: repeated calls give the same bits, and at the shapes the rule sends here (checked at 8 x 8, 32 channels)
+oneDNN's forward and data gradient give the same bits on 1 and 2 threads.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+# The rule, fitted to interleaved 1-thread measurements on the 2-core CI CPU (AMD EPYC, AVX-512; under load;
+# benchmarks/masked_conv_shapes.py --ops). torch's convolution wins the forward and
+# grad_input of the hidden, head and output layers on small images at training batches (8 x 8, 32 channels,
+# batch 64: 1.1-2x): there the direct kernels' rows are a fraction of their 32-column register tile. On
+# 28 x 28 and 32 x 32 images, on first layers (few input channels) and on single images the direct kernels win
+# (up to 5x), and their grad_weight was never reliably behind: it stays on them everywhere (which also keeps
+# its bits independent of the thread count; oneDNN splits that sum over threads).
+_DENSE_MAX_PIXELS = 100  # H * W: about 10 x 10 (dense measured ahead at 8 x 8, behind at 28 x 28)
+_DENSE_MIN_BATCH_PIXELS = 2048  # B * H * W: batch 32 at 8 x 8 (behind at batch 1, ahead at 64)
+_DENSE_MIN_IN_CHANNELS = 8  # fewer: a first layer on pixels, where the direct kernels win
+# float32 only: torch's float64 convolution (im2col + BLAS) was 3-4x behind the kernels at 8 x 8.
+
+
+def use_dense(op: str, shape: tuple[int, int, int, int, int, int], dtype: torch.dtype) -> bool:
+    """Whether `op` ("forward" or "grad_input"; grad_weight always runs on the kernels) of a (B, C_in, C_out,
+    k, H, W) convolution in `dtype` runs on torch's convolution rather than genkern's direct kernels."""
+    b, c_in, _, _, h, w = shape
+    return (
+        dtype == torch.float32
+        and op in ("forward", "grad_input")
+        and h * w <= _DENSE_MAX_PIXELS
+        and b * h * w >= _DENSE_MIN_BATCH_PIXELS
+        and c_in >= _DENSE_MIN_IN_CHANNELS
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _keep(k: int, mask_type: str, c_in: int, c_out: int, groups: int, device: torch.device) -> Tensor:
+    """The mask as booleans, made once per layer shape (a few KB each)."""
+    return ref.mask(k, mask_type, c_in, c_out, groups, dtype=torch.bool, device=device)
+
+
+def _masked(weight: Tensor, mask_type: str, groups: int) -> Tensor:
+    c_out, c_in, k, _ = weight.shape
+    return torch.where(_keep(k, mask_type, c_in, c_out, groups, weight.device), weight, 0)
+
+
+def _finite(*tensors: Tensor) -> bool:
+    """Whether every element is finite, conservatively: a sum that overflows says no too (the kernels then
+    compute the same values). A sum needs no temporary, and fresh memory costs page faults (isfinite's
+    boolean copy of an output cost more than the convolution)."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def _conv_args(kernel_size: int, dilation: int):
+    """convolution_backward's (stride, padding, dilation, transposed, output_padding, groups)."""
+    pad = ref.padding(kernel_size, dilation)
+    return [1, 1], [pad, pad], [dilation, dilation], False, [0, 0], 1
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_type: str, groups: int, dilation: int
+) -> Optional[Tensor]:
+    """y, or None where the NaN rule needs the compiled kernels."""
+    k = weight.shape[-1]
+    y = torch.conv2d(x, _masked(weight, mask_type, groups), bias, 1, ref.padding(k, dilation), dilation)
+    return y.contiguous() if _finite(y) else None
+
+
+def grad_input(grad_y: Tensor, weight: Tensor, mask_type: str, groups: int, dilation: int) -> Optional[Tensor]:
+    """d/dx, or None where the NaN rule needs the compiled kernels."""
+    b, _, h, w = grad_y.shape
+    shape = (b, weight.shape[1], h, w)
+    # Only the input's shape matters for the data gradient: an uninitialised tensor stands in for it.
+    placeholder = grad_y.new_empty(shape)
+    grad_x, _, _ = torch.ops.aten.convolution_backward(
+        grad_y,
+        placeholder,
+        _masked(weight, mask_type, groups),
+        None,
+        *_conv_args(weight.shape[-1], dilation),
+        [True, False, False],
+    )
+    return grad_x.contiguous() if _finite(grad_x) else None
