@@ -477,6 +477,11 @@ HEAD_CASES = (
         items=lambda size: HEAD_ROWS,
         item_unit="token",
         sized=False,
+    ),
+)
+
+
+# =========================================================================================================
 # Benchmark case of the logistic-mixture head: PixelCNN++'s loss on CIFAR-sized outputs (16 x 3 x 32 x 32
 # images, K = 10 components: params (16, 100, 32, 32)), forward and backward, whatever the size; peak memory
 # measured too (bench.peak_memory_bytes), which is the point of the fused kernels: the eager loss builds
