@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import KERNEL_BACKENDS, assert_close, backend_dtype_params, device_for, interpreted
 
 import genkern
 from genkern import backend as gk_backend
 from genkern.autoregressive import reference as ref
+from genkern.autoregressive.bench_cases import eager_mixture_log_prob
 
 FAMILY = "logistic_mixture"
 MIX_BACKENDS = [b for b in KERNEL_BACKENDS if gk_backend.has_family(b, FAMILY)]
@@ -151,53 +151,14 @@ def test_hand_derived_values_coupled_mixture():
         assert abs(out.item() + want) < 1e-10
 
 
-def paper_loss(l, x):
-    """PixelCNN++'s discretized_mix_logistic_loss (pixel-cnn-pp, nn.py) as its PyTorch port writes it, per
-    pixel: x in [-1, 1] (B, 3, H, W), l (B, 10K, H, W); returns log p (B, H, W)."""
-    x, l = x.permute(0, 2, 3, 1), l.permute(0, 2, 3, 1)
-    xs = list(x.shape)
-    nr_mix = l.shape[-1] // 10
-    logit_probs = l[..., :nr_mix]
-    l = l[..., nr_mix:].contiguous().view(xs + [nr_mix * 3])
-    means = l[..., :nr_mix]
-    log_scales = torch.clamp(l[..., nr_mix : 2 * nr_mix], min=-7.0)
-    coeffs = torch.tanh(l[..., 2 * nr_mix : 3 * nr_mix])
-    x = x.unsqueeze(-1) + torch.zeros(xs + [nr_mix], dtype=x.dtype)
-    m2 = means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :]
-    m3 = means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :]
-    means = torch.stack((means[..., 0, :], m2, m3), dim=3)
-    centered_x = x - means
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
-    cdf_plus = torch.sigmoid(plus_in)
-    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
-    cdf_min = torch.sigmoid(min_in)
-    log_cdf_plus = plus_in - F.softplus(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)
-    cdf_delta = cdf_plus - cdf_min
-    mid_in = inv_stdv * centered_x
-    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
-    log_probs = torch.where(
-        x < -0.999,
-        log_cdf_plus,
-        torch.where(
-            x > 0.999,
-            log_one_minus_cdf_min,
-            torch.where(cdf_delta > 1e-5, torch.log(torch.clamp(cdf_delta, min=1e-12)), log_pdf_mid - math.log(127.5)),
-        ),
-    )
-    log_probs = log_probs.sum(3) + torch.log_softmax(logit_probs, -1)
-    return torch.logsumexp(log_probs, -1)
-
-
 def test_reference_is_the_papers_loss():
-    """Against the paper's code in float64 (where its sigma(p+) - sigma(p-) does not cancel badly), with the
-    clamp, the edges and the low-probability branch all reached (F.softplus's threshold of 20 costs it
-    ~2e-9 where its argument passes 20)."""
+    """Against the paper's loss written eagerly (the bench's baseline) in float64, where its sigma(p+) - sigma(p-)
+    does not cancel badly, with the clamp, the edges and the low-probability branch all reached (F.softplus's
+    threshold of 20 costs it ~2e-9 where its argument passes 20)."""
     params = make_params(3, 3, 5, 6, 7, True)
     x = make_levels(3, 3, 6, 7, 256)
     got = ref.logistic_mixture_log_prob(params, x, 256, 5, True)
-    want = paper_loss(params, x.double() * 2 / 255 - 1)
+    want = eager_mixture_log_prob(params, x.double() * 2 / 255 - 1)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
     *_, delta, branch = ref._mixture_terms(params, x, 256, 5, True)
     assert set(branch.unique().tolist()) == {0, 1, 2, 3}

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import genkern
 
@@ -486,9 +487,9 @@ HEAD_CASES = (
 # images, K = 10 components: params (16, 100, 32, 32)), forward and backward, whatever the size; peak memory
 # measured too (bench.peak_memory_bytes), which is the point of the fused kernels: the eager loss builds
 # (B, H, W, 3, K) intermediates by the dozen and autograd keeps many of them, genkern keeps log p per pixel.
-# The eager baseline is the loss as PixelCNN++'s reference code writes it (pixel-cnn-pp's
-# discretized_mix_logistic_loss, in its PyTorch port's form), torch.autograd.grad of its sum; torch.compile
-# gets that same function. Plain `genkern bench` leaves it out: `--ops logistic_mixture_nll` runs it.
+# The eager baseline is the loss as a PyTorch user writes it from the paper (one (B, H, W, 3, K) tensor per
+# term, as PixelCNN++'s published code also computes it), torch.autograd.grad of its sum; torch.compile gets
+# that same function. Plain `genkern bench` leaves it out: `--ops logistic_mixture_nll` runs it.
 # =========================================================================================================
 _MIXTURE = "logistic_mixture"
 MIX_BATCH, MIX_SIDE, MIX_K = 16, 32, 10
@@ -505,42 +506,39 @@ def _mixture_inputs(size, device, dtype):
     return params.to(device=device, dtype=dtype).requires_grad_(True), x.to(device)
 
 
-def eager_mixture_nll(l, x):
-    """PixelCNN++'s discretized_mix_logistic_loss (channels-last inside, as the reference code), summed."""
-    x = (x.to(l.dtype) * (2.0 / 255.0) - 1.0).permute(0, 2, 3, 1)
-    l = l.permute(0, 2, 3, 1)
-    xs = list(x.shape)
-    nr_mix = l.shape[-1] // 10
-    logit_probs = l[..., :nr_mix]
-    l = l[..., nr_mix:].contiguous().view(xs + [nr_mix * 3])
-    means = l[..., :nr_mix]
-    log_scales = torch.clamp(l[..., nr_mix : 2 * nr_mix], min=-7.0)
-    coeffs = torch.tanh(l[..., 2 * nr_mix : 3 * nr_mix])
-    x = x.contiguous().unsqueeze(-1) + torch.zeros(xs + [nr_mix], device=x.device, dtype=x.dtype)
-    m2 = (means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :]).unsqueeze(3)
-    m3 = (means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :]).unsqueeze(3)
-    means = torch.cat((means[..., 0, :].unsqueeze(3), m2, m3), dim=3)
-    centered_x = x - means
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
-    cdf_plus = torch.sigmoid(plus_in)
-    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
-    cdf_min = torch.sigmoid(min_in)
-    log_cdf_plus = plus_in - F.softplus(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)
-    cdf_delta = cdf_plus - cdf_min
-    mid_in = inv_stdv * centered_x
-    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
-    inner_inner_cond = (cdf_delta > 1e-5).to(x.dtype)
-    inner_inner_out = inner_inner_cond * torch.log(torch.clamp(cdf_delta, min=1e-12)) + (1.0 - inner_inner_cond) * (
-        log_pdf_mid - math.log(127.5)
+def eager_mixture_log_prob(params: Tensor, v: Tensor) -> Tensor:
+    """log p per pixel (B, H, W) of PixelCNN++'s coupled mixture as a PyTorch user writes it from the paper
+    (Salimans et al. 2017, section 2.1-2.2, with its edge bins and low-mass branch): v the images scaled to
+    [-1, 1] (B, 3, H, W), params (B, 10K, H, W); every term a channels-last (B, H, W, 3, K) tensor."""
+    K = params.shape[1] // 10
+    p = params.permute(0, 2, 3, 1)
+    mixture_logits = p[..., :K]
+    per_colour = p[..., K:].reshape(*p.shape[:3], 3, 3 * K)  # per colour: K means, K log-scales, K couplings
+    mean, log_scale = per_colour[..., :K], per_colour[..., K : 2 * K].clamp(min=-7.0)
+    coupling = per_colour[..., 2 * K :].tanh()
+    v = v.permute(0, 2, 3, 1).unsqueeze(-1)  # (B, H, W, 3, 1)
+    red, green = v[..., 0, :], v[..., 1, :]
+    mean = torch.stack(
+        (
+            mean[..., 0, :],
+            mean[..., 1, :] + coupling[..., 0, :] * red,
+            mean[..., 2, :] + coupling[..., 1, :] * red + coupling[..., 2, :] * green,
+        ),
+        dim=-2,
     )
-    inner_cond = (x > 0.999).to(x.dtype)
-    inner_out = inner_cond * log_one_minus_cdf_min + (1.0 - inner_cond) * inner_inner_out
-    cond = (x < -0.999).to(x.dtype)
-    log_probs = cond * log_cdf_plus + (1.0 - cond) * inner_out
-    log_probs = torch.sum(log_probs, dim=3) + torch.log_softmax(logit_probs, dim=-1)
-    return -torch.logsumexp(log_probs, dim=-1).sum()
+    inv_scale = torch.exp(-log_scale)
+    upper, lower, centre = (inv_scale * (v - mean + d) for d in (1.0 / 255.0, -1.0 / 255.0, 0.0))
+    bin_mass = torch.sigmoid(upper) - torch.sigmoid(lower)
+    log_below_upper = upper - F.softplus(upper)  # the bin at level 0 takes the whole left tail
+    log_above_lower = -F.softplus(lower)  # the bin at level 255 the whole right tail
+    log_density = centre - log_scale - 2.0 * F.softplus(centre) - math.log(127.5)  # density times bin width
+    inner = torch.where(bin_mass > 1e-5, bin_mass.clamp(min=1e-12).log(), log_density)
+    log_p = torch.where(v < -0.999, log_below_upper, torch.where(v > 0.999, log_above_lower, inner))
+    return torch.logsumexp(log_p.sum(dim=-2) + torch.log_softmax(mixture_logits, dim=-1), dim=-1)
+
+
+def eager_mixture_nll(params: Tensor, x: Tensor) -> Tensor:
+    return -eager_mixture_log_prob(params, x.to(params.dtype) * (2.0 / 255.0) - 1.0).sum()
 
 
 def eager_logistic_mixture_nll(params, x):
