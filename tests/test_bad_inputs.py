@@ -80,6 +80,17 @@ def _sigma_step_defaults():
     return dict(model_output=_r(2, 3, 4), sample=_r(2, 3, 4), sigma=torch.tensor([0.9, 0.5]), sigma_next=0.2)
 
 
+def _dpm_defaults():
+    sigmas, _ = genkern.diffusion.dpm_solver_sigmas(SCHEDULE, 10)
+    return dict(
+        model_output=_r(2, 3, 4), sigmas=sigmas, step=torch.tensor([1, 2]), sample=_r(2, 3, 4), history=_r(2, 3, 4)
+    )
+
+
+def _heun_defaults():
+    return dict(_sigma_step_defaults(), derivative=_r(2, 3, 4))
+
+
 def _levels(shape=(2, 3, 3, 4)):
     return torch.randint(0, 256, shape)
 
@@ -135,6 +146,9 @@ OPS = {
         "diffusion",
         _call(genkern.euler_ancestral_step, lambda: dict(**_sigma_step_defaults(), seed=0)),
     ),
+    "dpm_solver_step": ("diffusion", _call(genkern.dpm_solver_step, _dpm_defaults)),
+    "heun_step": ("diffusion", _call(genkern.heun_step, _heun_defaults)),
+    "heun_step(origin=)": ("diffusion", _call(genkern.heun_step, lambda: dict(_heun_defaults(), origin=_r(2, 3, 4)))),
     "ddpm_step(out=)": ("diffusion", _call(_ddpm, lambda: dict(_step_defaults(), out=(_r(2, 3, 4), _r(2, 3, 4))))),
     "ddim_step(out=)": ("diffusion", _call(_ddim, lambda: dict(_step_defaults(), out=(_r(2, 3, 4), _r(2, 3, 4))))),
     "causal_conv1d": (
@@ -389,6 +403,39 @@ for op in ("flow_euler_step", "euler_ancestral_step"):
     BAD += tensors(op, "noise", (2, 3, 4), skip=("not a tensor: float",))
     BAD += seed_offset(op, "seed") + seed_offset(op, "offset")
 BAD += values("flow_euler_step", "stochastic", ("int", 1, TypeError))
+for op in ("heun_step", "heun_step(origin=)"):
+    BAD += tensors(op, "model_output", (2, 3, 4))
+    BAD += tensors(op, "sample", (2, 3, 4), skip=("0-dim",))
+    BAD += tensors(op, "derivative", (2, 3, 4))
+    BAD += values(op, "prediction_type", ("unknown", "x", ValueError), ("int", 0, TypeError))
+    BAD += values(op, "guidance_scale", ("str", "1", TypeError), ("nan", float("nan"), ValueError))
+    BAD += values(op, "guidance_rescale", ("str", "1", TypeError), ("2", 2.0, ValueError))
+    for arg in ("sigma", "sigma_next"):
+        BAD += values(
+            op, arg, ("str", "0.5", TypeError), ("negative", -0.5, ValueError), ("nan", float("nan"), ValueError)
+        )
+BAD += tensors("heun_step(origin=)", "origin", (2, 3, 4))
+for arg in ("model_output", "sample", "history"):
+    BAD += tensors("dpm_solver_step", arg, (2, 3, 4), skip=("0-dim",) if arg == "sample" else ())
+BAD += tensors("dpm_solver_step", "sigmas", (11,), skip=("not a tensor: float", "rank + 1", "shape"))
+BAD += values("dpm_solver_step", "sigmas", ("one sigma", lambda: torch.ones(1), ValueError))
+BAD += values(
+    "dpm_solver_step",
+    "step",
+    ("str", "1", TypeError),
+    ("negative", -1, ValueError),
+    ("past the table", 10, ValueError),
+    ("float tensor", lambda: torch.tensor([1.0, 2.0]), TypeError),
+    ("shape", lambda: torch.tensor([1, 2, 3]), ValueError),
+)
+BAD += values("dpm_solver_step", "prediction_type", ("unknown", "x", ValueError), ("int", 0, TypeError))
+BAD += values("dpm_solver_step", "solver_type", ("unknown", "x", ValueError), ("int", 0, TypeError))
+BAD += values("dpm_solver_step", "algorithm_type", ("unknown", "dpmsolver", ValueError), ("int", 0, TypeError))
+BAD += values("dpm_solver_step", "solver_order", ("3", 3, ValueError), ("str", "2", TypeError), ("0", 0, ValueError))
+BAD += values("dpm_solver_step", "final_first_order", ("int", 1, TypeError))
+BAD += values("dpm_solver_step", "guidance_scale", ("str", "1", TypeError), ("nan", float("nan"), ValueError))
+BAD += values("dpm_solver_step", "guidance_rescale", ("str", "1", TypeError), ("2", 2.0, ValueError))
+BAD += values("dpm_solver_step", "dynamic_threshold", ("str", "x", TypeError), ("ratio 2", (2.0, 1.0), ValueError))
 
 # --- autoregressive
 BAD += tensors("causal_conv1d", "x", (2, 3, 7), wrong_shape=(2, 4, 7))  # any length L

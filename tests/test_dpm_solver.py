@@ -211,7 +211,7 @@ def test_opcheck_compile_and_bad_arguments():
         genkern.dpm_solver_step(m, sigmas, 5, x, history)  # 5 sigmas steps: indices 0..4
     with pytest.raises(ValueError, match="history"):
         genkern.dpm_solver_step(m, sigmas, 0, x, history[:2])
-    with pytest.raises(ValueError, match="sigmas"):
+    with pytest.raises(TypeError, match="sigmas"):
         genkern.dpm_solver_step(m, sigmas.double(), 0, x, history)
     with pytest.raises(ValueError, match="noise"):
         op(*_op_args(m, x, history, sigmas, step, noise=x))

@@ -26,13 +26,9 @@ DPM_SOLVER_TYPES = ref.DPM_SOLVER_TYPES  # the kernels' codes 0, 1 (gk::diffusio
 
 
 def _check_sigma_table(sigmas, like: Tensor) -> None:
-    if (
-        not isinstance(sigmas, Tensor)
-        or sigmas.dtype != torch.float32
-        or sigmas.dim() != 1
-        or sigmas.shape[0] < 2
-        or sigmas.device != like.device
-    ):
+    if isinstance(sigmas, Tensor) and sigmas.dtype != torch.float32:
+        raise TypeError(f"sigmas must be a float32 tensor (dpm_solver_sigmas' table), got {sigmas.dtype}")
+    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.shape[0] < 2 or sigmas.device != like.device:
         got = (
             f"dtype {sigmas.dtype}, shape {tuple(sigmas.shape)} on {sigmas.device}"
             if isinstance(sigmas, Tensor)

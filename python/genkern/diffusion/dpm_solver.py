@@ -102,6 +102,8 @@ def _step_tensor(step, like: Tensor) -> Tensor:
     if isinstance(step, Tensor):
         if step.dtype.is_floating_point or step.dtype == torch.bool:
             raise TypeError(f"step must be an int or an integer tensor, got a tensor of dtype {step.dtype}")
+        if step.numel() not in (1, like.shape[0]) or step.dim() > 1:
+            raise ValueError(f"step must be an int or a ({like.shape[0]},) tensor, got shape {tuple(step.shape)}")
         return step.to(device=like.device, dtype=torch.int64).reshape(-1).expand(like.shape[0]).contiguous()
     step = _checks.integer("step", step, low=0)
     return torch.full((like.shape[0],), step, dtype=torch.int64, device=like.device)
@@ -138,10 +140,17 @@ def dpm_solver_step(
     _spec.check_guidance(guidance_scale, guidance_rescale)
     _spec.check_threshold(None, dynamic_threshold)
     _check_flag("final_first_order", final_first_order)
+    for name, t in (("model_output", model_output), ("sample", sample), ("history", history), ("sigmas", sigmas)):
+        _checks.tensor(name, t)
+    if noise is not None:
+        _checks.tensor("noise", noise)
+    _checks.integer("solver_order", solver_order)
+    if sigmas.is_meta and not sample.is_meta:
+        raise ValueError("sigmas must hold values (dpm_solver_sigmas' table), got a meta tensor")
     draws = sde and noise is None
     seed = to_signed(resolve_seed(seed)) if draws else 0
     offset = to_signed(check_offset(offset)) if draws else 0
-    sigmas_d = sigmas.to(sample.device) if isinstance(sigmas, Tensor) else sigmas
+    sigmas_d = sigmas.to(sample.device)
     ratio, max_value = (None, 1.0) if dynamic_threshold is None else map(float, dynamic_threshold)
     args = (model_output, sample, history, sigmas_d, _step_tensor(step, sample), noise, seed, offset, prediction)
     options = (solver, int(solver_order), sde, bool(final_first_order))

@@ -262,7 +262,11 @@ def heun_step(
     sigma_next = 0. Guidance as in euler_step."""
     prediction = _ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS))
     _spec.check_guidance(guidance_scale, guidance_rescale)
-    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample)
+    _check_tensors(model_output, None)
+    for name, t in (("sample", sample), ("derivative", derivative), ("origin", origin)):
+        if t is not None or name != "origin":
+            _checks.tensor(name, t)
+    s, s_next = _sigma_tensor(sigma, sample), _sigma_tensor(sigma_next, sample, "sigma_next")
     scale = None if guidance_scale is None else float(guidance_scale)
     args = (model_output, sample, origin, derivative, s, s_next, prediction, scale, float(guidance_rescale))
     return _backend.call(backend, torch.ops.genkern.heun_step, *args)
