@@ -23,6 +23,7 @@ from ._sampling import sample
 from .autoregressive import (
     causal_conv1d,
     causal_conv1d_update,
+    causal_conv1d_varlen_states,
     gated_activation,
     gumbel_argmax,
     masked_conv2d,
@@ -52,6 +53,7 @@ __all__ = [
     "backends",
     "causal_conv1d",
     "causal_conv1d_update",
+    "causal_conv1d_varlen_states",
     "ddim_step",
     "ddpm_step",
     "diffusion",
