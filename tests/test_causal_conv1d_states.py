@@ -295,6 +295,7 @@ def _update_case(backend, last, L, seed=0, S=None, rows=None):
 def test_update_matches_reference(backend, last):
     for L, circular, indexed, S in [
         (1, False, False, None),
+        (1, False, True, 6),  # the CPU's decode step on a pool row with a longer state
         (3, True, True, 7),
         (9, True, False, 5),
         (4, False, True, 11),

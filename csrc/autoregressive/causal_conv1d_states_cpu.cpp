@@ -331,6 +331,34 @@ struct BackwardKernel {
 
 template <typename T>
 struct UpdateKernel {
+  // The decode step (one new input, the state shifting by one) of batch row b on its state rows `rows`:
+  // a pass over the channels with the activation vectorised, then the shifts.
+  static void one_step(const StatesUpdateArgs& a, int64_t b, T* rows) {
+    const StatesShape& s = a.shape;
+    const int64_t C = s.channels, S = a.state_len, K = s.k;
+    const T* w = static_cast<const T*>(a.w);
+    const T* bias = static_cast<const T*>(a.bias);
+    const T* xb = static_cast<const T*>(a.x) + b * C;  // L = 1: (b, c) at b * C + c in either layout
+    T* out = static_cast<T*>(a.y) + b * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* past = rows + c * S;
+      const T* wc = w + c * K;
+      T acc = bias ? bias[c] : T(0);
+      for (int64_t k = 0; k + 1 < K; ++k) acc += wc[k] * past[S - tap_shift(k, K, s.dilation)];
+      out[c] = acc + wc[K - 1] * xb[c];
+    }
+    with_activation(a.activation, [&](auto act) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[c] = activate<decltype(act)::value>(out[c]);
+    });
+    if (S == 0) return;
+    for (int64_t c = 0; c < C; ++c) {
+      T* past = rows + c * S;
+      std::copy(past + 1, past + S, past);
+      past[S - 1] = xb[c];
+    }
+  }
+
   static void run(const StatesUpdateArgs& a) {
     const StatesShape& s = a.shape;
     const T* x = static_cast<const T*>(a.x);
@@ -345,6 +373,10 @@ struct UpdateKernel {
         if (row < 0) {  // a padding slot
           for (int64_t c = 0; c < C; ++c)
             for (int64_t l = 0; l < L; ++l) y[s.at(b, c, l, L)] = T(0);
+          return;
+        }
+        if (L == 1 && !a.cache_seqlens) {
+          one_step(a, b, state + row * C * S);
           return;
         }
         const int64_t n = a.cache_seqlens ? a.cache_seqlens[b] : 0;
