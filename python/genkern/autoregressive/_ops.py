@@ -463,7 +463,8 @@ def _check_causal_conv1d_update_states(
     _checks.same_place("conv_state", conv_state, "x", x)
     _require(
         conv_state.dim() == 3 and conv_state.shape[1] == C and conv_state.shape[2] >= P,
-        f"conv_state has shape {tuple(conv_state.shape)}, expected (R, {C}, S) with S >= (K - 1) * dilation = {P}",
+        f"state (conv_state) has shape {tuple(conv_state.shape)}, expected (R, {C}, S) with S >= (K - 1) * dilation"
+        f" = {P}",
     )
     rows = conv_state.shape[0]
     if conv_state_indices is None:
