@@ -162,6 +162,40 @@ OPS = {
             lambda: dict(x=_r(2, 3), state=_r(2, 3, 4), weight=_r(4, 3, 3), bias=_r(4), dilation=2),
         ),
     ),
+    # causal-conv1d's state API: depthwise weight (C, K), packed sequences, continuous batching
+    "causal_conv1d(states)": (
+        "causal_conv1d",
+        _call(
+            genkern.causal_conv1d,
+            lambda: dict(
+                x=_r(2, 3, 7),
+                weight=_r(3, 3),
+                initial_states=_r(2, 3, 2),
+                return_final_states=True,
+                seq_idx=torch.tensor([[0, 0, 0, 1, 1, -1, 2]] * 2, dtype=torch.int32),
+            ),
+        ),
+    ),
+    "causal_conv1d_update(states)": (
+        "causal_conv1d",
+        _call(
+            genkern.causal_conv1d_update,
+            lambda: dict(
+                x=_r(2, 3, 2),
+                state=_r(4, 3, 3),
+                weight=_r(3, 3),
+                cache_seqlens=torch.tensor([1, 5], dtype=torch.int32),
+                conv_state_indices=torch.tensor([3, -1], dtype=torch.int32),
+            ),
+        ),
+    ),
+    "causal_conv1d_varlen_states": (
+        "causal_conv1d",
+        _call(
+            genkern.causal_conv1d_varlen_states,
+            lambda: dict(x=_r(9, 3), cu_seqlens=torch.tensor([0, 2, 9], dtype=torch.int32), state_len=3),
+        ),
+    ),
     "gated_activation": ("causal_conv1d", _call(genkern.gated_activation, lambda: dict(x=_r(2, 4, 3), dim=1))),
     "masked_conv2d": (
         "masked_conv",
@@ -449,6 +483,17 @@ BAD += tensors("causal_conv1d_update", "bias", (4,), skip=("not a tensor: float"
 for op in ("causal_conv1d", "causal_conv1d_update"):
     BAD += ints(op, "dilation", low=1)
     BAD += values(op, "activation", ("unknown", "relu", ValueError), ("int", 1, TypeError))
+BAD += values(
+    "causal_conv1d(states)",
+    "seq_idx",
+    ("decreasing", lambda: torch.tensor([[0, 1, 1, 0, 2, 2, 2]] * 2, dtype=torch.int32), ValueError),
+)
+BAD += values(
+    "causal_conv1d_update(states)",
+    "conv_state_indices",
+    ("out of range", lambda: torch.tensor([4, 0], dtype=torch.int32), ValueError),
+)
+BAD += values("causal_conv1d_update(states)", "state", ("too short", lambda: _r(4, 3, 1), ValueError))
 BAD += tensors("gated_activation", "x", (2, 4, 3), other_dtype=False, meta=False, skip=("rank + 1", "shape"))
 BAD += values("gated_activation", "x", ("odd", lambda: _r(2, 5, 3), ValueError))
 BAD += ints("gated_activation", "dim", extra=[("3", 3, ValueError), ("-4", -4, ValueError)])

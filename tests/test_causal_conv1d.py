@@ -402,7 +402,9 @@ def test_bad_input_is_rejected_before_any_kernel(monkeypatch):
         (lambda: update(x[:, :, 0], state[:, :, :1], w, dilation=1), ValueError, "state"),
         (lambda: update(x[:, :, 0], state, w, dilation=2), ValueError, "state"),
         (lambda: update(x[:, :, 0], state.double(), w), TypeError, "state"),
-        (lambda: update(x, state, w), ValueError, "x"),
+        # x (B, C, L) is causal-conv1d's multi-position update, depthwise weights only
+        (lambda: update(x, state, torch.randn(3, 3, 3)), ValueError, "depthwise"),
+        (lambda: update(x[None], state, w), ValueError, "x"),
         (lambda: update(x[:, :, 0], state[:1], w), ValueError, "state"),
         (lambda: genkern.gated_activation(torch.randn(2, 3)), ValueError, "halves"),
         (lambda: genkern.gated_activation(torch.randn(2, 4), dim=2), ValueError, "dim"),

@@ -68,6 +68,7 @@ FAMILY_TEST_FILES = {
     "diffusion": ["tests/test_diffusion.py", "tests/test_diffusion_steps.py"],
     "autoregressive": [
         "tests/test_causal_conv1d.py",
+        "tests/test_causal_conv1d_states.py",
         "tests/test_masked_conv.py",
         "tests/test_nade.py",
         "tests/test_pixelcnn_sampling.py",

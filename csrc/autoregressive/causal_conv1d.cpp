@@ -126,6 +126,8 @@ void gated_backward_entry(const Array& grad_y, const Array& x, const Array& grad
 
 }  // namespace
 
+void bind_causal_conv1d_states(py::module_& m);  // causal_conv1d_states.cpp: the causal-conv1d API's kernels
+
 void bind_causal_conv1d(py::module_& parent) {
   py::module_ m = parent.def_submodule("causal_conv1d", "genkern._C.causal_conv1d: causal 1-D convolution kernels");
   using py::arg;
@@ -138,6 +140,7 @@ void bind_causal_conv1d(py::module_& parent) {
   m.def("gated", &gated_entry, arg("x"), arg("y"), arg("outer"), arg("inner"), arg("stream") = 0);
   m.def("gated_backward", &gated_backward_entry, arg("grad_y"), arg("x"), arg("grad_x"), arg("outer"), arg("inner"),
         arg("stream") = 0);
+  bind_causal_conv1d_states(m);
 }
 
 }  // namespace gk

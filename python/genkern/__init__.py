@@ -23,6 +23,7 @@ from ._sampling import sample
 from .autoregressive import (
     causal_conv1d,
     causal_conv1d_update,
+    causal_conv1d_varlen_states,
     discretized_logistic_mixture_nll,
     discretized_logistic_mixture_sample,
     gated_activation,
@@ -57,6 +58,7 @@ __all__ = [
     "backends",
     "causal_conv1d",
     "causal_conv1d_update",
+    "causal_conv1d_varlen_states",
     "ddim_step",
     "ddpm_step",
     "diffusion",

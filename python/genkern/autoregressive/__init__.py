@@ -41,6 +41,7 @@ from .. import backend as _backend
 from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
 from . import _ops, sampling_plan
+from . import reference as _reference
 from .reference import CONV, GATE
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -63,8 +64,26 @@ def _activation(activation) -> str:
     if activation is None:
         return "none"
     if not isinstance(activation, str):
-        raise TypeError(f"activation must be None, 'silu' or 'tanh', got {type(activation).__name__}")
-    return activation
+        raise TypeError(f"activation must be None, 'silu' (or 'swish') or 'tanh', got {type(activation).__name__}")
+    return "silu" if activation == "swish" else activation
+
+
+def _optional_tensors(**args) -> None:
+    for name, t in args.items():
+        if t is not None:
+            _checks.tensor(name, t)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, length: int) -> Tensor:
+    """(1, length) int32 sequence ids of the packed sequences [cu_seqlens[i], cu_seqlens[i + 1]): position t
+    gets i, positions outside every sequence -1 (their outputs are 0)."""
+    _checks.tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be a (N + 1,) int32 or int64 tensor")
+    pos = torch.arange(_int("length", length), device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    idx = torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)
+    outside = (pos < cu_seqlens[0]) | (idx >= cu_seqlens.shape[0] - 1)
+    return torch.where(outside, -1, idx).to(torch.int32)[None]
 
 
 def causal_conv1d(
@@ -74,16 +93,56 @@ def causal_conv1d(
     *,
     dilation: int = 1,
     activation: str | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    seq_idx: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     backend: str | None = None,
-) -> Tensor:
+):
     """y[b, o, l] = act(bias[o] + sum_{i, k} weight[o, i, k] x[b, i, l - (K - 1 - k) dilation]), x zero
     before position 0. x (B, C_in, L); weight (C_out, C_in, K), or (C, K) depthwise (output o sees input o
-    only); bias (C_out,) or None; activation None, "silu" or "tanh". Returns (B, C_out, L), differentiable
-    w.r.t. x, weight and bias."""
+    only); bias (C_out,) or None; activation None, "silu" (or "swish") or "tanh". Returns (B, C_out, L),
+    differentiable w.r.t. x, weight and bias.
+
+    Depthwise only, causal-conv1d's state API (docs/math.md, section 6.3), P = (K - 1) * dilation:
+    initial_states (B, C, P) are the P inputs before position 0 (differentiable); return_final_states=True
+    returns (y, final_states), the last P inputs of [initial_states, x] (differentiable); seq_idx (B, L) int
+    packs sequences in a row (a tap never crosses a change of id; ids < 0 output 0), cu_seqlens (N + 1,) is
+    the same for a batch of one. A channel-last x (a (B, L, C) tensor transposed) is read in place, and y
+    comes back channel-last."""
     _tensors(x=x, weight=weight, bias=bias)
-    return _backend.call(
-        backend, torch.ops.genkern.causal_conv1d, x, weight, bias, _int("dilation", dilation), _activation(activation)
+    _optional_tensors(initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        if seq_idx is not None:
+            raise ValueError("give seq_idx or cu_seqlens, not both")
+        if x.dim() != 3 or x.shape[0] != 1:
+            raise ValueError(
+                f"cu_seqlens packs sequences in one row: x must have shape (1, C, L), got {tuple(x.shape)}"
+            )
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[2])
+    with_states = initial_states is not None or return_final_states or seq_idx is not None
+    if not with_states and not (_reference.channel_last(x) and weight.dim() == 2):
+        return _backend.call(
+            backend,
+            torch.ops.genkern.causal_conv1d,
+            x,
+            weight,
+            bias,
+            _int("dilation", dilation),
+            _activation(activation),
+        )
+    y, final = _backend.call(
+        backend,
+        torch.ops.genkern.causal_conv1d_states,
+        x,
+        weight,
+        bias,
+        initial_states,
+        seq_idx,
+        _int("dilation", dilation),
+        _activation(activation),
     )
+    return (y, final) if return_final_states else y
 
 
 def causal_conv1d_update(
@@ -94,6 +153,8 @@ def causal_conv1d_update(
     *,
     dilation: int = 1,
     activation: str | None = None,
+    cache_seqlens: Tensor | None = None,
+    conv_state_indices: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """One step of causal_conv1d for generation: x (B, C_in) is the next input, and the result (B, C_out)
@@ -102,17 +163,49 @@ def causal_conv1d_update(
     state (B, C_in, W) holds the W previous inputs, oldest first, with W >= (K - 1) * dilation (the
     receptive field; extra older entries are ignored); start a sequence with
     zeros, which is the convolution's causal padding. state is updated in place: shifted left by one
-    with x appended. Not differentiable."""
+    with x appended. Not differentiable.
+
+    Depthwise weights also take causal-conv1d's forms (docs/math.md, section 6.3): x (B, C, L) with L new
+    inputs (the result is (B, C, L)); cache_seqlens (B,) int makes state a circular buffer (the inputs are
+    written at cache_seqlens % W on); conv_state_indices (B,) int picks the state row of each batch row in a
+    larger state (R, C, W) (continuous batching; a negative index is a padding slot: output 0, no state
+    touched)."""
     _tensors(x=x, state=state, weight=weight, bias=bias)
-    return _backend.call(
+    _optional_tensors(cache_seqlens=cache_seqlens, conv_state_indices=conv_state_indices)
+    if x.dim() == 2 and cache_seqlens is None and conv_state_indices is None:
+        return _backend.call(
+            backend,
+            torch.ops.genkern.causal_conv1d_update,
+            x,
+            state,
+            weight,
+            bias,
+            _int("dilation", dilation),
+            _activation(activation),
+        )
+    step = x.dim() == 2
+    y = _backend.call(
         backend,
-        torch.ops.genkern.causal_conv1d_update,
-        x,
+        torch.ops.genkern.causal_conv1d_update_states,
+        x.unsqueeze(-1) if step else x,
         state,
         weight,
         bias,
+        cache_seqlens,
+        conv_state_indices,
         _int("dilation", dilation),
         _activation(activation),
+    )
+    return y.squeeze(-1) if step else y
+
+
+def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int, *, backend: str | None = None) -> Tensor:
+    """The state of each packed sequence [cu_seqlens[b], cu_seqlens[b + 1]) of x (total_tokens, C): its last
+    state_len inputs, zeros where it is shorter. Returns (B, C, state_len), channel-last storage (as
+    causal-conv1d); a decoding loop's conv_state after a varlen prefill. Not differentiable."""
+    _tensors(x=x, cu_seqlens=cu_seqlens)
+    return _backend.call(
+        backend, torch.ops.genkern.causal_conv1d_varlen_states, x, cu_seqlens, _int("state_len", state_len)
     )
 
 

@@ -230,6 +230,354 @@ def _(x, state, weight, bias, dilation, activation):
     return _empty((x.shape[0], weight.shape[0]), x)
 
 
+# =========================================================================================================
+# Causal convolution with carried states (docs/math.md, section 6.3): causal-conv1d's API on a depthwise
+# (C, K) weight. x may be channel-last (a (B, L, C) tensor transposed): the kernels read it in place and
+# write y, final_states and the gradients in the same layout. Index tensors (seq_idx, cache_seqlens,
+# conv_state_indices, cu_seqlens) may be int32 or int64; the kernels get int64. Their data-dependent checks
+# (order, range) run where values exist (not on meta or fake tensors, nor while torch.compile traces).
+# =========================================================================================================
+def _triton_causal_conv1d_states():
+    from ..kernels.autoregressive import causal_conv1d_states
+
+    return causal_conv1d_states
+
+
+CONV1D_STATES_KERNELS = KernelGroup(
+    "causal_conv1d", native=lambda: _native._C.causal_conv1d, triton=_triton_causal_conv1d_states
+)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _index_tensor(name: str, t: Tensor, shape: tuple, x: Tensor) -> None:
+    _checks.tensor(name, t)
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got dtype {t.dtype}")
+    _require(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+    _require(tuple(t.shape) == tuple(shape), f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _as_index(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(torch.int64).contiguous()
+
+
+def _states_layout_empty(shape, like: Tensor, last: bool) -> Tensor:
+    """An uninitialised (B, C, n) tensor, channel-last storage when `last`."""
+    b, c, n = shape
+    if last:
+        return _empty((b, n, c), like).transpose(1, 2)
+    return _empty(shape, like)
+
+
+def _check_states_conv(x, weight, bias, dilation, activation) -> int:
+    """The depthwise convolution's arguments; returns P = (K - 1) * dilation."""
+    _check_conv(x, weight, bias, dilation, activation, step=False)
+    _require(
+        weight.dim() == 2,
+        f"weight must be depthwise (C, K) for states, seq_idx or conv_state_indices, got {tuple(weight.shape)}",
+    )
+    return ref.receptive_field(weight.shape[1], dilation)
+
+
+def _check_seq_idx(seq_idx: Tensor, x: Tensor) -> None:
+    _index_tensor("seq_idx", seq_idx, (x.shape[0], x.shape[2]), x)
+    if _checks.has_values(seq_idx) and seq_idx.numel() > 0:
+        # The non-negative ids of a row must not decrease (packed sequences, then padding anywhere).
+        ids = seq_idx.to(torch.int64)
+        running = torch.cummax(torch.where(ids >= 0, ids, -1), dim=1).values
+        _require(
+            not bool(((ids >= 0) & (ids < running)).any()),
+            "seq_idx decreases within a row: the packed sequences' ids must be non-decreasing",
+        )
+
+
+def _check_causal_conv1d_states(x, weight, bias, initial_states, seq_idx, dilation, activation) -> None:
+    P = _check_states_conv(x, weight, bias, dilation, activation)
+    B, C, _ = x.shape
+    if initial_states is not None:
+        _checks.float_tensor("initial_states", initial_states)
+        _checks.same_place("initial_states", initial_states, "x", x)
+        _require(
+            tuple(initial_states.shape) == (B, C, P),
+            f"initial_states has shape {tuple(initial_states.shape)}, expected {(B, C, P)}: "
+            f"(B, C, (K - 1) * dilation) with K = {weight.shape[1]}, dilation = {dilation}",
+        )
+    if seq_idx is not None:
+        _check_seq_idx(seq_idx, x)
+
+
+@torch.library.custom_op("genkern::causal_conv1d_states", mutates_args=())
+def causal_conv1d_states(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    initial_states: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+    dilation: int,
+    activation: str,
+) -> tuple[Tensor, Tensor]:
+    """(y, final_states (B, C, (K - 1) * dilation)), both in x's layout."""
+    _check_causal_conv1d_states(x, weight, bias, initial_states, seq_idx, dilation, activation)
+    return ref.causal_conv1d_states(x, weight, bias, initial_states, seq_idx, dilation, activation)
+
+
+@CONV1D_STATES_KERNELS.register(causal_conv1d_states, check=_check_causal_conv1d_states)
+def _(kernels, x, weight, bias, initial_states, seq_idx, dilation, activation):
+    last = ref.channel_last(x)
+    B, C, L = x.shape
+    P = ref.receptive_field(weight.shape[1], dilation)
+    y, final = _states_layout_empty((B, C, L), x, last), _states_layout_empty((B, C, P), x, last)
+    init = None if initial_states is None else ref.in_layout(initial_states, last)
+    kernels.forward_states(
+        ref.in_layout(x, last),
+        weight.contiguous(),
+        _contig(bias),
+        init,
+        _as_index(seq_idx),
+        y,
+        final,
+        dilation,
+        _ACTIVATION_CODES[activation],
+        last,
+    )
+    return y, final
+
+
+@causal_conv1d_states.register_fake
+def _(x, weight, bias, initial_states, seq_idx, dilation, activation):
+    _check_causal_conv1d_states(x, weight, bias, initial_states, seq_idx, dilation, activation)
+    last = ref.channel_last(x)
+    P = ref.receptive_field(weight.shape[1], dilation)
+    return _states_layout_empty(x.shape, x, last), _states_layout_empty((x.shape[0], x.shape[1], P), x, last)
+
+
+def _check_causal_conv1d_states_backward(
+    grad_y, grad_final, x, weight, bias, initial_states, seq_idx, dilation, activation
+) -> None:
+    _check_causal_conv1d_states(x, weight, bias, initial_states, seq_idx, dilation, activation)
+    _checks.like("grad_y", grad_y, "x", x)
+    if grad_final is not None:
+        P = ref.receptive_field(weight.shape[1], dilation)
+        _checks.like("grad_final_states", grad_final, "x", x, shape=(x.shape[0], x.shape[1], P))
+
+
+@torch.library.custom_op("genkern::causal_conv1d_states_backward", mutates_args=())
+def causal_conv1d_states_backward(
+    grad_y: Tensor,
+    grad_final: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    initial_states: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+    dilation: int,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias, grad_initial_states); the last two are empty (0,) when absent."""
+    _check_causal_conv1d_states_backward(
+        grad_y, grad_final, x, weight, bias, initial_states, seq_idx, dilation, activation
+    )
+    gx, gw, gb, gi = ref.causal_conv1d_states_backward(
+        grad_y, grad_final, x, weight, bias, initial_states, seq_idx, dilation, activation
+    )
+    last = ref.channel_last(x)
+    return (
+        ref.in_layout(gx, last),
+        gw.contiguous(),
+        _empty((0,), x) if gb is None else gb.contiguous(),
+        _empty((0,), x) if gi is None else ref.in_layout(gi, last),
+    )
+
+
+@CONV1D_STATES_KERNELS.register(causal_conv1d_states_backward, check=_check_causal_conv1d_states_backward)
+def _(kernels, grad_y, grad_final, x, weight, bias, initial_states, seq_idx, dilation, activation):
+    last = ref.channel_last(x)
+    P = ref.receptive_field(weight.shape[1], dilation)
+    B, C, L = x.shape
+    grad_x, grad_w = _states_layout_empty((B, C, L), x, last), _empty(weight.shape, x)
+    grad_b = _empty(bias.shape, x) if bias is not None else None
+    grad_i = _states_layout_empty((B, C, P), x, last) if initial_states is not None else None
+    kernels.backward_states(
+        ref.in_layout(grad_y, last),
+        None if grad_final is None else ref.in_layout(grad_final, last),
+        ref.in_layout(x, last),
+        weight.contiguous(),
+        _contig(bias),
+        None if initial_states is None else ref.in_layout(initial_states, last),
+        _as_index(seq_idx),
+        grad_x,
+        grad_w,
+        grad_b,
+        grad_i,
+        dilation,
+        _ACTIVATION_CODES[activation],
+        last,
+    )
+    return grad_x, grad_w, _empty((0,), x) if grad_b is None else grad_b, _empty((0,), x) if grad_i is None else grad_i
+
+
+@causal_conv1d_states_backward.register_fake
+def _(grad_y, grad_final, x, weight, bias, initial_states, seq_idx, dilation, activation):
+    _check_causal_conv1d_states_backward(
+        grad_y, grad_final, x, weight, bias, initial_states, seq_idx, dilation, activation
+    )
+    last = ref.channel_last(x)
+    P = ref.receptive_field(weight.shape[1], dilation)
+    gi = _states_layout_empty((x.shape[0], x.shape[1], P), x, last) if initial_states is not None else _empty((0,), x)
+    gb = _empty(bias.shape if bias is not None else (0,), x)
+    return _states_layout_empty(x.shape, x, last), _empty(weight.shape, x), gb, gi
+
+
+def _states_setup(ctx, inputs, output):
+    x, weight, bias, initial_states, seq_idx, dilation, activation = inputs
+    ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
+    ctx.args = (dilation, activation)
+    ctx.backend = _backend.scoped_choice()
+
+
+def _states_grad(ctx, grad_y, grad_final):
+    x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
+    gx, gw, gb, gi = _backend.call(
+        ctx.backend,
+        causal_conv1d_states_backward,
+        grad_y,
+        grad_final,
+        x,
+        weight,
+        bias,
+        initial_states,
+        seq_idx,
+        *ctx.args,
+    )
+    return gx, gw, gb if bias is not None else None, gi if initial_states is not None else None, None, None, None
+
+
+causal_conv1d_states.register_autograd(_states_grad, setup_context=_states_setup)
+
+
+def _check_causal_conv1d_update_states(
+    x, conv_state, weight, bias, cache_seqlens, conv_state_indices, dilation, activation
+) -> None:
+    P = _check_states_conv(x, weight, bias, dilation, activation)
+    B, C, _ = x.shape
+    _checks.float_tensor("conv_state", conv_state)
+    _checks.same_place("conv_state", conv_state, "x", x)
+    _require(
+        conv_state.dim() == 3 and conv_state.shape[1] == C and conv_state.shape[2] >= P,
+        f"state (conv_state) has shape {tuple(conv_state.shape)}, expected (R, {C}, S) with S >= (K - 1) * dilation"
+        f" = {P}",
+    )
+    rows = conv_state.shape[0]
+    if conv_state_indices is None:
+        _require(rows == B, f"conv_state has {rows} rows but x has batch {B} (and no conv_state_indices)")
+    else:
+        _index_tensor("conv_state_indices", conv_state_indices, (B,), x)
+        if _checks.has_values(conv_state_indices) and B > 0:
+            idx = conv_state_indices.to(torch.int64)
+            _require(
+                bool((idx < rows).all()),
+                f"conv_state_indices has an entry >= the {rows} rows of conv_state (negative entries mark padding)",
+            )
+            used = idx[idx >= 0]
+            _require(
+                used.unique().numel() == used.numel(),
+                "conv_state_indices repeats a state row: two batch rows would update one state",
+            )
+    if cache_seqlens is not None:
+        _index_tensor("cache_seqlens", cache_seqlens, (B,), x)
+        _require(conv_state.shape[2] > 0, "cache_seqlens needs a conv_state of length S >= 1")
+        if _checks.has_values(cache_seqlens) and B > 0:
+            _require(bool((cache_seqlens >= 0).all()), "cache_seqlens must be >= 0")
+
+
+@torch.library.custom_op("genkern::causal_conv1d_update_states", mutates_args=("conv_state",))
+def causal_conv1d_update_states(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    cache_seqlens: Optional[Tensor],
+    conv_state_indices: Optional[Tensor],
+    dilation: int,
+    activation: str,
+) -> Tensor:
+    """y (B, C, L) in x's layout for L new inputs per row; conv_state (R, C, S) updated in place. Not
+    differentiable (generation)."""
+    _check_causal_conv1d_update_states(
+        x, conv_state, weight, bias, cache_seqlens, conv_state_indices, dilation, activation
+    )
+    y, new_state = ref.causal_conv1d_update_states(
+        x, conv_state, weight, bias, cache_seqlens, conv_state_indices, dilation, activation
+    )
+    conv_state.copy_(new_state)
+    return y
+
+
+@CONV1D_STATES_KERNELS.register(causal_conv1d_update_states, check=_check_causal_conv1d_update_states)
+def _(kernels, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, dilation, activation):
+    last = ref.channel_last(x)
+    y = _states_layout_empty(x.shape, x, last)
+    work = conv_state if conv_state.is_contiguous() else conv_state.contiguous()
+    kernels.update_states(
+        ref.in_layout(x, last),
+        work,
+        weight.contiguous(),
+        _contig(bias),
+        _as_index(cache_seqlens),
+        _as_index(conv_state_indices),
+        y,
+        dilation,
+        _ACTIVATION_CODES[activation],
+        last,
+    )
+    if work is not conv_state:
+        conv_state.copy_(work)
+    return y
+
+
+@causal_conv1d_update_states.register_fake
+def _(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, dilation, activation):
+    _check_causal_conv1d_update_states(
+        x, conv_state, weight, bias, cache_seqlens, conv_state_indices, dilation, activation
+    )
+    return _states_layout_empty(x.shape, x, ref.channel_last(x))
+
+
+def _check_causal_conv1d_varlen_states(x, cu_seqlens, state_len) -> None:
+    _checks.float_tensor("x", x)
+    _require(x.dim() == 2, f"x must have shape (total_tokens, C), got {tuple(x.shape)}")
+    _checks.tensor("cu_seqlens", cu_seqlens)
+    _require(cu_seqlens.dim() == 1 and cu_seqlens.shape[0] >= 1, "cu_seqlens must have shape (B + 1,)")
+    _index_tensor("cu_seqlens", cu_seqlens, tuple(cu_seqlens.shape), x)
+    _checks.integer("state_len", state_len, low=0, high=INT64_MAX)
+    if _checks.has_values(cu_seqlens):
+        cu = cu_seqlens.to(torch.int64)
+        _require(
+            int(cu[0]) >= 0 and int(cu[-1]) <= x.shape[0] and bool((cu[1:] >= cu[:-1]).all()),
+            f"cu_seqlens must be non-decreasing from >= 0 to <= the {x.shape[0]} tokens of x",
+        )
+
+
+@torch.library.custom_op("genkern::causal_conv1d_varlen_states", mutates_args=())
+def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    """(B, C, state_len) states, channel-last storage: each packed sequence's last state_len inputs."""
+    _check_causal_conv1d_varlen_states(x, cu_seqlens, state_len)
+    return ref.causal_conv1d_varlen_states(x, cu_seqlens, state_len)
+
+
+@CONV1D_STATES_KERNELS.register(causal_conv1d_varlen_states, check=_check_causal_conv1d_varlen_states)
+def _(kernels, x, cu_seqlens, state_len):
+    states = _empty((cu_seqlens.shape[0] - 1, state_len, x.shape[1]), x)
+    kernels.varlen_states(x.contiguous(), _as_index(cu_seqlens), states)
+    return states.transpose(1, 2)
+
+
+@causal_conv1d_varlen_states.register_fake
+def _(x, cu_seqlens, state_len):
+    _check_causal_conv1d_varlen_states(x, cu_seqlens, state_len)
+    return _empty((cu_seqlens.shape[0] - 1, state_len, x.shape[1]), x).transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # gated_activation: tanh(a) * sigmoid(b) over the two halves of one dim
 # ---------------------------------------------------------------------------------------------------------

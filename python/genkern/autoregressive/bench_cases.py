@@ -158,6 +158,129 @@ CONV1D_CASES = (
 )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# causal-conv1d's API at a Mamba block's shape: B = 8, C = 2048, L = 2048, K = 4, SiLU, x channel-last (a
+# (B, L, C) projection transposed, as Mamba feeds it), fixed (sized=False: the harness runs it at its first
+# size only). The eager baselines are what a user writes: F.conv1d with left padding and slicing on x as
+# given; for the update, the state rows gathered by conv_state_indices, the window convolved by einsum, the
+# rows scattered back. Decode: 256 sequences of a 512-slot state pool, 1 new position each.
+_M_B, _M_C, _M_L, _M_K = 8, 2048, 2048, 4
+_M_SLOTS, _M_DECODE = 512, 256
+
+
+def _mamba_shape(size: int) -> tuple[int, int, int]:
+    return _M_B, _M_C, _M_L
+
+
+def _mamba_inputs(size, device, dtype, grad=False):
+    x = torch.randn(_M_B, _M_L, _M_C, device=device, dtype=dtype).transpose(1, 2)
+    weight = torch.randn(_M_C, _M_K, device=device, dtype=dtype) / _M_K**0.5
+    bias = torch.randn(_M_C, device=device, dtype=dtype)
+    init = torch.randn(_M_B, _M_K - 1, _M_C, device=device, dtype=dtype).transpose(1, 2)
+    if not grad:
+        return x, weight, bias, init
+    grad_y = torch.randn(_M_B, _M_L, _M_C, device=device, dtype=dtype).transpose(1, 2)
+    return (*(t.requires_grad_(True) for t in (x, weight, bias, init)), grad_y)
+
+
+def eager_mamba_conv(x, weight, bias, init):
+    y = F.conv1d(torch.cat([init, x], dim=-1), weight.unsqueeze(1), bias, groups=weight.shape[0])
+    return F.silu(y[..., : x.shape[-1]])
+
+
+def genkern_mamba_conv(x, weight, bias, init, backend=None):
+    return genkern.causal_conv1d(x, weight, bias, activation="silu", initial_states=init, backend=backend)
+
+
+def eager_mamba_conv_train(x, weight, bias, init, grad_y):
+    return torch.autograd.grad(eager_mamba_conv(x, weight, bias, init), (x, weight, bias, init), grad_y)
+
+
+def genkern_mamba_conv_train(x, weight, bias, init, grad_y, backend=None):
+    y = genkern_mamba_conv(x, weight, bias, init, backend)
+    return torch.autograd.grad(y, (x, weight, bias, init), grad_y)
+
+
+def _mamba_bytes(size, dtype):
+    return 2 * _M_B * _M_C * _M_L * _itemsize(dtype)  # x read, y written
+
+
+def _mamba_train_bytes(size, dtype):
+    return 3 * _M_B * _M_C * _M_L * _itemsize(dtype)  # x and grad_y read, grad_x written
+
+
+def _decode_shape(size: int) -> tuple[int, int, int]:
+    return _M_SLOTS, _M_C, _M_K - 1  # the state pool
+
+
+def _decode_inputs(size, device, dtype):
+    x = torch.randn(_M_DECODE, _M_C, device=device, dtype=dtype)
+    state = torch.randn(_decode_shape(size), device=device, dtype=dtype)
+    weight = torch.randn(_M_C, _M_K, device=device, dtype=dtype) / _M_K**0.5
+    bias = torch.randn(_M_C, device=device, dtype=dtype)
+    rows = torch.randperm(_M_SLOTS, generator=torch.Generator().manual_seed(0))[:_M_DECODE].to(torch.int32)
+    return x, state, weight, bias, rows.to(device)
+
+
+def eager_decode(x, state, weight, bias, rows):
+    index = rows.long()
+    window = torch.cat([state[index], x.unsqueeze(-1)], dim=-1)
+    y = F.silu(torch.einsum("bck,ck->bc", window, weight) + bias)
+    state[index] = window[..., 1:]
+    return y
+
+
+def genkern_decode(x, state, weight, bias, rows, backend=None):
+    return genkern.causal_conv1d_update(
+        x, state, weight, bias, activation="silu", conv_state_indices=rows, backend=backend
+    )
+
+
+def _decode_bytes(size, dtype):
+    # x read, y written, the used state rows read and written
+    return (2 * _M_DECODE * _M_C + 2 * _M_DECODE * _M_C * (_M_K - 1)) * _itemsize(dtype)
+
+
+CONV1D_STATES_CASES = (
+    BenchCase(
+        name="causal_conv1d_mamba",
+        family=_CONV1D,
+        make_inputs=_mamba_inputs,
+        genkern=genkern_mamba_conv,
+        eager=eager_mamba_conv,
+        shape=_mamba_shape,
+        bytes_moved=_mamba_bytes,
+        default=False,
+        sized=False,
+        max_repeats=5,
+    ),
+    BenchCase(
+        name="causal_conv1d_mamba_train",
+        family=_CONV1D,
+        make_inputs=functools.partial(_mamba_inputs, grad=True),
+        genkern=genkern_mamba_conv_train,
+        eager=eager_mamba_conv_train,
+        shape=_mamba_shape,
+        bytes_moved=_mamba_train_bytes,
+        timed="forward+backward",
+        default=False,
+        sized=False,
+        max_repeats=3,
+    ),
+    BenchCase(
+        name="causal_conv1d_mamba_decode",
+        family=_CONV1D,
+        make_inputs=_decode_inputs,
+        genkern=genkern_decode,
+        eager=eager_decode,
+        shape=_decode_shape,
+        bytes_moved=_decode_bytes,
+        default=False,
+        sized=False,
+    ),
+)
+
+
 # =========================================================================================================
 # Benchmark cases of the masked_conv family, forward + backward: PixelCNN layers on 28 x 28 images (and, below,
 # every PixelCNN layer shape at a fixed batch, forward and forward + backward: PIXELCNN_LAYERS).
@@ -574,4 +697,12 @@ MIXTURE_CASES = (
 )
 
 
-CASES = (*CONV1D_CASES, *MASKED_CONV_CASES, *SAMPLING_CASES, *NADE_CASES, *HEAD_CASES, *MIXTURE_CASES)
+CASES = (
+    *CONV1D_CASES,
+    *CONV1D_STATES_CASES,
+    *MASKED_CONV_CASES,
+    *SAMPLING_CASES,
+    *NADE_CASES,
+    *HEAD_CASES,
+    *MIXTURE_CASES,
+)

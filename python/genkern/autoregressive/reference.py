@@ -143,6 +143,154 @@ def gated_activation_backward(grad_y, x, dim=1):
     return torch.cat([g * (1 - t * t) * s, g * t * s * (1 - s)], dim=dim).to(x.dtype)
 
 
+# Causal convolution with carried states (docs/math.md, section 6.3): causal-conv1d's API. Depthwise weight
+# (C, K); P = (K - 1) * dilation past inputs per row. Outputs come back in x's layout (channel-last stays
+# channel-last), as the kernels write them.
+
+
+def channel_last(x: torch.Tensor) -> bool:
+    """Whether (B, C, L) x is channel-last: stride 1 along C and not plain contiguous. A contiguous (B, L, C)
+    tensor transposed is read in place; a channel slice of a wider one (Mamba's xBC) is first made dense."""
+    return x.dim() == 3 and not x.is_contiguous() and x.stride(1) == 1
+
+
+def in_layout(t: torch.Tensor, last: bool) -> torch.Tensor:
+    """(B, C, n) t with contiguous storage in the given layout."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if last else t.contiguous()
+
+
+def _sequence_taps(seq_idx, past: int, shift: int, length: int):
+    """(B, L) bool: whether output l and its tap source l - shift are in one sequence; the initial states
+    (sources before 0) count as the first position's sequence."""
+    first = seq_idx[:, :1].expand(-1, past)
+    ext = torch.cat([first, seq_idx], dim=1)
+    return ext[:, past - shift : past - shift + length] == seq_idx
+
+
+def _states_taps(x, weight, initial_states, seq_idx, dilation):
+    """xe = [initial_states or zeros, x] in the compute type (B, C, P + L), and for each tap k its source
+    window slice start P - shift and its (B, L) mask of the outputs where it counts: the source exists (a
+    position >= 0, or initial states given) and, with seq_idx, lies in output l's sequence."""
+    xc = _compute(x)
+    B, C, L = x.shape
+    K = weight.shape[1]
+    P = receptive_field(K, dilation)
+    init = xc.new_zeros((B, C, P)) if initial_states is None else _compute(initial_states)
+    xe = torch.cat([init, xc], dim=-1)
+    pos = torch.arange(L, device=x.device)
+    taps = []
+    for k in range(K):
+        shift = (K - 1 - k) * dilation
+        ok = (pos >= shift) if initial_states is None else torch.ones_like(pos, dtype=torch.bool)
+        ok = ok.expand(B, L)
+        if seq_idx is not None:
+            ok = ok & _sequence_taps(seq_idx, P, shift, L)
+        taps.append((k, P - shift, ok[:, None, :]))
+    return xe, taps
+
+
+def _states_pre_activation(xe, taps, weight, bias, length):
+    w = _compute(weight)
+    B, C, _ = xe.shape
+    z = _zeros_on((B, C, length), xe, w)
+    if bias is not None:
+        z = z + _compute(bias)[:, None]
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    for k, start, ok in taps:
+        z = z + torch.where(ok, w[:, k, None] * xe[..., start : start + length], zero)
+    return z
+
+
+def causal_conv1d_states(x, weight, bias=None, initial_states=None, seq_idx=None, dilation=1, activation="none"):
+    """(y, final_states). y[b, c, l] = act(bias[c] + sum over the taps that count of w[c, k] xe[b, c, l -
+    (K - 1 - k) dilation]) with xe = [initial_states, x] (P + L long); a tap counts when its source exists
+    (a position >= 0, or initial states given) and, with seq_idx, lies in output l's sequence; outputs with
+    seq_idx < 0 are 0. final_states = the last P entries of xe (zeros where neither exists)."""
+    last = channel_last(x)
+    L = x.shape[2]
+    P = receptive_field(weight.shape[1], dilation)
+    xe, taps = _states_taps(x, weight, initial_states, seq_idx, dilation)
+    y = _activate(_states_pre_activation(xe, taps, weight, bias, L), activation)
+    if seq_idx is not None:
+        y = torch.where((seq_idx < 0)[:, None, :], torch.zeros((), dtype=y.dtype, device=y.device), y)
+    final = xe[..., xe.shape[-1] - P :]
+    return in_layout(y.to(x.dtype), last), in_layout(final.to(x.dtype), last)
+
+
+def causal_conv1d_states_backward(
+    grad_y, grad_final, x, weight, bias=None, initial_states=None, seq_idx=None, dilation=1, activation="none"
+):
+    """(grad_x, grad_weight, grad_bias or None, grad_initial_states or None) of causal_conv1d_states for the
+    output gradients grad_y and grad_final (None: no gradient reaches final_states). With gz = dL/dz (0 where
+    seq_idx < 0), each tap that counts sends w[c, k] gz to its source in xe and gz xe to w[c, k];
+    grad_final adds to the last P entries of xe, which split into grad_initial_states and grad_x."""
+    L = x.shape[2]
+    P = receptive_field(weight.shape[1], dilation)
+    xe, taps = _states_taps(x, weight, initial_states, seq_idx, dilation)
+    w = _compute(weight)
+    gz = _compute(grad_y) * _activate_grad(_states_pre_activation(xe, taps, weight, bias, L), activation)
+    zero = torch.zeros((), dtype=gz.dtype, device=gz.device)
+    if seq_idx is not None:
+        gz = torch.where((seq_idx < 0)[:, None, :], zero, gz)
+    grad_e = torch.zeros_like(xe)
+    grad_w = torch.zeros_like(w)
+    for k, start, ok in taps:
+        grad_e[..., start : start + L] += torch.where(ok, w[:, k, None] * gz, zero)
+        grad_w[:, k] = torch.where(ok, gz * xe[..., start : start + L], zero).sum((0, 2))
+    if grad_final is not None:
+        grad_e[..., grad_e.shape[-1] - P :] += _compute(grad_final)
+    grad_b = gz.sum((0, 2)).to(bias.dtype) if bias is not None else None
+    grad_i = grad_e[..., :P].to(x.dtype) if initial_states is not None else None
+    return grad_e[..., P:].to(x.dtype), grad_w.to(weight.dtype), grad_b, grad_i
+
+
+def causal_conv1d_update_states(
+    x, state, weight, bias=None, cache_seqlens=None, conv_state_indices=None, dilation=1, activation="none"
+):
+    """(y, new_state) of a generation call: x (B, C, L) are L new inputs of each batch row b, which uses state
+    row r = conv_state_indices[b] (b without indices) of state (R, C, S); r < 0 is a padding slot (y = 0, no
+    state change). The window of past inputs is the last P state entries, or with cache_seqlens n (a circular
+    buffer) the entries (n - P + j) mod S, j < P. The new inputs then enter the state: appended (the state
+    keeps its last S entries), or written at (n + j) mod S, a later one winning."""
+    B, C, L = x.shape
+    S = state.shape[-1]
+    P = receptive_field(weight.shape[1], dilation)
+    new_state = state.clone()
+    ys = []
+    for b in range(B):
+        r = b if conv_state_indices is None else int(conv_state_indices[b])
+        if r < 0:
+            ys.append(torch.zeros_like(x[b]))
+            continue
+        row = state[r]
+        if cache_seqlens is None:
+            past = row[:, S - P :]
+            new_state[r] = torch.cat([row, x[b]], dim=-1)[:, L:]
+        else:
+            n = int(cache_seqlens[b])
+            past = row[:, (n - P + torch.arange(P, device=x.device)) % S]
+            keep = min(L, S)  # with more new inputs than slots only the last S stay
+            slots = (n + torch.arange(L - keep, L, device=x.device)) % S
+            new_state[r][:, slots] = x[b][:, L - keep :]
+        y, _ = causal_conv1d_states(x[b : b + 1].contiguous(), weight, bias, past[None], None, dilation, activation)
+        ys.append(y[0])
+    y = torch.stack(ys) if ys else torch.empty_like(x)
+    return in_layout(y, channel_last(x)), new_state
+
+
+def causal_conv1d_varlen_states(x, cu_seqlens, state_len: int):
+    """(B, C, S) states of the sequences [cu_seqlens[b], cu_seqlens[b + 1]) packed in x (T, C): the last S
+    inputs of each, zeros where the sequence is shorter; channel-last storage."""
+    B, C = cu_seqlens.shape[0] - 1, x.shape[1]
+    states = x.new_zeros((B, state_len, C))
+    for b in range(B):
+        start, end = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        take = min(end - start, state_len)
+        if take > 0:
+            states[b, state_len - take :] = x[end - take : end]
+    return states.transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Masked convolution
 # ---------------------------------------------------------------------------------------------------------
