@@ -134,7 +134,7 @@ BENCH_GROUPS = (
         "training",
         ("masked_conv2d", "nade_log_prob", "logistic_mixture_nll", "sample_logits_topk50_topp0.9"),
         "16M",
-        70,
+        60,
         50,
     ),
     # whole loops: the 50-step DDIM loop at batch 1 against diffusers, cached PixelCNN 32x32 RGB batch 256, and

@@ -720,7 +720,8 @@ def format_case_list(cases: Sequence[BenchCase]) -> str:
     `genkern bench` runs it."""
 
     def family(case):  # the package its cases module is in: genkern.<family>.bench_cases
-        package = case.make_inputs.__module__.split(".")[1]
+        make = getattr(case.make_inputs, "func", case.make_inputs)  # a functools.partial: its function
+        package = make.__module__.split(".")[1]
         return package if package == case.family else f"{package}/{case.family}"
 
     def default(case):
