@@ -494,6 +494,22 @@ BAD += values(
     ("out of range", lambda: torch.tensor([4, 0], dtype=torch.int32), ValueError),
 )
 BAD += values("causal_conv1d_update(states)", "state", ("too short", lambda: _r(4, 3, 1), ValueError))
+# Any (tokens, C) float tensor is a valid x; cu_seqlens is an int index tensor checked against x's tokens.
+BAD += tensors("causal_conv1d_varlen_states", "x", (9, 3), skip=("shape", "other float dtype"))
+BAD += values("causal_conv1d_varlen_states", "x", ("rank 3", lambda: _r(1, 9, 3), ValueError))
+BAD += values(
+    "causal_conv1d_varlen_states",
+    "cu_seqlens",
+    ("not a tensor: list", [0, 2, 9], TypeError),
+    ("float tensor", lambda: torch.tensor([0.0, 2.0, 9.0]), TypeError),
+    ("rank 2", lambda: torch.tensor([[0, 2, 9]], dtype=torch.int32), ValueError),
+    ("empty", lambda: torch.zeros(0, dtype=torch.int32), ValueError),
+    ("negative start", lambda: torch.tensor([-1, 2, 9], dtype=torch.int32), ValueError),
+    ("decreasing", lambda: torch.tensor([0, 5, 2], dtype=torch.int32), ValueError),
+    ("past the tokens", lambda: torch.tensor([0, 2, 10], dtype=torch.int32), ValueError),
+    ("meta tensor", lambda: torch.zeros(3, dtype=torch.int32, device="meta"), ValueError),
+)
+BAD += ints("causal_conv1d_varlen_states", "state_len", low=0)
 BAD += tensors("gated_activation", "x", (2, 4, 3), other_dtype=False, meta=False, skip=("rank + 1", "shape"))
 BAD += values("gated_activation", "x", ("odd", lambda: _r(2, 5, 3), ValueError))
 BAD += ints("gated_activation", "dim", extra=[("3", 3, ValueError), ("-4", -4, ValueError)])

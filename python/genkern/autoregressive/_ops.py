@@ -550,6 +550,8 @@ def _check_causal_conv1d_varlen_states(x, cu_seqlens, state_len) -> None:
     _require(cu_seqlens.dim() == 1 and cu_seqlens.shape[0] >= 1, "cu_seqlens must have shape (B + 1,)")
     _index_tensor("cu_seqlens", cu_seqlens, tuple(cu_seqlens.shape), x)
     _checks.integer("state_len", state_len, low=0, high=INT64_MAX)
+    states = (cu_seqlens.shape[0] - 1, state_len, x.shape[1])
+    _checks.allocation("state_len", states, x.element_size(), x.device, "the states")
     if _checks.has_values(cu_seqlens):
         cu = cu_seqlens.to(torch.int64)
         _require(
