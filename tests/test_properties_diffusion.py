@@ -472,3 +472,109 @@ def test_euler_step(data, extreme):
 @given(data=st.data(), extreme=st.booleans())
 def test_euler_ancestral_step(data, extreme):
     _run_sigma_step(genkern.euler_ancestral_step, data, extreme, "euler_ancestral")
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_heun_step(data, extreme):
+    """Both halves of HeunDiscreteScheduler.step: the Euler half returns x' and writes the slope d into the
+    caller's buffer; the second half (origin given) averages d with the slope at x'."""
+    sample, m, sigma, sigma_next, _, _, options, mo = _sigma_step_setup(data, extreme, "heun")
+    del options["return_pred_original"]
+    shape = tuple(sample.shape)
+    second = data.draw(st.booleans(), label="second half")
+    derivative0 = tensor(data, shape, sample.dtype, label="derivative", extreme=extreme, allow_expand=False)
+    origin = tensor(data, shape, sample.dtype, label="origin", extreme=extreme) if second else None
+    buffers = {}
+
+    def run(b, mo_, x):
+        buffers[b] = d = derivative0.contiguous().clone()
+        return genkern.heun_step(mo_, sigma, sigma_next, x, d, origin=origin, backend=b, **options)
+
+    (cpu, _, _), (ref, _, _) = both(run, [m, sample])
+    s, s_next = _per_sample(sigma, shape[0], shape), _per_sample(sigma_next, shape[0], shape)
+    g = 1.0 + 2.0 * abs(options["guidance_scale"] or 0.0)
+    x_mag = magnitude(sample)
+    x0_mag = x_mag + (s + 1.0) * g * mo
+    slope = ((x_mag + x0_mag) / s).nan_to_num(1e300, 1e300)  # inf at sigma = 0: inf or NaN on both sides
+    if second:
+        step_mag = magnitude(origin) + (magnitude(derivative0) + slope) * (s + s_next)
+    else:
+        step_mag = x_mag + slope * (s + s_next)
+    rescaled = options["guidance_rescale"] != 0.0
+    factor = REDUCTION * 4 if rescaled else REDUCTION
+    check(cpu[0], ref[0], factor, step_mag, extra=COEFFICIENTS * step_mag if rescaled else None, what="sample")
+    d_mag = slope if not second else buffers["reference"].abs()
+    check(buffers["cpu"], buffers["reference"], factor, d_mag, what="derivative")
+
+
+DPM_SCHEDULE = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_dpm_solver_step(data, extreme):
+    """One DPM-Solver++ step (1st or 2nd order, midpoint or heun, ODE or SDE) of a real sigma table, a step
+    index per sample; prev_sample and the history it overwrites with this step's data prediction."""
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = dims(data, data.draw(st.integers(1, 4), label="ndim"))
+    B = shape[0]
+    n = data.draw(st.sampled_from((1, 2, 5, 20)), label="num_steps")
+    sigma_schedule = data.draw(st.sampled_from((None, "karras", "exponential")), label="sigma_schedule")
+    final_sigma = data.draw(st.sampled_from(("zero", "sigma_min")), label="final_sigma")
+    sigmas, _ = genkern.diffusion.dpm_solver_sigmas(DPM_SCHEDULE, n, sigma_schedule=sigma_schedule,
+                                                    final_sigma=final_sigma)  # fmt: skip
+    steps = data.draw(st.lists(st.integers(0, n - 1), min_size=B, max_size=B), label="steps")
+    step = torch.tensor(steps, dtype=torch.int64) if data.draw(st.booleans(), label="per-sample steps") else None
+    if step is None:
+        step = data.draw(st.integers(0, n - 1), label="step")
+        steps = [step] * B
+    sample = tensor(data, shape, dtype, label="sample", extreme=extreme)
+    history0 = tensor(data, shape, dtype, label="history", extreme=extreme, allow_expand=False).contiguous()
+    guidance = data.draw(st.sampled_from((None, 1.0, 7.5, -2.0)), label="guidance_scale")
+    rescale = data.draw(st.sampled_from((0.0, 0.7)), label="guidance_rescale") if guidance is not None else 0.0
+    m = tensor(data, (B * (2 if guidance is not None else 1), *shape[1:]), dtype, label="model_output",
+               extreme=extreme)  # fmt: skip
+    sde = data.draw(st.booleans(), label="sde")
+    options = dict(
+        prediction_type=data.draw(st.sampled_from(PREDICTIONS), label="prediction"),
+        solver_type=data.draw(st.sampled_from(("midpoint", "heun")), label="solver_type"),
+        solver_order=data.draw(st.sampled_from((1, 2)), label="solver_order"),
+        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
+        final_first_order=final_sigma == "zero" or data.draw(st.booleans(), label="final_first_order"),
+        guidance_scale=guidance,
+        guidance_rescale=rescale,
+        dynamic_threshold=data.draw(st.sampled_from((None, (0.995, 1.0), (0.9, 3.0))), label="threshold"),
+    )
+    seed, offset = seed_or_offset(data), seed_or_offset(data, "offset")
+    noise = tensor(data, shape, dtype, label="noise", extreme=extreme) if sde and data.draw(st.booleans()) else None
+    ref_noise = noise if noise is not None or not sde else genkern.randn(shape, seed=seed, offset=offset, dtype=dtype)
+    histories = {}
+
+    def run(b, mo_, x):
+        histories[b] = h = history0.clone()
+        return genkern.dpm_solver_step(mo_, sigmas, step, x, h, noise=noise if b == "cpu" else ref_noise,
+                                       seed=seed, offset=offset, backend=b, **options)  # fmt: skip
+
+    (cpu, _, _), (ref, _, _) = both(run, [m, sample])
+    # The terms' sizes: x0_hat from the model output (eps: x sqrt(s^2 + 1) - s m; v and sample: at most |x| + |m|),
+    # combined with the history as D0 + D1 / 2, D1 = (D0 - history) / r with 1/r = h / h0 from the table; the
+    # sample enters with sigma_t / sigma_s <= 1 and the data terms with alpha_t (1 - e^-h) <= 1.
+    s64 = sigmas.double()
+    idx = torch.tensor(steps, dtype=torch.int64)
+    s, t, s1 = s64[idx], s64[idx + 1], s64[(idx - 1).clamp(min=0)]
+    inv_r = torch.where(idx > 0, torch.log(s / t) / torch.log(s1 / s), torch.ones(())).nan_to_num(0.0, 1e300, 0.0)
+    view = (B, *([1] * (len(shape) - 1)))
+    s, inv_r = s.reshape(view), inv_r.abs().reshape(view)
+    mo = magnitude(m)
+    mo = (mo[:B] + mo[B:]) * (1.0 + 2.0 * abs(guidance)) if guidance is not None else mo
+    x_mag = magnitude(sample)
+    x0_mag = x_mag * (s * s + 1).sqrt() + (s + 1.0) * mo
+    step_mag = x_mag + (2.0 + 2.0 * inv_r) * (x0_mag + magnitude(history0))
+    if sde:
+        step_mag = step_mag + magnitude(ref_noise)
+    rescaled = rescale != 0.0
+    factor = REDUCTION * 4 if rescaled or options["dynamic_threshold"] else REDUCTION
+    extra = COEFFICIENTS * step_mag  # the table's coefficients: float32 on every backend, rounded alike or not
+    check(cpu[0], ref[0], factor, step_mag, extra=extra, what="prev_sample")
+    check(histories["cpu"], histories["reference"], factor, x0_mag, extra=COEFFICIENTS * x0_mag, what="history")

@@ -162,6 +162,8 @@ def in_layout(t: torch.Tensor, last: bool) -> torch.Tensor:
 def _sequence_taps(seq_idx, past: int, shift: int, length: int):
     """(B, L) bool: whether output l and its tap source l - shift are in one sequence; the initial states
     (sources before 0) count as the first position's sequence."""
+    if length == 0:  # no outputs (and no first position to extend)
+        return torch.ones(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
     first = seq_idx[:, :1].expand(-1, past)
     ext = torch.cat([first, seq_idx], dim=1)
     return ext[:, past - shift : past - shift + length] == seq_idx
@@ -240,7 +242,8 @@ def causal_conv1d_states_backward(
     if grad_final is not None:
         grad_e[..., grad_e.shape[-1] - P :] += _compute(grad_final)
     grad_b = gz.sum((0, 2)).to(bias.dtype) if bias is not None else None
-    grad_i = grad_e[..., :P].to(x.dtype) if initial_states is not None else None
+    # A copy: grad_x is a view of grad_e too, and an op's outputs must not share storage (with P = 0 they would).
+    grad_i = grad_e[..., :P].to(x.dtype).clone() if initial_states is not None else None
     return grad_e[..., P:].to(x.dtype), grad_w.to(weight.dtype), grad_b, grad_i
 
 

@@ -174,8 +174,8 @@ def _check_heun_step(model_output, sample, origin, derivative, sigma, sigma_next
     for name, t in (("derivative", derivative), ("origin", origin)):
         if t is not None:
             _checks.like(name, t, "sample", sample)
-            if not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
+    if not derivative.is_contiguous():  # written in place; origin is only read, in any layout
+        raise ValueError("derivative must be contiguous")
     _ops._check_sigma("sigma", sigma, sample)
     _ops._check_sigma("sigma_next", sigma_next, sample)
     ref.check_guidance(guidance_scale, guidance_rescale)
