@@ -207,20 +207,30 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, _DiffusersDPM):
             return (prev_sample,)
         return make_output(SchedulerOutput, prev_sample=prev_sample)
 
-    def _device_tables(self, device: torch.device, batch: int) -> tuple[Tensor, Tensor]:
-        """(sigma table, (N, batch) int64 step-index rows) on `device`, made once per set_timesteps: step i
-        passes row i, and copies nothing to the device."""
+    def set_timesteps(self, *args, **kwargs):
+        """diffusers' set_timesteps; with a device given (or timesteps already there), the kernel's copy of the
+        sigma table is made on that device here, before the loop, so that no step copies to the device."""
+        super().set_timesteps(*args, **kwargs)
+        device = self.timesteps.device
+        if device.type != "cpu":
+            self._device_tables(device, None)
+
+    def _device_tables(self, device: torch.device, batch: int | None) -> tuple[Tensor, Tensor | None]:
+        """(sigma table, (N, batch) int64 step-index rows) on `device`, made once per set_timesteps (the rows on
+        the device itself): step i passes row i, and copies nothing to the device."""
         if self._tables_source is not self.sigmas:  # set_timesteps, or sigmas assigned
             self._tables, self._tables_source, self._dpm_seed = {}, self.sigmas, None
         table = self._tables.get(device)
         if table is None:
             table = self._tables[device] = self.sigmas.to(device=device, dtype=torch.float32).contiguous()
+        if batch is None:
+            return table, None
         rows = self._tables.get((device, batch))
         if rows is None:
             if len(self._tables) >= _SIGNATURE_LIMIT:
                 self._tables = {device: table}
-            steps = torch.arange(len(self.sigmas) - 1, dtype=torch.int64)[:, None].expand(-1, batch).contiguous()
-            rows = self._tables[(device, batch)] = steps.to(device)
+            steps = torch.arange(len(self.sigmas) - 1, dtype=torch.int64, device=device)
+            rows = self._tables[(device, batch)] = steps[:, None].expand(-1, batch).contiguous()
         return table, rows
 
     def _run(self, model_output, sample, history, table, step_row, order: int, noise, seed: int, offset: int):
