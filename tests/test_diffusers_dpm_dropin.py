@@ -195,18 +195,28 @@ def test_other_dtypes_run_the_kernel_close_to_diffusers(dtype, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ noise
-def test_generator_noise_is_diffusers_noise():
-    """With a generator the SDE noise is drawn as diffusers draws it: equal samples, generators in one state."""
+@pytest.mark.parametrize("per_sample", [False, True], ids=["one-generator", "generator-list"])
+def test_generator_noise_is_diffusers_noise(per_sample, monkeypatch):
+    """With a generator (or a list of one per sample) the SDE noise is drawn as diffusers draws it: equal
+    samples, generators in one state, and every step on the kernel."""
+    counter = Counter(monkeypatch)
     theirs, ours = make(**SD, algorithm_type="sde-dpmsolver++")
     for s in (theirs, ours):
         s.set_timesteps(10)
-    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
+
+    def generators():
+        if per_sample:
+            return [torch.Generator().manual_seed(7 + b) for b in range(SHAPE[0])]
+        return torch.Generator().manual_seed(7)
+
+    gens = [generators(), generators()]
     x = [randn(0)] * 2
     for i, t in enumerate(theirs.timesteps):
         m = model_output({}, i)
         x = [s.step(m, t, xi, generator=g).prev_sample for s, xi, g in zip((theirs, ours), x, gens)]
         assert relative_error(x[1], x[0]) <= TOLERANCE
-    assert torch.equal(gens[0].get_state(), gens[1].get_state())
+    states = [[g.get_state() for g in (gs if per_sample else [gs])] for gs in gens]
+    assert all(torch.equal(a, b) for a, b in zip(*states)) and counter.total == 10
 
 
 def test_variance_noise_wins_over_the_generator():
@@ -402,11 +412,12 @@ def test_model_outputs_hold_the_device_history():
     for s in (theirs, ours):
         s.set_timesteps(5)
     x = randn(0)
-    history = None
+    history, outputs = None, ours.model_outputs
     for i, t in enumerate(theirs.timesteps):
         m = model_output({}, i)
         theirs.step(m, t, x)
         ours.step(m, t, x)
+        assert ours.model_outputs is outputs  # the list updated in place, as diffusers does
         assert ours.model_outputs[0] is None and isinstance(ours.model_outputs[-1], torch.Tensor)
         assert history is None or ours.model_outputs[-1] is history  # one tensor, overwritten in place
         history = ours.model_outputs[-1]

@@ -17,21 +17,23 @@ tensor and overwritten there, and the SDE noise):
   does; float16 and bfloat16 in float32 with the history stored in the sample's dtype, as diffusers stores its
   model_outputs; float64 in float64, where diffusers rounds its update to float32).
 
-SDE noise: `variance_noise` when given (diffusers' own argument; it takes precedence over `generator`, as in
-diffusers), else drawn from `generator` with diffusers' randn_tensor on the model output's shape in float32,
-exactly as diffusers draws it, so images equal the diffusers scheduler's and the generator ends in the same
-state (a list of generators included); with neither, genkern's Philox stream in the kernel: one seed drawn from
-torch's default generator at the first SDE step after set_timesteps, step i at offset i + 1 (reproducible
-under torch.manual_seed, with other values than diffusers' torch.randn, and no draw or copy per step). The
-noise is given to the kernel in the sample's dtype. The ODE variants draw nothing, whatever `generator`.
+SDE noise, as the Euler ancestral drop-in takes it: `variance_noise` when given (diffusers' own argument; it
+wins over `generator`, as in diffusers), else drawn from `generator` by diffusers' own randn_tensor on the
+model output's shape in float32, exactly as diffusers draws it, so images equal the diffusers scheduler's and
+the generator ends in the same state. Every generator diffusers accepts (one, a list of one per sample, one on
+another device than the model output) is drawn that way, so no generator's noise goes unreproduced and none
+makes the step fall back. With neither, genkern's Philox stream in the kernel: one seed drawn from torch's
+default generator at the first SDE step after set_timesteps, step i at offset i + 1 (reproducible under
+torch.manual_seed, with other values than diffusers' torch.randn, and no draw or copy per step). The kernel
+gets the noise in the sample's dtype. The ODE variants draw nothing, whatever `generator`.
 
 What runs diffusers' own step instead (`genkern_covers` says which a call gets): solver_order 3,
 algorithm_type "dpmsolver" and "sde-dpmsolver", prediction_type "flow_prediction", use_flow_sigmas,
-variance_type "learned" / "learned_range", a model output and sample of different dtypes or shapes (or not
-floating tensors), a variance_noise of another shape than the sample, a second-order step at step_index 0 (a
-step counter set by hand: diffusers reads sigmas[-1] there) or whose previous data prediction is missing or of
-another shape, and a step past the last (diffusers raises its IndexError). A fallback step and a fused one
-share their state, so a loop may mix them.
+variance_type "learned" / "learned_range", a model output and sample of different dtypes, shapes or devices
+(or not floating tensors), a variance_noise of another shape than the sample (diffusers broadcasts it), a
+second-order step at step_index 0 (a step counter set by hand: diffusers reads sigmas[-1] there) or whose
+previous data prediction is missing or of another shape, a step before set_timesteps or past the last
+(diffusers raises its errors). A fallback step and a fused one share their state, so a loop may mix them.
 
 State: step_index, begin_index / set_begin_index, lower_order_nums, num_inference_steps, timesteps, sigmas and
 scale_model_input (the identity) and add_noise are diffusers' own. model_outputs keeps diffusers' meaning for
@@ -117,6 +119,7 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, _DiffusersDPM):
             and isinstance(model_output, Tensor)
             and isinstance(sample, Tensor)
             and model_output.dtype == sample.dtype
+            and model_output.device == sample.device
             and sample.dtype.is_floating_point
             and model_output.shape == sample.shape
             and sample.dim() >= 1
@@ -199,7 +202,11 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, _DiffusersDPM):
                 history.copy_(previous)
         prev_sample = self._run(model_output, sample, history, table, rows[i], order, noise, seed, offset)
         n = self.config.solver_order
-        self.model_outputs = [None] * (n - 1) + [history]
+        outputs = [None] * (n - 1) + [history]
+        if isinstance(self.model_outputs, list) and len(self.model_outputs) == n:
+            self.model_outputs[:] = outputs  # in place, as diffusers updates its list
+        else:
+            self.model_outputs = outputs
         if self.lower_order_nums < n:
             self.lower_order_nums += 1
         self._step_index = i + 1
