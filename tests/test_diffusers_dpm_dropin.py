@@ -496,17 +496,18 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def tiny_unet():
+def tiny_unet(channels=3, num_class_embeds=None):
     torch.manual_seed(0)
     return diffusers.UNet2DModel(
         sample_size=8,
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=(8, 16),
         layers_per_block=1,
         norm_num_groups=4,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
     ).eval()
 
 
@@ -535,6 +536,40 @@ def test_ddpm_pipeline_images_match(config, steps, monkeypatch):
     assert ours.shape == theirs.shape == (1, 8, 8, 3)
     assert abs(ours - theirs).max() <= TOLERANCE, abs(ours - theirs).max()
     assert counter.total == steps
+
+
+def sd_loop(unet, scheduler, steps, guidance_scale=3.0, seed=0):
+    """StableDiffusionPipeline's denoising loop on a class-conditional UNet (label 0: unconditional): latents *
+    init_noise_sigma, classifier-free guidance on a doubled batch, scale_model_input, step with the generator."""
+    generator = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(steps, device="cpu")
+    latents = torch.randn((2, 4, 8, 8), generator=generator) * scheduler.init_noise_sigma
+    labels = torch.tensor([0, 0, 1, 2])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            uncond, cond = unet(model_input, t, class_labels=labels).sample.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+    return latents
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SD,
+        dict(**SD, use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+        dict(**SD, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing"),
+    ],
+    ids=["sd-2m", "sd-karras-sigma_min", "sd-sde-trailing"],
+)
+def test_stable_diffusion_loop_matches(config, monkeypatch):
+    counter = Counter(monkeypatch)
+    unet = tiny_unet(channels=4, num_class_embeds=3)
+    theirs = sd_loop(unet, diffusers.DPMSolverMultistepScheduler(**config), 8)
+    ours = sd_loop(unet, gd.from_scheduler(diffusers.DPMSolverMultistepScheduler(**config)), 8)
+    assert relative_error(ours, theirs) <= TOLERANCE, relative_error(ours, theirs)
+    assert counter.total == 8
 
 
 def test_module_docstring_names_the_fallbacks():
