@@ -10,7 +10,11 @@ reproduce diffusers' scheduler, bugs included, and the configuration flags `genk
 `genkern_timesteps` switch to genkern's definitions (docs/diffusion.md, "The diffusers drop-in").
 `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler` and `FlowMatchEulerDiscreteScheduler` are
 diffusers' classes with `step` in genkern's fused sigma_step; the calls the kernel does not cover (Euler's
-s_churn, per-token timesteps, mixed dtypes) run diffusers' own step.
+s_churn, per-token timesteps, mixed dtypes) run diffusers' own step. `DPMSolverMultistepScheduler` is
+diffusers' class with `step` in genkern's fused dpm_solver_step (DPM-Solver++ and SDE-DPM-Solver++, orders 1
+and 2, its history a device tensor the scheduler owns); solver_order 3, the "dpmsolver" / "sde-dpmsolver"
+algorithms, flow sigmas, learned variances and mixed dtypes run diffusers' own step (genkern.diffusers._dpm
+lists them).
 
 This package is the only part of genkern that imports diffusers; `import genkern` does not.
 """
@@ -21,12 +25,14 @@ import diffusers as _diffusers
 
 from ._ddim import DDIMScheduler
 from ._ddpm import DDPMScheduler
+from ._dpm import DPMSolverMultistepScheduler
 from ._euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from ._flow_match import FlowMatchEulerDiscreteScheduler
 
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
@@ -39,6 +45,7 @@ _DROP_INS = (
     EulerDiscreteScheduler,
     EulerAncestralDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    DPMSolverMultistepScheduler,
 )
 # diffusers' class (and genkern's own) -> genkern's drop-in
 _SUPPORTED = {**{getattr(_diffusers, c.__name__): c for c in _DROP_INS}, **{c: c for c in _DROP_INS}}
@@ -46,10 +53,11 @@ _SUPPORTED = {**{getattr(_diffusers, c.__name__): c for c in _DROP_INS}, **{c: c
 
 def from_scheduler(scheduler, **flags):
     """The genkern drop-in for a diffusers scheduler: genkern.diffusers.X for diffusers.X, X one of
-    DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
-    FlowMatchEulerDiscreteScheduler, built from its configuration (`flags`: configuration values to
-    override, e.g. genkern_timesteps=True). A TypeError for any other class (subclasses included: they may
-    step differently)."""
+    DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler and DPMSolverMultistepScheduler, built from its configuration (`flags`:
+    configuration values to override, e.g. genkern_timesteps=True), its set_timesteps state copied (and
+    DPMSolverMultistepScheduler's solver state). A TypeError for any other class (subclasses included: they
+    may step differently)."""
     cls = _SUPPORTED.get(type(scheduler))
     if cls is None:
         names = ", ".join(sorted({f"diffusers.{c.__name__}" for c in _SUPPORTED}))
