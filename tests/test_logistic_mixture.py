@@ -436,8 +436,12 @@ def test_samples_pass_chi_square_against_exact_probabilities(backend, coupled):
     its 16 (grayscale) or 64 (RGB) values; the test fails when the p-value is below 1e-6, which a correct
     sampler with a random seed does once in a million runs (the seed is fixed, so the outcome is too)."""
     pytest.importorskip("scipy")
+    if interpreted(backend):
+        # 20 000 interpreted draws take minutes; test_sample_float64_is_the_reference_bit_for_bit proves the
+        # Triton kernel draws the reference's levels bit for bit, and the reference's draws are tested here.
+        pytest.skip("the interpreted Triton kernel's draws are the reference's (tested bit for bit)")
     params, levels, colors, k = _chi_square_params(coupled)
-    n = 20_000 if backend == "reference" or interpreted(backend) else 60_000
+    n = 20_000 if backend == "reference" else 60_000
     device = _device(backend)
     draws = params.expand(n, -1, -1, -1).contiguous().to(device)
     got = sample(
