@@ -151,6 +151,16 @@ def mixture_program(colors, k, coupled, see_centre=False):
     return p
 
 
+def test_the_runner_checks_the_head_arguments():
+    p = mixture_program(1, 2, False)
+    out = torch.zeros(2, 1, 2, 3, dtype=torch.int64)
+    kwargs = dict(levels=4, scale=1.0, shift=0.0, seed=0, offset=0, first_sample=0)
+    for mixture, error, match in [((2.0, False), TypeError, "mixtures"), ((2, 1), TypeError, "coupled")]:
+        p.mixture = mixture
+        with pytest.raises(error, match=match):
+            p.run(out, **kwargs)
+
+
 def test_the_plan_refuses_params_that_see_their_pixel():
     out = torch.zeros(2, 1, 2, 3, dtype=torch.int64)
     kwargs = dict(levels=4, scale=1.0, shift=0.0, seed=0, offset=0, first_sample=0)
@@ -170,6 +180,7 @@ def test_the_plan_refuses_params_that_see_their_pixel():
         (1, 6, 2, True, 4, "coupled: the mixture's RGB coupling needs"),
         (1, 6, 0, True, 4, "coupled: only a logistic-mixture head"),
         (1, 6, -1, False, 4, "mixtures must be >= 0"),
+        (1, 6, 2**62, False, 4, "mixture's"),  # no overflow of (1 + 2C)K
         (1, 6, 2, False, 1, "levels must be >= 2"),
     ],
 )

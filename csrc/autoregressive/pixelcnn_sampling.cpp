@@ -199,9 +199,13 @@ void sample_entry(const py::list& caches, const py::list& nodes, const py::list&
     a.channels.push_back(c.shape[3]);
   }
   if (a.channels[0] != a.colors) throw ValueError("caches[0], the input, must have out's colour channels");
-  // The logits cache: colours x levels logits, or the mixture's params (10K coupled, (1 + 2C)K otherwise).
-  const int64_t head_channels = mixtures > 0 ? (coupled ? 10 : 1 + 2 * a.colors) * mixtures : a.colors * levels;
-  if (logits < 1 || logits >= static_cast<int>(caches.size()) || a.channels[logits] != head_channels)
+  // The logits cache: colours x levels logits, or the mixture's params (10K coupled, (1 + 2C)K otherwise; by
+  // division, so that no product of the arguments can overflow).
+  const bool head_ok = logits >= 1 && logits < static_cast<int>(caches.size()) &&
+                       (mixtures > 0 ? a.channels[logits] % mixtures == 0 &&
+                                           a.channels[logits] / mixtures == (coupled ? 10 : 1 + 2 * a.colors)
+                                     : a.channels[logits] == a.colors * levels);
+  if (!head_ok)
     throw ValueError(mixtures > 0 ? "logits must name a cache with the mixture's (1 + 2 colours) K channels (10 K "
                                     "coupled)"
                                   : "logits must name a cache with colours * levels channels");
