@@ -56,6 +56,11 @@ struct SampleArgs {
 void log_prob_cpu(const LogProbArgs& a);
 void log_prob_backward_cpu(const LogProbBackwardArgs& a);
 void sample_cpu(const SampleArgs& a);
+// One (sample, pixel)'s draw_pixel (logistic_mixture_math.h) from float32 params `stride` apart, its levels
+// written `out_stride` apart. Compiled with the op's CPU kernels (no FP contraction), so that the cached
+// PixelCNN sampler, whose own file lets its multiply-adds fuse, draws the op's very bits.
+void draw_pixel_cpu(const float* params, int64_t stride, int64_t mixtures, int64_t colors, bool coupled, int64_t levels,
+                    uint64_t seed, uint64_t offset, uint64_t base, int64_t* out, int64_t out_stride);
 
 #ifdef GENKERN_WITH_CUDA
 void log_prob_cuda(const LogProbArgs& a, void* stream);

@@ -237,6 +237,14 @@ struct LogProbBackwardKernel {
   }
 };
 
+// A pixel's params `stride` apart, in the compute type.
+template <typename T>
+struct Strided {
+  const T* p;
+  int64_t stride;
+  T operator()(int64_t ch) const { return p[ch * stride]; }
+};
+
 template <typename T>
 struct SampleKernel {
   static void run(const SampleArgs& a) {
@@ -248,18 +256,8 @@ struct SampleKernel {
       const Image<const T> img = image_of<const T>(a.params, s, b);
       const uint64_t base =
           ((a.first + static_cast<uint64_t>(b)) * static_cast<uint64_t>(pixels) + static_cast<uint64_t>(p)) * draws;
-      const int64_t k = categorical::gumbel_argmax(img.logit(0) + p, img.plane, s.mixtures, a.seed, a.offset, base);
-      T drawn[3] = {T(0), T(0), T(0)};
-      for (int64_t c = 0; c < s.colors; ++c) {
-        T mu = img.mean(c, k)[p];
-        if (s.coupled && c == 1) mu = mu + tanh_of(img.coeff(0, k)[p]) * drawn[0];
-        if (s.coupled && c == 2)
-          mu = mu + tanh_of(img.coeff(1, k)[p]) * drawn[0] + tanh_of(img.coeff(2, k)[p]) * drawn[1];
-        const uint32_t bits = nade::stream_element(a.seed, a.offset, base + static_cast<uint64_t>(s.mixtures + c));
-        const T y = clamp_unit(mu + gk::exp(clamp_log_scale(img.log_scale(c, k)[p])) * logistic_noise(bits, T(0)));
-        if (c < 3) drawn[c] = y;
-        a.out[(b * s.colors + c) * pixels + p] = y_to_level(y, s.levels);
-      }
+      draw_pixel<T>(Strided<T>{img.base + p, pixels}, s.mixtures, s.colors, s.coupled, s.levels, a.seed, a.offset, base,
+                    a.out + b * s.colors * pixels + p, pixels);
     });
   }
 };
@@ -269,6 +267,12 @@ struct SampleKernel {
 void log_prob_cpu(const LogProbArgs& a) { cpu::dispatch_float<LogProbKernel>(a.dtype, a); }
 void log_prob_backward_cpu(const LogProbBackwardArgs& a) { cpu::dispatch_float<LogProbBackwardKernel>(a.dtype, a); }
 void sample_cpu(const SampleArgs& a) { cpu::dispatch_float<SampleKernel>(a.dtype, a); }
+
+void draw_pixel_cpu(const float* params, int64_t stride, int64_t mixtures, int64_t colors, bool coupled, int64_t levels,
+                    uint64_t seed, uint64_t offset, uint64_t base, int64_t* out, int64_t out_stride) {
+  draw_pixel<float>(Strided<float>{params, stride}, mixtures, colors, coupled, levels, seed, offset, base, out,
+                    out_stride);
+}
 
 }  // namespace mixture
 }  // namespace gk

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "autoregressive/categorical_math.h"
 #include "autoregressive/nade_math.h"
 #include "core/fastmath.h"
 
@@ -180,6 +181,67 @@ GK_HD int64_t y_to_level(T y, int64_t levels) {
 template <typename T>
 GK_HD T clamp_unit(T y) {
   return y < T(-1) ? T(-1) : (y > T(1) ? T(1) : y);
+}
+
+// The stream elements of one (sample, pixel)'s draws, each Philox block computed once for its four elements
+// (the values of nade::stream_element).
+struct PixelStream {
+  uint64_t seed, offset, block;
+  Philox4 bits;
+  GK_HD PixelStream(uint64_t seed_, uint64_t offset_, uint64_t base)
+      : seed(seed_), offset(offset_), block(base >> 2), bits(stream_block(seed_, offset_, base >> 2)) {}
+  GK_HD uint32_t at(uint64_t element) {
+    if ((element >> 2) != block) {
+      block = element >> 2;
+      bits = stream_block(seed, offset, block);
+    }
+    const uint32_t lane = static_cast<uint32_t>(element & 3u);
+    return lane == 0 ? bits.x[0] : lane == 1 ? bits.x[1] : lane == 2 ? bits.x[2] : bits.x[3];
+  }
+};
+
+// Where parameter (component k, channel c) of a pixel lives among its P params (PixelCNN++'s order).
+struct ParamLayout {
+  int64_t mixtures, per_channel;  // K; 3 coupled, else 2
+  GK_HD int64_t mean(int64_t c, int64_t k) const { return mixtures + per_channel * mixtures * c + k; }
+  GK_HD int64_t log_scale(int64_t c, int64_t k) const { return mean(c, k) + mixtures; }
+  // coefficient j (a0: R -> G, a1: R -> B, a2: G -> B), stored in colour j's third slot
+  GK_HD int64_t coeff(int64_t j, int64_t k) const { return mean(j, k) + 2 * mixtures; }
+};
+
+// One (sample, pixel)'s draw (docs/math.md, section 6.1), in the compute type T: the component k by
+// Gumbel-max over the K logits (float64 scores under categorical::score_beats, categorical::gumbel_argmax's
+// rule), then channel c = 0 .. colors - 1 in turn the logistic draw y_c = clamp(mu_c + e^s_c (log u - log(1 - u)))
+// with mu_G, mu_B coupled to the drawn (unrounded) y_R, y_G, and its level written to out[c * out_stride].
+// param(ch) is the pixel's parameter channel ch in T; base is the stream element of draw 0,
+// (sample H W + pixel)(K + C). Every sampler of the mixture (the op on each backend, the cached PixelCNN
+// sampler) draws through this function, so they give the same levels from the same params.
+template <typename T, typename Param>
+GK_HD void draw_pixel(const Param& param, int64_t mixtures, int64_t colors, bool coupled, int64_t levels, uint64_t seed,
+                      uint64_t offset, uint64_t base, int64_t* out, int64_t out_stride) {
+  const ParamLayout at{mixtures, coupled ? 3 : 2};
+  PixelStream stream(seed, offset, base);
+  int64_t k = 0;
+  double best_score = 0.0;
+  for (int64_t j = 0; j < mixtures; ++j) {
+    const double score = static_cast<double>(param(j)) +
+                         static_cast<double>(categorical::gumbel(stream.at(base + static_cast<uint64_t>(j))));
+    if (j == 0 || categorical::score_beats(score, best_score)) {
+      k = j;
+      best_score = score;
+    }
+  }
+  T y_r = T(0), y_g = T(0);
+  for (int64_t c = 0; c < colors; ++c) {
+    T mu = param(at.mean(c, k));
+    if (coupled && c == 1) mu = mu + tanh_of(param(at.coeff(0, k))) * y_r;
+    if (coupled && c == 2) mu = mu + tanh_of(param(at.coeff(1, k))) * y_r + tanh_of(param(at.coeff(2, k))) * y_g;
+    const uint32_t bits = stream.at(base + static_cast<uint64_t>(mixtures + c));
+    const T y = clamp_unit(mu + gk::exp(clamp_log_scale(param(at.log_scale(c, k)))) * logistic_noise(bits, T(0)));
+    if (c == 0) y_r = y;
+    if (c == 1) y_g = y;
+    out[c * out_stride] = y_to_level(y, levels);
+  }
 }
 
 }  // namespace mixture

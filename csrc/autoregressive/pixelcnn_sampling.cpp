@@ -141,9 +141,9 @@ void check_order(const std::vector<Node>& nodes, int caches) {
   }
 }
 
-// A node's colour plan: (step, lo, hi, rows) tuples by step, covering the output channels once, rows within
-// the weight's (a wrong plan gives wrong samples, never an access outside the arrays).
-std::vector<Segment> parse_segments(const py::handle& h, const Node& n, int64_t colors, const std::string& where) {
+// A node's colour plan: (step, lo, hi, rows) tuples by step (at most `steps`, the draws per pixel), covering the output
+// channels once, rows within the weight's (a wrong plan gives wrong samples, never an access outside the arrays).
+std::vector<Segment> parse_segments(const py::handle& h, const Node& n, int64_t steps, const std::string& where) {
   const auto tuples = py::cast<std::vector<std::vector<int64_t>>>(h);
   if (n.row_level) {
     if (!tuples.empty()) throw ValueError(where + ": a row node has no segments");
@@ -155,8 +155,8 @@ std::vector<Segment> parse_segments(const py::handle& h, const Node& n, int64_t 
   for (const auto& t : tuples) {
     if (t.size() != 4) throw ValueError(where + ": a segment is (step, lo, hi, rows)");
     const Segment s{t[0], t[1], t[2], t[3]};
-    if (s.step < 0 || s.step > colors || (!segments.empty() && s.step < segments.back().step))
-      throw ValueError(where + ": segment steps must be in [0, colours], in order");
+    if (s.step < 0 || s.step > steps || (!segments.empty() && s.step < segments.back().step))
+      throw ValueError(where + ": segment steps must be in [0, draws per pixel], in order");
     if (s.lo < 0 || s.lo >= s.hi || s.hi > n.c_out) throw ValueError(where + ": a segment's channels are outside");
     if (s.rows < 0 || s.rows > max_rows) throw ValueError(where + ": a segment's rows are outside the weight");
     for (int64_t o = s.lo; o < s.hi; ++o) {
@@ -172,7 +172,7 @@ std::vector<Segment> parse_segments(const py::handle& h, const Node& n, int64_t 
 
 void sample_entry(const py::list& caches, const py::list& nodes, const py::list& segments, const Array& out, int logits,
                   int64_t levels, double scale, double shift, uint64_t seed, uint64_t offset, uint64_t first_sample,
-                  uintptr_t stream) {
+                  int64_t mixtures, bool coupled, uintptr_t stream) {
   check_contiguous(out, "out");
   check_dtype(out, DType::int64, "out");
   if (out.ndim() != 4) throw ValueError("out must have shape (B, C, H, W)");
@@ -183,6 +183,12 @@ void sample_entry(const py::list& caches, const py::list& nodes, const py::list&
   a.width = out.shape[3];
   a.levels = levels;
   if (levels < 1) throw ValueError("levels must be >= 1");
+  if (mixtures < 0) throw ValueError("mixtures must be >= 0 (0: categorical logits)");
+  a.mixtures = mixtures;
+  a.coupled = coupled;
+  if (mixtures > 0 && levels < 2) throw ValueError("levels must be >= 2 with a logistic-mixture head");
+  if (mixtures == 0 && coupled) throw ValueError("coupled: only a logistic-mixture head (mixtures > 0) couples");
+  if (coupled && a.colors != 3) throw ValueError("coupled: the mixture's RGB coupling needs out's 3 colours");
   if (!std::isfinite(scale) || !std::isfinite(shift)) throw ValueError("scale and shift must be finite");
   if (caches.size() < 2) throw ValueError("caches: the input cache and at least one more");
   for (size_t k = 0; k < caches.size(); ++k) {
@@ -193,13 +199,21 @@ void sample_entry(const py::list& caches, const py::list& nodes, const py::list&
     a.channels.push_back(c.shape[3]);
   }
   if (a.channels[0] != a.colors) throw ValueError("caches[0], the input, must have out's colour channels");
-  if (logits < 1 || logits >= static_cast<int>(caches.size()) || a.channels[logits] != a.colors * levels)
-    throw ValueError("logits must name a cache with colours * levels channels");
+  // The logits cache: colours x levels logits, or the mixture's params (10K coupled, (1 + 2C)K otherwise; by
+  // division, so that no product of the arguments can overflow).
+  const bool head_ok = logits >= 1 && logits < static_cast<int>(caches.size()) &&
+                       (mixtures > 0 ? a.channels[logits] % mixtures == 0 &&
+                                           a.channels[logits] / mixtures == (coupled ? 10 : 1 + 2 * a.colors)
+                                     : a.channels[logits] == a.colors * levels);
+  if (!head_ok)
+    throw ValueError(mixtures > 0 ? "logits must name a cache with the mixture's (1 + 2 colours) K channels (10 K "
+                                    "coupled)"
+                                  : "logits must name a cache with colours * levels channels");
   if (segments.size() != nodes.size()) throw ValueError("segments: one list per node");
   for (size_t k = 0; k < nodes.size(); ++k) {
     a.nodes.push_back(parse_node(nodes[k], a.channels, out, "nodes[" + std::to_string(k) + "]"));
     a.nodes.back().segments =
-        parse_segments(segments[k], a.nodes.back(), a.colors, "segments[" + std::to_string(k) + "]");
+        parse_segments(segments[k], a.nodes.back(), a.draw_steps(), "segments[" + std::to_string(k) + "]");
   }
   check_order(a.nodes, static_cast<int>(caches.size()));
   a.logits = logits;
@@ -209,12 +223,17 @@ void sample_entry(const py::list& caches, const py::list& nodes, const py::list&
   a.seed = seed;
   a.offset = offset;
   a.first_sample = first_sample;
-  // Draw (sample, position, level) has stream index ((first_sample + s) * dims + position) * levels: int64.
+  // Draw (sample, position, level) has stream index ((first_sample + s) * dims + position) * levels, a mixture's
+  // draw t of (sample, pixel) ((first_sample + s) H W + pixel)(K + C) + t: int64.
   const uint64_t kMax = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
-  const uint64_t per_sample = static_cast<uint64_t>(a.colors * a.height * a.width) * static_cast<uint64_t>(levels);
+  const uint64_t per_sample =
+      mixtures > 0 ? static_cast<uint64_t>(a.height * a.width) * static_cast<uint64_t>(mixtures + a.colors)
+                   : static_cast<uint64_t>(a.colors * a.height * a.width) * static_cast<uint64_t>(levels);
   if (per_sample > 0 && (first_sample > kMax || static_cast<uint64_t>(a.batch) > kMax - first_sample ||
                          first_sample + static_cast<uint64_t>(a.batch) > kMax / per_sample))
-    throw ValueError("first_sample: (first_sample + batch) * dims * levels must stay below 2^63");
+    throw ValueError(mixtures > 0 ? "first_sample: (first_sample + batch) * H * W * (mixtures + colours) must stay "
+                                    "below 2^63"
+                                  : "first_sample: (first_sample + batch) * dims * levels must stay below 2^63");
   if (out.numel() == 0) return;
   run_on_device(out, a, stream, sample_cpu, GK_CUDA(sample_cuda));
 }
@@ -228,7 +247,8 @@ void bind_pixelcnn_sampling(py::module_& parent) {
   m.def("gumbel_argmax", &gumbel_argmax_entry, arg("logits"), arg("base"), arg("out"), arg("seed"), arg("offset"),
         arg("stream") = 0);
   m.def("sample", &sample_entry, arg("caches"), arg("nodes"), arg("segments"), arg("out"), arg("logits"), arg("levels"),
-        arg("scale"), arg("shift"), arg("seed"), arg("offset"), arg("first_sample"), arg("stream") = 0);
+        arg("scale"), arg("shift"), arg("seed"), arg("offset"), arg("first_sample"), arg("mixtures") = 0,
+        arg("coupled") = false, arg("stream") = 0);
 }
 
 }  // namespace gk

@@ -11,6 +11,11 @@
 // colour c by Gumbel-max; it is written to the output and, as scale * level + shift, to cache 0, the
 // network's input. A segment computes output channels [lo, hi) from the first `rows` of the weight's rows,
 // so that with colour groups each group of each layer is computed once per pixel.
+//
+// With a logistic-mixture head (mixtures > 0) the logits cache holds the mixture's params (docs/math.md,
+// section 6.1: P = 10K coupled RGB, (1 + 2C)K otherwise) and a pixel is one sub-step: after the pixel nodes'
+// step-0 segments, mixture::draw_pixel draws all its colours at once (the discretized_logistic_mixture_sample
+// op's draw, keyed (sample H W + pixel)(K + C) + draw), then the step-1 segments run.
 #pragma once
 #include <vector>
 
@@ -55,9 +60,15 @@ struct SampleArgs {
   std::vector<Node> nodes;
   int64_t batch, colors, height, width, levels;
   int logits;          // the cache holding the logits: colour c's are channels [c * levels, (c + 1) * levels)
+                       // (with a mixture head: the P params)
   int64_t* out;        // (B, colors, H, W) levels
   float scale, shift;  // cache 0 gets scale * level + shift
   uint64_t seed, offset, first_sample;
+  int64_t mixtures = 0;  // K of a logistic-mixture head, or 0: categorical logits
+  bool coupled = false;  // the mixture's RGB coupling (colors = 3)
+
+  // The draws per pixel: one per colour (categorical), one for the whole pixel (mixture).
+  int64_t draw_steps() const { return mixtures > 0 ? 1 : colors; }
 };
 
 void gumbel_argmax_cpu(const GumbelArgmaxArgs& a);

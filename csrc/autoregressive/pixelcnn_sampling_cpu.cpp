@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "autoregressive/categorical_math.h"
+#include "autoregressive/logistic_mixture.h"
 #include "core/memory.h"
 #include "core/parallel.h"
 #include "core/philox_blocks.h"
@@ -177,8 +178,9 @@ class SliceSampler {
           const Segment whole{0, 0, node.c_out, static_cast<int64_t>(node.dy.size()) * node.c_in};
           for (int64_t j = 0; j < a_.width; ++j) evaluate(n, &whole, &whole + 1, i, j);
         }
+      const int64_t steps = a_.draw_steps();
       for (int64_t j = 0; j < a_.width; ++j)
-        for (int64_t c = 0; c <= a_.colors; ++c) {
+        for (int64_t c = 0; c <= steps; ++c) {
           for (size_t n = 0; n < a_.nodes.size(); ++n) {
             const std::vector<Segment>& segments = a_.nodes[n].segments;
             const Segment* first = segments.data();
@@ -188,7 +190,11 @@ class SliceSampler {
             while (last != end && last->step == c) ++last;
             if (first != last) evaluate(n, first, last, i, j);
           }
-          if (c < a_.colors) draw(i, j, c);
+          if (c == steps) continue;
+          if (a_.mixtures > 0)
+            draw_mixture(i, j);
+          else
+            draw(i, j, c);
         }
     }
   }
@@ -266,6 +272,24 @@ class SliceSampler {
       const int64_t level = gumbel_argmax_row(logits, base);
       a_.out[((b * a_.colors + c) * a_.height + i) * a_.width + j] = level;
       g_.at(a_.caches[0], a_.colors, b, i, j)[c] = a_.scale * static_cast<float>(level) + a_.shift;
+    }
+  }
+
+  // Every colour of pixel (i, j) from the mixture's params in the logits cache (contiguous, channels-last):
+  // the discretized_logistic_mixture_sample op's draw, keyed ((first_sample + b) H W + pixel)(K + C).
+  void draw_mixture(int64_t i, int64_t j) {
+    const int64_t pixels = a_.height * a_.width, pixel = i * a_.width + j;
+    const int64_t params = a_.channels[a_.logits];
+    const uint64_t draws = static_cast<uint64_t>(a_.mixtures + a_.colors);
+    for (int64_t b = first_; b < last_; ++b) {
+      const uint64_t base =
+          (static_cast<uint64_t>(a_.first_sample + b) * static_cast<uint64_t>(pixels) + static_cast<uint64_t>(pixel)) *
+          draws;
+      int64_t* out = a_.out + b * a_.colors * pixels + pixel;
+      mixture::draw_pixel_cpu(g_.at(a_.caches[a_.logits], params, b, i, j), 1, a_.mixtures, a_.colors, a_.coupled,
+                              a_.levels, a_.seed, a_.offset, base, out, pixels);
+      float* input = g_.at(a_.caches[0], a_.colors, b, i, j);
+      for (int64_t c = 0; c < a_.colors; ++c) input[c] = a_.scale * static_cast<float>(out[c * pixels]) + a_.shift;
     }
   }
 

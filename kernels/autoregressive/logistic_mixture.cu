@@ -45,6 +45,7 @@ struct Pixel {
   const S* base;
   Dims d;
   __device__ compute_t<S> at(int64_t ch) const { return load(base, ch * d.pixels); }
+  __device__ compute_t<S> operator()(int64_t ch) const { return at(ch); }  // draw_pixel's accessor
   __device__ int64_t mean(int64_t c, int64_t k) const { return d.mixtures + d.per_channel * d.mixtures * c + k; }
   __device__ int64_t log_scale(int64_t c, int64_t k) const { return mean(c, k) + d.mixtures; }
   __device__ int64_t coeff(int64_t j, int64_t k) const { return mean(j, k) + 2 * d.mixtures; }
@@ -165,29 +166,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const S* params, int64
     const Pixel<S> px{params + b * d.channels * d.pixels + p, d};
     const uint64_t base =
         ((first + static_cast<uint64_t>(b)) * static_cast<uint64_t>(d.pixels) + static_cast<uint64_t>(p)) * d.draws;
-    // categorical::gumbel_argmax's rule, on the compute-type logits
-    int64_t best = 0;
-    double best_score = 0.0;
-    for (int64_t k = 0; k < d.mixtures; ++k) {
-      const uint32_t bits = nade::stream_element(seed, offset, base + static_cast<uint64_t>(k));
-      const double score = static_cast<double>(px.at(k)) + static_cast<double>(categorical::gumbel(bits));
-      if (k == 0 || categorical::score_beats(score, best_score)) {
-        best = k;
-        best_score = score;
-      }
-    }
-    const Coeffs<C> a = coeffs_of<C>(px, best);
-    C drawn[2] = {C(0), C(0)};
-    for (int64_t c = 0; c < d.colors; ++c) {
-      C mu = px.at(px.mean(c, best));
-      if (d.coupled && c == 1) mu = mu + a.a0 * drawn[0];
-      if (d.coupled && c == 2) mu = mu + a.a1 * drawn[0] + a.a2 * drawn[1];
-      const uint32_t bits = nade::stream_element(seed, offset, base + static_cast<uint64_t>(d.mixtures + c));
-      const C scale = gk::exp(clamp_log_scale(px.at(px.log_scale(c, best))));
-      const C y = clamp_unit(mu + scale * logistic_noise(bits, C(0)));
-      if (c < 2) drawn[c] = y;
-      out[(b * d.colors + c) * d.pixels + p] = y_to_level(y, levels);
-    }
+    draw_pixel<C>(px, d.mixtures, d.colors, d.coupled, levels, seed, offset, base, out + b * d.colors * d.pixels + p,
+                  d.pixels);
   }
 }
 

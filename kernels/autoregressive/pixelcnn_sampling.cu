@@ -10,7 +10,8 @@
 // and stay in L2 across blocks. At a colour sub-step a node computes only its segments of that step (the
 // colour plan: output channels [lo, hi) from the leading `rows` rows), so with colour groups each group of
 // each layer is computed once per pixel. A draw is a warp per sample: lanes take the Philox blocks of the row, and a
-// shuffle reduction picks the first maximum, categorical::gumbel_argmax's tie rule.
+// shuffle reduction picks the first maximum, categorical::gumbel_argmax's tie rule. With a logistic-mixture
+// head a pixel is one draw of all its colours, a thread per sample (mixture::draw_pixel).
 //
 // The program is the kernel's parameter (a __grid_constant__ struct; CUDA 12.1+ allows 32 KB of them), so a
 // launch reads nothing the host must keep alive and can be captured in a CUDA graph.
@@ -21,6 +22,7 @@
 #include <string>
 
 #include "autoregressive/categorical_math.h"
+#include "autoregressive/logistic_mixture_math.h"
 #include "core/launch.cuh"
 #include "autoregressive/pixelcnn_sampling.h"
 
@@ -74,6 +76,8 @@ struct DeviceProgram {
   int64_t* out;
   float scale, shift;
   uint64_t seed, offset, first_sample;
+  int64_t mixtures;  // K of a logistic-mixture head, or 0
+  int coupled;
 };
 static_assert(sizeof(DeviceProgram) <= 32764, "kernel parameters are limited to 32764 bytes");
 
@@ -263,6 +267,32 @@ __device__ void draw(const Block& k, int64_t i, int64_t j, int64_t c) {
   __syncthreads();
 }
 
+// A pixel's mixture params, contiguous in the channels-last logits cache.
+struct PixelParams {
+  const float* p;
+  __device__ float operator()(int64_t ch) const { return p[ch]; }
+};
+
+// Every colour of pixel (i, j) from the mixture's params, a thread per sample of the block (a pixel's draw is
+// sequential over its K + C stream elements: mixture::draw_pixel, the discretized_logistic_mixture_sample
+// op's draw): written to out and, as scale * level + shift, to cache 0.
+__device__ void draw_mixture(const Block& k, int64_t i, int64_t j) {
+  const DeviceProgram& p = k.p;
+  const int s = static_cast<int>(threadIdx.x);
+  if (s < k.ns) {
+    const int64_t b = k.b0 + s, pixels = p.height * p.width, pixel = i * p.width + j;
+    const uint64_t base =
+        (static_cast<uint64_t>(p.first_sample + b) * static_cast<uint64_t>(pixels) + static_cast<uint64_t>(pixel)) *
+        static_cast<uint64_t>(p.mixtures + p.colors);
+    int64_t* out = p.out + b * p.colors * pixels + pixel;
+    mixture::draw_pixel<float>(PixelParams{k.at(p.logits, b, i, j)}, p.mixtures, p.colors, p.coupled != 0, p.levels,
+                               p.seed, p.offset, base, out, pixels);
+    float* input = k.at(0, b, i, j);
+    for (int64_t c = 0; c < p.colors; ++c) input[c] = p.scale * static_cast<float>(out[c * pixels]) + p.shift;
+  }
+  __syncthreads();
+}
+
 template <int S>
 __global__ void __launch_bounds__(kThreads) sample_kernel(const __grid_constant__ DeviceProgram p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -276,8 +306,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const __grid_constant_
         const DeviceSegment whole{0, 0, node.c_out, node.rows};
         for (int64_t j = 0; j < p.width; ++j) evaluate<S>(k, node, &whole, &whole + 1, i, j);
       }
+    const int64_t steps = p.mixtures > 0 ? 1 : p.colors;  // SampleArgs::draw_steps
     for (int64_t j = 0; j < p.width; ++j)
-      for (int64_t c = 0; c <= p.colors; ++c) {
+      for (int64_t c = 0; c <= steps; ++c) {
         for (int n = 0; n < p.n_nodes; ++n) {
           const DeviceNode& node = p.nodes[n];
           const DeviceSegment* first = p.segments + node.first_segment;
@@ -287,7 +318,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const __grid_constant_
           while (last != end && last->step == c) ++last;
           if (first != last) evaluate<S>(k, node, first, last, i, j);  // uniform over the block: no divergence
         }
-        if (c < p.colors) draw(k, i, j, c);
+        if (c == steps) continue;
+        if (p.mixtures > 0)
+          draw_mixture(k, i, j);
+        else
+          draw(k, i, j, c);
       }
   }
 }
@@ -359,6 +394,8 @@ DeviceProgram encode(const SampleArgs& a) {
   p.seed = a.seed;
   p.offset = a.offset;
   p.first_sample = a.first_sample;
+  p.mixtures = a.mixtures;
+  p.coupled = a.coupled ? 1 : 0;
   return p;
 }
 

@@ -24,7 +24,9 @@ Cached sampling runs a model as a `Program` (built by the model, see genkern.mod
 keeps its activations, and each new pixel and colour computes only its own position in every layer, from
 the cached window of earlier positions. The cpu backend runs the whole pixel loop in compiled code, the
 cuda backend in one kernel launch (a block per few samples); the reference runs the same program position
-by position in torch (any device).
+by position in torch (any device). There is no triton backend for it. The draws are Gumbel-max over each
+colour's logits, or with a logistic-mixture head (`Program.mixture`) a whole pixel at a time by
+discretized_logistic_mixture_sample's draw.
 
 Each function normalises its arguments (defaults, dims, seeds, data dtypes) and calls its `genkern::` op,
 which checks them and runs the selected backend (see genkern.backend), so it works under autograd and
@@ -420,6 +422,9 @@ class Program:
         self.nodes: list[tuple] = []
         self.structures: list[sampling_plan.Structure | None] = []  # of each node, for the plan
         self.logits: int | None = None
+        # (K, rgb_coupling) when the logits cache holds a logistic mixture's params (docs/math.md, section 6.1):
+        # each pixel is then drawn whole, as discretized_logistic_mixture_sample draws it.
+        self.mixture: tuple[int, bool] | None = None
 
     def cache(self, channels: int) -> int:
         self.channels.append(int(channels))
@@ -467,7 +472,9 @@ class Program:
     def segments(self, levels: int) -> list[list[tuple[int, int, int, int]]]:
         """Each node's colour plan: (step, lo, hi, rows) segments (genkern.autoregressive.sampling_plan)."""
         colors = self.channels[0]
-        return sampling_plan.plan(self.nodes, self.structures, self.channels, colors, self.logits, levels)
+        return sampling_plan.plan(
+            self.nodes, self.structures, self.channels, colors, self.logits, levels, self.mixture is not None
+        )
 
     def run(
         self,
@@ -482,7 +489,9 @@ class Program:
         backend: str | None = None,
     ) -> Tensor:
         """Sample into `out` (B, colours, H, W) of int64, on `backend` (None: the selected one for out's
-        device; the cached sampler has cpu, cuda and reference backends)."""
+        device; the cached sampler has cpu, cuda and reference backends: no triton). With `mixture` set, the
+        draws are those of discretized_logistic_mixture_sample(params, first=first_sample) on the network's
+        params (float32: the caches')."""
         batch, _, height, width = out.shape
         self.check_caches("out", batch, height, width, out.device)
         segments = self.segments(levels)
@@ -502,6 +511,7 @@ class Program:
             seed,
             offset,
             first_sample,
+            *(self.mixture or (0, False)),
         )
         return out
 

@@ -939,6 +939,18 @@ def check_draw_range(n: int, first_sample: int, dims: int, levels: int, *, n_nam
     )
 
 
+def check_mixture_draw_range(n: int, first_sample: int, pixels: int, draws: int, *, n_name: str = "n") -> None:
+    """A logistic mixture's draws (docs/math.md, section 6.1): draw t of pixel p of sample s is stream element
+    ((first_sample + s) H W + p)(K + C) + t, which must fit int64 as in the reference."""
+    _require(n >= 0, f"{n_name} must be >= 0, got {n}")
+    _require(first_sample >= 0, f"first_sample must be >= 0, got {first_sample}")
+    _require(
+        (first_sample + n) * max(pixels, 1) * max(draws, 1) <= INT64_MAX,
+        f"first_sample + {n_name} is too large: (first_sample + {n_name}) * H * W * (num_mixtures + channels) "
+        f"must stay below 2^63 (the stream index of the last draw), got ({first_sample} + {n}) * {pixels} * {draws}",
+    )
+
+
 def _kernel_args(*tensors: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
 
@@ -1115,16 +1127,26 @@ def run_program(
     seed: int,
     offset: int,
     first_sample: int,
+    mixtures: int = 0,
+    coupled: bool = False,
 ) -> None:
     """Run a cached-sampling program (csrc/autoregressive/pixelcnn_sampling.h) into `out`, on the selected
     backend for out's device (genkern.backend.selected: the scoped choice, else the process-wide one, else
     automatic). `segments` is the program's colour plan (genkern.autoregressive.sampling_plan). The compiled
-    runner checks the program and the plan's bounds itself."""
+    runner checks the program and the plan's bounds itself. mixtures = K > 0: the logits cache holds a
+    logistic mixture's params ((1 + 2C)K, or 10K with `coupled` RGB), each pixel drawn whole."""
     batch, colors, height, width = out.shape
-    check_draw_range(batch, first_sample, colors * height * width, levels, n_name="batch")
+    mixtures = _checks.integer("mixtures", mixtures, low=0)
+    if not isinstance(coupled, bool):
+        raise TypeError(f"coupled must be a bool, got {type(coupled).__name__}")
+    if mixtures:
+        check_mixture_draw_range(batch, first_sample, height * width, mixtures + colors, n_name="batch")
+    else:
+        check_draw_range(batch, first_sample, colors * height * width, levels, n_name="batch")
     backend = _backend.selected(out.device, torch.float32, SAMPLING_KERNELS.family)
+    head = (mixtures, coupled)
     if backend == "reference":
-        ref.run_program(caches, nodes, segments, out, logits, levels, scale, shift, seed, offset, first_sample)
+        ref.run_program(caches, nodes, segments, out, logits, levels, scale, shift, seed, offset, first_sample, *head)
         return
     described = [tuple(_native.array(v) if isinstance(v, Tensor) else v for v in node) for node in nodes]
     SAMPLING_KERNELS.on(backend).sample(
@@ -1139,6 +1161,7 @@ def run_program(
         seed,
         offset,
         first_sample,
+        *head,
     )
 
 

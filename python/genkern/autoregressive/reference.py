@@ -581,26 +581,38 @@ def run_program(
     seed: int,
     offset: int,
     first_sample: int,
+    mixtures: int = 0,
+    coupled: bool = False,
 ) -> None:
     """Run the cached sampler's program (see csrc/autoregressive/pixelcnn_sampling.h): row nodes once per
     row before its first pixel; at each pixel, colour sub-steps c = 0 .. colours, where sub-step c runs the
     pixel nodes' plan segments of step c (genkern.autoregressive.sampling_plan) and then, but after the
-    last colour, the Gumbel-max draw of colour c."""
+    last colour, the Gumbel-max draw of colour c. With a logistic-mixture head (mixtures = K > 0) the logits
+    cache holds the mixture's params and a pixel is one sub-step: every colour drawn at once after step 0, by
+    logistic_mixture_sample's draw keyed ((first_sample + b) H W + pixel)(K + C)."""
     batch, colors, height, width = out.shape
     dims = colors * height * width
     samples = first_sample + torch.arange(batch, dtype=torch.int64, device=out.device)
     row_nodes = [n for n in nodes if n[1]]
-    by_step = [[(n, s) for n, segs in zip(nodes, segments) for s in segs if s[0] == c] for c in range(colors + 1)]
+    steps = 1 if mixtures else colors
+    by_step = [[(n, s) for n, segs in zip(nodes, segments) for s in segs if s[0] == c] for c in range(steps + 1)]
     for i in range(height):
         for node in row_nodes:
             for j in range(width):
                 _evaluate(node, caches, i, j)
         for j in range(width):
-            for c in range(colors + 1):
+            for c in range(steps + 1):
                 for node, segment in by_step[c]:
                     _evaluate(node, caches, i, j, segment)
-                if c == colors:
+                if c == steps:
                     break
+                if mixtures:
+                    base = (samples * (height * width) + i * width + j) * (mixtures + colors)
+                    params = caches[logits][:, i, j, :, None, None]
+                    drawn = mixture_sample_at(params, base.view(-1, 1, 1), levels, mixtures, coupled, seed, offset)
+                    out[:, :, i, j] = drawn[:, :, 0, 0]
+                    caches[0][:, i, j, :] = scale * drawn[:, :, 0, 0].to(caches[0].dtype) + shift
+                    continue
                 base = (samples * dims + (i * width + j) * colors + c) * levels
                 level = gumbel_argmax(caches[logits][:, i, j, c * levels : (c + 1) * levels], base, seed, offset)
                 out[:, c, i, j] = level
@@ -820,12 +832,19 @@ def logistic_mixture_sample(params, levels: int, num_mixtures: int, coupled: boo
     """(B, C, H, W) int64 levels, sample first + b from params[b] (docs/math.md, section 6.1): the component by
     Gumbel-max over the logits (gumbel_argmax's float64 scores), then R, G, B in turn a logistic draw in the
     compute dtype from the exact log u - log(1 - u), clamped to [-1, 1] and rounded half to even."""
+    batch, p, height, width = params.shape
+    base = mixture_draw_index(first, batch, height, width, num_mixtures + mixture_colors(p, num_mixtures, coupled))
+    return mixture_sample_at(params, base.to(params.device), levels, num_mixtures, coupled, seed, offset)
+
+
+def mixture_sample_at(params, base, levels: int, num_mixtures: int, coupled: bool, seed: int, offset: int):
+    """logistic_mixture_sample's draw with each pixel's stream element of draw 0 given: base (B, H, W) int64
+    (the cached sampler draws one pixel of the image at a time: params (B, P, 1, 1))."""
     params = _mixture_compute(params)
     batch, p, height, width = params.shape
     k = num_mixtures
     colors = mixture_colors(p, k, coupled)
     logits, means, log_scales, coeffs = mixture_parts(params, k, coupled)
-    base = mixture_draw_index(first, batch, height, width, k + colors).to(params.device)
     flat_logits = logits.permute(0, 2, 3, 1).reshape(-1, k)
     chosen = gumbel_argmax(flat_logits, base.reshape(-1), seed, offset).reshape(batch, 1, 1, height, width)
 

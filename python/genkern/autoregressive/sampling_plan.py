@@ -8,7 +8,9 @@ is the latest step at which one of the current-pixel values it reads becomes fin
 (cache 0) at step k + 1, a node's output channel at its own step; earlier positions, row caches and the
 other taps are final at step 0. Every writer of a cache channel (a first write and the accumulations after
 it) runs at the latest of their steps, so they keep their program order. Step `colours` is after the last
-draw: the channels that see the pixel's last colour, for the positions after it.
+draw: the channels that see the pixel's last colour, for the positions after it. With a logistic-mixture
+head one draw gives all of a pixel's colours: they are final at step 1 (the last), and the mixture's params
+must all be computed at step 0.
 
 A channel's value is the same whichever step computes it once its inputs are final, so the samples do not
 change; a channel is computed exactly once per pixel. A convolution also stops at its last non-zero
@@ -53,15 +55,20 @@ def _refuse(message: str) -> None:
     raise ValueError(f"cached sampling program: {message}")
 
 
-def plan(nodes, structures, channels, colors: int, logits: int, levels: int) -> list[list[tuple[int, int, int, int]]]:
+def plan(
+    nodes, structures, channels, colors: int, logits: int, levels: int, mixture: bool = False
+) -> list[list[tuple[int, int, int, int]]]:
     """Each node's segments (step, lo, hi, rows): output channels [lo, hi) are computed at colour sub-step
-    `step` from the first `rows` weight rows. `structures[k]` is node k's Structure (None for a gate)."""
+    `step` from the first `rows` weight rows. `structures[k]` is node k's Structure (None for a gate).
+    mixture: the logits cache holds a logistic mixture's params, all needed by the one draw of a pixel's
+    colours after step 0 (so the input's colours are all final at step 1, and steps are 0 and 1)."""
     pixel_writers: dict[int, list[int]] = {}
     for k, node in enumerate(nodes):
         if not node[1]:
             pixel_writers.setdefault(node[3], []).append(k)
     # ready[c][o]: the step from which cache c's channel o at the current pixel is final.
-    ready: dict[int, torch.Tensor] = {0: torch.arange(1, colors + 1, dtype=torch.int64)}
+    drawn = torch.ones(colors, dtype=torch.int64) if mixture else torch.arange(1, colors + 1, dtype=torch.int64)
+    ready: dict[int, torch.Tensor] = {0: drawn}
 
     def at_pixel(cache: int, k: int) -> torch.Tensor:
         if cache in pixel_writers and pixel_writers[cache][-1] > k:
@@ -86,9 +93,14 @@ def plan(nodes, structures, channels, colors: int, logits: int, levels: int) -> 
                 step = torch.maximum(step, at_pixel(residual, k))
         ready[dst] = torch.maximum(ready[dst], step) if dst in ready and k != pixel_writers[dst][0] else step
 
-    want = torch.arange(colors, dtype=torch.int64).repeat_interleave(levels)
+    if mixture:
+        want = torch.zeros(channels[logits], dtype=torch.int64)
+    else:
+        want = torch.arange(colors, dtype=torch.int64).repeat_interleave(levels)
     have = ready.get(logits, want)  # an unwritten or mis-sized logits cache is the runner's to refuse
     late = have > want if have.shape == want.shape else torch.zeros(1, dtype=torch.bool)
+    if bool(late.any()) and mixture:
+        _refuse("the mixture's params depend on their own pixel (not causal: a single draw gives all its colours)")
     if bool(late.any()):
         c = int(late.nonzero()[0, 0]) // levels
         _refuse(f"the logits of colour {c} depend on colour {c} or later at their own pixel (not causal)")

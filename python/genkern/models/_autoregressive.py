@@ -115,9 +115,7 @@ class AutoregressiveImageModel(nn.Module):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         seed, offset = resolve_seed(seed), check_offset(offset)
         first_sample = _checks.int64("first_sample", first_sample, low=0)
-        # Draw k of dimension i of sample s is stream element ((first_sample + s) * dims + i) * levels + k:
-        # past int64 the kernels (uint64) and the reference (int64) would draw different levels.
-        check_draw_range(n, first_sample, self.dims, self.levels)
+        self._check_draw_range(n, first_sample)
         device = next(self.parameters()).device
         _checks.allocation("n", (n, self.dims), 8, device, "the samples")
         cond = self.check_cond(cond, n, device)
@@ -140,6 +138,11 @@ class AutoregressiveImageModel(nn.Module):
             first_sample=first_sample,
             backend=backend,
         )
+
+    def _check_draw_range(self, n: int, first_sample: int) -> None:
+        # Draw k of dimension i of sample s is stream element ((first_sample + s) * dims + i) * levels + k:
+        # past int64 the kernels (uint64) and the reference (int64) would draw different levels.
+        check_draw_range(n, first_sample, self.dims, self.levels)
 
     def _sample_naive(self, out, cond, seed, offset, first_sample, backend):
         n, colors, height, width = out.shape

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..autoregressive import Program, discretized_logistic_mixture_nll, discretized_logistic_mixture_sample
+from ..autoregressive._ops import check_mixture_draw_range
 from ..autoregressive.reference import mask, mixture_param_channels
 from ..nn import MaskedConv2d
 from ._autoregressive import AutoregressiveImageModel
@@ -23,10 +24,13 @@ class PixelCNN(AutoregressiveImageModel):
 
     head="logistic_mixture" replaces the categorical output by PixelCNN++'s discretised logistic mixture of
     `num_mixtures` components (Salimans et al. 2017; genkern.discretized_logistic_mixture_nll): forward(x)
-    gives its params (B, 10K, H, W) for RGB (coupled), (B, (1 + 2C)K, H, W) otherwise. Its params at a pixel
-    must not see the pixel itself (the coupling conditions G on R and B on R, G), so the layers use one
-    colour group (the first layer's mask A hides the whole centre). Sampling it runs the uncached path
-    (method="naive"): the cached sampler draws categorical levels only."""
+    gives its params (B, 10K, H, W) for RGB with rgb_coupling (the default for 3 channels: mu_G, mu_B depend
+    on the drawn R, G), (B, (1 + 2C)K, H, W) otherwise. Its params at a pixel must not see the pixel itself,
+    so the layers use one colour group (the first layer's mask A hides the whole centre). Sampling it, both
+    methods draw each pixel whole by genkern.discretized_logistic_mixture_sample's draw (keyed by seed,
+    sample index, pixel and draw): cached sampling (cpu, cuda, reference backends) gives naive sampling's
+    images from the same params, for any batch and first_sample. The cached sampler's activations are
+    float32, so a float64 model's draws are those of its params in float32."""
 
     HEADS = ("categorical", "logistic_mixture")
 
@@ -42,6 +46,7 @@ class PixelCNN(AutoregressiveImageModel):
         hidden_kernel_size: int = 3,
         head: str = "categorical",
         num_mixtures: int = 10,
+        rgb_coupling: bool | None = None,
     ):
         super().__init__(in_channels, levels, image_size)
         hidden = _checks.integer("hidden_channels", hidden_channels, low=1)
@@ -50,7 +55,13 @@ class PixelCNN(AutoregressiveImageModel):
             raise ValueError(f"head must be one of {self.HEADS}, got {head!r}")
         self.head_type = head
         self.num_mixtures = _checks.integer("num_mixtures", num_mixtures, low=1)
-        self.rgb_coupling = self.in_channels == 3
+        if rgb_coupling is not None and not isinstance(rgb_coupling, bool):
+            raise TypeError(f"rgb_coupling must be None or a bool, got {type(rgb_coupling).__name__}")
+        if rgb_coupling is not None and head != "logistic_mixture":
+            raise ValueError("rgb_coupling is an option of head='logistic_mixture'")
+        self.rgb_coupling = self.in_channels == 3 if rgb_coupling is None else rgb_coupling
+        if self.rgb_coupling and self.in_channels != 3:
+            raise ValueError(f"rgb_coupling needs in_channels=3 (R -> G -> B), got in_channels={self.in_channels}")
         mixture = head == "logistic_mixture"
         groups = 1 if mixture else self.in_channels
         if hidden % groups:
@@ -97,15 +108,12 @@ class PixelCNN(AutoregressiveImageModel):
             return super().log_prob(x, cond)
         return -discretized_logistic_mixture_nll(self(x, cond), x, **self._mixture_args())
 
-    def sample(self, n: int, *, method: str = "cached", **kwargs) -> Tensor:
-        if self.mixture and method == "cached":
-            raise ValueError(
-                "cached sampling has no logistic-mixture head yet (its compiled sampler draws categorical "
-                "levels): pass method='naive'"
-            )
-        return super().sample(n, method=method, **kwargs)
-
-    sample.__doc__ = AutoregressiveImageModel.sample.__doc__
+    def _check_draw_range(self, n: int, first_sample: int) -> None:
+        if not self.mixture:
+            return super()._check_draw_range(n, first_sample)
+        # Draw t of pixel p of sample s: stream element ((first_sample + s) H W + p)(K + C) + t (section 6.1).
+        pixels = self.image_size[0] * self.image_size[1]
+        check_mixture_draw_range(n, first_sample, pixels, self.num_mixtures + self.in_channels)
 
     def _sample_naive(self, out, cond, seed, offset, first_sample, backend):
         if not self.mixture:
@@ -141,6 +149,8 @@ class PixelCNN(AutoregressiveImageModel):
         _masked(p, self.head, h, head, relu_input=True)
         p.logits = p.cache(self.output.out_channels)
         _masked(p, self.output, head, p.logits, relu_input=True)
+        if self.mixture:
+            p.mixture = (self.num_mixtures, self.rgb_coupling)
         return p
 
 
