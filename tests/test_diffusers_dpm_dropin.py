@@ -20,6 +20,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers", reason="genkern.diffusers is a drop-in for diffusers' schedulers")
+import test_diffusers_dropin as dropin_tests  # noqa: E402
+import test_diffusers_sigma_dropin as sigma_dropin_tests  # noqa: E402
 from diffusers.schedulers import scheduling_dpmsolver_multistep  # noqa: E402
 
 import genkern  # noqa: E402
@@ -496,19 +498,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def tiny_unet(channels=3, num_class_embeds=None):
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_class_embeds,
-    ).eval()
+tiny_unet = dropin_tests.tiny_unet
 
 
 @pytest.mark.parametrize(
@@ -538,20 +528,7 @@ def test_ddpm_pipeline_images_match(config, steps, monkeypatch):
     assert counter.total == steps
 
 
-def sd_loop(unet, scheduler, steps, guidance_scale=3.0, seed=0):
-    """StableDiffusionPipeline's denoising loop on a class-conditional UNet (label 0: unconditional): latents *
-    init_noise_sigma, classifier-free guidance on a doubled batch, scale_model_input, step with the generator."""
-    generator = torch.Generator().manual_seed(seed)
-    scheduler.set_timesteps(steps, device="cpu")
-    latents = torch.randn((2, 4, 8, 8), generator=generator) * scheduler.init_noise_sigma
-    labels = torch.tensor([0, 0, 1, 2])
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            uncond, cond = unet(model_input, t, class_labels=labels).sample.chunk(2)
-            noise_pred = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
-    return latents
+sd_loop = sigma_dropin_tests.sd_loop  # StableDiffusionPipeline's denoising loop, guidance included
 
 
 @pytest.mark.parametrize(

@@ -88,10 +88,10 @@ def grad_input(grad_y: Tensor, weight: Tensor, mask_type: str, groups: int, dila
     b, _, h, w = grad_y.shape
     shape = (b, weight.shape[1], h, w)
     # Only the input's shape matters for the data gradient: an uninitialised tensor stands in for it.
-    placeholder = grad_y.new_empty(shape)
+    input_like = grad_y.new_empty(shape)
     grad_x, _, _ = torch.ops.aten.convolution_backward(
         grad_y,
-        placeholder,
+        input_like,
         _masked(weight, mask_type, groups),
         None,
         *_conv_args(weight.shape[-1], dilation),
