@@ -927,28 +927,31 @@ def check_sample_range(num_samples: int, first: int, dims: int, *, first_name: s
     )
 
 
-def check_draw_range(n: int, first_sample: int, dims: int, levels: int, *, n_name: str = "n") -> None:
-    """The cached sampler's (and PixelCNN.sample's) draws: sample s, dimension i, level k uses stream element
-    ((first_sample + s) * D + i) * levels + k, which must fit int64 as in the reference."""
+def _check_sample_streams(n: int, first_sample: int, per_sample: int, what: str, got: str, n_name: str) -> None:
+    """Samples first_sample .. first_sample + n - 1 draw `per_sample` stream elements each (`what`, the formula;
+    `got`, its factors): the last index must fit int64, as in the reference."""
     _require(n >= 0, f"{n_name} must be >= 0, got {n}")
     _require(first_sample >= 0, f"first_sample must be >= 0, got {first_sample}")
     _require(
-        (first_sample + n) * max(dims, 1) * max(levels, 1) <= INT64_MAX,
-        f"first_sample + {n_name} is too large: (first_sample + {n_name}) * dims * levels must stay below 2^63 "
-        f"(the stream index of the last draw), got ({first_sample} + {n}) * {dims} * {levels}",
+        (first_sample + n) * per_sample <= INT64_MAX,
+        f"first_sample + {n_name} is too large: (first_sample + {n_name}) * {what} must stay below 2^63 "
+        f"(the stream index of the last draw), got ({first_sample} + {n}) * {got}",
     )
+
+
+def check_draw_range(n: int, first_sample: int, dims: int, levels: int, *, n_name: str = "n") -> None:
+    """The cached sampler's (and PixelCNN.sample's) draws: sample s, dimension i, level k uses stream element
+    ((first_sample + s) * D + i) * levels + k."""
+    per_sample = max(dims, 1) * max(levels, 1)
+    _check_sample_streams(n, first_sample, per_sample, "dims * levels", f"{dims} * {levels}", n_name)
 
 
 def check_mixture_draw_range(n: int, first_sample: int, pixels: int, draws: int, *, n_name: str = "n") -> None:
     """A logistic mixture's draws (docs/math.md, section 6.1): draw t of pixel p of sample s is stream element
-    ((first_sample + s) H W + p)(K + C) + t, which must fit int64 as in the reference."""
-    _require(n >= 0, f"{n_name} must be >= 0, got {n}")
-    _require(first_sample >= 0, f"first_sample must be >= 0, got {first_sample}")
-    _require(
-        (first_sample + n) * max(pixels, 1) * max(draws, 1) <= INT64_MAX,
-        f"first_sample + {n_name} is too large: (first_sample + {n_name}) * H * W * (num_mixtures + channels) "
-        f"must stay below 2^63 (the stream index of the last draw), got ({first_sample} + {n}) * {pixels} * {draws}",
-    )
+    ((first_sample + s) H W + p)(K + C) + t."""
+    per_sample = max(pixels, 1) * max(draws, 1)
+    what = "H * W * (num_mixtures + channels)"
+    _check_sample_streams(n, first_sample, per_sample, what, f"{pixels} * {draws}", n_name)
 
 
 def _kernel_args(*tensors: Tensor) -> list[Tensor]:
