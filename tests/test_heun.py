@@ -146,3 +146,53 @@ def test_sampler_is_a_diffusers_loop(config):
     got = sampler.sample(model, (B, 2, 4), steps, seed=8, guidance_scale=scale)
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)  # float64 vs float32 alpha-bars: see the sigmas
     assert torch.equal(got[:2], sampler.sample(model, (2, 2, 4), steps, seed=8, guidance_scale=scale))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_kernel_writes_the_next_model_input(backend):
+    """sigma_step's model_input output (the samplers' fused scale_model_input) is prev_sample / model_scale
+    to the bit, as the division done afterwards; given without model_scale it is refused."""
+    from genkern.diffusion._ops import KERNELS
+
+    device, kernels = device_for(backend), KERNELS.on(backend)
+    B, n = 3, 37  # odd: a partial block and chunk
+    m, x, origin, derivative = (rand((B, n), seed).to(device) for seed in (1, 2, 3, 4))
+    sigma, sigma_next = rand((B,), 5).abs().to(device) + 1, rand((B,), 6).abs().to(device)
+    scale = (sigma_next**2 + 1).sqrt()
+    for kind, o in ((3, None), (4, origin)):
+        prev, model_input = torch.empty_like(x), torch.full_like(x, float("nan"))
+        args = (m, x, None, sigma, sigma_next, None, prev, None, kind, 0, False, 0.0, False, 0, 0, o, derivative)
+        kernels.sigma_step(*args, model_input, scale)
+        assert torch.equal(model_input, prev / scale.view(-1, 1))
+        with pytest.raises(ValueError, match="model_input and model_scale"):
+            kernels.sigma_step(*args, model_input, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("guidance_scale", [None, 3.0])
+def test_sampler_direct_launches_are_the_op(dtype, guidance_scale):
+    """The sampler's direct launches (eager, no grad) give the op's bits (taken with grad enabled, which
+    keeps every half on the op), whatever the model hands back: its input itself, a non-contiguous
+    tensor; consecutive runs (one reused loop) return distinct tensors, the first left as it was."""
+    shape = (2, 3, 6)
+    models = {
+        "scaled": lambda x, t: 0.1 * x - t.view(-1, 1, 1) / 1000,
+        "its input": lambda x, t: x,  # the model output aliases the loop's model input buffer
+        "transposed": lambda x, t: (0.3 * x).transpose(1, 2).contiguous().transpose(1, 2),
+        "strided": lambda x, t: torch.cat([x, x], dim=2)[:, :, ::2] * 0.5,
+    }
+    sampler = HeunSampler(SCHEDULE)
+    for name, model in models.items():
+        # x_T given: the backends' normals agree to a few ulp only (test_random)
+        kw = dict(x_T=genkern.randn(shape, seed=3, dtype=dtype), dtype=dtype, guidance_scale=guidance_scale)
+        with torch.enable_grad():
+            expected = sampler.sample(model, shape, 6, **kw)
+        first = sampler.sample(model, shape, 6, **kw)
+        kept = first.clone()
+        second = sampler.sample(model, shape, 6, **kw)
+        assert torch.equal(first, expected), name
+        assert torch.equal(second, expected) and second.data_ptr() != first.data_ptr(), name
+        assert torch.equal(first, kept), name
+        reference = HeunSampler(SCHEDULE, backend="reference").sample(model, shape, 6, **kw)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5  # as test_backends_agree_with_the_reference, 6 steps
+        torch.testing.assert_close(first, reference, rtol=tol, atol=tol, msg=name)

@@ -19,9 +19,11 @@ void sigma_step_entry(const Array& model_output, const Array& sample, const OptA
                       const Array& sigma_next, const OptArray& rescale, const Array& prev_sample,
                       const OptArray& pred_original, int64_t kind, int64_t prediction, bool guided,
                       double guidance_scale, bool stochastic, uint64_t seed, uint64_t offset, const OptArray& origin,
-                      const OptArray& derivative, uintptr_t stream) {
+                      const OptArray& derivative, const OptArray& model_input, const OptArray& model_scale,
+                      uintptr_t stream) {
   Checked(sample, "sample")(model_output, "model_output")(noise, "noise")(prev_sample, "prev_sample")(
-      pred_original, "pred_original")(origin, "origin")(derivative, "derivative");
+      pred_original, "pred_original")(origin, "origin")(derivative, "derivative")(model_input, "model_input")(
+      model_scale, "model_scale");
   if (sample.ndim() < 1) throw ValueError("sample must have a batch dimension");
   if (kind < kFlowEuler || kind > kHeunSecond) throw ValueError("unknown sigma step kind");
   const bool heun = kind == kHeunFirst || kind == kHeunSecond;
@@ -35,6 +37,9 @@ void sigma_step_entry(const Array& model_output, const Array& sample, const OptA
   if (noise) check_numel(*noise, sample.numel(), "noise");
   if (derivative) check_numel(*derivative, sample.numel(), "derivative");
   if (origin) check_numel(*origin, sample.numel(), "origin");
+  if (bool(model_input) != bool(model_scale)) throw ValueError("model_input and model_scale are given together");
+  if (model_input) check_numel(*model_input, sample.numel(), "model_input");
+  if (model_scale) check_numel(*model_scale, batch, "model_scale");
   check_per_sample(sigma, sample, batch, "sigma");
   check_per_sample(sigma_next, sample, batch, "sigma_next");
   check_per_sample(rescale, sample, batch, "rescale");
@@ -42,6 +47,7 @@ void sigma_step_entry(const Array& model_output, const Array& sample, const OptA
   if (sample.numel() == 0) return;
   prepare_output(prev_sample);
   prepare_output(pred_original);
+  prepare_output(model_input);
   const SigmaStepArgs args{model_output.raw(),
                            sample.raw(),
                            data_or_null(noise),
@@ -52,6 +58,8 @@ void sigma_step_entry(const Array& model_output, const Array& sample, const OptA
                            data_or_null(pred_original),
                            data_or_null(derivative),
                            data_or_null(origin),
+                           data_or_null(model_input),
+                           data_or_null(model_scale),
                            batch,
                            sample.numel() / batch,
                            static_cast<int32_t>(kind),
@@ -73,7 +81,8 @@ void bind_sigma_step(py::module_& m) {
   m.def("sigma_step", &sigma_step_entry, arg("model_output"), arg("sample"), arg("noise"), arg("sigma"),
         arg("sigma_next"), arg("rescale"), arg("prev_sample"), arg("pred_original"), arg("kind"), arg("prediction"),
         arg("guided"), arg("guidance_scale"), arg("stochastic"), arg("seed"), arg("offset"), arg("origin") = py::none(),
-        arg("derivative") = py::none(), arg("stream") = 0);
+        arg("derivative") = py::none(), arg("model_input") = py::none(), arg("model_scale") = py::none(),
+        arg("stream") = 0);
 }
 
 }  // namespace gk

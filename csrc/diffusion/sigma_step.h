@@ -12,6 +12,8 @@ namespace diffusion {
 // unconditional first) times the sample's rescale factor; z = noise or stream element b * n + j (flow with
 // stochastic sampling, Euler ancestral). pred_original nullable. Heun: the first half also writes d into
 // `derivative`; the second half reads it and `origin` (the first half's sample), `sample` being x'.
+// model_input (nullable) is also written: prev_sample / model_scale[b], the next model call's input of a sampler
+// (scale_model_input), from prev_sample as stored, so that it equals that division done afterwards.
 struct SigmaStepArgs {
   const void* model_output;
   const void* sample;
@@ -20,9 +22,11 @@ struct SigmaStepArgs {
   const float* sigma_next;  // (batch,)
   const float* rescale;     // (batch,) nullable: guidance rescale factors
   void* prev_sample;
-  void* pred_original;  // nullable
-  void* derivative;     // Heun (kinds 3, 4): written by the first half, read by the second
-  const void* origin;   // Heun's second half: the sample the first half stepped from
+  void* pred_original;      // nullable
+  void* derivative;         // Heun (kinds 3, 4): written by the first half, read by the second
+  const void* origin;       // Heun's second half: the sample the first half stepped from
+  void* model_input;        // nullable: prev_sample / model_scale
+  const void* model_scale;  // (batch,) of the dtype: given with model_input
   int64_t batch, n;
   int32_t kind;        // SigmaStepKind
   int32_t prediction;  // k-diffusion: Prediction (flow: velocity)

@@ -23,6 +23,8 @@ struct SigmaStepKernel {
     T* pred_original = static_cast<T*>(a.pred_original);
     T* derivative = static_cast<T*>(a.derivative);
     const T* origin = static_cast<const T*>(a.origin);
+    T* model_input = static_cast<T*>(a.model_input);
+    const T* model_scale = static_cast<const T*>(a.model_scale);
     const int64_t B = a.batch, n = a.n, total = B * n;
     if (total == 0) return;
     const T scale = T(a.guidance_scale);
@@ -90,6 +92,12 @@ struct SigmaStepKernel {
           with_prediction(std::integral_constant<int32_t, kEuler>{});
         else
           with_prediction(std::integral_constant<int32_t, kEulerAncestral>{});
+        if (model_input) {
+          T* mi = model_input + start + t0;
+          const T s = model_scale[b];
+#pragma omp simd
+          for (int64_t i = 0; i < cnt; ++i) mi[i] = out[i] / s;
+        }
       });
     });
   }

@@ -29,6 +29,8 @@ __global__ void __launch_bounds__(kThreads) sigma_step_kernel(SigmaStepArgs a) {
   S* pred_original = static_cast<S*>(a.pred_original);
   S* derivative = static_cast<S*>(a.derivative);
   const S* origin = static_cast<const S*>(a.origin);
+  S* model_input = static_cast<S*>(a.model_input);
+  const S* model_scale = static_cast<const S*>(a.model_scale);
   const int64_t n = a.n, total = a.batch * n, groups = ceil_div(total, 4);
   const bool stochastic = a.stochastic != 0;
   const bool noisy = a.kind == kEulerAncestral || (a.kind == kFlowEuler && stochastic);
@@ -66,6 +68,8 @@ __global__ void __launch_bounds__(kThreads) sigma_step_kernel(SigmaStepArgs a) {
         }
         store(prev, e, out);
         if (pred_original) store(pred_original, e, x0);
+        // From prev as stored (rounded to S), as the division done afterwards in S would see it.
+        if (model_input) store(model_input, e, load(prev, e) / load(model_scale, b));
       }
       if (++j == n) {
         j = 0;

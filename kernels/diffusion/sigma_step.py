@@ -48,6 +48,8 @@ def _sigma_step_kernel(
     x0_ptr,
     d_ptr,
     origin_ptr,
+    mi_ptr,
+    ms_ptr,
     total,
     n,
     scale,
@@ -62,6 +64,7 @@ def _sigma_step_kernel(
     NOISY: tl.constexpr,
     HAS_EPS: tl.constexpr,
     WRITE_X0: tl.constexpr,
+    WRITE_MODEL_INPUT: tl.constexpr,
     CT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -118,9 +121,13 @@ def _sigma_step_kernel(
             tl.store(d_ptr + offs, to_dtype(d, d_ptr.dtype.element_ty), mask=mask)
         if KIND == EULER_ANCESTRAL:
             out = out + z * up
-    tl.store(prev_ptr + offs, to_dtype(out, prev_ptr.dtype.element_ty), mask=mask)
+    stored = to_dtype(out, prev_ptr.dtype.element_ty)
+    tl.store(prev_ptr + offs, stored, mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + offs, to_dtype(x0, x0_ptr.dtype.element_ty), mask=mask)
+    if WRITE_MODEL_INPUT:  # from prev as stored, as the division done afterwards would see it
+        s = tl.load(ms_ptr + b, mask=mask, other=1.0).to(CT)
+        tl.store(mi_ptr + offs, to_dtype(_div(stored.to(CT), s), mi_ptr.dtype.element_ty), mask=mask)
 
 
 def sigma_step(
@@ -141,12 +148,16 @@ def sigma_step(
     offset,
     origin=None,
     derivative=None,
+    model_input=None,
+    model_scale=None,
 ):
-    """prev_sample (and pred_original unless None) of one sigma-space step, as _C.diffusion.sigma_step:
-    kind 0 flow Euler, 1 Euler, 2 Euler ancestral, 3 and 4 Heun's halves (derivative written by 3, read by 4
-    with origin); prediction 0 epsilon, 1 v_prediction, 2 sample."""
+    """prev_sample (and pred_original, model_input unless None) of one sigma-space step, as
+    _C.diffusion.sigma_step: kind 0 flow Euler, 1 Euler, 2 Euler ancestral, 3 and 4 Heun's halves (derivative
+    written by 3, read by 4 with origin); prediction 0 epsilon, 1 v_prediction, 2 sample; model_input =
+    prev_sample / model_scale[b] (a sampler's next model input)."""
     check(sample.dtype, model_output=model_output, sample=sample, noise=noise, prev_sample=prev_sample,
-          pred_original=pred_original, origin=origin, derivative=derivative)  # fmt: skip
+          pred_original=pred_original, origin=origin, derivative=derivative,
+          model_input=model_input, model_scale=model_scale)  # fmt: skip
     if sample.dim() < 1:
         raise ValueError("sample must have a batch dimension")
     batch, total = sample.shape[0], sample.numel()
@@ -161,9 +172,13 @@ def sigma_step(
         ("rescale", rescale, batch),
         ("origin", origin, total),
         ("derivative", derivative, total),
+        ("model_input", model_input, total),
+        ("model_scale", model_scale, batch),
     ):
         if a is not None and a.numel() != numel:
             raise ValueError(f"{name} must have {numel} elements, got {a.numel()}")
+    if (model_input is None) != (model_scale is None):
+        raise ValueError("model_input and model_scale are given together")
     if rescale is not None and not guided:
         raise ValueError("rescale needs guidance")
     kind, prediction = int(kind), int(prediction)
@@ -191,6 +206,8 @@ def sigma_step(
         pred_original if pred_original is not None else prev_sample,
         derivative if derivative is not None else prev_sample,
         origin if origin is not None else sample,
+        model_input if model_input is not None else prev_sample,
+        model_scale if model_scale is not None else sample,
         total,
         total // batch,
         scale,
@@ -202,6 +219,7 @@ def sigma_step(
         NOISY=kind == 2 or (kind == 0 and bool(stochastic)),
         HAS_EPS=noise is not None,
         WRITE_X0=pred_original is not None,
+        WRITE_MODEL_INPUT=model_input is not None,
         CT=compute_type(sample),
         BLOCK=BLOCK,
     )

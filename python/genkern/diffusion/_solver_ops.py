@@ -163,7 +163,7 @@ def _(*args):
 HEUN_FIRST, HEUN_SECOND = 3, 4  # gk::diffusion::kHeunFirst, kHeunSecond
 
 
-def _check_heun_step(model_output, sample, origin, derivative, sigma, sigma_next, prediction, guidance_scale,
+def check_heun_step(model_output, sample, origin, derivative, sigma, sigma_next, prediction, guidance_scale,
                      guidance_rescale) -> None:  # fmt: skip
     _ops._check_code("prediction", prediction, _ops.PREDICTIONS)
     _ops._check_batched("sample", sample)
@@ -197,7 +197,7 @@ def heun_step(
     first): origin None, the first half (returns x', writes d into `derivative`); else the second half at
     sample = x' (returns the step's result from `origin`, reads `derivative`)."""
     args = (model_output, sample, origin, derivative, sigma, sigma_next, prediction, guidance_scale, guidance_rescale)
-    _check_heun_step(*args)
+    check_heun_step(*args)
     out, _, d = ref.heun_step(
         model_output, sample, origin, derivative, sigma, sigma_next, prediction_type=_ops.PREDICTIONS[prediction],
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
@@ -207,7 +207,7 @@ def heun_step(
     return out.contiguous()
 
 
-@_ops.KERNELS.register(heun_step, check=_check_heun_step)
+@_ops.KERNELS.register(heun_step, check=check_heun_step)
 def _(kernels, model_output, sample, origin, derivative, sigma, sigma_next, prediction, scale, phi):
     B, guided = sample.shape[0], scale is not None
     rescale = None
@@ -224,7 +224,7 @@ def _(kernels, model_output, sample, origin, derivative, sigma, sigma_next, pred
 
 @heun_step.register_fake
 def _(*args):
-    _check_heun_step(*args)
+    check_heun_step(*args)
     sample = args[1]
     return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
 
@@ -271,19 +271,25 @@ def launch_native(kernel: str, prev: Tensor, *args) -> Tensor:
     return prev
 
 
-def run_loop(graphs: dict, make_loop, model, x_T: Tensor, model_kwargs: dict, cuda_graph, key: tuple) -> Tensor:
+def run_loop(sampler, make_loop, model, x_T: Tensor, model_kwargs: dict, cuda_graph, key: tuple) -> Tensor:
     """A sampler's run: make_loop()(x_T, model_kwargs), or with cuda_graph its capture (the DDPM/DDIM samplers'
-    _GraphedLoop), cached in `graphs` under `key` plus x_T's shape, dtype and device, the model and the
-    model_kwargs' key (see samplers._kwargs_key)."""
+    _GraphedLoop), for `key` plus x_T's shape, dtype and device, the model and (a capture) the model_kwargs'
+    key (see samplers._kwargs_key). Captures are cached in `sampler._graphs`; an eager run reuses the last
+    run's loop (`sampler._last_loop`) when its key is the same, as the DDPM/DDIM samplers do: building the
+    sigma rows costs as much as several steps of a batch-1 run."""
     from .samplers import _check_flag, _GraphedLoop, _kwargs_key  # samplers imports this family's ops
 
     _check_flag("cuda_graph", cuda_graph)
     if cuda_graph and x_T.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got device {x_T.device}")
+    key = (tuple(x_T.shape), x_T.dtype, x_T.device, id(model), *key)
     if not cuda_graph:
-        return make_loop()(x_T, model_kwargs)
-    key = (tuple(x_T.shape), x_T.dtype, x_T.device, id(model), *key, _kwargs_key(model_kwargs))
-    graphed = graphs.get(key)
+        last = sampler.__dict__.get("_last_loop")
+        if last is None or last[0] != key:  # the loop holds the model: its id is not reused meanwhile
+            last = sampler._last_loop = (key, make_loop())
+        return last[1](x_T, model_kwargs)
+    key += (_kwargs_key(model_kwargs),)
+    graphed = sampler._graphs.get(key)
     if graphed is None:
-        graphed = graphs[key] = _GraphedLoop(make_loop(), model, x_T, model_kwargs)
+        graphed = sampler._graphs[key] = _GraphedLoop(make_loop(), model, x_T, model_kwargs)
     return graphed(x_T, model_kwargs)

@@ -243,7 +243,7 @@ class DPMSolverMultistepSampler:
             return _DpmLoop(self, model, num_steps, shape[0], x.device, guidance_scale, guidance_rescale, seed)
 
         key = (num_steps, guidance_scale, guidance_rescale, seed if self.sde else None)
-        return _solver_ops.run_loop(self._graphs, make_loop, model, x, model_kwargs, cuda_graph, key)
+        return _solver_ops.run_loop(self, make_loop, model, x, model_kwargs, cuda_graph, key)
 
     def clear_cuda_graphs(self) -> None:
         """Release the captured graphs (and the memory pools they hold)."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _native
 from .. import backend as _backend
 from .._kernels import to_signed
 from ..random import check_offset, resolve_seed
@@ -328,10 +328,10 @@ class HeunSampler:
         )
 
         def make_loop():
-            return _HeunLoop(self, model, num_steps, shape[0], x_T.device, dtype, guidance_scale, guidance_rescale)
+            return _HeunLoop(self, model, num_steps, shape, x_T.device, dtype, guidance_scale, guidance_rescale)
 
         key = (num_steps, guidance_scale, guidance_rescale)
-        return _solver_ops.run_loop(self._graphs, make_loop, model, x_T, model_kwargs, cuda_graph, key)
+        return _solver_ops.run_loop(self, make_loop, model, x_T, model_kwargs, cuda_graph, key)
 
     def clear_cuda_graphs(self) -> None:
         """Release the captured graphs (and the memory pools they hold)."""
@@ -342,50 +342,106 @@ class _HeunLoop:
     """One Heun run from x_T (the genkern stream's randn, unscaled): the sigma and timestep rows, the model
     input scales and the derivative buffer built once."""
 
-    def __init__(self, sampler, model, num_steps, batch, device, dtype, guidance_scale, guidance_rescale):
-        self.sampler, self.model = sampler, model
+    def __init__(self, sampler, model, num_steps, shape, device, dtype, guidance_scale, guidance_rescale):
+        self.sampler, self.model, batch = sampler, model, shape[0]
         sigmas, timesteps = euler_sigmas(sampler.schedule, num_steps, **sampler.options)
         sigma_max = float(sigmas[0])
         self.init = (sigma_max**2 + 1) ** 0.5 if sampler.options["spacing"] == "leading" else sigma_max
         self.rows = sigmas.to(device)[:, None].expand(-1, batch).contiguous()
         t_model = timesteps.to(device)[:, None].expand(-1, batch).contiguous()
-        self.t_model = t_model.repeat(1, 2) if guidance_scale is not None else t_model
+        t_model = t_model.repeat(1, 2) if guidance_scale is not None else t_model
+        self.t_model = list(t_model.unbind(0))  # views made once: indexing a tensor costs a microsecond
         self.scales = (self.rows[:-1].to(dtype) ** 2 + 1).sqrt()
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.guidance_rescale = float(guidance_rescale)
+        self.scale_views = list((self.scales.view(num_steps, batch, *([1] * (len(shape) - 1)))).unbind(0))
+        self._described = None
 
-    def _model(self, x: Tensor, i: int, view, model_kwargs) -> Tensor:
-        x_in = x / self.scales[i].view(view)
+    def described(self) -> tuple:
+        """The descriptions of the sigma rows and the model input scales, made at the first direct launch and
+        kept with the loop (the sampler reuses it for the next run of the same shape)."""
+        if self._described is None:
+            self._described = ([_native.array(r) for r in self.rows], [_native.array(s) for s in self.scales])
+        return self._described
+
+    def _model(self, x_in: Tensor, i: int, model_kwargs) -> Tensor:
+        """The model at step i on x_in, the sample already divided by the step's scale."""
         x_in = torch.cat([x_in, x_in]) if self.guidance_scale is not None else x_in
         return self.model(x_in, self.t_model[i], **model_kwargs)
 
     def __call__(self, x_T: Tensor, model_kwargs: dict) -> Tensor:
         s, rows = self.sampler, self.rows
-        op, view = torch.ops.genkern.heun_step, (-1, *([1] * (x_T.dim() - 1)))
+        op, scale_views = torch.ops.genkern.heun_step, self.scale_views
         options = (s.prediction, self.guidance_scale, self.guidance_rescale)
         x = x_T * self.init
         derivative = torch.empty_like(x)
-        # The kernel launched directly after the op's checks (rescale factors: a pre-pass only the op computes).
-        steps = _solver_ops.LoopSteps(s.backend, x, native=self.guidance_rescale == 0.0)
+        # The compiled kernel launched directly after the op's own checks (run once per kind of half and model
+        # output signature: the loop's other tensors are its own), skipping torch's custom-op dispatch, which
+        # costs several times the kernel at batch 1; it also writes the next model input. Not on the Triton
+        # or reference backend, with guidance rescale (a pre-pass only the op computes), or while tracing:
+        # those call the op.
+        name = _backend.resolve(s.backend, x.device, x.dtype, "diffusion")
+        direct = name in ("cpu", "cuda") and self.guidance_rescale == 0.0
+        direct = direct and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
         guided = self.guidance_scale is not None
         codes = (s.prediction, guided, 0.0 if not guided else self.guidance_scale, False, 0, 0)
+        launch = _HeunLaunch(self.described(), derivative, codes) if direct else None
+        checked = set()  # (model output shape, dtype, device, first half?) the checks accepted
+        N = rows.shape[0] - 1
 
         def half(m, x, origin, i):
-            def op_call():
-                return _backend.call(s.backend, op, m, x, origin, derivative, rows[i], rows[i + 1], *options)
+            """A half of step i: its result, and the next model input (None after the last step's first half)."""
+            has_next = origin is not None or i < N - 1
+            if launch is None or type(m) is not Tensor:
+                out = _backend.call(s.backend, op, m, x, origin, derivative, rows[i], rows[i + 1], *options)
+                return out, out / scale_views[i + 1] if has_next else None
+            signature = (m.shape, m.dtype, m.device, origin is None)
+            if signature not in checked:
+                _solver_ops.check_heun_step(m, x, origin, derivative, rows[i], rows[i + 1], *options)
+                checked.add(signature)
+            return launch(m.contiguous(), x, origin, i, has_next)
 
-            def native_call():
-                prev = torch.empty_like(x)
-                kind = _solver_ops.HEUN_FIRST if origin is None else _solver_ops.HEUN_SECOND
-                args = (m.contiguous(), x, None, rows[i], rows[i + 1], None, prev, None, kind, *codes)
-                return _solver_ops.launch_native("sigma_step", prev, *args, origin, derivative)
-
-            return steps(op_call, native_call, m, x)
-
-        N = rows.shape[0] - 1
+        x_in = x / scale_views[0]
         for i in range(N):
-            x_prime = half(self._model(x, i, view, model_kwargs), x, None, i)
+            x_prime, x_in = half(self._model(x_in, i, model_kwargs), x, None, i)
             if i == N - 1:  # into sigma 0: the Euler step alone
                 return x_prime
-            x = half(self._model(x_prime, i + 1, view, model_kwargs), x_prime, x, i)
+            x, x_in = half(self._model(x_in, i + 1, model_kwargs), x_prime, x, i)
         return x
+
+
+class _HeunLaunch:
+    """The Heun halves of one loop run as direct sigma_step launches, with every description made once but the
+    model output's: the sigma rows and model input scales, the derivative buffer, three output buffers that
+    the halves take in turn (each writes one that is neither of its inputs) and two for the next model input
+    (each written while the model output being read may alias the other). A half costs a few microseconds of
+    kernel on a batch-1 latent; describing its arrays afresh, or dividing by the scale in a separate op, cost
+    about as much again (a profile of heun_loop)."""
+
+    def __init__(self, described: tuple, derivative: Tensor, codes: tuple):
+        self.fn = _ops.KERNELS.native().sigma_step
+        self.device, self.codes = derivative.device, codes
+        self.rows, self.scales = described  # of the loop's rows and scales (_HeunLoop.described)
+        self.derivative = _native.array(derivative)
+        self.buffers = [torch.empty_like(derivative) for _ in range(3)]
+        self.described = [_native.array(buffer) for buffer in self.buffers]
+        self.inputs = [torch.empty_like(derivative) for _ in range(2)]
+        self.inputs_described = [_native.array(buffer) for buffer in self.inputs]
+        self.calls = 0
+
+    def _describe(self, t: Tensor):
+        for buffer, described in zip(self.buffers, self.described):
+            if t is buffer:
+                return described
+        return _native.array(t)
+
+    def __call__(self, m: Tensor, x: Tensor, origin: Tensor | None, i: int, has_next: bool):
+        b = self.buffers
+        k = 0 if b[0] is not x and b[0] is not origin else 1 if b[1] is not x and b[1] is not origin else 2
+        kind = _solver_ops.HEUN_FIRST if origin is None else _solver_ops.HEUN_SECOND
+        x_d, origin_d = self._describe(x), None if origin is None else self._describe(origin)
+        args = (_native.array(m), x_d, None, self.rows[i], self.rows[i + 1], None, self.described[k], None, kind)
+        j = self.calls = self.calls ^ 1
+        model_input = (self.inputs_described[j], self.scales[i + 1]) if has_next else (None, None)
+        _native.launch(self.fn, self.device, [*args, *self.codes, origin_d, self.derivative, *model_input])
+        return b[k], self.inputs[j] if has_next else None
