@@ -418,12 +418,75 @@ def _solver_step_case(name, make_inputs, genkern_fn, eager_fn, arrays) -> BenchC
     return dataclasses.replace(case, bytes_moved=lambda n, dt: arrays * _itemsize(dt) * _shape(n)[0] * 3 * 32 * 32)
 
 
+def _euler_step_inputs(size, device, dtype):
+    """(model_output, sample, sigma, sigma_next): Euler (ancestral) steps at per-sample sigmas of a 30-step run."""
+    sample = torch.randn(_shape(size), device=device, dtype=dtype)
+    sigma = torch.rand(sample.shape[0], device=device) * 10 + 0.1
+    return torch.randn_like(sample), sample, sigma, sigma * 0.8
+
+
+def eager_euler_step(model_output, sample, sigma, sigma_next):
+    """EulerDiscreteScheduler.step (epsilon, no churn) at per-sample sigmas: x0_hat, d, the Euler step."""
+    view = (-1, *([1] * (sample.dim() - 1)))
+    s = sigma.view(view)
+    x0 = sample - s * model_output
+    d = (sample - x0) / s
+    return sample + d * (sigma_next - sigma).view(view)
+
+
+def genkern_euler_step(model_output, sample, sigma, sigma_next, backend=None):
+    return genkern.euler_step(model_output, sigma, sigma_next, sample, backend=backend)
+
+
+def eager_euler_ancestral_step(model_output, sample, sigma, sigma_next):
+    """EulerAncestralDiscreteScheduler.step (epsilon): the Euler step to sigma_down, then noise times sigma_up
+    (the noise drawn with randn_like, as the scheduler's randn_tensor)."""
+    view = (-1, *([1] * (sample.dim() - 1)))
+    s, s_next = sigma.view(view), sigma_next.view(view)
+    x0 = sample - s * model_output
+    up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+    down = (s_next**2 - up**2) ** 0.5
+    d = (sample - x0) / s
+    return sample + d * (down - s) + torch.randn_like(sample) * up
+
+
+def genkern_euler_ancestral_step(model_output, sample, sigma, sigma_next, backend=None):
+    return genkern.euler_ancestral_step(model_output, sigma, sigma_next, sample, seed=0, backend=backend)
+
+
+_BATCH16_SHAPE = (16, 4, 64, 64)
+
+
+def _loop_inputs_batch16(size, device, dtype):
+    return (genkern.randn(_BATCH16_SHAPE, seed=0, device=device, dtype=dtype),)
+
+
+def _batch16(case: BenchCase, model_calls: int) -> BenchCase:
+    """A whole-loop case again at batch 16 (<name>_b16)."""
+    return dataclasses.replace(
+        case,
+        name=f"{case.name}_b16",
+        make_inputs=_loop_inputs_batch16,
+        shape=lambda n: _BATCH16_SHAPE,
+        default=False,
+        bytes_moved=lambda n, dt: model_calls * 3 * _itemsize(dt) * 16 * 4 * 64 * 64,
+    )
+
+
 SOLVER_CASES = (
+    # reads model_output and sample, writes prev_sample (Euler ancestral: its noise drawn in the kernel)
+    _solver_step_case("euler_step", _euler_step_inputs, genkern_euler_step, eager_euler_step, 3),
+    _solver_step_case(
+        "euler_ancestral_step", _euler_step_inputs, genkern_euler_ancestral_step, eager_euler_ancestral_step, 3
+    ),  # fmt: skip
     # reads model_output, sample, history; writes prev_sample and the history
     _solver_step_case("dpm_solver_step", _dpm_step_inputs, genkern_dpm_solver_step, eager_dpm_solver_step, 5),
     # reads model_output, x', origin, derivative; writes prev_sample
     _solver_step_case("heun_step", _heun_step_inputs, genkern_heun_step, eager_heun_step, 5),
-    _loop_case("heun_loop", genkern_heun_loop, diffusers_heun_loop, _HEUN_STEPS, 2 * _HEUN_STEPS - 1),
-    _loop_case("dpm_solver_loop", genkern_dpm_loop, diffusers_dpm_loop, _SOLVER_STEPS, _SOLVER_STEPS),
+    _HEUN_LOOP := _loop_case("heun_loop", genkern_heun_loop, diffusers_heun_loop, _HEUN_STEPS, 2 * _HEUN_STEPS - 1),
+    _DPM_LOOP := _loop_case("dpm_solver_loop", genkern_dpm_loop, diffusers_dpm_loop, _SOLVER_STEPS, _SOLVER_STEPS),
+    _batch16(_LOOP, _LOOP_STEPS),
+    _batch16(_HEUN_LOOP, 2 * _HEUN_STEPS - 1),
+    _batch16(_DPM_LOOP, _SOLVER_STEPS),
 )
 CASES = CASES + SOLVER_CASES
