@@ -210,6 +210,15 @@ OPS = {
         "logistic_mixture",
         _call(genkern.discretized_logistic_mixture_nll, lambda: dict(params=_r(2, 20, 3, 4), x=_levels())),
     ),
+    # the training loss (gradients needed): genkern::logistic_mixture_nll_loss
+    "discretized_logistic_mixture_nll_loss": (
+        "logistic_mixture",
+        _call(
+            genkern.discretized_logistic_mixture_nll,
+            lambda: dict(params=_r(2, 20, 3, 4).requires_grad_(), x=_levels()),
+            reduction="sum",
+        ),
+    ),
     "discretized_logistic_mixture_sample": (
         "logistic_mixture",
         _call(genkern.discretized_logistic_mixture_sample, lambda: dict(params=_r(2, 20, 3, 4), seed=0)),
@@ -592,6 +601,22 @@ BAD += values(
     ("not whole", lambda: torch.full((2, 3, 3, 4), 0.5), ValueError),
 )
 BAD += values("discretized_logistic_mixture_nll", "reduction", ("unknown", "max", ValueError))
+BAD += tensors(
+    "discretized_logistic_mixture_nll_loss",
+    "x",
+    (2, 3, 3, 4),
+    dtype=torch.int64,
+    other_dtype=False,
+    skip=("dtype int64",),
+    wrong_shape=(2, 3, 3, 5),
+)
+BAD += values(
+    "discretized_logistic_mixture_nll_loss",
+    "x",
+    ("level 256", lambda: torch.full((2, 3, 3, 4), 256), ValueError),
+    ("not whole", lambda: torch.full((2, 3, 3, 4), 0.5), ValueError),
+)
+BAD += ints("discretized_logistic_mixture_nll_loss", "levels", low=2, extra=[("2**24 + 1", 2**24 + 1, ValueError)])
 BAD += tensors(
     "discretized_logistic_mixture_sample",
     "params",

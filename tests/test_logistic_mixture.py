@@ -236,6 +236,40 @@ def test_gradients_match_reference(backend, dtype):
         assert_close(got.cpu(), want, dtype, scale=_scale(dtype))
 
 
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_training_loss_is_the_per_image_loss(backend, dtype):
+    """reduction "sum" / "mean" with gradients needed run genkern::logistic_mixture_nll_loss (the gradient
+    computed in the forward; on the CPU from one evaluation of the terms): the loss and gradient bits of the
+    per-image NLL summed, under any upstream gradient, a retained graph run twice, and create_graph (whose
+    second derivative is refused as the per-pixel loss refuses it)."""
+    device = _device(backend)
+    for b, c, k, h, w, coupled, levels in _cases(backend):
+        params = make_params(b, c, k, h, w, coupled, dtype, device).requires_grad_(True)
+        x = make_levels(b, c, h, w, levels, device)
+        kw = dict(levels=levels, num_mixtures=k, rgb_coupling=coupled, backend=backend)
+        for reduction in ("sum", "mean"):
+            per_image = nll(params, x, **kw)  # reduction "none": the forward, then the backward's recomputation
+            want = per_image.sum() if reduction == "sum" else per_image.mean()
+            (want_grad,) = torch.autograd.grad(want, params)
+            loss = nll(params, x, reduction=reduction, **kw)
+            assert loss.grad_fn is not None and "nll_loss" in type(loss.grad_fn).__name__
+            exact = dict(rtol=0, atol=0, equal_nan=True)  # a case with NaN params: NaN loss and gradients
+            torch.testing.assert_close(loss, want, **exact)
+            first = torch.autograd.grad(loss, params, retain_graph=True)[0].clone()
+            again = torch.autograd.grad(loss, params, retain_graph=True)[0]
+            tol = exact if reduction == "sum" else dict(rtol=1e-6, atol=1e-12, equal_nan=True)  # 1/B rounded once
+            torch.testing.assert_close(first, want_grad, **tol)
+            torch.testing.assert_close(again, first, **exact)
+            (scaled,) = torch.autograd.grad(loss * 3.0, params, retain_graph=True)
+            torch.testing.assert_close(scaled, 3.0 * first, rtol=1e-6, atol=0, equal_nan=True)
+            (graphed,) = torch.autograd.grad(loss, params, create_graph=True)
+            torch.testing.assert_close(graphed, first, rtol=1e-6, atol=0, equal_nan=True)
+            with pytest.raises(RuntimeError, match="no autograd formula"):
+                graphed.sum().backward()
+        with torch.no_grad():  # no gradient needed: the forward alone
+            assert nll(params, x, reduction="sum", **kw).grad_fn is None
+
+
 def test_half_types_come_back_in_float32():
     params = make_params(2, 3, 2, 3, 4, True, torch.float16)
     x = make_levels(2, 3, 3, 4, 256)
@@ -479,6 +513,8 @@ def test_opcheck(backend):
         (ops.logistic_mixture_log_prob, (params, x, 256, 2, True)),
         (ops.logistic_mixture_log_prob, (gray.requires_grad_(True), xg, 16, 3, False)),
         (ops.logistic_mixture_log_prob_backward, (params.detach(), x, log_p, torch.randn_like(log_p), 256, 2, True)),
+        (ops.logistic_mixture_nll_loss, (params, x, 256, 2, True, False)),
+        (ops.logistic_mixture_nll_loss, (gray, xg, 16, 3, False, True)),
         (ops.logistic_mixture_sample, (params.detach(), 256, 2, True, 3, 1, 2, 0)),
         (ops.logistic_mixture_sample, (gray.detach(), 16, 3, False, 1, -5, 0, 7)),
     ]
@@ -591,6 +627,13 @@ def test_native_checks_guard_the_kernels():
         fam.log_prob(params.transpose(2, 3), x, out, 256, 2, True)
     with pytest.raises(ValueError, match="grad_params"):
         fam.log_prob_backward(out, params, x, out, torch.empty(3), 256, 2, True)
+    grad = torch.empty_like(params)
+    with pytest.raises(ValueError, match="grad_params"):
+        fam.log_prob_with_grad(params, x, out, torch.empty(3), 256, 2, True, -1.0)
+    with pytest.raises(ValueError, match="log_prob"):
+        fam.log_prob_with_grad(params, x, torch.empty(2, 3), grad, 256, 2, True, -1.0)
+    with pytest.raises(ValueError, match="x"):
+        fam.log_prob_with_grad(params, x[:, :, :2].contiguous(), out, grad, 256, 2, True, -1.0)
     with pytest.raises(ValueError, match="first"):
         fam.sample(params, torch.empty(2, 3, 3, 4, dtype=torch.int64), 256, 2, True, 0, 0, 2**62)
 

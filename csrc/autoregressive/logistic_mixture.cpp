@@ -81,6 +81,24 @@ void log_prob_backward_entry(const Array& grad, const Array& params, const Array
   run_on_device(params, args, stream, log_prob_backward_cpu, GK_CUDA(log_prob_backward_cuda));
 }
 
+// CPU only: on a GPU the backward's recomputation is cheap next to its memory traffic, and the op composes
+// the forward and backward kernels there.
+void log_prob_with_grad_entry(const Array& params, const Array& x, const Array& log_prob, const Array& grad_params,
+                              int64_t levels, int64_t mixtures, bool coupled, double weight) {
+  Checked(params, "params")(grad_params, "grad_params");
+  if (params.device != Device::cpu) throw ValueError("log_prob_with_grad runs on CPU arrays");
+  if (x.ndim() != 4) throw ValueError("x must have shape (B, C, H, W)");
+  const Shape s = shape_of(params, x.shape[1], mixtures, levels, coupled);
+  check_levels_array(x, params, {s.batch, s.colors, s.height, s.width}, "x");
+  check_pixels(log_prob, params, s, "log_prob");
+  check_numel(grad_params, params.numel(), "grad_params");
+  if (params.numel() == 0) return;
+  prepare_output(grad_params);
+  const LogProbWithGradArgs args{params.raw(), x.ptr<int64_t>(), log_prob.raw(), grad_params.raw(), weight, s,
+                                 params.dtype};
+  log_prob_with_grad_cpu(args);
+}
+
 void sample_entry(const Array& params, const Array& out, int64_t levels, int64_t mixtures, bool coupled, uint64_t seed,
                   uint64_t offset, uint64_t first, uintptr_t stream) {
   Checked(params, "params");
@@ -108,6 +126,8 @@ void bind_logistic_mixture(py::module_& parent) {
         arg("coupled"), arg("stream") = 0);
   m.def("log_prob_backward", &log_prob_backward_entry, arg("grad"), arg("params"), arg("x"), arg("log_prob"),
         arg("grad_params"), arg("levels"), arg("num_mixtures"), arg("coupled"), arg("stream") = 0);
+  m.def("log_prob_with_grad", &log_prob_with_grad_entry, arg("params"), arg("x"), arg("log_prob"), arg("grad_params"),
+        arg("levels"), arg("num_mixtures"), arg("coupled"), arg("weight"));
   m.def("sample", &sample_entry, arg("params"), arg("out"), arg("levels"), arg("num_mixtures"), arg("coupled"),
         arg("seed"), arg("offset"), arg("first"), arg("stream") = 0);
 }

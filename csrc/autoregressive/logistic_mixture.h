@@ -43,6 +43,19 @@ struct LogProbBackwardArgs {
   DType dtype;
 };
 
+// The forward and the backward from one evaluation of the terms (the CPU's training path): log_prob (B, H, W)
+// as LogProbArgs' out, and grad_params = d(weight * sum log p) / d params, every pixel's incoming gradient
+// being `weight`. The same bits as the forward, then the backward with grad = weight everywhere.
+struct LogProbWithGradArgs {
+  const void* params;
+  const int64_t* x;
+  void* log_prob;     // (B, H, W), compute type
+  void* grad_params;  // params' shape and dtype
+  double weight;
+  Shape shape;
+  DType dtype;
+};
+
 // out (B, C, H, W) int64: row b is sample first + b of the mixture params[b]; draw t of pixel p of sample s
 // is stream element (s H W + p)(K + C) + t of (seed, offset).
 struct SampleArgs {
@@ -55,6 +68,7 @@ struct SampleArgs {
 
 void log_prob_cpu(const LogProbArgs& a);
 void log_prob_backward_cpu(const LogProbBackwardArgs& a);
+void log_prob_with_grad_cpu(const LogProbWithGradArgs& a);
 void sample_cpu(const SampleArgs& a);
 // One (sample, pixel)'s draw_pixel (logistic_mixture_math.h) from float32 params `stride` apart, its levels
 // written `out_stride` apart. Compiled with the op's CPU kernels (no FP contraction), so that the cached

@@ -141,6 +141,44 @@ int64_t runs_per_image(const Shape& s) {
   return (s.pixels() + kRun - 1) / kRun;
 }
 
+// The gradients of component k's means, log-scales (and coefficients) for n pixels from its responsibilities
+// r (times the incoming gradient) and each channel's d log P / du, d log P / ds (du, ds: C rows of kRun),
+// tanh_a the coefficients' tanh (3 rows of kRun). du is overwritten with d/dmu.
+template <typename T>
+void component_grads(const Image<const T>& img, const Image<T>& out, const Shape& s, int64_t k, int64_t p0, int64_t n,
+                     const T* y, T* du_rows, const T* ds_rows, const T* tanh_a, const T* r) {
+  for (int64_t c = 0; c < s.colors; ++c) {
+    const T* ls = img.log_scale(c, k) + p0;
+    T* du = du_rows + c * kRun;
+    const T* ds = ds_rows + c * kRun;
+    T* gm = out.mean(c, k) + p0;
+    T* gs = out.log_scale(c, k) + p0;
+#pragma omp simd
+    for (int64_t p = 0; p < n; ++p) {
+      du[p] = -r[p] * du[p];  // now d/dmu_c
+      gm[p] = du[p];
+      gs[p] = ls[p] >= T(kLogScaleMin) ? r[p] * ds[p] : T(0);
+    }
+  }
+  if (s.coupled) {
+    // mu_G = m_G + a0 y_R, mu_B = m_B + a1 y_R + a2 y_G, a_j = tanh(coeff_j)
+    const T* y_r = y;
+    const T* y_g = y + kRun;
+    const T* d_g = du_rows + kRun;
+    const T* d_b = du_rows + 2 * kRun;
+    const T* y_of[3] = {y_r, y_r, y_g};
+    const T* d_of[3] = {d_g, d_b, d_b};
+    for (int64_t j = 0; j < 3; ++j) {
+      const T* t = tanh_a + j * kRun;
+      const T* yj = y_of[j];
+      const T* dj = d_of[j];
+      T* ga = out.coeff(j, k) + p0;
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) ga[p] = dj[p] * yj[p] * (T(1) - t[p] * t[p]);
+    }
+  }
+}
+
 template <typename T>
 struct LogProbKernel {
   static void run(const LogProbArgs& a) {
@@ -202,36 +240,63 @@ struct LogProbBackwardKernel {
           r[p] = g[p] * gk::exp(acc[p] - lp[p]);
           gl[p] = r[p] - g[p] * gk::exp(l[p] - lse_logits[p]);
         }
-        for (int64_t c = 0; c < s.colors; ++c) {
-          const T* ls = img.log_scale(c, k) + p0;
-          T* du = w.d_u.data() + c * kRun;
-          const T* ds = w.d_s.data() + c * kRun;
-          T* gm = out.mean(c, k) + p0;
-          T* gs = out.log_scale(c, k) + p0;
+        component_grads(img, out, s, k, p0, n, w.y.data(), w.d_u.data(), w.d_s.data(), w.tanh_a.data(), r);
+      }
+    });
+  }
+};
+
+// One evaluation of the terms for both passes: component k's log-sum (acc), channel derivatives and
+// coefficient tanh are kept for every k of the run (K (2C + 4) kRun values, a few tens of KB), log p follows
+// from them, then the gradients as LogProbBackwardKernel writes them with g = weight. The backward alone
+// evaluates every term again, which made forward + backward cost 2.3 forwards.
+template <typename T>
+struct LogProbWithGradKernel {
+  static void run(const LogProbWithGradArgs& a) {
+    const Shape& s = a.shape;
+    const Levels<T> lv(s.levels);
+    T* log_prob = static_cast<T*>(a.log_prob);
+    const T weight = static_cast<T>(a.weight);
+    const int64_t runs = runs_per_image<T>(s), K = s.mixtures, C = s.colors;
+    cpu::parallel_for(s.batch * runs, 2 * kRun * K * C * kTermWork, [&](int64_t task) {
+      const int64_t b = task / runs, p0 = (task % runs) * kRun, n = std::min(kRun, s.pixels() - p0);
+      const Image<const T> img = image_of<const T>(a.params, s, b);
+      const Image<T> out = image_of<T>(a.grad_params, s, b);
+      Scratch<T> w(C);
+      load_levels(a.x, s, b, p0, n, lv, w);
+      std::vector<T> acc_k(K * kRun), du_k(K * C * kRun), ds_k(K * C * kRun), tanh_k(s.coupled ? K * 3 * kRun : 0);
+      T lse_logits[kRun], lp[kRun], r[kRun];
+      logits_lse(img, p0, n, lse_logits);
+      LogSumExp<T> mix[kRun];
+      for (int64_t k = 0; k < K; ++k) {
+        const T* l = img.logit(k) + p0;
+        T* acc = acc_k.data() + k * kRun;
+        for (int64_t p = 0; p < n; ++p) acc[p] = l[p] - lse_logits[p];
+        add_channels<T, true>(img, s, lv, k, p0, n, w, acc);
+        std::copy(w.d_u.begin(), w.d_u.end(), du_k.begin() + k * C * kRun);
+        std::copy(w.d_s.begin(), w.d_s.end(), ds_k.begin() + k * C * kRun);
+        if (s.coupled) std::copy(w.tanh_a.begin(), w.tanh_a.end(), tanh_k.begin() + k * 3 * kRun);
+        if (k == 0) {
+          for (int64_t p = 0; p < n; ++p) mix[p].first(acc[p]);
+        } else {
 #pragma omp simd
-          for (int64_t p = 0; p < n; ++p) {
-            du[p] = -r[p] * du[p];  // now d/dmu_c
-            gm[p] = du[p];
-            gs[p] = ls[p] >= T(kLogScaleMin) ? r[p] * ds[p] : T(0);
-          }
+          for (int64_t p = 0; p < n; ++p) mix[p].add(acc[p]);
         }
-        if (s.coupled) {
-          // mu_G = m_G + a0 y_R, mu_B = m_B + a1 y_R + a2 y_G, a_j = tanh(coeff_j) (w.tanh_a holds them for k)
-          const T* y_r = w.y.data();
-          const T* y_g = w.y.data() + kRun;
-          const T* d_g = w.d_u.data() + kRun;
-          const T* d_b = w.d_u.data() + 2 * kRun;
-          const T* y_of[3] = {y_r, y_r, y_g};
-          const T* d_of[3] = {d_g, d_b, d_b};
-          for (int64_t j = 0; j < 3; ++j) {
-            const T* t = w.tanh_a.data() + j * kRun;
-            const T* yj = y_of[j];
-            const T* dj = d_of[j];
-            T* ga = out.coeff(j, k) + p0;
+      }
+      for (int64_t p = 0; p < n; ++p) lp[p] = mix[p].value();
+      std::copy(lp, lp + n, log_prob + b * s.pixels() + p0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* l = img.logit(k) + p0;
+        const T* acc = acc_k.data() + k * kRun;
+        T* gl = out.logit(k) + p0;
 #pragma omp simd
-            for (int64_t p = 0; p < n; ++p) ga[p] = dj[p] * yj[p] * (T(1) - t[p] * t[p]);
-          }
+        for (int64_t p = 0; p < n; ++p) {
+          r[p] = weight * gk::exp(acc[p] - lp[p]);
+          gl[p] = r[p] - weight * gk::exp(l[p] - lse_logits[p]);
         }
+        const T* tanh_a = s.coupled ? tanh_k.data() + k * 3 * kRun : w.tanh_a.data();
+        component_grads(img, out, s, k, p0, n, w.y.data(), du_k.data() + k * C * kRun, ds_k.data() + k * C * kRun,
+                        tanh_a, r);
       }
     });
   }
@@ -266,6 +331,7 @@ struct SampleKernel {
 
 void log_prob_cpu(const LogProbArgs& a) { cpu::dispatch_float<LogProbKernel>(a.dtype, a); }
 void log_prob_backward_cpu(const LogProbBackwardArgs& a) { cpu::dispatch_float<LogProbBackwardKernel>(a.dtype, a); }
+void log_prob_with_grad_cpu(const LogProbWithGradArgs& a) { cpu::dispatch_float<LogProbWithGradKernel>(a.dtype, a); }
 void sample_cpu(const SampleArgs& a) { cpu::dispatch_float<SampleKernel>(a.dtype, a); }
 
 void draw_pixel_cpu(const float* params, int64_t stride, int64_t mixtures, int64_t colors, bool coupled, int64_t levels,

@@ -566,7 +566,9 @@ def discretized_logistic_mixture_nll(
 ) -> Tensor:
     """PixelCNN++'s negative log-likelihood (Salimans et al. 2017) of images x under a discretised mixture of
     K logistics per pixel, in nats, in one fused pass (and one fused backward: nothing of size (B, C, H, W, K)
-    is kept or formed).
+    is kept or formed). The training losses ("sum", "mean" with gradients needed) compute the gradient in the
+    same pass and keep it (params' size) for the backward, which scales it: on the CPU every term is
+    evaluated once instead of twice.
 
     x: (B, C, H, W) integer levels in [0, levels) (any integer dtype, or floats holding whole numbers).
     params: (B, P, H, W), PixelCNN++'s channel order (docs/math.md, section 6.1): the K mixture logits, then
@@ -587,6 +589,10 @@ def discretized_logistic_mixture_nll(
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
     k, coupled = _mixture_layout(params, x.shape[1], num_mixtures, rgb_coupling)
+    if reduction in ("sum", "mean") and torch.is_grad_enabled() and params.requires_grad:
+        # Training: the loss and its gradient from one pass (the backward only scales the kept gradient).
+        op = torch.ops.genkern.logistic_mixture_nll_loss
+        return _backend.call(backend, op, params, x, levels, k, coupled, reduction == "mean")[0]
     log_p = _backend.call(backend, torch.ops.genkern.logistic_mixture_log_prob, params, x, levels, k, coupled)
     if reduction == "pixel":
         return -log_p

@@ -5,7 +5,9 @@ backward, and `genkern::logistic_mixture_sample`.
 x travels as int64 levels. log p is float64 for float64 params and float32 otherwise (half types compute in
 float32, and a loss summed over thousands of pixels belongs in float32). The forward keeps nothing but its
 inputs and log p itself (the per-pixel logsumexp the responsibilities need): the backward recomputes every
-term from them, in one pass.
+term from them, in one pass. `genkern::logistic_mixture_nll_loss`, the training loss ("sum" and "mean" with
+gradients needed), computes the gradient in its forward instead (on the CPU from one evaluation of the
+terms), keeping it (params' size) for its backward, which only scales it.
 """
 
 from __future__ import annotations
@@ -168,6 +170,90 @@ def _grad(ctx, grad):
 
 
 logistic_mixture_log_prob.register_autograd(_grad, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# logistic_mixture_nll_loss: the training loss -sum log p (mean: over the batch) and its gradient, together
+# ---------------------------------------------------------------------------------------------------------
+def _loss_weight(params: Tensor, mean: bool) -> float:
+    """Every pixel's d loss / d log p."""
+    return -1.0 / params.shape[0] if mean and params.shape[0] else -1.0
+
+
+def _loss_of(log_p: Tensor, mean: bool) -> Tensor:
+    nll = -log_p.sum((1, 2))  # the order discretized_logistic_mixture_nll sums in
+    return nll.mean() if mean else nll.sum()
+
+
+def _check_loss(params, x, levels, num_mixtures, coupled, mean) -> None:
+    _check_log_prob(params, x, levels, num_mixtures, coupled)
+    if not isinstance(mean, bool):
+        raise TypeError(f"mean must be a bool, got {type(mean).__name__}")
+
+
+@torch.library.custom_op("genkern::logistic_mixture_nll_loss", mutates_args=())
+def logistic_mixture_nll_loss(
+    params: Tensor, x: Tensor, levels: int, num_mixtures: int, coupled: bool, mean: bool
+) -> tuple[Tensor, Tensor]:
+    """(loss, d loss / d params): loss = -sum log p(x) over pixels and images (mean: averaged over the batch),
+    the gradient computed with it. The CPU kernel evaluates each term once for both, where the forward then
+    the backward evaluate them twice; the backward of this op only scales the gradient."""
+    _check_loss(params, x, levels, num_mixtures, coupled, mean)
+    log_p = ref.logistic_mixture_log_prob(params, x, levels, num_mixtures, coupled)
+    weight = torch.full_like(log_p, _loss_weight(params, mean))
+    grad = ref.logistic_mixture_log_prob_backward(weight, params, x, log_p, levels, num_mixtures, coupled)
+    return _loss_of(log_p, mean), grad.contiguous()
+
+
+@MIXTURE_KERNELS.register(logistic_mixture_nll_loss, check=_check_loss)
+def _(kernels, params, x, levels, num_mixtures, coupled, mean):
+    log_p = _pixels_like(params)
+    grad = torch.empty_like(params, memory_format=torch.contiguous_format)
+    p, levels_x, weight = params.contiguous(), x.contiguous(), _loss_weight(params, mean)
+    if params.device.type == "cpu" and isinstance(kernels, _native.Kernels):
+        kernels.log_prob_with_grad(p, levels_x, log_p, grad, levels, num_mixtures, coupled, weight)
+    else:  # CUDA and Triton: the forward and the backward kernels (recomputing is cheap next to the traffic)
+        kernels.log_prob(p, levels_x, log_p, levels, num_mixtures, coupled)
+        weights = torch.full_like(log_p, weight)
+        kernels.log_prob_backward(weights, p, levels_x, log_p, grad, levels, num_mixtures, coupled)
+    return _loss_of(log_p, mean), grad
+
+
+@logistic_mixture_nll_loss.register_fake
+def _(params, x, levels, num_mixtures, coupled, mean):
+    _check_loss(params, x, levels, num_mixtures, coupled, mean)
+    loss = params.new_empty((), dtype=compute_dtype(params.dtype))
+    return loss, torch.empty_like(params, memory_format=torch.contiguous_format)
+
+
+def _loss_setup(ctx, inputs, output):
+    params, x, levels, num_mixtures, coupled, mean = inputs
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(params, x, grad)
+    ctx.args, ctx.mean = (levels, num_mixtures, coupled), mean
+    ctx.backend = _backend.scoped_choice()
+
+
+def _loss_grad(ctx, grad_loss, _):
+    params, x, grad = ctx.saved_tensors
+    if torch.is_grad_enabled() and type(grad_loss) is Tensor and not torch.compiler.is_compiling():
+        # create_graph=True: the backward op, as the per-pixel loss runs it (it refuses a second derivative
+        # with torch's own message, where a scaled kept gradient would give a silently wrong one).
+        with _backend.scoped(ctx.backend):
+            log_p = logistic_mixture_log_prob(params.detach(), x, *ctx.args)
+            weight = (grad_loss * _loss_weight(params, ctx.mean)).to(log_p.dtype).expand(log_p.shape).contiguous()
+            return logistic_mixture_log_prob_backward(params, x, log_p, weight, *ctx.args), None, None, None, None, None
+    # loss.backward() and autograd.grad(loss, ...) pass 1: the gradient itself, not a scaled copy (the copy
+    # would double the head's peak memory). Checked on CPU values only: on a GPU it would wait for the device.
+    # (A plain tensor: not a fake or functional one of tracing, which has no value to compare.)
+    plain = type(grad_loss) is Tensor and not torch.compiler.is_compiling()
+    eager_one = plain and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+    grad_params = grad if eager_one else grad * grad_loss.to(grad.dtype)
+    return grad_params, None, None, None, None, None
+
+
+logistic_mixture_nll_loss.register_autograd(_loss_grad, setup_context=_loss_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
