@@ -177,7 +177,7 @@ def per_op(a):
     for shape in SHAPES:
         if (a.only and a.only not in shape[0]) or shape[1] > a.max_batch:
             continue
-        for op in ("forward", "grad_input"):  # grad_weight has no dense path
+        for op in ("forward", "grad_input", "grad_weight"):
             if op == "grad_input" and shape[2] == 1:
                 continue  # a first layer on data: no grad_x
             for threads in map(int, a.threads.split(",")):

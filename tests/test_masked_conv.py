@@ -503,16 +503,16 @@ def test_masked_taps_and_padding_contribute_nothing(backend, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The cpu backend's dense path (torch's convolution on the masked weight, _masked_conv_dense) for the forward
-# and grad_input of the shapes where it wins: the same contract as the compiled kernels.
+# The cpu backend's dense path (torch's convolution on the masked weight, _masked_conv_dense) for the forward,
+# grad_input and grad_weight of the shapes where it wins: the same contract as the compiled kernels.
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def dense_everywhere(monkeypatch):
     """The cpu backend with its rule replaced by 'always dense'; yields the list of dense calls that kept
     their result (None: fell back to the kernels)."""
     ran = []
-    monkeypatch.setattr(dense, "use_dense", lambda op, shape, dtype: op != "grad_weight")
-    for name in ("forward", "grad_input"):
+    monkeypatch.setattr(dense, "use_dense", lambda op, shape, dtype: True)
+    for name in ("forward", "grad_input", "grad_weight"):
         original = getattr(dense, name)
 
         def recording(*args, _original=original, _name=name):
@@ -530,7 +530,8 @@ def test_dense_path_matches_reference(dense_everywhere, dtype):
         c_in, c_out = 3 * groups, 2 * groups + 3 * (groups == 1)
         check_against_reference("cpu", dtype, (2, c_in, c_out, k, 5, 7), mask_type, groups, d, bias=k % 2 == 1)
     check_against_reference("cpu", torch.float32, (64, 32, 32, 3, 8, 8), "B", 1, 1)
-    assert ("forward", True) in dense_everywhere and ("grad_input", True) in dense_everywhere
+    for op in ("forward", "grad_input", "grad_weight"):
+        assert (op, True) in dense_everywhere
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -538,25 +539,37 @@ def test_dense_path_follows_the_nan_rule(dense_everywhere, dtype):
     # Non-finite inputs: a non-finite dense result is thrown away and the kernels' exact path gives the
     # reference's (a finite one is the reference's sum: the skipped products were exact zeros).
     test_masked_taps_and_padding_contribute_nothing("cpu", dtype)
-    assert ("forward", False) in dense_everywhere
+    assert ("forward", False) in dense_everywhere and ("grad_weight", False) in dense_everywhere
 
 
 def test_dense_path_ignores_masked_weights(dense_everywhere):
     test_masked_weights_are_ignored_and_get_zero_gradient("cpu")
-    assert ("forward", True) in dense_everywhere
+    assert ("forward", True) in dense_everywhere and ("grad_weight", True) in dense_everywhere
 
 
 def test_dense_rule_and_what_it_routes():
     """The rule: float32 forward and grad_input of layers with >= 8 input channels on images of <= 100 pixels
-    at >= 2048 pixels a call (the shipped 8 x 8 models at training batches); grad_weight never. The cpu
-    backend then runs the dense path, with the same bits on repeated calls."""
+    at >= 2048 pixels a call (the shipped 8 x 8 models at training batches); for 1 x 1 layers at >= 784 pixels
+    a call, grad_weight, and grad_input where the layer at least doubles the channels. The cpu backend then
+    runs the dense path, with the same bits on repeated calls."""
     digits = (64, 32, 32, 3, 8, 8)
     assert dense.use_dense("forward", digits, torch.float32) and dense.use_dense("grad_input", digits, torch.float32)
-    assert not dense.use_dense("grad_weight", digits, torch.float32)
+    assert not dense.use_dense("grad_weight", digits, torch.float32)  # 3 x 3: the kernels
     assert not dense.use_dense("forward", digits, torch.float64)
     assert not dense.use_dense("forward", (1, 32, 32, 3, 8, 8), torch.float32)  # one image
     assert not dense.use_dense("forward", (64, 1, 32, 5, 8, 8), torch.float32)  # a first layer
     assert not dense.use_dense("forward", (21, 64, 64, 3, 28, 28), torch.float32)  # 28 x 28
+    logits = (1, 64, 256, 1, 28, 28)  # the 28 x 28 PixelCNN's 1 x 1 logits layer, one image
+    assert dense.use_dense("grad_weight", logits, torch.float32) and dense.use_dense(
+        "grad_input", logits, torch.float32
+    )
+    assert not dense.use_dense("forward", logits, torch.float32)
+    head = (21, 64, 64, 1, 28, 28)
+    assert dense.use_dense("grad_weight", head, torch.float32) and not dense.use_dense(
+        "grad_input", head, torch.float32
+    )
+    assert not dense.use_dense("grad_weight", (1, 32, 17, 1, 8, 8), torch.float32)  # 64 pixels
+    assert not dense.use_dense("grad_weight", logits, torch.float64)
 
     calls = []
     original = dense.forward

@@ -1,8 +1,8 @@
 """The dense path of masked_conv2d on the CPU: torch's own convolution (oneDNN for float32, im2col + BLAS for
 float64) on the weight with its masked entries zeroed, which is what the spec says (`F.conv2d(x, weight *
 mask)`) and what a PyTorch user runs. The `cpu` backend takes it for the forward and grad_input where it
-beats genkern's direct kernels (`use_dense`, fitted to benchmarks/masked_conv_shapes.py), and the
-compiled kernels everywhere else.
+beats genkern's direct kernels (`use_dense`, fitted to benchmarks/masked_conv_shapes.py), grad_weight too for
+1 x 1 layers on larger images, and the compiled kernels everywhere else.
 
 The NaN rule holds: the dense sums differ from the reference's only by the products the reference skips
 (masked taps, the zero padding), and while every product is finite those are exact zeros. So a dense result
@@ -29,25 +29,35 @@ from . import reference as ref
 # grad_input of the hidden, head and output layers on small images at training batches (8 x 8, 32 channels,
 # batch 64: 1.1-2x): there the direct kernels' rows are a fraction of their 32-column register tile. On
 # 28 x 28 and 32 x 32 images, on first layers (few input channels) and on single images the direct kernels win
-# (up to 5x), and their grad_weight was never reliably behind: it stays on them everywhere (which also keeps
-# its bits independent of the thread count; oneDNN splits that sum over threads).
+# (up to 5x).
 _DENSE_MAX_PIXELS = 100  # H * W: about 10 x 10 (dense measured ahead at 8 x 8, behind at 28 x 28)
 _DENSE_MIN_BATCH_PIXELS = 2048  # B * H * W: batch 32 at 8 x 8 (behind at batch 1, ahead at 64)
 _DENSE_MIN_IN_CHANNELS = 8  # fewer: a first layer on pixels, where the direct kernels win
+# 1 x 1 layers (PixelCNN's head and logits layers), measured the same way on the 2-core Intel Xeon: oneDNN's
+# weight gradient, a plain matrix product there, wins from a 28 x 28 image on (1.3x on one, 1.8-2.5x for the
+# 64 -> 256 and 96 -> 768 logits layers), and its data gradient wins where the layer widens (C_out >= 2 C_in:
+# 1.2-1.6x); on 8 x 8 images at batch 1 the kernels win both. 3 x 3 and larger layers keep the kernels there
+# (grad_weight within 0.7-1.2x). The weight gradient's bits then depend on the thread count (oneDNN splits the
+# sum over threads; the kernels' do not).
+_DENSE_POINTWISE_MIN_BATCH_PIXELS = 784  # B * H * W: one 28 x 28 image
 # float32 only: torch's float64 convolution (im2col + BLAS) was 3-4x behind the kernels at 8 x 8.
 
 
 def use_dense(op: str, shape: tuple[int, int, int, int, int, int], dtype: torch.dtype) -> bool:
-    """Whether `op` ("forward" or "grad_input"; grad_weight always runs on the kernels) of a (B, C_in, C_out,
-    k, H, W) convolution in `dtype` runs on torch's convolution rather than genkern's direct kernels."""
-    b, c_in, _, _, h, w = shape
-    return (
-        dtype == torch.float32
-        and op in ("forward", "grad_input")
-        and h * w <= _DENSE_MAX_PIXELS
-        and b * h * w >= _DENSE_MIN_BATCH_PIXELS
-        and c_in >= _DENSE_MIN_IN_CHANNELS
+    """Whether `op` ("forward", "grad_input" or "grad_weight") of a (B, C_in, C_out, k, H, W) convolution in
+    `dtype` runs on torch's convolution rather than genkern's direct kernels."""
+    b, c_in, c_out, k, h, w = shape
+    if dtype != torch.float32:
+        return False
+    pointwise = k == 1 and b * h * w >= _DENSE_POINTWISE_MIN_BATCH_PIXELS and c_in >= _DENSE_MIN_IN_CHANNELS
+    if op == "grad_weight":
+        return pointwise
+    small_images = (
+        h * w <= _DENSE_MAX_PIXELS and b * h * w >= _DENSE_MIN_BATCH_PIXELS and c_in >= _DENSE_MIN_IN_CHANNELS
     )
+    if op == "grad_input":
+        return small_images or (pointwise and c_out >= 2 * c_in)
+    return op == "forward" and small_images
 
 
 @functools.lru_cache(maxsize=64)
@@ -98,3 +108,18 @@ def grad_input(grad_y: Tensor, weight: Tensor, mask_type: str, groups: int, dila
         [True, False, False],
     )
     return grad_x.contiguous() if _finite(grad_x) else None
+
+
+def grad_weight(
+    grad_y: Tensor, x: Tensor, kernel_size: int, mask_type: str, groups: int, dilation: int
+) -> Optional[tuple[Tensor, Tensor]]:
+    """(d/dweight, d/dbias), d/dweight zero at the masked taps; or None where the NaN rule needs the compiled
+    kernels. oneDNN splits this sum over threads: its bits depend on the thread count (the kernels' do not)."""
+    c_out, c_in = grad_y.shape[1], x.shape[1]
+    # Only the weight's shape matters for the weight gradient: an uninitialised tensor stands in for it.
+    weight_like = x.new_empty(c_out, c_in, kernel_size, kernel_size)
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        grad_y, x, weight_like, [c_out], *_conv_args(kernel_size, dilation), [False, True, True]
+    )
+    gw = torch.where(_keep(kernel_size, mask_type, c_in, c_out, groups, x.device), gw, 0)
+    return (gw.contiguous(), gb.contiguous()) if _finite(gw, gb) else None

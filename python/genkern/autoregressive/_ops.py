@@ -856,6 +856,10 @@ def masked_conv2d_grad_weight(
 
 @MASKED_CONV_KERNELS.register(masked_conv2d_grad_weight, check=_check_masked_conv2d_grad_weight)
 def _(kernels, grad_y, x, kernel_size, mask_type, color_groups, dilation):
+    if _dense(kernels, "grad_weight", x, x.shape[1], grad_y.shape[1], kernel_size):
+        grads = _masked_conv_dense.grad_weight(grad_y, x, kernel_size, mask_type, color_groups, dilation)
+        if grads is not None:
+            return grads
     shape = _weight_shape(grad_y, x, kernel_size)
     grad_weight, grad_bias = _empty(shape, x), _empty([shape[0]], x)
     kernels.grad_weight(
