@@ -23,7 +23,7 @@ import torch
 import genkern
 from genkern import _checkpoints, _training
 
-DEFAULTS = ("pixelcnn", "gated_pixelcnn", "nade", "vae", "dcgan")
+DEFAULTS = ("pixelcnn", "gated_pixelcnn", "nade", "vae", "dcgan", "unet")
 SAMPLE_N = {"pixelcnn": 1024, "gated_pixelcnn": 1024, "nade": 4096, "vae": 4096, "dcgan": 4096, "unet": 256}
 
 

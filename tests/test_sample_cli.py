@@ -220,3 +220,14 @@ def test_the_new_commands_answer_without_torch(args):
 
     out = _run(args)
     assert "torch imported: False" in out and ("exit 0" in out or "exit 2" in out)
+
+
+@pytest.mark.parametrize("name", sorted(_checkpoints.MODEL_NAMES))
+def test_every_model_ships_a_checkpoint_with_its_metrics(name):
+    """`genkern sample MODEL` without --checkpoint loads the packaged one (benchmarks/train_defaults.py), which
+    records what it was trained on and how it scored."""
+    model, config = _checkpoints.load(_checkpoints.packaged(name), expect=name)
+    assert config["data"]["name"].startswith("digits") and config["metrics"]["steps"] > 0
+    metric = "pixel_fd" if name in ("dcgan", "unet") else "test_bits_per_dim"
+    assert config["metrics"][metric] > 0
+    assert sum(p.numel() for p in model.parameters()) > 0
