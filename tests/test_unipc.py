@@ -1,4 +1,4 @@
-"""UniPC (docs/math.md 5.4): the fused step against diffusers' UniPCMultistepScheduler over whole loops and its
+"""UniPC (docs/math.md 5.5): the fused step against diffusers' UniPCMultistepScheduler over whole loops and its
 config axes, every backend against the reference, the op's checks, opcheck and torch.compile, and the sampler
 against a diffusers loop."""
 

@@ -1,4 +1,4 @@
-// Per-element math of the UniPC step (docs/math.md 5.4; diffusers' UniPCMultistepScheduler with predict_x0,
+// Per-element math of the UniPC step (docs/math.md 5.5; diffusers' UniPCMultistepScheduler with predict_x0,
 // solver_type "bh1" or "bh2", solver_order 1 or 2), shared by the CPU and CUDA kernels. The step at index i
 // of the loop's float32 sigma table first corrects the previous step's result (UniC, from sigmas[i - 1] to
 // sigmas[i]) with the data prediction of this step's model output, then predicts the next sample from the

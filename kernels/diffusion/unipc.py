@@ -1,4 +1,4 @@
-"""The UniPC step (docs/math.md 5.4) in Triton, as _C.diffusion.unipc_step (gk::diffusion::UniPcStepArgs in
+"""The UniPC step (docs/math.md 5.5) in Triton, as _C.diffusion.unipc_step (gk::diffusion::UniPcStepArgs in
 csrc/diffusion/unipc.h, whose comments define it; the per-element formula and the per-sample coefficients are
 csrc/diffusion/unipc_math.h's, in the same operation order).
 

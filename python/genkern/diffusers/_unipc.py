@@ -1,5 +1,5 @@
 """genkern.diffusers.UniPCMultistepScheduler: diffusers' UniPC multistep scheduler with its step in genkern's
-fused unipc_step (docs/math.md 5.4).
+fused unipc_step (docs/math.md 5.5).
 
 What runs genkern's kernel (one pass: the data prediction x0_hat from the model output, its dynamic
 thresholding, the UniC correction of the sample with it, and the UniP prediction from the corrected sample,

@@ -1,5 +1,5 @@
 """The multistep solvers' steps as torch ops: `genkern::dpm_solver_step` (DPM-Solver++ 1 and 2M, ODE and SDE;
-docs/math.md 5.3) and `genkern::unipc_step` (UniPC bh1/bh2 of order 1 and 2, 5.4).
+docs/math.md 5.3) and `genkern::unipc_step` (UniPC bh1/bh2 of order 1 and 2, 5.5).
 
 The step of sample b is the step index step[b] of a loop whose float32 sigma table `sigmas` (num_steps + 1
 k-diffusion sigmas, the final one last) lives on the data's device: the kernel reads sigmas[i - 1], sigmas[i]
@@ -157,7 +157,7 @@ def _(*args):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# unipc_step: UniPC's corrector of the previous step and predictor of the next one, fused (docs/math.md 5.4).
+# unipc_step: UniPC's corrector of the previous step and predictor of the next one, fused (docs/math.md 5.5).
 # The history (slots, *sample.shape) holds the previous corrected sample, its x0_hat and (slots 3, for a
 # second-order step) the x0_hat before it; the kernel reads and overwrites it in the same pass.
 # ---------------------------------------------------------------------------------------------------------

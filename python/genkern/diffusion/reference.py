@@ -1039,7 +1039,7 @@ def heun_step(
 
 
 # ============================================================================================ UniPC
-# docs/math.md 5.4, as diffusers' UniPCMultistepScheduler computes it with predict_x0 (the data-prediction
+# docs/math.md 5.5, as diffusers' UniPCMultistepScheduler computes it with predict_x0 (the data-prediction
 # UniPC) on its float32 sigmas; float64 data computes in float64 from them. The history is (slots, B, ...):
 # the previous step's corrected sample, its x0_hat, and (slots 3) the x0_hat of the step before.
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")

@@ -1,4 +1,4 @@
-"""UniPC (Zhao et al. 2023; docs/math.md 5.4) on a model trained with a NoiseSchedule: the data-prediction
+"""UniPC (Zhao et al. 2023; docs/math.md 5.5) on a model trained with a NoiseSchedule: the data-prediction
 multistep predictor-corrector of order 1 or 2 with the B(h) variants bh1 and bh2, with diffusers' sigma
 schedules (UniPCMultistepScheduler with predict_x0, the default of Wan and many other pipelines).
 
