@@ -291,3 +291,49 @@ def test_sampler_is_a_diffusers_loop(config, options):
     assert torch.equal(got[:2], sampler.sample(model, (2, 2, 4), steps, seed=8, guidance_scale=scale))
     again = sampler.sample(model, (B, 2, 4), steps, seed=8, guidance_scale=scale)  # the reused loop
     assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("guidance_scale", [None, 3.0])
+def test_sampler_direct_launches_are_the_op(dtype, guidance_scale):
+    """The sampler's direct launches give the bits of the op called step by step, whatever the model hands
+    back: its input itself, a non-contiguous tensor; consecutive runs (one reused loop) return distinct
+    tensors, the first left as it was."""
+    shape = (2, 3, 6)
+    models = {
+        "scaled": lambda x, t: 0.1 * x - t.view(-1, 1, 1) / 1000,
+        "its input": lambda x, t: x,
+        "strided": lambda x, t: torch.cat([x, x], dim=2)[:, :, ::2] * 0.5,
+    }
+    sampler = UniPCMultistepSampler(SCHEDULE, disable_corrector=[2])
+    sigmas, timesteps = unipc_sigmas(SCHEDULE, 6)
+    for name, model in models.items():
+        x_T = genkern.randn(shape, seed=3, dtype=dtype)
+        x, history = x_T, unipc_history(x_T)
+        for i, t in enumerate(timesteps):
+            xin = torch.cat([x, x]) if guidance_scale is not None else x
+            m = model(xin, t.expand(xin.shape[0]))
+            x = genkern.unipc_step(m, sigmas, i, x, history, use_corrector=i != 3, guidance_scale=guidance_scale)
+        kw = dict(x_T=x_T, dtype=dtype, guidance_scale=guidance_scale)
+        first = sampler.sample(model, shape, 6, **kw)
+        kept = first.clone()
+        second = sampler.sample(model, shape, 6, **kw)
+        assert torch.equal(first, x), name
+        assert torch.equal(second, x) and second.data_ptr() != first.data_ptr(), name
+        assert torch.equal(first, kept), name
+
+
+def test_cuda_graph_sampler():
+    """cuda_graph=True needs a CUDA device; on one, the captured loop replays the eager loop's samples."""
+    sampler = UniPCMultistepSampler(SCHEDULE)
+    model = lambda x, t: 0.2 * x - t.view(-1, 1, 1).float() / 2000  # noqa: E731
+    with pytest.raises(ValueError, match="cuda_graph"):
+        sampler.sample(model, (1, 2, 3), 4, seed=0, cuda_graph=True)  # a CPU run
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    kw = dict(seed=5, device="cuda", guidance_scale=2.0)
+    eager = sampler.sample(model, (2, 2, 3), 10, **kw)
+    graphed = sampler.sample(model, (2, 2, 3), 10, cuda_graph=True, **kw)
+    again = sampler.sample(model, (2, 2, 3), 10, cuda_graph=True, **{**kw, "seed": 6})
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(again, graphed)
