@@ -499,6 +499,7 @@ BAD += values("unipc_step", "solver_order", ("3", 3, ValueError), ("str", "2", T
 BAD += values("unipc_step", "corrector_order", ("3", 3, ValueError), ("str", "2", TypeError))
 BAD += values("unipc_step", "final_first_order", ("int", 1, TypeError))
 BAD += values("unipc_step", "use_corrector", ("int", 1, TypeError))
+BAD += values("unipc_step", "flow_sigmas", ("int", 1, TypeError), ("None", None, TypeError))
 BAD += values("unipc_step", "guidance_scale", ("str", "1", TypeError), ("nan", float("nan"), ValueError))
 BAD += values("unipc_step", "guidance_rescale", ("str", "1", TypeError), ("2", 2.0, ValueError))
 BAD += values("unipc_step", "dynamic_threshold", ("str", "x", TypeError), ("ratio 2", (2.0, 1.0), ValueError))

@@ -11,6 +11,7 @@ to the same 1e-5.
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +132,15 @@ CASES = {
     "cosine": (dict(beta_schedule="squaredcos_cap_v2"), 12),
     "zero_snr-v-trailing": (dict(**SD, rescale_betas_zero_snr=True, prediction_type="v_prediction",
                                  timestep_spacing="trailing"), 12),
+    # Wan's configuration (flow matching sigmas, flow_prediction) and its variants
+    "flow-shift5": (dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0), 20),
+    "flow-shift3-50": (dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0), 50),
+    "flow-bh1-sigma_min": (dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                solver_type="bh1", final_sigmas_type="sigma_min"), 12),
+    "flow-order1-disable_corrector": (dict(prediction_type="flow_prediction", use_flow_sigmas=True, solver_order=1,
+                                           disable_corrector=[2]), 10),
+    "flow-karras": (dict(prediction_type="flow_prediction", use_flow_sigmas=True, use_karras_sigmas=True), 12),
+    "flow-on-vp-sigmas": (dict(**SD, prediction_type="flow_prediction"), 10),
 }  # fmt: skip
 
 
@@ -138,6 +148,17 @@ CASES = {
 def test_steps_and_loops_match_diffusers(case, monkeypatch):
     config, num_steps = CASES[case]
     per_step, loop = step_errors(config, num_steps, monkeypatch=monkeypatch)
+    assert per_step <= TOLERANCE and loop <= TOLERANCE, (per_step, loop)
+
+
+def test_flow_dynamic_shift_and_custom_sigmas_match_diffusers(monkeypatch):
+    """use_dynamic_shifting's mu and custom sigmas given to set_timesteps, on flow sigmas (Flux / Wan style)."""
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
+    shifted = dict(**flow, use_dynamic_shifting=True)
+    per_step, loop = step_errors(shifted, 12, set_timesteps=dict(num_inference_steps=12, mu=1.1))
+    assert per_step <= TOLERANCE and loop <= TOLERANCE, (per_step, loop)
+    sigmas = np.array([0.98, 0.9, 0.75, 0.6, 0.42, 0.3, 0.17, 0.08])  # diffusers shifts them as an array
+    per_step, loop = step_errors(flow, len(sigmas), set_timesteps=dict(sigmas=sigmas), monkeypatch=monkeypatch)
     assert per_step <= TOLERANCE and loop <= TOLERANCE, (per_step, loop)
 
 
@@ -203,7 +224,7 @@ def test_other_dtypes_run_the_kernel_close_to_diffusers(dtype, monkeypatch):
 FALLBACKS = {
     "order3": dict(**SD, solver_order=3),
     "predict_eps": dict(**SD, predict_x0=False, final_sigmas_type="sigma_min"),
-    "flow_prediction": dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    "flow-order3": dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, solver_order=3),
 }
 
 
@@ -472,7 +493,7 @@ def test_stable_diffusion_loop_matches(config, monkeypatch):
 
 def test_module_docstring_names_the_fallbacks():
     doc = _unipc.__doc__
-    for name in ("solver_order 3", "predict_x0=False", "solver_p", "flow_prediction", "use_flow_sigmas",
+    for name in ("solver_order 3", "predict_x0=False", "solver_p", '"flow_prediction"', "use_flow_sigmas",
                  "different dtypes", '"bh1"'):  # fmt: skip
         assert name in doc, name
     assert scheduling_unipc_multistep.UniPCMultistepScheduler in gd.UniPCMultistepScheduler.__mro__

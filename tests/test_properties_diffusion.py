@@ -592,8 +592,9 @@ def _unipc_gain(sigmas: torch.Tensor, steps: list[int], solver_type: str, orders
         p_second = p_second & (i != last)
     c_second = (i > 1) & (orders[1] == 2)
     at = lambda k: s[k.clamp(0, last + 1)]  # noqa: E731
-    c = spec.unipc_coefficients(at(i - 2), at(i - 1), at(i), solver_type, c_second, True)
-    p = spec.unipc_coefficients(at(i - 1), at(i), at(i + 1), solver_type, p_second, False)
+    flow = options["flow_sigmas"]
+    c = spec.unipc_coefficients(at(i - 2), at(i - 1), at(i), solver_type, c_second, True, flow)
+    p = spec.unipc_coefficients(at(i - 1), at(i), at(i + 1), solver_type, p_second, False, flow)
     finite = lambda v: v.abs().nan_to_num(0.0, 0.0, 0.0)  # noqa: E731
     corrected = (
         1.0
@@ -610,7 +611,8 @@ def _unipc_gain(sigmas: torch.Tensor, steps: list[int], solver_type: str, orders
 @given(data=st.data(), extreme=st.booleans())
 def test_unipc_step(data, extreme):
     """One UniPC step (corrector and predictor of order 1 or 2, bh1 or bh2, with or without the corrector) of a
-    real sigma table, a step index per sample; the next sample and the history it overwrites."""
+    real sigma table (variance-preserving, or its flow-matching counterpart s / (s + 1)), a step index per sample;
+    the next sample and the history it overwrites."""
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     shape = dims(data, data.draw(st.integers(1, 4), label="ndim"))
     B = shape[0]
@@ -619,6 +621,9 @@ def test_unipc_step(data, extreme):
     final_sigma = data.draw(st.sampled_from(("zero", "sigma_min")), label="final_sigma")
     sigmas, _ = genkern.diffusion.unipc_sigmas(DPM_SCHEDULE, n, sigma_schedule=sigma_schedule,
                                                final_sigma=final_sigma)  # fmt: skip
+    flow = data.draw(st.booleans(), label="flow_sigmas")
+    if flow:
+        sigmas = (sigmas.double() / (sigmas.double() + 1)).float()
     steps = data.draw(st.lists(st.integers(0, n - 1), min_size=B, max_size=B), label="steps")
     step = torch.tensor(steps, dtype=torch.int64) if data.draw(st.booleans(), label="per-sample steps") else None
     if step is None:
@@ -635,13 +640,14 @@ def test_unipc_step(data, extreme):
                extreme=extreme)  # fmt: skip
     solver_type = data.draw(st.sampled_from(("bh1", "bh2")), label="solver_type")
     options = dict(
-        prediction_type=data.draw(st.sampled_from(PREDICTIONS), label="prediction"),
+        prediction_type=data.draw(st.sampled_from((*PREDICTIONS, "flow_prediction")), label="prediction"),
         solver_type=solver_type,
         solver_order=order,
         corrector_order=corrector_order,
         # a second-order predictor into a final sigma of 0 divides by rk = 0 (diffusers too): lower_order_final
         final_first_order=final_sigma == "zero" or data.draw(st.booleans(), label="final_first_order"),
         use_corrector=data.draw(st.booleans(), label="use_corrector"),
+        flow_sigmas=flow,
         guidance_scale=guidance,
         guidance_rescale=rescale,
         dynamic_threshold=data.draw(st.sampled_from((None, (0.995, 1.0), (0.9, 3.0))), label="threshold"),
@@ -662,7 +668,9 @@ def test_unipc_step(data, extreme):
     mo = magnitude(m)
     mo = (mo[:B] + mo[B:]) * (1.0 + 2.0 * abs(guidance)) if guidance is not None else mo
     x_mag = magnitude(sample)
-    x0_mag = x_mag * (s * s + 1).sqrt() + (s + 1.0) * mo
+    alpha, sigma_vp = spec.unipc_alpha_sigma(s, flow)
+    # every prediction type's x0_hat bound (eps, v, sample, flow), summed
+    x0_mag = (x_mag + sigma_vp * mo) / alpha + alpha * x_mag + sigma_vp * mo + mo + x_mag + s * mo
     gain = _unipc_gain(sigmas, steps, solver_type, (order, corrector_order), options).reshape(view)
     terms = x_mag + x0_mag + magnitude(*history0.unbind(0))
     step_mag = gain * terms

@@ -43,7 +43,8 @@ def loop_error(backend: str, steps: int, dtype=torch.float32, **config) -> float
         step = genkern.unipc_step(
             m, sigmas, i, ours.to(device, dtype), history, prediction_type=c.prediction_type,
             solver_type=c.solver_type, solver_order=c.solver_order, final_first_order=c.lower_order_final,
-            use_corrector=(i - 1) not in c.disable_corrector, dynamic_threshold=threshold, backend=backend,
+            use_corrector=(i - 1) not in c.disable_corrector, flow_sigmas=c.use_flow_sigmas,
+            dynamic_threshold=threshold, backend=backend,
         )  # fmt: skip
         ours = step.cpu().to(torch.float64 if dtype == torch.float64 else torch.float32)
         assert ours.isfinite().all(), f"step {i}"
@@ -79,6 +80,15 @@ LOOPS = [
     (10, dict(solver_order=1)),
     (10, dict(solver_order=1, solver_type="bh1", disable_corrector=[2])),
     (50, {}),
+    # Wan's configuration: flow matching sigmas (shifted), flow_prediction
+    (10, dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)),
+    (20, dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, timestep_spacing="trailing")),
+    (
+        12,
+        dict(prediction_type="flow_prediction", use_flow_sigmas=True, solver_type="bh1", final_sigmas_type="sigma_min"),
+    ),  # fmt: skip
+    (10, dict(prediction_type="flow_prediction", use_flow_sigmas=True, solver_order=1, disable_corrector=[3])),
+    (10, dict(prediction_type="flow_prediction", use_karras_sigmas=False)),  # flow x0_hat on a VP table
 ]
 IDS = [f"{n}-{'-'.join(map(str, c.values())) or 'default'}" for n, c in LOOPS]
 
@@ -125,7 +135,7 @@ def test_backends_agree_with_the_reference(backend, dtype):
     """Per-sample step indices (first, second order and final steps in one batch), guidance and rescale,
     thresholding, both solver types, orders and corrector settings; the history written."""
     device = device_for(backend)
-    for prediction in ("epsilon", "v_prediction", "sample"):
+    for prediction in ("epsilon", "v_prediction", "sample", "flow_prediction"):
         for guided in (False, True):
             for kw in (
                 dict(solver_type="bh2"),
@@ -133,9 +143,13 @@ def test_backends_agree_with_the_reference(backend, dtype):
                 dict(final_first_order=False, corrector_order=1),
                 dict(solver_order=1, use_corrector=False),
                 dict(solver_order=1, solver_type="bh1"),
+                dict(flow_sigmas=True),
+                dict(flow_sigmas=True, solver_type="bh1", dynamic_threshold=(0.9, 3.0), corrector_order=1),
             ):
                 slots = 2 if kw.get("solver_order") == 1 else 3
                 m, x, history, sigmas, step = _step_args(dtype, device, guided, slots)
+                if kw.get("flow_sigmas"):
+                    sigmas = sigmas / 15  # a flow-matching table: sigmas in [0, 1)
                 g = dict(guidance_scale=3.0, guidance_rescale=0.7) if guided else {}
                 h_got, h_want = history.clone(), history.clone()
                 # float64: the kernels' rescale factors and thresholds are float32 values widened
@@ -193,7 +207,7 @@ def test_first_steps_ignore_the_history_and_odd_shapes(backend):
 
 def _op_args(m, x, history, sigmas, step, **kw):
     o = dict(prediction=0, solver_type=1, predictor_order=2, corrector_order=2, final_first_order=True,
-             corrector=True, guidance_scale=None, guidance_rescale=0.0, dynamic_ratio=None,
+             corrector=True, flow_sigmas=False, guidance_scale=None, guidance_rescale=0.0, dynamic_ratio=None,
              dynamic_max=1.0)  # fmt: skip
     o.update(kw)
     return (m, x, history, sigmas, step, *o.values())
@@ -204,6 +218,8 @@ def test_opcheck_compile_and_bad_arguments():
     op = torch.ops.genkern.unipc_step
     for kw in ({}, dict(solver_type=0, corrector=False), dict(prediction=1, dynamic_ratio=0.9, dynamic_max=2.0)):
         torch.library.opcheck(op, _op_args(m, x, history.clone(), sigmas, step, **kw))
+    flow = dict(prediction=3, flow_sigmas=True, dynamic_ratio=0.9, dynamic_max=2.0)
+    torch.library.opcheck(op, _op_args(m, x, history.clone(), sigmas / 15, step, **flow))  # sigmas in [0, 1)
     guided = _op_args(rand((8, 7), 7), x, history.clone(), sigmas, step, guidance_scale=2.0, guidance_rescale=0.5)
     torch.library.opcheck(op, guided)
 

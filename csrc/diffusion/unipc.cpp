@@ -16,10 +16,11 @@ namespace {
 void unipc_step_entry(const Array& model_output, const Array& sample, const Array& history, const Array& sigmas,
                       const Array& step, const OptArray& rescale, const OptArray& limit, const Array& prev_sample,
                       int64_t prediction, int64_t solver, int64_t predictor_order, int64_t corrector_order,
-                      bool final_first_order, bool corrector, bool guided, double guidance_scale, uintptr_t stream) {
+                      bool final_first_order, bool corrector, bool flow_sigmas, bool guided, double guidance_scale,
+                      uintptr_t stream) {
   Checked(sample, "sample")(model_output, "model_output")(history, "history")(prev_sample, "prev_sample");
   if (sample.ndim() < 1) throw ValueError("sample must have a batch dimension");
-  if (prediction < kEpsilon || prediction > kSample) throw ValueError("unknown prediction type");
+  if (prediction < kEpsilon || prediction > kFlowPrediction) throw ValueError("unknown prediction type");
   if (solver != kBh1 && solver != kBh2) throw ValueError("unknown solver type");
   if (predictor_order != 1 && predictor_order != 2) throw ValueError("predictor order must be 1 or 2");
   if (corrector_order != 1 && corrector_order != 2) throw ValueError("corrector order must be 1 or 2");
@@ -66,6 +67,7 @@ void unipc_step_entry(const Array& model_output, const Array& sample, const Arra
                            static_cast<int32_t>(corrector_order),
                            final_first_order ? 1 : 0,
                            corrector ? 1 : 0,
+                           flow_sigmas ? 1 : 0,
                            guided ? 1 : 0,
                            static_cast<float>(guidance_scale),
                            sample.dtype};
@@ -79,8 +81,8 @@ void bind_unipc(py::module_& m) {
   using py::arg;
   m.def("unipc_step", &unipc_step_entry, arg("model_output"), arg("sample"), arg("history"), arg("sigmas"), arg("step"),
         arg("rescale"), arg("dynamic_threshold"), arg("prev_sample"), arg("prediction"), arg("solver"),
-        arg("predictor_order"), arg("corrector_order"), arg("final_first_order"), arg("corrector"), arg("guided"),
-        arg("guidance_scale"), arg("stream") = 0);
+        arg("predictor_order"), arg("corrector_order"), arg("final_first_order"), arg("corrector"), arg("flow_sigmas"),
+        arg("guided"), arg("guidance_scale"), arg("stream") = 0);
 }
 
 }  // namespace gk

@@ -22,11 +22,12 @@ struct UniPcStepArgs {
   void* prev_sample;
   int64_t batch, n, num_sigmas;
   int32_t slots;                             // 2 or 3
-  int32_t prediction;                        // Prediction
+  int32_t prediction;                        // Prediction, or kFlowPrediction
   int32_t solver;                            // UniPcSolverType
   int32_t predictor_order, corrector_order;  // 1 or 2
   int32_t final_first_order;
   int32_t corrector;
+  int32_t flow_sigmas;  // alpha = 1 - sigma, sigma_vp = sigma (diffusers' use_flow_sigmas)
   int32_t guided;
   float guidance_scale;
   DType dtype;

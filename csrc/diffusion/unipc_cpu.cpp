@@ -33,7 +33,7 @@ struct UniPcStepKernel {
         const int64_t b = (start + t0) / n;
         const UniPcCoefficients<T> k =
             unipc_coefficients<T>(a.sigmas, a.num_sigmas, a.step[b], a.predictor_order, a.corrector_order,
-                                  a.final_first_order != 0, a.corrector != 0, a.solver);
+                                  a.final_first_order != 0, a.corrector != 0, a.solver, a.flow_sigmas != 0);
         const T limit = thresholded ? T(a.limit[b]) : std::numeric_limits<T>::infinity();
         const T* m = mo + b * n + j0;
         if (a.guided) {
@@ -66,8 +66,10 @@ struct UniPcStepKernel {
           loop(std::integral_constant<int32_t, kEpsilon>{});
         else if (a.prediction == kVPrediction)
           loop(std::integral_constant<int32_t, kVPrediction>{});
-        else
+        else if (a.prediction == kSample)
           loop(std::integral_constant<int32_t, kSample>{});
+        else
+          loop(std::integral_constant<int32_t, kFlowPrediction>{});
       });
     });
   }

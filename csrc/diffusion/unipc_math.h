@@ -3,7 +3,8 @@
 // of the loop's float32 sigma table first corrects the previous step's result (UniC, from sigmas[i - 1] to
 // sigmas[i]) with the data prediction of this step's model output, then predicts the next sample from the
 // corrected one (UniP, from sigmas[i] to sigmas[i + 1]). alpha, sigma_vp and lambda are DPM-Solver++'s
-// (dpm_solver_math.h), in diffusers' operation order on its float32 sigmas.
+// (dpm_solver_math.h), or on a flow-matching table (diffusers' use_flow_sigmas) alpha = 1 - sigma and
+// sigma_vp = sigma, in diffusers' operation order on its float32 sigmas.
 #pragma once
 #include <cmath>
 
@@ -15,6 +16,20 @@ namespace gk {
 namespace diffusion {
 
 enum UniPcSolverType : int32_t { kBh1 = 0, kBh2 = 1 };
+
+// UniPC's prediction codes: the Prediction codes and diffusers' flow_prediction, x0_hat = x - sigma m with the
+// table's sigma.
+constexpr int32_t kFlowPrediction = 3;
+
+template <typename C>
+GK_HD void unipc_alpha_sigma(float s, bool flow, C& alpha, C& sigma) {
+  if (flow) {
+    alpha = C(1) - C(s);
+    sigma = C(s);
+  } else {
+    dpm_alpha_sigma<C>(s, alpha, sigma);
+  }
+}
 
 // expm1f / expm1: h phi_1(h) = e^-h - 1 loses its digits to cancellation through exp for small steps.
 GK_HD float expm1_of(float x) { return expm1f(x); }
@@ -32,9 +47,9 @@ struct UniPcUpdate {
 };
 
 template <typename C>
-GK_HD C unipc_lambda_at(const float* sigmas, int64_t i) {
+GK_HD C unipc_lambda_at(const float* sigmas, int64_t i, bool flow) {
   C alpha, sigma;
-  dpm_alpha_sigma<C>(sigmas[i], alpha, sigma);
+  unipc_alpha_sigma<C>(sigmas[i], flow, alpha, sigma);
   return dpm_lambda(alpha, sigma);
 }
 
@@ -58,12 +73,13 @@ GK_HD void unipc_solve2(C rk, C b1, C b2, C& rho0, C& rho1) {
 // The update from sigmas[s] to sigmas[s + 1] with the history's step s - 1. corrector: the weights of UniC
 // (order 1: rho1 = 1/2; order 2: the solve above with diffusers' b_k = k! h phi_{k+1}(hh) / B(h) terms).
 template <typename C>
-GK_HD UniPcUpdate<C> unipc_update(const float* sigmas, int64_t s, bool second, int32_t solver, bool corrector) {
+GK_HD UniPcUpdate<C> unipc_update(const float* sigmas, int64_t s, bool second, int32_t solver, bool corrector,
+                                  bool flow) {
   UniPcUpdate<C> u{};
   u.second = second;
   C alpha_t, sigma_t, alpha_s0, sigma_s0;
-  dpm_alpha_sigma<C>(sigmas[s + 1], alpha_t, sigma_t);
-  dpm_alpha_sigma<C>(sigmas[s], alpha_s0, sigma_s0);
+  unipc_alpha_sigma<C>(sigmas[s + 1], flow, alpha_t, sigma_t);
+  unipc_alpha_sigma<C>(sigmas[s], flow, alpha_s0, sigma_s0);
   const C lambda_s0 = dpm_lambda(alpha_s0, sigma_s0);
   const C h = dpm_lambda(alpha_t, sigma_t) - lambda_s0;
   const C hh = -h;
@@ -72,7 +88,7 @@ GK_HD UniPcUpdate<C> unipc_update(const float* sigmas, int64_t s, bool second, i
   u.ratio = sigma_t / sigma_s0;
   u.ah = alpha_t * h_phi_1;
   u.aB = alpha_t * B_h;
-  if (second) u.rk = (unipc_lambda_at<C>(sigmas, s - 1) - lambda_s0) / h;
+  if (second) u.rk = (unipc_lambda_at<C>(sigmas, s - 1, flow) - lambda_s0) / h;
   if (corrector) {
     if (second) {
       C h_phi_k = h_phi_1 / hh - C(1);
@@ -94,6 +110,7 @@ GK_HD UniPcUpdate<C> unipc_update(const float* sigmas, int64_t s, bool second, i
 template <typename C>
 struct UniPcCoefficients {
   C alpha, sigma;  // alpha_s0, sigma_s0 of sigmas[i]: x0_hat from the model output
+  C s;             // sigmas[i] itself (flow_prediction)
   UniPcUpdate<C> c, p;
   bool correct;
 };
@@ -101,15 +118,16 @@ struct UniPcCoefficients {
 template <typename C>
 GK_HD UniPcCoefficients<C> unipc_coefficients(const float* sigmas, int64_t num_sigmas, int64_t step,
                                               int32_t predictor_order, int32_t corrector_order, bool final_first_order,
-                                              bool corrector, int32_t solver) {
+                                              bool corrector, int32_t solver, bool flow) {
   const int64_t last = num_sigmas - 2;
   const int64_t i = step < 0 ? int64_t(0) : (step > last ? last : step);
   UniPcCoefficients<C> k{};
-  dpm_alpha_sigma<C>(sigmas[i], k.alpha, k.sigma);
+  unipc_alpha_sigma<C>(sigmas[i], flow, k.alpha, k.sigma);
+  k.s = C(sigmas[i]);
   const bool p_second = predictor_order == 2 && i > 0 && !(final_first_order && i == last);
-  k.p = unipc_update<C>(sigmas, i, p_second, solver, false);
+  k.p = unipc_update<C>(sigmas, i, p_second, solver, false, flow);
   k.correct = corrector && i > 0;
-  if (k.correct) k.c = unipc_update<C>(sigmas, i - 1, corrector_order == 2 && i > 1, solver, true);
+  if (k.correct) k.c = unipc_update<C>(sigmas, i - 1, corrector_order == 2 && i > 1, solver, true, flow);
   return k;
 }
 
@@ -122,7 +140,8 @@ GK_HD C unipc_step_element(C m, C x, C& last, C& h1, C& h2, const UniPcCoefficie
                            bool thresholded, C limit, bool three_slots) {
   C d0 = prediction == kEpsilon       ? (x - k.sigma * m) / k.alpha
          : prediction == kVPrediction ? k.alpha * x - k.sigma * m
-                                      : m;
+         : prediction == kSample      ? m
+                                      : x - k.s * m;
   if (thresholded) d0 = threshold_x0(d0, limit, true);
   C xc = x;
   if (k.correct) {

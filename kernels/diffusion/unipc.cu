@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) unipc_step_kernel(UniPcStepArgs a) {
         const int64_t e = base + l;
         const UniPcCoefficients<C> k =
             unipc_coefficients<C>(a.sigmas, a.num_sigmas, a.step[b], a.predictor_order, a.corrector_order,
-                                  a.final_first_order != 0, a.corrector != 0, a.solver);
+                                  a.final_first_order != 0, a.corrector != 0, a.solver, a.flow_sigmas != 0);
         C m = load(mo, b * n + j);
         if (a.guided) {
           const C r = a.rescale ? C(a.rescale[b]) : C(1);

@@ -19,6 +19,7 @@ from .dpm_solver import _alpha_sigma
 BLOCK = 1024
 EPSILON = tl.constexpr(0)  # gk::diffusion::kEpsilon
 V_PREDICTION = tl.constexpr(1)  # kVPrediction
+SAMPLE = tl.constexpr(2)  # kSample (3: kFlowPrediction)
 BH1 = tl.constexpr(0)  # gk::diffusion::kBh1
 
 
@@ -33,11 +34,26 @@ def _expm1(x):
 
 
 @triton.jit
-def _update(sigmas_ptr, s, mask, second, SOLVER: tl.constexpr, CORRECTOR: tl.constexpr, CT: tl.constexpr):
+def _flow_alpha_sigma(s, FLOW: tl.constexpr):
+    """(alpha, sigma_vp, lambda) of a table sigma: DPM-Solver++'s, or (FLOW) 1 - s, s (unipc_alpha_sigma)."""
+    if FLOW:
+        alpha = 1.0 - s
+        sigma = s
+        lam = tl.log(alpha) - tl.log(sigma)
+    else:
+        alpha, sigma, lam = _alpha_sigma(s)
+    return alpha, sigma, lam
+
+
+@triton.jit
+def _update(
+    sigmas_ptr, s, mask, second, SOLVER: tl.constexpr, CORRECTOR: tl.constexpr, FLOW: tl.constexpr, CT: tl.constexpr
+):
     """(ratio, ah, aB, rk, rho0, rho1) of the update sigmas[s] -> sigmas[s + 1] (gk::diffusion::unipc_update)."""
-    alpha_t, sigma_t, lambda_t = _alpha_sigma(tl.load(sigmas_ptr + s + 1, mask=mask, other=1.0).to(CT))
-    _, sigma_s0, lambda_s0 = _alpha_sigma(tl.load(sigmas_ptr + s, mask=mask, other=1.0).to(CT))
-    _, _, lambda_s1 = _alpha_sigma(tl.load(sigmas_ptr + tl.maximum(s - 1, 0), mask=mask, other=1.0).to(CT))
+    alpha_t, sigma_t, lambda_t = _flow_alpha_sigma(tl.load(sigmas_ptr + s + 1, mask=mask, other=0.5).to(CT), FLOW)
+    _, sigma_s0, lambda_s0 = _flow_alpha_sigma(tl.load(sigmas_ptr + s, mask=mask, other=0.5).to(CT), FLOW)
+    s1 = tl.load(sigmas_ptr + tl.maximum(s - 1, 0), mask=mask, other=0.5).to(CT)
+    _, _, lambda_s1 = _flow_alpha_sigma(s1, FLOW)
     h = lambda_t - lambda_s0
     hh = -h
     h_phi_1 = _expm1(hh)
@@ -92,6 +108,7 @@ def _unipc_step_kernel(
     C_ORDER: tl.constexpr,
     FINAL_FIRST: tl.constexpr,
     CORRECTOR: tl.constexpr,
+    FLOW: tl.constexpr,
     THREE: tl.constexpr,
     GUIDED: tl.constexpr,
     RESCALE: tl.constexpr,
@@ -111,7 +128,8 @@ def _unipc_step_kernel(
         p_second = p_second & (i != last)
     correct = (i > 0) & CORRECTOR
     c_second = correct & (i > 1) & (C_ORDER == 2)
-    alpha, sigma, _ = _alpha_sigma(tl.load(sigmas_ptr + i, mask=mask, other=1.0).to(CT))
+    s0 = tl.load(sigmas_ptr + i, mask=mask, other=0.5).to(CT)
+    alpha, sigma, _ = _flow_alpha_sigma(s0, FLOW)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(CT)
     if GUIDED:
         cond = tl.load(m_ptr + total + offs, mask=mask, other=0.0).to(CT)
@@ -123,8 +141,10 @@ def _unipc_step_kernel(
         d0 = _div(x - sigma * m, alpha)
     elif PREDICTION == V_PREDICTION:
         d0 = alpha * x - sigma * m
-    else:
+    elif PREDICTION == SAMPLE:
         d0 = m
+    else:
+        d0 = x - s0 * m
     if THRESHOLDED:
         limit = tl.load(limit_ptr + b, mask=mask, other=1.0).to(CT)
         d0 = _div(tl.where(d0 < -limit, -limit, tl.where(d0 > limit, limit, d0)), limit)  # threshold_x0: NaN stays
@@ -133,14 +153,16 @@ def _unipc_step_kernel(
     h1 = tl.load(hist_ptr + total + offs, mask=mask & (correct | p_second | THREE), other=0.0).to(CT)
     xc = x
     if CORRECTOR:
-        ratio, ah, aB, rk, rho0, rho1 = _update(sigmas_ptr, tl.maximum(i - 1, 0), mask, c_second, SOLVER, True, CT)
+        ratio, ah, aB, rk, rho0, rho1 = _update(
+            sigmas_ptr, tl.maximum(i - 1, 0), mask, c_second, SOLVER, True, FLOW, CT
+        )
         d1t = d0 - h1
         res = rho1 * d1t
         if THREE:
             h2 = tl.load(hist_ptr + 2 * total + offs, mask=mask & c_second, other=0.0).to(CT)
             res = tl.where(c_second, rho0 * _div(h2 - h1, rk) + res, res)
         xc = tl.where(correct, ratio * prev_x - ah * h1 - aB * res, x)
-    ratio, ah, aB, rk, _, _ = _update(sigmas_ptr, i, mask, p_second, SOLVER, False, CT)
+    ratio, ah, aB, rk, _, _ = _update(sigmas_ptr, i, mask, p_second, SOLVER, False, FLOW, CT)
     out = ratio * xc - ah * d0
     out = tl.where(p_second, out - aB * (0.5 * _div(h1 - d0, rk)), out)
     tl.store(prev_ptr + offs, to_dtype(out, prev_ptr.dtype.element_ty), mask=mask)
@@ -166,11 +188,13 @@ def unipc_step(
     corrector_order,
     final_first_order,
     corrector,
+    flow_sigmas,
     guided,
     guidance_scale,
 ):
     """prev_sample of one UniPC step, history overwritten with this step's state, as _C.diffusion.unipc_step:
-    prediction 0 epsilon, 1 v_prediction, 2 sample; solver 0 bh1, 1 bh2; orders 1 or 2."""
+    prediction 0 epsilon, 1 v_prediction, 2 sample, 3 flow_prediction; solver 0 bh1, 1 bh2; orders 1 or 2;
+    flow_sigmas: alpha = 1 - sigma, sigma_vp = sigma."""
     check(sample.dtype, model_output=model_output, sample=sample, history=history, prev_sample=prev_sample)
     if sample.dim() < 1:
         raise ValueError("sample must have a batch dimension")
@@ -178,7 +202,7 @@ def unipc_step(
     guided = bool(guided)
     prediction, solver = int(prediction), int(solver)
     predictor_order, corrector_order = int(predictor_order), int(corrector_order)
-    if prediction not in (0, 1, 2):
+    if prediction not in (0, 1, 2, 3):
         raise ValueError("unknown prediction type")
     if solver not in (0, 1):
         raise ValueError("unknown solver type")
@@ -224,6 +248,7 @@ def unipc_step(
         C_ORDER=corrector_order,
         FINAL_FIRST=bool(final_first_order),
         CORRECTOR=bool(corrector),
+        FLOW=bool(flow_sigmas),
         THREE=history.shape[0] == 3,
         GUIDED=guided,
         RESCALE=rescale is not None,

@@ -6,23 +6,24 @@ thresholding, the UniC correction of the sample with it, and the UniP prediction
 against the solver state read from the scheduler's device history tensor and overwritten there):
 
 - predict_x0 (the default), solver_type "bh1" and "bh2", solver_order 1 and 2;
-- prediction_type "epsilon", "v_prediction" and "sample", with or without thresholding;
+- prediction_type "epsilon", "v_prediction", "sample" and "flow_prediction", with or without thresholding;
 - disable_corrector, lower_order_final and diffusers' warm-up (a first-order step while lower_order_nums is 0,
   e.g. the first step of an img2img loop started by set_begin_index), decided on the host from the step counter
   and the previous step's order (this_order), as diffusers decides them;
-- every sigma table diffusers' own set_timesteps builds for a variance-preserving schedule: timestep_spacing,
-  steps_offset, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, rescale_betas_zero_snr,
-  final_sigmas_type "zero" and "sigma_min" (the kernel reads self.sigmas itself, copied to the device once per
-  set_timesteps);
+- every sigma table diffusers' own set_timesteps builds: timestep_spacing, steps_offset, use_karras_sigmas,
+  use_exponential_sigmas, use_beta_sigmas, rescale_betas_zero_snr, final_sigmas_type "zero" and "sigma_min",
+  and use_flow_sigmas (Wan's configuration, with flow_shift, use_dynamic_shifting's mu, shift_terminal or
+  custom sigmas: alpha = 1 - sigma there); the kernel reads self.sigmas itself, copied to the device once per
+  set_timesteps;
 - a model output and sample of one floating dtype and one shape (float32 is computed in float32, as diffusers
   does; float16 and bfloat16 in float32 with the history stored in the sample's dtype; float64 in float64).
 
 One difference, a diffusers bug: with solver_type "bh1", diffusers' first-order predictor adds
-alpha_t B(h) * 0, which is -inf * 0 = NaN at a final sigma of 0 (final_sigmas_type "zero"); the kernel leaves
-the zero term out and returns x0_hat there, the limit of the step.
+alpha_t B(h) * 0, which is -inf * 0 = NaN at a final sigma of 0 (final_sigmas_type "zero", flow_prediction
+included); the kernel leaves the zero term out and returns x0_hat there, the limit of the step.
 
 What runs diffusers' own step instead (`genkern_covers` says which a call gets): solver_order 3,
-predict_x0=False, solver_p, prediction_type "flow_prediction", use_flow_sigmas, a model output and sample of
+predict_x0=False, solver_p, a model output and sample of
 different dtypes, shapes or devices (or not floating tensors), a second-order step whose inputs diffusers would
 read from before the table (a step counter set by hand) or whose saved state is missing or of another shape,
 a step before set_timesteps or past the last (diffusers raises its errors). A fallback step and a fused one
@@ -46,7 +47,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch import Tensor
 
 from .. import backend as _backend
-from ..diffusion import _ops, _solver_ops
+from ..diffusion import _solver_ops
 from ._sigma import SigmaStepMixin, make_output, with_signature_of
 
 _SIGNATURE_LIMIT = 64  # call signatures the op has accepted, kept per scheduler
@@ -68,15 +69,15 @@ class UniPCMultistepScheduler(SigmaStepMixin, _DiffusersUniPC):
         super()._genkern_setup()
         c = self.config
         prediction = c.prediction_type
+        predictions = _solver_ops.UNIPC_PREDICTIONS
         self._fused = (
             c.solver_order in (1, 2)
             and c.solver_type in _solver_ops.UNIPC_SOLVER_TYPES
-            and prediction in _ops.PREDICTIONS
+            and prediction in predictions
             and bool(c.predict_x0)
-            and not c.use_flow_sigmas
         )
         self._codes = (
-            _ops.PREDICTIONS.index(prediction) if prediction in _ops.PREDICTIONS else 0,
+            predictions.index(prediction) if prediction in predictions else 0,
             _solver_ops.UNIPC_SOLVER_TYPES.index(c.solver_type)
             if c.solver_type in _solver_ops.UNIPC_SOLVER_TYPES
             else 0,
@@ -262,7 +263,7 @@ class UniPCMultistepScheduler(SigmaStepMixin, _DiffusersUniPC):
             torch.is_grad_enabled() and (model_output.requires_grad or sample.requires_grad)
         )
         plain = type(model_output) is Tensor and type(sample) is Tensor
-        codes = (prediction, solver, p_order, c_order, False, corrector)
+        codes = (prediction, solver, p_order, c_order, False, corrector, bool(self.config.use_flow_sigmas))
         signature = None
         if eager and plain and ratio is None:
             signature = (

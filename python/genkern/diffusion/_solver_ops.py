@@ -162,13 +162,14 @@ def _(*args):
 # second-order step) the x0_hat before it; the kernel reads and overwrites it in the same pass.
 # ---------------------------------------------------------------------------------------------------------
 UNIPC_SOLVER_TYPES = ref.UNIPC_SOLVER_TYPES  # the kernels' codes 0, 1 (gk::diffusion::UniPcSolverType)
+UNIPC_PREDICTIONS = ref.UNIPC_PREDICTIONS  # PREDICTIONS' codes and 3, flow_prediction (kFlowPrediction)
 
 
 def _check_unipc_step(
     model_output, sample, history, sigmas, step, prediction, solver_type, predictor_order, corrector_order,
-    final_first_order, corrector, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max,
+    final_first_order, corrector, flow_sigmas, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max,
 ) -> None:  # fmt: skip
-    _ops._check_code("prediction", prediction, _ops.PREDICTIONS)
+    _ops._check_code("prediction", prediction, UNIPC_PREDICTIONS)
     _ops._check_code("solver_type", solver_type, UNIPC_SOLVER_TYPES)
     for name, order in (("predictor_order", predictor_order), ("corrector_order", corrector_order)):
         if order not in (1, 2):
@@ -221,6 +222,7 @@ def unipc_step(
     corrector_order: int,
     final_first_order: bool,
     corrector: bool,
+    flow_sigmas: bool,
     guidance_scale: Optional[float],
     guidance_rescale: float,
     dynamic_ratio: Optional[float],
@@ -229,42 +231,63 @@ def unipc_step(
     """The next sample of UniPC's step step[b] of each sample: the UniC correction of `sample` (the previous
     step's prediction) with this step's x0_hat (where `corrector` and step > 0), then the UniP prediction from
     the corrected sample. history (slots, *sample.shape), overwritten with this step's state: the corrected
-    sample, x0_hat and (slots 3) the previous x0_hat. prediction: a PREDICTIONS code; solver_type: a
+    sample, x0_hat and (slots 3) the previous x0_hat. prediction: a UNIPC_PREDICTIONS code; solver_type: a
     UNIPC_SOLVER_TYPES code; predictor_order 1 or 2 (first order on step 0, and on the last step with
-    final_first_order); corrector_order 1 or 2 (first order on step 1). Guidance as sigma_step; dynamic_ratio:
+    final_first_order); corrector_order 1 or 2 (first order on step 1); flow_sigmas: a flow-matching table
+    (alpha = 1 - sigma, sigma_vp = sigma; diffusers' use_flow_sigmas). Guidance as sigma_step; dynamic_ratio:
     Imagen's dynamic thresholding of x0_hat (with dynamic_max)."""
     args = (model_output, sample, history, sigmas, step, prediction, solver_type, predictor_order, corrector_order)
-    extra = (final_first_order, corrector, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max)
+    extra = (final_first_order, corrector, flow_sigmas, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max)
     _check_unipc_step(*args, *extra)
     rows, p_second, correct, c_second = _unipc_rows(
         sigmas, step, predictor_order, corrector_order, final_first_order, corrector
     )
     prev, new_history = ref.unipc_update(
         model_output, sample, history, rows, p_second, correct, c_second,
-        prediction_type=_ops.PREDICTIONS[prediction], solver_type=UNIPC_SOLVER_TYPES[solver_type],
-        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        prediction_type=UNIPC_PREDICTIONS[prediction], solver_type=UNIPC_SOLVER_TYPES[solver_type],
+        flow_sigmas=flow_sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
         dynamic_threshold=None if dynamic_ratio is None else (dynamic_ratio, dynamic_max),
     )  # fmt: skip
     history.copy_(new_history)
     return prev.contiguous()
 
 
+def _unipc_thresholds(model_output, sample, sigmas, step, prediction, flow, scale, rescale, ratio, max_value):
+    """Each sample's dynamic threshold as _dpm_thresholds computes it, from UniPC's x0_hat (on a flow table
+    too, and flow_prediction's x - sigma m)."""
+    if not flow and prediction < len(_ops.PREDICTIONS):  # DPM-Solver++'s x0_hat
+        return _dpm_thresholds(model_output, sample, sigmas, step, prediction, scale, rescale, ratio, max_value)
+    B = sample.shape[0]
+    ct = _ops._compute_dtype(sample)
+    x = sample.to(ct).reshape(B, -1)
+    if scale is not None:
+        m, _ = _ops._guided_prediction(model_output, B, False, scale)
+        m = m if rescale is None else m * rescale.to(ct)[:, None]
+    else:
+        m = model_output.to(ct).reshape(B, -1)
+    s = sigmas[step.clamp(0, sigmas.shape[0] - 2)].to(ct)
+    alpha, sigma = ref.unipc_alpha_sigma(s, flow)
+    x0 = ref.unipc_predict_x0(m, x, s, alpha, sigma, UNIPC_PREDICTIONS[prediction])
+    return _ops._quantile_rows(x0.abs(), ratio).clamp(min=1.0, max=max_value).float().contiguous()
+
+
 @_ops.KERNELS.register(unipc_step, check=_check_unipc_step)
 def _(kernels, model_output, sample, history, sigmas, step, prediction, solver_type, predictor_order,
-      corrector_order, final_first_order, corrector, scale, phi, dynamic_ratio, dynamic_max):  # fmt: skip
+      corrector_order, final_first_order, corrector, flow_sigmas, scale, phi, dynamic_ratio,
+      dynamic_max):  # fmt: skip
     B, guided = sample.shape[0], scale is not None
     rescale = thresholds = None
     if guided and phi != 0.0 and sample.numel():
         rescale = _ops._rescale_factors(model_output, B, False, scale, phi)
-    if dynamic_ratio is not None and sample.numel():  # UniPC's x0_hat is DPM-Solver++'s, at sigmas[step]
-        thresholds = _dpm_thresholds(
-            model_output, sample, sigmas, step, prediction, scale, rescale, dynamic_ratio, dynamic_max
+    if dynamic_ratio is not None and sample.numel():
+        thresholds = _unipc_thresholds(
+            model_output, sample, sigmas, step, prediction, flow_sigmas, scale, rescale, dynamic_ratio, dynamic_max
         )
     prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     kernels.unipc_step(
         model_output.contiguous(), sample.contiguous(), history, sigmas.contiguous(), step.contiguous(), rescale,
         thresholds, prev, prediction, solver_type, predictor_order, corrector_order, final_first_order, corrector,
-        guided, _ops._or_zero(scale),
+        flow_sigmas, guided, _ops._or_zero(scale),
     )  # fmt: skip
     return prev
 

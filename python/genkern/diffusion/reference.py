@@ -1043,20 +1043,47 @@ def heun_step(
 # UniPC) on its float32 sigmas; float64 data computes in float64 from them. The history is (slots, B, ...):
 # the previous step's corrected sample, its x0_hat, and (slots 3) the x0_hat of the step before.
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")
+UNIPC_PREDICTIONS = (*PREDICTION_TYPES, "flow_prediction")
+
+
+def unipc_alpha_sigma(sigma: Tensor, flow: bool) -> tuple[Tensor, Tensor]:
+    """(alpha, sigma_vp) of table sigmas: DPM-Solver++'s, or on a flow-matching table 1 - sigma and sigma."""
+    if flow:
+        return 1 - sigma, sigma
+    alpha, s, _ = dpm_alpha_sigma_lambda(sigma)
+    return alpha, s
+
+
+def _unipc_lambda(sigma: Tensor, flow: bool) -> tuple[Tensor, Tensor, Tensor]:
+    alpha, s = unipc_alpha_sigma(sigma, flow)
+    return alpha, s, alpha.log() - s.log()
+
+
+def unipc_predict_x0(m: Tensor, x: Tensor, sigma_table, alpha, sigma, prediction_type: str) -> Tensor:
+    """convert_model_output (predict_x0): DPM-Solver++'s, and flow_prediction x - sigma m (the table's sigma)."""
+    if prediction_type == "flow_prediction":
+        return x - _coef(sigma_table, x) * m
+    return dpm_predict_x0(m, x, alpha, sigma, prediction_type)
 
 
 def unipc_coefficients(
-    sigma_before: Tensor, sigma_s0: Tensor, sigma_t: Tensor, solver_type: str, second: Tensor, corrector: bool
+    sigma_before: Tensor,
+    sigma_s0: Tensor,
+    sigma_t: Tensor,
+    solver_type: str,
+    second: Tensor,
+    corrector: bool,
+    flow: bool = False,
 ) -> dict[str, Tensor]:
     """The (B,) coefficients of one UniPC update s0 -> t (the step before it at sigma_before, read where
     `second`): ratio = sigma_t / sigma_s0, ah = alpha_t (e^-h - 1), aB = alpha_t B(h) (B = -h for bh1,
     e^-h - 1 for bh2), rk = (lambda_before - lambda_s0) / h; a corrector's weights rho0 (of D1) and rho1 (of
     D1_t): 1/2 for order 1, else R rho = b with R = [[1, 1], [rk, 1]], b1 = g1 / B(h), b2 = 2 g2 / B(h),
     g1 = (e^-h - 1) / (-h) - 1, g2 = g1 / (-h) - 1/2, as diffusers' UniC builds them (solved by
-    torch.linalg.solve, as diffusers does)."""
-    a_t, s_t, l_t = dpm_alpha_sigma_lambda(sigma_t)
-    _, s_0, l_0 = dpm_alpha_sigma_lambda(sigma_s0)
-    _, _, l_b = dpm_alpha_sigma_lambda(sigma_before)
+    torch.linalg.solve, as diffusers does). flow: a flow-matching table (unipc_alpha_sigma)."""
+    a_t, s_t, l_t = _unipc_lambda(sigma_t, flow)
+    _, s_0, l_0 = _unipc_lambda(sigma_s0, flow)
+    _, _, l_b = _unipc_lambda(sigma_before, flow)
     h = l_t - l_0
     hh = -h
     h_phi_1 = torch.expm1(hh)
@@ -1087,13 +1114,15 @@ def unipc_update(
     *,
     prediction_type: str = "epsilon",
     solver_type: str = "bh2",
+    flow_sigmas: bool = False,
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
     dynamic_threshold: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(x_next, new history) of one UniPC step at sigma_i per sample, sigmas = (sigma_{i-2}, sigma_{i-1},
     sigma_i, sigma_{i+1}) as (B,) float32 rows:
-    - x0_hat = convert_model_output(model_output, sample) at sigma_i (dpm_predict_x0), thresholded;
+    - x0_hat = convert_model_output(model_output, sample) at sigma_i (unipc_predict_x0; flow_sigmas: alpha and
+      sigma_vp of a flow-matching table), thresholded;
     - where `correct`: UniC from sigma_{i-1} to sigma_i, x_c = ratio last - ah m0 - aB (rho0 D1 + rho1 D1_t)
       with last = history[0], m0 = history[1], D1 = (history[2] - m0) / rk (where c_second, else rho0 = 0 and
       rho1 = 1/2) and D1_t = x0_hat - m0; else x_c = sample;
@@ -1106,15 +1135,15 @@ def unipc_update(
         m = guide(m, float(torch.tensor(guidance_scale, dtype=torch.float32)), guidance_rescale)
     ct = x.dtype
     s2, s1, s0, t = (s.to(x.device, ct) for s in sigmas)
-    a_0, sg_0, _ = dpm_alpha_sigma_lambda(s0)
-    d0 = dpm_predict_x0(m, x, a_0, sg_0, prediction_type)
+    a_0, sg_0 = unipc_alpha_sigma(s0, flow_sigmas)
+    d0 = unipc_predict_x0(m, x, s0, a_0, sg_0, prediction_type)
     if dynamic_threshold is not None:
         d0 = dynamic_threshold_x0(d0, float(dynamic_threshold[0]), float(dynamic_threshold[1]))
     hist = _compute(history).to(ct)
     last, m0 = hist[0], hist[1]
     shape = (-1, *([1] * (x.dim() - 1)))
     c_second, p_second = c_second.to(x.device), p_second.to(x.device)
-    c = unipc_coefficients(s2, s1, s0, solver_type, c_second, True)
+    c = unipc_coefficients(s2, s1, s0, solver_type, c_second, True, flow_sigmas)
     d1t = d0 - m0
     res = _coef(c["rho1"], x) * d1t
     if hist.shape[0] > 2:
@@ -1122,7 +1151,7 @@ def unipc_update(
         res = torch.where(c_second.reshape(shape), with_d1, res)
     corrected = _coef(c["ratio"], x) * last - _coef(c["ah"], x) * m0 - _coef(c["aB"], x) * res
     xc = torch.where(correct.to(x.device).reshape(shape), corrected, x)
-    p = unipc_coefficients(s1, s0, t, solver_type, p_second, False)
+    p = unipc_coefficients(s1, s0, t, solver_type, p_second, False, flow_sigmas)
     out = _coef(p["ratio"], x) * xc - _coef(p["ah"], x) * d0
     with_m1 = out - _coef(p["aB"], x) * (0.5 * ((m0 - d0) / _coef(p["rk"], x)))
     out = torch.where(p_second.reshape(shape), with_m1, out)

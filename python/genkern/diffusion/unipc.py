@@ -73,8 +73,8 @@ def unipc_history(sample: Tensor, solver_order: int = 2) -> Tensor:
     return torch.empty((order + 1, *sample.shape), dtype=sample.dtype, device=sample.device)
 
 
-def _codes(prediction_type: str, solver_type: str) -> tuple[int, int]:
-    prediction = _ops.PREDICTIONS.index(_spec.check_choice("prediction_type", prediction_type, _ops.PREDICTIONS))
+def _codes(prediction_type: str, solver_type: str, predictions=_ops.PREDICTIONS) -> tuple[int, int]:
+    prediction = predictions.index(_spec.check_choice("prediction_type", prediction_type, predictions))
     solver = _spec.UNIPC_SOLVER_TYPES.index(_spec.check_choice("solver_type", solver_type, _spec.UNIPC_SOLVER_TYPES))
     return prediction, solver
 
@@ -92,6 +92,7 @@ def unipc_step(
     corrector_order: int | None = None,
     final_first_order: bool = True,
     use_corrector: bool = True,
+    flow_sigmas: bool = False,
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
     dynamic_threshold: tuple[float, float] | None = None,
@@ -104,13 +105,16 @@ def unipc_step(
     diffusers' disable_corrector), then predicts the next sample from the corrected one (UniP of order
     solver_order; first order on step 0 and, with final_first_order (diffusers' lower_order_final), on the last
     step). `history` (unipc_history: (solver_order + 1, *sample.shape)) holds the previous step's state and is
-    overwritten with this step's, in the same pass; step 0 reads none of it. dynamic_threshold: (ratio,
-    max_value), diffusers' thresholding. Returns the next sample."""
-    prediction, solver = _codes(prediction_type, solver_type)
+    overwritten with this step's, in the same pass; step 0 reads none of it. flow_sigmas: `sigmas` is a
+    flow-matching table (diffusers' use_flow_sigmas: alpha = 1 - sigma), for prediction_type "flow_prediction"
+    (x0_hat = x - sigma m) or any other. dynamic_threshold: (ratio, max_value), diffusers' thresholding.
+    Returns the next sample."""
+    prediction, solver = _codes(prediction_type, solver_type, _spec.UNIPC_PREDICTIONS)
     _spec.check_guidance(guidance_scale, guidance_rescale)
     _spec.check_threshold(None, dynamic_threshold)
     _check_flag("final_first_order", final_first_order)
     _check_flag("use_corrector", use_corrector)
+    _check_flag("flow_sigmas", flow_sigmas)
     for name, t in (("model_output", model_output), ("sample", sample), ("history", history), ("sigmas", sigmas)):
         _checks.tensor(name, t)
     order = _checks.integer("solver_order", solver_order)
@@ -125,7 +129,8 @@ def unipc_step(
     args = (model_output, sample, history, sigmas_d, _step_tensor(step, sample), prediction, solver, order, c_order)
     scale = None if guidance_scale is None else float(guidance_scale)
     op = torch.ops.genkern.unipc_step
-    options = (bool(final_first_order), bool(use_corrector), scale, float(guidance_rescale), ratio, max_value)
+    options = (bool(final_first_order), bool(use_corrector), flow_sigmas, scale, float(guidance_rescale), ratio,
+               max_value)  # fmt: skip
     return _backend.call(backend, op, *args, *options)
 
 
@@ -248,7 +253,7 @@ class _UniPcLoop:
             x_in = torch.cat([x, x]) if guided else x
             m = self.model(x_in, self.t_model[i], **model_kwargs)
             corrector = (i - 1) not in s.disable_corrector
-            options = (s.prediction, s.solver, s.order, s.order, s.lower_order_final, corrector)
+            options = (s.prediction, s.solver, s.order, s.order, s.lower_order_final, corrector, False)
 
             def op_call(m=m, x=x, i=i, options=options):
                 args = (m, x, history, self.sigmas, self.steps[i], *options)
