@@ -31,7 +31,7 @@ GK_HD void unipc_alpha_sigma(float s, bool flow, C& alpha, C& sigma) {
   }
 }
 
-// expm1f / expm1: h phi_1(h) = e^-h - 1 loses its digits to cancellation through exp for small steps.
+// expm1f / expm1, as diffusers' torch.expm1: e^-h - 1 through exp loses its digits to cancellation on small steps.
 GK_HD float expm1_of(float x) { return expm1f(x); }
 GK_HD double expm1_of(double x) { return ::expm1(x); }
 
