@@ -15,8 +15,9 @@ diffusers' class with `step` in genkern's fused dpm_solver_step (DPM-Solver++ an
 and 2, its history a device tensor the scheduler owns); solver_order 3, the "dpmsolver" / "sde-dpmsolver"
 algorithms, flow sigmas, learned variances and mixed dtypes run diffusers' own step (genkern.diffusers._dpm
 lists them). `UniPCMultistepScheduler` is diffusers' class with `step` in genkern's fused unipc_step (the UniC
-corrector and UniP predictor, bh1 and bh2, orders 1 and 2, its state a device tensor the scheduler owns);
-solver_order 3, predict_x0=False, solver_p and flow sigmas run diffusers' own step (genkern.diffusers._unipc).
+corrector and UniP predictor, bh1 and bh2, orders 1 and 2, flow sigmas included, its state a device tensor
+the scheduler owns); solver_order 3, predict_x0=False and solver_p run diffusers' own step
+(genkern.diffusers._unipc).
 
 This package is the only part of genkern that imports diffusers; `import genkern` does not.
 """
