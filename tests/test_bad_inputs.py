@@ -87,6 +87,13 @@ def _dpm_defaults():
     )
 
 
+def _unipc_defaults():
+    sigmas, _ = genkern.diffusion.unipc_sigmas(SCHEDULE, 10)
+    return dict(
+        model_output=_r(2, 3, 4), sigmas=sigmas, step=torch.tensor([1, 2]), sample=_r(2, 3, 4), history=_r(3, 2, 3, 4)
+    )
+
+
 def _heun_defaults():
     return dict(_sigma_step_defaults(), derivative=_r(2, 3, 4))
 
@@ -147,6 +154,7 @@ OPS = {
         _call(genkern.euler_ancestral_step, lambda: dict(**_sigma_step_defaults(), seed=0)),
     ),
     "dpm_solver_step": ("diffusion", _call(genkern.dpm_solver_step, _dpm_defaults)),
+    "unipc_step": ("diffusion", _call(genkern.unipc_step, _unipc_defaults)),
     "heun_step": ("diffusion", _call(genkern.heun_step, _heun_defaults)),
     "heun_step(origin=)": ("diffusion", _call(genkern.heun_step, lambda: dict(_heun_defaults(), origin=_r(2, 3, 4)))),
     "ddpm_step(out=)": ("diffusion", _call(_ddpm, lambda: dict(_step_defaults(), out=(_r(2, 3, 4), _r(2, 3, 4))))),
@@ -479,6 +487,31 @@ BAD += values("dpm_solver_step", "final_first_order", ("int", 1, TypeError))
 BAD += values("dpm_solver_step", "guidance_scale", ("str", "1", TypeError), ("nan", float("nan"), ValueError))
 BAD += values("dpm_solver_step", "guidance_rescale", ("str", "1", TypeError), ("2", 2.0, ValueError))
 BAD += values("dpm_solver_step", "dynamic_threshold", ("str", "x", TypeError), ("ratio 2", (2.0, 1.0), ValueError))
+for arg in ("model_output", "sample"):
+    BAD += tensors("unipc_step", arg, (2, 3, 4), skip=("0-dim",) if arg == "sample" else ())
+BAD += tensors("unipc_step", "history", (3, 2, 3, 4))
+BAD += values("unipc_step", "history", ("two slots for order 2", lambda: _r(2, 2, 3, 4), ValueError))
+BAD += tensors("unipc_step", "sigmas", (11,), skip=("not a tensor: float", "rank + 1", "shape"))
+BAD += values("unipc_step", "sigmas", ("one sigma", lambda: torch.ones(1), ValueError))
+BAD += values(
+    "unipc_step",
+    "step",
+    ("str", "1", TypeError),
+    ("negative", -1, ValueError),
+    ("past the table", 10, ValueError),
+    ("float tensor", lambda: torch.tensor([1.0, 2.0]), TypeError),
+    ("shape", lambda: torch.tensor([1, 2, 3]), ValueError),
+)
+BAD += values("unipc_step", "prediction_type", ("unknown", "x", ValueError), ("int", 0, TypeError))
+BAD += values("unipc_step", "solver_type", ("unknown", "midpoint", ValueError), ("int", 1, TypeError))
+BAD += values("unipc_step", "solver_order", ("3", 3, ValueError), ("str", "2", TypeError), ("0", 0, ValueError))
+BAD += values("unipc_step", "corrector_order", ("3", 3, ValueError), ("str", "2", TypeError))
+BAD += values("unipc_step", "final_first_order", ("int", 1, TypeError))
+BAD += values("unipc_step", "use_corrector", ("int", 1, TypeError))
+BAD += values("unipc_step", "flow_sigmas", ("int", 1, TypeError), ("None", None, TypeError))
+BAD += values("unipc_step", "guidance_scale", ("str", "1", TypeError), ("nan", float("nan"), ValueError))
+BAD += values("unipc_step", "guidance_rescale", ("str", "1", TypeError), ("2", 2.0, ValueError))
+BAD += values("unipc_step", "dynamic_threshold", ("str", "x", TypeError), ("ratio 2", (2.0, 1.0), ValueError))
 
 # --- autoregressive
 BAD += tensors("causal_conv1d", "x", (2, 3, 7), wrong_shape=(2, 4, 7))  # any length L

@@ -578,3 +578,105 @@ def test_dpm_solver_step(data, extreme):
     extra = COEFFICIENTS * step_mag  # the table's coefficients: float32 on every backend, rounded alike or not
     check(cpu[0], ref[0], factor, step_mag, extra=extra, what="prev_sample")
     check(histories["cpu"], histories["reference"], factor, x0_mag, extra=COEFFICIENTS * x0_mag, what="history")
+
+
+def _unipc_gain(sigmas: torch.Tensor, steps: list[int], solver_type: str, orders: tuple, options: dict):
+    """Per sample, the sum of |coefficients| that multiply the step's terms (the sample, the history's three
+    slots, x0_hat): UniC's ratio, ah and aB (rho0 / rk + rho1), then UniP's ratio times that, ah and aB / rk,
+    from the reference's float64 coefficients of the float32 table (non-finite ones as 0)."""
+    s = sigmas.double()
+    last = s.shape[0] - 2
+    i = torch.tensor(steps, dtype=torch.int64).clamp(0, last)
+    p_second = (i > 0) & (orders[0] == 2)
+    if options["final_first_order"]:
+        p_second = p_second & (i != last)
+    c_second = (i > 1) & (orders[1] == 2)
+    at = lambda k: s[k.clamp(0, last + 1)]  # noqa: E731
+    flow = options["flow_sigmas"]
+    c = spec.unipc_coefficients(at(i - 2), at(i - 1), at(i), solver_type, c_second, True, flow)
+    p = spec.unipc_coefficients(at(i - 1), at(i), at(i + 1), solver_type, p_second, False, flow)
+    finite = lambda v: v.abs().nan_to_num(0.0, 0.0, 0.0)  # noqa: E731
+    corrected = (
+        1.0
+        + finite(c["ratio"])
+        + finite(c["ah"])
+        + finite(c["aB"]) * (2 * finite(c["rho0"]) * finite(1 / c["rk"]) + 2 * finite(c["rho1"]))
+    )
+    corrected = torch.where((i > 0) & options["use_corrector"], corrected, torch.ones(()))
+    p_term = torch.where(p_second, finite(p["aB"]) * finite(1 / p["rk"]), torch.zeros(()))
+    return finite(p["ratio"]) * corrected + finite(p["ah"]) + p_term + 1.0
+
+
+@examples(150)
+@given(data=st.data(), extreme=st.booleans())
+def test_unipc_step(data, extreme):
+    """One UniPC step (corrector and predictor of order 1 or 2, bh1 or bh2, with or without the corrector) of a
+    real sigma table (variance-preserving, or its flow-matching counterpart s / (s + 1)), a step index per sample;
+    the next sample and the history it overwrites."""
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = dims(data, data.draw(st.integers(1, 4), label="ndim"))
+    B = shape[0]
+    n = data.draw(st.sampled_from((1, 2, 5, 20)), label="num_steps")
+    sigma_schedule = data.draw(st.sampled_from((None, "karras", "exponential")), label="sigma_schedule")
+    final_sigma = data.draw(st.sampled_from(("zero", "sigma_min")), label="final_sigma")
+    sigmas, _ = genkern.diffusion.unipc_sigmas(DPM_SCHEDULE, n, sigma_schedule=sigma_schedule,
+                                               final_sigma=final_sigma)  # fmt: skip
+    flow = data.draw(st.booleans(), label="flow_sigmas")
+    if flow:
+        sigmas = (sigmas.double() / (sigmas.double() + 1)).float()
+    steps = data.draw(st.lists(st.integers(0, n - 1), min_size=B, max_size=B), label="steps")
+    step = torch.tensor(steps, dtype=torch.int64) if data.draw(st.booleans(), label="per-sample steps") else None
+    if step is None:
+        step = data.draw(st.integers(0, n - 1), label="step")
+        steps = [step] * B
+    order = data.draw(st.sampled_from((1, 2)), label="solver_order")
+    corrector_order = data.draw(st.sampled_from((1, order)), label="corrector_order")
+    sample = tensor(data, shape, dtype, label="sample", extreme=extreme)
+    history0 = tensor(data, (order + 1, *shape), dtype, label="history", extreme=extreme, allow_expand=False)
+    history0 = history0.contiguous()
+    guidance = data.draw(st.sampled_from((None, 1.0, 7.5, -2.0)), label="guidance_scale")
+    rescale = data.draw(st.sampled_from((0.0, 0.7)), label="guidance_rescale") if guidance is not None else 0.0
+    m = tensor(data, (B * (2 if guidance is not None else 1), *shape[1:]), dtype, label="model_output",
+               extreme=extreme)  # fmt: skip
+    solver_type = data.draw(st.sampled_from(("bh1", "bh2")), label="solver_type")
+    options = dict(
+        prediction_type=data.draw(st.sampled_from((*PREDICTIONS, "flow_prediction")), label="prediction"),
+        solver_type=solver_type,
+        solver_order=order,
+        corrector_order=corrector_order,
+        # a second-order predictor into a final sigma of 0 divides by rk = 0 (diffusers too): lower_order_final
+        final_first_order=final_sigma == "zero" or data.draw(st.booleans(), label="final_first_order"),
+        use_corrector=data.draw(st.booleans(), label="use_corrector"),
+        flow_sigmas=flow,
+        guidance_scale=guidance,
+        guidance_rescale=rescale,
+        dynamic_threshold=data.draw(st.sampled_from((None, (0.995, 1.0), (0.9, 3.0))), label="threshold"),
+    )
+    histories = {}
+
+    def run(b, mo_, x):
+        histories[b] = h = history0.clone()
+        return genkern.unipc_step(mo_, sigmas, step, x, h, backend=b, **options)
+
+    (cpu, _, _), (ref, _, _) = both(run, [m, sample])
+    # The terms' sizes: x0_hat from the model output (eps: x sqrt(s^2 + 1) - s m; v and sample: at most |x| + |m|),
+    # the corrected sample and the prediction from it, the history, each times its coefficients' sizes.
+    s64 = sigmas.double()
+    idx = torch.tensor(steps, dtype=torch.int64)
+    view = (B, *([1] * (len(shape) - 1)))
+    s = s64[idx].reshape(view)
+    mo = magnitude(m)
+    mo = (mo[:B] + mo[B:]) * (1.0 + 2.0 * abs(guidance)) if guidance is not None else mo
+    x_mag = magnitude(sample)
+    alpha, sigma_vp = spec.unipc_alpha_sigma(s, flow)
+    # every prediction type's x0_hat bound (eps, v, sample, flow), summed
+    x0_mag = (x_mag + sigma_vp * mo) / alpha + alpha * x_mag + sigma_vp * mo + mo + x_mag + s * mo
+    gain = _unipc_gain(sigmas, steps, solver_type, (order, corrector_order), options).reshape(view)
+    terms = x_mag + x0_mag + magnitude(*history0.unbind(0))
+    step_mag = gain * terms
+    rescaled = rescale != 0.0
+    factor = REDUCTION * 4 if rescaled or options["dynamic_threshold"] else REDUCTION
+    extra = COEFFICIENTS * step_mag  # the coefficients: float32 on every backend, rounded alike or not
+    check(cpu[0], ref[0], factor, step_mag, extra=extra, what="prev_sample")
+    slot_mag = torch.stack([step_mag, x0_mag.expand(shape), terms.expand(shape)][: order + 1])
+    check(histories["cpu"], histories["reference"], factor, slot_mag, extra=COEFFICIENTS * slot_mag, what="history")

@@ -181,6 +181,7 @@ void step_entry(const Array& model_output, const Array& sample, const OptArray& 
 
 void bind_sigma_step(py::module_& m);  // csrc/diffusion/sigma_step.cpp
 void bind_dpm_solver(py::module_& m);  // csrc/diffusion/dpm_solver.cpp
+void bind_unipc(py::module_& m);       // csrc/diffusion/unipc.cpp
 
 void bind_diffusion(py::module_& parent) {
   py::module_ m = parent.def_submodule("diffusion", "genkern._C.diffusion: diffusion kernels");
@@ -198,6 +199,7 @@ void bind_diffusion(py::module_& parent) {
         arg("use_clipped_model_output"), arg("seed"), arg("offset"), arg("stream") = 0);
   bind_sigma_step(m);
   bind_dpm_solver(m);
+  bind_unipc(m);
 }
 
 }  // namespace gk

@@ -856,3 +856,4 @@ def step(
 
 from .dpm_solver import dpm_step  # noqa: E402, F401 - the DPM-Solver++ step: its own file, this group's module
 from .sigma_step import sigma_step  # noqa: E402, F401 - the sigma-space steps: their own file, this group's module
+from .unipc import unipc_step  # noqa: E402, F401 - the UniPC step, likewise

@@ -47,6 +47,7 @@ from .diffusion import (
     heun_step,
     q_sample,
     schedules,
+    unipc_step,
 )
 from .random import randn
 from .reparam import gaussian_kl, gaussian_log_prob, iwae_bound, reparameterize, reparameterize_kl
@@ -93,4 +94,5 @@ __all__ = [
     "sample",
     "schedules",
     "set_backend",
+    "unipc_step",
 ]

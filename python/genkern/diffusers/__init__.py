@@ -14,7 +14,10 @@ s_churn, per-token timesteps, mixed dtypes) run diffusers' own step. `DPMSolverM
 diffusers' class with `step` in genkern's fused dpm_solver_step (DPM-Solver++ and SDE-DPM-Solver++, orders 1
 and 2, its history a device tensor the scheduler owns); solver_order 3, the "dpmsolver" / "sde-dpmsolver"
 algorithms, flow sigmas, learned variances and mixed dtypes run diffusers' own step (genkern.diffusers._dpm
-lists them).
+lists them). `UniPCMultistepScheduler` is diffusers' class with `step` in genkern's fused unipc_step (the UniC
+corrector and UniP predictor, bh1 and bh2, orders 1 and 2, flow sigmas included, its state a device tensor
+the scheduler owns); solver_order 3, predict_x0=False and solver_p run diffusers' own step
+(genkern.diffusers._unipc).
 
 This package is the only part of genkern that imports diffusers; `import genkern` does not.
 """
@@ -28,6 +31,7 @@ from ._ddpm import DDPMScheduler
 from ._dpm import DPMSolverMultistepScheduler
 from ._euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from ._flow_match import FlowMatchEulerDiscreteScheduler
+from ._unipc import UniPCMultistepScheduler
 
 __all__ = [
     "DDIMScheduler",
@@ -36,6 +40,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "UniPCMultistepScheduler",
     "from_scheduler",
 ]
 
@@ -46,6 +51,7 @@ _DROP_INS = (
     EulerAncestralDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
 )
 # diffusers' class (and genkern's own) -> genkern's drop-in
 _SUPPORTED = {**{getattr(_diffusers, c.__name__): c for c in _DROP_INS}, **{c: c for c in _DROP_INS}}
@@ -54,10 +60,10 @@ _SUPPORTED = {**{getattr(_diffusers, c.__name__): c for c in _DROP_INS}, **{c: c
 def from_scheduler(scheduler, **flags):
     """The genkern drop-in for a diffusers scheduler: genkern.diffusers.X for diffusers.X, X one of
     DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler and DPMSolverMultistepScheduler, built from its configuration (`flags`:
-    configuration values to override, e.g. genkern_timesteps=True), its set_timesteps state copied (and
-    DPMSolverMultistepScheduler's solver state). A TypeError for any other class (subclasses included: they
-    may step differently)."""
+    FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler and UniPCMultistepScheduler, built from its
+    configuration (`flags`: configuration values to override, e.g. genkern_timesteps=True), its set_timesteps
+    state copied (and the multistep schedulers' solver state). A TypeError for any other class (subclasses
+    included: they may step differently)."""
     cls = _SUPPORTED.get(type(scheduler))
     if cls is None:
         names = ", ".join(sorted({f"diffusers.{c.__name__}" for c in _SUPPORTED}))

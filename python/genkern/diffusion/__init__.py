@@ -43,6 +43,7 @@ from .k_diffusion import (
 from .samplers import DDIMSampler, DDPMSampler
 from .schedules import NoiseSchedule
 from .training import training_loss
+from .unipc import UniPCMultistepSampler, unipc_history, unipc_sigmas, unipc_step
 
 __all__ = [
     "DDIMSampler",
@@ -52,6 +53,7 @@ __all__ = [
     "FlowMatchEulerSampler",
     "HeunSampler",
     "NoiseSchedule",
+    "UniPCMultistepSampler",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
@@ -70,6 +72,9 @@ __all__ = [
     "schedules",
     "sigma_schedules",
     "training_loss",
+    "unipc_history",
+    "unipc_sigmas",
+    "unipc_step",
 ]
 
 # The public functions normalise their arguments (timesteps to per-sample int64 tensors, names to the kernels'

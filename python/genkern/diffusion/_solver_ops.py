@@ -1,5 +1,5 @@
-"""The multistep solvers' step as a torch op: `genkern::dpm_solver_step` (DPM-Solver++ 1 and 2M, ODE and SDE;
-docs/math.md 5.3).
+"""The multistep solvers' steps as torch ops: `genkern::dpm_solver_step` (DPM-Solver++ 1 and 2M, ODE and SDE;
+docs/math.md 5.3) and `genkern::unipc_step` (UniPC bh1/bh2 of order 1 and 2, 5.5).
 
 The step of sample b is the step index step[b] of a loop whose float32 sigma table `sigmas` (num_steps + 1
 k-diffusion sigmas, the final one last) lives on the data's device: the kernel reads sigmas[i - 1], sigmas[i]
@@ -152,6 +152,149 @@ def _(kernels, model_output, sample, history, sigmas, step, noise, seed, offset,
 @dpm_solver_step.register_fake
 def _(*args):
     _check_dpm_solver_step(*args)
+    sample = args[1]
+    return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unipc_step: UniPC's corrector of the previous step and predictor of the next one, fused (docs/math.md 5.5).
+# The history (slots, *sample.shape) holds the previous corrected sample, its x0_hat and (slots 3, for a
+# second-order step) the x0_hat before it; the kernel reads and overwrites it in the same pass.
+# ---------------------------------------------------------------------------------------------------------
+UNIPC_SOLVER_TYPES = ref.UNIPC_SOLVER_TYPES  # the kernels' codes 0, 1 (gk::diffusion::UniPcSolverType)
+UNIPC_PREDICTIONS = ref.UNIPC_PREDICTIONS  # PREDICTIONS' codes and 3, flow_prediction (kFlowPrediction)
+
+
+def _check_unipc_step(
+    model_output, sample, history, sigmas, step, prediction, solver_type, predictor_order, corrector_order,
+    final_first_order, corrector, flow_sigmas, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max,
+) -> None:  # fmt: skip
+    _ops._check_code("prediction", prediction, UNIPC_PREDICTIONS)
+    _ops._check_code("solver_type", solver_type, UNIPC_SOLVER_TYPES)
+    for name, order in (("predictor_order", predictor_order), ("corrector_order", corrector_order)):
+        if order not in (1, 2):
+            raise ValueError(f"{name} must be 1 or 2, got {order}")
+    _ops._check_batched("sample", sample)
+    try:
+        ref._check_model_output(model_output, sample, guidance_scale is not None, False)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, for sample of shape {tuple(sample.shape)}") from None
+    slots = 3 if 2 in (predictor_order, corrector_order) else 2
+    if not isinstance(history, Tensor) or history.dim() < 1 or history.shape[0] not in (slots, 3):
+        got = tuple(history.shape) if isinstance(history, Tensor) else type(history).__name__
+        raise ValueError(
+            f"history must have shape (slots, *sample.shape) with slots 3 (2 for first-order orders only), "
+            f"got {got} for sample of shape {tuple(sample.shape)}"
+        )
+    _checks.like("history", history, "sample", sample, shape=(history.shape[0], *sample.shape))
+    if not history.is_contiguous():
+        raise ValueError("history must be contiguous (the kernel writes it in place)")
+    _check_sigma_table(sigmas, sample)
+    _ops._check_timesteps("step", step, sample, 0, sigmas.shape[0] - 2)
+    ref.check_guidance(guidance_scale, guidance_rescale)
+    ref.check_threshold(None, None if dynamic_ratio is None else (dynamic_ratio, dynamic_max))
+
+
+def _unipc_rows(sigmas: Tensor, step: Tensor, predictor_order, corrector_order, final_first_order, corrector):
+    """(sigma rows (i - 2, i - 1, i, i + 1), p_second, correct, c_second) of each sample, as
+    gk::diffusion::unipc_coefficients reads them."""
+    last = sigmas.shape[0] - 2
+    i = step.clamp(0, last)
+    p_second = (i > 0) & (predictor_order == 2)
+    if final_first_order:
+        p_second = p_second & (i != last)
+    correct = (i > 0) & bool(corrector)
+    c_second = correct & (i > 1) & (corrector_order == 2)
+    rows = (sigmas[(i - 2).clamp(min=0)], sigmas[(i - 1).clamp(min=0)], sigmas[i], sigmas[i + 1])
+    return rows, p_second, correct, c_second
+
+
+@torch.library.custom_op("genkern::unipc_step", mutates_args=("history",))
+def unipc_step(
+    model_output: Tensor,
+    sample: Tensor,
+    history: Tensor,
+    sigmas: Tensor,
+    step: Tensor,
+    prediction: int,
+    solver_type: int,
+    predictor_order: int,
+    corrector_order: int,
+    final_first_order: bool,
+    corrector: bool,
+    flow_sigmas: bool,
+    guidance_scale: Optional[float],
+    guidance_rescale: float,
+    dynamic_ratio: Optional[float],
+    dynamic_max: float,
+) -> Tensor:
+    """The next sample of UniPC's step step[b] of each sample: the UniC correction of `sample` (the previous
+    step's prediction) with this step's x0_hat (where `corrector` and step > 0), then the UniP prediction from
+    the corrected sample. history (slots, *sample.shape), overwritten with this step's state: the corrected
+    sample, x0_hat and (slots 3) the previous x0_hat. prediction: a UNIPC_PREDICTIONS code; solver_type: a
+    UNIPC_SOLVER_TYPES code; predictor_order 1 or 2 (first order on step 0, and on the last step with
+    final_first_order); corrector_order 1 or 2 (first order on step 1); flow_sigmas: a flow-matching table
+    (alpha = 1 - sigma, sigma_vp = sigma; diffusers' use_flow_sigmas). Guidance as sigma_step; dynamic_ratio:
+    Imagen's dynamic thresholding of x0_hat (with dynamic_max)."""
+    args = (model_output, sample, history, sigmas, step, prediction, solver_type, predictor_order, corrector_order)
+    extra = (final_first_order, corrector, flow_sigmas, guidance_scale, guidance_rescale, dynamic_ratio, dynamic_max)
+    _check_unipc_step(*args, *extra)
+    rows, p_second, correct, c_second = _unipc_rows(
+        sigmas, step, predictor_order, corrector_order, final_first_order, corrector
+    )
+    prev, new_history = ref.unipc_update(
+        model_output, sample, history, rows, p_second, correct, c_second,
+        prediction_type=UNIPC_PREDICTIONS[prediction], solver_type=UNIPC_SOLVER_TYPES[solver_type],
+        flow_sigmas=flow_sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        dynamic_threshold=None if dynamic_ratio is None else (dynamic_ratio, dynamic_max),
+    )  # fmt: skip
+    history.copy_(new_history)
+    return prev.contiguous()
+
+
+def _unipc_thresholds(model_output, sample, sigmas, step, prediction, flow, scale, rescale, ratio, max_value):
+    """Each sample's dynamic threshold as _dpm_thresholds computes it, from UniPC's x0_hat (on a flow table
+    too, and flow_prediction's x - sigma m)."""
+    if not flow and prediction < len(_ops.PREDICTIONS):  # DPM-Solver++'s x0_hat
+        return _dpm_thresholds(model_output, sample, sigmas, step, prediction, scale, rescale, ratio, max_value)
+    B = sample.shape[0]
+    ct = _ops._compute_dtype(sample)
+    x = sample.to(ct).reshape(B, -1)
+    if scale is not None:
+        m, _ = _ops._guided_prediction(model_output, B, False, scale)
+        m = m if rescale is None else m * rescale.to(ct)[:, None]
+    else:
+        m = model_output.to(ct).reshape(B, -1)
+    s = sigmas[step.clamp(0, sigmas.shape[0] - 2)].to(ct)
+    alpha, sigma = ref.unipc_alpha_sigma(s, flow)
+    x0 = ref.unipc_predict_x0(m, x, s, alpha, sigma, UNIPC_PREDICTIONS[prediction])
+    return _ops._quantile_rows(x0.abs(), ratio).clamp(min=1.0, max=max_value).float().contiguous()
+
+
+@_ops.KERNELS.register(unipc_step, check=_check_unipc_step)
+def _(kernels, model_output, sample, history, sigmas, step, prediction, solver_type, predictor_order,
+      corrector_order, final_first_order, corrector, flow_sigmas, scale, phi, dynamic_ratio,
+      dynamic_max):  # fmt: skip
+    B, guided = sample.shape[0], scale is not None
+    rescale = thresholds = None
+    if guided and phi != 0.0 and sample.numel():
+        rescale = _ops._rescale_factors(model_output, B, False, scale, phi)
+    if dynamic_ratio is not None and sample.numel():
+        thresholds = _unipc_thresholds(
+            model_output, sample, sigmas, step, prediction, flow_sigmas, scale, rescale, dynamic_ratio, dynamic_max
+        )
+    prev = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    kernels.unipc_step(
+        model_output.contiguous(), sample.contiguous(), history, sigmas.contiguous(), step.contiguous(), rescale,
+        thresholds, prev, prediction, solver_type, predictor_order, corrector_order, final_first_order, corrector,
+        flow_sigmas, guided, _ops._or_zero(scale),
+    )  # fmt: skip
+    return prev
+
+
+@unipc_step.register_fake
+def _(*args):
+    _check_unipc_step(*args)
     sample = args[1]
     return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
 

@@ -280,8 +280,9 @@ CASES = (
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The multistep and second-order solvers: a DPM-Solver++ 2M step and Heun's second half at per-sample steps,
-# and 25-step Heun / 50-step DPM-Solver++ 2M loops against diffusers' schedulers (as ddim_loop).
+# The multistep and second-order solvers: a DPM-Solver++ 2M step, a UniPC step and Heun's second half at
+# per-sample steps, and 25-step Heun / 50-step DPM-Solver++ 2M and UniPC loops against diffusers' schedulers
+# (as ddim_loop).
 # ---------------------------------------------------------------------------------------------------------
 _SOLVER_STEPS = 50
 
@@ -344,6 +345,49 @@ def genkern_heun_step(model_output, sample, origin, derivative, sigma, sigma_nex
     return genkern.heun_step(model_output, sigma, sigma_next, sample, derivative, origin=origin, backend=backend)
 
 
+def _unipc_step_inputs(size, device, dtype):
+    """(model_output, sample, history, sigmas, step): steps of a 50-step run whose corrector and predictor are
+    both second order, per sample; history (3, *sample.shape)."""
+    sample = torch.randn(_shape(size), device=device, dtype=dtype)
+    step = torch.randint(2, _SOLVER_STEPS - 1, (sample.shape[0],), device=device)
+    history = torch.randn((3, *sample.shape), device=device, dtype=dtype)
+    return torch.randn_like(sample), sample, history, _solver_sigmas(device), step
+
+
+def _unipc_terms(sigmas, s, view):
+    """UniPC's (sigma_t / sigma_s0, alpha_t, e^-h - 1, rk, h) of the update sigmas[s] -> sigmas[s + 1]."""
+    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[s + 1].view(view))
+    _, sigma_s0, lambda_s0 = _alpha_sigma_lambda(sigmas[s].view(view))
+    _, _, lambda_s1 = _alpha_sigma_lambda(sigmas[s - 1].view(view))
+    h = lambda_t - lambda_s0
+    return sigma_t / sigma_s0, alpha_t, torch.expm1(-h), (lambda_s1 - lambda_s0) / h, h
+
+
+def eager_unipc_step(model_output, sample, history, sigmas, step):
+    """UniPCMultistepScheduler's convert_model_output, second-order UniC of the sample and second-order UniP
+    (bh2: B(h) = e^-h - 1, epsilon) with per-sample sigmas; the corrector's weights solved per sample, as
+    diffusers solves them per step. Returns x_next (the corrected sample and x0_hat are the next step's
+    state)."""
+    view = (-1, *([1] * (sample.dim() - 1)))
+    last, m0, m1 = history
+    alpha_s0, sigma_s0, _ = _alpha_sigma_lambda(sigmas[step].view(view))
+    x0 = (sample - sigma_s0 * model_output) / alpha_s0
+    ratio, alpha_t, b_h, rk, h = _unipc_terms(sigmas, step - 1, view)
+    g1 = b_h / -h - 1
+    b = torch.stack([g1 / b_h, 2 * (g1 / -h - 0.5) / b_h], -1).reshape(-1, 2)
+    ones = torch.ones_like(rk.reshape(-1))
+    R = torch.stack([torch.stack([ones, ones], -1), torch.stack([rk.reshape(-1), ones], -1)], -2)
+    rho0, rho1 = torch.linalg.solve(R, b).unbind(-1)
+    res = rho0.view(view) * ((m1 - m0) / rk) + rho1.view(view) * (x0 - m0)
+    corrected = ratio * last - alpha_t * b_h * m0 - alpha_t * b_h * res
+    ratio, alpha_t, b_h, rk, _ = _unipc_terms(sigmas, step, view)
+    return ratio * corrected - alpha_t * b_h * x0 - alpha_t * b_h * (0.5 * ((m0 - x0) / rk))
+
+
+def genkern_unipc_step(model_output, sample, history, sigmas, step, backend=None):
+    return genkern.unipc_step(model_output, sigmas, step, sample, history, backend=backend)
+
+
 _HEUN_STEPS = 25
 _LOOP_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 _LOOP_SCHEDULE = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -365,6 +409,14 @@ def diffusers_heun_loop(x):
     return x
 
 
+def diffusers_unipc_loop(x):
+    scheduler = _diffusers_solver("UniPCMultistepScheduler")
+    scheduler.set_timesteps(_SOLVER_STEPS)
+    for t in scheduler.timesteps:
+        x = scheduler.step(_trivial_denoiser(x, t), t, x).prev_sample
+    return x
+
+
 def diffusers_dpm_loop(x):
     scheduler = _diffusers_solver("DPMSolverMultistepScheduler")
     scheduler.set_timesteps(_SOLVER_STEPS)
@@ -375,9 +427,9 @@ def diffusers_dpm_loop(x):
 
 @functools.cache
 def _genkern_solver(cls_name: str, backend):
-    from . import DPMSolverMultistepSampler, HeunSampler
+    from . import DPMSolverMultistepSampler, HeunSampler, UniPCMultistepSampler
 
-    cls = {"heun": HeunSampler, "dpm": DPMSolverMultistepSampler}[cls_name]
+    cls = {"heun": HeunSampler, "dpm": DPMSolverMultistepSampler, "unipc": UniPCMultistepSampler}[cls_name]
     return cls(_LOOP_SCHEDULE, backend=backend)
 
 
@@ -393,6 +445,10 @@ def genkern_heun_loop(x, backend=None):
 
 def genkern_dpm_loop(x, backend=None):
     return _genkern_loop("dpm", _SOLVER_STEPS, x, backend)
+
+
+def genkern_unipc_loop(x, backend=None):
+    return _genkern_loop("unipc", _SOLVER_STEPS, x, backend)
 
 
 def _loop_case(name, genkern_fn, eager_fn, steps, model_calls) -> BenchCase:
@@ -481,12 +537,16 @@ SOLVER_CASES = (
     ),  # fmt: skip
     # reads model_output, sample, history; writes prev_sample and the history
     _solver_step_case("dpm_solver_step", _dpm_step_inputs, genkern_dpm_solver_step, eager_dpm_solver_step, 5),
+    # reads model_output, sample and the three history slots; writes prev_sample and the history
+    _solver_step_case("unipc_step", _unipc_step_inputs, genkern_unipc_step, eager_unipc_step, 8),
     # reads model_output, x', origin, derivative; writes prev_sample
     _solver_step_case("heun_step", _heun_step_inputs, genkern_heun_step, eager_heun_step, 5),
     _HEUN_LOOP := _loop_case("heun_loop", genkern_heun_loop, diffusers_heun_loop, _HEUN_STEPS, 2 * _HEUN_STEPS - 1),
     _DPM_LOOP := _loop_case("dpm_solver_loop", genkern_dpm_loop, diffusers_dpm_loop, _SOLVER_STEPS, _SOLVER_STEPS),
+    _UNIPC_LOOP := _loop_case("unipc_loop", genkern_unipc_loop, diffusers_unipc_loop, _SOLVER_STEPS, _SOLVER_STEPS),
     _batch16(_LOOP, _LOOP_STEPS),
     _batch16(_HEUN_LOOP, 2 * _HEUN_STEPS - 1),
     _batch16(_DPM_LOOP, _SOLVER_STEPS),
+    _batch16(_UNIPC_LOOP, _SOLVER_STEPS),
 )
 CASES = CASES + SOLVER_CASES

@@ -1036,3 +1036,124 @@ def heun_step(
         average = (d + (x - x0) / _coef(s_next, x)) / 2
         out = torch.where(_coef(s_next, x) == 0, x, _compute(origin) + average * dt)
     return _fresh(out.to(dtype), model_output, sample), _fresh(x0.to(dtype), model_output, sample), d.to(dtype)
+
+
+# ============================================================================================ UniPC
+# docs/math.md 5.5, as diffusers' UniPCMultistepScheduler computes it with predict_x0 (the data-prediction
+# UniPC) on its float32 sigmas; float64 data computes in float64 from them. The history is (slots, B, ...):
+# the previous step's corrected sample, its x0_hat, and (slots 3) the x0_hat of the step before.
+UNIPC_SOLVER_TYPES = ("bh1", "bh2")
+UNIPC_PREDICTIONS = (*PREDICTION_TYPES, "flow_prediction")
+
+
+def unipc_alpha_sigma(sigma: Tensor, flow: bool) -> tuple[Tensor, Tensor]:
+    """(alpha, sigma_vp) of table sigmas: DPM-Solver++'s, or on a flow-matching table 1 - sigma and sigma."""
+    if flow:
+        return 1 - sigma, sigma
+    alpha, s, _ = dpm_alpha_sigma_lambda(sigma)
+    return alpha, s
+
+
+def _unipc_lambda(sigma: Tensor, flow: bool) -> tuple[Tensor, Tensor, Tensor]:
+    alpha, s = unipc_alpha_sigma(sigma, flow)
+    return alpha, s, alpha.log() - s.log()
+
+
+def unipc_predict_x0(m: Tensor, x: Tensor, sigma_table, alpha, sigma, prediction_type: str) -> Tensor:
+    """convert_model_output (predict_x0): DPM-Solver++'s, and flow_prediction x - sigma m (the table's sigma)."""
+    if prediction_type == "flow_prediction":
+        return x - _coef(sigma_table, x) * m
+    return dpm_predict_x0(m, x, alpha, sigma, prediction_type)
+
+
+def unipc_coefficients(
+    sigma_before: Tensor,
+    sigma_s0: Tensor,
+    sigma_t: Tensor,
+    solver_type: str,
+    second: Tensor,
+    corrector: bool,
+    flow: bool = False,
+) -> dict[str, Tensor]:
+    """The (B,) coefficients of one UniPC update s0 -> t (the step before it at sigma_before, read where
+    `second`): ratio = sigma_t / sigma_s0, ah = alpha_t (e^-h - 1), aB = alpha_t B(h) (B = -h for bh1,
+    e^-h - 1 for bh2), rk = (lambda_before - lambda_s0) / h; a corrector's weights rho0 (of D1) and rho1 (of
+    D1_t): 1/2 for order 1, else R rho = b with R = [[1, 1], [rk, 1]], b1 = g1 / B(h), b2 = 2 g2 / B(h),
+    g1 = (e^-h - 1) / (-h) - 1, g2 = g1 / (-h) - 1/2, as diffusers' UniC builds them (solved by
+    torch.linalg.solve, as diffusers does). flow: a flow-matching table (unipc_alpha_sigma)."""
+    a_t, s_t, l_t = _unipc_lambda(sigma_t, flow)
+    _, s_0, l_0 = _unipc_lambda(sigma_s0, flow)
+    _, _, l_b = _unipc_lambda(sigma_before, flow)
+    h = l_t - l_0
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    b_h = hh if solver_type == "bh1" else torch.expm1(hh)
+    out = {"ratio": s_t / s_0, "ah": a_t * h_phi_1, "aB": a_t * b_h, "rk": (l_b - l_0) / h}
+    if corrector:
+        h_phi_k = h_phi_1 / hh - 1
+        b1 = h_phi_k * 1 / b_h
+        h_phi_k = h_phi_k / hh - 1 / 2
+        b2 = h_phi_k * 2 / b_h
+        rk = torch.where(second, out["rk"], torch.full_like(out["rk"], 0.5))  # a solvable R where unused
+        ones = torch.ones_like(rk)
+        R = torch.stack([torch.stack([ones, ones], -1), torch.stack([rk, ones], -1)], -2)
+        rho = torch.linalg.solve(R, torch.stack([b1, b2], -1)) if rk.numel() else torch.zeros(0, 2, dtype=rk.dtype)
+        out["rho0"] = torch.where(second, rho[:, 0], torch.zeros_like(rk))
+        out["rho1"] = torch.where(second, rho[:, 1], torch.full_like(rk, 0.5))
+    return out
+
+
+def unipc_update(
+    model_output: Tensor,
+    sample: Tensor,
+    history: Tensor,
+    sigmas: tuple[Tensor, Tensor, Tensor, Tensor],
+    p_second: Tensor,
+    correct: Tensor,
+    c_second: Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    solver_type: str = "bh2",
+    flow_sigmas: bool = False,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    dynamic_threshold: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(x_next, new history) of one UniPC step at sigma_i per sample, sigmas = (sigma_{i-2}, sigma_{i-1},
+    sigma_i, sigma_{i+1}) as (B,) float32 rows:
+    - x0_hat = convert_model_output(model_output, sample) at sigma_i (unipc_predict_x0; flow_sigmas: alpha and
+      sigma_vp of a flow-matching table), thresholded;
+    - where `correct`: UniC from sigma_{i-1} to sigma_i, x_c = ratio last - ah m0 - aB (rho0 D1 + rho1 D1_t)
+      with last = history[0], m0 = history[1], D1 = (history[2] - m0) / rk (where c_second, else rho0 = 0 and
+      rho1 = 1/2) and D1_t = x0_hat - m0; else x_c = sample;
+    - UniP from sigma_i to sigma_{i+1}: x_next = ratio x_c - ah x0_hat - aB (1/2 (m0 - x0_hat) / rk) (the last
+      term where p_second);
+    - the new history: (x_c, x0_hat, m0) (its first history.shape[0] entries)."""
+    dtype, x = sample.dtype, _compute(sample)
+    m = _compute(model_output).to(x.dtype)
+    if guidance_scale is not None:
+        m = guide(m, float(torch.tensor(guidance_scale, dtype=torch.float32)), guidance_rescale)
+    ct = x.dtype
+    s2, s1, s0, t = (s.to(x.device, ct) for s in sigmas)
+    a_0, sg_0 = unipc_alpha_sigma(s0, flow_sigmas)
+    d0 = unipc_predict_x0(m, x, s0, a_0, sg_0, prediction_type)
+    if dynamic_threshold is not None:
+        d0 = dynamic_threshold_x0(d0, float(dynamic_threshold[0]), float(dynamic_threshold[1]))
+    hist = _compute(history).to(ct)
+    last, m0 = hist[0], hist[1]
+    shape = (-1, *([1] * (x.dim() - 1)))
+    c_second, p_second = c_second.to(x.device), p_second.to(x.device)
+    c = unipc_coefficients(s2, s1, s0, solver_type, c_second, True, flow_sigmas)
+    d1t = d0 - m0
+    res = _coef(c["rho1"], x) * d1t
+    if hist.shape[0] > 2:
+        with_d1 = _coef(c["rho0"], x) * ((hist[2] - m0) / _coef(c["rk"], x)) + res
+        res = torch.where(c_second.reshape(shape), with_d1, res)
+    corrected = _coef(c["ratio"], x) * last - _coef(c["ah"], x) * m0 - _coef(c["aB"], x) * res
+    xc = torch.where(correct.to(x.device).reshape(shape), corrected, x)
+    p = unipc_coefficients(s1, s0, t, solver_type, p_second, False, flow_sigmas)
+    out = _coef(p["ratio"], x) * xc - _coef(p["ah"], x) * d0
+    with_m1 = out - _coef(p["aB"], x) * (0.5 * ((m0 - d0) / _coef(p["rk"], x)))
+    out = torch.where(p_second.reshape(shape), with_m1, out)
+    new_history = torch.stack([xc, d0, m0][: history.shape[0]]).to(history.dtype)
+    return _fresh(out.to(dtype), model_output, sample), new_history
