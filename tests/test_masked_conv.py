@@ -549,25 +549,25 @@ def test_dense_path_ignores_masked_weights(dense_everywhere):
 
 def test_dense_rule_and_what_it_routes():
     """The rule: float32 forward and grad_input of layers with >= 8 input channels on images of <= 100 pixels
-    at >= 2048 pixels a call (the shipped 8 x 8 models at training batches); for 1 x 1 layers at >= 784 pixels
-    a call, grad_weight, and grad_input where the layer at least doubles the channels. The cpu backend then
-    runs the dense path, with the same bits on repeated calls."""
+    at >= 2048 pixels a call (the shipped 8 x 8 models at training batches), and grad_weight there for 1 x 1
+    layers; for 1 x 1 layers that at least double the channels at >= 784 pixels a call (PixelCNN's logits
+    layer), grad_weight and grad_input. The cpu backend then runs the dense path, with the same bits on
+    repeated calls."""
     digits = (64, 32, 32, 3, 8, 8)
     assert dense.use_dense("forward", digits, torch.float32) and dense.use_dense("grad_input", digits, torch.float32)
     assert not dense.use_dense("grad_weight", digits, torch.float32)  # 3 x 3: the kernels
+    assert dense.use_dense("grad_weight", (64, 32, 32, 1, 8, 8), torch.float32)  # the digit models' 1 x 1 head
     assert not dense.use_dense("forward", digits, torch.float64)
     assert not dense.use_dense("forward", (1, 32, 32, 3, 8, 8), torch.float32)  # one image
     assert not dense.use_dense("forward", (64, 1, 32, 5, 8, 8), torch.float32)  # a first layer
     assert not dense.use_dense("forward", (21, 64, 64, 3, 28, 28), torch.float32)  # 28 x 28
-    logits = (1, 64, 256, 1, 28, 28)  # the 28 x 28 PixelCNN's 1 x 1 logits layer, one image
+    logits = (1, 64, 256, 1, 28, 28)  # the 28 x 28 PixelCNN's logits layer, one image
     assert dense.use_dense("grad_weight", logits, torch.float32) and dense.use_dense(
         "grad_input", logits, torch.float32
     )
     assert not dense.use_dense("forward", logits, torch.float32)
-    head = (21, 64, 64, 1, 28, 28)
-    assert dense.use_dense("grad_weight", head, torch.float32) and not dense.use_dense(
-        "grad_input", head, torch.float32
-    )
+    head = (21, 64, 64, 1, 28, 28)  # its 1 x 1 head: the kernels
+    assert not any(dense.use_dense(op, head, torch.float32) for op in ("forward", "grad_input", "grad_weight"))
     assert not dense.use_dense("grad_weight", (1, 32, 17, 1, 8, 8), torch.float32)  # 64 pixels
     assert not dense.use_dense("grad_weight", logits, torch.float64)
 

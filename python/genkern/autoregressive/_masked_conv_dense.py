@@ -2,7 +2,7 @@
 float64) on the weight with its masked entries zeroed, which is what the spec says (`F.conv2d(x, weight *
 mask)`) and what a PyTorch user runs. The `cpu` backend takes it for the forward and grad_input where it
 beats genkern's direct kernels (`use_dense`, fitted to benchmarks/masked_conv_shapes.py), grad_weight too for
-1 x 1 layers on larger images, and the compiled kernels everywhere else.
+some 1 x 1 layers, and the compiled kernels everywhere else.
 
 The NaN rule holds: the dense sums differ from the reference's only by the products the reference skips
 (masked taps, the zero padding), and while every product is finite those are exact zeros. So a dense result
@@ -33,13 +33,13 @@ from . import reference as ref
 _DENSE_MAX_PIXELS = 100  # H * W: about 10 x 10 (dense measured ahead at 8 x 8, behind at 28 x 28)
 _DENSE_MIN_BATCH_PIXELS = 2048  # B * H * W: batch 32 at 8 x 8 (behind at batch 1, ahead at 64)
 _DENSE_MIN_IN_CHANNELS = 8  # fewer: a first layer on pixels, where the direct kernels win
-# 1 x 1 layers (PixelCNN's head and logits layers), measured the same way on the 2-core Intel Xeon: oneDNN's
-# weight gradient, a plain matrix product there, wins from a 28 x 28 image on (1.3x on one, 1.8-2.5x for the
-# 64 -> 256 and 96 -> 768 logits layers), and its data gradient wins where the layer widens (C_out >= 2 C_in:
-# 1.2-1.6x); on 8 x 8 images at batch 1 the kernels win both. 3 x 3 and larger layers keep the kernels there
-# (grad_weight within 0.7-1.2x). The weight gradient's bits then depend on the thread count (oneDNN splits the
-# sum over threads; the kernels' do not).
-_DENSE_POINTWISE_MIN_BATCH_PIXELS = 784  # B * H * W: one 28 x 28 image
+# 1 x 1 layers, measured the same way on the 2-core Intel Xeon (2 threads, quiet): on the logits layers, which
+# widen the channels (64 -> 256, 96 -> 768, C_out >= 2 C_in), oneDNN's weight gradient (a plain matrix product)
+# wins from one 28 x 28 image on (1.1x, 2.2-2.5x from batch 16) and its data gradient too (1.3-2.2x); on the
+# 8 x 8 models at training batches its weight gradient wins 1.1-1.2x. The head layers (C_out = C_in) at 28 x 28
+# keep the kernels (dense 0.75-0.8x), as do 3 x 3 and larger layers. The dense weight gradient's bits depend on
+# the thread count (oneDNN splits the sum over threads; the kernels' do not).
+_DENSE_WIDENING_MIN_BATCH_PIXELS = 784  # B * H * W: one 28 x 28 image
 # float32 only: torch's float64 convolution (im2col + BLAS) was 3-4x behind the kernels at 8 x 8.
 
 
@@ -47,16 +47,14 @@ def use_dense(op: str, shape: tuple[int, int, int, int, int, int], dtype: torch.
     """Whether `op` ("forward", "grad_input" or "grad_weight") of a (B, C_in, C_out, k, H, W) convolution in
     `dtype` runs on torch's convolution rather than genkern's direct kernels."""
     b, c_in, c_out, k, h, w = shape
-    if dtype != torch.float32:
+    if dtype != torch.float32 or c_in < _DENSE_MIN_IN_CHANNELS:
         return False
-    pointwise = k == 1 and b * h * w >= _DENSE_POINTWISE_MIN_BATCH_PIXELS and c_in >= _DENSE_MIN_IN_CHANNELS
+    small_images = h * w <= _DENSE_MAX_PIXELS and b * h * w >= _DENSE_MIN_BATCH_PIXELS
+    widening = k == 1 and c_out >= 2 * c_in and b * h * w >= _DENSE_WIDENING_MIN_BATCH_PIXELS
     if op == "grad_weight":
-        return pointwise
-    small_images = (
-        h * w <= _DENSE_MAX_PIXELS and b * h * w >= _DENSE_MIN_BATCH_PIXELS and c_in >= _DENSE_MIN_IN_CHANNELS
-    )
+        return widening or (k == 1 and small_images)
     if op == "grad_input":
-        return small_images or (pointwise and c_out >= 2 * c_in)
+        return small_images or widening
     return op == "forward" and small_images
 
 
