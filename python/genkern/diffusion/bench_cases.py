@@ -548,5 +548,9 @@ SOLVER_CASES = (
     _batch16(_HEUN_LOOP, 2 * _HEUN_STEPS - 1),
     _batch16(_DPM_LOOP, _SOLVER_STEPS),
     _batch16(_UNIPC_LOOP, _SOLVER_STEPS),
+    # batch 1 with every core kept busy by other processes (the small-call overhead under load)
+    under_load(_HEUN_LOOP),
+    under_load(_DPM_LOOP),
+    under_load(_UNIPC_LOOP),
 )
 CASES = CASES + SOLVER_CASES
