@@ -137,9 +137,16 @@ BENCH_GROUPS = (
         60,
         50,
     ),
-    # whole loops: the 50-step DDIM loop at batch 1 against diffusers, cached PixelCNN 32x32 RGB batch 256, and
-    # genkern.sample of the shipped VAE to files (the sampling family)
-    BenchGroup("loops", ("ddim_loop", "pixelcnn_sample_rgb32_b256", "sample_vae_b256"), "64M", 50, 30),
+    # whole loops: the 50-step DDIM loop and the solvers' loops (Heun 25 steps, DPM-Solver++ and UniPC 50) at
+    # batch 1 in CUDA graphs against diffusers' scheduler loops (a second or so each), cached PixelCNN 32x32 RGB
+    # batch 256, and genkern.sample of the shipped VAE to files (the sampling family)
+    BenchGroup(
+        "loops",
+        ("ddim_loop", "heun_loop", "dpm_solver_loop", "unipc_loop", "pixelcnn_sample_rgb32_b256", "sample_vae_b256"),
+        "64M",
+        50,
+        38,
+    ),
 )
 
 # The issue's targets, judged on the best genkern backend of each case.
@@ -149,6 +156,9 @@ TARGETS = {
     "masked_conv2d": ("speedup_vs_eager>=1.3", "≥ 1.3x eager cuDNN"),
     "pixelcnn_sample_rgb32_b256": ("speedup_vs_eager>=200", "≥ 200x naive"),
     "ddim_loop": ("speedup_vs_eager>=5", "≥ 5x the diffusers loop"),
+    "heun_loop": ("speedup_vs_eager>=5", "≥ 5x the diffusers loop"),
+    "dpm_solver_loop": ("speedup_vs_eager>=5", "≥ 5x the diffusers loop"),
+    "unipc_loop": ("speedup_vs_eager>=5", "≥ 5x the diffusers loop"),
 }
 
 
