@@ -57,14 +57,13 @@ from .. import backend as _backend
 from .._kernels import to_signed, to_unsigned
 from ..diffusion import _ops, _solver_ops
 from ..random import resolve_seed
-from ._sigma import SigmaStepMixin, make_output, with_signature_of
+from ._sigma import SIGNATURE_LIMIT, SigmaStepMixin, SolverTablesMixin, make_output, with_signature_of
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")  # the kernel's; "dpmsolver", "sde-dpmsolver" fall back
-_SIGNATURE_LIMIT = 64  # call signatures the op has accepted, kept per scheduler
 
 
 @with_signature_of(_DiffusersDPM)
-class DPMSolverMultistepScheduler(SigmaStepMixin, _DiffusersDPM):
+class DPMSolverMultistepScheduler(SolverTablesMixin, SigmaStepMixin, _DiffusersDPM):
     """diffusers' DPMSolverMultistepScheduler (same configuration, set_timesteps with every sigma option,
     timesteps, step_index, begin_index, lower_order_nums, scale_model_input, add_noise, save/load) whose `step`
     is one pass of genkern's fused dpm_solver_step for DPM-Solver++ and SDE-DPM-Solver++ of order 1 and 2.
@@ -214,31 +213,8 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, _DiffusersDPM):
             return (prev_sample,)
         return make_output(SchedulerOutput, prev_sample=prev_sample)
 
-    def set_timesteps(self, *args, **kwargs):
-        """diffusers' set_timesteps; with a device given (or timesteps already there), the kernel's copy of the
-        sigma table is made on that device here, before the loop, so that no step copies to the device."""
-        super().set_timesteps(*args, **kwargs)
-        device = self.timesteps.device
-        if device.type != "cpu":
-            self._device_tables(device, None)
-
-    def _device_tables(self, device: torch.device, batch: int | None) -> tuple[Tensor, Tensor | None]:
-        """(sigma table, (N, batch) int64 step-index rows) on `device`, made once per set_timesteps (the rows on
-        the device itself): step i passes row i, and copies nothing to the device."""
-        if self._tables_source is not self.sigmas:  # set_timesteps, or sigmas assigned
-            self._tables, self._tables_source, self._dpm_seed = {}, self.sigmas, None
-        table = self._tables.get(device)
-        if table is None:
-            table = self._tables[device] = self.sigmas.to(device=device, dtype=torch.float32).contiguous()
-        if batch is None:
-            return table, None
-        rows = self._tables.get((device, batch))
-        if rows is None:
-            if len(self._tables) >= _SIGNATURE_LIMIT:
-                self._tables = {device: table}
-            steps = torch.arange(len(self.sigmas) - 1, dtype=torch.int64, device=device)
-            rows = self._tables[(device, batch)] = steps[:, None].expand(-1, batch).contiguous()
-        return table, rows
+    def _new_sigmas(self) -> None:
+        self._dpm_seed = None  # one draw from torch's generator per set_timesteps
 
     def _run(self, model_output, sample, history, table, step_row, order: int, noise, seed: int, offset: int):
         """dpm_solver_step at the step `step_row` ((B,) int64) of the sigma table, of order `order`, for the whole
@@ -280,7 +256,7 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, _DiffusersDPM):
         if signature is not None:
             backend = _backend.resolve(self.genkern_backend, device, sample.dtype, "diffusion")
             if backend in ("cpu", "cuda"):  # the op accepted this signature: later calls launch the kernel
-                if len(self._accepted) >= _SIGNATURE_LIMIT:
+                if len(self._accepted) >= SIGNATURE_LIMIT:
                     self._accepted.clear()
                 self._accepted.add(signature)
         return prev

@@ -261,3 +261,43 @@ def make_output(cls, **values):
         OrderedDict.__setitem__(out, name, value)
         object.__setattr__(out, name, value)
     return out
+
+
+SIGNATURE_LIMIT = 64  # call signatures the op has accepted, and device tables, kept per scheduler
+
+
+class SolverTablesMixin:
+    """The multistep drop-ins' (DPM-Solver++, UniPC) device copies of the sigma table and of the per-step
+    index rows, made once per set_timesteps: a step passes row i of the rows and copies nothing to the device.
+    The class sets `_tables_source = None` and `_tables = {}` in its __init__; `_new_sigmas()` runs when the
+    tables are rebuilt for new sigmas (DPM draws its SDE seed anew then)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        """diffusers' set_timesteps; with a device given (or timesteps already there), the kernel's copy of the
+        sigma table is made on that device here, before the loop, so that no step copies to the device."""
+        super().set_timesteps(*args, **kwargs)
+        device = self.timesteps.device
+        if device.type != "cpu":
+            self._device_tables(device, None)
+
+    def _new_sigmas(self) -> None:
+        pass
+
+    def _device_tables(self, device: torch.device, batch: int | None) -> tuple[Tensor, Tensor | None]:
+        """(sigma table, (N, batch) int64 step-index rows) on `device`, made once per set_timesteps (the rows on
+        the device itself): step i passes row i, and copies nothing to the device."""
+        if self._tables_source is not self.sigmas:  # set_timesteps, or sigmas assigned
+            self._tables, self._tables_source = {}, self.sigmas
+            self._new_sigmas()
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = self.sigmas.to(device=device, dtype=torch.float32).contiguous()
+        if batch is None:
+            return table, None
+        rows = self._tables.get((device, batch))
+        if rows is None:
+            if len(self._tables) >= SIGNATURE_LIMIT:
+                self._tables = {device: table}
+            steps = torch.arange(len(self.sigmas) - 1, dtype=torch.int64, device=device)
+            rows = self._tables[(device, batch)] = steps[:, None].expand(-1, batch).contiguous()
+        return table, rows

@@ -48,14 +48,13 @@ from torch import Tensor
 
 from .. import backend as _backend
 from ..diffusion import _solver_ops
-from ._sigma import SigmaStepMixin, make_output, with_signature_of
+from ._sigma import SIGNATURE_LIMIT, SigmaStepMixin, SolverTablesMixin, make_output, with_signature_of
 
-_SIGNATURE_LIMIT = 64  # call signatures the op has accepted, kept per scheduler
 _SOLVER_STATE = ("model_outputs", "timestep_list", "lower_order_nums", "last_sample", "this_order")
 
 
 @with_signature_of(_DiffusersUniPC)
-class UniPCMultistepScheduler(SigmaStepMixin, _DiffusersUniPC):
+class UniPCMultistepScheduler(SolverTablesMixin, SigmaStepMixin, _DiffusersUniPC):
     """diffusers' UniPCMultistepScheduler (same configuration, set_timesteps with every sigma option,
     timesteps, step_index, begin_index, lower_order_nums, scale_model_input, add_noise, save/load) whose `step`
     is one pass of genkern's fused unipc_step: the UniC corrector and UniP predictor, bh1 or bh2, of order 1
@@ -221,32 +220,6 @@ class UniPCMultistepScheduler(SigmaStepMixin, _DiffusersUniPC):
             return (prev_sample,)
         return make_output(SchedulerOutput, prev_sample=prev_sample)
 
-    def set_timesteps(self, *args, **kwargs):
-        """diffusers' set_timesteps; with a device given (or timesteps already there), the kernel's copy of the
-        sigma table is made on that device here, before the loop, so that no step copies to the device."""
-        super().set_timesteps(*args, **kwargs)
-        device = self.timesteps.device
-        if device.type != "cpu":
-            self._device_tables(device, None)
-
-    def _device_tables(self, device: torch.device, batch: int | None) -> tuple[Tensor, Tensor | None]:
-        """(sigma table, (N, batch) int64 step-index rows) on `device`, made once per set_timesteps (the rows on
-        the device itself): step i passes row i, and copies nothing to the device."""
-        if self._tables_source is not self.sigmas:  # set_timesteps, or sigmas assigned
-            self._tables, self._tables_source = {}, self.sigmas
-        table = self._tables.get(device)
-        if table is None:
-            table = self._tables[device] = self.sigmas.to(device=device, dtype=torch.float32).contiguous()
-        if batch is None:
-            return table, None
-        rows = self._tables.get((device, batch))
-        if rows is None:
-            if len(self._tables) >= _SIGNATURE_LIMIT:
-                self._tables = {device: table}
-            steps = torch.arange(len(self.sigmas) - 1, dtype=torch.int64, device=device)
-            rows = self._tables[(device, batch)] = steps[:, None].expand(-1, batch).contiguous()
-        return table, rows
-
     def _run(self, model_output, sample, history, table, step_row, p_order: int, c_order: int, corrector: bool):
         """unipc_step at the step `step_row` ((B,) int64) of the sigma table for the whole batch, with the
         host-decided orders; returns prev_sample.
@@ -283,7 +256,7 @@ class UniPCMultistepScheduler(SigmaStepMixin, _DiffusersUniPC):
         if signature is not None:
             backend = _backend.resolve(self.genkern_backend, device, sample.dtype, "diffusion")
             if backend in ("cpu", "cuda"):  # the op accepted this signature: later calls launch the kernel
-                if len(self._accepted) >= _SIGNATURE_LIMIT:
+                if len(self._accepted) >= SIGNATURE_LIMIT:
                     self._accepted.clear()
                 self._accepted.add(signature)
         return prev
