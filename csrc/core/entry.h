@@ -45,6 +45,21 @@ inline void check_per_sample(const OptArray& a, const Array& ref, int64_t batch,
     throw ValueError(std::string(name) + " must be on the device of the data");
 }
 
+// A multistep solver's float32 sigma table (at least one step and the final sigma) and its (batch,) int64
+// step indices into it, both on the data's device.
+inline void check_step_table(const Array& sigmas, const Array& step, const Array& data, int64_t batch) {
+  check_contiguous(sigmas, "sigmas");
+  check_dtype(sigmas, DType::float32, "sigmas");
+  if (sigmas.numel() < 2) throw ValueError("sigmas must hold at least one step and the final sigma");
+  if (sigmas.device != data.device || sigmas.device_index != data.device_index)
+    throw ValueError("sigmas must be on the device of the data");
+  check_contiguous(step, "step");
+  check_dtype(step, DType::int64, "step");
+  check_numel(step, batch, "step");
+  if (step.device != data.device || step.device_index != data.device_index)
+    throw ValueError("step must be on the device of the data");
+}
+
 [[noreturn]] void throw_no_cuda();
 
 // Call on each large output before a CPU kernel writes it (see cpu/memory.h).

@@ -29,16 +29,7 @@ void dpm_step_entry(const Array& model_output, const Array& sample, const OptArr
   check_numel(history, sample.numel(), "history");
   check_numel(prev_sample, sample.numel(), "prev_sample");
   if (noise) check_numel(*noise, sample.numel(), "noise");
-  check_contiguous(sigmas, "sigmas");
-  check_dtype(sigmas, DType::float32, "sigmas");
-  if (sigmas.numel() < 2) throw ValueError("sigmas must hold at least one step and the final sigma");
-  if (sigmas.device != sample.device || sigmas.device_index != sample.device_index)
-    throw ValueError("sigmas must be on the device of the data");
-  check_contiguous(step, "step");
-  check_dtype(step, DType::int64, "step");
-  check_numel(step, batch, "step");
-  if (step.device != sample.device || step.device_index != sample.device_index)
-    throw ValueError("step must be on the device of the data");
+  check_step_table(sigmas, step, sample, batch);
   check_per_sample(rescale, sample, batch, "rescale");
   check_per_sample(limit, sample, batch, "dynamic_threshold");
   if (rescale && !guided) throw ValueError("rescale needs guidance");

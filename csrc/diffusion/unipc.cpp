@@ -34,16 +34,7 @@ void unipc_step_entry(const Array& model_output, const Array& sample, const Arra
   const int64_t held = history.shape[0];
   if (held > 3) throw ValueError("history must have 2 or 3 slots");
   check_numel(history, held * total, "history");
-  check_contiguous(sigmas, "sigmas");
-  check_dtype(sigmas, DType::float32, "sigmas");
-  if (sigmas.numel() < 2) throw ValueError("sigmas must hold at least one step and the final sigma");
-  if (sigmas.device != sample.device || sigmas.device_index != sample.device_index)
-    throw ValueError("sigmas must be on the device of the data");
-  check_contiguous(step, "step");
-  check_dtype(step, DType::int64, "step");
-  check_numel(step, batch, "step");
-  if (step.device != sample.device || step.device_index != sample.device_index)
-    throw ValueError("step must be on the device of the data");
+  check_step_table(sigmas, step, sample, batch);
   check_per_sample(rescale, sample, batch, "rescale");
   check_per_sample(limit, sample, batch, "dynamic_threshold");
   if (rescale && !guided) throw ValueError("rescale needs guidance");
