@@ -55,14 +55,15 @@ def make(backend="cpu", **config):
 
 
 class Counter:
-    """Counts the calls of genkern's kernel: through the op, and launched directly."""
+    """Counts the calls of genkern's kernel by a drop-in module (`_dpm`, `_unipc`): through the op, and
+    launched directly."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, module=_dpm):
         self.op, self.native = 0, 0
-        call, launch = _dpm._backend.call, _dpm._solver_ops.launch_native
-        monkeypatch.setattr(_dpm._backend, "call", lambda *a: setattr(self, "op", self.op + 1) or call(*a))
+        call, launch = module._backend.call, module._solver_ops.launch_native
+        monkeypatch.setattr(module._backend, "call", lambda *a: setattr(self, "op", self.op + 1) or call(*a))
         monkeypatch.setattr(
-            _dpm._solver_ops, "launch_native", lambda *a: setattr(self, "native", self.native + 1) or launch(*a)
+            module._solver_ops, "launch_native", lambda *a: setattr(self, "native", self.native + 1) or launch(*a)
         )
 
     @property

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers", reason="genkern.diffusers is a drop-in for diffusers' schedulers")
+import test_diffusers_dpm_dropin as dpm_tests  # noqa: E402
 import test_diffusers_dropin as dropin_tests  # noqa: E402
 from diffusers.schedulers import scheduling_unipc_multistep  # noqa: E402
 
@@ -29,16 +30,8 @@ SHAPE = (2, 4, 8, 8)
 NEEDS_SCIPY = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="diffusers' beta sigmas need scipy")
 
 
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    """max |ours - theirs| / max |theirs|; infinite unless both are finite."""
-    if not (bool(ours.isfinite().all()) and bool(theirs.isfinite().all())):
-        return float("inf")
-    theirs = theirs.double()
-    return float((ours.double() - theirs).abs().max() / theirs.abs().max().clamp(min=1e-30))
-
-
-def randn(seed: int, shape=SHAPE, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+# The DPM drop-in tests' helpers: the error measure, seeded normals, model outputs, the kernel-call counter.
+relative_error, randn, model_output = dpm_tests.relative_error, dpm_tests.randn, dpm_tests.model_output
 
 
 def make(backend="cpu", **config):
@@ -49,25 +42,8 @@ def make(backend="cpu", **config):
     return theirs, ours
 
 
-class Counter:
-    """Counts the calls of genkern's kernel: through the op, and launched directly."""
-
-    def __init__(self, monkeypatch):
-        self.op, self.native = 0, 0
-        call, launch = _unipc._backend.call, _unipc._solver_ops.launch_native
-        monkeypatch.setattr(_unipc._backend, "call", lambda *a: setattr(self, "op", self.op + 1) or call(*a))
-        monkeypatch.setattr(
-            _unipc._solver_ops, "launch_native", lambda *a: setattr(self, "native", self.native + 1) or launch(*a)
-        )
-
-    @property
-    def total(self) -> int:
-        return self.op + self.native
-
-
-def model_output(config, i, shape=SHAPE, dtype=torch.float32):
-    scale = 3.0 if config.get("prediction_type") == "sample" else 1.0  # thresholding then clips
-    return randn(100 + i, shape, dtype) * scale
+def Counter(monkeypatch):  # noqa: N802 - used as the DPM tests' class
+    return dpm_tests.Counter(monkeypatch, _unipc)
 
 
 def step_errors(config, num_steps, backend="cpu", set_timesteps=None, monkeypatch=None):
